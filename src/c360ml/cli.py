@@ -23,7 +23,9 @@ def _print_rows(title: str, rows: list[dict]) -> None:
         return
     table = Table(title=title)
     for col in rows[0]:
-        table.add_column(str(col), justify="right" if isinstance(rows[0][col], int | float) else "left")
+        table.add_column(
+            str(col), justify="right" if isinstance(rows[0][col], int | float) else "left"
+        )
     for row in rows:
         table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
     console.print(table)

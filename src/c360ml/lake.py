@@ -90,9 +90,11 @@ class Lake:
         `metadata` lands in the commit info (e.g. the batch id), which is what lets
         ingest tell a committed batch from one that crashed before its commit.
         """
-        table = pa.Table.from_pandas(data, preserve_index=False) if isinstance(
-            data, pd.DataFrame
-        ) else data
+        table = (
+            pa.Table.from_pandas(data, preserve_index=False)
+            if isinstance(data, pd.DataFrame)
+            else data
+        )
         where = self.path(layer, *parts)
         where.parent.mkdir(parents=True, exist_ok=True)
         write_deltalake(
@@ -108,9 +110,7 @@ class Lake:
     def commit_metadata(self, layer: str, *parts: str) -> list[dict[str, str]]:
         """The custom metadata of every commit of a table, oldest first."""
         history = self.delta(layer, *parts).history()
-        return [
-            {k: v for k, v in h.items() if isinstance(v, str)} for h in reversed(history)
-        ]
+        return [{k: v for k, v in h.items() if isinstance(v, str)} for h in reversed(history)]
 
 
 def _commit(metadata: dict[str, str] | None):
@@ -118,5 +118,8 @@ def _commit(metadata: dict[str, str] | None):
         return None
     from deltalake import CommitProperties
 
-    return CommitProperties(custom_metadata={k: json.dumps(v) if not isinstance(
-        v, str) else v for k, v in metadata.items()})
+    return CommitProperties(
+        custom_metadata={
+            k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()
+        }
+    )

@@ -74,7 +74,9 @@ FO_SYSTEM = (
     "modifieddatetime:dateTime dataareaid:string "
 )
 # Synapse Link system columns of Dataverse tables.
-DV_SYSTEM = "Id:guid SinkCreatedOn:dateTime SinkModifiedOn:dateTime versionnumber:int64 IsDelete:boolean "
+DV_SYSTEM = (
+    "Id:guid SinkCreatedOn:dateTime SinkModifiedOn:dateTime versionnumber:int64 IsDelete:boolean "
+)
 
 
 def _fo(name: str, spec: str, key: tuple[str, ...] = ("recid",)) -> SourceTable:
@@ -86,7 +88,9 @@ def _dv(name: str, spec: str, key: tuple[str, ...]) -> SourceTable:
 
 
 D365_TABLES: tuple[SourceTable, ...] = (
-    _fo("custtable", "accountnum:string party:int64 custgroup:string currency:string blocked:int64"),
+    _fo(
+        "custtable", "accountnum:string party:int64 custgroup:string currency:string blocked:int64"
+    ),
     _fo(
         "dirpartytable",
         "partynumber:string name:string namealias:string knownas:string languageid:string "

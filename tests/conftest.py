@@ -1,0 +1,52 @@
+"""Shared fixtures: settings pointing at a temporary lake, and landing-folder writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from c360ml.config import Settings
+from c360ml.sources.tables import source_table
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings whose every path lives under tmp_path (the repo's specs are still used)."""
+    repo = Path(__file__).resolve().parents[1]
+    return Settings(
+        root=repo,
+        lake_root=tmp_path / "lake",
+        truth_root=tmp_path / "truth",
+        reports_dir=tmp_path / "reports",
+        mlflow_dir=tmp_path / "mlflow",
+    )
+
+
+def write_sync_folder(
+    landing: Path, source: str, stamp: str, tables: dict[str, list[dict]]
+) -> Path:
+    """Write one Synapse Link sync folder: model.json + headerless CSV per table.
+
+    Rows are dicts over the declared columns (missing keys = empty); a row given as a
+    plain string is written verbatim, to make malformed lines.
+    """
+    folder = landing / source / stamp
+    entities = []
+    for name, rows in tables.items():
+        table = source_table(source, name)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        with open(folder / name / "2024.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            for row in rows:
+                if isinstance(row, str):
+                    fh.write(row + "\n")
+                else:
+                    writer.writerow(["" if row.get(c) is None else row.get(c) for c in table.names])
+        entity = table.model_json_entity()
+        entity["partitions"] = [{"name": "2024", "location": f"{name}/2024.csv"}]
+        entities.append(entity)
+    (folder / "model.json").write_text(json.dumps({"name": source, "entities": entities}))
+    return folder

@@ -1,0 +1,158 @@
+"""Ingest landing -> bronze: types from model.json, lineage, incremental, quarantine."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from c360ml.lake import Lake
+from c360ml.medallion.ingest import ingest_landing
+from tests.conftest import write_sync_folder
+
+
+def _cust(recid: int, version: int, account: str, group: str = "10", delete: bool = False):
+    return {
+        "Id": f"g{recid}",
+        "SinkCreatedOn": "2024-01-01T00:00:00Z",
+        "SinkModifiedOn": f"2024-01-0{version}T00:00:00.1234567Z",
+        "versionnumber": version,
+        "IsDelete": "True" if delete else "",
+        "recid": recid,
+        "createddatetime": "2024-01-01T00:00:00Z",
+        "dataareaid": "usrt",
+        "accountnum": account,
+        "party": 1000 + recid,
+        "custgroup": group,
+        "currency": "USD",
+        "blocked": 0,
+    }
+
+
+@pytest.fixture
+def landing(settings):
+    return Lake(settings.lake).path("landing")
+
+
+def test_types_lineage_and_change_rows_preserved(settings, landing):
+    rows = [_cust(1, 1, "C1"), _cust(1, 2, "C1", group="20"), _cust(2, 1, "C2", delete=True)]
+    write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": rows})
+    summary = ingest_landing(settings)
+    bronze = Lake(settings.lake).read("bronze", "d365", "custtable")
+    assert summary.total_rows == 3 == len(bronze)  # every change row kept, none resolved
+    assert bronze.schema.field("recid").type == pa.int64()
+    assert bronze.schema.field("SinkModifiedOn").type == pa.timestamp("us", tz="UTC")
+    assert bronze.schema.field("IsDelete").type == pa.bool_()
+    assert bronze["IsDelete"].to_pylist() == [None, None, True]
+    assert bronze["SinkModifiedOn"][0].as_py().microsecond == 123456
+    assert set(bronze["_source_file"].to_pylist()) == {
+        "d365/2024-01-05T00.00.00Z/custtable/2024.csv"
+    }
+    assert set(bronze["_batch_id"].to_pylist()) == {"d365/2024-01-05T00.00.00Z"}
+
+
+def test_incremental_twice_is_nothing_and_new_folder_only(settings, landing):
+    write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": [_cust(1, 1, "C1")]})
+    assert ingest_landing(settings).total_rows == 1
+    assert ingest_landing(settings).total_rows == 0
+    version = Lake(settings.lake).version("bronze", "d365", "custtable")
+    write_sync_folder(landing, "d365", "2024-01-06T00.00.00Z", {"custtable": [_cust(1, 2, "C1")]})
+    second = ingest_landing(settings)
+    assert second.total_rows == 1
+    bronze = Lake(settings.lake).read("bronze", "d365", "custtable")
+    assert sorted(bronze["versionnumber"].to_pylist()) == [1, 2]
+    assert Lake(settings.lake).version("bronze", "d365", "custtable") == version + 1
+
+
+def test_bad_rows_quarantined_with_file_line_and_reason(settings, landing):
+    good = _cust(1, 1, "C1")
+    bad_date = dict(_cust(2, 1, "C2"), createddatetime="31/02/2024")
+    bad_num = dict(_cust(3, 1, "C3"), recid="x3")
+    write_sync_folder(
+        landing,
+        "d365",
+        "2024-01-05T00.00.00Z",
+        {"custtable": [good, "a,b,c", bad_date, bad_num, _cust(4, 1, "C4")]},
+    )
+    summary = ingest_landing(settings)
+    assert summary.tables[0].rows == 2 and summary.tables[0].quarantined == 3
+    q = Lake(settings.lake).read("quarantine", "bronze", "d365", "custtable").to_pylist()
+    by_line = {r["_line"]: r["_reason"] for r in q}
+    assert by_line[2].startswith("wrong column count: expected 15, got 3")
+    assert by_line[3] == "column createddatetime: not a valid dateTime"
+    assert by_line[4] == "column recid: not a valid int64"
+    assert all(r["_source_file"].endswith("custtable/2024.csv") for r in q)
+    assert "31/02/2024" in next(r["_raw"] for r in q if r["_line"] == 3)
+
+
+def test_crash_between_commits_is_completed_without_duplicates(settings, landing):
+    write_sync_folder(
+        landing, "d365", "2024-01-05T00.00.00Z", {"custtable": [_cust(1, 1, "C1"), "broken"]}
+    )
+    ingest_landing(settings)
+    lake = Lake(settings.lake)
+    # Simulate the crash: the quarantine commit never happened.
+    import shutil
+
+    shutil.rmtree(lake.path("quarantine", "bronze", "d365", "custtable"))
+    assert ingest_landing(settings).total_rows == 0
+    assert len(lake.read("bronze", "d365", "custtable")) == 1
+    assert len(lake.read("quarantine", "bronze", "d365", "custtable")) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "missing model.json"),
+        ("{not json", "malformed JSON at line 1"),
+        (
+            json.dumps(
+                {
+                    "entities": [
+                        {
+                            "name": "custtable",
+                            "attributes": [{"name": "recid", "dataType": "money"}],
+                        }
+                    ]
+                }
+            ),
+            "unsupported dataType 'money'",
+        ),
+        (
+            json.dumps(
+                {
+                    "entities": [
+                        {
+                            "name": "custtable",
+                            "attributes": [{"name": "recid", "dataType": "int64"}],
+                        }
+                    ]
+                }
+            ),
+            "entity 'custtable' has no data files",
+        ),
+    ],
+)
+def test_bad_model_json_names_the_file(settings, landing, content, message):
+    folder = landing / "d365" / "2024-01-05T00.00.00Z"
+    folder.mkdir(parents=True)
+    if content is not None:
+        (folder / "model.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        ingest_landing(settings)
+    assert str(folder) in str(err.value)
+
+
+def test_generic_csv_mapping(settings, landing):
+    (landing / "generic").mkdir(parents=True)
+    (landing / "generic" / "tx.csv").write_text(
+        "customer_id,timestamp,amount,order_id,product_id,is_return\n"
+        "c1,2024-01-01T10:00:00Z,10.5,o1,p1,false\n"
+        "c1,2024-01-02T10:00:00Z,oops,o2,p1,false\n"
+    )
+    summary = ingest_landing(settings)
+    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (1, 1)
+    q = Lake(settings.lake).read("quarantine", "bronze", "generic", "transactions").to_pylist()
+    assert q[0]["_line"] == 3 and q[0]["_reason"] == "column amount: not a valid decimal"
+    assert ingest_landing(settings).total_rows == 0
