@@ -53,6 +53,9 @@ class Lake:
         except TableNotFoundError as exc:
             raise FileNotFoundError(f"no Delta table at {where}") from exc
 
+    def delta_at(self, layer: str, *parts: str, version: int) -> DeltaTable:
+        return DeltaTable(str(self.path(layer, *parts)), version=version)
+
     def version(self, layer: str, *parts: str) -> int | None:
         return self.delta(layer, *parts).version() if self.exists(layer, *parts) else None
 

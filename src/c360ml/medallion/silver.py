@@ -1,0 +1,352 @@
+"""Silver: the current state of each source table, typed, standardised and validated.
+
+The change feed is resolved per key (latest by versionnumber, then SinkModifiedOn; a
+delete removes the key). Silver is merged incrementally from the bronze files added
+since the last build, and a key whose newest version fails validation moves to
+`quarantine/silver/<table>` (also current state), so for every table:
+bronze current-state rows = silver rows + quarantined rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pandera.pandas as pa
+import phonenumbers
+import pyarrow as pa_arrow
+import pyarrow.dataset as ds
+from pandera.errors import SchemaErrors
+
+from c360ml.config import Settings
+from c360ml.lake import Lake
+from c360ml.sources.tables import SOURCE_TABLES, SourceTable
+
+log = logging.getLogger(__name__)
+
+BRONZE_VERSION_KEY = "c360ml.bronze_version"
+ACTION = "_action"
+REASON = "_reason"
+# Synapse system columns that carry no meaning once the feed is resolved.
+DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", "_ingested_at")
+DEFAULT_PHONE_REGION = "US"  # numbers written without a country code are read as this region
+COUNTRIES = {  # alpha-3 (F&O) and common names -> ISO 3166-1 alpha-2
+    "USA": "US", "UNITED STATES": "US", "US": "US", "CAN": "CA", "CANADA": "CA", "CA": "CA",
+    "GBR": "GB", "UNITED KINGDOM": "GB", "UK": "GB", "GB": "GB", "DEU": "DE", "GERMANY": "DE",
+    "DE": "DE", "FRA": "FR", "FRANCE": "FR", "FR": "FR", "MEX": "MX", "MEXICO": "MX", "MX": "MX",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Standardisation and validation of one silver table (declared once, below)."""
+
+    required: tuple[str, ...] = ()  # must be non-null
+    emails: tuple[str, ...] = ()  # trimmed, lower-cased
+    phones: tuple[str, ...] = ()  # E.164 where parseable
+    countries: tuple[str, ...] = ()  # ISO alpha-2
+    non_negative: tuple[str, ...] = ()  # amounts/prices that cannot be below zero
+    ordered: tuple[tuple[str, str], ...] = ()  # (a, b): a <= b where both present
+
+
+RULES: dict[str, Rules] = {
+    "custtable": Rules(required=("accountnum", "party", "dataareaid")),
+    "dirpartytable": Rules(required=("instancerelationtype",)),
+    "dirpersonname": Rules(required=("person", "validfrom", "validto"),
+                           ordered=(("validfrom", "validto"),)),
+    "logisticslocation": Rules(),
+    "logisticspostaladdress": Rules(required=("location", "validfrom", "validto"),
+                                    countries=("countryregionid",),
+                                    ordered=(("validfrom", "validto"),)),
+    "logisticselectronicaddress": Rules(required=("locator", "type")),
+    "salestable": Rules(required=("salesid", "custaccount", "createddatetime", "salesstatus")),
+    "salesline": Rules(required=("salesid", "itemid", "salesqty", "salesprice", "lineamount"),
+                       non_negative=("salesprice",)),
+    "retailtransactiontable": Rules(required=("transactionid", "transdate", "netamount")),
+    "retailtransactionsalestrans": Rules(required=("transactionid", "itemid", "netamount"),
+                                         non_negative=("price",)),
+    "inventtable": Rules(required=("itemid",)),
+    "contact": Rules(required=("contactid", "createdon"), emails=("emailaddress1",),
+                     phones=("telephone1", "mobilephone"), countries=("address1_country",)),
+    "incident": Rules(required=("incidentid", "createdon", "statecode")),
+}  # fmt: skip
+
+
+@dataclass
+class SilverResult:
+    table: str
+    new_bronze_rows: int = 0
+    silver_rows: int = 0
+    quarantined: int = 0
+    bronze_current: int = 0
+    seconds: float = 0.0
+
+    @property
+    def balanced(self) -> bool:
+        return self.bronze_current == self.silver_rows + self.quarantined
+
+
+@dataclass
+class SilverSummary:
+    tables: list[SilverResult] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "table": r.table,
+                "new bronze rows": r.new_bronze_rows,
+                "bronze current": r.bronze_current,
+                "silver": r.silver_rows,
+                "quarantined": r.quarantined,
+                "balanced": "yes" if r.balanced else "NO",
+                "seconds": round(r.seconds, 2),
+            }
+            for r in self.tables
+        ]
+
+
+# ---------------------------------------------------------------- pure stages
+
+
+@functools.lru_cache(maxsize=200_000)
+def normalise_phone(raw: str, region: str = DEFAULT_PHONE_REGION) -> str:
+    """E.164 when the number parses and is possible; else the trimmed original."""
+    text = raw.strip()
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return text
+    if not phonenumbers.is_possible_number(number):
+        return text
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def standardise(frame: pd.DataFrame, rules: Rules) -> pd.DataFrame:
+    """Trim strings, blank -> null, lower-case e-mails, E.164 phones, alpha-2 countries."""
+    out = frame.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            stripped = out[col].str.strip()
+            out[col] = stripped.where(stripped != "", None)
+    for col in rules.emails:
+        out[col] = out[col].str.lower()
+    for col in rules.phones:
+        out[col] = out[col].map(normalise_phone, na_action="ignore")
+    for col in rules.countries:
+        upper = out[col].str.upper()
+        out[col] = upper.map(COUNTRIES).fillna(upper)
+    return out
+
+
+def resolve_changes(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
+    """Latest row per key by (versionnumber, SinkModifiedOn); deletes stay, to be applied."""
+    ordered = frame.sort_values([*key, "versionnumber", "SinkModifiedOn"], kind="stable")
+    return ordered.drop_duplicates(subset=list(key), keep="last").reset_index(drop=True)
+
+
+def silver_schema(table: SourceTable, rules: Rules) -> pa.DataFrameSchema:
+    """The pandera schema of a silver table, built from the source declaration + rules."""
+    checks = []
+    for a, b in rules.ordered:
+        checks.append(
+            pa.Check(
+                lambda df, a=a, b=b: df[a].isna() | df[b].isna() | (df[a] <= df[b]),
+                name=f"{a} <= {b}",
+            )
+        )
+    columns = {}
+    for col in table.columns:
+        if col.name in DROPPED:
+            continue
+        col_checks = [pa.Check.ge(0)] if col.name in rules.non_negative else []
+        required = col.name in rules.required or col.name in table.key
+        columns[col.name] = pa.Column(nullable=not required, checks=col_checks)
+    return pa.DataFrameSchema(columns, checks=checks, name=table.name)
+
+
+def split_valid(
+    frame: pd.DataFrame, schema: pa.DataFrameSchema
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(valid rows, rejected rows with `_reason` naming the failed column and check)."""
+    try:
+        schema.validate(frame, lazy=True)
+        return frame, frame.iloc[0:0].assign(**{REASON: pd.Series(dtype=str)})
+    except SchemaErrors as err:
+        cases = err.failure_cases
+    rowwise = cases[cases["index"].notna()].copy()
+    if len(rowwise) < len(cases):
+        raise ValueError(
+            f"silver/{schema.name}: schema-level failure:\n{cases[cases['index'].isna()]}"
+        )
+    rowwise["reason"] = (
+        rowwise["column"].fillna("row").astype(str) + ": " + rowwise["check"].astype(str)
+    )
+    reasons = rowwise.groupby("index")["reason"].first()
+    bad = frame.index.isin(reasons.index)
+    rejected = frame[bad].assign(**{REASON: reasons.reindex(frame.index[bad]).to_numpy()})
+    return frame[~bad], rejected
+
+
+# ---------------------------------------------------------------- lake edges
+
+
+def _new_bronze(lake: Lake, table: SourceTable, since: int | None) -> tuple[pa_arrow.Table, int]:
+    """Rows of the bronze files added after version `since` (bronze is append-only)."""
+    current = lake.delta("bronze", table.source, table.name)
+    files = set(current.file_uris())
+    if since is not None:
+        files -= set(lake.delta_at("bronze", table.source, table.name, version=since).file_uris())
+    data = ds.dataset(sorted(files), format="parquet").to_table() if files else None
+    if data is None:
+        data = lake.read("bronze", table.source, table.name).schema.empty_table()
+    return data, current.version()
+
+
+def _last_bronze_version(lake: Lake, table: SourceTable) -> int | None:
+    if not lake.exists("silver", table.name):
+        return None
+    versions = [
+        int(m[BRONZE_VERSION_KEY])
+        for m in lake.commit_metadata("silver", table.name)
+        if BRONZE_VERSION_KEY in m
+    ]
+    return max(versions) if versions else None
+
+
+def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
+    started = time.perf_counter()
+    result = SilverResult(table.name)
+    rules = RULES[table.name]
+    since = _last_bronze_version(lake, table)
+    raw, bronze_version = _new_bronze(lake, table, since)
+    if since != bronze_version and len(raw):
+        result.new_bronze_rows = len(raw)
+        latest = resolve_changes(standardise(raw.to_pandas(), rules), table.key)
+        deleted = latest["IsDelete"].fillna(False).astype(bool)
+        keep = [c for c in latest.columns if c not in DROPPED]
+        good, bad = split_valid(
+            latest.loc[~deleted, keep].reset_index(drop=True), silver_schema(table, rules)
+        )
+        removed = latest.loc[deleted, keep]
+        meta = {BRONZE_VERSION_KEY: str(bronze_version)}
+        _apply(
+            lake,
+            ("silver", table.name),
+            table.key,
+            upsert=good,
+            remove=pd.concat([removed, bad[keep]]),
+            schema=silver_arrow_schema(table),
+            meta=meta,
+        )
+        _apply(
+            lake,
+            ("quarantine", "silver", table.name),
+            table.key,
+            upsert=bad,
+            remove=pd.concat([removed, good]).assign(**{REASON: None}),
+            schema=silver_arrow_schema(table, quarantine=True),
+            meta=meta,
+        )
+    result.silver_rows = _count(lake, "silver", table.name)
+    result.quarantined = _count(lake, "quarantine", "silver", table.name)
+    result.bronze_current = bronze_current_rows(lake, table)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+NEWER = (
+    "(s.versionnumber > t.versionnumber OR (s.versionnumber = t.versionnumber "
+    "AND s.SinkModifiedOn >= t.SinkModifiedOn))"
+)
+
+
+def silver_arrow_schema(table: SourceTable, quarantine: bool = False) -> pa_arrow.Schema:
+    """Arrow schema of a silver (or silver quarantine) table: typed source columns + lineage."""
+    fields = [pa_arrow.field(c.name, c.arrow_type) for c in table.columns if c.name not in DROPPED]
+    fields += [
+        pa_arrow.field("_source_file", pa_arrow.string()),
+        pa_arrow.field("_batch_id", pa_arrow.string()),
+    ]
+    if quarantine:
+        fields.append(pa_arrow.field(REASON, pa_arrow.string()))
+    return pa_arrow.schema(fields)
+
+
+def _apply(
+    lake: Lake,
+    where: tuple[str, ...],
+    key: tuple[str, ...],
+    upsert: pd.DataFrame,
+    remove: pd.DataFrame,
+    schema: pa_arrow.Schema,
+    meta: dict[str, str],
+) -> None:
+    """Merge upserts and removals into a current-state table in one Delta commit.
+
+    The version guard keeps a late-arriving older change from overwriting a newer one.
+    """
+    source = pd.concat(
+        [upsert.assign(**{ACTION: "upsert"}), remove.assign(**{ACTION: "remove"})],
+        ignore_index=True,
+    )
+    arrow = pa_arrow.Table.from_pandas(
+        source[[*schema.names, ACTION]],
+        preserve_index=False,
+        schema=schema.append(pa_arrow.field(ACTION, pa_arrow.string())),
+    )
+    if not lake.exists(*where):
+        lake.write(
+            arrow.filter(pa_arrow.compute.equal(arrow[ACTION], "upsert")).drop_columns([ACTION]),
+            *where,
+            mode="overwrite",
+            metadata=meta,
+        )
+        return
+    on = " AND ".join(f"s.{k} = t.{k}" for k in key)
+    from deltalake import CommitProperties
+
+    (
+        lake.delta(*where)
+        .merge(
+            arrow,
+            predicate=on,
+            source_alias="s",
+            target_alias="t",
+            commit_properties=CommitProperties(custom_metadata=meta),
+        )
+        .when_matched_delete(predicate=f"s.{ACTION} = 'remove' AND {NEWER}")
+        .when_matched_update_all(
+            predicate=f"s.{ACTION} = 'upsert' AND {NEWER}", except_cols=[ACTION]
+        )
+        .when_not_matched_insert_all(predicate=f"s.{ACTION} = 'upsert'", except_cols=[ACTION])
+        .execute()
+    )
+
+
+def _count(lake: Lake, *parts: str) -> int:
+    return lake.dataset(*parts).count_rows() if lake.exists(*parts) else 0
+
+
+def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
+    """Keys whose newest bronze version is not a delete (the accounting's left side)."""
+    cols = [*table.key, "versionnumber", "SinkModifiedOn", "IsDelete"]
+    frame = lake.read("bronze", table.source, table.name, columns=cols).to_pandas()
+    latest = resolve_changes(frame, table.key)
+    return int((~latest["IsDelete"].fillna(False).astype(bool)).sum())
+
+
+def build_silver(settings: Settings) -> SilverSummary:
+    """Every bronze source table -> its silver table (incrementally)."""
+    lake = Lake(settings.lake)
+    summary = SilverSummary()
+    for (source, name), table in SOURCE_TABLES.items():
+        if not lake.exists("bronze", source, name):
+            continue
+        result = build_silver_table(lake, table)
+        if not result.balanced:
+            raise RuntimeError(f"silver/{name}: accounting broken: {result}")
+        summary.tables.append(result)
+    return summary

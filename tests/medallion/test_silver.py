@@ -1,0 +1,87 @@
+"""Silver: change feed resolved, standardised, validated, merged incrementally."""
+
+from __future__ import annotations
+
+import pytest
+
+from c360ml.lake import Lake
+from c360ml.medallion.ingest import ingest_landing
+from c360ml.medallion.silver import build_silver, normalise_phone
+from tests.conftest import write_sync_folder
+
+
+def _contact(cid: str, version: int, email: str | None = "A@x.com", delete: bool = False,
+             created: str | None = "2023-01-01T00:00:00Z", phone: str = "(212) 555-0147"):
+    return {
+        "Id": cid, "SinkModifiedOn": f"2024-01-0{version}T00:00:00Z", "versionnumber": version,
+        "IsDelete": "True" if delete else "False", "contactid": cid, "firstname": " Ann ",
+        "lastname": "Lee", "emailaddress1": email, "telephone1": phone, "createdon": created,
+        "address1_country": "usa", "donotemail": "False",
+    }
+
+
+def _silver(settings, table):
+    rows = Lake(settings.lake).read_pandas("silver", table)
+    return rows.set_index("contactid") if table == "contact" else rows
+
+
+def _run(settings):
+    ingest_landing(settings)
+    return {r.table: r for r in build_silver(settings).tables}
+
+
+def test_latest_version_wins_delete_removes_duplicates_collapse(settings):
+    landing = Lake(settings.lake).path("landing")
+    rows = [
+        _contact("c1", 1, email="old@x.com"), _contact("c1", 2, email="  New@X.com "),
+        _contact("c1", 2, email="  New@X.com "),  # exact duplicate change row
+        _contact("c2", 1), _contact("c2", 2, delete=True),
+        _contact("c3", 1, phone="not a phone"),
+    ]
+    write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z", {"contact": rows})
+    result = _run(settings)["contact"]
+    silver = _silver(settings, "contact")
+    assert sorted(silver.index) == ["c1", "c3"]
+    assert silver.loc["c1", "emailaddress1"] == "new@x.com"
+    assert silver.loc["c1", "firstname"] == "Ann"
+    assert silver.loc["c1", "telephone1"] == "+12125550147"
+    assert silver.loc["c3", "telephone1"] == "not a phone"  # kept as given, not guessed
+    assert silver.loc["c1", "address1_country"] == "US"
+    assert (result.bronze_current, result.silver_rows, result.quarantined) == (2, 2, 0)
+
+
+def test_rejected_row_goes_to_quarantine_with_its_check(settings):
+    landing = Lake(settings.lake).path("landing")
+    write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z",
+                      {"contact": [_contact("c1", 1), _contact("c2", 1, created=None)]})
+    result = _run(settings)["contact"]
+    q = Lake(settings.lake).read_pandas("quarantine", "silver", "contact")
+    assert list(q["contactid"]) == ["c2"]
+    assert "createdon" in q["_reason"].iloc[0] and "not_nullable" in q["_reason"].iloc[0]
+    assert result.bronze_current == result.silver_rows + result.quarantined == 2
+
+
+def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
+    landing = Lake(settings.lake).path("landing")
+    write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z", {"contact": [
+        _contact("c1", 1), _contact("c2", 1), _contact("c3", 1, created=None)]})
+    _run(settings)
+    version = Lake(settings.lake).version("silver", "contact")
+    assert _run(settings)["contact"].new_bronze_rows == 0  # nothing new: no new commit
+    assert Lake(settings.lake).version("silver", "contact") == version
+    write_sync_folder(landing, "dataverse", "2024-01-06T00.00.00Z", {"contact": [
+        _contact("c1", 3, email="b@x.com"), _contact("c2", 2, delete=True),
+        _contact("c3", 2), _contact("c1", 2, email="stale@x.com")]})  # late, older version
+    result = _run(settings)["contact"]
+    silver = _silver(settings, "contact")
+    assert sorted(silver.index) == ["c1", "c3"]
+    assert silver.loc["c1", "emailaddress1"] == "b@x.com"
+    assert result.quarantined == 0 and result.balanced
+
+
+@pytest.mark.parametrize(("raw", "e164"), [
+    ("(212) 555-0147", "+12125550147"), ("+1 212 555 0147", "+12125550147"),
+    ("212.555.0147", "+12125550147"), ("+44 20 7946 0958", "+442079460958"),
+])
+def test_phone_formats_normalise_to_e164(raw, e164):
+    assert normalise_phone(raw) == e164
