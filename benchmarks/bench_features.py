@@ -100,9 +100,7 @@ def make_synthetic_gold(
                     "status": np.where(cancelled, "open", "invoiced"),
                     "is_cancelled": False,
                     "valid_from": order_ts,
-                    "valid_to": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us, UTC]")
-                    .mask(cancelled, pd.Series(pd.NaT).reindex(range(n)))
-                    .to_numpy(),
+                    "valid_to": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us, UTC]"),
                 }
             ),
             pd.DataFrame(

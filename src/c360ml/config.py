@@ -52,6 +52,10 @@ class Settings(_Frozen):
     segments: Path = Path("pipelines/segments.yaml")  # segment definitions
     sql_dir: Path = Path("pipelines/sql")  # silver/gold SQL run by DuckDB (and Spark)
     generic_mapping: Path = Path("pipelines/generic.yaml")  # column mapping of generic sources
+    call_center_channels: tuple[int, ...] = (
+        5637145326,
+    )  # RetailChannelTable recids of call centers
+    person_party_type: int = 13271  # DirPartyTable.InstanceRelationType of a person (B2C profile)
     endpoint: str = ""  # scoring service URL used by the segment workflow; empty = skip
     demo: DemoSettings = DemoSettings()  # the embedded default lake
 

@@ -10,13 +10,27 @@ from c360ml.medallion.silver import build_silver, normalise_phone
 from tests.conftest import write_sync_folder
 
 
-def _contact(cid: str, version: int, email: str | None = "A@x.com", delete: bool = False,
-             created: str | None = "2023-01-01T00:00:00Z", phone: str = "(212) 555-0147"):
+def _contact(
+    cid: str,
+    version: int,
+    email: str | None = "A@x.com",
+    delete: bool = False,
+    created: str | None = "2023-01-01T00:00:00Z",
+    phone: str = "(212) 555-0147",
+):
     return {
-        "Id": cid, "SinkModifiedOn": f"2024-01-0{version}T00:00:00Z", "versionnumber": version,
-        "IsDelete": "True" if delete else "False", "contactid": cid, "firstname": " Ann ",
-        "lastname": "Lee", "emailaddress1": email, "telephone1": phone, "createdon": created,
-        "address1_country": "usa", "donotemail": "False",
+        "Id": cid,
+        "SinkModifiedOn": f"2024-01-0{version}T00:00:00Z",
+        "versionnumber": version,
+        "IsDelete": "True" if delete else "False",
+        "contactid": cid,
+        "firstname": " Ann ",
+        "lastname": "Lee",
+        "emailaddress1": email,
+        "telephone1": phone,
+        "createdon": created,
+        "address1_country": "usa",
+        "donotemail": "False",
     }
 
 
@@ -33,9 +47,11 @@ def _run(settings):
 def test_latest_version_wins_delete_removes_duplicates_collapse(settings):
     landing = Lake(settings.lake).path("landing")
     rows = [
-        _contact("c1", 1, email="old@x.com"), _contact("c1", 2, email="  New@X.com "),
+        _contact("c1", 1, email="old@x.com"),
+        _contact("c1", 2, email="  New@X.com "),
         _contact("c1", 2, email="  New@X.com "),  # exact duplicate change row
-        _contact("c2", 1), _contact("c2", 2, delete=True),
+        _contact("c2", 1),
+        _contact("c2", 2, delete=True),
         _contact("c3", 1, phone="not a phone"),
     ]
     write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z", {"contact": rows})
@@ -52,8 +68,12 @@ def test_latest_version_wins_delete_removes_duplicates_collapse(settings):
 
 def test_rejected_row_goes_to_quarantine_with_its_check(settings):
     landing = Lake(settings.lake).path("landing")
-    write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z",
-                      {"contact": [_contact("c1", 1), _contact("c2", 1, created=None)]})
+    write_sync_folder(
+        landing,
+        "dataverse",
+        "2024-01-05T00.00.00Z",
+        {"contact": [_contact("c1", 1), _contact("c2", 1, created=None)]},
+    )
     result = _run(settings)["contact"]
     q = Lake(settings.lake).read_pandas("quarantine", "silver", "contact")
     assert list(q["contactid"]) == ["c2"]
@@ -63,15 +83,29 @@ def test_rejected_row_goes_to_quarantine_with_its_check(settings):
 
 def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
     landing = Lake(settings.lake).path("landing")
-    write_sync_folder(landing, "dataverse", "2024-01-05T00.00.00Z", {"contact": [
-        _contact("c1", 1), _contact("c2", 1), _contact("c3", 1, created=None)]})
+    write_sync_folder(
+        landing,
+        "dataverse",
+        "2024-01-05T00.00.00Z",
+        {"contact": [_contact("c1", 1), _contact("c2", 1), _contact("c3", 1, created=None)]},
+    )
     _run(settings)
     version = Lake(settings.lake).version("silver", "contact")
     assert _run(settings)["contact"].new_bronze_rows == 0  # nothing new: no new commit
     assert Lake(settings.lake).version("silver", "contact") == version
-    write_sync_folder(landing, "dataverse", "2024-01-06T00.00.00Z", {"contact": [
-        _contact("c1", 3, email="b@x.com"), _contact("c2", 2, delete=True),
-        _contact("c3", 2), _contact("c1", 2, email="stale@x.com")]})  # late, older version
+    write_sync_folder(
+        landing,
+        "dataverse",
+        "2024-01-06T00.00.00Z",
+        {
+            "contact": [
+                _contact("c1", 3, email="b@x.com"),
+                _contact("c2", 2, delete=True),
+                _contact("c3", 2),
+                _contact("c1", 2, email="stale@x.com"),
+            ]
+        },
+    )  # late, older version
     result = _run(settings)["contact"]
     silver = _silver(settings, "contact")
     assert sorted(silver.index) == ["c1", "c3"]
@@ -79,9 +113,14 @@ def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
     assert result.quarantined == 0 and result.balanced
 
 
-@pytest.mark.parametrize(("raw", "e164"), [
-    ("(212) 555-0147", "+12125550147"), ("+1 212 555 0147", "+12125550147"),
-    ("212.555.0147", "+12125550147"), ("+44 20 7946 0958", "+442079460958"),
-])
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        ("(212) 555-0147", "+12125550147"),
+        ("+1 212 555 0147", "+12125550147"),
+        ("212.555.0147", "+12125550147"),
+        ("+44 20 7946 0958", "+442079460958"),
+    ],
+)
 def test_phone_formats_normalise_to_e164(raw, e164):
     assert normalise_phone(raw) == e164

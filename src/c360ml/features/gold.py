@@ -26,6 +26,7 @@ from c360ml.schemas import (
     CustomerProfile,
     Orders,
     OrderLines,
+    Products,
     StatusHistory,
     SupportCases,
     columns,

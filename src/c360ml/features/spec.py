@@ -52,17 +52,22 @@ class TopValues(_Spec):
     top: int = Field(ge=1, le=20)  # how many of the most frequent values become where-clauses
 
 
+PrimitiveEntry = str | dict[str, dict[str, Any]]
+
+
 class DfsSpec(_Spec):
     """What Deep Feature Synthesis may build (the `dfs:` section of the spec)."""
 
     max_depth: int = Field(2, ge=1, le=3)  # stacking depth of DFS
     windows_days: list[int] = [30, 90, 365]  # per-feature lookbacks (t - w, t]; all history too
-    agg_primitives: list[str]  # aggregation primitives (featuretools names)
+    # Primitives are featuretools names, or {name: {constructor args}} e.g. {trend: {}}
+    agg_primitives: list[PrimitiveEntry]  # aggregation primitives
     windowed_primitives: list[str]  # of those, the ones that also get the windowed copies
-    trans_primitives: list[str] = []  # transform primitives (dates etc.)
-    where_primitives: list[str] = []  # aggregations that also get where-clause copies
+    trans_primitives: list[PrimitiveEntry] = []  # transform primitives (dates etc.)
+    where_primitives: list[PrimitiveEntry] = []  # aggregations that also get where-clause copies
     # dataframe -> column -> explicit values or {top: n}; become where-clauses
     interesting_values: dict[str, dict[str, list[Any] | TopValues]] = {}
+    allowed_paths: list[list[str]] | None = None  # dataframe paths DFS may follow; None = all
     ignore_columns: dict[str, list[str]] = {}  # dataframe -> columns DFS must not use
     # primitive -> featuretools primitive_options (restrict which dataframes/columns it sees)
     primitive_options: dict[str, dict[str, Any]] = {}

@@ -272,7 +272,7 @@ def _snapshot_changes(old: pa.Table, new: pa.Table, key: tuple[str, ...]) -> pa.
         UNION ALL
         SELECT {cols} FROM old_t o ANTI JOIN new_t n ON {on}
     """
-    return con.execute(sql).arrow().cast(new.schema)
+    return con.sql(sql).to_arrow_table().cast(new.schema)
 
 
 def load_generic_mapping(path: Path) -> dict | None:

@@ -32,6 +32,7 @@ ACTION = "_action"
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
 DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", "_ingested_at")
+PHONE_TYPE, EMAIL_TYPE = 1, 2  # LogisticsElectronicAddress.Type
 DEFAULT_PHONE_REGION = "US"  # numbers written without a country code are read as this region
 COUNTRIES = {  # alpha-3 (F&O) and common names -> ISO 3166-1 alpha-2
     "USA": "US", "UNITED STATES": "US", "US": "US", "CAN": "CA", "CANADA": "CA", "CA": "CA",
@@ -50,6 +51,7 @@ class Rules:
     countries: tuple[str, ...] = ()  # ISO alpha-2
     non_negative: tuple[str, ...] = ()  # amounts/prices that cannot be below zero
     ordered: tuple[tuple[str, str], ...] = ()  # (a, b): a <= b where both present
+    locator: bool = False  # LogisticsElectronicAddress: locator is a phone (type 1) or e-mail (2)
 
 
 RULES: dict[str, Rules] = {
@@ -61,7 +63,7 @@ RULES: dict[str, Rules] = {
     "logisticspostaladdress": Rules(required=("location", "validfrom", "validto"),
                                     countries=("countryregionid",),
                                     ordered=(("validfrom", "validto"),)),
-    "logisticselectronicaddress": Rules(required=("locator", "type")),
+    "logisticselectronicaddress": Rules(required=("locator", "type"), locator=True),
     "salestable": Rules(required=("salesid", "custaccount", "createddatetime", "salesstatus")),
     "salesline": Rules(required=("salesid", "itemid", "salesqty", "salesprice", "lineamount"),
                        non_negative=("salesprice",)),
@@ -135,6 +137,12 @@ def standardise(frame: pd.DataFrame, rules: Rules) -> pd.DataFrame:
         out[col] = out[col].str.lower()
     for col in rules.phones:
         out[col] = out[col].map(normalise_phone, na_action="ignore")
+    if rules.locator:
+        is_phone, is_email = out["type"] == PHONE_TYPE, out["type"] == EMAIL_TYPE
+        out.loc[is_email, "locator"] = out.loc[is_email, "locator"].str.lower()
+        out.loc[is_phone, "locator"] = out.loc[is_phone, "locator"].map(
+            normalise_phone, na_action="ignore"
+        )
     for col in rules.countries:
         upper = out[col].str.upper()
         out[col] = upper.map(COUNTRIES).fillna(upper)

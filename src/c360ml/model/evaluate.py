@@ -121,9 +121,7 @@ def weighted_roc_auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> n
         return num / den
 
 
-def weighted_average_precision(
-    y: np.ndarray, score: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
+def weighted_average_precision(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Average precision (sklearn's step definition) per row of `weights`."""
     y = np.asarray(y).astype(bool)
     order, starts = _groups(np.asarray(score, dtype=np.float64), descending=True)
@@ -243,9 +241,7 @@ class RuleBaseline:
     by_span: list[dict[str, float]]
 
 
-def ci_d_rule_baseline(
-    y: np.ndarray, recency_days: np.ndarray, window_days: int
-) -> RuleBaseline:
+def ci_d_rule_baseline(y: np.ndarray, recency_days: np.ndarray, window_days: int) -> RuleBaseline:
     """Predict churned when there was no purchase in the last `span` days before the cutoff;
     the best span by churn-class accuracy (recall of class 1) is the baseline.
 

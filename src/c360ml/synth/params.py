@@ -63,17 +63,17 @@ class ProcessParams:
     1 - exp(-lam * season(d)) and a support case w.p. 1 - exp(-case_rate).
     """
 
-    lam_shape: float = 0.55  # Gamma shape of the purchase rate (small = heavy tail)
-    lam_mean: float = 1 / 30  # mean purchases per day of an alive customer
+    lam_shape: float = 0.5  # Gamma shape of the purchase rate (small = heavy tail)
+    lam_mean: float = 1 / 20  # mean purchases per day of an alive customer
     h0_shape: float = 2.0  # Gamma shape of the baseline dropout hazard
-    h0_mean: float = 1 / 400  # mean baseline daily dropout hazard
+    h0_mean: float = 0.006  # mean baseline daily dropout hazard
     beta_case: float = 1.0  # log-hazard per (decayed) support case
     case_decay_days: float = 60.0  # e-folding time of the support-case memory
     beta_return: float = 0.7  # log-hazard per (decayed) return
     return_decay_days: float = 120.0  # e-folding time of the return memory
     beta_discount: float = 2.5  # log-hazard per unit of discount dependence (share)
     beta_store: float = -1.2  # log-hazard per unit of store (vs online) preference
-    beta_tenure: float = -0.6  # hazard multiplier (1 + tenure_years) ** beta_tenure
+    beta_tenure: float = -2.5  # hazard multiplier (1 + tenure_years) ** beta_tenure
     case_rate_shape: float = 0.5  # Gamma shape of the daily support-case rate
     case_rate_mean: float = 1 / 250  # mean daily support-case rate (persons with a contact)
     return_a: float = 1.0  # Beta(a, b) of the per-order return probability
@@ -82,6 +82,8 @@ class ProcessParams:
     discount_b: float = 3.5
     store_a: float = 0.5  # Beta(a, b) of the share of store (POS) orders
     store_b: float = 0.6
+    basket_shape: float = 2.0  # Gamma shape of the mean extra lines per order
+    basket_mean: float = 0.8  # mean extra lines per order (lines = 1 + Poisson)
     call_center_share: float = 0.25  # share of non-store orders placed by the call center
     cancel_sales: float = 0.04  # probability a sales order is cancelled
     void_pos: float = 0.015  # probability a POS transaction is voided

@@ -24,7 +24,11 @@ from c360ml.synth.params import CH_CALL_CENTER, CH_ONLINE, CH_STORE, LakeShape, 
 
 NEVER = np.iinfo(np.int32).max  # dropout day of a person still alive at the end
 KIND_PERSON, KIND_ORGANISATION, KIND_CONTACT_ONLY = 0, 1, 2
-KIND_NAMES = {KIND_PERSON: "person", KIND_ORGANISATION: "organisation", KIND_CONTACT_ONLY: "contact_only"}
+KIND_NAMES = {
+    KIND_PERSON: "person",
+    KIND_ORGANISATION: "organisation",
+    KIND_CONTACT_ONLY: "contact_only",
+}
 
 
 @dataclass
@@ -97,7 +101,11 @@ def static_hazard(t: Traits, p: ProcessParams) -> np.ndarray:
 
 
 def hazard(
-    base: np.ndarray, cases: np.ndarray, returns: np.ndarray, tenure_days: np.ndarray, p: ProcessParams
+    base: np.ndarray,
+    cases: np.ndarray,
+    returns: np.ndarray,
+    tenure_days: np.ndarray,
+    p: ProcessParams,
 ) -> np.ndarray:
     """Daily dropout hazard from the static part and the observable dynamic covariates."""
     tenure = np.maximum(tenure_days, 0) / 365.0
@@ -106,9 +114,9 @@ def hazard(
     )
 
 
-def cancel_prob(t: Traits, p: ProcessParams) -> np.ndarray:
+def cancel_prob(store: np.ndarray, p: ProcessParams) -> np.ndarray:
     """Probability a purchase event ends cancelled or voided (channel mix of the person)."""
-    return t.store * p.void_pos + (1 - t.store) * p.cancel_sales
+    return store * p.void_pos + (1 - store) * p.cancel_sales
 
 
 def draw_traits(
@@ -157,7 +165,7 @@ def draw_traits(
         store=rng.beta(p.store_a, p.store_b, n),
         return_prob=rng.beta(p.return_a, p.return_b, n),
         case_rate=case_rate,
-        basket=rng.gamma(2.0, 0.75, n),
+        basket=rng.gamma(p.basket_shape, p.basket_mean / p.basket_shape, n),
         price_mult=rng.lognormal(0.0, 0.5, n),
     )
 
@@ -168,25 +176,23 @@ def simulate(
     """Run the daily process for every day of `seasonality` (vectorised over persons).
 
     Poisson-style thresholds (cumulative intensity vs an Exp(1) draw) replace a uniform
-    draw per person and day: the same law, but random numbers are only drawn for events.
+    draw per person and day: the same law (a day has a purchase iff the cumulative
+    intensity crosses the threshold that day), but random numbers are drawn only for
+    events, which keeps a 1M-person run fast.
     """
     n, n_days = len(t), len(seasonality)
     base = static_hazard(t, p)
     gc, gr = np.exp(-1 / p.case_decay_days), np.exp(-1 / p.return_decay_days)
     cum_h, cum_l, cum_k = np.zeros(n), np.zeros(n), np.zeros(n)
-    thr_h, thr_l, thr_k = rng.exponential(size=n), rng.exponential(size=n), rng.exponential(size=n)
+    thr_h, thr_l, thr_k = rng.exponential(size=(3, n))
     cases, rets = np.zeros(n), np.zeros(n)
     alive = np.ones(n, dtype=bool)
     dropout = np.full(n, NEVER, dtype=np.int32)
     entry = t.entry_day.astype(np.int64)
-    first_buyers = (t.lam > 0) & (entry >= 0) & (entry < n_days)
-    order = np.argsort(entry, kind="stable")
-    first_by_day = _group_by_day(order[first_buyers[order]], entry, n_days)
+    first_by_day = _first_buyers_by_day(t, n_days)
     returns_due: dict[int, list[np.ndarray]] = {}
-    buys: list[tuple[np.ndarray, int]] = []
-    firsts: list[np.ndarray] = []
-    case_events: list[tuple[np.ndarray, int]] = []
-    store_lo = 0
+    buys: list[dict[str, np.ndarray]] = []
+    case_events: list[tuple[np.ndarray, np.ndarray]] = []
     for d in range(n_days):
         active = alive & (entry < d)
         h = hazard(base, cases, rets, d - entry, p)
@@ -202,69 +208,77 @@ def simulate(
         cum_k += t.case_rate * active
         case = np.flatnonzero(cum_k >= thr_k)
         thr_k[case] = cum_k[case] + rng.exponential(size=len(case))
-        first = first_by_day[d]
-        all_buy = np.concatenate([first, buy]) if len(first) else buy
-        if len(all_buy):
-            buys.append((all_buy, d))
-            firsts.append(np.arange(len(all_buy)) < len(first))
-            _schedule_returns(rng, t, all_buy, d, p, returns_due)
+        first = first_by_day.get(d)
+        if first is not None:
+            buy = np.concatenate([first, buy])
+        if len(buy):
+            day_buys = _draw_orders(rng, t, buy, d, p, n_first=0 if first is None else len(first))
+            buys.append(day_buys)
+            ret = day_buys["return_day"] >= 0
+            for day, who in _split_by(day_buys["return_day"][ret], buy[ret]):
+                returns_due.setdefault(int(day), []).append(who)
         cases *= gc
         rets *= gr
         if len(case):
             cases[case] += 1.0
-            case_events.append((case, d))
+            case_events.append((case, np.full(len(case), d, dtype=np.int32)))
         due = returns_due.pop(d, None)
         if due:
             np.add.at(rets, np.concatenate(due), 1.0)
-        store_lo += 0
-    return _collect(rng, t, buys, firsts, case_events, dropout, p)
+    return SimResult(
+        dropout_day=dropout,
+        **_concat_buys(buys),
+        case_idx=_cat([c[0] for c in case_events], np.int64),
+        case_day=_cat([c[1] for c in case_events], np.int32),
+    )
 
 
-def _group_by_day(idx: np.ndarray, entry: np.ndarray, n_days: int) -> list[np.ndarray]:
-    """Positions in `idx` grouped by their entry day (one array per day)."""
-    days = entry[idx]
-    bounds = np.searchsorted(days, np.arange(n_days + 1))
-    return [idx[bounds[d] : bounds[d + 1]] for d in range(n_days)]
+def _first_buyers_by_day(t: Traits, n_days: int) -> dict[int, np.ndarray]:
+    """Persons whose account (and first purchase) falls on each simulated day."""
+    idx = np.flatnonzero((t.lam > 0) & (t.entry_day >= 0) & (t.entry_day < n_days))
+    return {int(day): who for day, who in _split_by(t.entry_day[idx], idx)}
 
 
-def _schedule_returns(
-    rng: np.random.Generator,
-    t: Traits,
-    buyers: np.ndarray,
-    d: int,
-    p: ProcessParams,
-    returns_due: dict[int, list[np.ndarray]],
-) -> None:
-    """Decide now (with a draw stream the records reuse) which of today's orders come back."""
-    # The channel and cancellation draws happen in _collect from a separate stream; the
-    # return decision here must only concern valid orders, so it uses the same rule as
-    # _collect: draw u_cancel and u_return per order, in that order, here, and keep them.
-    u = rng.random((3, len(buyers)))
-    cancelled = u[0] < cancel_prob_at(t, buyers, p)
-    returned = ~cancelled & (u[1] < t.return_prob[buyers])
-    delay = p.return_delay_min + np.floor(
-        u[2] * (p.return_delay_max - p.return_delay_min + 1)
-    ).astype(np.int64)
-    _PENDING_DRAWS.append((u[0], u[1], delay))
-    for day, who in _split_by(d + delay[returned], buyers[returned]):
-        returns_due.setdefault(int(day), []).append(who)
+def _draw_orders(
+    rng: np.random.Generator, t: Traits, buyers: np.ndarray, d: int, p: ProcessParams, n_first: int
+) -> dict[str, np.ndarray]:
+    """Channel, cancellation and return of today's orders (returns only of valid orders)."""
+    u = rng.random((5, len(buyers)))
+    store = u[0] < t.store[buyers]
+    channel = np.where(
+        store, CH_STORE, np.where(u[1] < p.call_center_share, CH_CALL_CENTER, CH_ONLINE)
+    ).astype(np.int8)
+    cancelled = u[2] < np.where(store, p.void_pos, p.cancel_sales)
+    returned = ~cancelled & (u[3] < t.return_prob[buyers])
+    span = p.return_delay_max - p.return_delay_min + 1
+    delay = p.return_delay_min + np.floor(u[4] * span).astype(np.int32)
+    return {
+        "buy_idx": buyers.astype(np.int64),
+        "buy_day": np.full(len(buyers), d, dtype=np.int32),
+        "buy_channel": channel,
+        "buy_cancelled": cancelled,
+        "buy_first": np.arange(len(buyers)) < n_first,
+        "return_day": np.where(returned, d + delay, -1).astype(np.int32),
+    }
 
 
-def cancel_prob_at(t: Traits, idx: np.ndarray, p: ProcessParams) -> np.ndarray:
-    return t.store[idx] * p.void_pos + (1 - t.store[idx]) * p.cancel_sales
+def _concat_buys(buys: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    keys = ("buy_idx", "buy_day", "buy_channel", "buy_cancelled", "buy_first")
+    dtypes = (np.int64, np.int32, np.int8, bool, bool)
+    out = {k: _cat([b[k] for b in buys], dt) for k, dt in zip(keys, dtypes, strict=True)}
+    out["buy_return_day"] = _cat([b["return_day"] for b in buys], np.int32)
+    return out
 
 
-_PENDING_DRAWS: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 def _split_by(keys: np.ndarray, values: np.ndarray):
+    """(key, values with that key) pairs, keys ascending."""
     if not len(keys):
         return []
     order = np.argsort(keys, kind="stable")
     k, v = keys[order], values[order]
     cuts = np.flatnonzero(np.diff(k)) + 1
     return zip(k[np.r_[0, cuts]], np.split(v, cuts), strict=True)
-
-
-def _collect(rng, t, buys, firsts, case_events, dropout, p) -> SimResult:
-    raise NotImplementedError

@@ -1,0 +1,29 @@
+-- Valid-from/valid-to status of each gold order, rebuilt from the bronze change feed
+-- (every version, not just the current one), so features can ask what the status was
+-- at a past cutoff. A version is valid from its source modification time.
+WITH versions AS (
+    SELECT CONCAT('SO:', dataareaid, '-', salesid) AS entity_id,
+           CASE salesstatus WHEN 1 THEN 'open' WHEN 2 THEN 'delivered' WHEN 3 THEN 'invoiced'
+                WHEN 4 THEN 'cancelled' ELSE 'unknown' END AS status,
+           salesstatus = 4 AS is_cancelled,
+           createddatetime AS created_ts,
+           COALESCE(modifieddatetime, createddatetime) AS changed_ts, versionnumber
+    FROM bronze_d365_salestable WHERE NOT COALESCE(IsDelete, FALSE)
+    UNION ALL
+    SELECT CONCAT('POS:', transactionid),
+           CASE WHEN entrystatus = 1 THEN 'voided' ELSE 'completed' END,
+           entrystatus = 1, createddatetime,
+           COALESCE(modifieddatetime, createddatetime), versionnumber
+    FROM bronze_d365_retailtransactiontable WHERE NOT COALESCE(IsDelete, FALSE)
+),
+ordered AS (
+    SELECT v.entity_id, v.status, v.is_cancelled, v.versionnumber,
+           -- the first version is valid from the order's creation, whatever its modified time
+           CASE WHEN v.versionnumber = MIN(v.versionnumber) OVER (PARTITION BY v.entity_id)
+                THEN LEAST(v.created_ts, v.changed_ts) ELSE v.changed_ts END AS changed_ts,
+           ROW_NUMBER() OVER (PARTITION BY v.entity_id, v.versionnumber ORDER BY v.changed_ts) AS dup
+    FROM versions v JOIN gold_orders o ON o.order_id = v.entity_id
+)
+SELECT entity_id, status, is_cancelled, changed_ts AS valid_from,
+       LEAD(changed_ts) OVER (PARTITION BY entity_id ORDER BY versionnumber) AS valid_to
+FROM ordered WHERE dup = 1

@@ -1,0 +1,132 @@
+"""Gold: the unified profile, activity and supporting tables, keyed by customer_id.
+
+Gold is rebuilt from silver by the SQL in `pipelines/sql/gold/` on each build (DuckDB
+over Arrow takes seconds, and a full rebuild cannot drift the way a chain of partial
+updates can); it is written only when its inputs' versions changed, so a build with
+nothing new adds no Delta versions. Orders and lines that cannot be tied to a profile
+go to `quarantine/gold/<table>` with a reason, never away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import pandera.pandas as pa
+import pyarrow as pa_arrow
+import pyarrow.compute as pc
+
+from c360ml.config import Settings
+from c360ml.lake import Lake
+from c360ml.medallion.sql import connect, run_sql
+from c360ml.schemas import (
+    CustomerProfile,
+    OrderLines,
+    Orders,
+    Products,
+    StatusHistory,
+    SupportCases,
+    columns,
+)
+
+log = logging.getLogger(__name__)
+
+INPUTS_KEY = "c360ml.inputs"
+REASON = "quarantine_reason"
+
+
+@dataclass
+class GoldSummary:
+    tables: list[dict] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        return self.tables
+
+
+def lake_versions(lake: Lake) -> dict[str, int]:
+    """Versions of every bronze/silver table and the source map: what gold is built from."""
+    found = {
+        f"{layer}/{'/'.join(p)}": lake.version(layer, *p)
+        for layer in ("bronze", "silver")
+        for p in lake.tables(layer)
+    }
+    found["gold/customer_source_map"] = lake.version("gold", "customer_source_map")
+    return found
+
+
+def _unchanged(lake: Lake, where: tuple[str, ...], inputs: dict) -> bool:
+    if not lake.exists(*where):
+        return False
+    metas = [m for m in lake.commit_metadata(*where) if INPUTS_KEY in m]
+    return bool(metas) and json.loads(metas[-1][INPUTS_KEY]) == inputs
+
+
+def write_gold(
+    lake: Lake,
+    name: str,
+    table: pa_arrow.Table,
+    model: type[pa.DataFrameModel],
+    inputs: dict,
+    layer: str = "gold",
+) -> bool:
+    """Validate against the declared schema and overwrite, unless inputs are unchanged.
+
+    Returns whether a new version was written.
+    """
+    if _unchanged(lake, (layer, name), inputs):
+        return False
+    frame = table.to_pandas()
+    try:
+        frame = model.validate(frame[columns(model)] if layer == "gold" else frame, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        raise ValueError(f"{layer}/{name} fails its schema:\n{err.failure_cases.head(20)}") from err
+    lake.write(frame, layer, name, mode="overwrite", metadata={INPUTS_KEY: json.dumps(inputs)})
+    return True
+
+
+def _split(table: pa_arrow.Table) -> tuple[pa_arrow.Table, pa_arrow.Table]:
+    """(rows with no quarantine reason, without the column; the others, with it)."""
+    bad = pc.is_valid(table[REASON])
+    return table.filter(pc.invert(bad)).drop_columns([REASON]), table.filter(bad)
+
+
+def build_gold(settings: Settings) -> GoldSummary:
+    lake = Lake(settings.lake)
+    if not lake.exists("gold", "customer_source_map"):
+        raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
+    inputs = lake_versions(lake)
+    con = connect(lake)
+    summary = GoldSummary()
+
+    def put(name, table, model, quarantined=None, **extra):
+        started = time.perf_counter()
+        written = write_gold(lake, name, table, model, inputs)
+        if quarantined is not None:
+            lake.write(quarantined, "quarantine", "gold", name, mode="overwrite")
+        con.register(f"gold_{name}", table)
+        summary.tables.append(
+            {
+                "table": f"gold/{name}",
+                "rows": len(table),
+                "quarantined": 0 if quarantined is None else len(quarantined),
+                **extra,
+                "written": "yes" if written else "unchanged",
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
+
+    put("customer_profile", run_sql(con, settings, "gold/customer_profile"), CustomerProfile)
+    all_orders = run_sql(con, settings, "gold/orders")
+    con.register("all_orders", all_orders)
+    orders, bad_orders = _split(all_orders)
+    put("orders", orders, Orders, bad_orders)
+    lines, bad_lines = _split(run_sql(con, settings, "gold/order_lines"))
+    put("order_lines", lines, OrderLines, bad_lines)
+    put("products", run_sql(con, settings, "gold/products"), Products)
+    cases = run_sql(con, settings, "gold/support_cases")
+    put("support_cases", cases, SupportCases, unlinked=int(cases["customer_id"].null_count))
+    put("order_status_history", run_sql(con, settings, "gold/order_status_history"), StatusHistory)
+    put("case_status_history", run_sql(con, settings, "gold/case_status_history"), StatusHistory)
+    return summary

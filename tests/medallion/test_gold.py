@@ -1,0 +1,330 @@
+"""Gold from hand-written source rows: one rule per assertion block."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from c360ml.lake import Lake
+from c360ml.medallion.build import build_gold, build_silver, build_unify
+from c360ml.medallion.ingest import ingest_landing
+from tests.conftest import write_sync_folder
+
+T0 = "2024-01-10T10:00:00Z"
+
+
+def fo(recid, version=1, modified=T0, created=T0, **cols):
+    """A finance & operations change row with its Synapse system columns."""
+    return {
+        "Id": f"id{recid}",
+        "SinkModifiedOn": modified,
+        "versionnumber": version,
+        "IsDelete": "False",
+        "recid": recid,
+        "createddatetime": created,
+        "modifieddatetime": modified,
+        "dataareaid": "usrt",
+        **cols,
+    }
+
+
+def dv(key, version=1, **cols):
+    return {
+        "Id": key,
+        "SinkModifiedOn": cols.get("modifiedon", T0),
+        "versionnumber": version,
+        "IsDelete": "False",
+        **cols,
+    }
+
+
+D365 = {
+    "custtable": [
+        fo(1, accountnum="C1", party=11, custgroup="10", currency="USD"),
+        fo(2, accountnum="C2", party=12, custgroup="20", currency="USD"),
+        fo(3, accountnum="C3", party=13, custgroup="30", currency="USD"),
+    ],
+    "dirpartytable": [
+        fo(
+            11,
+            instancerelationtype=13271,
+            primaryaddresslocation=21,
+            primarycontactemail=31,
+            primarycontactphone=32,
+        ),
+        fo(12, instancerelationtype=13271, primarycontactemail=34),  # points at a phone row
+        fo(13, instancerelationtype=2077, name="Contoso Ltd"),
+    ],
+    "dirpersonname": [
+        fo(
+            41,
+            person=11,
+            firstname="Ann",
+            lastname="Old",
+            validfrom="2020-01-01T00:00:00Z",
+            validto="2023-06-01T00:00:00Z",
+        ),
+        fo(
+            42,
+            person=11,
+            firstname="Ann",
+            lastname="New",
+            validfrom="2023-06-01T00:00:00Z",
+            validto="2154-12-31T23:59:59Z",
+        ),
+        fo(
+            43,
+            person=12,
+            firstname="Bob",
+            lastname="Ray",
+            validfrom="2020-01-01T00:00:00Z",
+            validto="2154-12-31T23:59:59Z",
+        ),
+    ],
+    "logisticslocation": [fo(21, locationid="L21", ispostaladdress=1)],
+    "logisticspostaladdress": [
+        fo(
+            51,
+            location=21,
+            street="Old St",
+            city="Houston",
+            zipcode="77001",
+            countryregionid="USA",
+            validfrom="2020-01-01T00:00:00Z",
+            validto="2023-01-01T00:00:00Z",
+        ),
+        fo(
+            52,
+            location=21,
+            street="New St",
+            city="Austin",
+            zipcode="73301",
+            countryregionid="USA",
+            validfrom="2023-01-01T00:00:00Z",
+            validto="2154-12-31T23:59:59Z",
+        ),
+    ],
+    "logisticselectronicaddress": [
+        fo(31, locator=" Ann@X.com ", type=2),
+        fo(32, locator="(212) 555-0147", type=1),
+        fo(34, locator="212.555.0199", type=1),
+    ],
+    "salestable": [
+        fo(
+            61,
+            salesid="SO1",
+            custaccount="C1",
+            salesstatus=3,
+            salestype=3,
+            currencycode="USD",
+            retailchanneltable=5637144576,
+        ),
+        fo(
+            62,
+            salesid="SO2",
+            custaccount="C1",
+            salesstatus=1,
+            salestype=3,
+            currencycode="USD",
+            retailchanneltable=5637145326,
+        ),
+        fo(
+            62,
+            version=2,
+            modified="2024-02-01T00:00:00Z",
+            salesid="SO2",
+            custaccount="C1",
+            salesstatus=4,
+            salestype=3,
+            currencycode="USD",
+            retailchanneltable=5637145326,
+        ),
+        fo(
+            63,
+            salesid="SO3",
+            custaccount="C2",
+            salesstatus=3,
+            salestype=4,
+            currencycode="USD",
+            retailchanneltable=5637144576,
+        ),
+        fo(64, salesid="SO4", custaccount="C9", salesstatus=3, salestype=3, currencycode="USD"),
+        fo(65, salesid="SO5", custaccount="C3", salesstatus=3, salestype=3, currencycode="USD"),
+    ],
+    "salesline": [
+        fo(
+            71,
+            salesid="SO1",
+            linenum=1,
+            itemid="I1",
+            salesqty=2,
+            salesprice=10,
+            lineamount=18,
+            linedisc=2,
+        ),
+        fo(72, salesid="SO1", linenum=2, itemid="I2", salesqty=1, salesprice=5, lineamount=5),
+        fo(73, salesid="SO2", linenum=1, itemid="I1", salesqty=1, salesprice=10, lineamount=10),
+        fo(74, salesid="SO3", linenum=1, itemid="I1", salesqty=-1, salesprice=10, lineamount=-10),
+        fo(75, salesid="SO4", linenum=1, itemid="I1", salesqty=1, salesprice=10, lineamount=10),
+        fo(76, salesid="SO99", linenum=1, itemid="I1", salesqty=1, salesprice=10, lineamount=10),
+    ],
+    "retailtransactiontable": [
+        fo(
+            81,
+            created="2024-01-11T15:30:00Z",
+            transactionid="T1",
+            store="HOUSTON-1",
+            custaccount="C2",
+            transdate="2024-01-11",
+            transtime=55800,
+            type=2,
+            entrystatus=0,
+            grossamount=30,
+            discamount=3,
+            netamount=27,
+            numberofitems=3,
+            currency="USD",
+        ),
+        fo(
+            82,
+            transactionid="T2",
+            store="HOUSTON-1",
+            transdate="2024-01-11",
+            type=2,
+            entrystatus=0,
+            grossamount=5,
+            netamount=5,
+            numberofitems=1,
+        ),
+        fo(
+            83,
+            transactionid="T3",
+            store="HOUSTON-1",
+            custaccount="C1",
+            transdate="2024-01-11",
+            type=2,
+            entrystatus=1,
+            grossamount=5,
+            netamount=5,
+            numberofitems=1,
+        ),
+    ],
+    "retailtransactionsalestrans": [
+        fo(91, transactionid="T1", linenum=1, itemid="I2", qty=3, price=10, netamount=27)
+    ],
+    "inventtable": [
+        fo(95, itemid="I1", namealias="Mug", itemgroupid="Kitchen"),
+        fo(96, itemid="I2", namealias="Tea", itemgroupid="Food"),
+    ],
+}
+DATAVERSE = {
+    "contact": [
+        dv(
+            "K1",
+            contactid="K1",
+            firstname="Annie",
+            emailaddress1="ANN@x.com",
+            createdon="2021-01-01T00:00:00Z",
+        ),
+        dv(
+            "K2",
+            contactid="K2",
+            firstname="Cy",
+            lastname="Only",
+            emailaddress1="cy@x.com",
+            createdon="2022-01-01T00:00:00Z",
+        ),
+    ],
+    "incident": [
+        dv("I1", incidentid="I1", customerid="K1", statecode=0, createdon=T0),
+        dv(
+            "I1",
+            version=2,
+            incidentid="I1",
+            customerid="K1",
+            statecode=1,
+            createdon=T0,
+            modifiedon="2024-03-01T00:00:00Z",
+        ),
+        dv("I2", incidentid="I2", customerid="K404", statecode=0, createdon=T0),
+    ],
+}
+
+
+@pytest.fixture
+def gold(settings):
+    landing = Lake(settings.lake).path("landing")
+    write_sync_folder(landing, "d365", "2024-04-01T00.00.00Z", D365)
+    write_sync_folder(landing, "dataverse", "2024-04-01T00.00.00Z", DATAVERSE)
+    ingest_landing(settings)
+    build_silver(settings)
+    build_unify(settings)
+    build_gold(settings)
+    lake = Lake(settings.lake)
+    return lambda *parts: lake.read_pandas(*parts)
+
+
+def test_profiles_use_valid_now_rows_and_typed_contacts(gold):
+    ids = gold("gold", "customer_source_map").set_index("source_key")["customer_id"]
+    profile = gold("gold", "customer_profile").set_index("customer_id")
+    assert len(profile) == 3  # C1 (+ contact K1), C2, contact-only K2; org C3 excluded
+    assert ids["K1"] == ids["usrt-C1"] and ids["K2"] != ids["usrt-C1"]
+    ann = profile.loc[ids["usrt-C1"]]
+    assert (ann.last_name, ann.email, ann.phone) == ("New", "ann@x.com", "+12125550147")
+    assert (ann.street, ann.city, ann.country) == ("New St", "Austin", "US")
+    assert ann.sources == "d365,dataverse" and ann.source_count == 2
+    assert pd.isna(profile.loc[ids["usrt-C2"], "email"])  # the phone row is not an e-mail
+    assert profile.loc[ids["K2"], "last_name"] == "Only"
+
+
+def test_orders_from_both_paths_with_flags_and_quarantine(gold):
+    orders = gold("gold", "orders").set_index("order_id")
+    assert sorted(orders.index) == ["POS:T1", "POS:T3", "SO:usrt-SO1", "SO:usrt-SO2", "SO:usrt-SO3"]
+    so1 = orders.loc["SO:usrt-SO1"]
+    assert (so1.channel, so1.gross_amount, so1.discount_amount, so1.net_amount) == (
+        "online",
+        25.0,
+        2.0,
+        23.0,
+    )
+    assert orders.loc["SO:usrt-SO2", "channel"] == "call-center"
+    assert orders.loc["SO:usrt-SO2", "is_cancelled"]
+    assert orders.loc["SO:usrt-SO3", "is_return"] and orders.loc["SO:usrt-SO3", "net_amount"] < 0
+    assert orders.loc["POS:T1", "channel"] == "store" and orders.loc["POS:T1", "net_amount"] == 27
+    assert orders.loc["POS:T3", "is_cancelled"] and orders.loc["POS:T3", "status"] == "voided"
+    reasons = gold("quarantine", "gold", "orders").set_index("order_id")["quarantine_reason"]
+    assert reasons.to_dict() == {
+        "SO:usrt-SO4": "unknown customer account",
+        "SO:usrt-SO5": "customer is not a person party",
+        "POS:T2": "anonymous transaction (no customer account)",
+    }
+    lines = gold("gold", "order_lines")
+    assert set(lines["order_id"]) == {"SO:usrt-SO1", "SO:usrt-SO2", "SO:usrt-SO3", "POS:T1"}
+    assert lines.loc[lines.order_id == "SO:usrt-SO3", "is_return"].all()
+    bad_lines = gold("quarantine", "gold", "order_lines").set_index("order_id")["quarantine_reason"]
+    assert bad_lines["SO:usrt-SO99"] == "orphan line (no order header)"
+    assert bad_lines["SO:usrt-SO4"].startswith("order quarantined")
+
+
+def test_status_history_and_cases(gold):
+    history = gold("gold", "order_status_history").sort_values("valid_from")
+    so2 = history[history.entity_id == "SO:usrt-SO2"]
+    assert list(so2.status) == ["open", "cancelled"]
+    assert so2.valid_to.iloc[0] == so2.valid_from.iloc[1] == pd.Timestamp("2024-02-01", tz="UTC")
+    assert pd.isna(so2.valid_to.iloc[1])
+    cases = gold("gold", "support_cases").set_index("case_id")
+    assert cases.loc["I1", "status"] == "resolved" and pd.isna(cases.loc["I2", "customer_id"])
+    case_history = gold("gold", "case_status_history")
+    assert list(case_history[case_history.entity_id == "I1"].sort_values("valid_from").status) == [
+        "active",
+        "resolved",
+    ]
+
+
+def test_rebuild_with_nothing_new_writes_no_version(settings, gold):
+    lake = Lake(settings.lake)
+    before = {p: lake.version("gold", *p) for p in lake.tables("gold")}
+    build_silver(settings)
+    build_unify(settings)
+    build_gold(settings)
+    assert {p: lake.version("gold", *p) for p in lake.tables("gold")} == before
