@@ -54,7 +54,7 @@ class Orders(_Gold):
     order_id: Series[str] = pa.Field(unique=True)  # "SO:<dataareaid>-<salesid>" / "POS:<id>"
     customer_id: Series[str]
     order_ts: Series[UTC_TS]  # event time of the order
-    channel: Series[str] = pa.Field(isin=["online", "store", "call-center"])
+    channel: Series[str] = pa.Field(isin=["online", "store", "call-center", "unknown"])
     store: Series[str] = pa.Field(nullable=True)
     currency: Series[str] = pa.Field(nullable=True)
     gross_amount: Series[float]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from c360ml.config import Settings
@@ -40,7 +41,14 @@ class UnifySummary:
 def build_unify(settings: Settings) -> UnifySummary:
     lake = Lake(settings.lake)
     con = connect(lake)
-    source_map = run_sql(con, settings, "gold/unify_identity")
+    parts = []
+    if lake.exists("silver", "custtable") or lake.exists("silver", "contact"):
+        parts.append(run_sql(con, settings, "gold/unify_identity"))
+    if lake.exists("silver", "generic_transactions"):
+        parts.append(run_sql(con, settings, "gold/unify_generic"))
+    if not parts:
+        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
+    source_map = pa.concat_tables(parts)
     written = write_gold(
         lake, "customer_source_map", source_map, CustomerSourceMap, inputs=_silver_versions(lake)
     )

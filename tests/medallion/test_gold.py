@@ -328,3 +328,28 @@ def test_rebuild_with_nothing_new_writes_no_version(settings, gold):
     build_unify(settings)
     build_gold(settings)
     assert {p: lake.version("gold", *p) for p in lake.tables("gold")} == before
+
+
+def test_generic_csv_source_reaches_the_same_gold_tables(settings):
+    landing = Lake(settings.lake).path("landing") / "generic"
+    landing.mkdir(parents=True)
+    (landing / "tx.csv").write_text(
+        "customer_id,timestamp,amount,order_id,product_id,is_return\n"
+        "a,2024-01-01T10:00:00Z,10,o1,p1,false\n"
+        "a,2024-01-01T10:00:00Z,5,o1,p2,false\n"
+        "a,2024-01-01T10:00:00Z,5,o1,p2,false\n"  # exact duplicate line
+        "a,2024-02-01T10:00:00Z,-5,o2,p2,true\n"
+        "b,2024-01-15T10:00:00Z,7,o3,p1,false\n"
+    )
+    ingest_landing(settings)
+    silver = {r.table: r for r in build_silver(settings).tables}["generic_transactions"]
+    assert (silver.silver_rows, silver.duplicates) == (4, 1)
+    build_unify(settings)
+    build_gold(settings)
+    lake = Lake(settings.lake)
+    profile = lake.read_pandas("gold", "customer_profile")
+    assert len(profile) == 2 and set(profile.sources) == {"generic"}
+    orders = lake.read_pandas("gold", "orders").set_index("order_id")
+    assert orders.loc["GEN:o1", "net_amount"] == 15 and not orders.loc["GEN:o1", "is_return"]
+    assert orders.loc["GEN:o2", "is_return"]
+    assert len(lake.read_pandas("gold", "order_lines")) == 4

@@ -46,7 +46,7 @@ lineage AS (
            CONCAT_WS(',', MAX(CASE WHEN source = 'd365' THEN 'd365' END),
                      MAX(CASE WHEN source = 'dataverse' THEN 'dataverse' END),
                      MAX(CASE WHEN source = 'generic' THEN 'generic' END)) AS sources
-    FROM gold_customer_source_map GROUP BY customer_id
+    FROM gold_customer_source_map WHERE source <> 'generic' GROUP BY customer_id
 )
 SELECT l.customer_id,
        COALESCE(c.firstname, k.firstname) AS first_name,

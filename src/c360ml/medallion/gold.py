@@ -117,16 +117,32 @@ def build_gold(settings: Settings) -> GoldSummary:
             }
         )
 
-    put("customer_profile", run_sql(con, settings, "gold/customer_profile"), CustomerProfile)
-    all_orders = run_sql(con, settings, "gold/orders")
+    d365 = lake.exists("silver", "custtable")
+    generic = lake.exists("silver", "generic_transactions")
+
+    def union(*names: str) -> pa_arrow.Table:
+        """The d365 and/or generic variants of one gold table, one schema."""
+        parts = [run_sql(con, settings, f"gold/{n}") for n, on in zip(names, (d365, generic)) if on]
+        return pa_arrow.concat_tables(parts, promote_options="permissive")
+
+    put("customer_profile", union("customer_profile", "generic_profile"), CustomerProfile)
+    all_orders = union("orders", "generic_orders")
     con.register("all_orders", all_orders)
     orders, bad_orders = _split(all_orders)
     put("orders", orders, Orders, bad_orders)
-    lines, bad_lines = _split(run_sql(con, settings, "gold/order_lines"))
+    lines, bad_lines = _split(union("order_lines", "generic_order_lines"))
     put("order_lines", lines, OrderLines, bad_lines)
-    put("products", run_sql(con, settings, "gold/products"), Products)
-    cases = run_sql(con, settings, "gold/support_cases")
-    put("support_cases", cases, SupportCases, unlinked=int(cases["customer_id"].null_count))
-    put("order_status_history", run_sql(con, settings, "gold/order_status_history"), StatusHistory)
-    put("case_status_history", run_sql(con, settings, "gold/case_status_history"), StatusHistory)
+    if d365:
+        put("products", run_sql(con, settings, "gold/products"), Products)
+        put(
+            "order_status_history",
+            run_sql(con, settings, "gold/order_status_history"),
+            StatusHistory,
+        )
+    if lake.exists("silver", "incident"):
+        cases = run_sql(con, settings, "gold/support_cases")
+        put("support_cases", cases, SupportCases, unlinked=int(cases["customer_id"].null_count))
+        put(
+            "case_status_history", run_sql(con, settings, "gold/case_status_history"), StatusHistory
+        )
     return summary

@@ -83,12 +83,13 @@ class SilverResult:
     new_bronze_rows: int = 0
     silver_rows: int = 0
     quarantined: int = 0
+    duplicates: int = 0  # exact duplicate rows collapsed (sources without a change feed)
     bronze_current: int = 0
     seconds: float = 0.0
 
     @property
     def balanced(self) -> bool:
-        return self.bronze_current == self.silver_rows + self.quarantined
+        return self.bronze_current == self.silver_rows + self.quarantined + self.duplicates
 
 
 @dataclass
@@ -103,6 +104,7 @@ class SilverSummary:
                 "bronze current": r.bronze_current,
                 "silver": r.silver_rows,
                 "quarantined": r.quarantined,
+                "duplicates": r.duplicates,
                 "balanced": "yes" if r.balanced else "NO",
                 "seconds": round(r.seconds, 2),
             }
@@ -213,12 +215,12 @@ def _new_bronze(lake: Lake, table: SourceTable, since: int | None) -> tuple[pa_a
     return data, current.version()
 
 
-def _last_bronze_version(lake: Lake, table: SourceTable) -> int | None:
-    if not lake.exists("silver", table.name):
+def _last_bronze_version(lake: Lake, name: str) -> int | None:
+    if not lake.exists("silver", name):
         return None
     versions = [
         int(m[BRONZE_VERSION_KEY])
-        for m in lake.commit_metadata("silver", table.name)
+        for m in lake.commit_metadata("silver", name)
         if BRONZE_VERSION_KEY in m
     ]
     return max(versions) if versions else None
@@ -228,7 +230,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     started = time.perf_counter()
     result = SilverResult(table.name)
     rules = RULES[table.name]
-    since = _last_bronze_version(lake, table)
+    since = _last_bronze_version(lake, table.name)
     raw, bronze_version = _new_bronze(lake, table, since)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
@@ -346,10 +348,54 @@ def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
     return int((~latest["IsDelete"].fillna(False).astype(bool)).sum())
 
 
+def build_generic_silver(lake: Lake, settings: Settings) -> SilverResult | None:
+    """Generic transactions: renamed to canonical columns by the YAML mapping, deduplicated.
+
+    No change feed here, so it is rebuilt (cheaply, in DuckDB) when bronze has moved.
+    """
+    from c360ml.medallion.ingest import GENERIC_COLUMNS, load_generic_mapping
+    from c360ml.medallion.sql import connect, run_sql
+
+    if not lake.exists("bronze", "generic", "transactions"):
+        return None
+    started = time.perf_counter()
+    bronze_version = lake.version("bronze", "generic", "transactions")
+    result = SilverResult("generic_transactions")
+    bronze = lake.read("bronze", "generic", "transactions")
+    result.bronze_current = len(bronze)
+    if _last_bronze_version(lake, "generic_transactions") != bronze_version:
+        mapping = load_generic_mapping(settings.path(settings.generic_mapping))["columns"]
+        canonical = pa_arrow.table(
+            {
+                c.name: bronze[mapping[c.name]]
+                if c.name in mapping
+                else pa_arrow.nulls(len(bronze), c.arrow_type)
+                for c in GENERIC_COLUMNS
+            }
+        )
+        con = connect(lake)
+        con.register("generic_canonical", canonical)
+        table = run_sql(con, settings, "silver/generic_transactions")
+        lake.write(
+            table,
+            "silver",
+            "generic_transactions",
+            mode="overwrite",
+            metadata={BRONZE_VERSION_KEY: str(bronze_version)},
+        )
+    result.silver_rows = _count(lake, "silver", "generic_transactions")
+    result.duplicates = result.bronze_current - result.silver_rows
+    result.seconds = time.perf_counter() - started
+    return result
+
+
 def build_silver(settings: Settings) -> SilverSummary:
     """Every bronze source table -> its silver table (incrementally)."""
     lake = Lake(settings.lake)
     summary = SilverSummary()
+    generic = build_generic_silver(lake, settings)
+    if generic is not None:
+        summary.tables.append(generic)
     for (source, name), table in SOURCE_TABLES.items():
         if not lake.exists("bronze", source, name):
             continue

@@ -6,6 +6,7 @@ returns exactly what the batch refresh and the service return for the same frame
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -13,6 +14,10 @@ import mlflow.pyfunc
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle, score
 
 BUNDLE_ARTIFACT = "bundle"  # key of the bundle folder in the pyfunc's artifacts
+
+
+# MLflow nags about type hints on predict; the schema check is ours (pandera, in scoring).
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 
 class ChurnModel(mlflow.pyfunc.PythonModel):

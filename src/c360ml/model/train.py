@@ -283,10 +283,13 @@ def align_rfm(matrix: pd.DataFrame, rfm: pd.DataFrame) -> pd.DataFrame:
 
 def input_example(train_x: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
     """Two made-up rows for the signature: per-feature medians and quartiles of the training
-    rows (aggregates, so no customer's own values) under placeholder CustomerIds."""
+    rows (aggregates, so no customer's own values) under placeholder CustomerIds.
+
+    float64 on purpose: MLflow's signature check refuses float64 -> float32, and JSON
+    requests arrive as float64; the request schema then coerces to the logged float32."""
     with np.errstate(all="ignore"):
         q = np.nanquantile(train_x.astype(np.float64), [0.5, 0.75], axis=0)
-    q = np.nan_to_num(q, nan=0.0).astype(np.float32)
+    q = np.nan_to_num(q, nan=0.0)
     frame = pd.DataFrame(q, columns=list(names))
     frame.insert(0, "CustomerId", ["example-1", "example-2"])
     return frame

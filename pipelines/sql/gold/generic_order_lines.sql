@@ -1,0 +1,9 @@
+SELECT CONCAT('GEN:', t.order_id) AS order_id,
+       CAST(ROW_NUMBER() OVER (PARTITION BY t.order_id ORDER BY t.ts, t.product_id) AS BIGINT) AS line,
+       COALESCE(t.product_id, 'unknown') AS item_id, CAST(NULL AS STRING) AS category,
+       CAST(CASE WHEN t.is_return THEN -1 ELSE 1 END AS DOUBLE) AS qty, ABS(t.amount) AS unit_price,
+       t.amount AS net_amount, t.is_return,
+       CASE WHEN o.quarantine_reason IS NOT NULL THEN CONCAT('order quarantined: ', o.quarantine_reason)
+            END AS quarantine_reason
+FROM silver_generic_transactions t
+JOIN all_orders o ON o.order_id = CONCAT('GEN:', t.order_id)
