@@ -122,7 +122,11 @@ def build_gold(settings: Settings) -> GoldSummary:
 
     def union(*names: str) -> pa_arrow.Table:
         """The d365 and/or generic variants of one gold table, one schema."""
-        parts = [run_sql(con, settings, f"gold/{n}") for n, on in zip(names, (d365, generic)) if on]
+        parts = [
+            run_sql(con, settings, f"gold/{n}")
+            for n, on in zip(names, (d365, generic), strict=True)
+            if on
+        ]
         return pa_arrow.concat_tables(parts, promote_options="permissive")
 
     put("customer_profile", union("customer_profile", "generic_profile"), CustomerProfile)

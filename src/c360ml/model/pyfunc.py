@@ -17,7 +17,7 @@ BUNDLE_ARTIFACT = "bundle"  # key of the bundle folder in the pyfunc's artifacts
 
 
 # MLflow nags about type hints on predict; the schema check is ours (pandera, in scoring).
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class ChurnModel(mlflow.pyfunc.PythonModel):

@@ -137,8 +137,16 @@ def inventtable_rows(ctx: Context) -> pa.Table:
         "product": RECID_BASE + 100_000 + np.arange(n),
     }
     rng = np.random.default_rng(0)
-    return fo_frame("inventtable", cols, RECID_BASE + np.arange(n), created, created, "usrt",
-                    np.full(n, -1), rng)
+    return fo_frame(
+        "inventtable",
+        cols,
+        RECID_BASE + np.arange(n),
+        created,
+        created,
+        "usrt",
+        np.full(n, -1),
+        rng,
+    )
 
 
 # ----------------------------------------------------------------------------- framing
@@ -146,9 +154,15 @@ def inventtable_rows(ctx: Context) -> pa.Table:
 
 def _to_arrow(value, cdm: str, n: int) -> pa.Array:
     """A column value (None, scalar, numpy or Arrow) as the internal Arrow type."""
-    typ = {"dateTime": pa.int64(), "dateTimeOffset": pa.int64(), "int64": pa.int64(),
-           "int32": pa.int64(), "decimal": pa.float64(), "double": pa.float64(),
-           "boolean": pa.bool_()}.get(cdm, pa.string())
+    typ = {
+        "dateTime": pa.int64(),
+        "dateTimeOffset": pa.int64(),
+        "int64": pa.int64(),
+        "int32": pa.int64(),
+        "decimal": pa.float64(),
+        "double": pa.float64(),
+        "boolean": pa.bool_(),
+    }.get(cdm, pa.string())
     if value is None:
         return pa.nulls(n, typ)
     if isinstance(value, pa.ChunkedArray):
@@ -156,15 +170,21 @@ def _to_arrow(value, cdm: str, n: int) -> pa.Array:
     if isinstance(value, pa.Array):
         return value.cast(typ)
     if np.isscalar(value):
-        return pa.array(np.full(n, value)).cast(typ) if typ != pa.string() else pa.repeat(
-            pa.scalar(str(value)), n)
+        return (
+            pa.array(np.full(n, value)).cast(typ)
+            if typ != pa.string()
+            else pa.repeat(pa.scalar(str(value)), n)
+        )
     return pa.array(np.asarray(value)).cast(typ)
 
 
 def _frame(table: SourceTable, cols: dict, emit: np.ndarray, person: np.ndarray) -> pa.Table:
     n = len(emit)
     arrays = [_to_arrow(cols.get(c.name), c.cdm_type, n) for c in table.columns]
-    arrays += [pa.array(np.asarray(emit, dtype=np.int64)), pa.array(np.asarray(person, dtype=np.int64))]
+    arrays += [
+        pa.array(np.asarray(emit, dtype=np.int64)),
+        pa.array(np.asarray(person, dtype=np.int64)),
+    ]
     return pa.Table.from_arrays(arrays, names=[*table.names, *HIDDEN])
 
 
@@ -278,26 +298,39 @@ def draw_people(rng: np.random.Generator, t: Traits, ctx: Context) -> People:
     first, last = v.take(v.FIRST_NAMES, fi), v.take(v.LAST_NAMES, li)
     org = t.kind == KIND_ORGANISATION
     org_name = v.join(
-        v.take(v.ORG_WORDS, rng.integers(0, len(v.ORG_WORDS), n)), " ",
+        v.take(v.ORG_WORDS, rng.integers(0, len(v.ORG_WORDS), n)),
+        " ",
         v.take(v.ORG_SUFFIXES, rng.integers(0, len(v.ORG_SUFFIXES), n)),
     )
     name = v.where(org, org_name, v.join(first, " ", last))
     local = v.where(
-        org, v.join("purchasing.", v.padded("", t.person_id, 7)),
-        v.join(pc.utf8_lower(first), ".", pc.utf8_lower(last), v.padded("", t.person_id % 10_000, 4)),
+        org,
+        v.join("purchasing.", v.padded("", t.person_id, 7)),
+        v.join(
+            pc.utf8_lower(first), ".", pc.utf8_lower(last), v.padded("", t.person_id % 10_000, 4)
+        ),
     )
     email = v.join(local, "@", v.take(v.DOMAINS, rng.integers(0, len(v.DOMAINS), n)))
     city = rng.integers(0, len(v.CITIES), n)
     area = v.take([c[4] for c in v.CITIES], city)
-    zipcode = v.join(v.take([c[3] for c in v.CITIES], city), v.padded("", rng.integers(0, 100, n), 2))
+    zipcode = v.join(
+        v.take([c[3] for c in v.CITIES], city), v.padded("", rng.integers(0, 100, n), 2)
+    )
     birth_days = rng.integers(-365 * 70, -365 * 18, n)
     birthdate = np.where(rng.random(n) < 0.8, ctx.start_epoch + birth_days * DAY, -1)
     return People(
-        first=first, last=last, name=name, email=email, area=area,
+        first=first,
+        last=last,
+        name=name,
+        email=email,
+        area=area,
         phone_line=rng.integers(100, 10_000, n),
         street_no=pc.cast(pa.array(rng.integers(1, 9999, n)), pa.string()),
         street=v.take(v.STREETS, rng.integers(0, len(v.STREETS), n)),
-        city=city, zipcode=zipcode, birthdate=birthdate, first_idx=fi,
+        city=city,
+        zipcode=zipcode,
+        birthdate=birthdate,
+        first_idx=fi,
     )
 
 
@@ -315,7 +348,9 @@ class Accounts:
     second_of_person: np.ndarray  # per person: account position or -1
 
 
-def draw_accounts(rng: np.random.Generator, t: Traits, ctx: Context, counters: Counters) -> Accounts:
+def draw_accounts(
+    rng: np.random.Generator, t: Traits, ctx: Context, counters: Counters
+) -> Accounts:
     n = len(t)
     has1 = t.n_accounts >= 1
     pos = np.concatenate([np.flatnonzero(has1), np.flatnonzero(t.n_accounts == 2)])
@@ -332,8 +367,16 @@ def draw_accounts(rng: np.random.Generator, t: Traits, ctx: Context, counters: C
     first_of, second_of = np.full(n, -1), np.full(n, -1)
     first_of[pos[~second]] = np.flatnonzero(~second)
     second_of[pos[second]] = np.flatnonzero(second)
-    return Accounts(pos, seq, created, dataareaid, accountnum, v.join(dataareaid, "-", accountnum),
-                    first_of, second_of)
+    return Accounts(
+        pos,
+        seq,
+        created,
+        dataareaid,
+        accountnum,
+        v.join(dataareaid, "-", accountnum),
+        first_of,
+        second_of,
+    )
 
 
 def customer_tables(
@@ -362,75 +405,120 @@ def customer_tables(
         c = _take(cols, idx)
         area = acc.dataareaid.take(pa.array(idx, type=pa.int64()))
         out.setdefault(name, []).append(
-            fo_frame(name, c, recid[idx], cr[idx], mod[idx], area, who[idx], rng, **kw))
+            fo_frame(name, c, recid[idx], cr[idx], mod[idx], area, who[idx], rng, **kw)
+        )
 
     allx = np.arange(m)
     group = np.where(org, "WHOLESALE", np.where(u[4] < 0.01, "STAFF", "RETAIL"))
-    cust = {"accountnum": acc.accountnum, "party": rec1, "custgroup": v.strs(group),
-            "currency": "USD", "blocked": np.zeros(m, dtype=np.int64)}
+    cust = {
+        "accountnum": acc.accountnum,
+        "party": rec1,
+        "custgroup": v.strs(group),
+        "currency": "USD",
+        "blocked": np.zeros(m, dtype=np.int64),
+    }
     add("custtable", cust, rec1, created, created, allx)
     upd = np.flatnonzero(updated)
-    cust_upd = dict(cust, custgroup=v.where(u[5] < 0.5, pa.scalar("VIP"), cust["custgroup"]),
-                    blocked=(u[5] >= 0.5).astype(np.int64))
+    cust_upd = dict(
+        cust,
+        custgroup=v.where(u[5] < 0.5, pa.scalar("VIP"), cust["custgroup"]),
+        blocked=(u[5] >= 0.5).astype(np.int64),
+    )
     add("custtable", cust_upd, rec1, created, t_update, upd)
 
     new_first = v.take(v.FIRST_NAMES, rng.integers(0, len(v.FIRST_NAMES), m))
     new_last = v.take(v.LAST_NAMES, rng.integers(0, len(v.LAST_NAMES), m))
-    party = {"partynumber": v.padded("P", acc.seq, 9), "name": tk["name"],
-             "namealias": v.null_where(u[5] < 0.01, tk["last"]), "knownas": None,
-             "languageid": "en-us",
-             "instancerelationtype": np.where(org, 2077, 13271),
-             "primaryaddresslocation": rec2, "primarycontactemail": rec2,
-             "primarycontactphone": np.where(has_phone, rec2 + 1, 0)}
+    party = {
+        "partynumber": v.padded("P", acc.seq, 9),
+        "name": tk["name"],
+        "namealias": v.null_where(u[5] < 0.01, tk["last"]),
+        "knownas": None,
+        "languageid": "en-us",
+        "instancerelationtype": np.where(org, 2077, 13271),
+        "primaryaddresslocation": rec2,
+        "primarycontactemail": rec2,
+        "primarycontactphone": np.where(has_phone, rec2 + 1, 0),
+    }
     add("dirpartytable", party, rec1, created, created, allx)
     ren = np.flatnonzero(renamed)
     party_ren = dict(party, name=v.join(tk["first"], " ", new_last), namealias=new_last)
     add("dirpartytable", party_ren, rec1, created, t_rename, ren)
 
     per = np.flatnonzero(~org)
-    pname = {"person": rec1, "firstname": tk["first"], "middlename": None, "lastname": tk["last"],
-             "validfrom": created, "validto": np.full(m, FO_MAX_EPOCH)}
+    pname = {
+        "person": rec1,
+        "firstname": tk["first"],
+        "middlename": None,
+        "lastname": tk["last"],
+        "validfrom": created,
+        "validto": np.full(m, FO_MAX_EPOCH),
+    }
     add("dirpersonname", pname, rec2, created, created, per)
     add("dirpersonname", dict(pname, validto=t_rename), rec2, created, t_rename, ren)
     pname_new = dict(pname, lastname=new_last, validfrom=t_rename)
     add("dirpersonname", pname_new, rec2 + 1, t_rename, t_rename, ren)
     del new_first
 
-    loc = {"locationid": v.padded("L", 2 * acc.seq, 10), "description": "Home",
-           "ispostaladdress": np.ones(m, dtype=np.int64)}
+    loc = {
+        "locationid": v.padded("L", 2 * acc.seq, 10),
+        "description": "Home",
+        "ispostaladdress": np.ones(m, dtype=np.int64),
+    }
     add("logisticslocation", loc, rec2, created, created, allx)
-    loc2 = {"locationid": v.padded("L", 2 * acc.seq + 1, 10), "description": "Contact",
-            "ispostaladdress": np.zeros(m, dtype=np.int64)}
+    loc2 = {
+        "locationid": v.padded("L", 2 * acc.seq + 1, 10),
+        "description": "Contact",
+        "ispostaladdress": np.zeros(m, dtype=np.int64),
+    }
     add("logisticslocation", loc2, rec2 + 1, created, created, allx)
 
     city = tk["city"]
-    addr = {"location": rec2, "street": tk["street"], "streetnumber": tk["street_no"],
-            "city": v.take([c[0] for c in v.CITIES], city),
-            "county": v.take([c[1] for c in v.CITIES], city),
-            "state": v.take([c[2] for c in v.CITIES], city), "zipcode": tk["zipcode"],
-            "countryregionid": "USA", "validfrom": created, "validto": np.full(m, FO_MAX_EPOCH)}
+    addr = {
+        "location": rec2,
+        "street": tk["street"],
+        "streetnumber": tk["street_no"],
+        "city": v.take([c[0] for c in v.CITIES], city),
+        "county": v.take([c[1] for c in v.CITIES], city),
+        "state": v.take([c[2] for c in v.CITIES], city),
+        "zipcode": tk["zipcode"],
+        "countryregionid": "USA",
+        "validfrom": created,
+        "validto": np.full(m, FO_MAX_EPOCH),
+    }
     add("logisticspostaladdress", addr, rec2, created, created, allx)
     mv = np.flatnonzero(moved)
     add("logisticspostaladdress", dict(addr, validto=t_move), rec2, created, t_move, mv)
     new_city = rng.integers(0, len(v.CITIES), m)
-    addr_new = dict(addr, street=v.take(v.STREETS, rng.integers(0, len(v.STREETS), m)),
-                    streetnumber=pc.cast(pa.array(rng.integers(1, 9999, m)), pa.string()),
-                    city=v.take([c[0] for c in v.CITIES], new_city),
-                    county=v.take([c[1] for c in v.CITIES], new_city),
-                    state=v.take([c[2] for c in v.CITIES], new_city),
-                    zipcode=v.join(v.take([c[3] for c in v.CITIES], new_city), "001"),
-                    validfrom=t_move)
+    addr_new = dict(
+        addr,
+        street=v.take(v.STREETS, rng.integers(0, len(v.STREETS), m)),
+        streetnumber=pc.cast(pa.array(rng.integers(1, 9999, m)), pa.string()),
+        city=v.take([c[0] for c in v.CITIES], new_city),
+        county=v.take([c[1] for c in v.CITIES], new_city),
+        state=v.take([c[2] for c in v.CITIES], new_city),
+        zipcode=v.join(v.take([c[3] for c in v.CITIES], new_city), "001"),
+        validfrom=t_move,
+    )
     add("logisticspostaladdress", addr_new, rec2 + 1, t_move, t_move, mv)
 
     mixed = rng.random(m) < 0.03
     email = v.where(mixed, pc.utf8_capitalize(tk["email"]), tk["email"])
     phone = v.phone_formats(tk["area"], tk["phone_line"], np.where(rng.random(m) < 0.8, 0, 1))
-    el = {"locator": email, "type": np.full(m, 2), "location": rec2 + 1,
-          "isprimary": np.ones(m, dtype=np.int64), "ismobilephone": np.zeros(m, dtype=np.int64)}
+    el = {
+        "locator": email,
+        "type": np.full(m, 2),
+        "location": rec2 + 1,
+        "isprimary": np.ones(m, dtype=np.int64),
+        "ismobilephone": np.zeros(m, dtype=np.int64),
+    }
     add("logisticselectronicaddress", el, rec2, created, created, allx)
-    ph = {"locator": phone, "type": np.full(m, 1), "location": rec2 + 1,
-          "isprimary": np.ones(m, dtype=np.int64),
-          "ismobilephone": (rng.random(m) < 0.6).astype(np.int64)}
+    ph = {
+        "locator": phone,
+        "type": np.full(m, 1),
+        "location": rec2 + 1,
+        "isprimary": np.ones(m, dtype=np.int64),
+        "ismobilephone": (rng.random(m) < 0.6).astype(np.int64),
+    }
     add("logisticselectronicaddress", ph, rec2 + 1, created, created, np.flatnonzero(has_phone))
     tables = {name: _concat(frames) for name, frames in out.items()}
     flags = {"renamed": renamed, "moved": moved, "has_phone": has_phone}
@@ -453,7 +541,9 @@ class Orders:
     origin: np.ndarray  # for returns: index of the returned order, else -1
 
 
-def order_rows(rng: np.random.Generator, t: Traits, sim: SimResult, acc: Accounts, ctx: Context) -> Orders:
+def order_rows(
+    rng: np.random.Generator, t: Traits, sim: SimResult, acc: Accounts, ctx: Context
+) -> Orders:
     """Order-level facts of purchases and of their returns (returns appended after)."""
     n = len(sim.buy_idx)
     sod = rng.integers(1, DAY - 1, n)
@@ -465,8 +555,11 @@ def order_rows(rng: np.random.Generator, t: Traits, sim: SimResult, acc: Account
     use2 = (second >= 0) & (ts > acc.created[np.maximum(second, 0)]) & (rng.random(n) < 0.5)
     account = np.where(use2, second, account)
     ret = np.flatnonzero(sim.buy_return_day >= 0)
-    ret_ts = ctx.start_epoch + sim.buy_return_day[ret].astype(np.int64) * DAY + rng.integers(
-        1, DAY - 1, len(ret))
+    ret_ts = (
+        ctx.start_epoch
+        + sim.buy_return_day[ret].astype(np.int64) * DAY
+        + rng.integers(1, DAY - 1, len(ret))
+    )
     return Orders(
         person=np.concatenate([sim.buy_idx, sim.buy_idx[ret]]),
         account=np.concatenate([account, account[ret]]),
@@ -501,7 +594,9 @@ def line_rows(rng: np.random.Generator, t: Traits, o: Orders, ctx: Context) -> L
     discounted = rng.random(len(o.ts)) < t.discount[o.person]
     pct = np.where(discounted, rng.choice([0.1, 0.15, 0.2, 0.25, 0.3], len(o.ts)), 0.0)
     disc = np.round(qty * price * pct[order], 2)
-    sale = Lines(order, linenum, item, qty.astype(float), price, disc, np.round(qty * price - disc, 2))
+    sale = Lines(
+        order, linenum, item, qty.astype(float), price, disc, np.round(qty * price - disc, 2)
+    )
     # returns: copy lines of the returned order, negated; the first line always comes back
     rets = np.flatnonzero(o.is_return)
     origin_of = np.full(len(o.ts), -1)
@@ -509,8 +604,15 @@ def line_rows(rng: np.random.Generator, t: Traits, o: Orders, ctx: Context) -> L
     back = origin_of[sale.order]
     keep = (back >= 0) & ((sale.linenum == 1) | (rng.random(len(order)) < 0.5))
     idx = np.flatnonzero(keep)
-    ret = Lines(back[idx], sale.linenum[idx], sale.item[idx], -sale.qty[idx], sale.price[idx],
-                -sale.disc[idx], -sale.amount[idx])
+    ret = Lines(
+        back[idx],
+        sale.linenum[idx],
+        sale.item[idx],
+        -sale.qty[idx],
+        sale.price[idx],
+        -sale.disc[idx],
+        -sale.amount[idx],
+    )
     ret.linenum = _renumber(ret.order)
     return Lines(*(np.concatenate([getattr(sale, f), getattr(ret, f)]) for f in vars(sale)))
 
@@ -525,7 +627,12 @@ def _renumber(order: np.ndarray) -> np.ndarray:
 
 
 def sales_tables(
-    rng: np.random.Generator, t: Traits, o: Orders, lines: Lines, acc: Accounts, ctx: Context,
+    rng: np.random.Generator,
+    t: Traits,
+    o: Orders,
+    lines: Lines,
+    acc: Accounts,
+    ctx: Context,
     counters: Counters,
 ) -> tuple[dict[str, pa.Table], pa.Array]:
     """SalesTable (with status changes and later cancellations) and SalesLine rows."""
@@ -551,19 +658,32 @@ def sales_tables(
         "salesstatus": np.where(is_ret, 3, np.where(at_once, 4, 1)),
         "salestype": np.where(is_ret, 4, 3),
         "currencycode": "USD",
-        "retailchanneltable": np.where(o.channel[sel] == CH_CALL_CENTER, CALL_CENTER_CHANNEL,
-                                       ONLINE_CHANNEL),
+        "retailchanneltable": np.where(
+            o.channel[sel] == CH_CALL_CENTER, CALL_CENTER_CHANNEL, ONLINE_CHANNEL
+        ),
         "returnitemnum": v.null_where(~is_ret, rma),
         "returnreasoncodeid": v.null_where(
-            ~is_ret, v.take(v.RETURN_REASONS, rng.integers(0, len(v.RETURN_REASONS), m))),
+            ~is_ret, v.take(v.RETURN_REASONS, rng.integers(0, len(v.RETURN_REASONS), m))
+        ),
     }
     frames = [fo_frame("salestable", head, recid, ts, ts, area, who, rng, late_share=late)]
     later = np.flatnonzero(~is_ret & ~at_once)
     t2 = ts + np.where(cancelled, rng.integers(600, 5 * DAY, m), rng.integers(DAY, 4 * DAY, m))
     status2 = np.where(cancelled, 4, np.where(u[1] < 0.85, 3, 2))
     c2 = _take(dict(head, salesstatus=status2), later)
-    frames.append(fo_frame("salestable", c2, recid[later], ts[later], t2[later],
-                           area.take(pa.array(later)), who[later], rng, late_share=late))
+    frames.append(
+        fo_frame(
+            "salestable",
+            c2,
+            recid[later],
+            ts[later],
+            t2[later],
+            area.take(pa.array(later)),
+            who[later],
+            rng,
+            late_share=late,
+        )
+    )
     salestable = _concat(frames)
 
     # lines of sales-channel orders
@@ -587,25 +707,60 @@ def sales_tables(
         "returnstatus": np.where(is_ret[lo], 4, 0),
     }
     lts = ts[lo]
-    lframes = [fo_frame("salesline", lcols, lrec, lts, lts, area.take(pa.array(lo)), who[lo], rng,
-                        late_share=late)]
+    lframes = [
+        fo_frame(
+            "salesline",
+            lcols,
+            lrec,
+            lts,
+            lts,
+            area.take(pa.array(lo)),
+            who[lo],
+            rng,
+            late_share=late,
+        )
+    ]
     # half of the later-cancelled orders also lose their lines (delete rows)
     gone = np.flatnonzero(cancelled[lo] & ~at_once[lo] & (u[2][lo] < 0.5))
-    lframes.append(fo_frame("salesline", _take(lcols, gone), lrec[gone], lts[gone],
-                            t2[lo][gone] + 60, area.take(pa.array(lo[gone])), who[lo][gone], rng,
-                            is_delete=True))
+    lframes.append(
+        fo_frame(
+            "salesline",
+            _take(lcols, gone),
+            lrec[gone],
+            lts[gone],
+            t2[lo][gone] + 60,
+            area.take(pa.array(lo[gone])),
+            who[lo][gone],
+            rng,
+            is_delete=True,
+        )
+    )
     # orphan lines: a header that never arrives
     orph = np.flatnonzero(rng.random(nl) < ctx.shape.orphan_line_share)
     ocols = dict(_take(lcols, orph), salesid=v.padded("SO-X", counters.take("order", len(orph)), 8))
-    lframes.append(fo_frame("salesline", ocols, RECID_BASE + counters.take("line", len(orph)),
-                            lts[orph], lts[orph], area.take(pa.array(lo[orph])),
-                            np.full(len(orph), -1), rng))
+    lframes.append(
+        fo_frame(
+            "salesline",
+            ocols,
+            RECID_BASE + counters.take("line", len(orph)),
+            lts[orph],
+            lts[orph],
+            area.take(pa.array(lo[orph])),
+            np.full(len(orph), -1),
+            rng,
+        )
+    )
     order_ids = v.join("SO:", acc.dataareaid.take(pa.array(o.account)), "-", salesid_all)
     return {"salestable": salestable, "salesline": _concat(lframes)}, order_ids
 
 
 def pos_tables(
-    rng: np.random.Generator, t: Traits, o: Orders, lines: Lines, acc: Accounts, ctx: Context,
+    rng: np.random.Generator,
+    t: Traits,
+    o: Orders,
+    lines: Lines,
+    acc: Accounts,
+    ctx: Context,
     counters: Counters,
 ) -> tuple[dict[str, pa.Table], pa.Array]:
     """POS transactions (store sales, store returns, anonymous walk-ins) and their lines."""
@@ -631,15 +786,21 @@ def pos_tables(
     term_s = v.padded("T", terminal, 2)
     txid = v.join(store_s, "-", term_s, "-", v.padded("", seq, 9))
     span = max(1, int(o.ts.max() - ctx.start_epoch) // DAY + 1) if n_all else 1
-    anon_ts = ctx.start_epoch + rng.integers(0, span, n_anon) * DAY + rng.integers(1, DAY - 1, n_anon)
+    anon_ts = (
+        ctx.start_epoch + rng.integers(0, span, n_anon) * DAY + rng.integers(1, DAY - 1, n_anon)
+    )
     ts = np.r_[o.ts[sel], anon_ts]
     voided = np.r_[o.cancelled[sel], rng.random(n_anon) < ctx.p.void_pos]
     acct = np.r_[o.account[sel], np.zeros(n_anon, dtype=np.int64)]
-    custaccount = v.null_where(np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)],
-                               acc.accountnum.take(pa.array(acct)) if len(acc.pos) else
-                               pa.nulls(m, pa.string()))
-    area = v.where(np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)], pa.scalar("usrt"),
-                   acc.dataareaid.take(pa.array(acct)) if len(acc.pos) else pa.repeat("usrt", m))
+    custaccount = v.null_where(
+        np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)],
+        acc.accountnum.take(pa.array(acct)) if len(acc.pos) else pa.nulls(m, pa.string()),
+    )
+    area = v.where(
+        np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)],
+        pa.scalar("usrt"),
+        acc.dataareaid.take(pa.array(acct)) if len(acc.pos) else pa.repeat("usrt", m),
+    )
     who = np.r_[t.person_id[o.person[sel]], np.full(n_anon, -1)]
 
     # lines: the person's lines, plus 1-3 lines per anonymous transaction
@@ -660,27 +821,53 @@ def pos_tables(
     day0 = (ts - ctx.start_epoch) // DAY
     loyalty = v.null_where(rng.random(m) < 0.6, v.padded("LC", seq, 10))
     head = {
-        "transactionid": txid, "store": store_s, "terminal": term_s,
-        "channel": STORE_CHANNEL_BASE + store, "custaccount": custaccount,
-        "transdate": ctx.start_epoch + day0 * DAY, "transtime": (ts - ctx.start_epoch) % DAY,
-        "type": np.full(m, 2), "entrystatus": voided.astype(np.int64),
-        "grossamount": gross, "netamount": np.round(gross - discamt, 2), "discamount": discamt,
-        "numberofitems": np.bincount(lo, qty, minlength=m), "currency": "USD",
+        "transactionid": txid,
+        "store": store_s,
+        "terminal": term_s,
+        "channel": STORE_CHANNEL_BASE + store,
+        "custaccount": custaccount,
+        "transdate": ctx.start_epoch + day0 * DAY,
+        "transtime": (ts - ctx.start_epoch) % DAY,
+        "type": np.full(m, 2),
+        "entrystatus": voided.astype(np.int64),
+        "grossamount": gross,
+        "netamount": np.round(gross - discamt, 2),
+        "discamount": discamt,
+        "numberofitems": np.bincount(lo, qty, minlength=m),
+        "currency": "USD",
         "loyaltycardid": loyalty,
     }
     recid = RECID_BASE + seq
-    header = fo_frame("retailtransactiontable", head, recid, ts, ts, area, who, rng, late_share=late)
+    header = fo_frame(
+        "retailtransactiontable", head, recid, ts, ts, area, who, rng, late_share=late
+    )
     ret_tx = v.null_where(~is_ret[lo], txid.take(pa.array(np.maximum(orig[lo], 0))))
     lcols = {
-        "transactionid": txid.take(pa.array(lo)), "linenum": linenum.astype(float),
-        "itemid": ctx.catalogue.item_id.take(pa.array(item)), "qty": qty, "price": price,
-        "netamount": amount, "discamount": disc, "returnnosale": np.zeros(len(lo), dtype=np.int64),
-        "returntransactionid": ret_tx, "transactionstatus": voided[lo].astype(np.int64),
-        "store": store_s.take(pa.array(lo)), "terminal": term_s.take(pa.array(lo)),
+        "transactionid": txid.take(pa.array(lo)),
+        "linenum": linenum.astype(float),
+        "itemid": ctx.catalogue.item_id.take(pa.array(item)),
+        "qty": qty,
+        "price": price,
+        "netamount": amount,
+        "discamount": disc,
+        "returnnosale": np.zeros(len(lo), dtype=np.int64),
+        "returntransactionid": ret_tx,
+        "transactionstatus": voided[lo].astype(np.int64),
+        "store": store_s.take(pa.array(lo)),
+        "terminal": term_s.take(pa.array(lo)),
     }
     lrec = RECID_BASE + counters.take("pos_line", len(lo))
-    body = fo_frame("retailtransactionsalestrans", lcols, lrec, ts[lo], ts[lo],
-                    area.take(pa.array(lo)), who[lo], rng, late_share=late)
+    body = fo_frame(
+        "retailtransactionsalestrans",
+        lcols,
+        lrec,
+        ts[lo],
+        ts[lo],
+        area.take(pa.array(lo)),
+        who[lo],
+        rng,
+        late_share=late,
+    )
     order_ids = pa.nulls(n_all, pa.string())
     if len(sel):
         full = np.full(n_all, 0)
@@ -713,43 +900,61 @@ def contact_rows(
     first, last = p["first"], p["last"]
     nick = v.take([v.NICKNAMES.get(f, f) for f in v.FIRST_NAMES], p["first_idx"])
     first = v.where(u[0] < 0.03, nick, first)
-    typo = v.join(pc.utf8_slice_codeunits(first, 0, 1), pc.utf8_slice_codeunits(first, 2, 3),
-                  pc.utf8_slice_codeunits(first, 1, 2), pc.utf8_slice_codeunits(first, 3, 99))
+    typo = v.join(
+        pc.utf8_slice_codeunits(first, 0, 1),
+        pc.utf8_slice_codeunits(first, 2, 3),
+        pc.utf8_slice_codeunits(first, 1, 2),
+        pc.utf8_slice_codeunits(first, 3, 99),
+    )
     first = v.where(u[1] < 0.01, typo, first)
-    first = v.where(u[2] < 0.05, pc.utf8_upper(first), v.where(u[2] > 0.95, pc.utf8_lower(first), first))
+    first = v.where(
+        u[2] < 0.05, pc.utf8_upper(first), v.where(u[2] > 0.95, pc.utf8_lower(first), first)
+    )
     last = v.where(u[3] < 0.05, pc.utf8_upper(last), last)
     first = v.null_where(u[4] < 0.02, first)
     last = v.null_where(u[4] > 0.99, last)
-    fullname = pc.utf8_trim_whitespace(pc.binary_join_element_wise(
-        pc.fill_null(first, ""), pc.fill_null(last, ""), " "))
+    fullname = pc.utf8_trim_whitespace(
+        pc.binary_join_element_wise(pc.fill_null(first, ""), pc.fill_null(last, ""), " ")
+    )
     email = p["email"]
-    email = v.where(u[5] < 0.1, pc.utf8_upper(email), v.where(u[5] > 0.92, pc.utf8_capitalize(email),
-                                                            email))
+    email = v.where(
+        u[5] < 0.1, pc.utf8_upper(email), v.where(u[5] > 0.92, pc.utf8_capitalize(email), email)
+    )
     email = v.where(u[6] < 0.05, v.join(" ", email, "  "), email)
     email = v.null_where(u[6] > 0.97, email)
     fmt = rng.integers(0, 5, m)
     phone = v.phone_formats(p["area"], p["phone_line"], fmt)
-    mobile = v.null_where(u[7] < 0.5, v.phone_formats(p["area"], (p["phone_line"] + 17) % 10_000, fmt))
+    mobile = v.null_where(
+        u[7] < 0.5, v.phone_formats(p["area"], (p["phone_line"] + 17) % 10_000, fmt)
+    )
     cols = {
-        "contactid": ids, "firstname": first, "lastname": last,
+        "contactid": ids,
+        "firstname": first,
+        "lastname": last,
         "fullname": v.null_where(np.asarray(pc.equal(fullname, "")), fullname),
-        "emailaddress1": email, "telephone1": v.null_where(u[7] > 0.9, phone),
+        "emailaddress1": email,
+        "telephone1": v.null_where(u[7] > 0.9, phone),
         "mobilephone": mobile,
         "address1_line1": v.join(p["street_no"], " ", p["street"]),
         "address1_city": v.take([c[0] for c in v.CITIES], p["city"]),
         "address1_postalcode": p["zipcode"],
         "address1_country": v.where(u[8] < 0.5, pa.scalar("US"), pa.scalar("United States")),
         "birthdate": np.where(p["birthdate"] >= 0, p["birthdate"], np.iinfo(np.int64).min),
-        "createdon": created, "statecode": (u[9] < 0.03).astype(np.int64),
-        "donotemail": u[8] < 0.1, "donotbulkemail": u[9] < 0.2,
+        "createdon": created,
+        "statecode": (u[9] < 0.03).astype(np.int64),
+        "donotemail": u[8] < 0.1,
+        "donotbulkemail": u[9] < 0.2,
     }
     cols["birthdate"] = pa.array(cols["birthdate"], mask=p["birthdate"] < 0)
     who = t.person_id[idx]
     frames = [dv_frame("contact", cols, ids, created, who, rng)]
     upd = np.flatnonzero(rng.random(m) < ctx.shape.contact_update_share)
     t_upd = created + rng.integers(10, 700, m) * DAY
-    c2 = dict(cols, donotbulkemail=~cols["donotbulkemail"],
-              telephone1=v.phone_formats(p["area"], p["phone_line"], (fmt + 1) % 5))
+    c2 = dict(
+        cols,
+        donotbulkemail=~cols["donotbulkemail"],
+        telephone1=v.phone_formats(p["area"], p["phone_line"], (fmt + 1) % 5),
+    )
     c2 = _take(c2, upd)
     frames.append(dv_frame("contact", c2, ids.take(pa.array(upd)), t_upd[upd], who[upd], rng))
     return _concat(frames), contactid_all
@@ -777,36 +982,61 @@ def incident_rows(
     u = rng.random((2, m))
     ctype = rng.integers(1, 4, m)
     prio = rng.choice([1, 2, 3], m, p=[0.2, 0.6, 0.2])
-    cols = {"incidentid": ids, "customerid": customer,
-            "title": v.take(v.CASE_TITLES, rng.integers(0, len(v.CASE_TITLES), m)),
-            "casetypecode": ctype, "prioritycode": prio, "createdon": created,
-            "statecode": np.zeros(m, dtype=np.int64)}
+    cols = {
+        "incidentid": ids,
+        "customerid": customer,
+        "title": v.take(v.CASE_TITLES, rng.integers(0, len(v.CASE_TITLES), m)),
+        "casetypecode": ctype,
+        "prioritycode": prio,
+        "createdon": created,
+        "statecode": np.zeros(m, dtype=np.int64),
+    }
     frames = [dv_frame("incident", cols, ids, created, who, rng)]
     real = np.arange(m) < n
     final = np.where(u[0] < 0.9, 1, np.where(u[0] < 0.95, 2, 0))
     closes = np.flatnonzero((real | unlinked) & (final > 0))
     t2 = created + rng.integers(2 * 3600, 14 * DAY, m)
-    frames.append(dv_frame("incident", _take(dict(cols, statecode=final), closes),
-                           ids.take(pa.array(closes)), t2[closes], who[closes], rng))
+    frames.append(
+        dv_frame(
+            "incident",
+            _take(dict(cols, statecode=final), closes),
+            ids.take(pa.array(closes)),
+            t2[closes],
+            who[closes],
+            rng,
+        )
+    )
     dele = np.flatnonzero(~real & ~unlinked)
-    frames.append(dv_frame("incident", _take(cols, dele), ids.take(pa.array(dele)),
-                           created[dele] + rng.integers(600, 6 * 3600, len(dele)), who[dele], rng,
-                           is_delete=True))
+    frames.append(
+        dv_frame(
+            "incident",
+            _take(cols, dele),
+            ids.take(pa.array(dele)),
+            created[dele] + rng.integers(600, 6 * 3600, len(dele)),
+            who[dele],
+            rng,
+            is_delete=True,
+        )
+    )
     r = np.flatnonzero(real)
-    truth = pa.table({
-        "person_id": pa.array(t.person_id[pos[r]] if len(t) else np.zeros(0, np.int64)),
-        "incident_id": ids.take(pa.array(r)),
-        "contact_id": customer.take(pa.array(r)),
-        "ts": _ts(created[r]),
-        "casetypecode": pa.array(ctype[r]),
-        "prioritycode": pa.array(prio[r]),
-        "final_statecode": pa.array(np.where(final[r] > 0, final[r], 0)),
-    })
+    truth = pa.table(
+        {
+            "person_id": pa.array(t.person_id[pos[r]] if len(t) else np.zeros(0, np.int64)),
+            "incident_id": ids.take(pa.array(r)),
+            "contact_id": customer.take(pa.array(r)),
+            "ts": _ts(created[r]),
+            "casetypecode": pa.array(ctype[r]),
+            "prioritycode": pa.array(prio[r]),
+            "final_statecode": pa.array(np.where(final[r] > 0, final[r], 0)),
+        }
+    )
     return _concat(frames), truth
 
 
 def _ts(epoch: np.ndarray) -> pa.Array:
-    return pa.array(np.asarray(epoch, dtype=np.int64) * 1_000_000, type=pa.timestamp("us", tz="UTC"))
+    return pa.array(
+        np.asarray(epoch, dtype=np.int64) * 1_000_000, type=pa.timestamp("us", tz="UTC")
+    )
 
 
 # ----------------------------------------------------------------------------- block
@@ -833,16 +1063,18 @@ def build_block(
     block.tables["incident"] = incident
     order_id = pc.coalesce(sales_ids, pos_ids)
     net = np.round(np.bincount(lines.order, lines.amount, minlength=len(orders.ts)), 2)
-    block.truth["purchases"] = pa.table({
-        "person_id": pa.array(t.person_id[orders.person]),
-        "order_id": order_id,
-        "ts": _ts(orders.ts),
-        "net_amount": pa.array(net),
-        "channel": v.take([CHANNEL_NAMES[k] for k in sorted(CHANNEL_NAMES)], orders.channel),
-        "is_return": pa.array(orders.is_return),
-        "cancelled": pa.array(orders.cancelled),
-        "source_key": acc.key.take(pa.array(orders.account)),
-    })
+    block.truth["purchases"] = pa.table(
+        {
+            "person_id": pa.array(t.person_id[orders.person]),
+            "order_id": order_id,
+            "ts": _ts(orders.ts),
+            "net_amount": pa.array(net),
+            "channel": v.take([CHANNEL_NAMES[k] for k in sorted(CHANNEL_NAMES)], orders.channel),
+            "is_return": pa.array(orders.is_return),
+            "cancelled": pa.array(orders.cancelled),
+            "source_key": acc.key.take(pa.array(orders.account)),
+        }
+    )
     block.truth["cases"] = cases
     block.truth["persons"] = persons_frame(t, sim, acc, flags, ctx)
     block.truth["person_keys"] = person_keys_frame(t, acc, contact_of)
@@ -860,7 +1092,9 @@ def persons_frame(t: Traits, sim: SimResult, acc: Accounts, flags: dict, ctx: Co
     cols["dropout_day"] = pa.array(sim.dropout_day, mask=~dropped)
     cols["dropout_ts"] = pa.array(
         ctx.start_epoch * 1_000_000 + sim.dropout_day.astype(np.int64) * DAY * 1_000_000,
-        type=pa.timestamp("us", tz="UTC"), mask=~dropped)
+        type=pa.timestamp("us", tz="UTC"),
+        mask=~dropped,
+    )
     for name, flag in flags.items():  # per account -> any account of the person
         per = np.zeros(len(t), dtype=bool)
         per[acc.pos[flag]] = True
@@ -876,12 +1110,23 @@ def person_keys_frame(t: Traits, acc: Accounts, contact_of: pa.Array) -> pa.Tabl
     """person_id -> every source key: d365 accounts, the Dataverse contact, the generic id."""
     has = np.flatnonzero(t.has_contact)
     buyers = np.flatnonzero(t.kind != KIND_CONTACT_ONLY)
-    return pa.table({
-        "person_id": pa.array(np.r_[t.person_id[acc.pos], t.person_id[has], t.person_id[buyers]]),
-        "source": pa.array(["d365"] * len(acc.pos) + ["dataverse"] * len(has) + ["generic"] * len(buyers)),
-        "source_key": pa.concat_arrays([
-            acc.key, contact_of.take(pa.array(has, type=pa.int64())), generic_id(t.person_id[buyers])]),
-    })
+    return pa.table(
+        {
+            "person_id": pa.array(
+                np.r_[t.person_id[acc.pos], t.person_id[has], t.person_id[buyers]]
+            ),
+            "source": pa.array(
+                ["d365"] * len(acc.pos) + ["dataverse"] * len(has) + ["generic"] * len(buyers)
+            ),
+            "source_key": pa.concat_arrays(
+                [
+                    acc.key,
+                    contact_of.take(pa.array(has, type=pa.int64())),
+                    generic_id(t.person_id[buyers]),
+                ]
+            ),
+        }
+    )
 
 
 def generic_id(person_id: np.ndarray) -> pa.Array:
@@ -893,13 +1138,15 @@ def generic_rows(t: Traits, o: Orders, lines: Lines, order_id: pa.Array, ctx: Co
     keep = np.flatnonzero(~o.cancelled[lines.order])
     order = lines.order[keep]
     ts = o.ts[order]
-    return pa.table({
-        "customer_id": generic_id(t.person_id[o.person[order]]),
-        "timestamp": pa.array(ts),
-        "amount": pa.array(lines.amount[keep]),
-        "order_id": order_id.take(pa.array(order)),
-        "product_id": ctx.catalogue.item_id.take(pa.array(lines.item[keep])),
-        "is_return": pa.array(o.is_return[order]),
-        "_emit": pa.array(ts),
-        "_person": pa.array(t.person_id[o.person[order]]),
-    })
+    return pa.table(
+        {
+            "customer_id": generic_id(t.person_id[o.person[order]]),
+            "timestamp": pa.array(ts),
+            "amount": pa.array(lines.amount[keep]),
+            "order_id": order_id.take(pa.array(order)),
+            "product_id": ctx.catalogue.item_id.take(pa.array(lines.item[keep])),
+            "is_return": pa.array(o.is_return[order]),
+            "_emit": pa.array(ts),
+            "_person": pa.array(t.person_id[o.person[order]]),
+        }
+    )
