@@ -48,6 +48,15 @@ class CustomerSourceMap(_Gold):
     customer_id: Series[str]
 
 
+class CustomerIdRedirects(_Gold):
+    """Ids retired by unify (a merge): follow retired -> surviving to join history."""
+
+    retired_id: Series[str]
+    surviving_id: Series[str]
+    redirected_at: Series[UTC_TS]
+    reason: Series[str] = pa.Field(isin=["merge"])
+
+
 class Orders(_Gold):
     """One row per order (sales order or POS transaction); current state + flags."""
 

@@ -43,7 +43,7 @@ from c360ml.features.gold import (
     view_as_of,
 )
 from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec, to_utc
-from c360ml.schemas import CustomerProfile, Orders, OrderLines, Products, SupportCases
+from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
 
 
 def _primitive(entry: str | dict[str, dict[str, Any]], kind: str):
-    """A primitive from the spec: a name, or {name: {constructor arguments}}."""
+    """A primitive instance from the spec: a name, or {name: {constructor arguments}}."""
     if isinstance(entry, str):
-        return entry
+        entry = {entry: {}}
     if not isinstance(entry, dict) or len(entry) != 1:
         raise ValueError(f"primitive entry must be a name or {{name: {{args}}}}: {entry!r}")
     ((name, args),) = entry.items()
@@ -270,8 +270,14 @@ def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
     """
     spec = load_dfs_spec(spec_path)
     gold = standardise_gold(gold)
-    latest = gold.orders[Orders.order_ts].max()
-    view = view_as_of(gold, latest if pd.notna(latest) else pd.Timestamp.now(tz="UTC"))
+    times = [
+        gold.orders[Orders.order_ts].max(),
+        gold.support_cases[SupportCases.created_ts].max(),
+        gold.order_status["valid_from"].max(),
+        gold.case_status["valid_from"].max(),
+    ]
+    known = [t for t in times if pd.notna(t)]
+    view = view_as_of(gold, max(known) if known else pd.Timestamp.now(tz="UTC"))
     es = build_entityset(view)
     _add_interesting_values(es, spec)
     features = _synthesize(es, spec)
@@ -361,6 +367,8 @@ def measure_features(es: ft.EntitySet, measures: list) -> list:
         child = es[m.dataframe]
         column = m.column or child.ww.index
         base = ft.IdentityFeature(child.ww[column])
+        if m.transform:
+            base = ft.TransformFeature(base, _primitive(m.transform, "trans"))
         where = None
         if m.where:
             conditions = [ft.IdentityFeature(child.ww[c]) == v for c, v in m.where.items()]

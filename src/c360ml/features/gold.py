@@ -24,8 +24,8 @@ from c360ml.features.spec import to_utc
 from c360ml.lake import Lake
 from c360ml.schemas import (
     CustomerProfile,
-    Orders,
     OrderLines,
+    Orders,
     Products,
     StatusHistory,
     SupportCases,
@@ -202,14 +202,14 @@ def _history_as_of(history: pd.DataFrame, t: pd.Timestamp) -> pd.DataFrame:
 def _with_status_at(
     frame: pd.DataFrame, id_col: str, history: pd.DataFrame, t: pd.Timestamp
 ) -> pd.DataFrame:
-    cancelled = frame[Orders.is_cancelled] if Orders.is_cancelled in frame else None
-    if cancelled is None:
-        cancelled = pd.Series(False, index=frame.index)
+    # Cases carry no is_cancelled column; their status string says it.
+    has_flag = Orders.is_cancelled in frame.columns
+    cancelled = frame[Orders.is_cancelled] if has_flag else pd.Series(False, index=frame.index)
     timeline = StatusTimeline(frame[id_col], frame["status"], cancelled, history)
     status, is_cancelled = timeline.status_at(t)
     out = frame.copy()
     out["status"] = status.to_numpy()
-    if Orders.is_cancelled in frame:
+    if has_flag:
         out[Orders.is_cancelled] = is_cancelled
     return out
 

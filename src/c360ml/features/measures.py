@@ -34,6 +34,8 @@ class Measure(BaseModel):
     args: dict[str, Any] = {}  # primitive constructor arguments, e.g. {unit: days}
     dataframe: str = "orders"  # the activity aggregated: orders, order_lines, support_cases
     column: str | None = None  # column aggregated; None = the rows themselves (count)
+    # optional transform of the column first, {name: {args}}, e.g. {time_since: {unit: days}}
+    transform: dict[str, dict[str, Any]] | None = None
     window_days: int | None = Field(None, ge=1)  # lookback (as_of - w, as_of]; None = all
     where: dict[str, Any] = {}  # column -> value; all must hold for a row to count
 

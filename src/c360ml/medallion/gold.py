@@ -22,7 +22,6 @@ from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.medallion.sql import connect, run_sql
 from c360ml.schemas import (
-    CustomerProfile,
     OrderLines,
     Orders,
     Products,
@@ -56,7 +55,7 @@ def lake_versions(lake: Lake) -> dict[str, int]:
     return found
 
 
-def _unchanged(lake: Lake, where: tuple[str, ...], inputs: dict) -> bool:
+def inputs_unchanged(lake: Lake, where: tuple[str, ...], inputs: dict) -> bool:
     if not lake.exists(*where):
         return False
     metas = [m for m in lake.commit_metadata(*where) if INPUTS_KEY in m]
@@ -75,7 +74,7 @@ def write_gold(
 
     Returns whether a new version was written.
     """
-    if _unchanged(lake, (layer, name), inputs):
+    if inputs_unchanged(lake, (layer, name), inputs):
         return False
     frame = table.to_pandas()
     try:
@@ -96,6 +95,7 @@ def build_gold(settings: Settings) -> GoldSummary:
     lake = Lake(settings.lake)
     if not lake.exists("gold", "customer_source_map"):
         raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
+    # customer_profile and the source map are unify's outputs; gold builds the rest.
     inputs = lake_versions(lake)
     con = connect(lake)
     summary = GoldSummary()
@@ -129,7 +129,6 @@ def build_gold(settings: Settings) -> GoldSummary:
         ]
         return pa_arrow.concat_tables(parts, promote_options="permissive")
 
-    put("customer_profile", union("customer_profile", "generic_profile"), CustomerProfile)
     all_orders = union("orders", "generic_orders")
     con.register("all_orders", all_orders)
     orders, bad_orders = _split(all_orders)

@@ -214,7 +214,8 @@ def validate_request(bundle: ModelBundle, frame: pd.DataFrame) -> pd.DataFrame:
     try:
         return feature_schema(bundle).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as exc:
-        raise RequestError(f"invalid scoring request: {_describe_failures(exc.failure_cases)}")
+        message = _describe_failures(exc.failure_cases)
+        raise RequestError(f"invalid scoring request: {message}") from None
     except pa.errors.SchemaError as exc:  # pragma: no cover - lazy mode collects them all
         raise RequestError(f"invalid scoring request: {exc}") from exc
 

@@ -261,6 +261,11 @@ def _utc(ts: pd.Timestamp) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
+def _utc_column(values: pd.Series) -> pd.Series:
+    """UTC nanosecond timestamps, so us- and ns-resolution frames join exactly."""
+    return pd.to_datetime(values, utc=True).dt.as_unit("ns")
+
+
 def _check_inputs(matrix: pd.DataFrame, rfm: pd.DataFrame, names: tuple[str, ...]) -> None:
     missing = [c for c in (CUSTOMER, CUTOFF, LABEL, *names) if c not in matrix.columns]
     if missing:
@@ -275,8 +280,8 @@ def _check_inputs(matrix: pd.DataFrame, rfm: pd.DataFrame, names: tuple[str, ...
 def align_rfm(matrix: pd.DataFrame, rfm: pd.DataFrame) -> pd.DataFrame:
     """RFM rows in the matrix's row order (left join on customer and cutoff)."""
     key = [CUSTOMER, CUTOFF]
-    left = matrix[key].assign(**{CUTOFF: pd.to_datetime(matrix[CUTOFF], utc=True)})
-    right = rfm.assign(**{CUTOFF: pd.to_datetime(rfm[CUTOFF], utc=True)})
+    left = matrix[key].assign(**{CUTOFF: _utc_column(matrix[CUTOFF])})
+    right = rfm.assign(**{CUTOFF: _utc_column(rfm[CUTOFF])})
     cols = [*key, *baselines.RFM_COLUMNS]
     return left.merge(right[cols], on=key, how="left", validate="one_to_one")
 

@@ -34,7 +34,7 @@ STORES: tuple[str, ...] = (
 STORE_CHANNEL_BASE = 5637146001  # store k has channel recid STORE_CHANNEL_BASE + k
 RECID_BASE = 5637144576  # first RecId F&O hands out; every table's recids count up from here
 FO_MAX_DATE = "2154-12-31T23:59:59Z"  # F&O's "never" in ValidTo columns
-FO_MAX_EPOCH = 5840726399  # FO_MAX_DATE in epoch seconds
+FO_MAX_EPOCH = 5838047999  # FO_MAX_DATE in epoch seconds
 
 # Channel codes used inside the simulation and in truth/purchases.parquet "channel".
 CH_ONLINE, CH_CALL_CENTER, CH_STORE = 0, 1, 2

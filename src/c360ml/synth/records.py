@@ -195,6 +195,13 @@ def _sink_lag(rng: np.random.Generator, n: int, late_share: float) -> np.ndarray
     return lag + late * rng.integers(1, 11, n) * DAY
 
 
+def _sink_created(created, modified, sink_mod: np.ndarray) -> np.ndarray:
+    """When the record first reached the sink: this row's arrival for a first version."""
+    created = np.asarray(created, dtype=np.int64)
+    first = np.asarray(modified, dtype=np.int64) == created
+    return np.where(first, sink_mod, np.minimum(created + 600, sink_mod))
+
+
 def fo_frame(
     name: str,
     cols: dict,
@@ -215,7 +222,7 @@ def fo_frame(
     version = modified * 1000 + rng.integers(0, 1000, n)
     system = {
         "Id": v.record_ids(TABLE_NO[name], recid),
-        "SinkCreatedOn": np.asarray(created, dtype=np.int64) + 600,
+        "SinkCreatedOn": _sink_created(created, modified, sink_mod),
         "SinkModifiedOn": sink_mod,
         "sysrowversion": version,
         "versionnumber": version,
@@ -244,7 +251,7 @@ def dv_frame(
     created = cols["createdon"]
     system = {
         "Id": row_id,
-        "SinkCreatedOn": np.asarray(created, dtype=np.int64) + 600,
+        "SinkCreatedOn": _sink_created(created, modified, sink_mod),
         "SinkModifiedOn": sink_mod,
         "versionnumber": modified * 1000 + rng.integers(0, 1000, n),
         "IsDelete": np.full(n, is_delete),
@@ -750,7 +757,9 @@ def sales_tables(
             rng,
         )
     )
-    order_ids = v.join("SO:", acc.dataareaid.take(pa.array(o.account)), "-", salesid_all)
+    order_ids = v.null_where(
+        order_no < 0, v.join("SO:", acc.dataareaid.take(pa.array(o.account)), "-", salesid_all)
+    )
     return {"salestable": salestable, "salesline": _concat(lframes)}, order_ids
 
 
@@ -1073,6 +1082,9 @@ def build_block(
             "is_return": pa.array(orders.is_return),
             "cancelled": pa.array(orders.cancelled),
             "source_key": acc.key.take(pa.array(orders.account)),
+            "origin_order_id": v.null_where(
+                orders.origin < 0, order_id.take(pa.array(np.maximum(orders.origin, 0)))
+            ),
         }
     )
     block.truth["cases"] = cases

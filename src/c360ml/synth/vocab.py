@@ -61,9 +61,25 @@ ORG_WORDS = (
 ).split()
 ORG_SUFFIXES = ("LLC", "Inc.", "Corp", "Ltd", "Group", "Supply Co")
 STREETS = (
-    "Main St Oak Ave Pine St Maple Ave Cedar Ln Elm St Washington Blvd Lake Dr Hill Rd Park Ave "
-    "Sunset Blvd Broadway River Rd Church St Market St Spring St Center St Highland Ave"
-).split(" ")
+    "Main St",
+    "Oak Ave",
+    "Pine St",
+    "Maple Ave",
+    "Cedar Ln",
+    "Elm St",
+    "Washington Blvd",
+    "Lake Dr",
+    "Hill Rd",
+    "Park Ave",
+    "Sunset Blvd",
+    "Broadway",
+    "River Rd",
+    "Church St",
+    "Market St",
+    "Spring St",
+    "Center St",
+    "Highland Ave",
+)
 CITIES = (  # city, county, state, zip prefix, area code
     ("Houston", "Harris", "TX", "770", "713"),
     ("Seattle", "King", "WA", "981", "206"),

@@ -1,0 +1,225 @@
+"""Unify: match rules, junk guard, transitive clusters, stable ids, merge policy."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from c360ml.unify import (
+    assign_ids,
+    cluster,
+    load_rules,
+    match_rule,
+    merge_profiles,
+    pair_quality,
+    prepare_records,
+)
+
+RULES = load_rules(__import__("pathlib").Path(__file__).parents[1] / "pipelines" / "unify.yaml")
+BY_NAME = {r.name: r for r in RULES.rules}
+
+
+def rec(
+    key,
+    first="Ann",
+    last="Lee",
+    email=None,
+    phone=None,
+    postal="77001",
+    source="d365",
+    created="2020-01-01",
+    modified="2024-01-01",
+    group=None,
+):
+    return {
+        "source": source,
+        "source_key": key,
+        "first_name": first,
+        "last_name": last,
+        "email": email,
+        "phone": phone,
+        "street": None,
+        "city": None,
+        "postal_code": postal,
+        "country": "US",
+        "customer_group": group,
+        "currency": None,
+        "created_ts": pd.Timestamp(created, tz="UTC"),
+        "modified_ts": pd.Timestamp(modified, tz="UTC"),
+    }
+
+
+def run(rows):
+    records = prepare_records(pd.DataFrame(rows))
+    pairs = [
+        match_rule(records, r, RULES.junk_max_records, RULES.max_block_size) for r in RULES.rules
+    ]
+    return records, pairs, cluster(len(records), pairs)
+
+
+def same(records, labels, a, b):
+    where = dict(zip(records.source_key, labels, strict=True))
+    return where[a] == where[b]
+
+
+def test_email_rule_is_case_insensitive_across_sources():
+    records, pairs, labels = run(
+        [
+            rec("A", email="ann@x.com"),
+            rec("K", email=" ANN@X.com", source="dataverse"),
+            rec("B", first="Bob", last="Ray", email="bob@x.com", postal="10001"),
+        ]
+    )
+    assert same(records, labels, "A", "K") and not same(records, labels, "A", "B")
+    assert len(pairs[0].left) == 1
+
+
+def test_phone_needs_last_name_too():
+    records, _, labels = run(
+        [
+            rec("A", phone="+12125550147", last="Lee", postal="1"),
+            rec("B", phone="+12125550147", last="Lee", first="Annie", postal="2"),
+            rec("C", phone="+12125550147", last="Park", first="Jin", postal="3"),
+        ]
+    )
+    assert same(records, labels, "A", "B") and not same(records, labels, "A", "C")
+
+
+def test_fuzzy_name_within_postal_block_only():
+    records, _, labels = run(
+        [
+            rec("A", first="Jonathan", last="Smith", postal="77001"),
+            rec("B", first="Jonathon", last="Smith", postal="77001"),  # typo: same person
+            rec("C", first="Jonathan", last="Smith", postal="90210"),  # other block
+            rec("D", first="Maria", last="Sanchez", postal="77001"),
+        ]
+    )
+    assert same(records, labels, "A", "B")
+    assert not same(records, labels, "A", "C") and not same(records, labels, "A", "D")
+
+
+def test_junk_value_guard_stops_a_giant_cluster():
+    store_phone = "+17135550100"
+    rows = [
+        rec(f"P{i}", first=f"F{i}", last="Lee", phone=store_phone, postal=str(i))
+        for i in range(RULES.junk_max_records + 1)
+    ]
+    records, pairs, labels = run(rows)
+    assert len(set(labels)) == len(rows)  # nobody merged through the shared phone
+    assert pairs[1].junk == {"phone": 1}
+
+
+def test_transitive_chain_is_one_cluster():
+    records, _, labels = run(
+        [
+            rec("A", first="Ann", last="Lee", email="ann@x.com", postal="1"),
+            rec(
+                "B",
+                first="Anne",
+                last="Lee",
+                email="ann@x.com",
+                phone="+12125550147",
+                postal="2",
+                source="dataverse",
+            ),
+            rec("C", first="Annie", last="Lee", phone="+12125550147", postal="3"),
+        ]
+    )
+    assert len(set(labels)) == 1
+
+
+def test_ids_stable_merge_keeps_oldest_and_split_keeps_oldest_part():
+    today = pd.Timestamp("2025-01-01", tz="UTC")
+    rows = [
+        rec("A", email="a@x.com", created="2020-01-01"),
+        rec("B", first="Bo", last="Kim", email="b@x.com", created="2021-01-01", postal="9"),
+    ]
+    records, _, labels = run(rows)
+    ids, redirects = assign_ids(records, labels, None, today)
+    first = dict(zip(records.source_key, ids, strict=True))
+    assert first["A"] != first["B"] and redirects.empty
+    previous = pd.DataFrame(
+        {"source": "d365", "source_key": ["A", "B"], "customer_id": [first["A"], first["B"]]}
+    )
+    # A new contact joins A's cluster: A's id is kept.
+    rows.append(rec("K", email="a@x.com", source="dataverse", created="2024-01-01"))
+    records, _, labels = run(rows)
+    ids, redirects = assign_ids(records, labels, previous, today)
+    again = dict(zip(records.source_key, ids, strict=True))
+    assert again["A"] == again["K"] == first["A"] and again["B"] == first["B"]
+    # B changes e-mail to A's: clusters merge; the oldest id (A's) survives.
+    rows[1] = rec("B", first="Bo", last="Kim", email="a@x.com", created="2021-01-01", postal="9")
+    records, _, labels = run(rows)
+    ids, redirects = assign_ids(records, labels, previous, today)
+    merged = dict(zip(records.source_key, ids, strict=True))
+    assert merged["B"] == merged["A"] == first["A"]
+    assert redirects.to_dict("records") == [
+        {
+            "retired_id": first["B"],
+            "surviving_id": first["A"],
+            "redirected_at": today,
+            "reason": "merge",
+        }
+    ]
+    # Split: A and K were one customer; K moves away -> A (oldest) keeps the id.
+    prev2 = pd.DataFrame(
+        {
+            "source": ["d365", "dataverse"],
+            "source_key": ["A", "K"],
+            "customer_id": [first["A"], first["A"]],
+        }
+    )
+    rows = [
+        rec("A", email="a@x.com"),
+        rec(
+            "K",
+            first="Kay",
+            last="Zed",
+            email="k@x.com",
+            source="dataverse",
+            created="2024-01-01",
+            postal="5",
+        ),
+    ]
+    records, _, labels = run(rows)
+    ids, _ = assign_ids(records, labels, prev2, today)
+    split = dict(zip(records.source_key, ids, strict=True))
+    assert split["A"] == first["A"] and split["K"] != first["A"]
+
+
+def test_merge_policy_most_recent_and_source_priority():
+    records, _, labels = run(
+        [
+            rec("A", email="a@x.com", last="Lee", modified="2024-01-01", group="10"),
+            rec(
+                "K",
+                email="a@x.com",
+                last="Lee-Park",
+                modified="2024-06-01",
+                source="dataverse",
+                group=None,
+            ),
+        ]
+    )
+    ids, _ = assign_ids(records, labels, None, pd.Timestamp("2025-01-01", tz="UTC"))
+    profile = merge_profiles(records, ids, RULES.merge).iloc[0]
+    assert profile.last_name == "Lee-Park"  # most recent non-empty
+    assert profile.customer_group == "10"  # Commerce first by priority
+    assert (profile.source_count, profile.sources) == (2, "d365,dataverse")
+
+
+def test_pair_quality_counts_pairs():
+    source_map = pd.DataFrame(
+        {"source": "d365", "source_key": list("ABCD"), "customer_id": ["c1", "c1", "c1", "c2"]}
+    )
+    truth = pd.DataFrame({"source": "d365", "source_key": list("ABCD"), "person_id": [1, 1, 2, 2]})
+    q = pair_quality(source_map, truth)
+    assert (q["predicted_pairs"], q["true_pairs"]) == (3, 2)
+    assert q["precision"] == pytest.approx(1 / 3) and q["recall"] == pytest.approx(1 / 2)
+
+
+def test_bad_rules_file_names_the_file(tmp_path):
+    bad = tmp_path / "unify.yaml"
+    bad.write_text("rules: [{name: x, exact: [shoe_size]}]\nmerge: {}\n")
+    with pytest.raises(ValueError, match=str(bad)):
+        load_rules(bad)
