@@ -13,7 +13,7 @@ from rich.table import Table
 
 from c360ml.config import Settings, load_settings
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _print_rows(title: str, rows: list[dict]) -> None:

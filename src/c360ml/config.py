@@ -52,6 +52,7 @@ class Settings(_Frozen):
     segments: Path = Path("pipelines/segments.yaml")  # segment definitions
     sql_dir: Path = Path("pipelines/sql")  # silver/gold SQL run by DuckDB (and Spark)
     generic_mapping: Path = Path("pipelines/generic.yaml")  # column mapping of generic sources
+    sources: tuple[str, ...] = ("d365", "dataverse")  # landing sources ingested; add "generic"
     call_center_channels: tuple[int, ...] = (
         5637145326,
     )  # RetailChannelTable recids of call centers

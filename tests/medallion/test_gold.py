@@ -331,6 +331,7 @@ def test_rebuild_with_nothing_new_writes_no_version(settings, gold):
 
 
 def test_generic_csv_source_reaches_the_same_gold_tables(settings):
+    settings = settings.model_copy(update={"sources": ("generic",)})
     landing = Lake(settings.lake).path("landing") / "generic"
     landing.mkdir(parents=True)
     (landing / "tx.csv").write_text(

@@ -145,6 +145,7 @@ def test_bad_model_json_names_the_file(settings, landing, content, message):
 
 
 def test_generic_csv_mapping(settings, landing):
+    settings = settings.model_copy(update={"sources": ("generic",)})
     (landing / "generic").mkdir(parents=True)
     (landing / "generic" / "tx.csv").write_text(
         "customer_id,timestamp,amount,order_id,product_id,is_return\n"

@@ -100,7 +100,7 @@ def build_gold(settings: Settings) -> GoldSummary:
     con = connect(lake)
     summary = GoldSummary()
 
-    def put(name, table, model, quarantined=None, **extra):
+    def put(name, table, model, quarantined=None, note=""):
         started = time.perf_counter()
         written = write_gold(lake, name, table, model, inputs)
         if quarantined is not None:
@@ -111,7 +111,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                 "table": f"gold/{name}",
                 "rows": len(table),
                 "quarantined": 0 if quarantined is None else len(quarantined),
-                **extra,
+                "note": note,
                 "written": "yes" if written else "unchanged",
                 "seconds": round(time.perf_counter() - started, 2),
             }
@@ -144,7 +144,8 @@ def build_gold(settings: Settings) -> GoldSummary:
         )
     if lake.exists("silver", "incident"):
         cases = run_sql(con, settings, "gold/support_cases")
-        put("support_cases", cases, SupportCases, unlinked=int(cases["customer_id"].null_count))
+        unlinked = cases["customer_id"].null_count
+        put("support_cases", cases, SupportCases, note=f"{unlinked} unlinked (no profile)")
         put(
             "case_status_history", run_sql(con, settings, "gold/case_status_history"), StatusHistory
         )

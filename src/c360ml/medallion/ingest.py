@@ -104,20 +104,23 @@ def ingest_landing(settings: Settings) -> IngestSummary:
     ingested_at = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
     with Progress(transient=True) as progress:
         task = progress.add_task("ingest", total=None)
-        for source in SYNAPSE_SOURCES:
+        for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
             for folder in sorted(p for p in (landing / source).glob("*") if p.is_dir()):
                 for entity in read_model_json(folder).values():
                     progress.update(task, description=f"{source}/{folder.name}/{entity.name}")
                     _merge(summary, ingest_entity(lake, source, folder, entity, ingested_at))
-        for source_dir in sorted((landing / "delta").glob("*")):
+        for source_dir in sorted(
+            p for p in (landing / "delta").glob("*") if p.name in settings.sources
+        ):
             for table_dir in sorted(p for p in source_dir.glob("*") if p.is_dir()):
                 progress.update(task, description=f"delta/{source_dir.name}/{table_dir.name}")
                 _merge(
                     summary, ingest_delta_table(lake, source_dir.name, table_dir.name, ingested_at)
                 )
-        generic = ingest_generic(lake, settings.path(settings.generic_mapping), ingested_at)
-        if generic is not None:
-            _merge(summary, generic)
+        if "generic" in settings.sources:
+            generic = ingest_generic(lake, settings.path(settings.generic_mapping), ingested_at)
+            if generic is not None:
+                _merge(summary, generic)
     return summary
 
 

@@ -6,30 +6,32 @@ returns exactly what the batch refresh and the service return for the same frame
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle, score
 
 BUNDLE_ARTIFACT = "bundle"  # key of the bundle folder in the pyfunc's artifacts
 
 
-# MLflow warns, when the class is defined, that predict has no type hints; the schema
-# check is ours (pandera, in scoring), so the warning is silenced for this definition only.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+class ChurnModel(mlflow.pyfunc.PythonModel):
+    """CustomerId + features in; CustomerId, ChurnScore, IsChurn, RiskLevel,
+    InfluentialFactors out. Param `explain` = "exact" | "approx" | "none".
 
-    class ChurnModel(mlflow.pyfunc.PythonModel):
-        """CustomerId + features in; CustomerId, ChurnScore, IsChurn, RiskLevel,
-        InfluentialFactors out. Param `explain` = "exact" | "approx" | "none"."""
+    The DataFrame type hint tells MLflow to take the schema from the logged signature
+    (type hints of that kind carry none); the request schema proper is pandera's, in scoring.
+    """
 
-        bundle: ModelBundle | None = None
+    bundle: ModelBundle | None = None
 
-        def load_context(self, context) -> None:
-            self.bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+    def load_context(self, context: Any) -> None:
+        self.bundle = ModelBundle.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-        def predict(self, context, model_input, params=None):
-            explain = (params or {}).get("explain", DEFAULT_EXPLAIN)
-            return score(self.bundle, model_input, explain=explain)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        explain = (params or {}).get("explain", DEFAULT_EXPLAIN)
+        return score(self.bundle, model_input, explain=explain)
