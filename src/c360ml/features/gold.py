@@ -129,6 +129,7 @@ class StatusTimeline:
         current_status: pd.Series,
         current_cancelled: pd.Series,
         history: pd.DataFrame,
+        with_status: bool = True,
     ) -> None:
         idx = pd.Index(entity_ids).get_indexer(history[StatusHistory.entity_id])
         keep = idx >= 0
@@ -139,13 +140,17 @@ class StatusTimeline:
         # overlap (dirty history) the later valid_from wins on assignment.
         order = np.lexsort((vf, idx))
         self._idx, self._vf, self._vt = idx[order], vf[order], vt[order]
-        all_status = pd.concat(
-            [current_status.astype("string"), history[StatusHistory.status].astype("string")]
-        )
-        cats = pd.Categorical(all_status)
-        self.categories = cats.categories
-        codes = cats.codes.astype(np.int32)
         n = len(entity_ids)
+        if with_status:
+            all_status = pd.concat(
+                [current_status.astype("string"), history[StatusHistory.status].astype("string")]
+            )
+            cats = pd.Categorical(all_status)
+            self.categories = cats.categories
+            codes = cats.codes.astype(np.int32)
+        else:  # labels only need is_cancelled; skip factorising millions of strings
+            self.categories = pd.Index(["?"])
+            codes = np.zeros(n + len(history), dtype=np.int32)
         self._status = codes[n:][keep][order]
         self._cancelled = history[StatusHistory.is_cancelled].to_numpy(bool)[keep][order]
         # Fallback per entity: first recorded row if it has history, else its current value.

@@ -18,6 +18,7 @@ import pandas as pd
 import pandera.pandas as pa
 import phonenumbers
 import pyarrow as pa_arrow
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from pandera.errors import SchemaErrors
 
@@ -128,27 +129,37 @@ def normalise_phone(raw: str, region: str = DEFAULT_PHONE_REGION) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def trim_strings(table: pa_arrow.Table) -> pa_arrow.Table:
+    """Every string column trimmed, empty -> null (vectorised in Arrow: 20M-row tables)."""
+    out = table
+    for i, f in enumerate(table.schema):
+        if pa_arrow.types.is_string(f.type):
+            trimmed = pc.utf8_trim_whitespace(table[f.name])
+            out = out.set_column(i, f, pc.if_else(pc.equal(trimmed, ""), None, trimmed))
+    return out
+
+
 def standardise(frame: pd.DataFrame, rules: Rules) -> pd.DataFrame:
-    """Trim strings, blank -> null, lower-case e-mails, E.164 phones, alpha-2 countries."""
+    """Lower-case e-mails, E.164 phones, alpha-2 countries (strings are already trimmed)."""
     out = frame.copy()
-    for col in out.columns:
-        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
-            stripped = out[col].str.strip()
-            out[col] = stripped.where(stripped != "", None)
+    lower = functools.partial(_apply_str, fn=str.lower)
     for col in rules.emails:
-        out[col] = out[col].str.lower()
+        out[col] = lower(out[col])
     for col in rules.phones:
-        out[col] = out[col].map(normalise_phone, na_action="ignore")
+        out[col] = _apply_str(out[col], normalise_phone)
+    for col in rules.countries:
+        upper = _apply_str(out[col], str.upper)
+        out[col] = upper.map(COUNTRIES).fillna(upper)
     if rules.locator:
         is_phone, is_email = out["type"] == PHONE_TYPE, out["type"] == EMAIL_TYPE
-        out.loc[is_email, "locator"] = out.loc[is_email, "locator"].str.lower()
-        out.loc[is_phone, "locator"] = out.loc[is_phone, "locator"].map(
-            normalise_phone, na_action="ignore"
-        )
-    for col in rules.countries:
-        upper = out[col].str.upper()
-        out[col] = upper.map(COUNTRIES).fillna(upper)
+        out.loc[is_email, "locator"] = lower(out.loc[is_email, "locator"])
+        out.loc[is_phone, "locator"] = _apply_str(out.loc[is_phone, "locator"], normalise_phone)
     return out
+
+
+def _apply_str(values: pd.Series, fn) -> pd.Series:
+    """A string function over a column that may be all-null (object dtype of None)."""
+    return values.map(fn, na_action="ignore")
 
 
 def resolve_changes(frame: pd.DataFrame, key: tuple[str, ...]) -> pd.DataFrame:
@@ -234,7 +245,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     raw, bronze_version = _new_bronze(lake, table, since)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
-        latest = resolve_changes(standardise(raw.to_pandas(), rules), table.key)
+        latest = resolve_changes(standardise(trim_strings(raw).to_pandas(), rules), table.key)
         deleted = latest["IsDelete"].fillna(False).astype(bool)
         keep = [c for c in latest.columns if c not in DROPPED]
         good, bad = split_valid(
@@ -309,7 +320,7 @@ def _apply(
     )
     if not lake.exists(*where):
         lake.write(
-            arrow.filter(pa_arrow.compute.equal(arrow[ACTION], "upsert")).drop_columns([ACTION]),
+            arrow.filter(pc.equal(arrow[ACTION], "upsert")).drop_columns([ACTION]),
             *where,
             mode="overwrite",
             metadata=meta,

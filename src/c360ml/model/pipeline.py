@@ -52,7 +52,7 @@ class TrainSummary:
     split_mode: str
     optimistic: bool
     evaluation_reason: str
-    rows: dict[str, int]
+    split_rows: dict[str, int]
     sample_rate: float
     n_features: int
     n_trees: int
@@ -96,7 +96,7 @@ class TrainSummary:
             ("gate", self.gate_reason),
             ("trained_as_of", str(self.trained_as_of.date())),
             ("evaluation", evaluation + self.evaluation_reason),
-            ("rows train/validation/test", " / ".join(f"{v:,}" for v in self.rows.values())),
+            ("rows train/validation/test", " / ".join(f"{v:,}" for v in self.split_rows.values())),
             ("training sample rate", f"{self.sample_rate:.3f}"),
             (
                 "features / trees / calibrator",
@@ -153,7 +153,7 @@ def summarise(
         split_mode=result.plan.mode,
         optimistic=result.optimistic,
         evaluation_reason=result.plan.reason,
-        rows=result.split_rows,
+        split_rows=result.split_rows,
         sample_rate=sample_rate,
         n_features=len(result.feature_names),
         n_trees=result.n_trees,

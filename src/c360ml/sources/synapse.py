@@ -73,6 +73,8 @@ def read_model_json(folder: Path) -> dict[str, Entity]:
                     f"unsupported dataType {dtype!r}; known: {sorted(CDM_TO_ARROW)}"
                 )
             cols.append(Column(attr["name"], dtype))
+        if ent.get("partitions") == []:
+            continue  # declared with no partitions: no changes in this sync
         files = _entity_files(folder, name.lower(), ent.get("partitions") or [])
         if not files:
             raise ValueError(f"{path}: entity {name!r} has no data files under {folder}")

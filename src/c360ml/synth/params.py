@@ -66,10 +66,10 @@ class ProcessParams:
     lam_shape: float = 0.5  # Gamma shape of the purchase rate (small = heavy tail)
     lam_mean: float = 1 / 20  # mean purchases per day of an alive customer
     h0_shape: float = 2.0  # Gamma shape of the baseline dropout hazard
-    h0_mean: float = 0.006  # mean baseline daily dropout hazard
-    beta_case: float = 1.0  # log-hazard per (decayed) support case
+    h0_mean: float = 0.0045  # mean baseline daily dropout hazard
+    beta_case: float = 2.0  # log-hazard per (decayed) support case
     case_decay_days: float = 60.0  # e-folding time of the support-case memory
-    beta_return: float = 0.7  # log-hazard per (decayed) return
+    beta_return: float = 1.5  # log-hazard per (decayed) return
     return_decay_days: float = 120.0  # e-folding time of the return memory
     beta_discount: float = 2.5  # log-hazard per unit of discount dependence (share)
     beta_store: float = -1.2  # log-hazard per unit of store (vs online) preference
