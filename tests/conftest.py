@@ -12,8 +12,7 @@ from c360ml.config import Settings
 from c360ml.sources.tables import source_table
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def make_settings(tmp_path: Path) -> Settings:
     """Settings whose every path lives under tmp_path (the repo's specs are still used)."""
     repo = Path(__file__).resolve().parents[1]
     return Settings(
@@ -23,6 +22,11 @@ def settings(tmp_path: Path) -> Settings:
         reports_dir=tmp_path / "reports",
         mlflow_dir=tmp_path / "mlflow",
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
 
 
 def write_sync_folder(

@@ -144,7 +144,9 @@ def test_party_model_joins(small_lake):
     email = elec[elec.type == "2"]
     phone = elec[elec.type == "1"]
     assert party.primarycontactemail.isin(email.recid).mean() > 0.99
-    assert party[party.primarycontactphone != "0"].primarycontactphone.isin(phone.recid).mean() > 0.99
+    assert (
+        party[party.primarycontactphone != "0"].primarycontactphone.isin(phone.recid).mean() > 0.99
+    )
     assert email.locator.str.contains("@").all() and not phone.locator.str.contains("@").any()
     assert (names.validto == "2154-12-31T23:59:59Z").mean() > 0.9
     renamed = names.groupby("person").recid.nunique()
@@ -186,7 +188,12 @@ def test_truth_purchases_reach_landing(small_lake):
     assert (rt.custaccount == "").sum() > 0  # anonymous walk-ins, not in the truth
     generic = pd.read_csv(small_lake.lake / "landing" / "generic" / "transactions.csv")
     assert list(generic.columns) == [
-        "customer_id", "timestamp", "amount", "order_id", "product_id", "is_return"
+        "customer_id",
+        "timestamp",
+        "amount",
+        "order_id",
+        "product_id",
+        "is_return",
     ]
     assert generic.order_id.isin(set(buys.order_id)).all()
 
@@ -198,7 +205,9 @@ def test_increment_deletes_erased_persons(small_lake):
     mine = keys[keys.person_id.isin(erased.person_id)]
     inc = sync_folders(small_lake, "d365")[1]
     cust = frame(inc, "d365", "custtable")
-    deleted = set(cust[cust.IsDelete == "True"].dataareaid + "-" + cust[cust.IsDelete == "True"].accountnum)
+    deleted = set(
+        cust[cust.IsDelete == "True"].dataareaid + "-" + cust[cust.IsDelete == "True"].accountnum
+    )
     assert set(mine[mine.source == "d365"].source_key) <= deleted | set()
     contacts = frame(sync_folders(small_lake, "dataverse")[1], "dataverse", "contact")
     gone = set(contacts[contacts.IsDelete == "True"].contactid)

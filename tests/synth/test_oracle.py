@@ -69,9 +69,11 @@ def test_oracle_mean_matches_observed_rate(population, scores):
 def test_oracle_is_calibrated_by_decile(population, scores):
     _, bought, _ = population
     oracle, _ = scores
-    deciles = pd.qcut(rankdata(oracle, method="first"), 10, labels=False)
-    table = pd.DataFrame({"d": deciles, "p": oracle, "y": bought}).groupby("d").agg(
-        p=("p", "mean"), y=("y", "mean"), n=("y", "size")
+    deciles = pd.qcut(rankdata(oracle, method="ordinal"), 10, labels=False)
+    table = (
+        pd.DataFrame({"d": deciles, "p": oracle, "y": bought})
+        .groupby("d")
+        .agg(p=("p", "mean"), y=("y", "mean"), n=("y", "size"))
     )
     se = np.sqrt(np.clip(table.p * (1 - table.p), 0.01, None) / table.n)
     assert (np.abs(table.p - table.y) < 4 * se).all(), table
@@ -87,14 +89,23 @@ def test_omniscient_ranks_at_least_as_well_and_beats_recency(population, scores)
     assert auc(oracle, bought) > auc(recency, bought)
 
 
-def test_support_cases_raise_churn(population):
-    """An observable driver: recent support cases go with fewer repeat purchases."""
-    ids, bought, truth = population
+def test_support_cases_and_returns_raise_dropout(population):
+    """Observable drivers move the hidden hazard: recent cases/returns -> more dropouts."""
+    ids, _, truth = population
+    persons = truth["persons"].set_index("person_id").loc[ids]
+    start = CUTOFF - pd.Timedelta(days=90)
+    cutoff_day = (CUTOFF - pd.Timestamp("2023-01-01", tz="UTC")).days
+    alive = persons.dropout_day.isna() | (persons.dropout_day >= cutoff_day)
+    drops = (persons.dropout_day < cutoff_day + WINDOW).to_numpy() & alive.to_numpy()
     cases = truth["cases"]
-    recent = cases[(cases.ts >= CUTOFF - pd.Timedelta(days=90)) & (cases.ts < CUTOFF)]
-    had_case = np.isin(ids, recent.person_id.unique())
-    assert had_case.sum() > 30
-    assert bought[had_case].mean() < bought[~had_case].mean()
+    buys = truth["purchases"]
+    recent_case = cases[(cases.ts >= start) & (cases.ts < CUTOFF)].person_id.unique()
+    recent_return = buys[buys.is_return & (buys.ts >= start) & (buys.ts < CUTOFF)].person_id
+    for flagged in (recent_case, recent_return.unique()):
+        hit = np.isin(ids, flagged) & alive.to_numpy()
+        rest = ~np.isin(ids, flagged) & alive.to_numpy()
+        assert hit.sum() > 30
+        assert drops[hit].mean() > drops[rest].mean()
 
 
 def test_oracle_refuses_unknown_persons_and_windows(oracle_lake):

@@ -66,7 +66,7 @@ class ProcessParams:
     lam_shape: float = 0.5  # Gamma shape of the purchase rate (small = heavy tail)
     lam_mean: float = 1 / 20  # mean purchases per day of an alive customer
     h0_shape: float = 2.0  # Gamma shape of the baseline dropout hazard
-    h0_mean: float = 0.0045  # mean baseline daily dropout hazard
+    h0_mean: float = 0.0035  # mean baseline daily dropout hazard
     beta_case: float = 2.0  # log-hazard per (decayed) support case
     case_decay_days: float = 60.0  # e-folding time of the support-case memory
     beta_return: float = 1.5  # log-hazard per (decayed) return
