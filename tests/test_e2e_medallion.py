@@ -37,11 +37,11 @@ def truth(settings, name):
 
 
 def test_gold_orders_reconcile_with_truth(lake):
-    l = Lake(lake.lake)
+    lk = Lake(lake.lake)
     persons = truth(lake, "persons")[["person_id", "kind"]]
     purchases = truth(lake, "purchases").merge(persons, on="person_id")
-    gold = l.read_pandas("gold", "orders")
-    quarantined = l.read_pandas("quarantine", "gold", "orders")
+    gold = lk.read_pandas("gold", "orders")
+    quarantined = lk.read_pandas("quarantine", "gold", "orders")
     person_orders = set(purchases.loc[purchases.kind != "organisation", "order_id"])
     assert set(gold.order_id) == person_orders
     org_orders = set(purchases.loc[purchases.kind == "organisation", "order_id"])
@@ -58,12 +58,12 @@ def test_gold_orders_reconcile_with_truth(lake):
 
 
 def test_profiles_match_truth_identity(lake):
-    l = Lake(lake.lake)
+    lk = Lake(lake.lake)
     keys = truth(lake, "person_keys")
-    source_map = l.read_pandas("gold", "customer_source_map")
+    source_map = lk.read_pandas("gold", "customer_source_map")
     quality = pair_quality(source_map, keys)
     assert quality["precision"] >= 0.99 and quality["recall"] >= 0.95
-    profiles = l.read_pandas("gold", "customer_profile")
+    profiles = lk.read_pandas("gold", "customer_profile")
     assert len(profiles) == source_map.customer_id.nunique()
     persons_with_records = (
         keys[keys.source != "generic"]
@@ -74,16 +74,16 @@ def test_profiles_match_truth_identity(lake):
 
 
 def test_build_twice_adds_no_versions(lake):
-    l = Lake(lake.lake)
+    lk = Lake(lake.lake)
     layers = ("bronze", "silver", "gold")
-    before = {(ly, p): l.version(ly, *p) for ly in layers for p in l.tables(ly)}
+    before = {(ly, p): lk.version(ly, *p) for ly in layers for p in lk.tables(ly)}
     build_all(lake)
-    assert {(ly, p): l.version(ly, *p) for ly in layers for p in l.tables(ly)} == before
+    assert {(ly, p): lk.version(ly, *p) for ly in layers for p in lk.tables(ly)} == before
 
 
 def test_increment_applies_changes_and_erasure(lake):
-    l = Lake(lake.lake)
-    ids_before = l.read_pandas("gold", "customer_source_map")
+    lk = Lake(lake.lake)
+    ids_before = lk.read_pandas("gold", "customer_source_map")
     summary = generate_increment(lake)
     assert summary.rows()
     build_all(lake)
@@ -93,16 +93,16 @@ def test_increment_applies_changes_and_erasure(lake):
     assert len(erased) >= 1
     keys = truth(lake, "person_keys")
     gone = keys[keys.person_id.isin(erased.person_id) & (keys.source != "generic")]
-    source_map = l.read_pandas("gold", "customer_source_map")
+    source_map = lk.read_pandas("gold", "customer_source_map")
     assert not set(gone.source_key) & set(source_map.source_key)
-    contacts = l.read_pandas("silver", "contact")
+    contacts = lk.read_pandas("silver", "contact")
     assert not set(gone.source_key) & set(contacts.contactid)
     # Ids are stable for every record still present, unless a merge redirected them.
     both = ids_before.merge(source_map, on=["source", "source_key"], suffixes=("_0", "_1"))
     moved = both[both.customer_id_0 != both.customer_id_1]
     redirects = (
-        l.read_pandas("gold", "customer_id_redirects")
-        if l.exists("gold", "customer_id_redirects")
+        lk.read_pandas("gold", "customer_id_redirects")
+        if lk.exists("gold", "customer_id_redirects")
         else pd.DataFrame(columns=["retired_id", "surviving_id"])
     )
     follow = dict(zip(redirects.retired_id, redirects.surviving_id, strict=True))
