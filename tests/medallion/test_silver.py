@@ -124,3 +124,24 @@ def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
 )
 def test_phone_formats_normalise_to_e164(raw, e164):
     assert normalise_phone(raw) == e164
+
+
+def test_vectorised_phone_path_agrees_with_phonenumbers():
+    import numpy as np
+    import pandas as pd
+
+    from c360ml.medallion.silver import normalise_phones
+
+    rng = np.random.default_rng(0)
+    digits = [f"{n:010d}" for n in rng.integers(0, 10**10, 3000)]
+    formats = [
+        lambda d: d, lambda d: f"({d[:3]}) {d[3:6]}-{d[6:]}", lambda d: f"+1 {d[:3]} {d[3:6]} {d[6:]}",
+        lambda d: f"{d[:3]}.{d[3:6]}.{d[6:]}", lambda d: f"1-{d[:3]}-{d[3:6]}-{d[6:]}",
+        lambda d: f"+44 {d[:4]} {d[4:]}", lambda d: d[:7], lambda d: f"x{d}",
+    ]
+    raw = pd.Series([formats[i % len(formats)](d) for i, d in enumerate(digits)] + [None])
+    fast = normalise_phones(raw)
+    slow = raw.map(normalise_phone, na_action="ignore")
+    assert fast.isna().sum() == 1
+    mismatch = raw[(fast != slow) & raw.notna()]
+    assert mismatch.empty, mismatch.head()

@@ -12,7 +12,7 @@ from .model_testdata import FEATURES, WINDOW_DAYS, make_matrix
 
 @pytest.fixture(scope="session")
 def small_config() -> TrainConfig:
-    return TrainConfig(nthread=2, max_trees=80, early_stopping_rounds=10, bootstrap_resamples=60)
+    return TrainConfig(nthread=1, max_trees=80, early_stopping_rounds=10, bootstrap_resamples=60)
 
 
 @pytest.fixture(scope="session")

@@ -82,7 +82,7 @@ def _register(store, name, result, matrix, trained_as_of, customer_count=None):
 
 def _champion(store, name) -> str:
     mlflow.set_tracking_uri(_settings(store, name).tracking_uri)
-    return MlflowClient().get_model_version_by_alias(name, "champion").version
+    return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
 def test_gate_promotes_better_and_keeps_worse(store, results, synthetic):
@@ -100,7 +100,7 @@ def test_gate_promotes_better_and_keeps_worse(store, results, synthetic):
     version = client.get_model_version(name, logged.version)
     assert version.tags["gate_decision"] == "not promoted"
     assert "champion better" in version.tags["gate_reason"]
-    assert client.get_model_version_by_alias(name, "challenger").version == logged.version
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == logged.version
     logged, better = _register(store, name, results["full"], matrix, as_of)
     assert better.promote and better.comparable
     assert _champion(store, name) == logged.version == "3"
@@ -127,7 +127,7 @@ def test_decide_rules_on_numbers():
     assert not decide(a, GateInput(0.802, 0.69)).promote  # ROC AUC worse
     assert not decide(a, GateInput(0.79, 0.702)).promote  # PR AUC worse
     assert not decide(GateInput(0.9, 0.9, "C", 0.1), GateInput(0.5, 0.5)).promote  # grade C
-    assert not decide(GateInput(0.9, 0.9, "A", -0.01), None, comparable=False).promote
+    assert not decide(GateInput(0.9, 0.9, "A", -0.01), GateInput(0.5, 0.5), False).promote
     assert decide(GateInput(0.9, 0.9, "A", 0.01), GateInput(0.99, 0.99), False).promote
     assert decide(GateInput(0.6, 0.6, "C", -0.1), None).promote  # no champion at all
 

@@ -240,6 +240,10 @@ class RuleBaseline:
     accuracy: float
     by_span: list[dict[str, float]]
 
+    def most_accurate(self) -> dict[str, float]:
+        """The span with the best overall accuracy (context for the grade, not the grade)."""
+        return max(self.by_span, key=lambda d: (d["accuracy"], d["churn_recall"]))
+
 
 def ci_d_rule_baseline(y: np.ndarray, recency_days: np.ndarray, window_days: int) -> RuleBaseline:
     """Predict churned when there was no purchase in the last `span` days before the cutoff;

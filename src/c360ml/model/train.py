@@ -381,6 +381,14 @@ def train_and_evaluate(
     metrics = _test_metrics(test, window_days, config, oracle)
     rule = evaluate.ci_d_rule_baseline(y_test, test["recency"].to_numpy(), window_days)
     grade = evaluate.ci_d_grade(y_test, test["model"].to_numpy(), rule.churn_recall)
+    # Context only: the grade if the baseline span were chosen by overall accuracy instead.
+    by_accuracy = rule.most_accurate()
+    alt = evaluate.ci_d_grade(y_test, test["model"].to_numpy(), by_accuracy["churn_recall"])
+    metrics |= {
+        "ci_d_rule_by_accuracy_span_days": by_accuracy["span_days"],
+        "ci_d_rule_by_accuracy_churn_recall": by_accuracy["churn_recall"],
+        "grade_if_rule_by_accuracy": float("ABC".index(alt.grade)),  # 0 = A, 1 = B, 2 = C
+    }
     metrics |= {
         "ci_d_rule_span_days": float(rule.span_days),
         "ci_d_rule_churn_recall": rule.churn_recall,

@@ -11,6 +11,12 @@ after `end` (a few rows modified late on the last day reach the sink after midni
 arrive with increment 1, like late rows do); its folder is stamped one hour later.
 Increment k covers [cut_{k-1}, cut_k), cut_k = cut_0 + k * 7 days, stamped cut_k + 1 h.
 Truth purchases and cases are cut by their event time at the same instants.
+
+The generic path (`landing/generic/transactions.csv`, with header) is a full snapshot
+written by the initial run only: one row per line of every non-cancelled order and return
+of the Commerce persons, keyed by a generic customer id `G` + 8 digits (in person_keys).
+In `fmt="delta"` the Synapse CSV folders are not written; malformed rows and duplicates
+exist only in CSV (a typed Delta table cannot hold them).
 """
 
 from __future__ import annotations
@@ -29,13 +35,12 @@ from rich.progress import Progress
 
 from c360ml.config import Settings
 from c360ml.lake import LAYERS, Lake
-from c360ml.sources.tables import DATAVERSE_TABLES, D365_TABLES
+from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.synth import process, records
 from c360ml.synth.params import (
     RECID_BASE,
     GeneratorConfig,
     LakeShape,
-    ProcessParams,
     channel_mapping,
 )
 from c360ml.synth.writer import (
@@ -192,7 +197,7 @@ def generate_lake(
         now, later = rows.filter(pa.array(due)), rows.filter(pa.array(~due))
         if delta is not None:
             delta.append(source, name, now)
-            syncs[source].tables.append(name) if name not in syncs[source].tables else None
+            syncs[source].note_table(name)
         else:
             syncs[source].append(name, now, rng)
         pending.write(name, later)
@@ -317,7 +322,6 @@ def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
 def generate_increment(settings: Settings, seed: int | None = None) -> GenerateSummary:
     """Append the next weekly sync: due pending rows, plus deletes of erased persons."""
     meta = read_meta(settings.truth)
-    p = ProcessParams(**meta["params"])
     shape = LakeShape(**meta["shape"])
     k = len(meta["increments"]) + 1
     cut_prev = meta["cuts"][-1]

@@ -48,7 +48,6 @@ class Traits:
     return_prob: np.ndarray  # float64: probability an order is returned
     case_rate: np.ndarray  # float64: daily support-case rate while alive
     basket: np.ndarray  # float64: mean extra lines per order (Poisson)
-    price_mult: np.ndarray  # float64: spend level
 
     def __len__(self) -> int:
         return len(self.person_id)
@@ -166,7 +165,6 @@ def draw_traits(
         return_prob=rng.beta(p.return_a, p.return_b, n),
         case_rate=case_rate,
         basket=rng.gamma(p.basket_shape, p.basket_mean / p.basket_shape, n),
-        price_mult=rng.lognormal(0.0, 0.5, n),
     )
 
 

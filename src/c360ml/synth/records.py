@@ -433,7 +433,6 @@ def customer_tables(
     )
     add("custtable", cust_upd, rec1, created, t_update, upd)
 
-    new_first = v.take(v.FIRST_NAMES, rng.integers(0, len(v.FIRST_NAMES), m))
     new_last = v.take(v.LAST_NAMES, rng.integers(0, len(v.LAST_NAMES), m))
     party = {
         "partynumber": v.padded("P", acc.seq, 9),
@@ -464,7 +463,6 @@ def customer_tables(
     add("dirpersonname", dict(pname, validto=t_rename), rec2, created, t_rename, ren)
     pname_new = dict(pname, lastname=new_last, validfrom=t_rename)
     add("dirpersonname", pname_new, rec2 + 1, t_rename, t_rename, ren)
-    del new_first
 
     loc = {
         "locationid": v.padded("L", 2 * acc.seq, 10),
