@@ -46,46 +46,68 @@ def stage_generate(size: int) -> dict:
     return {"runs": run([size], RESULTS, CACHE)}
 
 
-def stage_medallion(size: int) -> dict:
-    """Full bronze -> gold build, then a ~1% increment and the incremental refresh."""
+def work_settings(size: int):
+    """Settings of a scratch copy of the cached lake: landing hard-linked (the generator
+    only adds files to it), truth copied (an increment rewrites its pending rows), so a
+    run can add an increment without changing the cache that later runs start from."""
     import shutil
 
+    cached = settings_for(size)
+    if not (cached.lake / "landing").exists():
+        raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
+    work = CACHE / str(size) / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "lake").mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(cached.lake / "landing"), str(work / "lake")], check=True)
+    shutil.copytree(cached.truth, work / "truth")
+    return cached.model_copy(update={"lake_root": work / "lake", "truth_root": work / "truth"})
+
+
+def timed_build(settings) -> dict:
+    """ingest, silver, unify, gold: seconds per step, plus the per-table detail."""
     from c360ml.medallion.build import build_gold, build_silver, build_unify
     from c360ml.medallion.ingest import ingest_landing
+
+    out: dict = {}
+    detail: dict = {}
+    for name, fn in (
+        ("ingest", ingest_landing),
+        ("silver", build_silver),
+        ("unify", build_unify),
+        ("gold", build_gold),
+    ):
+        started = time.perf_counter()
+        summary = fn(settings)
+        out[name] = round(time.perf_counter() - started, 2)
+        if name == "ingest":
+            detail[name] = {f"{r['source']}/{r['table']}": r["seconds"] for r in summary.rows()}
+        elif name in ("silver", "gold"):
+            detail[name] = {r["table"]: r["seconds"] for r in summary.rows()}
+        print(f"  {name}: {out[name]} s, rss {peak_rss_mb():.0f} MB", file=sys.stderr, flush=True)
+    out["total"] = round(sum(out.values()), 2)
+    out["detail"] = detail
+    return out
+
+
+def stage_medallion(size: int) -> dict:
+    """Full bronze -> gold build, then a ~1% increment and the incremental refresh."""
+    from c360ml.lake import Lake
     from c360ml.synth import generate_increment
 
-    settings = settings_for(size)
-    if not (settings.lake / "landing").exists():
-        raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
-    for layer in ("bronze", "silver", "gold", "quarantine"):
-        shutil.rmtree(settings.lake / layer, ignore_errors=True)
-    steps = {
-        "ingest": ingest_landing,
-        "silver": build_silver,
-        "unify": build_unify,
-        "gold": build_gold,
-    }
-
-    def build() -> dict[str, float]:
-        out = {}
-        for name, fn in steps.items():
-            started = time.perf_counter()
-            fn(settings)
-            out[name] = round(time.perf_counter() - started, 2)
-        out["total"] = round(sum(out.values()), 2)
-        return out
-
-    full = build()
-    from c360ml.lake import Lake
-
+    settings = work_settings(size)
     lake = Lake(settings.lake)
+    full = timed_build(settings)
     orders = lake.dataset("gold", "orders").count_rows()
     lines = lake.dataset("gold", "order_lines").count_rows()
-    generate_increment(settings)
-    incremental = build()
+    bronze_rows = sum(lake.dataset("bronze", *p).count_rows() for p in lake.tables("bronze"))
+    increment = generate_increment(settings)
+    increment_rows = sum(r["rows"] for r in increment.rows())
+    incremental = timed_build(settings)
     return {
         "full": full,
         "incremental": incremental,
+        "bronze_rows": bronze_rows,
+        "increment_landing_rows": increment_rows,
         "gold_orders": orders,
         "gold_order_lines": lines,
         "incremental_share": round(incremental["total"] / full["total"], 3),
@@ -122,13 +144,13 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             runs = []
             for _ in range(args.repeats):
+                # stderr is inherited: the child's progress lines show as it runs
                 proc = subprocess.run(
                     [sys.executable, __file__, "--one", stage, str(size)],
-                    capture_output=True,
+                    stdout=subprocess.PIPE,
                     text=True,
                 )
                 if proc.returncode != 0:
-                    print(proc.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"benchmark {stage} at {size} failed")
                 line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
                 runs.append(json.loads(line[len("RESULT ") :]))

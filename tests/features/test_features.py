@@ -10,7 +10,8 @@ import pytest
 
 from c360ml.features import FeatureSet, calculate_features, compute_labels
 from c360ml.features.dfs import build_entityset
-from conftest import CFG, T
+
+from .tiny_gold import CFG, T
 
 
 @pytest.fixture(scope="module")

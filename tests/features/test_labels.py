@@ -1,4 +1,4 @@
-"""Population, labels, RFM and cutoffs on the hand-written gold (see conftest)."""
+"""Population, labels, RFM and cutoffs on the hand-written gold (see tiny_gold)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from c360ml.features import (
     training_cutoffs,
 )
 from c360ml.features.gold import StatusTimeline
-from conftest import CFG, DAY, SPEC, T, validate
+
+from .tiny_gold import CFG, DAY, SPEC, T, validate
 
 
 def _labels(gold, cfg=CFG) -> dict[str, int]:

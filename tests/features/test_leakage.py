@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from c360ml.features import calculate_features
-from conftest import DAY, T, _hist, add_rows, validate
+
+from .tiny_gold import DAY, T, _hist, add_rows, validate
 
 LATER = T + 30 * DAY
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from c360ml.features import FeatureSet, build_measures, load_measures, select_features
-from conftest import MEASURES, T
+
+from .tiny_gold import MEASURES, T
 
 
 def _fs(names: list[str]) -> FeatureSet:

@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
         mlflow_dir=tmp / "mlflow",
         feature_spec=tmp / "retention.yaml",
     )
-    return settings, _synthetic_gold(600)
+    return settings, _synthetic_gold(250)
 
 
 def test_run_training_registers_and_gates(setup, monkeypatch):

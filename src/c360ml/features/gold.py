@@ -107,11 +107,18 @@ def read_gold(lake: Lake) -> GoldTables:
     return standardise_gold(GoldTables(**frames))
 
 
+def epoch_ns(s: pd.Series) -> np.ndarray:
+    """int64 nanoseconds since the epoch (UTC); NaT -> int64 min.
+
+    Through `.array.asi8`: `to_numpy()` on tz-aware data boxes every value (~2 us each).
+    """
+    return pd.to_datetime(s, utc=True).dt.as_unit("ns").array.asi8.copy()
+
+
 def _ns(s: pd.Series) -> np.ndarray:
-    """int64 nanoseconds since the epoch (UTC); NaT -> int64 max (open-ended)."""
-    values = pd.to_datetime(s, utc=True).dt.as_unit("ns")
-    out = values.to_numpy(dtype="datetime64[ns]").view("i8").copy()
-    out[values.isna().to_numpy()] = _NS_MAX
+    """Like epoch_ns, but NaT -> int64 max (an open-ended valid_to)."""
+    out = epoch_ns(s)
+    out[out == np.iinfo(np.int64).min] = _NS_MAX
     return out
 
 

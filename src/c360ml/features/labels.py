@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from c360ml.features.gold import GoldTables, StatusTimeline
+from c360ml.features.gold import GoldTables, StatusTimeline, epoch_ns
 from c360ml.features.spec import ChurnConfig, to_utc
 from c360ml.schemas import CustomerProfile, Orders
 
@@ -51,7 +51,7 @@ class _OrderIndex:
         cols = [Orders.order_id, Orders.customer_id, Orders.order_ts, Orders.net_amount]
         cols += [Orders.is_return, Orders.status, Orders.is_cancelled]
         orders = gold.orders[cols]
-        orders = orders.take(np.argsort(orders[Orders.order_ts].to_numpy(), kind="stable"))
+        orders = orders.take(np.argsort(epoch_ns(orders[Orders.order_ts]), kind="stable"))
         # Sorted ids: per-cutoff outputs come out ordered by customer_id without a sort.
         customers = pd.Index(np.sort(gold.customers[CUSTOMER_ID].unique().astype(str)))
         code = customers.get_indexer(orders[Orders.customer_id])
@@ -59,7 +59,7 @@ class _OrderIndex:
         if orphans:
             # A gold integrity problem; such orders cannot belong to a scored profile.
             log.warning("%d orders reference customer ids absent from the profile", orphans)
-        ts = orders[Orders.order_ts].dt.as_unit("ns").to_numpy("datetime64[ns]").view("i8")
+        ts = epoch_ns(orders[Orders.order_ts])
         candidate = (
             ~orders[Orders.is_return].to_numpy(bool)
             & (orders[Orders.net_amount].to_numpy(float) > 0)

@@ -2,15 +2,14 @@
 
 Why a paired bootstrap with weights: the model, the baselines and the oracle are scored
 on the same rows, so their difference is measured on the same resamples (far narrower
-than comparing two separate intervals). Resamples are multinomial row weights, and ROC
-AUC / average precision are computed from per-distinct-score group sums, so 300
-resamples of 500,000 rows run in seconds without copying the data 300 times.
+than comparing two separate intervals). Resamples are Poisson(1) row weights over one
+sort per score, and ROC AUC and average precision come from cumulative sums of those
+weights, so no resample copies or re-sorts the data.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,48 +97,65 @@ def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict
 # ---------------------------------------------------------------- weighted rank metrics
 
 
-def _groups(score: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order and start index of each run of equal scores (ties share a threshold)."""
-    order = np.argsort(-score if descending else score, kind="stable")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    return order, starts
+@dataclass(frozen=True)
+class _Ranked:
+    """One ascending sort of a score, reused by every resample: the row order, the start of
+    each run of equal scores (None when all scores differ) and the labels in that order."""
+
+    order: np.ndarray
+    starts: np.ndarray | None
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, y: np.ndarray, score: np.ndarray) -> _Ranked:
+        score = np.asarray(score, dtype=np.float64)
+        order = np.argsort(score, kind="stable")
+        s = score[order]
+        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+        labels = np.asarray(y).astype(bool)[order]
+        return cls(order, None if len(starts) == len(s) else starts, labels)
+
+    def group_sums(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Weight of churned and retained rows per distinct score (resamples x groups).
+
+        Weights are integer counts, so the sums stay exact integers (int64)."""
+        w = np.asarray(weights)[:, self.order].astype(np.int64, copy=False)
+        pos = w * self.labels
+        neg = w - pos
+        if self.starts is not None:
+            pos = np.add.reduceat(pos, self.starts, axis=1)
+            neg = np.add.reduceat(neg, self.starts, axis=1)
+        return pos, neg
+
+
+def _roc_and_ap(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC (ties count one half) and average precision (sklearn's step definition)
+    from ascending per-group integer weights; exact integer sums until the last division."""
+    cum_pos, cum_neg = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    total_pos, total_neg = cum_pos[:, -1], cum_neg[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # Each churned weight counts the retained weight below it, ties one half.
+        auc = (pos * (2 * cum_neg - neg)).sum(axis=1) / (2.0 * total_pos * total_neg)
+        # Precision at each group's threshold: churned / all weight scored >= it.
+        tp = total_pos[:, None] - cum_pos + pos
+        above = (total_pos + total_neg)[:, None] - (cum_pos + cum_neg) + (pos + neg)
+        ap = (pos * (tp / np.maximum(above, 1))).sum(axis=1) / total_pos
+    return auc, ap
 
 
 def weighted_roc_auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """ROC AUC per row of `weights` (resamples x rows); ties count one half."""
-    y = np.asarray(y).astype(bool)
-    order, starts = _groups(np.asarray(score, dtype=np.float64), descending=False)
-    w = np.asarray(weights, dtype=np.float64)[:, order]
-    yo = y[order]
-    pos = np.add.reduceat(np.where(yo, w, 0.0), starts, axis=1)
-    neg = np.add.reduceat(np.where(yo, 0.0, w), starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    num = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
-    den = pos.sum(axis=1) * neg.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
+    return _roc_and_ap(*_Ranked.of(y, score).group_sums(weights))[0]
 
 
-def weighted_average_precision(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_average_precision(
+    y: np.ndarray, score: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
     """Average precision (sklearn's step definition) per row of `weights`."""
-    y = np.asarray(y).astype(bool)
-    order, starts = _groups(np.asarray(score, dtype=np.float64), descending=True)
-    w = np.asarray(weights, dtype=np.float64)[:, order]
-    yo = y[order]
-    pos = np.add.reduceat(np.where(yo, w, 0.0), starts, axis=1)
-    neg = np.add.reduceat(np.where(yo, 0.0, w), starts, axis=1)
-    tp = np.cumsum(pos, axis=1)
-    fp = np.cumsum(neg, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        return (pos * precision).sum(axis=1) / pos.sum(axis=1)
+    return _roc_and_ap(*_Ranked.of(y, score).group_sums(weights))[1]
 
 
-METRIC_FUNCS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
-    "roc_auc": weighted_roc_auc,
-    "pr_auc": weighted_average_precision,
-}
+METRICS = ("roc_auc", "pr_auc")
 
 
 @dataclass(frozen=True)
@@ -160,19 +176,22 @@ def paired_bootstrap(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Resampled ROC AUC and PR AUC of every score on the same resamples.
 
-    Returns {metric: {score name: array of length `resamples`}}.
+    Resamples are Poisson(1) row weights (the Poisson bootstrap: the large-n equivalent of
+    drawing n rows with replacement, and far cheaper to draw). Returns
+    {metric: {score name: array of length `resamples`}}.
     """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
-    n = len(y)
-    out: dict[str, dict[str, list[np.ndarray]]] = {m: {k: [] for k in scores} for m in METRIC_FUNCS}
+    ranked = {name: _Ranked.of(y, s) for name, s in scores.items()}
+    out: dict[str, dict[str, list[np.ndarray]]] = {m: {k: [] for k in scores} for m in METRICS}
     done = 0
     while done < resamples:
         b = min(BOOTSTRAP_CHUNK, resamples - done)
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float32)
-        for metric, func in METRIC_FUNCS.items():
-            for name, s in scores.items():
-                out[metric][name].append(func(y, s, weights))
+        weights = rng.poisson(1.0, size=(b, len(y))).astype(np.int32)
+        for name, r in ranked.items():
+            auc, ap = _roc_and_ap(*r.group_sums(weights))
+            out["roc_auc"][name].append(auc)
+            out["pr_auc"][name].append(ap)
         done += b
     return {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in out.items()}
 
@@ -201,12 +220,11 @@ def bootstrap_intervals(
     if oracle is not None:
         scores["oracle"] = oracle
     boot = paired_bootstrap(y, scores, resamples=resamples, seed=seed)
-    full = {
-        m: {k: float(f(y, s, np.ones((1, len(y))))[0]) for k, s in scores.items()}
-        for m, f in METRIC_FUNCS.items()
-    }
+    ones = np.ones((1, len(y)), dtype=np.int32)
+    points = {k: _roc_and_ap(*_Ranked.of(y, s).group_sums(ones)) for k, s in scores.items()}
+    full = {m: {k: float(v[i][0]) for k, v in points.items()} for i, m in enumerate(METRICS)}
     out: dict[str, float] = {}
-    for m in METRIC_FUNCS:
+    for m in METRICS:
         b, f = boot[m], full[m]
         out |= interval(f["model"], b["model"]).to_dict(m)
         out |= interval(f["model"] - f["rfm"], b["model"] - b["rfm"]).to_dict(f"{m}_minus_rfm")

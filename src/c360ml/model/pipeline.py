@@ -338,6 +338,7 @@ def run_training(
     if oracle is not None:
         result.test["oracle"] = result.test[CUSTOMER].map(oracle)
     lap("train_seconds")
+    seconds |= {f"train.{k}": v for k, v in result.seconds.items()}
 
     bundle = registry.build_bundle(result, fs.dtypes, fs.to_json(), cfg.to_dict(), as_of)
 

@@ -251,23 +251,26 @@ def decide(
     if champion is None:
         note = "" if challenger.grade != "C" else " (warning: grade C)"
         return GateDecision(True, f"no champion yet: challenger becomes champion{note}", None)
-    if challenger.grade == "C":
-        return GateDecision(False, "challenger has grade C", comparable)
     if not comparable:
+        why = "champion not comparable (its labels overlap the new test window)"
         low = challenger.roc_auc_minus_rfm_ci_low
-        if low is not None and low > 0:
+        beats_rfm = low is not None and low > 0
+        if challenger.grade == "C":
+            return GateDecision(False, f"{why}; challenger has grade C", False)
+        if beats_rfm:
             return GateDecision(
                 True,
-                "champion not comparable (its labels overlap the new test window); challenger "
-                f"beats the RFM baseline (ROC AUC difference interval low {low:.4f} > 0)",
+                f"{why}; challenger beats the RFM baseline (ROC AUC difference interval low "
+                f"{low:.4f} > 0) and has grade {challenger.grade}",
                 False,
             )
         return GateDecision(
             False,
-            "champion not comparable (its labels overlap the new test window) and the "
-            "challenger does not beat the RFM baseline with an interval above zero",
+            f"{why}; challenger does not beat the RFM baseline with an interval above 0",
             False,
         )
+    if challenger.grade == "C":
+        return GateDecision(False, "challenger has grade C", True)
     tol = evaluate.TIE_TOLERANCE
     ok_roc = challenger.roc_auc >= champion.roc_auc - tol
     ok_pr = challenger.pr_auc >= champion.pr_auc - tol

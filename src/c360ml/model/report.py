@@ -190,7 +190,7 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
     flag = (
         f"\n> **Evaluation is optimistic.** {plan.reason}\n"
         if plan.optimistic
-        else f"\nEvaluation is out of time: {plan.reason}.\n"
+        else f"\nEvaluation is {plan.reason}.\n"
     )
     rows = [
         ("ROC AUC", "test_roc_auc", "rfm_logistic_roc_auc", "recency_roc_auc", "oracle_roc_auc"),
@@ -279,7 +279,7 @@ Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grad
 - Validation: {plan.to_dict()["validation_cutoff"]} (early stopping, calibration choice)
 - Test: {plan.test_cutoff.date()} (reported metrics, grade, champion gate)
 - After evaluation the booster was **refitted on all cutoffs** with the same settings and
-  {result.n_trees} trees. All metrics above are measured on the **pre-refit** model; the
+  {result.n_trees} trees. All metrics below are measured on the **pre-refit** model; the
   refitted model's test-cutoff ROC AUC {_f(m["refit_insample_test_roc_auc"])} is in sample
   (it saw those labels) and is not a measurement.
 
