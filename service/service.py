@@ -71,8 +71,9 @@ class BearerAuth:
             return await _reply(send, 413, f"request body of {size} bytes is over {limit} bytes")
         if not self.dev and not self._allowed(scope["path"], headers.get(b"authorization", b"")):
             client = (scope.get("client") or ("?",))[0]
-            log.warning(json.dumps({"event": "unauthorized", "path": scope["path"],
-                                    "client": client}))
+            log.warning(
+                json.dumps({"event": "unauthorized", "path": scope["path"], "client": client})
+            )
             return await _reply(send, 401, "missing or invalid bearer token")
         return await self.app(scope, receive, send)
 
@@ -87,9 +88,16 @@ class BearerAuth:
 
 async def _reply(send: Any, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -113,8 +121,12 @@ class RetentionService:
             "trained_as_of": str(self.bundle.trained_as_of) if self.bundle.trained_as_of else None,
         }
         self.schema = scoring.feature_schema(self.bundle)
-        log.info("loaded %s version %s (%d features)", self.info["name"], self.info["version"],
-                 len(self.bundle.feature_names))
+        log.info(
+            "loaded %s version %s (%d features)",
+            self.info["name"],
+            self.info["version"],
+            len(self.bundle.feature_names),
+        )
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -129,9 +141,17 @@ class RetentionService:
         for item in items:
             item["_explain"] = explain
         predictions = await self.to_async.score_rows(items)
-        log.info(json.dumps({"event": "predict", "model_version": self.info["version"],
-                             "rows": len(rows), "explain": explain,
-                             "latency_ms": round(1000 * (time.perf_counter() - started), 2)}))
+        log.info(
+            json.dumps(
+                {
+                    "event": "predict",
+                    "model_version": self.info["version"],
+                    "rows": len(rows),
+                    "explain": explain,
+                    "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                }
+            )
+        )
         return {"model": {**self.info, "explain": explain}, "predictions": predictions}
 
     @bentoml.api(route="/score_rows", batchable=True, max_batch_size=20_000, max_latency_ms=25)
@@ -140,8 +160,9 @@ class RetentionService:
         frame = pd.DataFrame(items)
         out: list[dict[str, Any] | None] = [None] * len(frame)
         for method, part in frame.groupby("_explain", sort=False):
-            scored = scoring.score(self.bundle, part.drop(columns="_explain"), method,
-                                   validate=False)
+            scored = scoring.score(
+                self.bundle, part.drop(columns="_explain"), method, validate=False
+            )
             for pos, record in zip(part.index, _records(scored), strict=True):
                 out[pos] = record
         return out  # type: ignore[return-value]
@@ -163,15 +184,22 @@ class RetentionService:
             nonlocal rows
             header = True
             for chunk in (c for group in ([first], chunks) for c in group):
-                scored = scoring.score(self.bundle, self._validated(chunk), explain,
-                                       validate=False)
+                scored = scoring.score(self.bundle, self._validated(chunk), explain, validate=False)
                 scored["InfluentialFactors"] = [json.dumps(f) for f in _records_factors(scored)]
                 rows += len(scored)
                 yield scored.to_csv(index=False, header=header)
                 header = False
-            log.info(json.dumps({"event": "score-table", "model_version": self.info["version"],
-                                 "rows": rows, "explain": explain,
-                                 "latency_ms": round(1000 * (time.perf_counter() - started), 2)}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "score-table",
+                        "model_version": self.info["version"],
+                        "rows": rows,
+                        "explain": explain,
+                        "latency_ms": round(1000 * (time.perf_counter() - started), 2),
+                    }
+                )
+            )
 
         return stream()
 
@@ -192,12 +220,18 @@ class RetentionService:
         return {
             **self.info,
             "churn_definition": meta.get("churn_config"),
-            "features": [{"name": n, "dtype": self.bundle.feature_dtypes.get(n, "float32")}
-                         for n in self.bundle.feature_names],
-            "thresholds": {"IsChurn": self.bundle.thresholds.is_churn,
-                           "RiskLevel": {"Low": f"< {self.bundle.thresholds.medium}",
-                                         "Medium": f"< {self.bundle.thresholds.high}",
-                                         "High": f">= {self.bundle.thresholds.high}"}},
+            "features": [
+                {"name": n, "dtype": self.bundle.feature_dtypes.get(n, "float32")}
+                for n in self.bundle.feature_names
+            ],
+            "thresholds": {
+                "IsChurn": self.bundle.thresholds.is_churn,
+                "RiskLevel": {
+                    "Low": f"< {self.bundle.thresholds.medium}",
+                    "Medium": f"< {self.bundle.thresholds.high}",
+                    "High": f">= {self.bundle.thresholds.high}",
+                },
+            },
             "explain_methods": ["exact", "approx", "none"],
             "default_explain": scoring.DEFAULT_EXPLAIN,
             "test_metrics": meta.get("test_metrics"),
@@ -233,8 +267,10 @@ def _table_chunks(path: Path) -> Generator[pd.DataFrame, None, None]:
                 yield batch.to_pandas()
             return
         reader = pcsv.open_csv(
-            path, read_options=pcsv.ReadOptions(block_size=8 << 20),
-            convert_options=pcsv.ConvertOptions(column_types={"CustomerId": pa.string()}))
+            path,
+            read_options=pcsv.ReadOptions(block_size=8 << 20),
+            convert_options=pcsv.ConvertOptions(column_types={"CustomerId": pa.string()}),
+        )
         buffer: list[pd.DataFrame] = []
         for batch in reader:
             buffer.append(batch.to_pandas())
@@ -251,13 +287,14 @@ def _table_ids(path: Path) -> pd.Series:
     try:
         if _is_parquet(path):
             return pq.read_table(path, columns=["CustomerId"])["CustomerId"].to_pandas()
-        return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-            include_columns=["CustomerId"], column_types={"CustomerId": pa.string()}
-        ))["CustomerId"].to_pandas()
+        return pcsv.read_csv(
+            path,
+            convert_options=pcsv.ConvertOptions(
+                include_columns=["CustomerId"], column_types={"CustomerId": pa.string()}
+            ),
+        )["CustomerId"].to_pandas()
     except (pa.ArrowInvalid, KeyError) as exc:
         raise InvalidArgument(f"{path.name}: no CustomerId column ({exc})") from None
 
 
 RetentionService.add_asgi_middleware(BearerAuth)
-
-

@@ -135,9 +135,14 @@ def test_vectorised_phone_path_agrees_with_phonenumbers():
     rng = np.random.default_rng(0)
     digits = [f"{n:010d}" for n in rng.integers(0, 10**10, 3000)]
     formats = [
-        lambda d: d, lambda d: f"({d[:3]}) {d[3:6]}-{d[6:]}", lambda d: f"+1 {d[:3]} {d[3:6]} {d[6:]}",
-        lambda d: f"{d[:3]}.{d[3:6]}.{d[6:]}", lambda d: f"1-{d[:3]}-{d[3:6]}-{d[6:]}",
-        lambda d: f"+44 {d[:4]} {d[4:]}", lambda d: d[:7], lambda d: f"x{d}",
+        lambda d: d,
+        lambda d: f"({d[:3]}) {d[3:6]}-{d[6:]}",
+        lambda d: f"+1 {d[:3]} {d[3:6]} {d[6:]}",
+        lambda d: f"{d[:3]}.{d[3:6]}.{d[6:]}",
+        lambda d: f"1-{d[:3]}-{d[3:6]}-{d[6:]}",
+        lambda d: f"+44 {d[:4]} {d[4:]}",
+        lambda d: d[:7],
+        lambda d: f"x{d}",
     ]
     raw = pd.Series([formats[i % len(formats)](d) for i, d in enumerate(digits)] + [None])
     fast = normalise_phones(raw)

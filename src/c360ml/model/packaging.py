@@ -54,6 +54,7 @@ def import_champion(settings: Settings, alias: str = CHAMPION) -> PackagedModel:
     }
     with bentoml.models.create(settings.model_name, labels=labels, metadata=metadata) as model:
         bundle.save(model.path_of(BUNDLE_DIR))
-    log.info("imported %s version %s into BentoML as %s", settings.model_name, mv.version,
-             model.tag)
+    log.info(
+        "imported %s version %s into BentoML as %s", settings.model_name, mv.version, model.tag
+    )
     return PackagedModel(str(model.tag), str(mv.version), fresh=True)
