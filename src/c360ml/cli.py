@@ -60,6 +60,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion import build
 
+    if args.layer == "measures":
+        return cmd_measures(args, settings)
     steps: dict[str, Callable] = {
         "silver": build.build_silver,
         "unify": build.build_unify,
@@ -75,6 +77,51 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
             continue
         summary = steps[step](settings)
         _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
+
+
+def _as_of(text: str | None):
+    import pandas as pd
+
+    return None if text is None else pd.Timestamp(text, tz="UTC")
+
+
+def cmd_measures(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.refresh import build_measures_table
+
+    result = build_measures_table(settings, _as_of(args.as_of))
+    _print_rows("gold/customer_measures", result.rows())
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.model.pipeline import run_training
+
+    summary = run_training(settings, _as_of(args.as_of), args.tune, args.sample_rate)
+    _print_rows(f"train {settings.model_name}", summary.rows())
+    console.print(f"MLflow: {settings.tracking_uri}  (UI: make mlflow-ui)")
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import os
+    import subprocess
+
+    from c360ml.model.packaging import import_champion
+
+    packaged = import_champion(settings)
+    console.print(f"serving {settings.model_name} version {packaged.version} ({packaged.tag})")
+    env = dict(os.environ)
+    if args.dev:
+        env["C360ML_DEV_NO_AUTH"] = "1"
+        console.print("[bold red]DEVELOPMENT MODE: no authentication[/]")
+    cmd = [
+        "bentoml",
+        "serve",
+        "service.service:RetentionService",
+        "--port",
+        str(args.port),
+        "--host",
+        args.host,
+    ]
+    subprocess.run(cmd, cwd=settings.root, env=env, check=True)
 
 
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> None:
@@ -103,8 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     ing.set_defaults(func=cmd_ingest)
 
     bld = sub.add_parser("build", help="build lake layers")
-    bld.add_argument("layer", choices=["silver", "unify", "gold", "all"])
+    bld.add_argument("layer", choices=["silver", "unify", "gold", "all", "measures"])
+    bld.add_argument("--as-of", default=None, help="measures: UTC date (default: latest event)")
     bld.set_defaults(func=cmd_build)
+
+    trn = sub.add_parser("train", help="train, evaluate, register and gate the churn model")
+    trn.add_argument("--as-of", required=True, help="trained_as_of, a UTC date YYYY-MM-DD")
+    trn.add_argument("--tune", type=int, default=0, help="Optuna trials (off by default)")
+    trn.add_argument("--sample-rate", type=float, default=None, help="share of customers")
+    trn.set_defaults(func=cmd_train)
+
+    srv = sub.add_parser("serve", help="serve the champion with BentoML")
+    srv.add_argument("--port", type=int, default=3000)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--dev", action="store_true", help="no authentication (development only)")
+    srv.set_defaults(func=cmd_serve)
 
     dsc = sub.add_parser("describe", help="show the tables and columns of a layer")
     dsc.add_argument("layer", choices=["bronze", "silver", "gold"])

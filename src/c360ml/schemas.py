@@ -116,6 +116,40 @@ class StatusHistory(_Gold):
     valid_to: Series[UTC_TS] = pa.Field(nullable=True)
 
 
+class CustomerMeasures(pa.DataFrameModel):
+    """gold/customer_measures keys; one further column per measure of features/measures.yaml."""
+
+    customer_id: Series[str]
+    as_of: Series[UTC_TS]
+
+
+class ChurnScores(_Gold):
+    """gold/churn_scores: every profile at every ScoredAsOf, in CI-D's names.
+
+    ScoreStatus: scored | inactive (no purchase in the lookback) | insufficient_history
+    (no purchase at or before ScoredAsOf); the score columns are empty unless scored.
+    """
+
+    CustomerId: Series[str]
+    ChurnScore: Series[float] = pa.Field(ge=0, le=1, nullable=True)
+    IsChurn: Series[pd.BooleanDtype] = pa.Field(nullable=True)
+    RiskLevel: Series[str] = pa.Field(isin=["Low", "Medium", "High"], nullable=True)
+    InfluentialFactors: Series[str] = pa.Field(nullable=True)  # JSON list of factors
+    ExplainMethod: Series[str] = pa.Field(isin=["exact", "approx", "none"])
+    ModelVersion: Series[str]
+    ScoredAsOf: Series[UTC_TS]
+    ScoredAt: Series[UTC_TS]
+    ScoreStatus: Series[str] = pa.Field(isin=["scored", "inactive", "insufficient_history"])
+
+
+class SegmentMembership(pa.DataFrameModel):
+    """gold/segment_membership: who is in which segment at which as_of."""
+
+    segment: Series[str]
+    customer_id: Series[str]
+    as_of: Series[UTC_TS]
+
+
 def columns(model: type[pa.DataFrameModel]) -> list[str]:
     """The declared column names of a model, in order."""
     return list(model.to_schema().columns)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict
 from rapidfuzz import fuzz, process
@@ -85,13 +85,22 @@ def load_rules(path: Path) -> UnifyRules:
 
 
 def _fold(text: pd.Series) -> pd.Series:
-    """Case- and accent-folded, letters/digits/spaces only: 'José  O'Neil' -> 'jose oneil'."""
+    """Case- and accent-folded, letters/digits/spaces only: 'José  O'Neil' -> 'jose oneil'.
 
-    def one(s: str) -> str:
-        s = unicodedata.normalize("NFKD", s).encode("ascii", "ignore").decode().lower()
-        return " ".join("".join(ch for ch in s if ch.isalnum() or ch == " ").split())
-
-    return text.map(one, na_action="ignore").replace("", None)
+    Vectorised in Arrow over the distinct values (names repeat a lot): NFKD, drop what
+    is not ASCII (the accents), lower case, keep [a-z0-9 ], collapse spaces.
+    """
+    values = pa.array(text.astype(object), pa.string())
+    encoded = values.dictionary_encode()
+    names = encoded.dictionary
+    names = pc.utf8_normalize(names, "NFKD")
+    names = pc.replace_substring_regex(names, r"[^\x00-\x7f]", "")
+    names = pc.ascii_lower(names)
+    names = pc.replace_substring_regex(names, r"[^a-z0-9 ]", "")
+    names = pc.utf8_trim(pc.replace_substring_regex(names, r" +", " "), " ")
+    folded = pc.take(names, encoded.indices)
+    folded = pc.if_else(pc.equal(folded, ""), pa.scalar(None, pa.string()), folded)
+    return pd.Series(folded.to_numpy(zero_copy_only=False), index=text.index, dtype=object)
 
 
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
@@ -211,12 +220,16 @@ def assign_ids(
     cluster_id = dict(zip(chosen["cluster"], chosen["old_id"], strict=True))
     used = set(cluster_id.values()) | set(with_old["old_id"])
     founders = frame.drop_duplicates("cluster")
-    for row in founders[~founders["cluster"].isin(cluster_id)].itertuples():
-        salt, cid = 0, new_id(row.source, row.source_key)
-        while cid in used:
+    founders = founders[~founders["cluster"].isin(cluster_id)]
+    fresh = [new_id(s, k) for s, k in zip(founders["source"], founders["source_key"], strict=True)]
+    for cl, src, key, cid in zip(
+        founders["cluster"], founders["source"], founders["source_key"], fresh, strict=True
+    ):
+        salt = 0
+        while cid in used:  # a collision with an existing or already given id: rare
             salt += 1
-            cid = new_id(row.source, row.source_key, salt)
-        cluster_id[row.cluster] = cid
+            cid = new_id(src, key, salt)
+        cluster_id[cl] = cid
         used.add(cid)
     retired = owner[~owner["old_id"].isin(chosen["old_id"])]
     redirects = pd.DataFrame(
@@ -245,9 +258,18 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
     grouped = frame.groupby("customer_id")
     merged["created_ts"] = grouped["created_ts"].min()
     merged["source_count"] = grouped.size()
-    merged["sources"] = grouped["source"].agg(
-        lambda s: ",".join(sorted(set(s), key=lambda x: rank.get(x, 99)))
-    )
+    # The distinct sources of each customer in priority order, without a Python call per
+    # customer: one indicator column per source, then one string per combination.
+    present = pd.crosstab(frame["customer_id"], frame["source"]).gt(0)
+    ordered = sorted(present.columns, key=lambda x: (rank.get(x, len(rank)), x))
+    present = present[ordered]
+    combo = pd.Series(0, index=present.index, dtype=np.int64)
+    for bit, src in enumerate(ordered):
+        combo |= present[src].to_numpy(dtype=np.int64) << bit
+    names = {
+        c: ",".join(src for bit, src in enumerate(ordered) if c >> bit & 1) for c in combo.unique()
+    }
+    merged["sources"] = combo.map(names)
     merged["full_name"] = (
         (merged["first_name"].fillna("") + " " + merged["last_name"].fillna(""))
         .str.strip()

@@ -86,3 +86,40 @@ def test_tuning_needs_optuna_before_any_work(setup):
     settings, _ = setup
     with pytest.raises(ValueError, match="optuna"):
         run_training(settings, AS_OF, tune=5)
+
+
+def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
+    """Truth persons -> gold customers; a customer merged from two persons churns only if
+    neither buys, so its churn probability is the product of their no-purchase chances."""
+    import sys
+    import types
+
+    from c360ml.lake import Lake
+    from c360ml.model.pipeline import oracle_churn_probability
+
+    settings = Settings(root=tmp_path, lake_root=tmp_path / "lake", truth_root=tmp_path / "truth")
+    settings.truth.mkdir(parents=True)
+    pd.DataFrame(
+        {"person_id": ["p1", "p2", "p3"], "source": "d365", "source_key": ["k1", "k2", "k3"]}
+    ).to_parquet(settings.truth / "person_keys.parquet")
+    source_map = pd.DataFrame(
+        {"source": "d365", "source_key": ["k1", "k2", "k3"], "customer_id": ["A", "B", "B"]}
+    )
+    Lake(settings.lake).write(source_map, "gold", "customer_source_map", mode="overwrite")
+    calls = {}
+
+    def fake_oracle(truth_dir, person_ids, t, window_days):
+        calls["args"] = (sorted(person_ids), t, window_days)
+        return pd.Series({"p1": 0.2, "p2": 0.5, "p3": 0.6})
+
+    fake = types.ModuleType("c360ml.synth")
+    fake.oracle_purchase_probability = fake_oracle
+    monkeypatch.setitem(sys.modules, "c360ml.synth", fake)
+    cutoff = pd.Timestamp("2025-10-02", tz="UTC")
+    churn = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
+    assert calls["args"] == (["p1", "p2", "p3"], cutoff, 90)
+    assert churn["A"] == pytest.approx(0.8)
+    assert churn["B"] == pytest.approx(0.5 * 0.4)
+    # Without a truth folder there is no oracle (real data).
+    empty = Settings(root=tmp_path, truth_root=tmp_path / "none")
+    assert oracle_churn_probability(empty, pd.Series(["A"]), cutoff, 90) is None

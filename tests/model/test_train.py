@@ -108,3 +108,17 @@ def test_search_space_caps_depth_for_the_scoring_budget():
 def test_tuning_without_optuna_says_what_to_install():
     with pytest.raises(ValueError, match="pip install optuna"):
         train.require_optuna()
+
+
+def test_oracle_figures_when_true_probabilities_are_given(synthetic, small_config):
+    matrix, rfm = synthetic
+    last = matrix[matrix.cutoff_time == matrix.cutoff_time.max()]
+    f = last[list(FEATURES)].to_numpy(np.float64)
+    margin = 1.6 * f[:, 0] - 1.2 * f[:, 1] + 0.8 * f[:, 0] * f[:, 2]  # make_matrix's process
+    oracle = pd.Series(1 / (1 + np.exp(-margin)), index=last.customer_id.to_numpy())
+    result = train_and_evaluate(matrix, FEATURES, rfm, WINDOW_DAYS, small_config, oracle=oracle)
+    m = result.metrics
+    assert m["oracle_roc_auc"] >= m["test_roc_auc"] - 0.02
+    assert m["test_roc_auc_over_oracle"] == pytest.approx(m["test_roc_auc"] / m["oracle_roc_auc"])
+    assert 0.5 < m["test_roc_auc_headroom_closed"] <= 1.2
+    assert m["test_roc_auc_headroom_closed_ci_low"] < m["test_roc_auc_headroom_closed_ci_high"]

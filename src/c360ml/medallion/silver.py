@@ -9,7 +9,6 @@ bronze current-state rows = silver rows + quarantined rows.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 log = logging.getLogger(__name__)
 
 BRONZE_VERSION_KEY = "c360ml.bronze_version"
+BRONZE_CURRENT_KEY = "c360ml.bronze_current"  # accounting: bronze current-state rows
 ACTION = "_action"
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
@@ -131,25 +131,40 @@ def normalise_phone(raw: str, region: str = DEFAULT_PHONE_REGION) -> str:
 
 
 def normalise_phones(values: pd.Series) -> pd.Series:
-    """normalise_phone over a column, fast for the common case.
+    """normalise_phone over a pandas column (object dtype, None for missing)."""
+    out = normalise_phones_arrow(pa_arrow.array(values.astype(object), pa_arrow.string()))
+    return pd.Series(out.to_pylist(), index=values.index, dtype=object)
+
+
+def normalise_phones_arrow(values: pa_arrow.Array | pa_arrow.ChunkedArray) -> pa_arrow.Array:
+    """normalise_phone over an Arrow string column, fast for the common case.
 
     NANP numbers written as 10 digits (or 1 + 10 digits) whose area code and exchange
     start with 2-9 are what phonenumbers turns into "+1" + the 10 digits (a test checks
     the two agree); they are done vectorised, everything else goes through phonenumbers
     once per distinct value.
     """
-    text = values.astype("string").str.strip()
-    digits = text.str.replace(r"[\s().\-]", "", regex=True)
-    nanp = digits.str.fullmatch(r"(\+?1)?[2-9]\d{2}[2-9]\d{6}").fillna(False) & ~(
-        digits.str.startswith("+").fillna(False) & ~digits.str.startswith("+1").fillna(False)
+    if isinstance(values, pa_arrow.ChunkedArray):
+        values = values.combine_chunks()
+    text = pc.utf8_trim_whitespace(values)
+    digits = pc.replace_substring_regex(text, r"[\s().\-]", "")
+    nanp = pc.fill_null(
+        pc.and_(
+            pc.match_substring_regex(digits, r"^(\+?1)?[2-9]\d{2}[2-9]\d{6}$"),
+            pc.invert(
+                pc.and_(pc.starts_with(digits, "+"), pc.invert(pc.starts_with(digits, "+1")))
+            ),
+        ),
+        False,
     )
-    out = ("+1" + digits.str[-10:]).where(nanp)
-    rest = text[~nanp & text.notna()]
-    if len(rest):
-        unique = rest.drop_duplicates()
-        mapped = dict(zip(unique, (normalise_phone(v) for v in unique), strict=True))
-        out[rest.index] = rest.map(mapped)
-    return out.astype(object).where(values.notna(), None)
+    fast = pc.binary_join_element_wise("+1", pc.utf8_slice_codeunits(digits, -10), "")
+    rest = pc.and_(pc.invert(nanp), pc.is_valid(text))
+    slow = pa_arrow.nulls(len(text), pa_arrow.string())
+    if pc.any(rest).as_py():
+        unique = pc.unique(text.filter(rest))
+        mapped = pa_arrow.array([normalise_phone(v) for v in unique.to_pylist()], pa_arrow.string())
+        slow = pc.take(mapped, pc.index_in(text, unique))
+    return pc.if_else(nanp, fast, slow)
 
 
 def trim_strings(table: pa_arrow.Table) -> pa_arrow.Table:
@@ -162,27 +177,44 @@ def trim_strings(table: pa_arrow.Table) -> pa_arrow.Table:
     return out
 
 
-def standardise(frame: pd.DataFrame, rules: Rules) -> pd.DataFrame:
-    """Lower-case e-mails, E.164 phones, alpha-2 countries (strings are already trimmed)."""
-    out = frame.copy()
-    lower = functools.partial(_apply_str, fn=str.lower)
+def standardise(table: pa_arrow.Table, rules: Rules) -> pa_arrow.Table:
+    """Lower-case e-mails, E.164 phones, alpha-2 countries (strings are already trimmed).
+
+    In Arrow: only the declared columns are touched, so a table without such rules
+    passes through unchanged (no copy, no pandas round trip).
+    """
+    out = table
+
+    def put(name: str, values) -> None:
+        nonlocal out
+        i = out.schema.get_field_index(name)
+        out = out.set_column(i, out.schema.field(i), values)
+
     for col in rules.emails:
-        out[col] = lower(out[col])
+        put(col, pc.utf8_lower(out[col]))
     for col in rules.phones:
-        out[col] = normalise_phones(out[col])
+        put(col, normalise_phones_arrow(out[col]))
     for col in rules.countries:
-        upper = _apply_str(out[col], str.upper)
-        out[col] = upper.map(COUNTRIES).fillna(upper)
+        upper = pc.utf8_upper(out[col])
+        keys = pa_arrow.array(list(COUNTRIES), pa_arrow.string())
+        mapped = pc.take(pa_arrow.array(list(COUNTRIES.values())), pc.index_in(upper, keys))
+        put(col, pc.coalesce(mapped, upper))
     if rules.locator:
-        is_phone, is_email = out["type"] == PHONE_TYPE, out["type"] == EMAIL_TYPE
-        out.loc[is_email, "locator"] = lower(out.loc[is_email, "locator"])
-        out.loc[is_phone, "locator"] = normalise_phones(out.loc[is_phone, "locator"])
+        kind = out["type"]
+        locator = out["locator"]
+        put(
+            "locator",
+            pc.if_else(
+                pc.fill_null(pc.equal(kind, EMAIL_TYPE), False),
+                pc.utf8_lower(locator),
+                pc.if_else(
+                    pc.fill_null(pc.equal(kind, PHONE_TYPE), False),
+                    normalise_phones_arrow(locator),
+                    locator,
+                ),
+            ),
+        )
     return out
-
-
-def _apply_str(values: pd.Series, fn) -> pd.Series:
-    """A string function over a column that may be all-null (object dtype of None)."""
-    return values.map(fn, na_action="ignore")
 
 
 def resolve_changes(table: pa_arrow.Table, key: tuple[str, ...]) -> pa_arrow.Table:
@@ -244,6 +276,41 @@ def split_valid(
     return frame[~bad], rejected
 
 
+def failed_checks(table: pa_arrow.Table, source: SourceTable, rules: Rules) -> pa_arrow.Array:
+    """Per row, the first failed check of the same declaration `silver_schema` builds
+    (null = valid), vectorised in Arrow: what pandera would reject, at Arrow speed on
+    20M-row fact tables. Reasons read as pandera's: "<column>: <check>"."""
+    reason = pa_arrow.nulls(len(table), pa_arrow.string())
+
+    def fail(mask, text: str) -> None:
+        nonlocal reason
+        mask = pc.fill_null(mask, False)
+        reason = pc.if_else(pc.and_(mask, pc.is_null(reason)), text, reason)
+
+    for col in source.columns:
+        if col.name in DROPPED:
+            continue
+        if col.name in rules.required or col.name in source.key:
+            fail(pc.is_null(table[col.name]), f"{col.name}: not_nullable")
+        if col.name in rules.non_negative:
+            fail(pc.less(table[col.name], 0), f"{col.name}: greater_than_or_equal_to(0)")
+    for a, b in rules.ordered:
+        fail(pc.greater(table[a], table[b]), f"row: {a} <= {b}")
+    return reason
+
+
+def split_valid_arrow(
+    table: pa_arrow.Table, source: SourceTable, rules: Rules
+) -> tuple[pa_arrow.Table, pa_arrow.Table]:
+    """(valid rows, rejected rows with `_reason`), as split_valid does with pandera."""
+    reason = failed_checks(table, source, rules)
+    bad = pc.is_valid(reason)
+    return (
+        table.filter(pc.invert(bad)),
+        table.filter(bad).append_column(REASON, reason.filter(bad)),
+    )
+
+
 # ---------------------------------------------------------------- lake edges
 
 
@@ -271,27 +338,39 @@ def _last_bronze_version(lake: Lake, name: str) -> int | None:
 
 
 def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
+    """Merge the bronze rows added since the last build into silver (and its quarantine).
+
+    All in Arrow: resolve (DuckDB), standardise and check (Arrow compute), merge (Delta).
+    The accounting's left side (bronze current-state rows) is carried in the commit
+    metadata and moved by each batch, counted independently of the merge (see
+    `_current_delta`), so a build does not re-read the whole change feed.
+    """
     started = time.perf_counter()
     result = SilverResult(table.name)
     rules = RULES[table.name]
     since = _last_bronze_version(lake, table.name)
+    previous_current = _last_bronze_current(lake, table.name)
     raw, bronze_version = _new_bronze(lake, table, since)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
-        latest = standardise(resolve_changes(trim_strings(raw), table.key).to_pandas(), rules)
-        deleted = latest["IsDelete"].fillna(False).astype(bool)
-        keep = [c for c in latest.columns if c not in DROPPED]
-        good, bad = split_valid(
-            latest.loc[~deleted, keep].reset_index(drop=True), silver_schema(table, rules)
-        )
-        removed = latest.loc[deleted, keep]
-        meta = {BRONZE_VERSION_KEY: str(bronze_version)}
+        latest = standardise(resolve_changes(trim_strings(raw), table.key), rules)
+        deleted = pc.fill_null(latest["IsDelete"], False)
+        keep = [c for c in latest.column_names if c not in DROPPED]
+        good, bad = split_valid_arrow(latest.filter(pc.invert(deleted)).select(keep), table, rules)
+        removed = latest.filter(deleted).select(keep)
+        if since is None or previous_current is None:
+            current = bronze_current_rows(lake, table) if since is not None else None
+            if current is None:  # first build: the batch is the whole feed
+                current = len(latest) - pc.sum(deleted).as_py()
+        else:
+            current = previous_current + _current_delta(lake, table, latest)
+        meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
         _apply(
             lake,
             ("silver", table.name),
             table.key,
             upsert=good,
-            remove=pd.concat([removed, bad[keep]]),
+            remove=pa_arrow.concat_tables([removed, bad.select(keep)]),
             schema=silver_arrow_schema(table),
             meta=meta,
         )
@@ -300,15 +379,57 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
             ("quarantine", "silver", table.name),
             table.key,
             upsert=bad,
-            remove=pd.concat([removed, good]).assign(**{REASON: None}),
+            remove=pa_arrow.concat_tables([removed, good]),
             schema=silver_arrow_schema(table, quarantine=True),
             meta=meta,
         )
+        result.bronze_current = current
+    else:
+        result.bronze_current = (
+            previous_current if previous_current is not None else bronze_current_rows(lake, table)
+        )
     result.silver_rows = _count(lake, "silver", table.name)
     result.quarantined = _count(lake, "quarantine", "silver", table.name)
-    result.bronze_current = bronze_current_rows(lake, table)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _last_bronze_current(lake: Lake, name: str) -> int | None:
+    """The bronze current-state count recorded by the last silver commit, if any."""
+    if not lake.exists("silver", name):
+        return None
+    found = [
+        int(m[BRONZE_CURRENT_KEY])
+        for m in lake.commit_metadata("silver", name)
+        if BRONZE_CURRENT_KEY in m
+    ]
+    return found[-1] if found else None
+
+
+def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> int:
+    """How a resolved batch moves the count of current keys, from the state before it.
+
+    A key is current before the batch iff it is in silver or its quarantine (the
+    invariant the accounting checks). The batch adds the keys it brings that were not
+    current and are not deleted, and removes current keys whose newest version in the
+    batch is a newer delete; older (late) versions change nothing.
+    """
+    con = duckdb.connect()
+    cols = [*table.key, "versionnumber", "SinkModifiedOn"]
+    con.register("b", latest.select([*cols, "IsDelete"]))
+    prev = [("silver", table.name), ("quarantine", "silver", table.name)]
+    parts = [lake.dataset(*w).to_table(columns=cols) for w in prev if lake.exists(*w)]
+    con.register("t", pa_arrow.concat_tables(parts) if parts else latest.select(cols).slice(0, 0))
+    on = " AND ".join(f'b."{k}" = t."{k}"' for k in table.key)
+    newer = NEWER.replace("s.", "b.")
+    added, removed = con.execute(
+        f"""SELECT
+              COUNT(*) FILTER (WHERE t.versionnumber IS NULL AND NOT COALESCE(b.IsDelete, FALSE)),
+              COUNT(*) FILTER (WHERE t.versionnumber IS NOT NULL AND COALESCE(b.IsDelete, FALSE)
+                               AND {newer})
+            FROM b LEFT JOIN t ON {on}"""
+    ).fetchone()
+    return int(added) - int(removed)
 
 
 NEWER = (
@@ -333,8 +454,8 @@ def _apply(
     lake: Lake,
     where: tuple[str, ...],
     key: tuple[str, ...],
-    upsert: pd.DataFrame,
-    remove: pd.DataFrame,
+    upsert: pa_arrow.Table,
+    remove: pa_arrow.Table,
     schema: pa_arrow.Schema,
     meta: dict[str, str],
 ) -> None:
@@ -342,22 +463,25 @@ def _apply(
 
     The version guard keeps a late-arriving older change from overwriting a newer one.
     """
-    source = pd.concat(
-        [upsert.assign(**{ACTION: "upsert"}), remove.assign(**{ACTION: "remove"})],
-        ignore_index=True,
-    )
-    arrow = pa_arrow.Table.from_pandas(
-        source[[*schema.names, ACTION]],
-        preserve_index=False,
-        schema=schema.append(pa_arrow.field(ACTION, pa_arrow.string())),
-    )
-    if not lake.exists(*where):
-        lake.write(
-            arrow.filter(pc.equal(arrow[ACTION], "upsert")).drop_columns([ACTION]),
-            *where,
-            mode="overwrite",
-            metadata=meta,
+    action = pa_arrow.field(ACTION, pa_arrow.string())
+
+    def tagged(rows: pa_arrow.Table, what: str) -> pa_arrow.Table:
+        cols = [
+            rows[f.name] if f.name in rows.column_names else pa_arrow.nulls(len(rows), f.type)
+            for f in schema
+        ]
+        cols.append(pa_arrow.array([what] * len(rows), pa_arrow.string()))
+        return pa_arrow.Table.from_arrays(cols, schema=schema.append(action)).cast(
+            schema.append(action)
         )
+
+    if not lake.exists(*where):
+        lake.write(tagged(upsert, "upsert").drop_columns([ACTION]), *where, mode="overwrite",
+                   metadata=meta)  # fmt: skip
+        return
+    arrow = pa_arrow.concat_tables([tagged(upsert, "upsert"), tagged(remove, "remove")])
+    if not len(arrow):
+        lake.write(schema.empty_table(), *where, metadata=meta)  # records the bronze version
         return
     on = " AND ".join(f"s.{k} = t.{k}" for k in key)
     from deltalake import CommitProperties

@@ -148,9 +148,7 @@ def weighted_roc_auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> n
     return _roc_and_ap(*_Ranked.of(y, score).group_sums(weights))[0]
 
 
-def weighted_average_precision(
-    y: np.ndarray, score: np.ndarray, weights: np.ndarray
-) -> np.ndarray:
+def weighted_average_precision(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Average precision (sklearn's step definition) per row of `weights`."""
     return _roc_and_ap(*_Ranked.of(y, score).group_sums(weights))[1]
 

@@ -251,7 +251,7 @@ def oracle_churn_probability(
         return None
     try:
         from c360ml.lake import Lake
-        from c360ml.synth import oracle_purchase_probability
+        from c360ml.synth.oracle import oracle_purchase_probability
 
         keys = pd.read_parquet(keys_path, columns=["person_id", "source", "source_key"])
         source_map = Lake(settings.lake).read_pandas(
