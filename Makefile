@@ -30,6 +30,7 @@ test: install lint
 	$(BIN)/pytest -q
 
 bench: install
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,bench]'
 	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES)
 
 clean:

@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-STAGES = ("generate", "medallion", "features", "train")
+STAGES = ("generate", "medallion", "unify", "splink", "features", "train")
 
 
 def settings_for(size: int):
@@ -111,7 +113,151 @@ def stage_medallion(size: int) -> dict:
         "gold_orders": orders,
         "gold_order_lines": lines,
         "incremental_share": round(incremental["total"] / full["total"], 3),
+        "incremental_share_bronze_to_gold": round(
+            (incremental["total"] - incremental["ingest"]) / (full["total"] - full["ingest"]), 3
+        ),
     }
+
+
+SILVER_READY = "silver_ready"  # marker: the work lake holds a full silver build, no increment
+
+
+def silver_settings(size: int):
+    """A work lake with bronze and silver built (once; reused by unify and splink).
+
+    The build runs in its own process so that the caller's peak RSS is its own."""
+    work = CACHE / str(size) / "work"
+    if not (work / SILVER_READY).exists():
+        subprocess.run([sys.executable, __file__, "--silver", str(size)], check=True)
+    return settings_for(size).model_copy(
+        update={"lake_root": work / "lake", "truth_root": work / "truth"}
+    )
+
+
+def build_silver_only(size: int) -> None:
+    from c360ml.medallion.build import build_silver
+    from c360ml.medallion.ingest import ingest_landing
+
+    settings = work_settings(size)
+    ingest_landing(settings)
+    build_silver(settings)
+    (CACHE / str(size) / "work" / SILVER_READY).touch()
+
+
+def truth_labels(settings, records) -> np.ndarray:
+    """The generator's person id per unify record (-1: not in the truth)."""
+    import pandas as pd
+
+    keys = pd.read_parquet(settings.truth / "person_keys.parquet")
+    keys = keys[keys["source"] != "generic"]  # generic is not ingested by default
+    person = records[["source", "source_key"]].merge(keys, on=["source", "source_key"], how="left")
+    codes, _ = pd.factorize(person["person_id"], use_na_sentinel=True)
+    return codes
+
+
+def labels_quality(labels: np.ndarray, truth: np.ndarray) -> dict:
+    """Pairwise precision/recall of a clustering (labels) against the truth, counted by
+    combinatorics over cluster/person intersections (records without a truth are out)."""
+    import pandas as pd
+
+    from c360ml.unify import pair_quality
+
+    known = truth >= 0
+    frame = pd.DataFrame({"customer_id": labels[known], "person_id": truth[known]})
+    frame["source"], frame["source_key"] = "x", np.arange(len(frame)).astype(str)
+    q = pair_quality(
+        frame[["source", "source_key", "customer_id"]], frame[["source", "source_key", "person_id"]]
+    )
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in q.items()}
+
+
+def stage_unify(size: int) -> dict:
+    """build_unify on a full silver, then quality against the generator's truth:
+    overall, per rule (precision of the pairs each rule emitted; precision and recall
+    of the clusters of the rules up to it), and the cluster-size histogram."""
+    import pandas as pd
+
+    from c360ml.lake import Lake
+    from c360ml.unify import (
+        build_unify,
+        cluster,
+        load_rules,
+        match_rule,
+        prepare_records,
+        read_records,
+    )
+
+    settings = silver_settings(size)
+    lake = Lake(settings.lake)
+    for table in ("customer_source_map", "customer_profile", "customer_id_redirects"):
+        import shutil
+
+        shutil.rmtree(lake.path("gold", table), ignore_errors=True)
+    started = time.perf_counter()
+    summary = build_unify(settings)
+    seconds = round(time.perf_counter() - started, 2)
+    unify_rss = round(peak_rss_mb(), 1)
+    source_map = lake.read_pandas("gold", "customer_source_map")
+    keys = pd.read_parquet(settings.truth / "person_keys.parquet")
+    from c360ml.unify import pair_quality
+
+    overall = pair_quality(source_map, keys[keys["source"] != "generic"])
+    # Per rule, on the same records and rules (the pure functions build_unify runs).
+    rules = load_rules(settings.path(settings.unify_rules))
+    records = prepare_records(read_records(lake, settings))
+    truth = truth_labels(settings, records)
+    per_rule, done = [], []
+    for rule in rules.rules:
+        pairs = match_rule(records, rule, rules.junk_max_records, rules.max_block_size)
+        done.append(pairs)
+        both = (truth[pairs.left] >= 0) & (truth[pairs.right] >= 0)
+        same = truth[pairs.left][both] == truth[pairs.right][both]
+        alone = labels_quality(cluster(len(records), [pairs]), truth)
+        upto = labels_quality(cluster(len(records), done), truth)
+        per_rule.append(
+            {
+                "rule": rule.name,
+                "pairs": int(len(pairs.left)),
+                "pair_precision": round(float(same.mean()), 4) if len(same) else None,
+                "rule_clusters_precision": alone["precision"],
+                "cumulative_precision": upto["precision"],
+                "cumulative_recall": upto["recall"],
+                "junk_values": pairs.junk,
+                "skipped_blocks": pairs.skipped_blocks,
+            }
+        )
+    sizes = np.bincount(np.bincount(source_map["customer_id"].factorize()[0]))
+    return {
+        "unify_s": seconds,
+        "unify_peak_rss_mb": unify_rss,
+        "records": summary.records,
+        "customers": summary.customers,
+        "precision": round(overall["precision"], 4),
+        "recall": round(overall["recall"], 4),
+        "true_pairs": overall["true_pairs"],
+        "predicted_pairs": overall["predicted_pairs"],
+        "per_rule": per_rule,
+        "cluster_sizes": {str(i): int(n) for i, n in enumerate(sizes) if n and i},
+    }
+
+
+def stage_splink(size: int) -> dict:
+    """Splink 5 (DuckDB) dedupe_only on the same prepared unify records, as a peer."""
+    sys.path.insert(0, str(HERE))
+    from bench_splink import run_splink
+
+    from c360ml.lake import Lake
+    from c360ml.unify import load_rules, prepare_records, read_records
+
+    settings = silver_settings(size)
+    lake = Lake(settings.lake)
+    records = prepare_records(read_records(lake, settings))
+    rules = load_rules(settings.path(settings.unify_rules))
+    truth = truth_labels(settings, records)
+    out = run_splink(records, rules)
+    out["quality"] = labels_quality(out.pop("labels"), truth)
+    out["precision"], out["recall"] = out["quality"]["precision"], out["quality"]["recall"]
+    return out
 
 
 def one(stage: str, size: int) -> None:
@@ -127,13 +273,84 @@ def one(stage: str, size: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def _row(stage: str, r: dict) -> str:
+    """One README line per (stage, size): the figures that stage is judged by."""
+    run = r["runs"][0]
+    if stage == "medallion":
+        med = {k: statistics.median(x[k] for x in r["runs"]) for k in ("incremental_share",)}
+        f, i = run["full"], run["incremental"]
+        steps = ", ".join(f"{k} {f[k]}" for k in ("ingest", "silver", "unify", "gold"))
+        inc = ", ".join(f"{k} {i[k]}" for k in ("ingest", "silver", "unify", "gold"))
+        return (
+            f"full {f['total']} s ({steps}); incremental {i['total']} s ({inc}); "
+            f"share {med['incremental_share']}; bronze→gold share "
+            f"{run.get('incremental_share_bronze_to_gold', '')}"
+        )
+    if stage == "unify":
+        rules = "; ".join(
+            f"{x['rule']}: pair precision {x['pair_precision']}, "
+            f"cumulative P {x['cumulative_precision']} R {x['cumulative_recall']}"
+            for x in run["per_rule"]
+        )
+        return (
+            f"unify {run['unify_s']} s, {run['unify_peak_rss_mb']} MB; precision "
+            f"{run['precision']}, recall {run['recall']} ({rules})"
+        )
+    if stage == "splink":
+        return (
+            f"total {run['total_s']} s (train {run['train_s']}, predict {run['predict_s']}, "
+            f"cluster {run['cluster_s']}); precision {run['precision']}, recall {run['recall']}"
+        )
+    if stage == "generate":
+        inner = run.get("runs", [run])[0]
+        return (
+            f"{inner.get('wall_s', 0):.1f} s, child peak {inner.get('peak_rss_mb', 0):.0f} MB, "
+            f"{inner.get('sales_lines', '')} sales lines, {inner.get('landing_mb', 0):.0f} MB"
+        )
+    return json.dumps({k: v for k, v in run.items() if not isinstance(v, (dict, list))})
+
+
+def write_readme() -> None:
+    """benchmarks/results/README.md: one table over every stage's latest results."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `benchmarks/run.py` (`make bench STAGE=... SIZES=...`) from the JSON",
+        "files next to this one; each (stage, size) runs in its own process, on the",
+        "2-core / 24 GiB machine shared with other work. Medians where repeated.",
+        "",
+        "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage in STAGES:
+        path = RESULTS / f"{stage}.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        for r in doc["results"]:
+            try:
+                figures = _row(stage, r)
+            except (KeyError, IndexError, TypeError):
+                figures = ""
+            lines.append(
+                f"| {stage} | {r['size']:,} | {r.get('date', doc['date'])} | "
+                f"{r['wall_s_median']} | {r['peak_rss_mb_max']} | {figures} | "
+                f"`{r.get('command', doc['command'])}` |"
+            )
+    (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", default="all")
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"))
+    parser.add_argument("--silver", type=int, metavar="SIZE", help="internal: build silver")
     args = parser.parse_args()
+    if args.silver:
+        build_silver_only(args.silver)
+        return
     if args.one:
         one(args.one[0], int(args.one[1]))
         return
@@ -160,16 +377,28 @@ def main() -> None:
             }
             results.append({"size": size, **median, "runs": runs})
             print(json.dumps(results[-1], indent=1))
-        (RESULTS / f"{stage}.json").write_text(
+        # Sizes run before (another invocation) are kept unless run again now.
+        path = RESULTS / f"{stage}.json"
+        kept = []
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                ran = {r["size"] for r in results}
+                kept = [dict(r, date=old.get("date"), command=old.get("command"))
+                        for r in old.get("results", []) if r.get("size") not in ran]  # fmt: skip
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                kept = []
+        path.write_text(
             json.dumps(
                 {
                     "date": time.strftime("%Y-%m-%d"),
                     "command": " ".join(sys.argv),
-                    "results": results,
+                    "results": sorted(kept + results, key=lambda r: r["size"]),
                 },
                 indent=1,
             )
         )
+    write_readme()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -38,7 +37,6 @@ log = logging.getLogger("c360ml.service")
 SETTINGS = load_settings()
 TOKENS_ENV = "C360ML_API_TOKENS"  # comma-separated bearer tokens (several, for rotation)
 DEV_ENV = "C360ML_DEV_NO_AUTH"  # "1": serve without tokens (development only, loud)
-INTERNAL_TOKEN_ENV = "BENTO_CLOUD_API_KEY"  # what BentoML's self-proxy client sends
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 MAX_PREDICT_ROWS = 10_000  # larger inputs belong on /score-table
 MAX_BODY_BYTES = {"/score-table": 4 << 30}  # per-path request size limits
@@ -51,9 +49,7 @@ metadata_app = FastAPI(title="c360ml metadata", docs_url=None, redoc_url=None)
 class BearerAuth:
     """ASGI middleware: bearer tokens on every path but health, and request size limits.
 
-    The self-proxy that feeds the batchable inner endpoint authenticates with a random
-    per-process token, accepted only for that endpoint. A refused request is logged with
-    its path and client, never with the token it sent.
+    A refused request is logged with its path and client, never with the token it sent.
     """
 
     def __init__(self, app: Any) -> None:
@@ -69,21 +65,20 @@ class BearerAuth:
         limit = MAX_BODY_BYTES.get(scope["path"], DEFAULT_MAX_BODY)
         if size > limit:
             return await _reply(send, 413, f"request body of {size} bytes is over {limit} bytes")
-        if not self.dev and not self._allowed(scope["path"], headers.get(b"authorization", b"")):
+        if not self.dev and not self._allowed(headers.get(b"authorization", b"")):
             client = (scope.get("client") or ("?",))[0]
             log.warning(
                 json.dumps({"event": "unauthorized", "path": scope["path"], "client": client})
             )
             return await _reply(send, 401, "missing or invalid bearer token")
+        if scope["path"] == "/metadata":  # the mounted app lives at /metadata/: no 307 hop
+            scope = {**scope, "path": "/metadata/", "raw_path": b"/metadata/"}
         return await self.app(scope, receive, send)
 
-    def _allowed(self, path: str, header: bytes) -> bool:
+    def _allowed(self, header: bytes) -> bool:
         text = header.decode("latin-1")
         token = text[7:].strip() if text.startswith("Bearer ") else ""
-        if token and token in self.tokens:
-            return True
-        internal = os.environ.get(INTERNAL_TOKEN_ENV)
-        return bool(internal) and token == internal and path == "/score_rows"
+        return bool(token) and token in self.tokens
 
 
 async def _reply(send: Any, status: int, message: str) -> None:
@@ -101,10 +96,41 @@ async def _reply(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _load_bundle(stored: Any) -> scoring.ModelBundle:
+    return scoring.ModelBundle.load(Path(stored.path_of("bundle")), nthread=2)
+
+
+@bentoml.service(name="c360-scorer", traffic={"timeout": 600}, workers=1)
+class Scorer:
+    """The inner, batchable scorer: rows of many concurrent /predict calls, scored in one
+    `scoring.score` call. Reached only by RetentionService (BentoML runs it as its own
+    process on an internal address), so it has no public route or token."""
+
+    model_ref = bentoml.models.BentoModel(f"{SETTINGS.model_name}:latest")
+
+    def __init__(self) -> None:
+        self.bundle = _load_bundle(self.model_ref)
+
+    # max_latency_ms is where the dispatcher starts shedding load (503), not the batch
+    # window: the window adapts to traffic, so it is set well above a large batch's time.
+    @bentoml.api(batchable=True, max_batch_size=20_000, max_latency_ms=10_000)
+    def score_rows(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        frame = pd.DataFrame(items)
+        out: list[dict[str, Any] | None] = [None] * len(frame)
+        for method, part in frame.groupby("_explain", sort=False):
+            scored = scoring.score(
+                self.bundle, part.drop(columns="_explain"), method, validate=False
+            )
+            for pos, record in zip(part.index, _records(scored), strict=True):
+                out[pos] = record
+        return out  # type: ignore[return-value]
+
+
 @bentoml.asgi_app(metadata_app, path="/metadata")
 @bentoml.service(name="c360-retention", traffic={"timeout": 600, "concurrency": 256}, workers=1)
 class RetentionService:
     model_ref = bentoml.models.BentoModel(f"{SETTINGS.model_name}:latest")
+    scorer = bentoml.depends(Scorer)
 
     def __init__(self) -> None:
         tokens = [t for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
@@ -112,15 +138,13 @@ class RetentionService:
             raise RuntimeError(f"no API tokens: set {TOKENS_ENV} (or {DEV_ENV}=1 for development)")
         if not tokens:
             log.warning("!!! DEVELOPMENT MODE: serving WITHOUT authentication (%s=1) !!!", DEV_ENV)
-        os.environ[INTERNAL_TOKEN_ENV] = secrets.token_urlsafe(32)
         stored = self.model_ref
-        self.bundle = scoring.ModelBundle.load(Path(stored.path_of("bundle")), nthread=2)
+        self.bundle = _load_bundle(stored)
         self.info = {
             "name": stored.info.metadata.get("model_name", SETTINGS.model_name),
             "version": stored.info.metadata.get("version", str(stored.tag.version)),
             "trained_as_of": str(self.bundle.trained_as_of) if self.bundle.trained_as_of else None,
         }
-        self.schema = scoring.feature_schema(self.bundle)
         log.info(
             "loaded %s version %s (%d features)",
             self.info["name"],
@@ -134,13 +158,15 @@ class RetentionService:
     ) -> dict[str, Any]:
         """Score rows of CustomerId + features; concurrent calls are batched together."""
         started = time.perf_counter()
+        if not rows:
+            raise InvalidArgument("empty batch: 'rows' has no rows")
         if len(rows) > MAX_PREDICT_ROWS:
             raise InvalidArgument(f"{len(rows)} rows is over {MAX_PREDICT_ROWS}; use /score-table")
         frame = self._validated(pd.DataFrame(rows))
         items = json.loads(frame.to_json(orient="records"))  # coerced, JSON-safe values
         for item in items:
             item["_explain"] = explain
-        predictions = await self.to_async.score_rows(items)
+        predictions = await self.scorer.to_async.score_rows(items)
         log.info(
             json.dumps(
                 {
@@ -153,19 +179,6 @@ class RetentionService:
             )
         )
         return {"model": {**self.info, "explain": explain}, "predictions": predictions}
-
-    @bentoml.api(route="/score_rows", batchable=True, max_batch_size=20_000, max_latency_ms=25)
-    def score_rows(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The batchable inner endpoint: rows of many /predict calls, scored in one go."""
-        frame = pd.DataFrame(items)
-        out: list[dict[str, Any] | None] = [None] * len(frame)
-        for method, part in frame.groupby("_explain", sort=False):
-            scored = scoring.score(
-                self.bundle, part.drop(columns="_explain"), method, validate=False
-            )
-            for pos, record in zip(part.index, _records(scored), strict=True):
-                out[pos] = record
-        return out  # type: ignore[return-value]
 
     @bentoml.api(route="/score-table")
     def score_table(
@@ -239,7 +252,6 @@ class RetentionService:
         }
 
 
-@metadata_app.get("")
 @metadata_app.get("/")
 def get_metadata() -> dict[str, Any]:
     return bentoml.get_current_service().metadata()

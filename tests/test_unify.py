@@ -223,3 +223,25 @@ def test_bad_rules_file_names_the_file(tmp_path):
     bad.write_text("rules: [{name: x, exact: [shoe_size]}]\nmerge: {}\n")
     with pytest.raises(ValueError, match=str(bad)):
         load_rules(bad)
+
+
+def test_household_sharing_phone_and_last_name_is_not_one_person():
+    records, _, labels = run(
+        [
+            rec("A", first="George", last="Rodriguez", phone="+14155556689", postal="1"),
+            rec("B", first="William", last="Rodriguez", phone="+14155556689", postal="2"),
+        ]
+    )
+    assert not same(records, labels, "A", "B")
+
+
+def test_namesakes_with_their_own_email_and_phone_are_vetoed():
+    records, _, labels = run(
+        [
+            rec("A", first="Scott", last="Adams", email="s1@x.com", phone="+12065550101"),
+            rec("B", first="Scott", last="Adams", email="s2@x.com", phone="+12065550199"),
+            rec("C", first="Scott", last="Adams", email="s3@x.com", phone="+12065550101"),
+        ]
+    )
+    assert not same(records, labels, "A", "B")  # both identifiers differ: vetoed
+    assert same(records, labels, "A", "C")  # the phone agrees: the name rule may link

@@ -113,6 +113,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
         env["C360ML_DEV_NO_AUTH"] = "1"
         console.print("[bold red]DEVELOPMENT MODE: no authentication[/]")
     cmd = [
+        sys.executable,
+        "-m",
         "bentoml",
         "serve",
         "service.service:RetentionService",

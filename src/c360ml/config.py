@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 CONFIG_FILE_NAME = "c360ml.yaml"
 ENV_PREFIX = "C360ML_"
+# C360ML_* variables that are not settings: secrets and switches read where they are used.
+NOT_SETTINGS = {"CONFIG", "API_TOKENS", "API_TOKEN", "DEV_NO_AUTH"}
 
 
 class _Frozen(BaseModel):
@@ -83,7 +85,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """Turn C360ML_A__B=v into {"a": {"b": "v"}}; pydantic converts the strings."""
     out: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX) :] in NOT_SETTINGS:
             continue
         parts = key[len(ENV_PREFIX) :].lower().split("__")
         node = out

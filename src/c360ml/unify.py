@@ -56,6 +56,9 @@ class MatchRule(_Strict):
     name: str  # reported per rule
     exact: list[Literal[MATCH_FIELDS]]  # equal and non-empty on both records (the block)
     fuzzy: FuzzySpec | None = None  # optional similarity test inside the block
+    # fuzzy rules only: a pair is vetoed when every one of these fields is present on both
+    # records and differs (two namesakes in one postal code with their own e-mail and phone)
+    veto_if_all_differ: list[Literal[MATCH_FIELDS]] = []
 
 
 class MergePolicy(_Strict):
@@ -177,7 +180,15 @@ def match_rule(
     scorer = getattr(fuzz, rule.fuzzy.scorer)
     scores = process.cpdist(values[left].tolist(), values[right].tolist(), scorer=scorer, workers=1)
     hit = scores >= rule.fuzzy.threshold
-    result.left, result.right = left[hit], right[hit]
+    left, right = left[hit], right[hit]
+    if rule.veto_if_all_differ:
+        veto = np.ones(len(left), dtype=bool)
+        for f in rule.veto_if_all_differ:
+            col = records[f"m_{f}"].to_numpy(dtype=object)
+            a, b = col[left], col[right]
+            veto &= pd.notna(a) & pd.notna(b) & (a != b)
+        left, right = left[~veto], right[~veto]
+    result.left, result.right = left, right
     return result
 
 
@@ -260,14 +271,12 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
     merged["source_count"] = grouped.size()
     # The distinct sources of each customer in priority order, without a Python call per
     # customer: one indicator column per source, then one string per combination.
-    present = pd.crosstab(frame["customer_id"], frame["source"]).gt(0)
-    ordered = sorted(present.columns, key=lambda x: (rank.get(x, len(rank)), x))
-    present = present[ordered]
-    combo = pd.Series(0, index=present.index, dtype=np.int64)
-    for bit, src in enumerate(ordered):
-        combo |= present[src].to_numpy(dtype=np.int64) << bit
+    ordered = sorted(frame["source"].unique(), key=lambda x: (rank.get(x, len(rank)), x))
+    bit = frame["source"].map({src: 1 << i for i, src in enumerate(ordered)})
+    distinct = pd.DataFrame({"customer_id": frame["customer_id"], "bit": bit}).drop_duplicates()
+    combo = distinct.groupby("customer_id")["bit"].sum()
     names = {
-        c: ",".join(src for bit, src in enumerate(ordered) if c >> bit & 1) for c in combo.unique()
+        c: ",".join(src for i, src in enumerate(ordered) if c >> i & 1) for c in combo.unique()
     }
     merged["sources"] = combo.map(names)
     merged["full_name"] = (

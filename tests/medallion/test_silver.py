@@ -150,3 +150,33 @@ def test_vectorised_phone_path_agrees_with_phonenumbers():
     assert fast.isna().sum() == 1
     mismatch = raw[(fast != slow) & raw.notna()]
     assert mismatch.empty, mismatch.head()
+
+
+def test_arrow_checks_reject_what_pandera_rejects():
+    """The vectorised checks and the pandera schema come from the same Rules and agree."""
+    import pandas as pd
+    import pyarrow as pa
+    from pandera.errors import SchemaErrors
+
+    from c360ml.medallion.silver import RULES, failed_checks, silver_schema, split_valid
+    from c360ml.sources.tables import source_table
+
+    for name, rows in {
+        "dirpersonname": {"person": [1, None, 3, 4], "validfrom": [1, 5, None, 2],
+                          "validto": [2, 3, 4, 2]},
+        "salesline": {"salesid": ["a", None, "c", "d"], "salesprice": [1.0, -2.0, -0.5, 0.0],
+                      "itemid": ["i"] * 4, "salesqty": [1.0] * 4, "lineamount": [1.0] * 4},
+    }.items():  # fmt: skip
+        table = source_table("d365", name)
+        schema = silver_schema(table, RULES[name])
+        frame = pd.DataFrame({c: rows.get(c, [1] * 4) for c in schema.columns})
+        _, bad = split_valid(frame, schema)
+        reasons = failed_checks(pa.Table.from_pandas(frame), table, RULES[name]).to_pylist()
+        rejected = [i for i, r in enumerate(reasons) if r is not None]
+        assert len(rejected) >= 2 and rejected == sorted(bad.index)
+        try:
+            schema.validate(frame, lazy=True)
+        except SchemaErrors as err:
+            cases = err.failure_cases
+        for i in rejected:  # a check pandera also reports failing on that row
+            assert reasons[i].split(": ")[1] in set(cases.loc[cases["index"] == i, "check"])

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FILES_KEY = "c360ml.files"
 BATCH_KEY = "c360ml.batch_id"
 SYNAPSE_SOURCES = ("d365", "dataverse")
+INGEST_THREADS = 2  # entities ingested at once (the machine has 2 cores)
 LINEAGE = pa.schema(
     [
         ("_source_file", pa.string()),
@@ -106,9 +108,17 @@ def ingest_landing(settings: Settings) -> IngestSummary:
         task = progress.add_task("ingest", total=None)
         for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
             for folder in sorted(p for p in (landing / source).glob("*") if p.is_dir()):
-                for entity in read_model_json(folder).values():
-                    progress.update(task, description=f"{source}/{folder.name}/{entity.name}")
-                    _merge(summary, ingest_entity(lake, source, folder, entity, ingested_at))
+                # Entities of one sync folder are independent tables: two at a time (Arrow
+                # parses and casts without the GIL), committed folder by folder in order.
+                entities = list(read_model_json(folder).values())
+                progress.update(task, description=f"{source}/{folder.name}")
+                with ThreadPoolExecutor(max_workers=INGEST_THREADS) as pool:
+                    done = pool.map(
+                        lambda e, s=source, f=folder: ingest_entity(lake, s, f, e, ingested_at),
+                        _largest_first(entities),
+                    )
+                    for result in sorted(done, key=lambda r: entities_order(entities, r)):
+                        _merge(summary, result)
         for source_dir in sorted(
             p for p in (landing / "delta").glob("*") if p.name in settings.sources
         ):
@@ -122,6 +132,15 @@ def ingest_landing(settings: Settings) -> IngestSummary:
             if generic is not None:
                 _merge(summary, generic)
     return summary
+
+
+def _largest_first(entities: list[Entity]) -> list[Entity]:
+    """Big tables first, so the two workers finish together."""
+    return sorted(entities, key=lambda e: -sum(f.stat().st_size for f in e.files))
+
+
+def entities_order(entities: list[Entity], result: TableIngest) -> int:
+    return [e.name for e in entities].index(result.table)
 
 
 def _merge(summary: IngestSummary, result: TableIngest) -> None:

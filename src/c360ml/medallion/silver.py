@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 BRONZE_VERSION_KEY = "c360ml.bronze_version"
 BRONZE_CURRENT_KEY = "c360ml.bronze_current"  # accounting: bronze current-state rows
+STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
+DUCKDB_MEMORY = "3GB"  # DuckDB spills to disk beyond this (the 8 GB budget of a build)
 ACTION = "_action"
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
@@ -350,6 +352,8 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     rules = RULES[table.name]
     since = _last_bronze_version(lake, table.name)
     previous_current = _last_bronze_current(lake, table.name)
+    if since is None and lake.exists("bronze", table.source, table.name):
+        return _first_build(lake, table, rules, result, started)
     raw, bronze_version = _new_bronze(lake, table, since)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
@@ -394,6 +398,70 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     return result
 
 
+def _first_build(
+    lake: Lake, table: SourceTable, rules: Rules, result: SilverResult, started: float
+) -> SilverResult:
+    """The first build of a silver table: the whole change feed, streamed.
+
+    DuckDB resolves the feed straight from the bronze files (spilling to disk if it must)
+    and hands the current rows over in batches; each batch is standardised, checked and
+    streamed into the new Delta table, so a 20M-row feed never sits in memory whole.
+    """
+    delta = lake.delta("bronze", table.source, table.name)
+    bronze_version = delta.version()
+    con = _duckdb()
+    con.register("feed", delta.to_pyarrow_dataset())
+    current = bronze_current_rows(lake, table, con=con)
+    meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
+    schema, q_schema = silver_arrow_schema(table), silver_arrow_schema(table, quarantine=True)
+    rejected: list[pa_arrow.Table] = []
+
+    def good_batches():
+        reader = con.sql(_resolve_sql(table, "feed")).to_arrow_reader(STREAM_ROWS)
+        for batch in reader:
+            rows = pa_arrow.Table.from_batches([batch])
+            result.new_bronze_rows += len(rows)
+            latest = standardise(trim_strings(rows), rules)
+            live = latest.filter(pc.invert(pc.fill_null(latest["IsDelete"], False)))
+            good, bad = split_valid_arrow(live.select(schema.names), table, rules)
+            rejected.append(bad.cast(q_schema))
+            yield from good.cast(schema).to_batches()
+
+    lake.write(
+        pa_arrow.RecordBatchReader.from_batches(schema, good_batches()),
+        "silver",
+        table.name,
+        mode="overwrite",
+        metadata=meta,
+    )
+    bad = pa_arrow.concat_tables(rejected) if rejected else q_schema.empty_table()
+    lake.write(bad, "quarantine", "silver", table.name, mode="overwrite", metadata=meta)
+    result.bronze_current = current
+    result.silver_rows = _count(lake, "silver", table.name)
+    result.quarantined = _count(lake, "quarantine", "silver", table.name)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _duckdb() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+    return con
+
+
+def _resolve_sql(table: SourceTable, feed: str) -> str:
+    """Latest row per key by (versionnumber, SinkModifiedOn); keys compared trimmed."""
+    types = {c.name: c.arrow_type for c in table.columns}
+    keys = ", ".join(
+        f"NULLIF(TRIM(\"{k}\"), '')" if pa_arrow.types.is_string(types[k]) else f'"{k}"'
+        for k in table.key
+    )
+    return f"""SELECT * EXCLUDE (_rn) FROM (
+                 SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys}
+                        ORDER BY versionnumber DESC, "SinkModifiedOn" DESC) AS _rn
+                 FROM {feed}) WHERE _rn = 1"""
+
+
 def _last_bronze_current(lake: Lake, name: str) -> int | None:
     """The bronze current-state count recorded by the last silver commit, if any."""
     if not lake.exists("silver", name):
@@ -428,7 +496,7 @@ def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> in
               COUNT(*) FILTER (WHERE t.versionnumber IS NOT NULL AND COALESCE(b.IsDelete, FALSE)
                                AND {newer})
             FROM b LEFT JOIN t ON {on}"""
-    ).fetchone()
+    ).fetchall()[0]
     return int(added) - int(removed)
 
 
@@ -508,11 +576,20 @@ def _count(lake: Lake, *parts: str) -> int:
     return lake.dataset(*parts).count_rows() if lake.exists(*parts) else 0
 
 
-def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
-    """Keys whose newest bronze version is not a delete (the accounting's left side)."""
-    cols = [*table.key, "versionnumber", "SinkModifiedOn", "IsDelete"]
-    latest = resolve_changes(lake.read("bronze", table.source, table.name, columns=cols), table.key)
-    return len(latest) - pc.sum(pc.fill_null(latest["IsDelete"], False)).as_py()
+def bronze_current_rows(
+    lake: Lake, table: SourceTable, con: duckdb.DuckDBPyConnection | None = None
+) -> int:
+    """Keys whose newest bronze version is not a delete (the accounting's left side):
+    a hash aggregate over the key and version columns of the bronze files."""
+    if con is None:
+        con = _duckdb()
+        con.register("feed", lake.dataset("bronze", table.source, table.name))
+    keys = ", ".join(f'"{k}"' for k in table.key)
+    return con.execute(
+        f"""SELECT COUNT(*) FILTER (WHERE NOT COALESCE(gone, FALSE)) FROM (
+              SELECT arg_max(IsDelete, (versionnumber, "SinkModifiedOn")) AS gone
+              FROM feed GROUP BY {keys})"""
+    ).fetchall()[0][0]
 
 
 def build_generic_silver(lake: Lake, settings: Settings) -> SilverResult | None:

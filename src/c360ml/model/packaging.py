@@ -41,7 +41,11 @@ def import_champion(settings: Settings, alias: str = CHAMPION) -> PackagedModel:
             f"no '{alias}' version of {settings.model_name} in {settings.tracking_uri}: "
             "run `c360ml train` first"
         ) from exc
-    for existing in bentoml.models.list(settings.model_name):
+    try:
+        existing_models = bentoml.models.list(settings.model_name)
+    except bentoml.exceptions.NotFound:
+        existing_models = []
+    for existing in existing_models:
         if existing.info.labels.get("mlflow_version") == str(mv.version):
             return PackagedModel(str(existing.tag), str(mv.version), fresh=False)
     bundle = load_bundle(f"models:/{settings.model_name}@{alias}")

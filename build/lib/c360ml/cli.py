@@ -1,0 +1,193 @@
+"""`c360ml` command line: argument parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from c360ml.config import Settings, load_settings
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _print_rows(title: str, rows: list[dict]) -> None:
+    """Print a list of flat dicts as a table (the summary every long command ends with)."""
+    if not rows:
+        console.print(f"[bold]{title}[/]: nothing to report")
+        return
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(
+            str(col), justify="right" if isinstance(rows[0][col], int | float) else "left"
+        )
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
+    console.print(table)
+
+
+def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.synth import generate_increment, generate_lake
+
+    if args.increment:
+        summary = generate_increment(settings, seed=args.seed)
+    else:
+        summary = generate_lake(
+            settings,
+            customers=args.customers,
+            seed=args.seed,
+            start=args.start,
+            end=args.end,
+            fmt=args.format,
+            fresh=args.fresh,
+        )
+    _print_rows("generated", summary.rows())
+    console.print(f"landing: {settings.lake / 'landing'}  truth: {settings.truth}")
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.medallion.ingest import ingest_landing
+
+    summary = ingest_landing(settings)
+    _print_rows("ingest: landing -> bronze", summary.rows())
+
+
+def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.medallion import build
+
+    if args.layer == "measures":
+        return cmd_measures(args, settings)
+    steps: dict[str, Callable] = {
+        "silver": build.build_silver,
+        "unify": build.build_unify,
+        "gold": build.build_gold,
+    }
+    order = ["ingest", "silver", "unify", "gold"] if args.layer == "all" else [args.layer]
+    if args.layer == "gold":
+        order = ["unify", "gold"]  # gold is keyed by unify's ids: unify always runs first
+    for step in order:
+        started = time.perf_counter()
+        if step == "ingest":
+            cmd_ingest(args, settings)
+            continue
+        summary = steps[step](settings)
+        _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
+
+
+def _as_of(text: str | None):
+    import pandas as pd
+
+    return None if text is None else pd.Timestamp(text, tz="UTC")
+
+
+def cmd_measures(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.refresh import build_measures_table
+
+    result = build_measures_table(settings, _as_of(args.as_of))
+    _print_rows("gold/customer_measures", result.rows())
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.model.pipeline import run_training
+
+    summary = run_training(settings, _as_of(args.as_of), args.tune, args.sample_rate)
+    _print_rows(f"train {settings.model_name}", summary.rows())
+    console.print(f"MLflow: {settings.tracking_uri}  (UI: make mlflow-ui)")
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
+    import os
+    import subprocess
+
+    from c360ml.model.packaging import import_champion
+
+    packaged = import_champion(settings)
+    console.print(f"serving {settings.model_name} version {packaged.version} ({packaged.tag})")
+    env = dict(os.environ)
+    if args.dev:
+        env["C360ML_DEV_NO_AUTH"] = "1"
+        console.print("[bold red]DEVELOPMENT MODE: no authentication[/]")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service.service:RetentionService",
+        "--port",
+        str(args.port),
+        "--host",
+        args.host,
+    ]
+    subprocess.run(cmd, cwd=settings.root, env=env, check=True)
+
+
+def cmd_describe(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.medallion.build import describe_layer
+
+    for name, rows in describe_layer(settings, args.layer).items():
+        _print_rows(f"{args.layer}/{name}", rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="c360ml", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write a synthetic Dynamics 365 + Dataverse lake")
+    gen.add_argument("--customers", type=int, default=None, help="persons (default: demo size)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (default: demo seed)")
+    gen.add_argument("--start", default=None, help="first day of history, YYYY-MM-DD")
+    gen.add_argument("--end", default=None, help="last day of history, YYYY-MM-DD")
+    gen.add_argument("--format", choices=["csv", "delta"], default="csv", help="export format")
+    gen.add_argument("--increment", action="store_true", help="append the next sync folder")
+    gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
+    gen.set_defaults(func=cmd_generate)
+
+    ing = sub.add_parser("ingest", help="landing -> bronze (only what is new)")
+    ing.set_defaults(func=cmd_ingest)
+
+    bld = sub.add_parser("build", help="build lake layers")
+    bld.add_argument("layer", choices=["silver", "unify", "gold", "all", "measures"])
+    bld.add_argument("--as-of", default=None, help="measures: UTC date (default: latest event)")
+    bld.set_defaults(func=cmd_build)
+
+    trn = sub.add_parser("train", help="train, evaluate, register and gate the churn model")
+    trn.add_argument("--as-of", required=True, help="trained_as_of, a UTC date YYYY-MM-DD")
+    trn.add_argument("--tune", type=int, default=0, help="Optuna trials (off by default)")
+    trn.add_argument("--sample-rate", type=float, default=None, help="share of customers")
+    trn.set_defaults(func=cmd_train)
+
+    srv = sub.add_parser("serve", help="serve the champion with BentoML")
+    srv.add_argument("--port", type=int, default=3000)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--dev", action="store_true", help="no authentication (development only)")
+    srv.set_defaults(func=cmd_serve)
+
+    dsc = sub.add_parser("describe", help="show the tables and columns of a layer")
+    dsc.add_argument("layer", choices=["bronze", "silver", "gold"])
+    dsc.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings()
+        args.func(args, settings)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""The one module that imports Featuretools: EntitySet, DFS, feature and measure matrices.
+
+Leakage design: features for cutoff t are computed on `view_as_of(gold, t)` — data after t
+is never passed to Featuretools — and `calculate_feature_matrix` gets t as every row's
+cutoff time, so Featuretools' own cutoff filtering applies as well. An event exactly at t
+counts in features (Featuretools keeps time_index <= cutoff), and is outside the label
+window (t, t + w].
+
+Windows: each windowed aggregation is repeated per window with `use_previous` (saved with
+the feature, unlike `training_window`) and a name suffix `_<w>d`; the unsuffixed feature
+is over all history. Featuretools' `use_previous` keeps time >= t - w, so the window is
+stored as w minus half a microsecond: at the microsecond resolution of gold timestamps
+that is exactly the half-open (t - w, t] of DESIGN.md.
+
+Matrix encoding: every feature is float32. Booleans become 0/1; aggregations over no rows
+follow Featuretools (count/sum 0, others NaN). Categorical columns enter only as where-
+clause counts (e.g. `COUNT(orders WHERE channel = online)_90d`): `derive_feature_set`
+rejects any feature whose output is not numeric or boolean, so no category codes exist
+whose meaning could drift between training and scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import featuretools as ft
+import numpy as np
+import pandas as pd
+from featuretools.feature_base import AggregationFeature
+from featuretools.primitives.utils import get_aggregation_primitives, get_transform_primitives
+
+from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
+from c360ml.features.gold import (
+    GoldTables,
+    is_purchase,
+    restrict_to_customers,
+    standardise_gold,
+    view_as_of,
+)
+from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec, to_utc
+from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
+
+log = logging.getLogger(__name__)
+
+CUSTOMER_ID = CustomerProfile.customer_id
+CUTOFF_TIME = "cutoff_time"
+IS_PURCHASE = "is_purchase"  # derived on the as-of view: a purchase as known at t
+LINE_ID = "line_id"
+MATRIX_DTYPE = "float32"
+_HALF_MICROSECOND_S = 5e-7
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Featuretools/woodwork chatter that says nothing about our data.
+
+    UnusedPrimitiveWarning (a listed primitive found no column) and the libraries' own
+    pandas deprecation notices are harmless here; anything else still surfaces.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ft.exceptions.UnusedPrimitiveWarning)
+        for module in ("featuretools", "woodwork"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", message=".*Could not infer format.*")
+        yield
+
+
+def build_entityset(view: GoldTables) -> ft.EntitySet:
+    """customers <- orders <- order_lines -> products, customers <- support_cases.
+
+    Built from an as-of view, so statuses and is_purchase are those valid at its cutoff.
+    Only immutable profile columns and event-timed activity enter; order_lines carry
+    their order's time so windows apply to them too.
+    """
+    orders = view.orders[
+        [
+            Orders.order_id,
+            Orders.customer_id,
+            Orders.order_ts,
+            Orders.channel,
+            Orders.store,
+            Orders.gross_amount,
+            Orders.discount_amount,
+            Orders.net_amount,
+            Orders.item_count,
+            Orders.is_return,
+            Orders.is_cancelled,
+        ]
+    ].assign(**{IS_PURCHASE: is_purchase(view.orders).to_numpy()})
+    lines = view.order_lines[
+        [
+            OrderLines.order_id,
+            OrderLines.item_id,
+            OrderLines.category,
+            OrderLines.qty,
+            OrderLines.unit_price,
+            OrderLines.net_amount,
+            OrderLines.is_return,
+        ]
+    ].merge(orders[[Orders.order_id, Orders.order_ts]], on=Orders.order_id, how="inner")
+    lines.insert(0, LINE_ID, np.arange(len(lines)))
+    cases = view.support_cases[view.support_cases[SupportCases.customer_id].notna()][
+        [
+            SupportCases.case_id,
+            SupportCases.customer_id,
+            SupportCases.created_ts,
+            SupportCases.case_type,
+            SupportCases.priority,
+            SupportCases.status,
+        ]
+    ]
+    products = view.products[[Products.item_id, Products.category]]
+    customers = view.customers[[CUSTOMER_ID, CustomerProfile.created_ts]]
+    cat, boolean, num = "Categorical", "Boolean", "Double"
+    es = ft.EntitySet(id="c360")
+    with _quiet():
+        es.add_dataframe(
+            dataframe=customers.reset_index(drop=True),
+            dataframe_name=TARGET_DATAFRAME,
+            index=CUSTOMER_ID,
+            logical_types={CUSTOMER_ID: cat, CustomerProfile.created_ts: "Datetime"},
+        )
+        es.add_dataframe(
+            dataframe=orders.reset_index(drop=True),
+            dataframe_name="orders",
+            index=Orders.order_id,
+            time_index=Orders.order_ts,
+            logical_types={
+                Orders.order_id: cat,
+                Orders.customer_id: cat,
+                Orders.channel: cat,
+                Orders.store: cat,
+                Orders.gross_amount: num,
+                Orders.discount_amount: num,
+                Orders.net_amount: num,
+                Orders.item_count: num,
+                Orders.is_return: boolean,
+                Orders.is_cancelled: boolean,
+                IS_PURCHASE: boolean,
+            },
+        )
+        es.add_dataframe(
+            dataframe=lines,
+            dataframe_name="order_lines",
+            index=LINE_ID,
+            time_index=Orders.order_ts,
+            logical_types={
+                OrderLines.order_id: cat,
+                OrderLines.item_id: cat,
+                OrderLines.category: cat,
+                OrderLines.qty: num,
+                OrderLines.unit_price: num,
+                OrderLines.net_amount: num,
+                OrderLines.is_return: boolean,
+            },
+        )
+        es.add_dataframe(
+            dataframe=products.reset_index(drop=True),
+            dataframe_name="products",
+            index=Products.item_id,
+            logical_types={Products.item_id: cat, Products.category: cat},
+        )
+        es.add_dataframe(
+            dataframe=cases.reset_index(drop=True),
+            dataframe_name="support_cases",
+            index=SupportCases.case_id,
+            time_index=SupportCases.created_ts,
+            logical_types={
+                SupportCases.case_id: cat,
+                SupportCases.customer_id: cat,
+                SupportCases.case_type: cat,
+                SupportCases.priority: cat,
+                SupportCases.status: cat,
+            },
+        )
+        es.add_relationship(TARGET_DATAFRAME, CUSTOMER_ID, "orders", Orders.customer_id)
+        es.add_relationship("orders", Orders.order_id, "order_lines", OrderLines.order_id)
+        es.add_relationship("products", Products.item_id, "order_lines", OrderLines.item_id)
+        es.add_relationship(TARGET_DATAFRAME, CUSTOMER_ID, "support_cases", "customer_id")
+    return es
+
+
+def _primitive(entry: str | dict[str, dict[str, Any]], kind: str):
+    """A primitive instance from the spec: a name, or {name: {constructor arguments}}."""
+    if isinstance(entry, str):
+        entry = {entry: {}}
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise ValueError(f"primitive entry must be a name or {{name: {{args}}}}: {entry!r}")
+    ((name, args),) = entry.items()
+    table = get_aggregation_primitives() if kind == "agg" else get_transform_primitives()
+    if name not in table:
+        raise ValueError(f"unknown {kind} primitive {name!r}")
+    return table[name](**(args or {}))
+
+
+def _primitive_name(entry: str | dict) -> str:
+    return entry if isinstance(entry, str) else next(iter(entry))
+
+
+def _add_interesting_values(es: ft.EntitySet, spec: DfsSpec) -> None:
+    for df_name, cols in spec.interesting_values.items():
+        values = {}
+        for col, wanted in cols.items():
+            if isinstance(wanted, TopValues):
+                counts = es[df_name][col].value_counts(dropna=True)
+                values[col] = [v for v in counts.index[: wanted.top] if counts[v] > 0]
+            else:
+                values[col] = list(wanted)
+        es.add_interesting_values(dataframe_name=df_name, values=values)
+
+
+def _windowed(feature: AggregationFeature, days: int) -> AggregationFeature:
+    """The same aggregation over (t - days, t], named `<name>_<days>d`."""
+    return AggregationFeature(
+        feature.base_features,
+        feature.parent_dataframe_name,
+        feature.primitive,
+        relationship_path=feature.relationship_path,
+        use_previous=ft.Timedelta(days * 86_400 - _HALF_MICROSECOND_S, "s"),
+        where=feature.where,
+        name=f"{feature.get_name()}_{days}d",
+    )
+
+
+def _matrix_ready(feature) -> bool:
+    """Numeric or boolean single-column output (see the module docstring)."""
+    schema = feature.column_schema
+    numeric = schema.is_numeric or "numeric" in schema.semantic_tags
+    return feature.number_output_features == 1 and (numeric or schema.is_boolean)
+
+
+def _synthesize(es: ft.EntitySet, spec: DfsSpec) -> list:
+    windowed = set(spec.windowed_primitives)
+    with _quiet():
+        base = ft.dfs(
+            entityset=es,
+            target_dataframe_name=TARGET_DATAFRAME,
+            agg_primitives=[_primitive(p, "agg") for p in spec.agg_primitives],
+            trans_primitives=[_primitive(p, "trans") for p in spec.trans_primitives],
+            where_primitives=[_primitive(p, "agg") for p in spec.where_primitives],
+            max_depth=spec.max_depth,
+            allowed_paths=spec.allowed_paths,
+            ignore_columns=spec.ignore_columns or None,
+            primitive_options=spec.primitive_options or None,
+            features_only=True,
+        )
+    features = []
+    for feature in base:
+        if not _matrix_ready(feature):
+            log.info("skipping non-numeric feature %s", feature.get_name())
+            continue
+        features.append(feature)
+        if isinstance(feature, AggregationFeature) and feature.primitive.name in windowed:
+            features.extend(_windowed(feature, w) for w in spec.windows_days)
+    drop = set(spec.drop_features)
+    return [f for f in features if f.get_name() not in drop]
+
+
+def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
+    """Feature definitions from the DFS spec (features_only: no matrix is computed).
+
+    The EntitySet is built on the latest view of gold, which only supplies column types
+    and the `top` interesting values; the definitions themselves hold no data.
+    """
+    spec = load_dfs_spec(spec_path)
+    gold = standardise_gold(gold)
+    times = [
+        gold.orders[Orders.order_ts].max(),
+        gold.support_cases[SupportCases.created_ts].max(),
+        gold.order_status["valid_from"].max(),
+        gold.case_status["valid_from"].max(),
+    ]
+    known = [t for t in times if pd.notna(t)]
+    view = view_as_of(gold, max(known) if known else pd.Timestamp.now(tz="UTC"))
+    es = build_entityset(view)
+    _add_interesting_values(es, spec)
+    features = _synthesize(es, spec)
+    if len(features) > spec.max_features:
+        raise ValueError(
+            f"{spec_path} yields {len(features)} features, above max_features="
+            f"{spec.max_features}; narrow the primitives or windows"
+        )
+    names = [f.get_name() for f in features]
+    log.info("derived %d features from %s", len(names), spec_path)
+    return FeatureSet(
+        names=names,
+        dtypes=dict.fromkeys(names, MATRIX_DTYPE),
+        definitions_json=ft.save_features(features),
+        meta={
+            "spec": str(spec_path),
+            "featuretools_version": ft.__version__,
+            "windows_days": spec.windows_days,
+        },
+    )
+
+
+def _compute_at(gold: GoldTables, ids: pd.Index, t: pd.Timestamp, features: list) -> pd.DataFrame:
+    """Feature values for `ids` at t, from the as-of view of t only; indexed by customer_id."""
+    view = view_as_of(restrict_to_customers(gold, ids), t)
+    es = build_entityset(view)
+    cutoff = pd.DataFrame({CUSTOMER_ID: ids.to_numpy(), "time": t})
+    with _quiet():
+        matrix = ft.calculate_feature_matrix(
+            features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
+        )
+    return matrix.reindex(ids)
+
+
+def _to_float32(col: pd.Series) -> np.ndarray:
+    if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
+        raise TypeError(f"feature {col.name} is not numeric ({col.dtype}); cannot encode")
+    return col.astype("Float64").to_numpy(dtype=np.float32, na_value=np.nan)
+
+
+def _load(fs: FeatureSet) -> list:
+    with _quiet():
+        loaded = ft.load_features(fs.definitions_json)
+    by_name = {f.get_name(): f for f in loaded}
+    missing = [n for n in fs.names if n not in by_name]
+    if missing:
+        raise ValueError(f"feature definitions lack {missing[:5]}")
+    return [by_name[n] for n in fs.names]
+
+
+def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp, pd.Index]]:
+    missing = {CUSTOMER_ID, CUTOFF_TIME} - set(population.columns)
+    if missing:
+        raise ValueError(f"population lacks column(s) {sorted(missing)}")
+    times = pd.to_datetime(population[CUTOFF_TIME], utc=True)
+    for t, rows in population.groupby(times, sort=True)[CUSTOMER_ID]:
+        yield to_utc(t), pd.Index(rows.unique())
+
+
+def calculate_features(gold: GoldTables, population: pd.DataFrame, fs: FeatureSet) -> pd.DataFrame:
+    """customer_id, cutoff_time, then fs.names in order (float32), one row per population row.
+
+    One cutoff at a time on the as-of view of that cutoff; definitions come from
+    fs.definitions_json (never re-derived, so training and scoring compute the same thing).
+    """
+    features = _load(fs)
+    gold = standardise_gold(gold)
+    parts = []
+    for t, ids in _population_groups(population):
+        matrix = _compute_at(gold, ids, t, features)
+        part = pd.DataFrame({n: _to_float32(matrix[n]) for n in fs.names})
+        part.insert(0, CUTOFF_TIME, t)
+        part.insert(0, CUSTOMER_ID, ids.to_numpy())
+        parts.append(part)
+        log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
+    result = pd.concat(parts, ignore_index=True)
+    result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
+    keys = population[[CUSTOMER_ID, CUTOFF_TIME]].copy()
+    keys[CUTOFF_TIME] = pd.to_datetime(keys[CUTOFF_TIME], utc=True).dt.as_unit("us")
+    return keys.merge(result, on=[CUSTOMER_ID, CUTOFF_TIME], how="left", validate="m:1")
+
+
+def measure_features(es: ft.EntitySet, measures: list) -> list:
+    """Featuretools features for named measures (see `c360ml.features.measures`)."""
+    out = []
+    for m in measures:
+        child = es[m.dataframe]
+        column = m.column or child.ww.index
+        base = ft.IdentityFeature(child.ww[column])
+        if m.transform:
+            base = ft.TransformFeature(base, _primitive(m.transform, "trans"))
+        where = None
+        if m.where:
+            conditions = [ft.IdentityFeature(child.ww[c]) == v for c, v in m.where.items()]
+            where = conditions[0]
+            for extra in conditions[1:]:
+                where = where & extra
+        use_previous = (
+            ft.Timedelta(m.window_days * 86_400 - _HALF_MICROSECOND_S, "s")
+            if m.window_days
+            else None
+        )
+        out.append(
+            AggregationFeature(
+                base,
+                TARGET_DATAFRAME,
+                _primitive(m.primitive if not m.args else {m.primitive: m.args}, "agg"),
+                use_previous=use_previous,
+                where=where,
+                name=m.name,
+            )
+        )
+    return out
+
+
+def compute_measures(gold: GoldTables, as_of: pd.Timestamp, measures: list) -> pd.DataFrame:
+    """Measure values for every profile at as_of, indexed by customer_id."""
+    gold = standardise_gold(gold)
+    ids = pd.Index(gold.customers[CUSTOMER_ID].unique())
+    view = view_as_of(gold, as_of)
+    es = build_entityset(view)
+    features = measure_features(es, measures)
+    cutoff = pd.DataFrame({CUSTOMER_ID: ids.to_numpy(), "time": to_utc(as_of)})
+    with _quiet():
+        matrix = ft.calculate_feature_matrix(
+            features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
+        )
+    return matrix.reindex(ids)

@@ -1,0 +1,277 @@
+"""The gold tables the feature stage consumes, and the as-of view that keeps it leak-free.
+
+Why a view: features for cutoff t are computed on `view_as_of(gold, t)`, which holds only
+what was true at t (events with time <= t, order/case status from the history row valid at
+t, no mutable profile attributes). Data from after t is never even handed to Featuretools,
+so a cancellation, case resolution or profile edit after t cannot change features at t.
+
+Status resolution (shared by the view, the population and the labels through
+`StatusTimeline`): the history row with valid_from <= t < valid_to (valid_to null = still
+current). If an entity has history but none of it is valid at t yet (the change feed lags
+the event time), its first recorded status is used. An entity with no history at all has
+never changed, so its current value is its value at every t.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import pandas as pd
+
+from c360ml.features.spec import to_utc
+from c360ml.lake import Lake
+from c360ml.schemas import (
+    CustomerProfile,
+    OrderLines,
+    Orders,
+    Products,
+    StatusHistory,
+    SupportCases,
+    columns,
+)
+
+log = logging.getLogger(__name__)
+
+# Gold table name per GoldTables field, and its contract.
+GOLD_TABLES = {
+    "customers": ("customer_profile", CustomerProfile),
+    "orders": ("orders", Orders),
+    "order_lines": ("order_lines", OrderLines),
+    "products": ("products", Products),
+    "support_cases": ("support_cases", SupportCases),
+    "order_status": ("order_status_history", StatusHistory),
+    "case_status": ("case_status_history", StatusHistory),
+}
+# Profile columns that cannot change after creation; everything else in the profile is
+# mutable and only usable through a valid-from/valid-to history.
+IMMUTABLE_PROFILE_COLUMNS = [CustomerProfile.customer_id, CustomerProfile.created_ts]
+TIMESTAMP_COLUMNS = {
+    "customers": [CustomerProfile.created_ts],
+    "orders": [Orders.order_ts],
+    "support_cases": [SupportCases.created_ts],
+    "order_status": [StatusHistory.valid_from, StatusHistory.valid_to],
+    "case_status": [StatusHistory.valid_from, StatusHistory.valid_to],
+}
+_NS_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class GoldTables:
+    """Gold frames per `c360ml.schemas`; order_status/case_status are StatusHistory frames."""
+
+    customers: pd.DataFrame
+    orders: pd.DataFrame
+    order_lines: pd.DataFrame
+    products: pd.DataFrame
+    support_cases: pd.DataFrame
+    order_status: pd.DataFrame
+    case_status: pd.DataFrame
+
+
+def _utc(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Timestamps as datetime64[us, UTC] so comparisons with a UTC cutoff are exact."""
+    out = frame.copy()
+    for col in cols:
+        s = pd.to_datetime(out[col], utc=True)
+        out[col] = s.dt.as_unit("us")
+    return out
+
+
+def standardise_gold(gold: GoldTables) -> GoldTables:
+    """Check every contract column is present and put timestamps in UTC microseconds."""
+    tables = {}
+    for f in fields(GoldTables):
+        frame = getattr(gold, f.name)
+        name, model = GOLD_TABLES[f.name]
+        missing = [c for c in columns(model) if c not in frame.columns]
+        if missing and f.name != "customers":
+            raise ValueError(f"gold table {name} lacks column(s) {missing}")
+        if f.name == "customers":
+            missing = [c for c in IMMUTABLE_PROFILE_COLUMNS if c not in frame.columns]
+            if missing:
+                raise ValueError(f"gold table {name} lacks column(s) {missing}")
+        tables[f.name] = _utc(frame, TIMESTAMP_COLUMNS.get(f.name, []))
+    return GoldTables(**tables)
+
+
+def read_gold(lake: Lake) -> GoldTables:
+    """Read the seven gold tables the feature stage needs (the stage's only I/O)."""
+    frames = {}
+    for field_name, (table, model) in GOLD_TABLES.items():
+        frame = lake.read_pandas("gold", table)
+        # Extra columns are the writer's business; keep exactly the contract.
+        frames[field_name] = frame[[c for c in columns(model) if c in frame.columns]]
+        log.info("read gold/%s: %d rows", table, len(frame))
+    return standardise_gold(GoldTables(**frames))
+
+
+def epoch_ns(s: pd.Series) -> np.ndarray:
+    """int64 nanoseconds since the epoch (UTC); NaT -> int64 min.
+
+    Through `.array.asi8`: `to_numpy()` on tz-aware data boxes every value (~2 us each).
+    """
+    return pd.to_datetime(s, utc=True).dt.as_unit("ns").array.asi8.copy()
+
+
+def _ns(s: pd.Series) -> np.ndarray:
+    """Like epoch_ns, but NaT -> int64 max (an open-ended valid_to)."""
+    out = epoch_ns(s)
+    out[out == np.iinfo(np.int64).min] = _NS_MAX
+    return out
+
+
+class StatusTimeline:
+    """Status and is_cancelled of each entity at any instant, from a StatusHistory.
+
+    Built once (O(history)), queried per cutoff with numpy only, so the label code can
+    ask for 24 instants over millions of orders cheaply. Entities are the rows of the
+    frame passed in, in that order.
+    """
+
+    def __init__(
+        self,
+        entity_ids: pd.Series,
+        current_status: pd.Series,
+        current_cancelled: pd.Series,
+        history: pd.DataFrame,
+        with_status: bool = True,
+    ) -> None:
+        idx = pd.Index(entity_ids).get_indexer(history[StatusHistory.entity_id])
+        keep = idx >= 0
+        vf = _ns(history[StatusHistory.valid_from])[keep]
+        vt = _ns(history[StatusHistory.valid_to])[keep]
+        idx = idx[keep]
+        # Sort by entity then valid_from: entity slices are contiguous, and where rows
+        # overlap (dirty history) the later valid_from wins on assignment.
+        order = np.lexsort((vf, idx))
+        self._idx, self._vf, self._vt = idx[order], vf[order], vt[order]
+        n = len(entity_ids)
+        if with_status:
+            all_status = pd.concat(
+                [current_status.astype("string"), history[StatusHistory.status].astype("string")]
+            )
+            cats = pd.Categorical(all_status)
+            self.categories = cats.categories
+            codes = cats.codes.astype(np.int32)
+        else:  # labels only need is_cancelled; skip factorising millions of strings
+            self.categories = pd.Index(["?"])
+            codes = np.zeros(n + len(history), dtype=np.int32)
+        self._status = codes[n:][keep][order]
+        self._cancelled = history[StatusHistory.is_cancelled].to_numpy(bool)[keep][order]
+        # Fallback per entity: first recorded row if it has history, else its current value.
+        self._fb_status = codes[:n].copy()
+        self._fb_cancelled = current_cancelled.to_numpy(bool).copy()
+        firsts = np.flatnonzero(np.r_[True, self._idx[1:] != self._idx[:-1]]) if n else []
+        if len(self._idx):
+            self._fb_status[self._idx[firsts]] = self._status[firsts]
+            self._fb_cancelled[self._idx[firsts]] = self._cancelled[firsts]
+        self.n = n
+
+    def _rows(self, t_ns: int, lo: int, hi: int) -> tuple[slice, np.ndarray]:
+        a, b = np.searchsorted(self._idx, [lo, hi])
+        rows = slice(a, b)
+        valid = (self._vf[rows] <= t_ns) & (t_ns < self._vt[rows])
+        return rows, valid
+
+    def cancelled_at(self, t: pd.Timestamp, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """is_cancelled at t of entities lo..hi-1 (entity order of the constructor)."""
+        hi = self.n if hi is None else hi
+        rows, valid = self._rows(to_utc(t).value, lo, hi)
+        out = self._fb_cancelled[lo:hi].copy()
+        out[self._idx[rows][valid] - lo] = self._cancelled[rows][valid]
+        return out
+
+    def status_at(self, t: pd.Timestamp) -> tuple[pd.Series, np.ndarray]:
+        """(status strings, is_cancelled) of every entity at t."""
+        rows, valid = self._rows(to_utc(t).value, 0, self.n)
+        codes = self._fb_status.copy()
+        cancelled = self._fb_cancelled.copy()
+        codes[self._idx[rows][valid]] = self._status[rows][valid]
+        cancelled[self._idx[rows][valid]] = self._cancelled[rows][valid]
+        status = pd.Categorical.from_codes(codes, self.categories)
+        return pd.Series(status, dtype="string"), cancelled
+
+
+def is_purchase(orders: pd.DataFrame) -> pd.Series:
+    """A purchase: not cancelled/voided, not a return, net amount > 0 (DESIGN.md)."""
+    return (
+        ~orders[Orders.is_cancelled].astype(bool)
+        & ~orders[Orders.is_return].astype(bool)
+        & (orders[Orders.net_amount] > 0)
+    )
+
+
+def _history_as_of(history: pd.DataFrame, t: pd.Timestamp) -> pd.DataFrame:
+    """The history as it was known at t: rows started by t, the one current at t open."""
+    known = history[history[StatusHistory.valid_from] <= t].copy()
+    still_open = known[StatusHistory.valid_to] > t
+    known.loc[still_open, StatusHistory.valid_to] = pd.NaT
+    return known
+
+
+def _with_status_at(
+    frame: pd.DataFrame, id_col: str, history: pd.DataFrame, t: pd.Timestamp
+) -> pd.DataFrame:
+    # Cases carry no is_cancelled column; their status string says it.
+    has_flag = Orders.is_cancelled in frame.columns
+    cancelled = frame[Orders.is_cancelled] if has_flag else pd.Series(False, index=frame.index)
+    timeline = StatusTimeline(frame[id_col], frame["status"], cancelled, history)
+    status, is_cancelled = timeline.status_at(t)
+    out = frame.copy()
+    out["status"] = status.to_numpy()
+    if has_flag:
+        out[Orders.is_cancelled] = is_cancelled
+    return out
+
+
+def view_as_of(gold: GoldTables, t: pd.Timestamp) -> GoldTables:
+    """What was true at t: events with time <= t, statuses valid at t, immutable profile.
+
+    The customers frame keeps only IMMUTABLE_PROFILE_COLUMNS (customer_id, created_ts);
+    the status histories are cut to what was known at t. Products carry no history and
+    are passed through.
+    """
+    t = to_utc(t)
+    orders = gold.orders[gold.orders[Orders.order_ts] <= t]
+    orders = _with_status_at(orders, Orders.order_id, gold.order_status, t)
+    lines = gold.order_lines[gold.order_lines[OrderLines.order_id].isin(orders[Orders.order_id])]
+    cases = gold.support_cases[gold.support_cases[SupportCases.created_ts] <= t]
+    cases = _with_status_at(cases, SupportCases.case_id, gold.case_status, t)
+    return replace(
+        gold,
+        customers=gold.customers[IMMUTABLE_PROFILE_COLUMNS].copy(),
+        orders=orders.reset_index(drop=True),
+        order_lines=lines.reset_index(drop=True),
+        support_cases=cases.reset_index(drop=True),
+        order_status=_history_as_of(gold.order_status, t),
+        case_status=_history_as_of(gold.case_status, t),
+    )
+
+
+def restrict_to_customers(gold: GoldTables, customer_ids: pd.Index) -> GoldTables:
+    """Only these customers and their activity (speeds up per-cutoff feature runs)."""
+    orders = gold.orders[gold.orders[Orders.customer_id].isin(customer_ids)]
+    return replace(
+        gold,
+        customers=gold.customers[gold.customers[CustomerProfile.customer_id].isin(customer_ids)],
+        orders=orders,
+        order_lines=gold.order_lines[
+            gold.order_lines[OrderLines.order_id].isin(orders[Orders.order_id])
+        ],
+        support_cases=gold.support_cases[
+            gold.support_cases[SupportCases.customer_id].isin(customer_ids)
+        ],
+    )
+
+
+__all__ = [
+    "GoldTables",
+    "StatusTimeline",
+    "is_purchase",
+    "read_gold",
+    "restrict_to_customers",
+    "standardise_gold",
+    "view_as_of",
+]

@@ -1,0 +1,1 @@
+"""Medallion stages: landing -> bronze -> silver -> gold."""

@@ -1,0 +1,351 @@
+"""Ingest: landing -> bronze. Exact copies plus lineage, only what is new.
+
+What has been ingested is read from the bronze tables' own Delta commit metadata (the
+files of each commit), so the record of progress is atomic with the data: a crash
+between two commits leaves no partial batch visible, and a re-run ingests exactly the
+files that did not commit. Quarantine commits carry the same record, so a crash
+between a bronze commit and its quarantine commit is completed without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import yaml
+from rich.progress import Progress
+
+from c360ml.config import Settings
+from c360ml.lake import Lake
+from c360ml.sources.synapse import Entity, read_csv_file, read_model_json
+from c360ml.sources.tables import Column, source_table
+
+log = logging.getLogger(__name__)
+
+FILES_KEY = "c360ml.files"
+BATCH_KEY = "c360ml.batch_id"
+SYNAPSE_SOURCES = ("d365", "dataverse")
+INGEST_THREADS = 2  # entities ingested at once (the machine has 2 cores)
+LINEAGE = pa.schema(
+    [
+        ("_source_file", pa.string()),
+        ("_ingested_at", pa.timestamp("us", tz="UTC")),
+        ("_batch_id", pa.string()),
+    ]
+)
+# Canonical columns of a generic transactions source; the YAML maps them to file columns.
+GENERIC_COLUMNS = (
+    Column("customer_id", "string"),
+    Column("timestamp", "dateTime"),
+    Column("amount", "decimal"),
+    Column("order_id", "string"),
+    Column("product_id", "string"),
+    Column("is_return", "boolean"),
+)
+
+
+@dataclass
+class TableIngest:
+    source: str
+    table: str
+    batches: int = 0
+    files: int = 0
+    rows: int = 0
+    quarantined: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class IngestSummary:
+    tables: list[TableIngest] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "source": t.source,
+                "table": t.table,
+                "batches": t.batches,
+                "files": t.files,
+                "rows": t.rows,
+                "quarantined": t.quarantined,
+                "seconds": round(t.seconds, 2),
+            }
+            for t in self.tables
+        ]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+
+def committed_files(lake: Lake, layer: str, *parts: str) -> set[str]:
+    """Files recorded in a table's commits (empty if the table does not exist yet)."""
+    if not lake.exists(layer, *parts):
+        return set()
+    done: set[str] = set()
+    for meta in lake.commit_metadata(layer, *parts):
+        if FILES_KEY in meta:
+            done.update(json.loads(meta[FILES_KEY]))
+    return done
+
+
+def ingest_landing(settings: Settings) -> IngestSummary:
+    """Ingest every new landing file/version of every source into bronze."""
+    lake = Lake(settings.lake)
+    landing = lake.path("landing")
+    if not landing.exists():
+        raise FileNotFoundError(f"no landing folder at {landing}: run `c360ml generate` first")
+    summary = IngestSummary()
+    ingested_at = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
+    with Progress(transient=True) as progress:
+        task = progress.add_task("ingest", total=None)
+        for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
+            for folder in sorted(p for p in (landing / source).glob("*") if p.is_dir()):
+                # Entities of one sync folder are independent tables: two at a time (Arrow
+                # parses and casts without the GIL), committed folder by folder in order.
+                entities = list(read_model_json(folder).values())
+                progress.update(task, description=f"{source}/{folder.name}")
+                with ThreadPoolExecutor(max_workers=INGEST_THREADS) as pool:
+                    done = pool.map(
+                        lambda e, s=source, f=folder: ingest_entity(lake, s, f, e, ingested_at),
+                        _largest_first(entities),
+                    )
+                    for result in sorted(done, key=lambda r: entities_order(entities, r)):
+                        _merge(summary, result)
+        for source_dir in sorted(
+            p for p in (landing / "delta").glob("*") if p.name in settings.sources
+        ):
+            for table_dir in sorted(p for p in source_dir.glob("*") if p.is_dir()):
+                progress.update(task, description=f"delta/{source_dir.name}/{table_dir.name}")
+                _merge(
+                    summary, ingest_delta_table(lake, source_dir.name, table_dir.name, ingested_at)
+                )
+        if "generic" in settings.sources:
+            generic = ingest_generic(lake, settings.path(settings.generic_mapping), ingested_at)
+            if generic is not None:
+                _merge(summary, generic)
+    return summary
+
+
+def _largest_first(entities: list[Entity]) -> list[Entity]:
+    """Big tables first, so the two workers finish together."""
+    return sorted(entities, key=lambda e: -sum(f.stat().st_size for f in e.files))
+
+
+def entities_order(entities: list[Entity], result: TableIngest) -> int:
+    return [e.name for e in entities].index(result.table)
+
+
+def _merge(summary: IngestSummary, result: TableIngest) -> None:
+    for t in summary.tables:
+        if (t.source, t.table) == (result.source, result.table):
+            t.batches += result.batches
+            t.files += result.files
+            t.rows += result.rows
+            t.quarantined += result.quarantined
+            t.seconds += result.seconds
+            return
+    summary.tables.append(result)
+
+
+def _with_lineage(table: pa.Table, source_file: str, batch_id: str, at: pa.Scalar) -> pa.Table:
+    n = len(table)
+    return (
+        table.append_column(LINEAGE.field(0), pa.array([source_file] * n, pa.string()))
+        .append_column(LINEAGE.field(1), pa.array([at.value] * n, LINEAGE.field(1).type))
+        .append_column(LINEAGE.field(2), pa.array([batch_id] * n, pa.string()))
+    )
+
+
+def ingest_entity(
+    lake: Lake, source: str, folder: Path, entity: Entity, at: pa.Scalar
+) -> TableIngest:
+    """One Synapse Link entity of one sync folder: one bronze commit, one quarantine commit."""
+    started = time.perf_counter()
+    result = TableIngest(source, entity.name)
+    landing = lake.path("landing")
+    rel = {f: f.relative_to(landing).as_posix() for f in entity.files}
+    todo_bronze = [
+        f
+        for f in entity.files
+        if rel[f] not in committed_files(lake, "bronze", source, entity.name)
+    ]
+    done_q = committed_files(lake, "quarantine", "bronze", source, entity.name)
+    todo_q = [f for f in entity.files if rel[f] not in done_q]
+    if not todo_bronze and not todo_q:
+        return result
+    batch_id = f"{source}/{folder.name}"
+    quarantined: list[pa.Table] = []
+    schema = pa.unify_schemas([entity.arrow_schema, LINEAGE])
+
+    def typed_batches(files: list[Path], keep: bool) -> Iterator[pa.RecordBatch]:
+        for f in files:
+            for typed, bad in read_csv_file(f, entity, rel[f]):
+                if f in todo_q:
+                    quarantined.append(bad)
+                if keep and len(typed):
+                    result.rows += len(typed)
+                    yield from _with_lineage(typed, rel[f], batch_id, at).to_batches()
+
+    if todo_bronze:
+        reader = pa.RecordBatchReader.from_batches(schema, typed_batches(todo_bronze, True))
+        lake.write(
+            reader, "bronze", source, entity.name, metadata=_meta(batch_id, todo_bronze, rel)
+        )
+        result.batches, result.files = 1, len(todo_bronze)
+    # Crash recovery only: files in bronze whose quarantine commit did not happen.
+    for _ in typed_batches([f for f in todo_q if f not in todo_bronze], False):
+        pass
+    if todo_q:
+        q = _quarantine_lineage(quarantined, batch_id, at)
+        lake.write(
+            q, "quarantine", "bronze", source, entity.name, metadata=_meta(batch_id, todo_q, rel)
+        )
+        result.quarantined = len(q)
+        if len(q):
+            log.warning(
+                "%s/%s: %d rows quarantined (first: %s line %s: %s)",
+                source,
+                entity.name,
+                len(q),
+                q["_source_file"][0],
+                q["_line"][0],
+                q["_reason"][0],
+            )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _quarantine_lineage(parts: list[pa.Table], batch_id: str, at: pa.Scalar) -> pa.Table:
+    """Quarantined rows already carry file and line; add when and in which batch."""
+    q = pa.concat_tables(parts)
+    n = len(q)
+    return q.append_column(
+        LINEAGE.field(1), pa.array([at.value] * n, LINEAGE.field(1).type)
+    ).append_column(LINEAGE.field(2), pa.array([batch_id] * n, pa.string()))
+
+
+def _meta(batch_id: str, files: Iterable[Path], rel: dict[Path, str]) -> dict[str, str]:
+    return {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in files))}
+
+
+def ingest_delta_table(lake: Lake, source: str, name: str, at: pa.Scalar) -> TableIngest:
+    """A current-state Delta source table: each new source version becomes a change batch.
+
+    A Link-to-Fabric Delta table holds current state, not a change feed, so the batch is
+    the rows that are new or changed since the last ingested version, plus one
+    synthesised `IsDelete = true` row per key that disappeared. Bronze thus stays an
+    append-only change feed whatever the source format, and silver has one code path.
+    """
+    started = time.perf_counter()
+    result = TableIngest(source, name)
+    src = lake.delta("landing", "delta", source, name)
+    latest = src.version()
+    marker = f"landing/delta/{source}/{name}@v"
+    seen = [
+        int(f.rsplit("@v", 1)[1])
+        for f in committed_files(lake, "bronze", source, name)
+        if f.startswith(marker)
+    ]
+    previous = max(seen) if seen else None
+    if previous == latest:
+        return result
+    new = lake.read("landing", "delta", source, name, version=latest)
+    if previous is None:
+        changes = new
+    else:
+        old = lake.read("landing", "delta", source, name, version=previous)
+        changes = _snapshot_changes(old, new, source_table(source, name).key)
+    file_id = f"{marker}{latest}"
+    batch_id = f"{source}/delta@v{latest}"
+    lake.write(
+        _with_lineage(changes, file_id, batch_id, at),
+        "bronze",
+        source,
+        name,
+        metadata={BATCH_KEY: batch_id, FILES_KEY: json.dumps([file_id])},
+    )
+    result.batches, result.files, result.rows = 1, 1, len(changes)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _snapshot_changes(old: pa.Table, new: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """Rows of `new` not identical in `old`, plus delete markers for keys gone from `new`."""
+    con = duckdb.connect()
+    con.register("old_t", old)
+    con.register("new_t", new)
+    on = " AND ".join(f'n."{k}" = o."{k}"' for k in key)
+    cols = ", ".join(
+        f'o."{c}"'
+        if c not in ("IsDelete", "SinkModifiedOn")
+        else ("TRUE AS IsDelete" if c == "IsDelete" else "now() AS SinkModifiedOn")
+        for c in new.column_names
+    )
+    sql = f"""
+        SELECT * FROM (SELECT * FROM new_t EXCEPT SELECT * FROM old_t)
+        UNION ALL
+        SELECT {cols} FROM old_t o ANTI JOIN new_t n ON {on}
+    """
+    return con.sql(sql).to_arrow_table().cast(new.schema)
+
+
+def load_generic_mapping(path: Path) -> dict | None:
+    """The generic source's YAML mapping (None when the project declares no generic source)."""
+    if not path.exists():
+        return None
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+        spec = doc["transactions"]
+        mapping = spec["columns"]
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: needs transactions.columns mapping ({exc})") from exc
+    missing = [c.name for c in GENERIC_COLUMNS[:3] if c.name not in mapping]
+    if missing:
+        raise ValueError(f"{path}: transactions.columns lacks required {missing}")
+    return spec
+
+
+def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest | None:
+    """Generic CSV transactions (header row), typed through the YAML column mapping."""
+    spec = load_generic_mapping(mapping_path)
+    folder = lake.path("landing", "generic")
+    if spec is None or not folder.exists():
+        return None
+    started = time.perf_counter()
+    result = TableIngest("generic", "transactions")
+    files = sorted(folder.glob(spec.get("files", "*.csv")))
+    landing = lake.path("landing")
+    rel = {f: f"{f.relative_to(landing).as_posix()}#{f.stat().st_size}" for f in files}
+    done = committed_files(lake, "bronze", "generic", "transactions")
+    todo = [f for f in files if rel[f] not in done]
+    if not todo:
+        return result
+    columns = tuple(
+        Column(spec["columns"][c.name], c.cdm_type)
+        for c in GENERIC_COLUMNS
+        if c.name in spec["columns"]
+    )
+    batch_id = f"generic/{time.strftime('%Y-%m-%dT%H.%M.%SZ', time.gmtime())}"
+    typed_parts, bad_parts = [], []
+    for f in todo:
+        entity = Entity("transactions", columns, (f,))
+        for typed, bad in read_csv_file(f, entity, rel[f], header=True):
+            typed_parts.append(_with_lineage(typed, rel[f], batch_id, at))
+            bad_parts.append(bad)
+    meta = {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in todo))}
+    q = _quarantine_lineage(bad_parts, batch_id, at)
+    lake.write(q, "quarantine", "bronze", "generic", "transactions", metadata=meta)
+    lake.write(pa.concat_tables(typed_parts), "bronze", "generic", "transactions", metadata=meta)
+    result.batches, result.files = 1, len(todo)
+    result.rows = sum(len(t) for t in typed_parts)
+    result.quarantined = len(q)
+    result.seconds = time.perf_counter() - started
+    return result

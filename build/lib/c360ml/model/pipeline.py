@@ -1,0 +1,401 @@
+"""`run_training`: gold -> labels -> features -> train/evaluate -> MLflow -> gate.
+
+The wiring that `c360ml train` and `pipelines/train.py` call. The work is in
+`c360ml.features` (labels, RFM, Featuretools; imported lazily, so this module imports
+without them) and in `train`, `registry` and `report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from c360ml.config import Settings
+from c360ml.model import registry, report
+from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle
+from c360ml.model.splits import TRAIN, assign_splits, plan_splits
+from c360ml.model.train import (
+    CUSTOMER,
+    CUTOFF,
+    LABEL,
+    TrainConfig,
+    TrainResult,
+    require_optuna,
+    sample_population,
+    sample_rate_for,
+    train_and_evaluate,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a training run did, for the CLI's table and for callers."""
+
+    model_name: str
+    run_id: str
+    model_version: str
+    promoted: bool
+    gate_reason: str
+    trained_as_of: pd.Timestamp
+    test_cutoff: pd.Timestamp
+    validation_cutoff: pd.Timestamp | None
+    split_mode: str
+    optimistic: bool
+    evaluation_reason: str
+    split_rows: dict[str, int]
+    sample_rate: float
+    n_features: int
+    n_trees: int
+    calibrator: str
+    roc_auc: float
+    roc_auc_ci: tuple[float, float]
+    pr_auc: float
+    pr_auc_ci: tuple[float, float]
+    log_loss: float
+    brier: float
+    accuracy: float
+    churn_recall: float
+    top_decile_lift: float
+    rfm_roc_auc: float
+    roc_auc_minus_rfm: float
+    roc_auc_minus_rfm_ci: tuple[float, float]
+    recency_roc_auc: float
+    baseline_span_days: int
+    baseline_churn_recall: float
+    grade: str
+    grade_improvement: float
+    oracle_roc_auc: float | None = None
+    headroom_closed: float | None = None
+    headroom_closed_ci: tuple[float, float] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+
+    @property
+    def decision(self) -> str:
+        return "promoted to champion" if self.promoted else "kept as challenger"
+
+    def rows(self) -> list[dict[str, str]]:
+        """Flat item/value rows for printing (the CLI prints them as a table)."""
+
+        def ci(v: float, lohi: tuple[float, float] | None) -> str:
+            return f"{v:.4f}" if lohi is None else f"{v:.4f} [{lohi[0]:.4f}, {lohi[1]:.4f}]"
+
+        evaluation = "OPTIMISTIC: " if self.optimistic else ""
+        items: list[tuple[str, str]] = [
+            ("model", f"{self.model_name} v{self.model_version} ({self.decision})"),
+            ("gate", self.gate_reason),
+            ("trained_as_of", str(self.trained_as_of.date())),
+            ("evaluation", evaluation + self.evaluation_reason),
+            ("rows train/validation/test", " / ".join(f"{v:,}" for v in self.split_rows.values())),
+            ("training sample rate", f"{self.sample_rate:.3f}"),
+            (
+                "features / trees / calibrator",
+                f"{self.n_features}/{self.n_trees}/{self.calibrator}",
+            ),
+            ("ROC AUC [95% CI] (pre-refit)", ci(self.roc_auc, self.roc_auc_ci)),
+            ("PR AUC [95% CI]", ci(self.pr_auc, self.pr_auc_ci)),
+            ("log loss / Brier", f"{self.log_loss:.4f} / {self.brier:.4f}"),
+            ("accuracy / churn-class recall", f"{self.accuracy:.4f} / {self.churn_recall:.4f}"),
+            ("top-decile lift", f"{self.top_decile_lift:.2f}"),
+            ("RFM logistic ROC AUC", f"{self.rfm_roc_auc:.4f}"),
+            ("model - RFM ROC AUC", ci(self.roc_auc_minus_rfm, self.roc_auc_minus_rfm_ci)),
+            ("recency ROC AUC", f"{self.recency_roc_auc:.4f}"),
+            (
+                "CI-D rule baseline",
+                f"{self.baseline_span_days}-day span, churn-class recall "
+                f"{self.baseline_churn_recall:.4f}",
+            ),
+            ("grade", f"{self.grade} (improvement {self.grade_improvement:+.1%})"),
+        ]
+        if self.oracle_roc_auc is not None:
+            items.append(("oracle ROC AUC", f"{self.oracle_roc_auc:.4f}"))
+            items.append(("headroom closed", ci(self.headroom_closed, self.headroom_closed_ci)))
+        items.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())))
+        items.append(("tracking", self.tracking_uri))
+        return [{"item": k, "value": v} for k, v in items]
+
+
+def summarise(
+    result: TrainResult,
+    logged: registry.LoggedVersion,
+    decision: registry.GateDecision,
+    model_name: str,
+    trained_as_of: pd.Timestamp,
+    sample_rate: float,
+    seconds: dict[str, float],
+    tracking_uri: str,
+) -> TrainSummary:
+    m = result.metrics
+
+    def pair(key: str) -> tuple[float, float]:
+        return (m[f"{key}_ci_low"], m[f"{key}_ci_high"])
+
+    oracle = "oracle_roc_auc" in m
+    return TrainSummary(
+        model_name=model_name,
+        run_id=logged.run_id,
+        model_version=logged.version,
+        promoted=decision.promote,
+        gate_reason=decision.reason,
+        trained_as_of=trained_as_of,
+        test_cutoff=result.plan.test_cutoff,
+        validation_cutoff=result.plan.validation_cutoff,
+        split_mode=result.plan.mode,
+        optimistic=result.optimistic,
+        evaluation_reason=result.plan.reason,
+        split_rows=result.split_rows,
+        sample_rate=sample_rate,
+        n_features=len(result.feature_names),
+        n_trees=result.n_trees,
+        calibrator=result.calibration["chosen"],
+        roc_auc=m["test_roc_auc"],
+        roc_auc_ci=pair("test_roc_auc"),
+        pr_auc=m["test_pr_auc"],
+        pr_auc_ci=pair("test_pr_auc"),
+        log_loss=m["test_log_loss"],
+        brier=m["test_brier"],
+        accuracy=m["test_accuracy"],
+        churn_recall=m["test_churn_recall"],
+        top_decile_lift=m["test_top_decile_lift"],
+        rfm_roc_auc=m["rfm_logistic_roc_auc"],
+        roc_auc_minus_rfm=m["test_roc_auc_minus_rfm"],
+        roc_auc_minus_rfm_ci=pair("test_roc_auc_minus_rfm"),
+        recency_roc_auc=m["recency_roc_auc"],
+        baseline_span_days=result.rule.span_days,
+        baseline_churn_recall=result.rule.churn_recall,
+        grade=result.grade.grade,
+        grade_improvement=result.grade.improvement,
+        oracle_roc_auc=m["oracle_roc_auc"] if oracle else None,
+        headroom_closed=m.get("test_roc_auc_headroom_closed") if oracle else None,
+        headroom_closed_ci=pair("test_roc_auc_headroom_closed") if oracle else None,
+        seconds=seconds,
+        tracking_uri=tracking_uri,
+    )
+
+
+def tracking(settings: Settings) -> tuple[str, Path | None]:
+    """Tracking URI and, for the embedded default store, its artifact folder."""
+    if settings.mlflow_tracking_uri:
+        return settings.tracking_uri, None
+    return settings.tracking_uri, settings.path(settings.mlflow_dir) / "artifacts"
+
+
+def log_and_gate(
+    result: TrainResult,
+    bundle: ModelBundle,
+    settings: Settings,
+    params: dict[str, Any],
+    card: report.CardContext,
+    compute_matrix: Any,
+    extra_artifacts: dict[str, Any] | None = None,
+    oracle: pd.Series | None = None,
+) -> tuple[registry.LoggedVersion, registry.GateDecision]:
+    """Log the run and the model, register a version, run the gate, add the model card."""
+    uri, artifact_root = tracking(settings)
+    registry.use_experiment(uri, settings.model_name, artifact_root)
+    name = f"train as_of {bundle.metadata['trained_as_of'][:10]}"
+    with mlflow.start_run(run_name=name):
+        logged = registry.log_training(
+            result, bundle, settings.model_name, params, extra_artifacts, oracle
+        )
+        decision = registry.run_gate(settings.model_name, logged.version, result, compute_matrix)
+        gate = f"{decision.label}: {decision.reason}"
+        text = report.model_card(
+            result, dataclasses.replace(card, model_version=logged.version, gate=gate)
+        )
+        mlflow.log_text(text, "model_card.md")
+        client = mlflow.MlflowClient()
+        description = (
+            f"Churn model trained as of {bundle.metadata['trained_as_of'][:10]}; grade "
+            f"{result.grade.grade}; test ROC AUC {result.metrics['test_roc_auc']:.4f} "
+            f"(pre-refit, {'optimistic' if result.optimistic else 'out of time'}). "
+            f"Model card: run {logged.run_id} artifact model_card.md. Gate: {gate}"
+        )
+        client.update_model_version(settings.model_name, logged.version, description[:4900])
+    return logged, decision
+
+
+# ---------------------------------------------------------------- the features wiring
+
+
+def _utc(ts: pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(ts)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def oracle_churn_probability(
+    settings: Settings,
+    customer_ids: pd.Series,
+    test_cutoff: pd.Timestamp,
+    window_days: int,
+) -> pd.Series | None:
+    """True churn probability per test customer, when the generator's truth exists.
+
+    Maps customer_id -> person_id through gold/customer_source_map and the truth's
+    person_keys.parquet; a customer merged from several persons churns only if none of
+    them buys, so its probability is the product of the persons' no-purchase chances.
+    Optional: any problem is logged and the oracle figures are left out.
+    """
+    keys_path = settings.truth / "person_keys.parquet"
+    if not keys_path.exists():
+        return None
+    try:
+        from c360ml.lake import Lake
+        from c360ml.synth.oracle import oracle_purchase_probability
+
+        keys = pd.read_parquet(keys_path, columns=["person_id", "source", "source_key"])
+        source_map = Lake(settings.lake).read_pandas(
+            "gold", "customer_source_map", columns=["source", "source_key", "customer_id"]
+        )
+        link = source_map.merge(keys, on=["source", "source_key"])[[CUSTOMER, "person_id"]]
+        link = link[link[CUSTOMER].isin(set(customer_ids))].drop_duplicates()
+        persons = link["person_id"].drop_duplicates()
+        p = oracle_purchase_probability(
+            settings.truth, persons.to_numpy(), test_cutoff, window_days
+        )
+        if not isinstance(p, pd.Series):
+            p = pd.Series(np.asarray(p, dtype=np.float64), index=persons.to_numpy())
+        no_purchase = np.log(np.clip(1.0 - link["person_id"].map(p).astype(float), 1e-12, 1))
+        churn = np.exp(no_purchase.groupby(link[CUSTOMER].to_numpy()).sum(min_count=1))
+        covered = int(churn.notna().sum())
+        log.info(
+            "oracle: churn probability for %d of %d test customers", covered, len(customer_ids)
+        )
+        return churn.dropna()
+    except (ImportError, OSError, KeyError, ValueError, TypeError) as exc:
+        log.warning("oracle metrics skipped: %s", exc)
+        return None
+
+
+def run_training(
+    settings: Settings,
+    as_of: pd.Timestamp,
+    tune: int = 0,
+    sample_rate: float | None = None,
+    config: TrainConfig | None = None,
+) -> TrainSummary:
+    """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant)."""
+    from c360ml import features as ft
+    from c360ml.lake import Lake
+
+    if tune > 0:
+        require_optuna()  # fail before an hour of feature work, not after
+    config = config or TrainConfig()
+    as_of = _utc(as_of)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    spec = settings.path(settings.feature_spec)
+    cfg = ft.load_churn_config(spec)
+    window = cfg.prediction_window_days
+    gold = ft.read_gold(Lake(settings.lake))
+    cutoffs = ft.training_cutoffs(cfg, as_of)
+    labels = ft.compute_labels(gold, cutoffs, cfg)
+    if labels.empty:
+        raise ValueError(f"no active customers at any training cutoff for as_of {as_of.date()}")
+    plan = plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
+    rate = sample_rate_for(labels[CUSTOMER].nunique(), config, sample_rate)
+    population = sample_population(labels, rate, keep_cutoff=plan.test_cutoff)
+    log.info("training population: %d rows (sample rate %.3f)", len(population), rate)
+    lap("labels_seconds")
+
+    candidates = ft.derive_feature_set(gold, spec)
+    matrix = ft.calculate_features(gold, population[[CUSTOMER, CUTOFF]], candidates)
+    matrix = matrix.merge(_keyed(population), on=[CUSTOMER, CUTOFF], validate="one_to_one")
+    train_rows = assign_splits(matrix, plan) == TRAIN
+    # Selection looks at training rows only, so nothing about the test cutoff leaks into it.
+    fs, dropped = ft.select_features(matrix.loc[train_rows], candidates)
+    rfm = ft.compute_rfm(gold, cutoffs)
+    lap("features_seconds")
+
+    test_customers = matrix.loc[_is(matrix, plan.test_cutoff), CUSTOMER]
+    oracle = oracle_churn_probability(settings, test_customers, plan.test_cutoff, window)
+    result = train_and_evaluate(
+        matrix[[CUSTOMER, CUTOFF, LABEL, *fs.names]],
+        fs.names,
+        rfm,
+        window,
+        config,
+        oracle=oracle,
+        n_trials=tune,
+    )
+    if oracle is not None:
+        result.test["oracle"] = result.test[CUSTOMER].map(oracle)
+    lap("train_seconds")
+    seconds |= {f"train.{k}": v for k, v in result.seconds.items()}
+
+    bundle = registry.build_bundle(result, fs.dtypes, fs.to_json(), cfg.to_dict(), as_of)
+
+    def compute_matrix(champion: ModelBundle) -> pd.DataFrame:
+        """The champion's features on the test population: reuse or recompute."""
+        test = matrix.loc[_is(matrix, plan.test_cutoff)]
+        if set(champion.feature_names) <= set(matrix.columns):
+            return test[[CUSTOMER, *champion.feature_names]]
+        if not champion.feature_set_json:
+            raise ValueError("the champion carries no feature definitions")
+        champion_fs = ft.FeatureSet.from_json(champion.feature_set_json)
+        computed = ft.calculate_features(gold, test[[CUSTOMER, CUTOFF]], champion_fs)
+        return computed.drop(columns=[CUTOFF])
+
+    params = {
+        "trained_as_of": str(as_of),
+        **{f"churn_{k}": v for k, v in cfg.to_dict().items()},
+        "sample_rate": rate,
+        "tune_trials": tune,
+        "split_mode": plan.mode,
+        "n_candidate_features": len(candidates.names),
+        "n_features": len(fs.names),
+        "explain_default": DEFAULT_EXPLAIN,
+    }
+    card = report.CardContext(
+        model_name=settings.model_name,
+        trained_as_of=as_of,
+        window_days=window,
+        lookback_days=cfg.active_lookback_days,
+        cutoff_spacing_days=cfg.cutoff_spacing_days,
+        sample_rate=rate,
+        population_rows=len(matrix),
+        n_candidate_features=len(candidates.names),
+        dropped_features=len(dropped),
+        code_version=str(bundle.metadata.get("git_sha", bundle.metadata["package_version"])),
+    )
+    logged, decision = log_and_gate(
+        result,
+        bundle,
+        settings,
+        params,
+        card,
+        compute_matrix,
+        extra_artifacts={"dropped_features.json": dropped},
+        oracle=oracle,
+    )
+    lap("log_and_gate_seconds")
+    return summarise(
+        result, logged, decision, settings.model_name, as_of, rate, seconds, tracking(settings)[0]
+    )
+
+
+def _keyed(population: pd.DataFrame) -> pd.DataFrame:
+    out = population[[CUSTOMER, CUTOFF, LABEL]].copy()
+    out[CUTOFF] = pd.to_datetime(out[CUTOFF], utc=True).dt.as_unit("us")
+    return out
+
+
+def _is(frame: pd.DataFrame, cutoff: pd.Timestamp) -> np.ndarray:
+    return (pd.to_datetime(frame[CUTOFF], utc=True) == _utc(cutoff)).to_numpy()

@@ -1,0 +1,437 @@
+"""The refresh job (up to four times a day): new landing data in, every profile re-scored.
+
+Steps: ingest -> silver -> unify -> gold (incremental, from the medallion stages) ->
+measures and the feature snapshot at `as_of` -> batch scores with the champion through
+`c360ml.model.scoring` -> the CI-D hand-back (latest snapshot + CDM manifest) ->
+segments (when an endpoint is configured) -> report. Each table write is one Delta
+commit; a refresh for an as_of whose inputs and model have not changed writes nothing,
+so running it twice gives the same rows, not duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from c360ml.config import Settings
+from c360ml.lake import Lake
+from c360ml.medallion.gold import INPUTS_KEY
+from c360ml.model import scoring
+from c360ml.schemas import ChurnScores, CustomerMeasures
+
+log = logging.getLogger(__name__)
+
+AS_OF = "as_of"
+SCORED, INACTIVE, INSUFFICIENT = "scored", "inactive", "insufficient_history"
+CDM_FORMATS = {
+    "string": "String",
+    "double": "Double",
+    "bool": "Boolean",
+    "float": "Double",
+    "int64": "Int64",
+    "timestamp[us, tz=UTC]": "DateTimeOffset",
+}
+
+
+@dataclass
+class StepResult:
+    step: str
+    rows: int = 0
+    note: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class RefreshSummary:
+    as_of: pd.Timestamp | None = None
+    steps: list[StepResult] = field(default_factory=list)
+    risk_counts: dict[str, int] = field(default_factory=dict)
+    status_counts: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        return [
+            {"step": s.step, "rows": s.rows, "note": s.note, "seconds": round(s.seconds, 2)}
+            for s in self.steps
+        ]
+
+
+# ---------------------------------------------------------------- pure stages
+
+
+def latest_event_time(gold) -> pd.Timestamp:
+    """The default as_of: the latest event time in gold (orders and cases)."""
+    times = [gold.orders["order_ts"].max()]
+    if len(gold.support_cases):
+        times.append(gold.support_cases["created_ts"].max())
+    latest = max(t for t in times if pd.notna(t))
+    return pd.Timestamp(latest).tz_convert("UTC")
+
+
+def score_statuses(profiles: pd.Series, active: pd.Series, buyers: pd.Series) -> pd.Series:
+    """Per profile: scored (active at as_of), inactive (bought before, not in the
+    lookback), or insufficient_history (no purchase at or before as_of)."""
+    status = pd.Series(INSUFFICIENT, index=profiles.to_numpy(), dtype=object)
+    status[status.index.isin(buyers)] = INACTIVE
+    status[status.index.isin(active)] = SCORED
+    return status
+
+
+def churn_score_rows(
+    profiles: pd.Series,
+    status: pd.Series,
+    scored: pd.DataFrame,
+    explain: str,
+    model_version: str,
+    as_of: pd.Timestamp,
+    scored_at: pd.Timestamp,
+) -> pd.DataFrame:
+    """One gold/churn_scores row per profile; unscored profiles get an empty score."""
+    out = pd.DataFrame({"CustomerId": profiles.to_numpy()})
+    out = out.merge(scored, on="CustomerId", how="left")
+    out["InfluentialFactors"] = [
+        json.dumps(f) if isinstance(f, list) else None for f in out["InfluentialFactors"]
+    ]
+    out["IsChurn"] = out["IsChurn"].astype("boolean")
+    out["ExplainMethod"] = explain
+    out["ModelVersion"] = model_version
+    out["ScoredAsOf"] = as_of
+    out["ScoredAt"] = scored_at
+    out["ScoreStatus"] = status.reindex(out["CustomerId"]).to_numpy()
+    return out[list(ChurnScores.to_schema().columns)]
+
+
+def follow_redirects(ids: pd.Series, redirects: pd.DataFrame) -> pd.Series:
+    """Map retired customer_ids to their surviving id (chains followed to the end)."""
+    step = dict(zip(redirects["retired_id"], redirects["surviving_id"], strict=True))
+    out = ids.copy()
+    for _ in range(len(step) + 1):
+        moved = out.map(step)
+        if moved.isna().all():
+            break
+        out = moved.fillna(out)
+    return out
+
+
+def score_history(scores: pd.DataFrame, redirects: pd.DataFrame, customer_id: str) -> pd.DataFrame:
+    """A customer's scores over time, including those recorded under ids merged into it."""
+    current = follow_redirects(scores["CustomerId"], redirects)
+    return scores[current == customer_id].sort_values("ScoredAsOf")
+
+
+# ---------------------------------------------------------------- lake edges
+
+
+def _replace_as_of(
+    lake: Lake, frame: pd.DataFrame, table: str, column: str, as_of: pd.Timestamp, inputs: dict
+) -> bool:
+    """Replace one as_of's rows in one commit; skip when the same inputs made them."""
+    if _same_inputs(lake, table, as_of, inputs):
+        return False
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {INPUTS_KEY: json.dumps({**inputs, "as_of": str(as_of)})}
+    if not lake.exists("gold", table):
+        lake.write(arrow, "gold", table, mode="overwrite", metadata=meta)
+        return True
+    from deltalake import CommitProperties, write_deltalake
+
+    write_deltalake(
+        str(lake.path("gold", table)),
+        arrow,
+        mode="overwrite",
+        schema_mode="merge",
+        predicate=f"{column} = '{as_of.isoformat()}'",
+        commit_properties=CommitProperties(custom_metadata=meta),
+    )
+    return True
+
+
+def _same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bool:
+    if not lake.exists("gold", table):
+        return False
+    for meta in reversed(lake.commit_metadata("gold", table)):
+        if INPUTS_KEY in meta:
+            recorded = json.loads(meta[INPUTS_KEY])
+            if recorded.get("as_of") == str(as_of):
+                return {k: v for k, v in recorded.items() if k != "as_of"} == inputs
+    return False
+
+
+REFRESH_OUTPUTS = ("customer_measures", "customer_features", "churn_scores", "segment_membership")
+
+
+def gold_inputs(lake: Lake) -> dict[str, int]:
+    """Versions of the gold tables the refresh reads: "same inputs" means these."""
+    return {
+        f"gold/{p[-1]}": lake.version("gold", *p)
+        for p in lake.tables("gold")
+        if p[-1] not in REFRESH_OUTPUTS
+    }
+
+
+def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) -> StepResult:
+    from c360ml.features import build_measures, read_gold
+
+    started = time.perf_counter()
+    lake = Lake(settings.lake)
+    gold = read_gold(lake)
+    as_of = as_of or latest_event_time(gold)
+    measures = build_measures(gold, as_of, settings.path(settings.measures))
+    CustomerMeasures.validate(measures[["customer_id", AS_OF]])
+    written = _replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, gold_inputs(lake))
+    return StepResult(
+        "measures",
+        len(measures),
+        f"as_of {as_of:%Y-%m-%d %H:%M}" + ("" if written else " (unchanged)"),
+        time.perf_counter() - started,
+    )
+
+
+def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
+    """The champion's bundle and version, through MLflow (the refresh runs in process)."""
+    import mlflow
+
+    from c360ml.model.registry import CHAMPION, load_bundle
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(settings.model_name, CHAMPION).version
+    except mlflow.MlflowException as exc:
+        raise FileNotFoundError(
+            f"no champion of {settings.model_name}: run `c360ml train`"
+        ) from exc
+    return load_bundle(f"models:/{settings.model_name}@{CHAMPION}"), str(version)
+
+
+def score_profiles(
+    settings: Settings,
+    as_of: pd.Timestamp,
+    bundle: scoring.ModelBundle,
+    model_version: str,
+    explain: str,
+) -> tuple[list[StepResult], pd.DataFrame]:
+    """Feature snapshot of the active profiles at as_of, then one score row per profile."""
+    from c360ml.features import (
+        FeatureSet,
+        active_population,
+        calculate_features,
+        compute_rfm,
+        load_churn_config,
+        read_gold,
+    )
+
+    lake = Lake(settings.lake)
+    inputs = gold_inputs(lake) | {"model_version": model_version, "explain": explain}
+    results = []
+    started = time.perf_counter()
+    if _same_inputs(lake, "churn_scores", as_of, inputs):
+        scores = _scores_at(lake, as_of)
+        return [
+            StepResult(
+                "features + scores",
+                len(scores),
+                "unchanged inputs: kept",
+                time.perf_counter() - started,
+            )
+        ], scores
+    gold = read_gold(lake)
+    cfg = load_churn_config(settings.path(settings.feature_spec))
+    population = active_population(gold, [as_of], cfg)
+    if bundle.feature_set_json is None:
+        raise ValueError("the champion carries no feature definitions; retrain it")
+    fs = FeatureSet.from_json(bundle.feature_set_json)
+    features = calculate_features(gold, population, fs)
+    snapshot = features.rename(columns={"cutoff_time": AS_OF})
+    _replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, gold_inputs(lake))
+    results.append(
+        StepResult(
+            "feature snapshot",
+            len(snapshot),
+            f"{len(fs.names)} features",
+            time.perf_counter() - started,
+        )
+    )
+    started = time.perf_counter()
+    request = snapshot.drop(columns=[AS_OF]).rename(columns={"customer_id": "CustomerId"})
+    scored = (
+        scoring.score(bundle, request, explain)
+        if len(request)
+        else pd.DataFrame(columns=list(scoring.ChurnScoreOutput.to_schema().columns))
+    )
+    profiles = gold.customers["customer_id"]
+    buyers = compute_rfm(gold, [as_of])["customer_id"]
+    status = score_statuses(profiles, population["customer_id"], buyers)
+    scores = churn_score_rows(
+        profiles,
+        status,
+        scored,
+        explain,
+        model_version,
+        as_of,
+        pd.Timestamp.now(tz="UTC").floor("us"),
+    )
+    ChurnScores.validate(scores)
+    _replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, inputs)
+    results.append(
+        StepResult(
+            "batch scores",
+            len(scores),
+            f"model v{model_version}, explain={explain}",
+            time.perf_counter() - started,
+        )
+    )
+    return results, scores
+
+
+def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
+    scores = lake.read_pandas("gold", "churn_scores")
+    return scores[scores["ScoredAsOf"] == as_of].reset_index(drop=True)
+
+
+def export_cid_snapshot(settings: Settings, scores: pd.DataFrame) -> Path:
+    """The latest snapshot for CI-D: plain parquet + a CDM manifest naming only its files.
+
+    A new snapshot folder is written first, then the manifest is swapped atomically to
+    point at it, then older snapshot folders are removed: a reader following the
+    manifest never sees the history table or a half-written snapshot.
+    """
+    lake = Lake(settings.lake)
+    root = lake.path("export", "ci-d")
+    stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
+    contacts = lake.read_pandas("gold", "customer_source_map")
+    contacts = contacts[contacts["source"] == "dataverse"].rename(
+        columns={"source_key": "ContactId", "customer_id": "CustomerId"}
+    )[["ContactId", "CustomerId"]]
+    entities = {
+        "ChurnScores": ("churn_scores", scores),
+        "ContactBackstamp": ("contact_map", contacts),
+    }
+    declared = []
+    for entity, (folder, frame) in entities.items():
+        target = root / folder / f"snapshot={stamp}"
+        target.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        pq.write_table(table, target / "part-00000.parquet")
+        (root / f"{entity}.cdm.json").write_text(
+            json.dumps(_entity_doc(entity, table.schema), indent=1)
+        )
+        declared.append(
+            {
+                "type": "LocalEntity",
+                "entityName": entity,
+                "entityPath": f"{entity}.cdm.json/{entity}",
+                "dataPartitionPatterns": [
+                    {
+                        "name": entity,
+                        "rootLocation": f"{folder}/snapshot={stamp}/",
+                        "regularExpression": ".+\\.parquet$",
+                        "exhibitsTraits": [{"traitReference": "is.partition.format.parquet"}],
+                    }
+                ],
+            }
+        )
+    manifest = {
+        "jsonSchemaSemanticVersion": "1.0.0",
+        "imports": [{"corpusPath": "cdm:/foundations.cdm.json"}],
+        "manifestName": "c360ml",
+        "explanation": "Latest churn scores and contact backstamp from c360ml",
+        "entities": declared,
+    }
+    path = root / "c360ml.manifest.cdm.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    for _, (folder, _) in entities.items():
+        for old in (root / folder).glob("snapshot=*"):
+            if old.name != f"snapshot={stamp}":
+                shutil.rmtree(old)
+    return path
+
+
+def _entity_doc(entity: str, schema: pa.Schema) -> dict:
+    return {
+        "jsonSchemaSemanticVersion": "1.0.0",
+        "imports": [{"corpusPath": "cdm:/foundations.cdm.json"}],
+        "definitions": [
+            {
+                "entityName": entity,
+                "hasAttributes": [
+                    {"name": f.name, "dataFormat": CDM_FORMATS.get(str(f.type), "String")}
+                    for f in schema
+                ],
+            }
+        ],
+    }
+
+
+def run_refresh(
+    settings: Settings,
+    as_of: pd.Timestamp | None = None,
+    endpoint: str | None = None,
+    explain: str = scoring.DEFAULT_EXPLAIN,
+    segments: Callable | None = None,
+    report: Callable | None = None,
+) -> RefreshSummary:
+    """The whole refresh; `segments`/`report` are injected so this module stays small."""
+    from c360ml.features import read_gold
+    from c360ml.medallion.build import build_gold, build_silver, build_unify
+    from c360ml.medallion.ingest import ingest_landing
+
+    summary = RefreshSummary()
+
+    def timed(name: str, fn: Callable[[], Any], rows: Callable[[Any], int]) -> Any:
+        started = time.perf_counter()
+        result = fn()
+        summary.steps.append(StepResult(name, rows(result), "", time.perf_counter() - started))
+        return result
+
+    timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
+    timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
+    timed("unify", lambda: build_unify(settings), lambda r: r.customers)
+    timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
+    lake = Lake(settings.lake)
+    as_of = as_of or latest_event_time(read_gold(lake))
+    summary.as_of = as_of
+    summary.steps.append(build_measures_table(settings, as_of))
+    bundle, version = load_champion(settings)
+    steps, scores = score_profiles(settings, as_of, bundle, version, explain)
+    summary.steps.extend(steps)
+    scored = scores[scores["ScoreStatus"] == SCORED]
+    summary.risk_counts = scored["RiskLevel"].value_counts().to_dict()
+    summary.status_counts = scores["ScoreStatus"].value_counts().to_dict()
+    started = time.perf_counter()
+    latest = scores.drop(columns=["ScoredAt"])
+    manifest = export_cid_snapshot(settings, latest)
+    summary.steps.append(
+        StepResult("CI-D export", len(latest), str(manifest.name), time.perf_counter() - started)
+    )
+    summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
+    summary.outputs["ci-d manifest"] = str(manifest)
+    endpoint = endpoint or settings.endpoint
+    if segments is not None and endpoint:
+        summary.steps.append(segments(settings, endpoint, as_of))
+    else:
+        summary.steps.append(
+            StepResult(
+                "segments",
+                0,
+                "skipped: no scoring endpoint configured (--endpoint or settings.endpoint)",
+            )
+        )
+    if report is not None:
+        started = time.perf_counter()
+        path = report(settings)
+        summary.outputs["report"] = str(path)
+        summary.steps.append(StepResult("report", 0, str(path), time.perf_counter() - started))
+    return summary

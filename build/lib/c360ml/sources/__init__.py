@@ -1,0 +1,1 @@
+"""Source readers and the declarations of source tables."""

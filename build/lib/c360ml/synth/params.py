@@ -1,0 +1,141 @@
+"""Parameters of the synthetic retailer: the behavioural process and the shape of the lake.
+
+Why one frozen dataclass per concern: the oracle must evaluate exactly the process that
+generated the data, so every number the simulation uses is a field here, is written to
+`generator.json`, and is read back from there by `c360ml.synth.oracle`.
+
+Channel record ids (`SalesTable.retailchanneltable`, `RetailTransactionTable.channel`):
+
+- 5637144576 = online store (e-commerce channel), a sales order
+- 5637145326 = call center, a sales order
+- 5637146001 ... = the brick-and-mortar stores, one channel per store (POS transactions)
+
+The same mapping is written to `generator.json` under "channels".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ONLINE_CHANNEL = 5637144576  # RetailChannelTable recid of the online store
+CALL_CENTER_CHANNEL = 5637145326  # RetailChannelTable recid of the call center
+STORES: tuple[str, ...] = (
+    "HOUSTON-1",
+    "HOUSTON-2",
+    "SEATTLE-1",
+    "NEWYORK-1",
+    "NEWYORK-2",
+    "CHICAGO-1",
+    "BOSTON-1",
+    "DENVER-1",
+    "MIAMI-1",
+    "SANFRAN-1",
+)
+STORE_CHANNEL_BASE = 5637146001  # store k has channel recid STORE_CHANNEL_BASE + k
+RECID_BASE = 5637144576  # first RecId F&O hands out; every table's recids count up from here
+FO_MAX_DATE = "2154-12-31T23:59:59Z"  # F&O's "never" in ValidTo columns
+FO_MAX_EPOCH = 5838047999  # FO_MAX_DATE in epoch seconds
+
+# Channel codes used inside the simulation and in truth/purchases.parquet "channel".
+CH_ONLINE, CH_CALL_CENTER, CH_STORE = 0, 1, 2
+CHANNEL_NAMES = {CH_ONLINE: "online", CH_CALL_CENTER: "call_center", CH_STORE: "store"}
+
+
+def channel_mapping() -> dict[str, object]:
+    """The channel recid meaning, recorded in generator.json for gold to declare."""
+    return {
+        "online": ONLINE_CHANNEL,
+        "call_center": CALL_CENTER_CHANNEL,
+        "stores": {s: STORE_CHANNEL_BASE + k for k, s in enumerate(STORES)},
+    }
+
+
+@dataclass(frozen=True)
+class ProcessParams:
+    """The behavioural purchase/dropout process (daily steps, UTC days).
+
+    Each person has a purchase rate lam ~ Gamma (heavy tail: many one-time buyers) and a
+    baseline daily dropout hazard h0 ~ Gamma. While alive, day d:
+    hazard h = h0 * exp(beta_case*C + beta_return*R + beta_discount*(disc - 0.25)
+    + beta_store*(store - 0.5)) * (1 + tenure_years) ** beta_tenure, with C and R
+    exponentially decayed counts of the person's support cases and returns up to d - 1
+    (observable); dropout w.p. 1 - exp(-h); if still alive, a purchase w.p.
+    1 - exp(-lam * season(d)) and a support case w.p. 1 - exp(-case_rate).
+    """
+
+    lam_shape: float = 0.5  # Gamma shape of the purchase rate (small = heavy tail)
+    lam_mean: float = 1 / 20  # mean purchases per day of an alive customer
+    h0_shape: float = 2.0  # Gamma shape of the baseline dropout hazard
+    h0_mean: float = 0.0035  # mean baseline daily dropout hazard
+    beta_case: float = 2.0  # log-hazard per (decayed) support case
+    case_decay_days: float = 60.0  # e-folding time of the support-case memory
+    beta_return: float = 1.5  # log-hazard per (decayed) return
+    return_decay_days: float = 120.0  # e-folding time of the return memory
+    beta_discount: float = 2.5  # log-hazard per unit of discount dependence (share)
+    beta_store: float = -1.2  # log-hazard per unit of store (vs online) preference
+    beta_tenure: float = -2.5  # hazard multiplier (1 + tenure_years) ** beta_tenure
+    case_rate_shape: float = 0.5  # Gamma shape of the daily support-case rate
+    case_rate_mean: float = 1 / 250  # mean daily support-case rate (persons with a contact)
+    return_a: float = 1.0  # Beta(a, b) of the per-order return probability
+    return_b: float = 12.0
+    discount_a: float = 1.2  # Beta(a, b) of the share of discounted orders
+    discount_b: float = 3.5
+    store_a: float = 0.5  # Beta(a, b) of the share of store (POS) orders
+    store_b: float = 0.6
+    basket_shape: float = 2.0  # Gamma shape of the mean extra lines per order
+    basket_mean: float = 0.8  # mean extra lines per order (lines = 1 + Poisson)
+    call_center_share: float = 0.25  # share of non-store orders placed by the call center
+    cancel_sales: float = 0.04  # probability a sales order is cancelled
+    void_pos: float = 0.015  # probability a POS transaction is voided
+    return_delay_min: int = 7  # a return happens uniformly 7..30 days after its order
+    return_delay_max: int = 30
+    season_base: float = 0.85  # season(d) = base + xmas bump + black-friday bump
+    season_xmas: float = 1.1  # height of the December peak (Gaussian, centre 15 Dec)
+    season_xmas_width: float = 10.0  # days
+    season_bf: float = 0.8  # height of the Black Friday peak (centre 28 Nov)
+    season_bf_width: float = 2.5  # days
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LakeShape:
+    """Who exists in which system, and how dirty the export is."""
+
+    pre_start_share: float = 0.15  # persons created up to 2 years before start
+    contact_only_share: float = 0.05  # persons known only to Dataverse (no Commerce account)
+    organisation_share: float = 0.03  # B2B customers (party type 2077), no contact
+    two_account_share: float = 0.02  # persons with two Commerce accounts (same e-mail)
+    contact_share: float = 0.85  # persons (not organisations) that dual-write made a contact for
+    ussi_share: float = 0.05  # accounts in legal entity "ussi" instead of "usrt"
+    future_days: int = 182  # simulated beyond end for increments (26 weekly syncs)
+    increment_days: int = 7  # activity covered by one increment
+    rename_share: float = 0.03  # persons renamed (DirPersonName history)
+    move_share: float = 0.06  # persons who moved (postal address history)
+    custtable_update_share: float = 0.05  # accounts with a later update (custgroup/blocked)
+    contact_update_share: float = 0.2  # contacts with a later update
+    no_phone_share: float = 0.1  # accounts without a phone
+    duplicate_share: float = 0.005  # change rows repeated verbatim
+    malformed_share: float = 0.002  # extra corrupted copies of rows (dates, amounts, columns)
+    late_share: float = 0.003  # transaction rows that reach the sink 1-10 days late
+    orphan_line_share: float = 0.001  # sales lines whose header never arrives
+    anonymous_pos_share: float = 0.03  # POS walk-in transactions without an account
+    deleted_incident_share: float = 0.01  # incidents created by mistake and deleted
+    unlinked_incident_share: float = 0.005  # incidents of a contact that does not exist
+    erase_share: float = 0.0005  # persons erased (privacy request) per increment
+    n_items: int = 1500  # catalogue size
+    n_categories: int = 15
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything that fixes a generated lake (recorded in generator.json)."""
+
+    customers: int
+    seed: int
+    start: str
+    end: str
+    fmt: str = "csv"
+    process: ProcessParams = field(default_factory=ProcessParams)
+    shape: LakeShape = field(default_factory=LakeShape)

@@ -1,0 +1,425 @@
+"""Unify: the only stage that assigns customer_id (silver -> unify -> gold).
+
+Records of the same person across Commerce accounts and Dataverse contacts are matched
+by the rules of `pipelines/unify.yaml` (exact keys with blocking, then fuzzy names
+inside small blocks), clustered as connected components of the matched pairs, and
+merged attribute by attribute. Ids are stable: a cluster keeps the id its records had;
+on a merge the oldest id survives and the others are redirected; on a split the part
+holding the oldest record keeps the id. Outputs: `gold/customer_source_map` (the
+backstamp), `gold/customer_profile`, `gold/customer_id_redirects`, `gold/unify_report`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+from pydantic import BaseModel, ConfigDict
+from rapidfuzz import fuzz, process
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from c360ml.config import Settings
+from c360ml.lake import Lake
+from c360ml.medallion.gold import inputs_unchanged, lake_versions, write_gold
+from c360ml.medallion.sql import connect, run_sql
+from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
+
+log = logging.getLogger(__name__)
+
+MATCH_FIELDS = ("email", "phone", "last_name", "full_name", "postal_code", "last_initial")
+
+
+# ---------------------------------------------------------------- typed rules
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FuzzySpec(_Strict):
+    field: Literal["full_name", "last_name", "email"]  # compared inside each block
+    scorer: Literal["token_sort_ratio", "ratio", "token_set_ratio"] = "token_sort_ratio"
+    threshold: float  # 0-100; pairs scoring at least this match
+
+
+class MatchRule(_Strict):
+    name: str  # reported per rule
+    exact: list[Literal[MATCH_FIELDS]]  # equal and non-empty on both records (the block)
+    fuzzy: FuzzySpec | None = None  # optional similarity test inside the block
+    # fuzzy rules only: a pair is vetoed when every one of these fields is present on both
+    # records and differs (two namesakes in one postal code with their own e-mail and phone)
+    veto_if_all_differ: list[Literal[MATCH_FIELDS]] = []
+
+
+class MergePolicy(_Strict):
+    source_priority: list[str]  # order of sources for by_source_priority attributes
+    most_recent: list[str]  # attributes taken from the most recently modified record
+    by_source_priority: list[str]  # attributes taken by source priority
+
+
+class UnifyRules(_Strict):
+    junk_fields: list[Literal[MATCH_FIELDS]] = ["email", "phone"]  # identifiers checked for junk
+    junk_max_records: int = 4  # identifier values shared by more records are not matched on
+    max_block_size: int = 200  # fuzzy rules skip larger blocks (reported)
+    rules: list[MatchRule]  # applied in order
+    merge: MergePolicy  # how a cluster's attributes become one profile
+
+
+def load_rules(path: Path) -> UnifyRules:
+    try:
+        return UnifyRules(**yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"unify rules file {path} not found") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: invalid unify rules: {exc}") from exc
+
+
+# ---------------------------------------------------------------- pure stages
+
+
+def _fold(text: pd.Series) -> pd.Series:
+    """Case- and accent-folded, letters/digits/spaces only: 'José  O'Neil' -> 'jose oneil'.
+
+    Vectorised in Arrow over the distinct values (names repeat a lot): NFKD, drop what
+    is not ASCII (the accents), lower case, keep [a-z0-9 ], collapse spaces.
+    """
+    values = pa.array(text.astype(object), pa.string())
+    encoded = values.dictionary_encode()
+    names = encoded.dictionary
+    names = pc.utf8_normalize(names, "NFKD")
+    names = pc.replace_substring_regex(names, r"[^\x00-\x7f]", "")
+    names = pc.ascii_lower(names)
+    names = pc.replace_substring_regex(names, r"[^a-z0-9 ]", "")
+    names = pc.utf8_trim(pc.replace_substring_regex(names, r" +", " "), " ")
+    folded = pc.take(names, encoded.indices)
+    folded = pc.if_else(pc.equal(folded, ""), pa.scalar(None, pa.string()), folded)
+    return pd.Series(folded.to_numpy(zero_copy_only=False), index=text.index, dtype=object)
+
+
+def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Add the normalised match fields; `record` is a dense 0..n-1 index."""
+    out = records.reset_index(drop=True).copy()
+    out["record"] = np.arange(len(out))
+    first, last = _fold(out["first_name"]), _fold(out["last_name"])
+    out["m_last_name"] = last
+    out["m_full_name"] = (first.fillna("") + " " + last.fillna("")).str.strip().replace("", None)
+    out["m_email"] = out["email"].str.strip().str.lower().replace("", None)
+    out["m_phone"] = out["phone"].str.strip().replace("", None)
+    out["m_postal_code"] = out["postal_code"].str.upper().str.replace(" ", "").replace("", None)
+    out["m_last_initial"] = last.str[:1]
+    return out
+
+
+def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
+    """Values of a field shared by more records than max_records (a shared store phone)."""
+    counts = records[f"m_{name}"].value_counts()
+    return set(counts[counts > max_records].index)
+
+
+@dataclass
+class RulePairs:
+    rule: str
+    left: np.ndarray
+    right: np.ndarray
+    junk: dict[str, int] = field(default_factory=dict)  # field -> junk values excluded
+    skipped_blocks: int = 0
+
+
+def match_rule(
+    records: pd.DataFrame,
+    rule: MatchRule,
+    junk_max: int,
+    max_block: int,
+    junk_fields: tuple[str, ...] = ("email", "phone"),
+) -> RulePairs:
+    """Candidate pairs of one rule, with blocking on its exact fields.
+
+    Exact-only rules link each block's records to the block's first record (a star: the
+    same connected component as all pairs, at linear cost). Fuzzy rules compare all
+    pairs inside blocks of at most `max_block` records.
+    """
+    keys = [f"m_{f}" for f in rule.exact]
+    usable = records.dropna(subset=keys)
+    junk = {f: junk_values(records, f, junk_max) for f in rule.exact if f in junk_fields}
+    for f, values in junk.items():
+        usable = usable[~usable[f"m_{f}"].isin(values)]
+    block = usable.groupby(keys, sort=False).ngroup().to_numpy()
+    ids = usable["record"].to_numpy()
+    order = np.argsort(block, kind="stable")
+    block, ids = block[order], ids[order]
+    sizes = np.bincount(block) if len(block) else np.array([], dtype=int)
+    result = RulePairs(
+        rule.name, np.array([], int), np.array([], int), {f: len(v) for f, v in junk.items() if v}
+    )
+    if rule.fuzzy is None:
+        starts = np.r_[0, np.cumsum(sizes)[:-1]] if len(sizes) else np.array([], int)
+        head = ids[starts][block]
+        keep = ids != head
+        result.left, result.right = head[keep], ids[keep]
+        return result
+    multi = sizes[block] > 1
+    small = sizes[block] <= max_block
+    result.skipped_blocks = int((sizes > max_block).sum())
+    cand = pd.DataFrame({"block": block[multi & small], "record": ids[multi & small]})
+    pairs = cand.merge(cand, on="block", suffixes=("_l", "_r"))
+    pairs = pairs[pairs.record_l < pairs.record_r]
+    values = records[f"m_{rule.fuzzy.field}"].to_numpy(dtype=object)
+    left, right = pairs.record_l.to_numpy(), pairs.record_r.to_numpy()
+    ok = pd.notna(values[left]) & pd.notna(values[right])
+    left, right = left[ok], right[ok]
+    scorer = getattr(fuzz, rule.fuzzy.scorer)
+    scores = process.cpdist(values[left].tolist(), values[right].tolist(), scorer=scorer, workers=1)
+    hit = scores >= rule.fuzzy.threshold
+    left, right = left[hit], right[hit]
+    if rule.veto_if_all_differ:
+        veto = np.ones(len(left), dtype=bool)
+        for f in rule.veto_if_all_differ:
+            col = records[f"m_{f}"].to_numpy(dtype=object)
+            a, b = col[left], col[right]
+            veto &= pd.notna(a) & pd.notna(b) & (a != b)
+        left, right = left[~veto], right[~veto]
+    result.left, result.right = left, right
+    return result
+
+
+def cluster(n: int, pairs: list[RulePairs]) -> np.ndarray:
+    """Connected components of all matched pairs: a cluster label per record."""
+    left = np.concatenate([p.left for p in pairs] + [np.array([], int)])
+    right = np.concatenate([p.right for p in pairs] + [np.array([], int)])
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def new_id(source: str, key: str, salt: int = 0) -> str:
+    """An opaque id founded by one record; deterministic so re-runs agree."""
+    text = f"{source}:{key}" if salt == 0 else f"{source}:{key}:{salt}"
+    return "C" + hashlib.md5(text.encode()).hexdigest()[:16]
+
+
+def assign_ids(
+    records: pd.DataFrame, labels: np.ndarray, previous: pd.DataFrame | None, today: pd.Timestamp
+) -> tuple[pd.Series, pd.DataFrame]:
+    """A stable customer_id per cluster, and the redirects of ids retired by merges.
+
+    An old id belongs to the cluster holding its oldest record (so on a split that part
+    keeps it); a cluster owning several old ids keeps the oldest and retires the rest.
+    """
+    frame = records[["source", "source_key", "created_ts"]].assign(cluster=labels)
+    frame["_age"] = frame["created_ts"].fillna(pd.Timestamp.max.tz_localize("UTC"))
+    if previous is not None and len(previous):
+        frame = frame.merge(
+            previous.rename(columns={"customer_id": "old_id"}),
+            on=["source", "source_key"],
+            how="left",
+        )
+    else:
+        frame["old_id"] = None
+    frame = frame.sort_values(["_age", "source", "source_key"], kind="stable")
+    with_old = frame.dropna(subset=["old_id"])
+    owner = with_old.drop_duplicates("old_id")[["old_id", "cluster", "_age"]]  # oldest record
+    chosen = owner.sort_values(["_age", "old_id"]).drop_duplicates("cluster")
+    cluster_id = dict(zip(chosen["cluster"], chosen["old_id"], strict=True))
+    used = set(cluster_id.values()) | set(with_old["old_id"])
+    founders = frame.drop_duplicates("cluster")
+    founders = founders[~founders["cluster"].isin(cluster_id)]
+    fresh = [new_id(s, k) for s, k in zip(founders["source"], founders["source_key"], strict=True)]
+    for cl, src, key, cid in zip(
+        founders["cluster"], founders["source"], founders["source_key"], fresh, strict=True
+    ):
+        salt = 0
+        while cid in used:  # a collision with an existing or already given id: rare
+            salt += 1
+            cid = new_id(src, key, salt)
+        cluster_id[cl] = cid
+        used.add(cid)
+    retired = owner[~owner["old_id"].isin(chosen["old_id"])]
+    redirects = pd.DataFrame(
+        {
+            "retired_id": retired["old_id"].to_numpy(),
+            "surviving_id": retired["cluster"].map(cluster_id).to_numpy(),
+            "redirected_at": today,
+            "reason": "merge",
+        }
+    )
+    ids = pd.Series(labels, index=records.index).map(cluster_id)
+    return ids, redirects
+
+
+def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
+    """One profile per customer_id by the declared per-attribute policy."""
+    frame = records.assign(customer_id=ids.to_numpy())
+    rank = {s: i for i, s in enumerate(policy.source_priority)}
+    frame["_rank"] = frame["source"].map(rank).fillna(len(rank))
+    recent = frame.sort_values(["customer_id", "modified_ts"], ascending=[True, False])
+    prior = frame.sort_values(
+        ["customer_id", "_rank", "modified_ts"], ascending=[True, True, False]
+    )
+    merged = recent.groupby("customer_id")[policy.most_recent].first()  # first non-null
+    merged = merged.join(prior.groupby("customer_id")[policy.by_source_priority].first())
+    grouped = frame.groupby("customer_id")
+    merged["created_ts"] = grouped["created_ts"].min()
+    merged["source_count"] = grouped.size()
+    # The distinct sources of each customer in priority order, without a Python call per
+    # customer: one indicator column per source, then one string per combination.
+    ordered = sorted(frame["source"].unique(), key=lambda x: (rank.get(x, len(rank)), x))
+    bit = frame["source"].map({src: 1 << i for i, src in enumerate(ordered)})
+    distinct = pd.DataFrame({"customer_id": frame["customer_id"], "bit": bit}).drop_duplicates()
+    combo = distinct.groupby("customer_id")["bit"].sum()
+    names = {
+        c: ",".join(src for i, src in enumerate(ordered) if c >> i & 1) for c in combo.unique()
+    }
+    merged["sources"] = combo.map(names)
+    merged["full_name"] = (
+        (merged["first_name"].fillna("") + " " + merged["last_name"].fillna(""))
+        .str.strip()
+        .replace("", None)
+    )
+    return merged.reset_index()[columns(CustomerProfile)]
+
+
+def pair_quality(source_map: pd.DataFrame, truth_keys: pd.DataFrame) -> dict[str, float]:
+    """Pairwise precision and recall of clusters against a truth (source, source_key ->
+    person_id), counted by combinatorics over cluster/person intersections."""
+    joined = source_map.merge(truth_keys, on=["source", "source_key"], how="inner")
+
+    def pairs(sizes: pd.Series) -> int:
+        n = sizes.to_numpy(dtype=np.int64)
+        return int((n * (n - 1) // 2).sum())
+
+    predicted = pairs(joined.groupby("customer_id").size())
+    actual = pairs(joined.groupby("person_id").size())
+    correct = pairs(joined.groupby(["customer_id", "person_id"]).size())
+    return {
+        "records": len(joined),
+        "predicted_pairs": predicted,
+        "true_pairs": actual,
+        "precision": correct / predicted if predicted else 1.0,
+        "recall": correct / actual if actual else 1.0,
+    }
+
+
+# ---------------------------------------------------------------- lake edges
+
+
+@dataclass
+class UnifySummary:
+    report: pd.DataFrame
+    customers: int
+    records: int
+    redirects: int
+    seconds: float
+
+    def rows(self) -> list[dict]:
+        return self.report.to_dict("records")
+
+
+def read_records(lake: Lake, settings: Settings) -> pd.DataFrame:
+    con = connect(lake)
+    parts = []
+    if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
+        parts.append(run_sql(con, settings, "gold/unify_records"))
+    if lake.exists("silver", "generic_transactions"):
+        parts.append(run_sql(con, settings, "gold/unify_records_generic"))
+    if not parts:
+        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
+    return pa.concat_tables(parts).to_pandas()
+
+
+def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
+    """Pairs per rule and scope, junk values excluded, and the cluster-size histogram."""
+    source = records["source"].to_numpy()
+    rows = []
+    for p in pairs:
+        same = source[p.left] == source[p.right]
+        for scope, mask in (("within source", same), ("across sources", ~same)):
+            rows.append(
+                {
+                    "section": "rule",
+                    "name": p.rule,
+                    "scope": scope,
+                    "count": int(mask.sum()),
+                    "note": ", ".join(f"{k}: {v} junk values" for k, v in p.junk.items())
+                    + (f"; {p.skipped_blocks} oversized blocks" if p.skipped_blocks else ""),
+                }
+            )
+    sizes = np.bincount(np.bincount(labels))
+    for size, n in enumerate(sizes):
+        if n and size:
+            rows.append(
+                {
+                    "section": "cluster size",
+                    "name": str(size),
+                    "scope": "",
+                    "count": int(n),
+                    "note": "",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def build_unify(settings: Settings) -> UnifySummary:
+    started = time.perf_counter()
+    lake = Lake(settings.lake)
+    rules = load_rules(settings.path(settings.unify_rules))
+    inputs = lake_versions(lake)
+    inputs.pop("gold/customer_source_map", None)  # our own output
+    if inputs_unchanged(lake, ("gold", "customer_source_map"), inputs):
+        report = lake.read_pandas("gold", "unify_report")
+        customers = lake.dataset("gold", "customer_profile").count_rows()
+        return UnifySummary(
+            report,
+            customers,
+            lake.dataset("gold", "customer_source_map").count_rows(),
+            0,
+            time.perf_counter() - started,
+        )
+    records = prepare_records(read_records(lake, settings))
+    # Within each source first, then across: the report says which pairs came from where.
+    pairs = [
+        match_rule(records, r, rules.junk_max_records, rules.max_block_size) for r in rules.rules
+    ]
+    labels = cluster(len(records), pairs)
+    previous = (
+        lake.read_pandas("gold", "customer_source_map")
+        if lake.exists("gold", "customer_source_map")
+        else None
+    )
+    today = pd.Timestamp.now(tz="UTC").floor("us")
+    ids, redirects = assign_ids(records, labels, previous, today)
+    source_map = records[["source", "source_key"]].assign(customer_id=ids.to_numpy())
+    write_gold(
+        lake,
+        "customer_source_map",
+        pa.Table.from_pandas(source_map),
+        CustomerSourceMap,
+        inputs=inputs,
+    )
+    profiles = merge_profiles(records, ids, rules.merge)
+    write_gold(
+        lake,
+        "customer_profile",
+        pa.Table.from_pandas(profiles, preserve_index=False),
+        CustomerProfile,
+        inputs=inputs,
+    )
+    if len(redirects):
+        lake.write(CustomerIdRedirects.validate(redirects), "gold", "customer_id_redirects")
+    report = report_frame(pairs, records, labels)
+    lake.write(report, "gold", "unify_report", mode="overwrite")
+    return UnifySummary(
+        report,
+        customers=len(profiles),
+        records=len(records),
+        redirects=len(redirects),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,242 @@
+"""The scoring service over real HTTP: every endpoint, every error, batching, the Bento."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from c360ml.model import scoring
+from c360ml.model.registry import load_bundle
+
+from .conftest import REPO, TOKENS, start_server, stop
+
+AUTH = {"Authorization": f"Bearer {TOKENS[1]}"}
+
+
+@pytest.fixture(scope="module")
+def bundle(registered):
+    import mlflow
+
+    settings, _ = registered
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    return load_bundle("models:/c360-retention@champion")
+
+
+@pytest.fixture(scope="module")
+def request_rows(registered, bundle):
+    _, matrix = registered
+    last = matrix[matrix.cutoff_time == matrix.cutoff_time.max()].head(40)
+    frame = last.rename(columns={"customer_id": "CustomerId"})[
+        ["CustomerId", *bundle.feature_names]
+    ].reset_index(drop=True)
+    return frame
+
+
+def post(url, path, body, headers=AUTH, **kwargs):
+    return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_predict_equals_in_process_scoring(server, bundle, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.to_json(orient="records"))
+    for explain in ("exact", "approx", "none"):
+        reply = post(url, "/predict", {"rows": rows, "explain": explain})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model"]["version"] == "1" and body["model"]["explain"] == explain
+        got = pd.DataFrame(body["predictions"])
+        want = scoring.score(bundle, request_rows, explain)
+        assert list(got.CustomerId) == list(want.CustomerId)
+        np.testing.assert_allclose(got.ChurnScore, want.ChurnScore, rtol=1e-6)
+        assert list(got.RiskLevel) == list(want.RiskLevel)
+        assert list(got.IsChurn) == list(want.IsChurn)
+        for g, w in zip(got.InfluentialFactors, want.InfluentialFactors, strict=True):
+            assert [f["feature"] for f in g] == [f["feature"] for f in w]
+            np.testing.assert_allclose(
+                [f["impact"] for f in g], [f["impact"] for f in w], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_concurrent_calls_are_batched(server, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.to_json(orient="records"))
+
+    def one(row):
+        return post(url, "/predict", {"rows": [row], "explain": "none"})
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, rows * 4))
+    assert all(r.status_code == 200 for r in replies)
+    assert [r.json()["predictions"][0]["CustomerId"] for r in replies] == [
+        r["CustomerId"] for r in rows * 4
+    ]
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    sizes = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_sum")
+        or line.startswith("bentoml_service_adaptive_batch_size_count")
+    ]
+    total = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in sizes}
+    mean_batch = (
+        total["bentoml_service_adaptive_batch_size_sum"]
+        / total["bentoml_service_adaptive_batch_size_count"]
+    )
+    assert mean_batch > 1.0, metrics  # several calls' rows went through one score() call
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "fragment"),
+    [
+        (
+            lambda rows: [{k: v for k, v in r.items() if k != "f_cases"} for r in rows],
+            400,
+            "missing feature column(s): f_cases",
+        ),
+        (lambda rows: [{**r, "shoe_size": 42} for r in rows], 400, "unknown column(s): shoe_size"),
+        (lambda rows: [{**rows[0], "f_noise": "high"}], 400, "wrong type"),
+        (lambda rows: [], 400, "empty batch"),
+        (lambda rows: [rows[0], rows[0]], 400, "duplicate CustomerId at rows [0, 1]"),
+    ],
+)
+def test_bad_requests_name_the_problem(server, request_rows, mutate, status, fragment):
+    url, _ = server
+    rows = json.loads(request_rows.head(3).to_json(orient="records"))
+    reply = post(url, "/predict", {"rows": mutate(rows)})
+    assert reply.status_code == status
+    assert fragment in reply.text
+
+
+def test_missing_values_are_accepted(server, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.head(2).to_json(orient="records"))
+    rows[0]["f_cases"] = None
+    assert post(url, "/predict", {"rows": rows}).status_code == 200
+
+
+def test_auth_and_size_limits(server, request_rows):
+    url, log = server
+    rows = json.loads(request_rows.head(1).to_json(orient="records"))
+    assert post(url, "/predict", {"rows": rows}, headers={}).status_code == 401
+    bad = {"Authorization": "Bearer not-a-token-secret-xyz"}
+    assert post(url, "/predict", {"rows": rows}, headers=bad).status_code == 401
+    assert httpx.get(f"{url}/metadata", timeout=10).status_code == 401
+    assert "not-a-token-secret-xyz" not in log.read_text()  # refused, logged without it
+    assert "unauthorized" in log.read_text()
+    for token in TOKENS:  # both tokens of a rotation are valid
+        assert (
+            post(
+                url, "/predict", {"rows": rows}, headers={"Authorization": f"Bearer {token}"}
+            ).status_code
+            == 200
+        )
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health stays open
+    huge = httpx.post(
+        f"{url}/predict",
+        content=b"{" + b" " * (17 << 20) + b"}",
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=60,
+    )
+    assert huge.status_code == 413
+
+
+def test_metadata(server, bundle):
+    url, _ = server
+    meta = httpx.get(f"{url}/metadata", headers=AUTH, timeout=10).json()
+    assert meta["version"] == "1" and meta["name"] == "c360-retention"
+    assert [f["name"] for f in meta["features"]] == list(bundle.feature_names)
+    assert meta["thresholds"]["IsChurn"] == 0.5
+    assert meta["grade"] in ("A", "B", "C")
+    assert meta["churn_definition"]["prediction_window_days"] == 90
+
+
+def test_score_table_round_trip_over_several_chunks(server, bundle, request_rows, tmp_path):
+    from service.service import TABLE_CHUNK_ROWS
+
+    url, _ = server
+    n = TABLE_CHUNK_ROWS + 1234
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame(
+        rng.normal(size=(n, len(bundle.feature_names))).astype("float32"),
+        columns=list(bundle.feature_names),
+    )
+    table.insert(0, "CustomerId", [f"k{i}" for i in range(n)])
+    for suffix, write in ((".parquet", table.to_parquet), (".csv", table.to_csv)):
+        path = tmp_path / f"table{suffix}"
+        write(path, index=False)
+        with open(path, "rb") as fh:
+            reply = httpx.post(
+                f"{url}/score-table",
+                files={"table": (path.name, fh)},
+                data={"explain": "approx"},
+                headers=AUTH,
+                timeout=300,
+            )
+        assert reply.status_code == 200, reply.text[:500]
+        out = pd.read_csv(io.StringIO(reply.text))
+        assert list(out.columns) == [
+            "CustomerId",
+            "ChurnScore",
+            "IsChurn",
+            "RiskLevel",
+            "InfluentialFactors",
+        ]
+        assert len(out) == n and out.CustomerId.is_unique
+        want = scoring.score(bundle, table.iloc[[0, n - 1]], "approx")
+        np.testing.assert_allclose(out.ChurnScore.iloc[[0, n - 1]], want.ChurnScore, rtol=1e-6)
+        assert (
+            json.loads(out.InfluentialFactors.iloc[-1])[0]["feature"]
+            == (want.InfluentialFactors.iloc[1][0]["feature"])
+        )
+    dup = table.head(3).copy()
+    dup.loc[2, "CustomerId"] = "k0"
+    dup.to_parquet(tmp_path / "dup.parquet")
+    with open(tmp_path / "dup.parquet", "rb") as fh:
+        reply = httpx.post(
+            f"{url}/score-table", files={"table": ("dup.parquet", fh)}, headers=AUTH, timeout=60
+        )
+    assert reply.status_code == 400 and "duplicate CustomerId" in reply.text
+
+
+def test_built_bento_serves_without_the_mlflow_store(server_env, request_rows, bundle, tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        cwd=REPO,
+    )
+    wheel = REPO / "dist" / "c360ml-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir(exist_ok=True)
+    wheel.write_bytes(next(dist.glob("*.whl")).read_bytes())
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=REPO,
+        env=server_env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    tag = built.stdout.strip().splitlines()[-1].replace("__tag__:", "")
+    env = {
+        **server_env,
+        "C360ML_MLFLOW_DIR": str(tmp_path / "no-such-store"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db",
+    }
+    url, proc = start_server(tag, env, tmp_path / "bento.log")
+    try:
+        rows = json.loads(request_rows.head(5).to_json(orient="records"))
+        reply = post(url, "/predict", {"rows": rows, "explain": "none"})
+        assert reply.status_code == 200, reply.text
+        got = [p["ChurnScore"] for p in reply.json()["predictions"]]
+        want = scoring.score(bundle, request_rows.head(5), "none").ChurnScore
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    finally:
+        stop(proc)
