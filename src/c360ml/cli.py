@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -126,6 +127,49 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
     subprocess.run(cmd, cwd=settings.root, env=env, check=True)
 
 
+def cmd_refresh(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.refresh import run_refresh
+    from c360ml.report import build_report
+    from c360ml.segments import segments_step
+
+    summary = run_refresh(
+        settings,
+        _as_of(args.as_of),
+        args.endpoint,
+        args.explain,
+        segments=segments_step,
+        report=build_report,
+    )
+    _print_rows(f"refresh as of {summary.as_of}", summary.rows())
+    _print_rows(
+        "profiles",
+        [{"status": k, "profiles": v} for k, v in summary.status_counts.items()]
+        + [{"status": f"risk {k}", "profiles": v} for k, v in summary.risk_counts.items()],
+    )
+    for name, where in summary.outputs.items():
+        console.print(f"{name}: {where}")
+
+
+def cmd_segments(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.segments import run_segments
+
+    endpoint = args.endpoint or settings.endpoint
+    if not endpoint:
+        raise ValueError("no scoring endpoint: pass --endpoint URL or set `endpoint` in settings")
+    result = run_segments(settings, endpoint, _as_of(args.as_of))
+    rows = result.moves.assign(
+        consent_excluded=result.moves["segment"].map(result.consent_excluded)
+    ).to_dict("records")
+    _print_rows(f"segments as of {result.as_of}", rows)
+    console.print(f"journey exports: {Path(next(iter(result.exports.values()))).parent}")
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.report import build_report
+
+    console.print(f"report: {build_report(settings)}")
+
+
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion.build import describe_layer
 
@@ -168,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dev", action="store_true", help="no authentication (development only)")
     srv.set_defaults(func=cmd_serve)
 
+    ref = sub.add_parser("refresh", help="ingest, rebuild, re-score every profile, export")
+    ref.add_argument("--as-of", default=None, help="UTC instant (default: latest event time)")
+    ref.add_argument("--endpoint", default=None, help="scoring service URL for segments")
+    ref.add_argument("--explain", choices=["exact", "approx", "none"], default="approx")
+    ref.set_defaults(func=cmd_refresh)
+
+    seg = sub.add_parser("segments", help="segment workflow through the scoring service")
+    seg.add_argument("action", choices=["run"])
+    seg.add_argument("--endpoint", default=None, help="scoring service URL")
+    seg.add_argument("--as-of", default=None, help="as_of of the feature snapshot (default latest)")
+    seg.set_defaults(func=cmd_segments)
+
+    rep = sub.add_parser("report", help="write the self-contained HTML report")
+    rep.set_defaults(func=cmd_report)
+
     dsc = sub.add_parser("describe", help="show the tables and columns of a layer")
     dsc.add_argument("layer", choices=["bronze", "silver", "gold"])
     dsc.set_defaults(func=cmd_describe)
@@ -175,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep output readable
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -183,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         args.func(args, settings)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, ConnectionError, RuntimeError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     return 0

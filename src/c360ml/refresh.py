@@ -186,15 +186,15 @@ def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) 
     lake = Lake(settings.lake)
     gold = read_gold(lake)
     as_of = as_of or latest_event_time(gold)
+    inputs = gold_inputs(lake)
+    note = f"as_of {as_of:%Y-%m-%d %H:%M}"
+    if _same_inputs(lake, "customer_measures", as_of, inputs):
+        rows = lake.dataset("gold", "customer_measures").count_rows()
+        return StepResult("measures", rows, note + " (unchanged)", time.perf_counter() - started)
     measures = build_measures(gold, as_of, settings.path(settings.measures))
     CustomerMeasures.validate(measures[["customer_id", AS_OF]])
-    written = _replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, gold_inputs(lake))
-    return StepResult(
-        "measures",
-        len(measures),
-        f"as_of {as_of:%Y-%m-%d %H:%M}" + ("" if written else " (unchanged)"),
-        time.perf_counter() - started,
-    )
+    _replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, inputs)
+    return StepResult("measures", len(measures), note, time.perf_counter() - started)
 
 
 def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
