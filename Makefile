@@ -6,10 +6,15 @@ BIN := $(VENV)/bin
 # The embedded demo lake: fixed size and seed; acceptance figures are quoted on it.
 DEMO_CUSTOMERS ?= 20000
 DEMO_SEED ?= 42
+DEMO_AS_OF ?= 2025-12-31
+PORT ?= 3000
+# BentoML's model and Bento store lives with the other generated data.
+export BENTOML_HOME ?= $(CURDIR)/data/bentoml
+export BENTOML_DO_NOT_TRACK ?= True
 STAGE ?= all
 SIZES ?= 100000,1000000
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean serve bento mlflow-ui
 
 install: $(VENV)/.installed
 
@@ -21,6 +26,29 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(BIN)/c360ml generate --customers $(DEMO_CUSTOMERS) --seed $(DEMO_SEED) --fresh
 	$(BIN)/c360ml build all
+	$(BIN)/c360ml train --as-of $(DEMO_AS_OF)
+	$(BIN)/c360ml refresh
+	@# The service with a one-off token (no dev mode), the segment workflow against it, stop.
+	@set -e; token=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
+	C360ML_API_TOKENS=$$token $(BIN)/c360ml serve --port $(PORT) > data/serve.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; pkill -f "bentoml serve service.service" 2>/dev/null || true' EXIT; \
+	for i in $$(seq 1 120); do curl -sf localhost:$(PORT)/readyz >/dev/null && break; sleep 1; done; \
+	C360ML_API_TOKEN=$$token $(BIN)/c360ml segments run --endpoint http://127.0.0.1:$(PORT)
+	$(BIN)/c360ml report
+	@echo "report:       $(CURDIR)/data/reports/retention_report.html"
+	@echo "MLflow UI:    make mlflow-ui   (http://127.0.0.1:5000)"
+	@echo "scores table: $(CURDIR)/data/lake/gold/churn_scores (Delta); CI-D snapshot: data/lake/export/ci-d/"
+
+serve: install
+	$(BIN)/c360ml serve --port $(PORT)
+
+bento: install
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+	$(BIN)/python -c "from c360ml.config import load_settings; from c360ml.model.packaging import import_champion; print(import_champion(load_settings()))"
+	$(BIN)/python -m bentoml build
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks pipelines service
@@ -34,4 +62,4 @@ bench: install
 	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES)
 
 clean:
-	rm -rf data/lake data/truth data/reports data/mlflow
+	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/serve.log dist
