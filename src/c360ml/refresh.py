@@ -375,6 +375,29 @@ def _entity_doc(entity: str, schema: pa.Schema) -> dict:
     }
 
 
+def erase(lake: Lake, previous_map: pd.DataFrame) -> StepResult:
+    """Purge persons erased at the source since the previous refresh (c360ml.erasure)."""
+    from c360ml import erasure
+
+    started = time.perf_counter()
+    erased = erasure.erased_records(lake, previous_map)
+    redirects = (
+        lake.read_pandas("gold", "customer_id_redirects")
+        if lake.exists("gold", "customer_id_redirects")
+        else pd.DataFrame(columns=["retired_id"])
+    )
+    ids = erasure.erased_customers(
+        previous_map, lake.read_pandas("gold", "customer_source_map"), redirects, erased
+    )
+    result = erasure.purge(lake, erased, ids)
+    return StepResult(
+        "erasure",
+        sum(result.rows_deleted.values()),
+        f"{len(erased)} source records, {len(ids)} customers erased",
+        time.perf_counter() - started,
+    )
+
+
 def run_refresh(
     settings: Settings,
     as_of: pd.Timestamp | None = None,
@@ -396,11 +419,18 @@ def run_refresh(
         summary.steps.append(StepResult(name, rows(result), "", time.perf_counter() - started))
         return result
 
+    lake = Lake(settings.lake)
+    previous_map = (
+        lake.read_pandas("gold", "customer_source_map")
+        if lake.exists("gold", "customer_source_map")
+        else None
+    )
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
     timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
-    lake = Lake(settings.lake)
+    if previous_map is not None:
+        summary.steps.append(erase(lake, previous_map))
     as_of = as_of or latest_event_time(read_gold(lake))
     summary.as_of = as_of
     summary.steps.append(build_measures_table(settings, as_of))

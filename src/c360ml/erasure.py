@@ -1,0 +1,158 @@
+"""Erasure: a person deleted at the source leaves no row in any table's live files.
+
+A source record is erased when its newest bronze version is a delete (IsDelete) and it
+was in the previous source map; a customer_id is erased when all of its records are
+(and no merge redirected it). The refresh then deletes those rows from the bronze
+change feed and silver (the person's customer, party, name, address and e-mail/phone
+rows; the contact), from the history tables keyed by customer_id, and vacuums the
+deleted files. Not purged: quarantine tables (raw text of rejected lines) and orders
+(kept, as the business record, under no customer once the account is gone).
+
+Retention: vacuum runs with retention 0 hours, so the rewritten tables' older versions
+(which still hold the rows) are removed at once; time travel to before an erasure is
+deliberately impossible. Delete markers (key only, no personal data) are kept in bronze
+so that an older change arriving late cannot bring the record back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import duckdb
+import pandas as pd
+
+from c360ml.lake import Lake
+
+log = logging.getLogger(__name__)
+
+HISTORY = {  # gold tables keyed by a customer id column
+    "churn_scores": "CustomerId",
+    "customer_features": "customer_id",
+    "customer_measures": "customer_id",
+    "segment_membership": "customer_id",
+}
+
+
+@dataclass
+class ErasureResult:
+    source_keys: list[tuple[str, str]] = field(default_factory=list)
+    customer_ids: list[str] = field(default_factory=list)
+    rows_deleted: dict[str, int] = field(default_factory=dict)
+
+
+def erased_records(lake: Lake, previous_map: pd.DataFrame) -> pd.DataFrame:
+    """(source, source_key) of previously mapped records whose newest version is a delete."""
+    con = duckdb.connect()
+    parts = []
+    if lake.exists("bronze", "d365", "custtable"):
+        con.register("cust", lake.dataset("bronze", "d365", "custtable"))
+        parts.append("""SELECT 'd365' AS source, CONCAT(dataareaid, '-', accountnum) AS source_key,
+                               IsDelete FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY recid
+                               ORDER BY versionnumber DESC, SinkModifiedOn DESC) AS rn FROM cust)
+                        WHERE rn = 1 AND accountnum IS NOT NULL""")
+    if lake.exists("bronze", "dataverse", "contact"):
+        con.register("contact", lake.dataset("bronze", "dataverse", "contact"))
+        parts.append("""SELECT 'dataverse', contactid, IsDelete FROM (SELECT *, ROW_NUMBER() OVER
+                        (PARTITION BY contactid ORDER BY versionnumber DESC, SinkModifiedOn DESC)
+                        AS rn FROM contact) WHERE rn = 1""")
+    if not parts:
+        return pd.DataFrame(columns=["source", "source_key"])
+    latest = con.sql(" UNION ALL ".join(parts)).df()
+    deleted = latest[latest["IsDelete"].fillna(False).astype(bool)][["source", "source_key"]]
+    return deleted.merge(previous_map[["source", "source_key"]], on=["source", "source_key"])
+
+
+def erased_customers(
+    previous_map: pd.DataFrame,
+    current_map: pd.DataFrame,
+    redirects: pd.DataFrame,
+    erased: pd.DataFrame,
+) -> list[str]:
+    """Previous ids all of whose records were erased, and that no merge redirected."""
+    gone = previous_map.merge(erased, on=["source", "source_key"], how="left", indicator=True)
+    gone["erased"] = gone["_merge"] == "both"
+    fully = gone.groupby("customer_id")["erased"].all()
+    ids = set(fully[fully].index) - set(current_map["customer_id"]) - set(redirects["retired_id"])
+    return sorted(ids)
+
+
+def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureResult:
+    """Delete the erased rows everywhere they live, then vacuum those tables."""
+    result = ErasureResult(list(erased.itertuples(index=False, name=None)), customer_ids)
+    if erased.empty and not customer_ids:
+        return result
+    for table, column in HISTORY.items():
+        if lake.exists("gold", table) and customer_ids:
+            _delete(lake, ("gold", table), column, customer_ids, result)
+    d365 = erased.loc[erased["source"] == "d365", "source_key"].tolist()
+    if d365:
+        _purge_commerce(lake, d365, result)
+    contacts = erased.loc[erased["source"] == "dataverse", "source_key"].tolist()
+    if contacts and lake.exists("bronze", "dataverse", "contact"):
+        _delete(
+            lake,
+            ("bronze", "dataverse", "contact"),
+            "contactid",
+            contacts,
+            result,
+            keep_markers=True,
+        )
+    if contacts and lake.exists("silver", "contact"):
+        _delete(lake, ("silver", "contact"), "contactid", contacts, result)
+    return result
+
+
+def _purge_commerce(lake: Lake, keys: list[str], result: ErasureResult) -> None:
+    """The account's rows and those of its party, names, addresses and e-mail/phone."""
+    con = duckdb.connect()
+    for name in ("custtable", "dirpartytable"):
+        if lake.exists("bronze", "d365", name):
+            con.register(name, lake.dataset("bronze", "d365", name))
+    con.register("erased_keys", pd.DataFrame({"k": keys}))
+    accounts = con.sql("""SELECT DISTINCT recid, party FROM custtable
+                          WHERE CONCAT(dataareaid, '-', accountnum) IN (SELECT k FROM erased_keys)""").df()
+    parties = accounts["party"].dropna().astype("int64").tolist()
+    refs = con.sql(f"""SELECT DISTINCT primaryaddresslocation, primarycontactemail, primarycontactphone
+                       FROM dirpartytable WHERE recid IN ({",".join(map(str, parties)) or "NULL"})""").df()
+    plan = {
+        "custtable": ("recid", accounts["recid"].tolist()),
+        "dirpartytable": ("recid", parties),
+        "dirpersonname": ("person", parties),
+        "logisticspostaladdress": ("location", _ints(refs["primaryaddresslocation"])),
+        "logisticslocation": ("recid", _ints(refs["primaryaddresslocation"])),
+        "logisticselectronicaddress": (
+            "recid",
+            _ints(refs["primarycontactemail"]) + _ints(refs["primarycontactphone"]),
+        ),
+    }
+    for table, (column, values) in plan.items():
+        if values and lake.exists("bronze", "d365", table):
+            _delete(lake, ("bronze", "d365", table), column, values, result, keep_markers=True)
+        if values and lake.exists("silver", table):  # rows the source did not send deletes for
+            _delete(lake, ("silver", table), column, values, result)
+
+
+def _ints(values: pd.Series) -> list[int]:
+    return values.dropna().astype("int64").tolist()
+
+
+def _delete(
+    lake: Lake,
+    where: tuple[str, ...],
+    column: str,
+    values: list,
+    result: ErasureResult,
+    keep_markers: bool = False,
+) -> None:
+    quoted = ", ".join(f"'{v}'" if isinstance(v, str) else str(int(v)) for v in values)
+    predicate = f"{column} IN ({quoted})"
+    if keep_markers:  # a delete marker carries the key only: keep it, drop the data
+        predicate += " AND (IsDelete IS NULL OR NOT IsDelete)"
+    table = lake.delta(*where)
+    metrics = table.delete(predicate)
+    deleted = int(metrics.get("num_deleted_rows", 0))
+    if deleted:
+        table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    result.rows_deleted["/".join(where)] = deleted
+    log.info("erasure: %d rows deleted from %s", deleted, "/".join(where))

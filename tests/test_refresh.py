@@ -1,0 +1,192 @@
+"""The refresh loop on a small generated lake: batch scores, idempotence, history, the
+CI-D hand-back read through its manifest, the service's answers, erasure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from c360ml.lake import Lake
+from c360ml.medallion.build import build_gold, build_silver, build_unify
+from c360ml.medallion.ingest import ingest_landing
+from c360ml.model import scoring
+from c360ml.model.train import TrainConfig
+from c360ml.refresh import SCORED, load_champion, run_refresh
+from c360ml.synth import generate_increment, generate_lake
+
+pytestmark = pytest.mark.slow
+AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory):
+    from c360ml.model.pipeline import run_training
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("refresh"))
+    generate_lake(settings, customers=700, seed=11)
+    for step in (ingest_landing, build_silver, build_unify, build_gold):
+        step(settings)
+    config = TrainConfig(nthread=2, max_trees=40, early_stopping_rounds=10, bootstrap_resamples=30)
+    run_training(settings, AS_OF, config=config)
+    first = run_refresh(settings)
+    return settings, first
+
+
+def test_every_profile_gets_a_row(lake):
+    settings, first = lake
+    lk = Lake(settings.lake)
+    scores = lk.read_pandas("gold", "churn_scores")
+    profiles = lk.read_pandas("gold", "customer_profile")
+    assert set(scores.CustomerId) == set(profiles.customer_id) and scores.CustomerId.is_unique
+    scored = scores[scores.ScoreStatus == SCORED]
+    assert len(scored) > 0 and scored.ChurnScore.notna().all()
+    assert scores.loc[scores.ScoreStatus != SCORED, "ChurnScore"].isna().all()
+    assert set(scores.ScoreStatus) <= {"scored", "inactive", "insufficient_history"}
+    assert (
+        scored.RiskLevel
+        == np.select(
+            [scored.ChurnScore >= 0.66, scored.ChurnScore >= 0.33], ["High", "Medium"], "Low"
+        )
+    ).all()
+    assert first.as_of == lk.read_pandas("gold", "orders").order_ts.max()
+
+
+def test_scores_equal_in_process_scoring_of_the_snapshot(lake):
+    settings, first = lake
+    lk = Lake(settings.lake)
+    snapshot = lk.read_pandas("gold", "customer_features")
+    snapshot = snapshot[snapshot.as_of == first.as_of].drop(columns="as_of")
+    bundle, _ = load_champion(settings)
+    want = scoring.score(bundle, snapshot.rename(columns={"customer_id": "CustomerId"}), "approx")
+    scores = lk.read_pandas("gold", "churn_scores").set_index("CustomerId")
+    np.testing.assert_allclose(scores.loc[want.CustomerId, "ChurnScore"], want.ChurnScore)
+
+
+def test_same_as_of_and_inputs_twice_writes_nothing(lake):
+    settings, first = lake
+    lk = Lake(settings.lake)
+    versions = {
+        t: lk.version("gold", t) for t in ("churn_scores", "customer_features", "customer_measures")
+    }
+    rows = lk.dataset("gold", "churn_scores").count_rows()
+    again = run_refresh(settings, first.as_of)
+    assert {t: lk.version("gold", t) for t in versions} == versions
+    assert lk.dataset("gold", "churn_scores").count_rows() == rows
+    assert again.status_counts == first.status_counts
+
+
+def test_cid_snapshot_read_through_its_manifest(lake):
+    settings, _ = lake
+    root = Lake(settings.lake).path("export", "ci-d")
+    manifest = json.loads((root / "c360ml.manifest.cdm.json").read_text())
+    entity = next(e for e in manifest["entities"] if e["entityName"] == "ChurnScores")
+    definition = json.loads((root / entity["entityPath"].split("/")[0]).read_text())
+    attributes = {a["name"]: a["dataFormat"] for a in definition["definitions"][0]["hasAttributes"]}
+    assert attributes["CustomerId"] == "String" and attributes["ChurnScore"] == "Double"
+    assert attributes["ScoredAsOf"] == "DateTimeOffset"
+    pattern = entity["dataPartitionPatterns"][0]
+    base = root / pattern["rootLocation"]
+    files = [
+        p
+        for p in base.rglob("*")
+        if p.is_file()
+        and re.fullmatch(pattern["regularExpression"], p.relative_to(base).as_posix())
+    ]
+    assert files and all(p.suffix == ".parquet" for p in files)
+    snapshot = pd.concat(pd.read_parquet(p) for p in files)
+    assert snapshot.CustomerId.is_unique
+    profiles = Lake(settings.lake).read_pandas("gold", "customer_profile")
+    assert set(snapshot.CustomerId) == set(profiles.customer_id)
+    # Only the live snapshot folder exists: no older snapshot a pattern could pick up.
+    assert len(list((root / "churn_scores").glob("snapshot=*"))) == 1
+    contacts = next(e for e in manifest["entities"] if e["entityName"] == "ContactBackstamp")
+    assert contacts["dataPartitionPatterns"][0]["regularExpression"] == ".+\\.parquet$"
+
+
+def test_scores_equal_the_services_answers(lake, tmp_path):
+    from tests.service.conftest import start_server, stop
+
+    settings, first = lake
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "C360ML_LAKE_ROOT": str(settings.lake),
+        "C360ML_MLFLOW_DIR": str(settings.mlflow_dir),
+        "C360ML_API_TOKENS": "t0k3n",
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    code = (
+        "from c360ml.config import load_settings; from c360ml.model.packaging import "
+        "import_champion; import_champion(load_settings())"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=settings.root)
+    url, proc = start_server("service.service:RetentionService", env, tmp_path / "s.log")
+    try:
+        lk = Lake(settings.lake)
+        snapshot = lk.read_pandas("gold", "customer_features")
+        rows = snapshot[snapshot.as_of == first.as_of].drop(columns="as_of").head(200)
+        rows = rows.rename(columns={"customer_id": "CustomerId"})
+        reply = httpx.post(
+            f"{url}/predict",
+            json={"rows": json.loads(rows.to_json(orient="records")), "explain": "approx"},
+            headers={"Authorization": "Bearer t0k3n"},
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text[:300]
+        served = pd.DataFrame(reply.json()["predictions"]).set_index("CustomerId")
+        scores = lk.read_pandas("gold", "churn_scores").set_index("CustomerId")
+        np.testing.assert_allclose(
+            served.ChurnScore, scores.loc[served.index, "ChurnScore"], rtol=1e-6
+        )
+        assert (served.RiskLevel == scores.loc[served.index, "RiskLevel"]).all()
+        stored = scores.loc[served.index, "InfluentialFactors"].map(json.loads)
+        assert [f[0]["feature"] for f in stored] == [
+            f[0]["feature"] for f in served.InfluentialFactors
+        ]
+    finally:
+        stop(proc)
+
+
+def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
+    settings, first = lake
+    lk = Lake(settings.lake)
+    before_map = lk.read_pandas("gold", "customer_source_map")
+    generate_increment(settings)
+    second = run_refresh(settings)
+    assert second.as_of > first.as_of
+    scores = lk.read_pandas("gold", "churn_scores")
+    assert set(scores.ScoredAsOf) == {first.as_of, second.as_of}
+    assert not scores.duplicated(["CustomerId", "ScoredAsOf"]).any()
+    erased = pd.read_parquet(settings.truth / "erased.parquet")
+    keys = pd.read_parquet(settings.truth / "person_keys.parquet")
+    gone_keys = keys[keys.person_id.isin(erased.person_id) & (keys.source != "generic")]
+    gone_ids = set(before_map.merge(gone_keys, on=["source", "source_key"]).customer_id)
+    assert gone_ids, "the increment erased nobody we had"
+    gone_ids -= set(lk.read_pandas("gold", "customer_source_map").customer_id)  # merged, not erased
+    texts = set(gone_keys.source_key) | gone_ids
+    for layer in ("bronze", "silver", "gold"):
+        for parts in lk.tables(layer):
+            frame = lk.read_pandas(layer, *parts)
+            if "IsDelete" in frame:  # delete markers stay: the key only, no personal data
+                frame = frame[~frame.IsDelete.fillna(False).astype(bool)]
+            found = frame.astype(str).isin(texts).any(axis=None)
+            assert not found, f"{layer}/{'/'.join(parts)} still holds an erased person's row"
+    accounts = {
+        k.split("-", 1)[1] for k in gone_keys.source_key if k.startswith(("usrt-", "ussi-"))
+    }
+    cust = lk.read_pandas("bronze", "d365", "custtable")
+    live = cust[~cust.IsDelete.fillna(False).astype(bool)]
+    assert accounts and not set(live.accountnum) & accounts
+    snapshot = pd.read_parquet(
+        next((lk.path("export", "ci-d", "churn_scores")).glob("snapshot=*/*.parquet"))
+    )
+    assert not set(snapshot.CustomerId) & gone_ids
