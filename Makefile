@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 STAGE ?= all
 SIZES ?= 100000,1000000
 
-.PHONY: install demo test lint bench clean serve bento mlflow-ui
+.PHONY: install demo test lint bench clean serve bento mlflow-ui browser
 
 install: $(VENV)/.installed
 
@@ -54,7 +54,11 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks pipelines service
 	$(BIN)/ruff format --check src tests benchmarks pipelines service
 
-test: install lint
+# The report test drives a real headless browser: Debian's chromium, installed here once.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install lint browser
 	$(BIN)/pytest -q
 
 bench: install

@@ -190,3 +190,50 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
         next((lk.path("export", "ci-d", "churn_scores")).glob("snapshot=*/*.parquet"))
     )
     assert not set(snapshot.CustomerId) & gone_ids
+
+
+def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):
+    from playwright.sync_api import sync_playwright
+
+    from c360ml.report import build_report
+
+    settings, _ = lake
+    path = build_report(settings)
+    lk = Lake(settings.lake)
+    scores = lk.read_pandas("gold", "churn_scores")
+    latest = scores[scores.ScoredAsOf == scores.ScoredAsOf.max()]
+    scored = latest[latest.ScoreStatus == SCORED]
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.route(
+            "**/*", lambda r: r.abort() if not r.request.url.startswith("file:") else r.continue_()
+        )  # self-contained: any network request fails the page
+        page.goto(path.as_uri())
+        page.wait_for_selector(".plotly-graph-div")
+        figures = {
+            k: page.inner_text(f"#{k}")
+            for k in ("profile-count", "scored-count", "risk-Low", "risk-Medium", "risk-High")
+        }
+        plots = page.locator(".plotly-graph-div").count()
+        browser.close()
+    assert errors == []
+    profiles = lk.dataset("gold", "customer_profile").count_rows()
+    assert figures["profile-count"] == f"{profiles:,}"
+    assert figures["scored-count"] == f"{len(scored):,}"
+    for level in ("Low", "Medium", "High"):
+        assert figures[f"risk-{level}"] == f"{(scored.RiskLevel == level).sum():,}"
+    assert plots >= 2

@@ -113,8 +113,8 @@ figure {{ display: inline-block; margin: .5rem; }} img {{ max-width: 420px; }}
 # ---------------------------------------------------------------- lake and MLflow edges
 
 
-def _model_run(settings: Settings) -> tuple[dict[str, float], list[tuple[str, str]], str]:
-    """The champion's test metrics, its PNG plots (base64) and a label; empty if none."""
+def _model_run(settings: Settings) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
+    """The champion's test metrics and grade, its PNG plots (base64) and a label."""
     try:
         import mlflow
 
@@ -130,7 +130,8 @@ def _model_run(settings: Settings) -> tuple[dict[str, float], list[tuple[str, st
                     run_id=mv.run_id, artifact_path=art.path
                 )
                 images.append((stem, base64.b64encode(Path(local).read_bytes()).decode()))
-        return run.data.metrics, images, f"{settings.model_name} v{mv.version}"
+        figures = {**run.data.metrics, "grade": run.data.tags.get("grade", "")}
+        return figures, images, f"{settings.model_name} v{mv.version}"
     except Exception as exc:  # the report still renders the lake's figures
         log.warning("no champion run for the report: %s", exc)
         return {}, [], "no champion"
@@ -157,7 +158,11 @@ def build_report(settings: Settings) -> Path:
     moves = segment_moves(members, redirects)
     metrics, images, model_label = _model_run(settings)
     perf = pd.DataFrame(
-        [{"metric": k, "value": v} for k, v in sorted(metrics.items()) if k.startswith("test_")]
+        [
+            {"metric": k, "value": v}
+            for k, v in sorted(metrics.items())
+            if k.startswith(("test_", "rfm_logistic_", "recency_", "ci_d_rule_"))
+        ]
     )
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
     charts = [
