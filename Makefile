@@ -28,10 +28,11 @@ demo: install
 	$(BIN)/c360ml build all
 	$(BIN)/c360ml train --as-of $(DEMO_AS_OF)
 	$(BIN)/c360ml refresh
-	@# The service with a one-off token (no dev mode), the segment workflow against it, stop.
+	@# The service with a one-off token (no dev mode) in its own process group, the segment
+	@# workflow against it, then the group is stopped.
 	@set -e; token=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))'); \
-	C360ML_API_TOKENS=$$token $(BIN)/c360ml serve --port $(PORT) > data/serve.log 2>&1 & pid=$$!; \
-	trap 'kill $$pid 2>/dev/null; pkill -f "bentoml serve service.service" 2>/dev/null || true' EXIT; \
+	C360ML_API_TOKENS=$$token setsid $(BIN)/c360ml serve --port $(PORT) > data/serve.log 2>&1 & pid=$$!; \
+	trap 'kill -- -$$pid 2>/dev/null || true' EXIT; \
 	for i in $$(seq 1 120); do curl -sf localhost:$(PORT)/readyz >/dev/null && break; sleep 1; done; \
 	C360ML_API_TOKEN=$$token $(BIN)/c360ml segments run --endpoint http://127.0.0.1:$(PORT)
 	$(BIN)/c360ml report

@@ -122,7 +122,7 @@ def make_model(model_dir: Path):
         matrix, rfm, names = synthetic_matrix()
         started = time.perf_counter()
         result = train_and_evaluate(
-            matrix, names, rfm, 90, TrainConfig(nthread=2, bootstrap_resamples=30)
+            matrix, names, rfm, 90, TrainConfig(nthread=2, bootstrap_resamples=30, learning_rate=0.02)
         )
         log.info("trained %d trees in %.1f s", result.n_trees, time.perf_counter() - started)
         as_of = result.plan.test_cutoff
