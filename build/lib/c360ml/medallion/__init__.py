@@ -1,1 +1,0 @@
-"""Medallion stages: landing -> bronze -> silver -> gold."""

@@ -1,7 +1,0 @@
-"""Train, evaluate, register and score the churn model.
-
-Import the submodules directly: `c360ml.model.scoring` (the one scoring function, light
-enough for the service), `train` (fit and evaluate), `registry` (MLflow), `pipeline`
-(`run_training`, which wires in the features module). Nothing heavy is imported here, so
-`import c360ml.model.scoring` does not pull in mlflow or featuretools.
-"""

@@ -1,1 +1,0 @@
-"""Source readers and the declarations of source tables."""
