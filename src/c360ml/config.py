@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,6 +79,19 @@ class Settings(_Frozen):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{self.path(self.mlflow_dir) / 'mlflow.db'}"
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
+    """A typed spec from a YAML file; a missing file or bad field names the file."""
+    try:
+        return model(**(yaml.safe_load(path.read_text()) or {}))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} not found") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: invalid {what}: {exc}") from exc
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:

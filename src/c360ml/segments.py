@@ -19,10 +19,9 @@ from pathlib import Path
 import duckdb
 import httpx
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict
 
-from c360ml.config import Settings
+from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
 from c360ml.refresh import StepResult, _replace_as_of, follow_redirects, gold_inputs
 from c360ml.schemas import SegmentMembership
@@ -48,12 +47,7 @@ class SegmentSpec(BaseModel):
 
 
 def load_segments(path: Path) -> SegmentSpec:
-    try:
-        return SegmentSpec(**yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"segments file {path} not found") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: invalid segments: {exc}") from exc
+    return load_yaml_model(path, SegmentSpec, "segments")
 
 
 # ---------------------------------------------------------------- pure stages

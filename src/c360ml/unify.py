@@ -22,13 +22,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 from pydantic import BaseModel, ConfigDict
 from rapidfuzz import fuzz, process
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from c360ml.config import Settings
+from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
 from c360ml.medallion.gold import inputs_unchanged, lake_versions, write_gold
 from c360ml.medallion.sql import connect, run_sql
@@ -76,12 +75,7 @@ class UnifyRules(_Strict):
 
 
 def load_rules(path: Path) -> UnifyRules:
-    try:
-        return UnifyRules(**yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"unify rules file {path} not found") from None
-    except Exception as exc:
-        raise ValueError(f"{path}: invalid unify rules: {exc}") from exc
+    return load_yaml_model(path, UnifyRules, "unify rules")
 
 
 # ---------------------------------------------------------------- pure stages
