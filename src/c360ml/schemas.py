@@ -23,28 +23,30 @@ class _Gold(pa.DataFrameModel):
 class CustomerProfile(_Gold):
     """One row per unified customer (person parties and contact-only profiles)."""
 
-    customer_id: Series[str] = pa.Field(unique=True)  # opaque; assigned by unify only
+    customer_id: Series[str] = pa.Field(unique=True, description="opaque; assigned by unify only")
     first_name: Series[str] = pa.Field(nullable=True)
     last_name: Series[str] = pa.Field(nullable=True)
     full_name: Series[str] = pa.Field(nullable=True)
-    email: Series[str] = pa.Field(nullable=True)  # primary e-mail, lower case
-    phone: Series[str] = pa.Field(nullable=True)  # primary phone, E.164 where parseable
+    email: Series[str] = pa.Field(nullable=True, description="primary e-mail, lower case")
+    phone: Series[str] = pa.Field(nullable=True, description="primary phone, E.164 where parseable")
     street: Series[str] = pa.Field(nullable=True)
     city: Series[str] = pa.Field(nullable=True)
     postal_code: Series[str] = pa.Field(nullable=True)
-    country: Series[str] = pa.Field(nullable=True)  # ISO 3166-1 alpha-2
-    customer_group: Series[str] = pa.Field(nullable=True)  # mutable: not a feature
+    country: Series[str] = pa.Field(nullable=True, description="ISO 3166-1 alpha-2")
+    customer_group: Series[str] = pa.Field(nullable=True, description="mutable: not a feature")
     currency: Series[str] = pa.Field(nullable=True)
-    created_ts: Series[UTC_TS] = pa.Field(nullable=True)  # immutable: tenure feature
-    source_count: Series[int] = pa.Field(ge=1)  # number of source records merged
-    sources: Series[str]  # lineage, e.g. "d365,dataverse"
+    created_ts: Series[UTC_TS] = pa.Field(nullable=True, description="immutable: tenure feature")
+    source_count: Series[int] = pa.Field(ge=1, description="number of source records merged")
+    sources: Series[str] = pa.Field(description="lineage, e.g. 'd365,dataverse'")
 
 
 class CustomerSourceMap(_Gold):
     """The backstamp: every source record's customer_id."""
 
     source: Series[str] = pa.Field(isin=["d365", "dataverse", "generic"])
-    source_key: Series[str]  # d365: "<dataareaid>-<accountnum>"; dataverse: contactid
+    source_key: Series[str] = pa.Field(
+        description="d365: '<dataareaid>-<accountnum>'; dataverse: contactid"
+    )
     customer_id: Series[str]
 
 
@@ -60,22 +62,28 @@ class CustomerIdRedirects(_Gold):
 class Orders(_Gold):
     """One row per order (sales order or POS transaction); current state + flags."""
 
-    order_id: Series[str] = pa.Field(unique=True)  # "SO:<dataareaid>-<salesid>" / "POS:<id>"
+    order_id: Series[str] = pa.Field(
+        unique=True, description="'SO:<dataareaid>-<salesid>' / 'POS:<id>'"
+    )
     customer_id: Series[str]
-    order_ts: Series[UTC_TS]  # event time of the order
+    order_ts: Series[UTC_TS] = pa.Field(description="event time of the order")
     channel: Series[str] = pa.Field(isin=["online", "store", "call-center", "unknown"])
     store: Series[str] = pa.Field(nullable=True)
     currency: Series[str] = pa.Field(nullable=True)
     gross_amount: Series[float]
     discount_amount: Series[float]
-    net_amount: Series[float]  # negative for returns
+    net_amount: Series[float] = pa.Field(description="negative for returns")
     item_count: Series[float]
     is_return: Series[bool]
-    status: Series[str]  # current status (history in OrderStatusHistory)
-    is_cancelled: Series[bool]  # current: cancelled sales order or voided POS transaction
+    status: Series[str] = pa.Field(description="current status (history in OrderStatusHistory)")
+    is_cancelled: Series[bool] = pa.Field(
+        description="current: cancelled sales order or voided POS transaction"
+    )
 
 
 class OrderLines(_Gold):
+    """One row per order line (sales line or POS line); returns have negative amounts."""
+
     order_id: Series[str]
     line: Series[int]
     item_id: Series[str]
@@ -87,19 +95,23 @@ class OrderLines(_Gold):
 
 
 class Products(_Gold):
+    """The product catalogue (InventTable): item id, name and category."""
+
     item_id: Series[str] = pa.Field(unique=True)
     name: Series[str] = pa.Field(nullable=True)
     category: Series[str] = pa.Field(nullable=True)
 
 
 class SupportCases(_Gold):
+    """Dataverse incidents (service cases), keyed by customer_id through the backstamp."""
+
     case_id: Series[str] = pa.Field(unique=True)
-    customer_id: Series[str] = pa.Field(nullable=True)  # null = unlinked contact
+    customer_id: Series[str] = pa.Field(nullable=True, description="null = unlinked contact")
     created_ts: Series[UTC_TS]
     case_type: Series[str] = pa.Field(nullable=True)
     priority: Series[str] = pa.Field(nullable=True)
     title: Series[str] = pa.Field(nullable=True)
-    status: Series[str]  # current (history in CaseStatusHistory)
+    status: Series[str] = pa.Field(description="current (history in CaseStatusHistory)")
 
 
 class StatusHistory(_Gold):
@@ -111,7 +123,9 @@ class StatusHistory(_Gold):
 
     entity_id: Series[str]
     status: Series[str]
-    is_cancelled: Series[bool]  # cancelled/voided (orders) or cancelled (cases)
+    is_cancelled: Series[bool] = pa.Field(
+        description="cancelled/voided (orders) or cancelled (cases)"
+    )
     valid_from: Series[UTC_TS]
     valid_to: Series[UTC_TS] = pa.Field(nullable=True)
 
@@ -134,7 +148,7 @@ class ChurnScores(_Gold):
     ChurnScore: Series[float] = pa.Field(ge=0, le=1, nullable=True)
     IsChurn: Series[pd.BooleanDtype] = pa.Field(nullable=True)
     RiskLevel: Series[str] = pa.Field(isin=["Low", "Medium", "High"], nullable=True)
-    InfluentialFactors: Series[str] = pa.Field(nullable=True)  # JSON list of factors
+    InfluentialFactors: Series[str] = pa.Field(nullable=True, description="JSON list of factors")
     ExplainMethod: Series[str] = pa.Field(isin=["exact", "approx", "none"])
     ModelVersion: Series[str]
     ScoredAsOf: Series[UTC_TS]

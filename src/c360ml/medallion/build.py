@@ -12,35 +12,34 @@ __all__ = ["build_gold", "build_silver", "build_unify", "describe_layer"]
 
 
 def describe_layer(settings: Settings, layer: str) -> dict[str, list[dict]]:
-    """Columns, types and row counts of every table of a layer (gold: with the meaning
-    documented in c360ml.schemas)."""
+    """Columns, types and row counts of every table of a layer; for gold, each column's
+    meaning as documented once in c360ml.schemas."""
     from c360ml import schemas
 
     lake = Lake(settings.lake)
-    docs = {
-        name: model
-        for name, model in (
-            ("customer_profile", schemas.CustomerProfile),
-            ("customer_source_map", schemas.CustomerSourceMap),
-            ("orders", schemas.Orders),
-            ("order_lines", schemas.OrderLines),
-            ("products", schemas.Products),
-            ("support_cases", schemas.SupportCases),
-            ("order_status_history", schemas.StatusHistory),
-            ("case_status_history", schemas.StatusHistory),
-        )
+    models = {
+        "customer_profile": schemas.CustomerProfile,
+        "customer_source_map": schemas.CustomerSourceMap,
+        "customer_id_redirects": schemas.CustomerIdRedirects,
+        "orders": schemas.Orders,
+        "order_lines": schemas.OrderLines,
+        "products": schemas.Products,
+        "support_cases": schemas.SupportCases,
+        "order_status_history": schemas.StatusHistory,
+        "case_status_history": schemas.StatusHistory,
+        "churn_scores": schemas.ChurnScores,
+        "segment_membership": schemas.SegmentMembership,
     }
     out = {}
     for parts in lake.tables(layer):
         dataset = lake.dataset(layer, *parts)
-        model = docs.get(parts[-1]) if layer == "gold" else None
-        out["/".join(parts)] = [
-            {
-                "column": f.name,
-                "type": str(f.type),
-                "rows": dataset.count_rows() if i == 0 else "",
-                "about": (model.__doc__ or "").strip().splitlines()[0] if model and i == 0 else "",
-            }
-            for i, f in enumerate(dataset.schema)
+        model = models.get(parts[-1]) if layer == "gold" else None
+        docs = (
+            {n: c.description or "" for n, c in model.to_schema().columns.items()} if model else {}
+        )
+        title = (model.__doc__ or "").strip().splitlines()[0] if model and model.__doc__ else ""
+        out[f"{'/'.join(parts)} ({dataset.count_rows():,} rows) {title}"] = [
+            {"column": f.name, "type": str(f.type), "meaning": docs.get(f.name, "")}
+            for f in dataset.schema
         ]
     return out
