@@ -6,12 +6,14 @@ change. The defaults work with no file at all.
 
 Precedence (last wins): field defaults < `c360ml.yaml` (or the file named by
 `C360ML_CONFIG`) < environment variables `C360ML_<FIELD>` (nested fields joined with
-`__`, e.g. `C360ML_DEMO__CUSTOMERS=500`). `MLFLOW_TRACKING_URI` also overrides the
+`__`, e.g. `C360ML_DEMO__CUSTOMERS=500`; lists as JSON, e.g. `C360ML_SOURCES='["generic"]'`).
+`MLFLOW_TRACKING_URI` also overrides the
 tracking URI, as MLflow users expect.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,7 +106,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value  # lists as JSON
     if environ.get("MLFLOW_TRACKING_URI"):
         out["mlflow_tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
     return out

@@ -141,6 +141,7 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
                 Orders.net_amount: num,
                 Orders.item_count: num,
                 Orders.is_return: boolean,
+                Orders.order_ts: "Datetime",
                 Orders.is_cancelled: boolean,
                 IS_PURCHASE: boolean,
             },
@@ -173,6 +174,7 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
             time_index=SupportCases.created_ts,
             logical_types={
                 SupportCases.case_id: cat,
+                SupportCases.created_ts: "Datetime",  # explicit: an empty column infers nothing
                 SupportCases.customer_id: cat,
                 SupportCases.case_type: cat,
                 SupportCases.priority: cat,

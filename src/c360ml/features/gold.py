@@ -97,10 +97,18 @@ def standardise_gold(gold: GoldTables) -> GoldTables:
 
 
 def read_gold(lake: Lake) -> GoldTables:
-    """Read the seven gold tables the feature stage needs (the stage's only I/O)."""
+    """Read the seven gold tables the feature stage needs (the stage's only I/O).
+
+    A source without some tables (the generic CSV has no products, cases or status
+    history) gets them empty, with their declared columns, so the same features apply.
+    """
     frames = {}
     for field_name, (table, model) in GOLD_TABLES.items():
-        frame = lake.read_pandas("gold", table)
+        if lake.exists("gold", table):
+            frame = lake.read_pandas("gold", table)
+        else:
+            declared = model.to_schema().columns
+            frame = pd.DataFrame({n: pd.Series(dtype=c.dtype.type) for n, c in declared.items()})
         # Extra columns are the writer's business; keep exactly the contract.
         frames[field_name] = frame[[c for c in columns(model) if c in frame.columns]]
         log.info("read gold/%s: %d rows", table, len(frame))
