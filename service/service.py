@@ -21,6 +21,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import bentoml
 import pandas as pd
 import pyarrow as pa
@@ -42,6 +43,7 @@ MAX_PREDICT_ROWS = 10_000  # larger inputs belong on /score-table
 MAX_BODY_BYTES = {"/score-table": 4 << 30}  # per-path request size limits
 DEFAULT_MAX_BODY = 16 << 20
 TABLE_CHUNK_ROWS = 50_000  # rows scored and streamed per chunk by /score-table
+INNER_RETRIES = 3  # calls to the inner scorer on a dropped keep-alive connection
 
 metadata_app = FastAPI(title="c360ml metadata", docs_url=None, redoc_url=None)
 
@@ -166,7 +168,7 @@ class RetentionService:
         items = json.loads(frame.to_json(orient="records"))  # coerced, JSON-safe values
         for item in items:
             item["_explain"] = explain
-        predictions = await self.scorer.to_async.score_rows(items)
+        predictions = await self._score(items)
         log.info(
             json.dumps(
                 {
@@ -179,6 +181,18 @@ class RetentionService:
             )
         )
         return {"model": {**self.info, "explain": explain}, "predictions": predictions}
+
+    async def _score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Through the batching scorer; a connection the scorer's server closed while idle
+        (keep-alive expiry races a reuse) is retried, which is safe: scoring is pure."""
+        for attempt in range(1, INNER_RETRIES + 1):
+            try:
+                return await self.scorer.to_async.score_rows(items)
+            except aiohttp.ClientConnectionError as exc:
+                if attempt == INNER_RETRIES:
+                    raise
+                log.warning("scorer connection failed (%s), retry %d", exc, attempt)
+        raise AssertionError("unreachable")
 
     @bentoml.api(route="/score-table")
     def score_table(

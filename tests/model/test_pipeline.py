@@ -112,9 +112,9 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
         calls["args"] = (sorted(person_ids), t, window_days)
         return pd.Series({"p1": 0.2, "p2": 0.5, "p3": 0.6})
 
-    fake = types.ModuleType("c360ml.synth")
+    fake = types.ModuleType("c360ml.synth.oracle")
     fake.oracle_purchase_probability = fake_oracle
-    monkeypatch.setitem(sys.modules, "c360ml.synth", fake)
+    monkeypatch.setitem(sys.modules, "c360ml.synth.oracle", fake)
     cutoff = pd.Timestamp("2025-10-02", tz="UTC")
     churn = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
     assert calls["args"] == (["p1", "p2", "p3"], cutoff, 90)
