@@ -1,0 +1,71 @@
+"""Stages of `make bench` after gold: features, train and the full refresh, on the cached
+lake of one size (benchmarks/cache/<size>/, built by the generate and medallion stages).
+
+Each function runs inside the harness's per-(stage, size) subprocess, so its peak RSS is
+its own. The demo as_of (2025-12-31) is the generator's default history end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
+
+
+def features(settings, out_dir: Path) -> dict:
+    """Labels and the Featuretools matrix for all active customers x 12 cutoffs."""
+    from bench_features import run
+
+    from c360ml.features import read_gold
+    from c360ml.lake import Lake
+
+    gold = read_gold(Lake(settings.lake))
+    return {"runs": run(gold, AS_OF, out_dir, repeats=1)}
+
+
+def train(settings, out_dir: Path) -> dict:
+    """`c360ml train` into the cached lake's own MLflow store (the refresh stage uses it)."""
+    from c360ml.model.pipeline import run_training
+
+    started = time.perf_counter()
+    summary = run_training(settings, AS_OF)
+    return {
+        "train_s": round(time.perf_counter() - started, 1),
+        "steps_s": {k: round(v, 1) for k, v in summary.seconds.items()},
+        "sample_rate": summary.sample_rate,
+        "rows": summary.split_rows,
+        "features": summary.n_features,
+        "trees": summary.n_trees,
+        "roc_auc": round(summary.roc_auc, 4),
+        "rfm_roc_auc": round(summary.rfm_roc_auc, 4),
+        "oracle_roc_auc": summary.oracle_roc_auc and round(summary.oracle_roc_auc, 4),
+        "grade": summary.grade,
+    }
+
+
+def refresh(settings, out_dir: Path) -> dict:
+    """A full refresh (no new landing data: measures, snapshot, scores, export, report).
+
+    The scores of the as_of are dropped first, so the step really re-scores every profile.
+    """
+    from c360ml.lake import Lake
+    from c360ml.refresh import run_refresh
+    from c360ml.report import build_report
+
+    lake = Lake(settings.lake)
+    for table in ("churn_scores", "customer_features", "customer_measures"):
+        if lake.exists("gold", table):
+            import shutil
+
+            shutil.rmtree(lake.path("gold", table))
+    started = time.perf_counter()
+    summary = run_refresh(settings, report=build_report)
+    return {
+        "refresh_s": round(time.perf_counter() - started, 1),
+        "steps_s": {s.step: round(s.seconds, 1) for s in summary.steps},
+        "profiles": summary.status_counts,
+        "risk": summary.risk_counts,
+    }
