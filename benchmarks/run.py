@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / "cache"
 RESULTS = HERE / "results"
-STAGES = ("generate", "medallion", "unify", "splink", "features", "train")
+STAGES = ("generate", "medallion", "unify", "splink", "features", "train", "refresh", "serve")
 
 
 def settings_for(size: int):
@@ -260,6 +260,63 @@ def stage_splink(size: int) -> dict:
     return out
 
 
+def ml_settings(size: int):
+    """A lake built bronze -> gold once per size (benchmarks/cache/<size>/ml), for the stages
+    after gold; its build time is not part of their figures."""
+    import shutil
+
+    from c360ml.lake import Lake
+
+    cached = settings_for(size)
+    base = CACHE / str(size) / "ml"
+    settings = cached.model_copy(
+        update={
+            "lake_root": base / "lake",
+            "truth_root": base / "truth",
+            "mlflow_dir": base / "mlflow",
+        }
+    )
+    if not Lake(settings.lake).exists("gold", "orders"):
+        if not (cached.lake / "landing").exists():
+            raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "lake").mkdir(parents=True)
+        subprocess.run(["cp", "-al", str(cached.lake / "landing"), str(base / "lake")], check=True)
+        shutil.copytree(cached.truth, base / "truth")
+        timed_build(settings)
+    return settings
+
+
+def stage_features(size: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    import bench_ml
+
+    return bench_ml.features(ml_settings(size), RESULTS)
+
+
+def stage_train(size: int) -> dict:
+    sys.path.insert(0, str(HERE))
+    import bench_ml
+
+    return bench_ml.train(ml_settings(size), RESULTS)
+
+
+def stage_refresh(size: int) -> dict:
+    """Needs the train stage's champion in the same lake's MLflow store."""
+    sys.path.insert(0, str(HERE))
+    import bench_ml
+
+    return bench_ml.refresh(ml_settings(size), RESULTS)
+
+
+def stage_serve(size: int) -> dict:
+    """BentoML vs `mlflow models serve` on one model (size is not used)."""
+    sys.path.insert(0, str(HERE))
+    from bench_serve import run
+
+    return {"runs": run(RESULTS)}
+
+
 def one(stage: str, size: int) -> None:
     """Child process: run one stage at one size, print JSON with the peak RSS."""
     started = time.perf_counter()
@@ -307,6 +364,10 @@ def _row(stage: str, r: dict) -> str:
             f"{inner.get('wall_s', 0):.1f} s, child peak {inner.get('peak_rss_mb', 0):.0f} MB, "
             f"{inner.get('sales_lines', '')} sales lines, {inner.get('landing_mb', 0):.0f} MB"
         )
+    if stage in ("train", "refresh"):
+        steps = ", ".join(f"{k} {v}" for k, v in run.get("steps_s", {}).items())
+        scalars = {k: v for k, v in run.items() if not isinstance(v, (dict, list))}
+        return f"{json.dumps(scalars)}; steps: {steps}"
     return json.dumps({k: v for k, v in run.items() if not isinstance(v, (dict, list))})
 
 
