@@ -54,3 +54,26 @@ def write_sync_folder(
         entities.append(entity)
     (folder / "model.json").write_text(json.dumps({"name": source, "entities": entities}))
     return folder
+
+
+_exit_status = {"code": None}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Leave with pytest's own status once it has reported everything.
+
+    Native thread pools (Arrow, DuckDB, delta-rs' runtime) have been seen, rarely and under
+    load, to abort during interpreter teardown ("terminate called without an active
+    exception") after every test had passed; skipping teardown keeps the exit status true.
+    """
+    import os
+    import sys
+
+    if _exit_status["code"] is not None and os.environ.get("C360ML_TEST_HARD_EXIT", "1") == "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])
