@@ -132,11 +132,11 @@ def score_history(scores: pd.DataFrame, redirects: pd.DataFrame, customer_id: st
 # ---------------------------------------------------------------- lake edges
 
 
-def _replace_as_of(
+def replace_as_of(
     lake: Lake, frame: pd.DataFrame, table: str, column: str, as_of: pd.Timestamp, inputs: dict
 ) -> bool:
     """Replace one as_of's rows in one commit; skip when the same inputs made them."""
-    if _same_inputs(lake, table, as_of, inputs):
+    if same_inputs(lake, table, as_of, inputs):
         return False
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
     meta = {INPUTS_KEY: json.dumps({**inputs, "as_of": str(as_of)})}
@@ -156,7 +156,7 @@ def _replace_as_of(
     return True
 
 
-def _same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bool:
+def same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bool:
     if not lake.exists("gold", table):
         return False
     for meta in reversed(lake.commit_metadata("gold", table)):
@@ -188,12 +188,12 @@ def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) 
     as_of = as_of or latest_event_time(gold)
     inputs = gold_inputs(lake)
     note = f"as_of {as_of:%Y-%m-%d %H:%M}"
-    if _same_inputs(lake, "customer_measures", as_of, inputs):
+    if same_inputs(lake, "customer_measures", as_of, inputs):
         rows = lake.dataset("gold", "customer_measures").count_rows()
         return StepResult("measures", rows, note + " (unchanged)", time.perf_counter() - started)
     measures = build_measures(gold, as_of, settings.path(settings.measures))
     CustomerMeasures.validate(measures[["customer_id", AS_OF]])
-    _replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, inputs)
+    replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, inputs)
     return StepResult("measures", len(measures), note, time.perf_counter() - started)
 
 
@@ -235,7 +235,7 @@ def score_profiles(
     inputs = gold_inputs(lake) | {"model_version": model_version, "explain": explain}
     results = []
     started = time.perf_counter()
-    if _same_inputs(lake, "churn_scores", as_of, inputs):
+    if same_inputs(lake, "churn_scores", as_of, inputs):
         scores = _scores_at(lake, as_of)
         return [
             StepResult(
@@ -253,7 +253,7 @@ def score_profiles(
     fs = FeatureSet.from_json(bundle.feature_set_json)
     features = calculate_features(gold, population, fs)
     snapshot = features.rename(columns={"cutoff_time": AS_OF})
-    _replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, gold_inputs(lake))
+    replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, gold_inputs(lake))
     results.append(
         StepResult(
             "feature snapshot",
@@ -282,7 +282,7 @@ def score_profiles(
         pd.Timestamp.now(tz="UTC").floor("us"),
     )
     ChurnScores.validate(scores)
-    _replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, inputs)
+    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, inputs)
     results.append(
         StepResult(
             "batch scores",

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
-from c360ml.refresh import StepResult, _replace_as_of, follow_redirects, gold_inputs
+from c360ml.refresh import StepResult, follow_redirects, gold_inputs, replace_as_of
 from c360ml.schemas import SegmentMembership
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def run_segments(
     SegmentMembership.validate(members)
     redirects = _redirects(lake)
     previous = _previous_members(lake, as_of)
-    _replace_as_of(
+    replace_as_of(
         lake,
         members,
         "segment_membership",
