@@ -122,7 +122,11 @@ def make_model(model_dir: Path):
         matrix, rfm, names = synthetic_matrix()
         started = time.perf_counter()
         result = train_and_evaluate(
-            matrix, names, rfm, 90, TrainConfig(nthread=2, bootstrap_resamples=30, learning_rate=0.02)
+            matrix,
+            names,
+            rfm,
+            90,
+            TrainConfig(nthread=2, bootstrap_resamples=30, learning_rate=0.02),
         )
         log.info("trained %d trees in %.1f s", result.n_trees, time.perf_counter() - started)
         as_of = result.plan.test_cutoff
@@ -162,9 +166,9 @@ def make_model(model_dir: Path):
         "import_champion; print(import_champion(load_settings()).tag)"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
-    from c360ml.model.registry import load_bundle
-
     import mlflow
+
+    from c360ml.model.registry import load_bundle
 
     mlflow.set_tracking_uri(settings.tracking_uri)
     bundle = load_bundle(f"models:/{MODEL_NAME}@champion")
@@ -188,6 +192,8 @@ def server_env(settings, model_dir: Path) -> dict[str, str]:
         "C360ML_API_TOKENS": TOKEN,
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "PYTHONUNBUFFERED": "1",
+        # `mlflow models serve` execs `uvicorn` from PATH: the venv's, as when activated
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     env.pop("C360ML_DEV_NO_AUTH", None)
     return env
@@ -249,6 +255,19 @@ class Server:
             except psutil.NoSuchProcess:
                 pass
         return total
+
+    def settle(self, seconds: float = 90) -> float:
+        """Wait until the server has finished the requests a stopped wrk left behind (its
+        processes use < 5% of a core for half a second); returns the seconds waited."""
+        started = time.time()
+        last = self.cpu_seconds()
+        while time.time() < started + seconds:
+            time.sleep(0.5)
+            now = self.cpu_seconds()
+            if now - last < 0.025:
+                break
+            last = now
+        return round(time.time() - started, 1)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -376,7 +395,17 @@ def wrk(url: str, bodies: Path, path: str, conns: int, seconds: float, lua: Path
         "BENCH_PATH": path,
         "BENCH_TOKEN": TOKEN,
     }
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "60s", "-s", str(lua), url]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{conns}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "60s",
+        "-s",
+        str(lua),
+        url,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 120)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -386,11 +415,14 @@ def wrk(url: str, bodies: Path, path: str, conns: int, seconds: float, lua: Path
 
 def measure(server: Server, bodies: Path, conns: int, rows: int, seconds, warmup, lua) -> dict:
     path = path_of(server.name)
+    server.settle()
     wrk(server.url, bodies, path, conns, warmup, lua)  # warm-up, discarded
+    server.settle()
     load = os.getloadavg()[0]
     cpu0 = server.cpu_seconds()
     r = wrk(server.url, bodies, path, conns, seconds, lua)
     cpu = server.cpu_seconds() - cpu0
+    server.settle()  # not counted: requests wrk abandoned at the end of its run
     secs = r["duration_us"] / 1e6
     errors = sum(r[k] for k in r if k.startswith("err_"))
     return {
@@ -411,24 +443,39 @@ def measure(server: Server, bodies: Path, conns: int, rows: int, seconds, warmup
 # --------------------------------------------------------------------------- profile
 
 
-CATEGORIES = (  # first match on the stack, leaf side first: where a sample's time went
-    ("SHAP (xgboost pred_contribs)", ("contributions (c360ml/model/scoring.py",)),
+# Where a py-spy sample's time went. Libraries that own a whole computation (SHAP,
+# XGBoost, pandera) count wherever they are on the stack; everything else by the frame
+# nearest the leaf that matches, so framework layers are not all charged to uvicorn.
+OWNERS = (
+    ("SHAP (xgboost pred_contribs)", ("contributions (",)),
     ("xgboost predict", ("xgboost/",)),
     ("pandera validation", ("pandera/",)),
-    ("JSON encode/decode", ("json/", "orjson", "to_json", "_records (")),
-    ("pydantic (request model)", ("pydantic",)),
-    ("pandas (DataFrame build/groupby)", ("pandas/",)),
-    ("inner-service hop (bentoml client/dispatch)", ("bentoml/_internal/client", "dispatcher")),
-    ("HTTP server (uvicorn/starlette)", ("uvicorn/", "starlette/", "h11/", "httptools")),
-    ("bentoml other", ("bentoml/",)),
-    ("asyncio event loop", ("asyncio/",)),
+)
+LEAF_CATEGORIES = (
+    ("pandas/numpy", ("pandas/", "numpy/")),
+    ("pydantic (BentoML IO models)", ("pydantic",)),
+    ("inner hop: pickle/JSON serde", ("_bentoml_impl/serde", "pickle")),
+    ("JSON encode/decode", ("json/", "orjson")),
+    ("OpenTelemetry tracing", ("opentelemetry", "trace/")),
+    ("Prometheus metrics", ("prometheus_client",)),
+    ("logging", ("logging/",)),
+    ("inner hop: aiohttp client", ("aiohttp", "_bentoml_impl/client")),
+    ("BentoML batching dispatcher", ("dispatcher",)),
+    ("HTTP server (uvicorn/h11/httptools)", ("uvicorn/", "h11/", "httptools")),
+    ("starlette", ("starlette/",)),
+    ("BentoML server/middleware", ("_bentoml_impl/", "bentoml/", "_bentoml_sdk/")),
+    ("c360ml service code", ("service.py", "c360ml/")),
+    ("asyncio loop / socket I/O", ("asyncio/", "selectors")),
 )
 
 
 def categorize(stack: str) -> str:
     frames = stack.split(";")
-    for name, needles in CATEGORIES:
-        for frame in reversed(frames):
+    for name, needles in OWNERS:
+        if any(n in frame for frame in frames for n in needles):
+            return name
+    for frame in reversed(frames):
+        for name, needles in LEAF_CATEGORIES:
             if any(n in frame for n in needles):
                 return name
     return "other"
@@ -485,10 +532,43 @@ def py_spy_profile(server: Server, bodies: Path, conns: int, seconds: float, lua
     return result
 
 
-def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 300) -> dict:
-    """In-process cost of each step /predict takes for one row and for 1,000 rows (ms),
-    the same calls service.py makes, without HTTP."""
+def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
+    """In-process cost (ms per call) of each step a /predict call takes, for one row and
+    for 1,000 rows, without HTTP: the same calls service.py makes on either path (the
+    fast path for clean rows, the pandera path otherwise) and MLflow's pyfunc makes."""
+    import pickle
+
+    import pydantic
+
     from c360ml.model import scoring
+
+    class Body(pydantic.BaseModel):  # what BentoML builds from predict's signature
+        rows: list[dict[str, Any]]
+        explain: str = "approx"
+
+    columns = frozenset((scoring.CUSTOMER_ID, *bundle.feature_names))
+    f32_max = float(np.finfo(np.float32).max)
+
+    def plain(rows):  # service.RetentionService._plain
+        seen = set()
+        for row in rows:
+            if type(row) is not dict or row.keys() != columns:
+                return False
+            key = row[scoring.CUSTOMER_ID]
+            if type(key) is not str or key in seen:
+                return False
+            seen.add(key)
+            for name in bundle.feature_names:
+                v = row[name]
+                if v is not None and (type(v) not in (float, int) or not -f32_max <= v <= f32_max):
+                    return False
+        return True
+
+    def block(items):  # service.Scorer._frame
+        x = np.array([[it[n] for n in bundle.feature_names] for it in items], dtype=np.float32)
+        frame = pd.DataFrame(x, columns=list(bundle.feature_names))
+        frame.insert(0, scoring.CUSTOMER_ID, [it[scoring.CUSTOMER_ID] for it in items])
+        return frame
 
     def t(fn, n):
         fn()
@@ -498,39 +578,49 @@ def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 300) -> dict:
         return round(1000 * (time.perf_counter() - started) / n, 3)
 
     out = {}
-    for label, frame, n in (("1_row", request.head(1), repeats), ("1000_rows", None, 10)):
+    for label, frame, n in (("1_row", request.head(1), repeats), ("1000_rows", None, 5)):
         if frame is None:
             frame = request.sample(1000, replace=True, random_state=0).reset_index(drop=True)
             frame["CustomerId"] = [f"s{i}" for i in range(1000)]
-        rows = records(frame)
-        raw = json.dumps({"rows": rows, "explain": "none"})
+        raw = json.dumps({"rows": records(frame), "explain": "none"})
+        parsed = Body.model_validate_json(raw)
+        rows = parsed.model_dump()["rows"]
+        items = [{**r, "_explain": "none"} for r in rows]
+        pickled = pickle.dumps(items)
         df = pd.DataFrame(rows)
         valid = scoring.validate_request(bundle, df)
-        items = json.loads(valid.to_json(orient="records"))
-        x = scoring.feature_matrix(bundle, valid)
-        scored = scoring.score(bundle, valid, "approx", validate=False)
-        steps = {
-            "json.loads body": t(lambda raw=raw: json.loads(raw), n),
-            "pd.DataFrame(rows)": t(lambda rows=rows: pd.DataFrame(rows), n),
-            "pandera validate_request": t(lambda df=df: scoring.validate_request(bundle, df), n),
-            "to_json+loads (outer)": t(
+        part = block(items)
+        x = scoring.feature_matrix(bundle, part)
+        scored = scoring.score(bundle, part, "approx", validate=False)
+        out[label] = {
+            "BentoML: pydantic parse of the body": t(lambda r=raw: Body.model_validate_json(r), n),
+            "BentoML: model_dump": t(lambda p=parsed: p.model_dump(), n),
+            "fast path: _plain check": t(lambda r=rows: plain(r), n),
+            "inner hop: pickle dumps+loads": t(lambda i=items: pickle.loads(pickle.dumps(i)), n),
+            "scorer: float32 block (_frame)": t(lambda i=items: block(i), n),
+            "pandera path: pd.DataFrame(rows)": t(lambda r=rows: pd.DataFrame(r), n),
+            "pandera path: validate_request": t(
+                lambda d=df: scoring.validate_request(bundle, d), n
+            ),
+            "pandera path: to_json+loads": t(
                 lambda v=valid: json.loads(v.to_json(orient="records")), n
             ),
-            "pd.DataFrame(items)+groupby (scorer)": t(
-                lambda items=items: list(pd.DataFrame(items).assign(_e="none").groupby("_e")), n
+            "old scorer: pd.DataFrame(items)": t(
+                lambda i=items: pd.DataFrame(i).drop(columns="_explain"), n
             ),
-            "feature_matrix": t(lambda v=valid: scoring.feature_matrix(bundle, v), n),
-            "xgboost margins": t(lambda x=x: scoring.margins(bundle, x), n),
-            "SHAP approx": t(lambda x=x: scoring.contributions(bundle, x, "approx"), n),
-            "SHAP exact": t(lambda x=x: scoring.contributions(bundle, x, "exact"), max(n // 10, 3)),
+            "xgboost margins (2 threads)": t(lambda x=x: scoring.margins(bundle, x), n),
+            "SHAP approx (2 threads)": t(lambda x=x: scoring.contributions(bundle, x, "approx"), n),
+            "SHAP exact (2 threads)": t(
+                lambda x=x: scoring.contributions(bundle, x, "exact"), max(n // 10, 2)
+            ),
             "score(none, validate=False)": t(
-                lambda v=valid: scoring.score(bundle, v, "none", validate=False), n
+                lambda p=part: scoring.score(bundle, p, "none", validate=False), n
             ),
-            "_records (scorer out)": t(
+            "_records (scorer reply)": t(
                 lambda s=scored: json.loads(s.to_json(orient="records")), n
             ),
         }
-        out[label] = steps
+        del pickled
     return out
 
 
@@ -565,6 +655,8 @@ def run(
     servers_to_run: tuple[str, ...] = ("bentoml", "mlflow"),
     profile: bool = True,
     label: str = "",
+    baseline: Path | None = None,
+    findings: Path | None = None,
 ) -> list[dict]:
     """Every (server, shape, concurrency, explain) cell, medians of `repeats` runs; writes
     out_dir/serve.json and out_dir/serve.md and returns the cells."""
@@ -653,6 +745,10 @@ def run(
         "targets": targets(cells),
         "profile": profile_out,
     }
+    if baseline is not None:  # an earlier run to compare with (same cells format)
+        doc["baseline"] = json.loads(baseline.read_text())
+    if findings is not None:  # prose written after looking at the figures
+        doc["findings"] = findings.read_text()
     (out_dir / "serve.json").write_text(json.dumps(doc, indent=1))
     (out_dir / "serve.md").write_text(markdown(doc))
     if tmp is not None:
@@ -707,8 +803,8 @@ def markdown(doc: dict) -> str:
         "",
         "| shape | conc. | explain | BentoML req/s | BentoML rows/s | p50 ms | p99 ms | "
         "MLflow req/s | MLflow rows/s | p50 ms | p99 ms | ratio | BentoML CPU ms/req | "
-        "MLflow CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "MLflow CPU ms/req | errors B/M |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, _, conns in CELLS:
         for explain in EXPLAINS:
@@ -725,7 +821,8 @@ def markdown(doc: dict) -> str:
                 f"{b.get('rows_per_s', '')} | {b.get('p50_ms', '')} | {b.get('p99_ms', '')} | "
                 f"{m.get('rps', '')} | {m.get('rows_per_s', '')} | {m.get('p50_ms', '')} | "
                 f"{m.get('p99_ms', '')} | {ratio} | {b.get('server_cpu_s_per_req_ms', '')} | "
-                f"{m.get('server_cpu_s_per_req_ms', '')} |"
+                f"{m.get('server_cpu_s_per_req_ms', '')} | "
+                f"{b.get('errors_total', '')}/{m.get('errors_total', '')} |"
             )
     t = doc["targets"]
     lines += [
@@ -756,6 +853,36 @@ def markdown(doc: dict) -> str:
         for k in steps["1_row"]:
             lines.append(f"| {k} | {steps['1_row'][k]} | {steps['1000_rows'][k]} |")
         lines.append("")
+    base = doc.get("baseline")
+    if base:
+        lines += [
+            f"## BentoML before / after ({base.get('label', '')})",
+            "",
+            "| shape | conc. | explain | before req/s | before p50 / p99 ms | before errors | "
+            "after req/s | after p50 / p99 ms | after errors | MLflow req/s then / now |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for shape, _, conns in CELLS:
+            for explain in EXPLAINS:
+                old = _cell(base["cells"], "bentoml", shape, conns, explain) or {}
+                new = _cell(cells, "bentoml", shape, conns, explain) or {}
+                mo = _cell(base["cells"], "mlflow", shape, conns, explain) or {}
+                mn = _cell(cells, "mlflow", shape, conns, explain) or {}
+                lines.append(
+                    f"| {shape} | {conns} | {explain} | {old.get('rps', '')} | "
+                    f"{old.get('p50_ms', '')} / {old.get('p99_ms', '')} | "
+                    f"{old.get('errors_total', '')} | {new.get('rps', '')} | "
+                    f"{new.get('p50_ms', '')} / {new.get('p99_ms', '')} | "
+                    f"{new.get('errors_total', '')} | {mo.get('rps', '')} / {mn.get('rps', '')} |"
+                )
+        lines.append("")
+        for proc, p in (
+            ((base.get("profile") or {}).get("bentoml") or {}).get("processes", {}).items()
+        ):
+            if "by_category_pct" in p:
+                cats = ", ".join(f"{k} {v}%" for k, v in p["by_category_pct"].items())
+                lines.append(f"- before, py-spy **{proc}** ({p['samples']} samples): {cats}")
+        lines.append("")
     if doc.get("findings"):
         lines += ["## Findings", "", doc["findings"], ""]
     return "\n".join(lines)
@@ -771,8 +898,20 @@ def main() -> None:
     parser.add_argument("--servers", default="bentoml,mlflow")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--label", default="")
+    parser.add_argument("--baseline", type=Path, help="JSON with the cells of an earlier run")
+    parser.add_argument("--findings", type=Path, help="markdown findings to include")
+    parser.add_argument("--render", action="store_true", help="only rewrite serve.md from json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.render:
+        doc = json.loads((args.out / "serve.json").read_text())
+        if args.baseline:
+            doc["baseline"] = json.loads(args.baseline.read_text())
+        if args.findings:
+            doc["findings"] = args.findings.read_text()
+        (args.out / "serve.json").write_text(json.dumps(doc, indent=1))
+        (args.out / "serve.md").write_text(markdown(doc))
+        return
     cells = run(
         args.out,
         args.model_dir,
@@ -782,6 +921,8 @@ def main() -> None:
         servers_to_run=tuple(args.servers.split(",")),
         profile=not args.no_profile,
         label=args.label,
+        baseline=args.baseline,
+        findings=args.findings,
     )
     print(json.dumps(targets(cells), indent=1))
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+from itertools import combinations
+
+import numpy as np
 import pandas as pd
 import pytest
+from rapidfuzz import fuzz
 
 from c360ml.unify import (
     assign_ids,
@@ -245,3 +250,107 @@ def test_namesakes_with_their_own_email_and_phone_are_vetoed():
     )
     assert not same(records, labels, "A", "B")  # both identifiers differ: vetoed
     assert same(records, labels, "A", "C")  # the phone agrees: the name rule may link
+
+
+# ---------------------------------------------------------------- chunked fuzzy matching
+
+
+def synthetic_records(n=3000, seed=7):
+    """Records crowded into few postal codes, with typo'd names, namesakes, shared,
+    junk and missing e-mails and phones, missing names: many blocks, some above the cap.
+    A phone's records mostly share a last name (households, duplicates)."""
+    rng = np.random.default_rng(seed)
+    firsts = ["Ann", "Anne", "Annie", "Bob", "Rob", "Jon", "John", "Jonathan", "Jonathon"]
+    firsts += ["Maria", "Mario", "José", "Jose", "Li", "Lee", "Kim", "Sam", "Samuel", None]
+    lasts = ["Smith", "Smyth", "Smithe", "Sanchez", "Sánchez", "Lee", "Li", "Park", "Parks"]
+    lasts += ["O'Neil", "ONeil", "Oneill", "Stone", "Stein", "Adams", "Adam", None]
+    postals = [f"7700{i}" for i in range(9)] + ["10001", "1 0001", None]
+    rows = []
+    for i in range(n):
+        phone = int(rng.integers(0, 700)) if rng.random() < 0.6 else None
+        household = phone is not None and rng.random() < 0.7
+        last = lasts[phone % len(lasts)] if household else lasts[rng.integers(len(lasts))]
+        email = f"p{rng.integers(0, 1200)}@x.com" if rng.random() < 0.5 else None
+        rows.append(
+            rec(
+                f"R{i}",
+                first=firsts[rng.integers(len(firsts))],
+                last=last,
+                email=email,
+                phone=None if phone is None else f"+1212555{phone:04d}",
+                postal=postals[rng.integers(len(postals))],
+                source="d365" if i % 3 else "dataverse",
+            )
+        )
+    for k in range(30):  # small blocks where a nameless record leaves 1 or 2 scored
+        for j in range(k % 3 + 2):
+            nameless = j == 0
+            first, last = (None, None) if nameless else (firsts[(k + j) % 3], "Smith")
+            rows.append(rec(f"S{k}-{j}", first=first, last=last, postal=f"9{k:04d}"))
+    return prepare_records(pd.DataFrame(rows))
+
+
+def brute_force_pairs(records, rule, junk_max, max_block):
+    """The reference: plain Python over every pair of every block, no chunks."""
+    fields = {*rule.exact, rule.fuzzy.field, *rule.veto_if_all_differ}
+    rows = records[[f"m_{f}" for f in fields] + ["record"]].to_dict("records")
+    missing = lambda v: v is None or v != v  # noqa: E731
+    junk = {
+        f: {v for v, k in Counter(r[f"m_{f}"] for r in rows).items() if k > junk_max}
+        for f in rule.exact
+        if f in ("email", "phone")
+    }
+    blocks = defaultdict(list)
+    for r in rows:
+        key = tuple(r[f"m_{f}"] for f in rule.exact)
+        if any(missing(v) for v in key) or any(r[f"m_{f}"] in junk[f] for f in junk):
+            continue
+        blocks[key].append(r)
+    scorer = getattr(fuzz, rule.fuzzy.scorer)
+    name = f"m_{rule.fuzzy.field}"
+    pairs = set()
+    for members in blocks.values():
+        if len(members) > max_block:
+            continue
+        for a, b in combinations(members, 2):
+            if missing(a[name]) or missing(b[name]):
+                continue
+            if scorer(a[name], b[name]) < rule.fuzzy.threshold:
+                continue
+            vetoed = rule.veto_if_all_differ and all(
+                not missing(a[f"m_{f}"]) and not missing(b[f"m_{f}"]) and a[f"m_{f}"] != b[f"m_{f}"]
+                for f in rule.veto_if_all_differ
+            )
+            if not vetoed:
+                pairs.add((a["record"], b["record"]))
+    skipped = sum(len(m) > max_block for m in blocks.values())
+    return pairs, skipped
+
+
+FUZZY_RULES = [
+    BY_NAME["name_postal_code"],
+    BY_NAME["phone_last_name"],
+    # a block without the last name: records without any name sit in it, unscored
+    BY_NAME["name_postal_code"].model_copy(update={"exact": ["postal_code"]}),
+]
+
+
+@pytest.mark.parametrize("rule", FUZZY_RULES, ids=["postal_initial", "phone_last", "postal"])
+def test_chunked_fuzzy_matching_equals_brute_force(rule):
+    records = synthetic_records()
+    max_block = 260  # some postal-code blocks are larger: skipped
+    want, skipped = brute_force_pairs(records, rule, RULES.junk_max_records, max_block)
+    assert want  # the data exercises the rule
+    runs = [
+        match_rule(records, rule, RULES.junk_max_records, max_block, chunk_pairs=chunk)
+        for chunk in (1, 37, 1000, 10**9)  # one block per chunk ... all in one chunk
+    ]
+    for got in runs:
+        pairs = list(zip(got.left.tolist(), got.right.tolist(), strict=True))
+        assert len(pairs) == len(set(pairs)) and set(pairs) == want
+        assert got.skipped_blocks == skipped
+        # the same pairs in the same order, whatever the chunk size
+        assert np.array_equal(got.left, runs[0].left)
+        assert np.array_equal(got.right, runs[0].right)
+    if rule.exact == ["postal_code"]:
+        assert skipped > 0

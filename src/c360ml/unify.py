@@ -95,18 +95,22 @@ def _fold(text: pd.Series) -> pd.Series:
     names = pc.ascii_lower(names)
     names = pc.replace_substring_regex(names, r"[^a-z0-9 ]", "")
     names = pc.utf8_trim(pc.replace_substring_regex(names, r" +", " "), " ")
-    folded = pc.take(names, encoded.indices)
-    folded = pc.if_else(pc.equal(folded, ""), pa.scalar(None, pa.string()), folded)
-    return pd.Series(folded.to_numpy(zero_copy_only=False), index=text.index, dtype=object)
+    names = pc.if_else(pc.equal(names, ""), pa.scalar(None, pa.string()), names)
+    # One Python string per distinct name, shared by its records (a trailing None for
+    # the missing ones, indexed by -1): far less memory than one object per record.
+    distinct = np.append(names.to_numpy(zero_copy_only=False), None)
+    index = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return pd.Series(distinct[index], index=text.index, dtype=object)
 
 
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
     """Add the normalised match fields; `record` is a dense 0..n-1 index."""
-    out = records.reset_index(drop=True).copy()
+    out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
     out["record"] = np.arange(len(out))
     first, last = _fold(out["first_name"]), _fold(out["last_name"])
     out["m_last_name"] = last
     out["m_full_name"] = (first.fillna("") + " " + last.fillna("")).str.strip().replace("", None)
+    del first
     out["m_email"] = out["email"].str.strip().str.lower().replace("", None)
     out["m_phone"] = out["phone"].str.strip().replace("", None)
     out["m_postal_code"] = out["postal_code"].str.upper().str.replace(" ", "").replace("", None)
@@ -129,28 +133,63 @@ class RulePairs:
     skipped_blocks: int = 0
 
 
+FUZZY_CHUNK_PAIRS = 2_000_000  # candidate pairs generated and scored at once
+
+
+def _block_runs(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each run of equal values in a sorted array."""
+    if not len(block):
+        return np.array([], np.int64), np.array([], np.int64)
+    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+    return starts, np.diff(np.r_[starts, len(block)])
+
+
+def _pairs_in_runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (i, j), i < j, of all pairs inside each run, run by run and row-major
+    within a run (the order of a self-merge on the block, filtered to left < right)."""
+    before = np.cumsum(lengths) - lengths  # runs need not be adjacent
+    pos = np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    ends = np.repeat(starts + lengths, lengths)  # the end of each position's run
+    partners = ends - pos - 1
+    left = np.repeat(pos, partners)
+    offset = np.cumsum(partners) - partners
+    right = left + 1 + (np.arange(len(left), dtype=np.int64) - np.repeat(offset, partners))
+    return left, right
+
+
+def _codes(values: pd.Series) -> np.ndarray:
+    """Integer codes of a column, -1 where missing (equal codes <=> equal values)."""
+    return pd.factorize(values, use_na_sentinel=True)[0].astype(np.int32, copy=False)
+
+
 def match_rule(
     records: pd.DataFrame,
     rule: MatchRule,
     junk_max: int,
     max_block: int,
     junk_fields: tuple[str, ...] = ("email", "phone"),
+    chunk_pairs: int = FUZZY_CHUNK_PAIRS,
 ) -> RulePairs:
     """Candidate pairs of one rule, with blocking on its exact fields.
 
     Exact-only rules link each block's records to the block's first record (a star: the
     same connected component as all pairs, at linear cost). Fuzzy rules compare all
-    pairs inside blocks of at most `max_block` records.
+    pairs inside blocks of at most `max_block` records; the pairs are generated and
+    scored a group of blocks at a time (about `chunk_pairs` at once, a block is never
+    split) and only the matches are kept, so memory stays bounded whatever the size.
     """
     keys = [f"m_{f}" for f in rule.exact]
-    usable = records.dropna(subset=keys)
+    usable = records[[*keys, "record"]].dropna(subset=keys)
     junk = {f: junk_values(records, f, junk_max) for f in rule.exact if f in junk_fields}
     for f, values in junk.items():
-        usable = usable[~usable[f"m_{f}"].isin(values)]
+        if values:
+            usable = usable[~usable[f"m_{f}"].isin(values)]
     block = usable.groupby(keys, sort=False).ngroup().to_numpy()
     ids = usable["record"].to_numpy()
+    del usable
     order = np.argsort(block, kind="stable")
     block, ids = block[order], ids[order]
+    del order
     sizes = np.bincount(block) if len(block) else np.array([], dtype=int)
     result = RulePairs(
         rule.name, np.array([], int), np.array([], int), {f: len(v) for f, v in junk.items() if v}
@@ -161,28 +200,45 @@ def match_rule(
         keep = ids != head
         result.left, result.right = head[keep], ids[keep]
         return result
-    multi = sizes[block] > 1
-    small = sizes[block] <= max_block
     result.skipped_blocks = int((sizes > max_block).sum())
-    cand = pd.DataFrame({"block": block[multi & small], "record": ids[multi & small]})
-    pairs = cand.merge(cand, on="block", suffixes=("_l", "_r"))
-    pairs = pairs[pairs.record_l < pairs.record_r]
     values = records[f"m_{rule.fuzzy.field}"].to_numpy(dtype=object)
-    left, right = pairs.record_l.to_numpy(), pairs.record_r.to_numpy()
-    ok = pd.notna(values[left]) & pd.notna(values[right])
-    left, right = left[ok], right[ok]
+    # Records of blocks with 2..max_block records (counted before the fuzzy field's
+    # missing values are dropped: those pair with nobody but count in the block size).
+    keep = (sizes[block] > 1) & (sizes[block] <= max_block)
+    block, ids = block[keep], ids[keep]
+    keep = pd.notna(values[ids])
+    block, ids = block[keep], ids[keep].astype(np.int64, copy=False)
+    del keep
+    starts, lengths = _block_runs(block)
+    multi = lengths > 1
+    starts, lengths = starts[multi], lengths[multi]
+    veto_codes = [_codes(records[f"m_{f}"]) for f in rule.veto_if_all_differ]
     scorer = getattr(fuzz, rule.fuzzy.scorer)
-    scores = process.cpdist(values[left].tolist(), values[right].tolist(), scorer=scorer, workers=1)
-    hit = scores >= rule.fuzzy.threshold
-    left, right = left[hit], right[hit]
-    if rule.veto_if_all_differ:
-        veto = np.ones(len(left), dtype=bool)
-        for f in rule.veto_if_all_differ:
-            col = records[f"m_{f}"].to_numpy(dtype=object)
-            a, b = col[left], col[right]
-            veto &= pd.notna(a) & pd.notna(b) & (a != b)
-        left, right = left[~veto], right[~veto]
-    result.left, result.right = left, right
+    cum = np.cumsum(lengths * (lengths - 1) // 2)
+    lefts, rights = [], []
+    b = 0
+    while b < len(starts):
+        done = cum[b - 1] if b else 0
+        e = max(int(np.searchsorted(cum, done + chunk_pairs, side="right")), b + 1)
+        lpos, rpos = _pairs_in_runs(starts[b:e], lengths[b:e])
+        left, right = ids[lpos], ids[rpos]
+        del lpos, rpos
+        scores = process.cpdist(
+            values[left].tolist(), values[right].tolist(), scorer=scorer, workers=1
+        )
+        hit = scores >= rule.fuzzy.threshold
+        left, right = left[hit], right[hit]
+        if veto_codes:
+            veto = np.ones(len(left), dtype=bool)
+            for codes in veto_codes:
+                a, c = codes[left], codes[right]
+                veto &= (a >= 0) & (c >= 0) & (a != c)
+            left, right = left[~veto], right[~veto]
+        lefts.append(left)
+        rights.append(right)
+        b = e
+    if lefts:
+        result.left, result.right = np.concatenate(lefts), np.concatenate(rights)
     return result
 
 
@@ -251,15 +307,24 @@ def assign_ids(
 
 def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
     """One profile per customer_id by the declared per-attribute policy."""
-    frame = records.assign(customer_id=ids.to_numpy())
+    attributes = list(dict.fromkeys([*policy.most_recent, *policy.by_source_priority]))
+    needed = ["source", "created_ts", "modified_ts", *attributes]
+    frame = records[needed].assign(customer_id=ids.to_numpy())  # not the match fields
     rank = {s: i for i, s in enumerate(policy.source_priority)}
     frame["_rank"] = frame["source"].map(rank).fillna(len(rank))
-    recent = frame.sort_values(["customer_id", "modified_ts"], ascending=[True, False])
-    prior = frame.sort_values(
-        ["customer_id", "_rank", "modified_ts"], ascending=[True, True, False]
+
+    def first_by(keys: list[str], ascending: list[bool], attrs: list[str]) -> pd.DataFrame:
+        """Per customer, the first non-null of each attribute in the order of keys (only
+        the columns needed are sorted)."""
+        part = frame[list(dict.fromkeys([*keys, *attrs]))]
+        return part.sort_values(keys, ascending=ascending).groupby("customer_id")[attrs].first()
+
+    merged = first_by(["customer_id", "modified_ts"], [True, False], policy.most_recent)
+    merged = merged.join(
+        first_by(
+            ["customer_id", "_rank", "modified_ts"], [True, True, False], policy.by_source_priority
+        )
     )
-    merged = recent.groupby("customer_id")[policy.most_recent].first()  # first non-null
-    merged = merged.join(prior.groupby("customer_id")[policy.by_source_priority].first())
     grouped = frame.groupby("customer_id")
     merged["created_ts"] = grouped["created_ts"].min()
     merged["source_count"] = grouped.size()
@@ -326,7 +391,11 @@ def read_records(lake: Lake, settings: Settings) -> pd.DataFrame:
         parts.append(run_sql(con, settings, "gold/unify_records_generic"))
     if not parts:
         raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
-    return pa.concat_tables(parts).to_pandas()
+    con.close()
+    table = pa.concat_tables(parts)
+    del parts
+    # Column by column, each Arrow column freed once converted: not both copies at once.
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
