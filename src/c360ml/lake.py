@@ -7,7 +7,6 @@ incremental reads and audit. Paths are built from the configured lake root only.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 log = logging.getLogger(__name__)
@@ -116,13 +115,6 @@ class Lake:
         return [{k: v for k, v in h.items() if isinstance(v, str)} for h in reversed(history)]
 
 
-def _commit(metadata: dict[str, str] | None):
-    if not metadata:
-        return None
-    from deltalake import CommitProperties
-
-    return CommitProperties(
-        custom_metadata={
-            k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()
-        }
-    )
+def _commit(metadata: dict[str, str] | None) -> CommitProperties | None:
+    """Custom commit metadata (what ingest and gold record their progress in)."""
+    return CommitProperties(custom_metadata=metadata) if metadata else None

@@ -16,9 +16,7 @@ from c360ml.config import Settings
 from c360ml.lake import Lake
 
 
-def connect(
-    lake: Lake, layers: dict[str, tuple[str, ...]] | None = None
-) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with lake tables registered as views named layer_table.
 
     Bronze views are `bronze_<source>_<table>`, silver `silver_<table>`, gold `gold_<table>`;
