@@ -24,6 +24,25 @@ def make_settings(tmp_path: Path) -> Settings:
     )
 
 
+def build_all(settings: Settings) -> None:
+    """ingest -> silver -> unify -> gold, as `c360ml build all` does."""
+    from c360ml.medallion.build import build_gold, build_silver, build_unify
+    from c360ml.medallion.ingest import ingest_landing
+
+    for step in (ingest_landing, build_silver, build_unify, build_gold):
+        step(settings)
+
+
+def generated_lake(folder: Path, customers: int, seed: int) -> Settings:
+    """A generated landing of `customers` persons, built through gold."""
+    from c360ml.synth import generate_lake
+
+    settings = make_settings(folder)
+    generate_lake(settings, customers=customers, seed=seed)
+    build_all(settings)
+    return settings
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)

@@ -7,29 +7,17 @@ import pandas as pd
 import pytest
 
 from c360ml.lake import Lake
-from c360ml.medallion.build import build_gold, build_silver, build_unify
-from c360ml.medallion.ingest import ingest_landing
-from c360ml.synth import generate_increment, generate_lake
+from c360ml.medallion.build import build_silver
+from c360ml.synth import generate_increment
 from c360ml.unify import pair_quality
+from tests.conftest import build_all, generated_lake
 
 pytestmark = pytest.mark.slow
 
 
-def build_all(settings) -> None:
-    ingest_landing(settings)
-    build_silver(settings)
-    build_unify(settings)
-    build_gold(settings)
-
-
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
-    from tests.conftest import make_settings
-
-    settings = make_settings(tmp_path_factory.mktemp("e2e"))
-    generate_lake(settings, customers=800, seed=7)
-    build_all(settings)
-    return settings
+    return generated_lake(tmp_path_factory.mktemp("e2e"), customers=800, seed=7)
 
 
 def truth(settings, name):

@@ -15,12 +15,10 @@ import pandas as pd
 import pytest
 
 from c360ml.lake import Lake
-from c360ml.medallion.build import build_gold, build_silver, build_unify
-from c360ml.medallion.ingest import ingest_landing
 from c360ml.model import scoring
 from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
-from c360ml.synth import generate_increment, generate_lake
+from c360ml.synth import generate_increment
 
 pytestmark = pytest.mark.slow
 AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
@@ -29,12 +27,9 @@ AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     from c360ml.model.pipeline import run_training
-    from tests.conftest import make_settings
+    from tests.conftest import generated_lake
 
-    settings = make_settings(tmp_path_factory.mktemp("refresh"))
-    generate_lake(settings, customers=700, seed=11)
-    for step in (ingest_landing, build_silver, build_unify, build_gold):
-        step(settings)
+    settings = generated_lake(tmp_path_factory.mktemp("refresh"), customers=700, seed=11)
     config = TrainConfig(nthread=2, max_trees=40, early_stopping_rounds=10, bootstrap_resamples=30)
     run_training(settings, AS_OF, config=config)
     first = run_refresh(settings)

@@ -11,9 +11,6 @@ import pytest
 
 from c360ml import features as ft
 from c360ml.lake import Lake
-from c360ml.medallion.build import build_gold, build_silver, build_unify
-from c360ml.medallion.ingest import ingest_landing
-from c360ml.synth import generate_lake
 from c360ml.synth.oracle import oracle_purchase_probability, valid_purchases
 
 log = logging.getLogger(__name__)
@@ -23,13 +20,9 @@ T = pd.Timestamp("2025-06-01", tz="UTC")
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
-    from tests.conftest import make_settings
+    from tests.conftest import generated_lake
 
-    settings = make_settings(tmp_path_factory.mktemp("oracle_labels"))
-    generate_lake(settings, customers=2500, seed=5)
-    for step in (ingest_landing, build_silver, build_unify, build_gold):
-        step(settings)
-    return settings
+    return generated_lake(tmp_path_factory.mktemp("oracle_labels"), customers=2500, seed=5)
 
 
 def clean_log_labels(settings, cfg: ft.ChurnConfig) -> pd.DataFrame:
