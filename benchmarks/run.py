@@ -46,7 +46,8 @@ def stage_generate(size: int) -> dict:
     sys.path.insert(0, str(HERE))
     from bench_generate import run
 
-    return {"runs": run([size], RESULTS, CACHE)}
+    # bench_generate writes its own generate.json; the harness merges sizes into RESULTS.
+    return {"runs": run([size], CACHE / str(size), CACHE)}
 
 
 def work_settings(size: int):
