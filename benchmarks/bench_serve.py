@@ -546,23 +546,13 @@ def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
         rows: list[dict[str, Any]]
         explain: str = "approx"
 
-    columns = frozenset((scoring.CUSTOMER_ID, *bundle.feature_names))
-    f32_max = float(np.finfo(np.float32).max)
+    sys.path.insert(0, str(ROOT))  # the service folder is not an installed package
+    from service.service import plain_rows
 
-    def plain(rows):  # service.RetentionService._plain
-        seen = set()
-        for row in rows:
-            if type(row) is not dict or row.keys() != columns:
-                return False
-            key = row[scoring.CUSTOMER_ID]
-            if type(key) is not str or key in seen:
-                return False
-            seen.add(key)
-            for name in bundle.feature_names:
-                v = row[name]
-                if v is not None and (type(v) not in (float, int) or not -f32_max <= v <= f32_max):
-                    return False
-        return True
+    columns = frozenset((scoring.CUSTOMER_ID, *bundle.feature_names))
+
+    def plain(rows):  # what RetentionService._plain runs
+        return plain_rows(rows, columns, bundle.feature_names)
 
     def block(items):  # service.Scorer._frame
         x = np.array([[it[n] for n in bundle.feature_names] for it in items], dtype=np.float32)
