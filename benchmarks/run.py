@@ -1,9 +1,10 @@
-"""Benchmarks: `make bench [STAGE=generate|medallion|features|train|all] [SIZES=100000,1000000]`.
+"""Benchmarks: `make bench [STAGE=<stage>[,<stage>...]|all] [SIZES=100000,1000000]`.
 
+Stages, in order: generate, medallion, unify, splink, features, train, refresh, serve.
 Each (stage, size) runs in a fresh subprocess so its peak RSS is its own; lakes are
 generated once per size under benchmarks/cache/<size>/ and reused by later stages.
-Figures (medians of the repeats) are written to benchmarks/results/<stage>.json and
-appended to benchmarks/results/README.md with the date and the command.
+Figures are written to benchmarks/results/<stage>.json (serve: serve.json and serve.md)
+and tabulated in benchmarks/results/README.md with the date and the command.
 """
 
 from __future__ import annotations
