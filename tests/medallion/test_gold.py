@@ -354,3 +354,23 @@ def test_generic_csv_source_reaches_the_same_gold_tables(settings):
     assert orders.loc["GEN:o1", "net_amount"] == 15 and not orders.loc["GEN:o1", "is_return"]
     assert orders.loc["GEN:o2", "is_return"]
     assert len(lake.read_pandas("gold", "order_lines")) == 4
+
+
+def test_duplicates_across_batches_commit_nothing(settings):
+    """Uniqueness is checked over the whole stream: a key repeated in a later batch
+    fails the write, and the table keeps its last good version."""
+    import pyarrow as pa
+
+    from c360ml.medallion.gold import stream_gold
+    from c360ml.schemas import Products
+
+    lake = Lake(settings.lake)
+
+    def reader(*ids):
+        batches = [pa.record_batch({"item_id": [i], "name": ["n"], "category": ["c"]}) for i in ids]
+        return pa.RecordBatchReader.from_batches(batches[0].schema, batches)
+
+    assert stream_gold(lake, "products", [reader("A", "B")], Products, {}, False) == (2, 0)
+    with pytest.raises(ValueError, match=r"gold/products.*\n.*item_id: field_uniqueness"):
+        stream_gold(lake, "products", [reader("C"), reader("D", "C")], Products, {}, False)
+    assert sorted(lake.read_pandas("gold", "products")["item_id"]) == ["A", "B"]

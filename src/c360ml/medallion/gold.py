@@ -80,46 +80,82 @@ ARROW_CHECKS = {
 }
 
 
-def validate_arrow(table: pa_arrow.Table, model: type[pa.DataFrameModel], where: str):
-    """The model's declared columns, coerced to their Arrow types and checked, in Arrow.
+class ArrowCheck:
+    """A pandera gold model applied in Arrow, one batch at a time.
 
-    The same pandera declaration, applied without a pandas round trip (gold tables
-    have 20M rows): types (coerce), nullability, uniqueness and pandera's built-in
-    column checks. A model using anything else (custom or frame-wide checks) is
-    validated by pandera itself.
+    The same declaration as pandera would check, without a pandas round trip (gold
+    tables have 20M rows) and without holding a whole table: types (coerce),
+    nullability and pandera's built-in column checks per batch; uniqueness over every
+    batch seen, at `finish()`. Models that use anything else (custom or frame-wide
+    checks) are refused here.
     """
-    schema = model.to_schema()
-    supported = not schema.checks and all(
-        str(c.dtype) in ARROW_TYPES and all(k.name in ARROW_CHECKS for k in c.checks)
-        for c in schema.columns.values()
-    )
-    if not supported:
-        frame = model.validate(table.select(list(schema.columns)).to_pandas(), lazy=True)
-        return pa_arrow.Table.from_pandas(frame, preserve_index=False)
-    problems, arrays = [], []
-    for name, col in schema.columns.items():
-        if name not in table.column_names:
-            problems.append(f"{name}: column missing")
-            continue
-        target = ARROW_TYPES[str(col.dtype)]
-        try:
-            values = table[name].cast(target)
-        except (pa_arrow.ArrowInvalid, pa_arrow.ArrowNotImplementedError) as exc:
-            problems.append(f"{name}: cannot coerce to {col.dtype}: {exc}")
-            continue
-        arrays.append(values)
-        if not col.nullable and values.null_count:
-            problems.append(f"{name}: not_nullable ({values.null_count} nulls)")
-        if col.unique and pc.count_distinct(values, mode="all").as_py() != len(values):
-            problems.append(f"{name}: field_uniqueness (duplicates)")
-        for check in col.checks:
-            failed = pc.sum(pc.fill_null(ARROW_CHECKS[check.name](values, check.statistics),
-                                         False)).as_py()  # fmt: skip
-            if failed:
-                problems.append(f"{name}: {check.name}({check.statistics}) fails {failed} rows")
-    if problems:
-        raise ValueError(f"{where} fails its schema:\n" + "\n".join(problems[:20]))
-    return pa_arrow.Table.from_arrays(arrays, names=list(schema.columns))
+
+    def __init__(self, model: type[pa.DataFrameModel], where: str):
+        schema = model.to_schema()
+        unsupported = bool(schema.checks) or any(
+            str(c.dtype) not in ARROW_TYPES or any(k.name not in ARROW_CHECKS for k in c.checks)
+            for c in schema.columns.values()
+        )
+        if unsupported:
+            raise TypeError(f"{where}: {model.__name__} has checks ArrowCheck cannot apply")
+        self.where = where
+        self.columns = schema.columns
+        self.schema = pa_arrow.schema(
+            [(n, ARROW_TYPES[str(c.dtype)]) for n, c in schema.columns.items()]
+        )
+        self.seen: dict[str, list] = {n: [] for n, c in schema.columns.items() if c.unique}
+        self.rows = 0
+
+    def __call__(self, table: pa_arrow.Table) -> pa_arrow.Table:
+        """The batch with the declared columns, coerced; raises naming every failed check."""
+        problems, arrays = [], []
+        for name, col in self.columns.items():
+            if name not in table.column_names:
+                problems.append(f"{name}: column missing")
+                continue
+            try:
+                values = table[name].cast(self.schema.field(name).type)
+            except (pa_arrow.ArrowInvalid, pa_arrow.ArrowNotImplementedError) as exc:
+                problems.append(f"{name}: cannot coerce to {col.dtype}: {exc}")
+                continue
+            arrays.append(values)
+            if not col.nullable and values.null_count:
+                problems.append(f"{name}: not_nullable ({values.null_count} nulls)")
+            for check in col.checks:
+                failed = pc.sum(pc.fill_null(ARROW_CHECKS[check.name](values, check.statistics),
+                                             False)).as_py()  # fmt: skip
+                if failed:
+                    problems.append(f"{name}: {check.name}({check.statistics}) fails {failed} rows")
+            if name in self.seen:
+                self.seen[name].append(values)
+        self._raise(problems)
+        self.rows += len(table)
+        return pa_arrow.Table.from_arrays(arrays, schema=self.schema)
+
+    def finish(self) -> None:
+        """Uniqueness over everything checked so far."""
+        problems = []
+        for name, parts in self.seen.items():
+            values = pa_arrow.chunked_array(
+                [c for p in parts for c in p.chunks], self.schema.field(name).type
+            )
+            if pc.count_distinct(values, mode="all").as_py() != len(values):
+                problems.append(f"{name}: field_uniqueness (duplicates)")
+        self._raise(problems)
+
+    def _raise(self, problems: list[str]) -> None:
+        if problems:
+            raise ValueError(f"{self.where} fails its schema:\n" + "\n".join(problems[:20]))
+
+
+def validate_arrow(
+    table: pa_arrow.Table, model: type[pa.DataFrameModel], where: str
+) -> pa_arrow.Table:
+    """A whole table checked against its gold model (see ArrowCheck)."""
+    check = ArrowCheck(model, where)
+    checked = check(table)
+    check.finish()
+    return checked
 
 
 def write_gold(
@@ -128,31 +164,70 @@ def write_gold(
     table: pa_arrow.Table,
     model: type[pa.DataFrameModel],
     inputs: dict,
-    layer: str = "gold",
 ) -> bool:
     """Validate against the declared schema and overwrite, unless inputs are unchanged.
 
     Returns whether a new version was written.
     """
-    if inputs_unchanged(lake, (layer, name), inputs):
+    if inputs_unchanged(lake, ("gold", name), inputs):
         return False
-    if layer == "gold":
-        checked = validate_arrow(table, model, f"{layer}/{name}")
-    else:
-        try:
-            checked = model.validate(table.to_pandas(), lazy=True)
-        except pa.errors.SchemaErrors as err:
-            raise ValueError(
-                f"{layer}/{name} fails its schema:\n{err.failure_cases.head(20)}"
-            ) from err
-    lake.write(checked, layer, name, mode="overwrite", metadata={INPUTS_KEY: json.dumps(inputs)})
+    checked = validate_arrow(table, model, f"gold/{name}")
+    lake.write(checked, "gold", name, mode="overwrite", metadata={INPUTS_KEY: json.dumps(inputs)})
     return True
 
 
-def _split(table: pa_arrow.Table) -> tuple[pa_arrow.Table, pa_arrow.Table]:
-    """(rows with no quarantine reason, without the column; the others, with it)."""
-    bad = pc.is_valid(table[REASON])
-    return table.filter(pc.invert(bad)).drop_columns([REASON]), table.filter(bad)
+def stream_gold(
+    lake: Lake,
+    name: str,
+    readers: list[pa_arrow.RecordBatchReader],
+    model: type[pa.DataFrameModel],
+    inputs: dict,
+    quarantine: bool,
+) -> tuple[int, int]:
+    """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
+
+    With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
+    instead (written after the gold commit). Memory holds one batch, the quarantined rows
+    and the unique columns, never the table: a check that fails (uniqueness at the end)
+    raises inside the stream, so nothing is committed.
+    """
+    check = ArrowCheck(model, f"gold/{name}")
+    rejected: list[pa_arrow.Table] = []
+
+    failed: list[ValueError] = []
+
+    def batches():
+        try:
+            for reader in readers:
+                for batch in reader:
+                    rows = pa_arrow.Table.from_batches([batch])
+                    if quarantine:
+                        bad = pc.is_valid(rows[REASON])
+                        rejected.append(rows.filter(bad))
+                        rows = rows.filter(pc.invert(bad))
+                    yield from check(rows).to_batches()
+            check.finish()
+        except ValueError as exc:
+            failed.append(exc)  # the writer wraps it; re-raised as it was, below
+            raise
+
+    try:
+        lake.write(
+            pa_arrow.RecordBatchReader.from_batches(check.schema, batches()),
+            "gold",
+            name,
+            mode="overwrite",
+            metadata={INPUTS_KEY: json.dumps(inputs)},
+        )
+    except Exception:
+        if failed:
+            raise failed[0] from None
+        raise
+    if not quarantine:
+        return check.rows, 0
+    bad = pa_arrow.concat_tables(rejected or [readers[0].schema.empty_table()])
+    lake.write(bad, "quarantine", "gold", name, mode="overwrite")
+    return check.rows, len(bad)
 
 
 def build_gold(settings: Settings) -> GoldSummary:
@@ -163,54 +238,58 @@ def build_gold(settings: Settings) -> GoldSummary:
     inputs = lake_versions(lake)
     con = connect(lake)
     summary = GoldSummary()
+    d365 = lake.exists("silver", "custtable")
+    generic = lake.exists("silver", "generic_transactions")
 
-    def put(name, table, model, quarantined=None, note=""):
+    def put(name, model, *sql: str, quarantine=False, note=lambda: ""):
+        """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
+        are unchanged; then register the table for the queries after it."""
         started = time.perf_counter()
-        written = write_gold(lake, name, table, model, inputs)
-        if quarantined is not None:
-            lake.write(quarantined, "quarantine", "gold", name, mode="overwrite")
-        con.register(f"gold_{name}", table)
+        written = not inputs_unchanged(lake, ("gold", name), inputs)
+        if written:
+            readers = [run_sql(con, settings, f"gold/{n}", stream=True) for n in sql]
+            stream_gold(lake, name, readers, model, inputs, quarantine)
+        con.register(f"gold_{name}", lake.dataset("gold", name))
+        if quarantine:
+            con.register(f"quarantine_{name}", lake.dataset("quarantine", "gold", name))
         summary.tables.append(
             {
                 "table": f"gold/{name}",
-                "rows": len(table),
-                "quarantined": 0 if quarantined is None else len(quarantined),
-                "note": note,
+                "rows": lake.dataset("gold", name).count_rows(),
+                "quarantined": (
+                    lake.dataset("quarantine", "gold", name).count_rows() if quarantine else 0
+                ),
+                "note": note(),
                 "written": "yes" if written else "unchanged",
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
 
-    d365 = lake.exists("silver", "custtable")
-    generic = lake.exists("silver", "generic_transactions")
+    def variants(*names: str) -> list[str]:
+        """The d365 and/or generic variants of one gold table."""
+        return [n for n, on in zip(names, (d365, generic), strict=True) if on]
 
-    def union(*names: str) -> pa_arrow.Table:
-        """The d365 and/or generic variants of one gold table, one schema."""
-        parts = [
-            run_sql(con, settings, f"gold/{n}")
-            for n, on in zip(names, (d365, generic), strict=True)
-            if on
-        ]
-        return pa_arrow.concat_tables(parts, promote_options="permissive")
-
-    all_orders = union("orders", "generic_orders")
-    con.register("all_orders", all_orders)
-    orders, bad_orders = _split(all_orders)
-    put("orders", orders, Orders, bad_orders)
-    lines, bad_lines = _split(union("order_lines", "generic_order_lines"))
-    put("order_lines", lines, OrderLines, bad_lines)
+    put("orders", Orders, *variants("orders", "generic_orders"), quarantine=True)
+    # Every order with its quarantine reason (null when in gold): what lines are tied to.
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW all_orders AS "
+        "SELECT order_id, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
+        "UNION ALL SELECT order_id, quarantine_reason FROM quarantine_orders"
+    )
+    put("order_lines", OrderLines, *variants("order_lines", "generic_order_lines"), quarantine=True)
     if d365:
-        put("products", run_sql(con, settings, "gold/products"), Products)
-        put(
-            "order_status_history",
-            run_sql(con, settings, "gold/order_status_history"),
-            StatusHistory,
-        )
+        put("products", Products, "products")
+        put("order_status_history", StatusHistory, "order_status_history")
     if lake.exists("silver", "incident"):
-        cases = run_sql(con, settings, "gold/support_cases")
-        unlinked = cases["customer_id"].null_count
-        put("support_cases", cases, SupportCases, note=f"{unlinked} unlinked (no profile)")
         put(
-            "case_status_history", run_sql(con, settings, "gold/case_status_history"), StatusHistory
+            "support_cases",
+            SupportCases,
+            "support_cases",
+            note=lambda: "{} unlinked (no profile)".format(
+                lake.dataset("gold", "support_cases").count_rows(
+                    filter=pc.field("customer_id").is_null()
+                )
+            ),
         )
+        put("case_status_history", StatusHistory, "case_status_history")
     return summary

@@ -15,6 +15,9 @@ import pyarrow as pa
 from c360ml.config import Settings
 from c360ml.lake import Lake
 
+STREAM_ROWS = 500_000  # rows per record batch of a streamed result
+MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8 GB)
+
 
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with lake tables registered as views named layer_table.
@@ -24,6 +27,10 @@ def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    # Results are written as sets (no query relies on row order), so DuckDB may stream
+    # them without buffering to keep insertion order.
+    con.execute("SET preserve_insertion_order = false")
     for layer in ("bronze", "silver", "gold"):
         for parts in lake.tables(layer):
             con.register(f"{layer}_{'_'.join(parts)}", lake.dataset(layer, *parts))
@@ -42,12 +49,16 @@ def render(path: Path, settings: Settings) -> str:
         raise ValueError(f"{path}: unknown or malformed placeholder {exc}") from exc
 
 
-def run_sql(con: duckdb.DuckDBPyConnection, settings: Settings, name: str) -> pa.Table:
-    """Run pipelines/sql/<name>.sql and return its result as Arrow."""
+def run_sql(
+    con: duckdb.DuckDBPyConnection, settings: Settings, name: str, stream: bool = False
+) -> pa.Table | pa.RecordBatchReader:
+    """Run pipelines/sql/<name>.sql; its result as an Arrow table, or with `stream` as a
+    reader of record batches (for results too large to hold)."""
     path = settings.path(settings.sql_dir) / f"{name}.sql"
     if not path.exists():
         raise FileNotFoundError(f"SQL file {path} not found (sql_dir = {settings.sql_dir})")
     try:
-        return con.sql(render(path, settings)).to_arrow_table()
+        relation = con.sql(render(path, settings))
+        return relation.to_arrow_reader(STREAM_ROWS) if stream else relation.to_arrow_table()
     except duckdb.Error as exc:
         raise ValueError(f"{path}: {exc}") from exc
