@@ -354,3 +354,13 @@ def test_chunked_fuzzy_matching_equals_brute_force(rule):
         assert np.array_equal(got.right, runs[0].right)
     if rule.exact == ["postal_code"]:
         assert skipped > 0
+
+
+def test_sorted_words_make_ratio_equal_token_sort_ratio():
+    from c360ml.unify import _sorted_words
+
+    names = np.array(["ann  lee smith", "smith ann lee", None, "lee ann", "bob o neil"], object)
+    words = _sorted_words(names)
+    assert words[2] is None and words[0] == words[1] == "ann lee smith"
+    for a, b in [(0, 1), (0, 3), (3, 4), (1, 4)]:
+        assert fuzz.ratio(words[a], words[b]) == fuzz.token_sort_ratio(names[a], names[b])

@@ -162,6 +162,14 @@ def _codes(values: pd.Series) -> np.ndarray:
     return pd.factorize(values, use_na_sentinel=True)[0].astype(np.int32, copy=False)
 
 
+def _sorted_words(values: np.ndarray) -> np.ndarray:
+    """Each string's words sorted and joined by one space (None stays None), computed
+    once per distinct value."""
+    codes, distinct = pd.factorize(values)
+    words = np.array([" ".join(sorted(v.split())) for v in distinct] + [None], dtype=object)
+    return words[codes]  # code -1 (missing) picks the trailing None
+
+
 def match_rule(
     records: pd.DataFrame,
     rule: MatchRule,
@@ -202,6 +210,11 @@ def match_rule(
         return result
     result.skipped_blocks = int((sizes > max_block).sum())
     values = records[f"m_{rule.fuzzy.field}"].to_numpy(dtype=object)
+    scorer = getattr(fuzz, rule.fuzzy.scorer)
+    if rule.fuzzy.scorer == "token_sort_ratio":
+        # token_sort_ratio is ratio on the words sorted: sort each value once here, not
+        # once per pair (7x faster on 2M pairs).
+        values, scorer = _sorted_words(values), fuzz.ratio
     # Records of blocks with 2..max_block records (counted before the fuzzy field's
     # missing values are dropped: those pair with nobody but count in the block size).
     keep = (sizes[block] > 1) & (sizes[block] <= max_block)
@@ -213,7 +226,6 @@ def match_rule(
     multi = lengths > 1
     starts, lengths = starts[multi], lengths[multi]
     veto_codes = [_codes(records[f"m_{f}"]) for f in rule.veto_if_all_differ]
-    scorer = getattr(fuzz, rule.fuzzy.scorer)
     cum = np.cumsum(lengths * (lengths - 1) // 2)
     lefts, rights = [], []
     b = 0
@@ -224,7 +236,11 @@ def match_rule(
         left, right = ids[lpos], ids[rpos]
         del lpos, rpos
         scores = process.cpdist(
-            values[left].tolist(), values[right].tolist(), scorer=scorer, workers=1
+            values[left].tolist(),
+            values[right].tolist(),
+            scorer=scorer,
+            score_cutoff=rule.fuzzy.threshold,
+            workers=-1,
         )
         hit = scores >= rule.fuzzy.threshold
         left, right = left[hit], right[hit]
@@ -306,10 +322,15 @@ def assign_ids(
 
 
 def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
-    """One profile per customer_id by the declared per-attribute policy."""
+    """One profile per customer_id by the declared per-attribute policy.
+
+    Grouping and sorting use integer codes of the ids (sorting 2M id strings costs more
+    than the whole merge); the ids are put back at the end.
+    """
     attributes = list(dict.fromkeys([*policy.most_recent, *policy.by_source_priority]))
     needed = ["source", "created_ts", "modified_ts", *attributes]
-    frame = records[needed].assign(customer_id=ids.to_numpy())  # not the match fields
+    codes, uniques = pd.factorize(ids, sort=False)
+    frame = records[needed].assign(_customer=codes)  # not the match fields
     rank = {s: i for i, s in enumerate(policy.source_priority)}
     frame["_rank"] = frame["source"].map(rank).fillna(len(rank))
 
@@ -317,23 +338,23 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
         """Per customer, the first non-null of each attribute in the order of keys (only
         the columns needed are sorted)."""
         part = frame[list(dict.fromkeys([*keys, *attrs]))]
-        return part.sort_values(keys, ascending=ascending).groupby("customer_id")[attrs].first()
+        return part.sort_values(keys, ascending=ascending).groupby("_customer")[attrs].first()
 
-    merged = first_by(["customer_id", "modified_ts"], [True, False], policy.most_recent)
+    merged = first_by(["_customer", "modified_ts"], [True, False], policy.most_recent)
     merged = merged.join(
         first_by(
-            ["customer_id", "_rank", "modified_ts"], [True, True, False], policy.by_source_priority
+            ["_customer", "_rank", "modified_ts"], [True, True, False], policy.by_source_priority
         )
     )
-    grouped = frame.groupby("customer_id")
+    grouped = frame.groupby("_customer")
     merged["created_ts"] = grouped["created_ts"].min()
     merged["source_count"] = grouped.size()
     # The distinct sources of each customer in priority order, without a Python call per
     # customer: one indicator column per source, then one string per combination.
     ordered = sorted(frame["source"].unique(), key=lambda x: (rank.get(x, len(rank)), x))
     bit = frame["source"].map({src: 1 << i for i, src in enumerate(ordered)})
-    distinct = pd.DataFrame({"customer_id": frame["customer_id"], "bit": bit}).drop_duplicates()
-    combo = distinct.groupby("customer_id")["bit"].sum()
+    distinct = pd.DataFrame({"_customer": codes, "bit": bit}).drop_duplicates()
+    combo = distinct.groupby("_customer")["bit"].sum()
     names = {
         c: ",".join(src for i, src in enumerate(ordered) if c >> i & 1) for c in combo.unique()
     }
@@ -343,7 +364,8 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
         .str.strip()
         .replace("", None)
     )
-    return merged.reset_index()[columns(CustomerProfile)]
+    merged["customer_id"] = uniques[merged.index.to_numpy()]
+    return merged.reset_index(drop=True)[columns(CustomerProfile)]
 
 
 def pair_quality(source_map: pd.DataFrame, truth_keys: pd.DataFrame) -> dict[str, float]:
