@@ -1,10 +1,14 @@
 """Gold: the unified profile, activity and supporting tables, keyed by customer_id.
 
-Gold is rebuilt from silver by the SQL in `pipelines/sql/gold/` on each build (DuckDB
-over Arrow takes seconds, and a full rebuild cannot drift the way a chain of partial
-updates can); it is written only when its inputs' versions changed, so a build with
-nothing new adds no Delta versions. Orders and lines that cannot be tied to a profile
-go to `quarantine/gold/<table>` with a reason, never away.
+Gold is rebuilt from silver by the SQL in `pipelines/sql/gold/` on each build, each
+query's result streamed batch by batch into its Delta commit (memory holds a batch, not
+a 20M-row table). Why a rebuild and not a merge: a refresh's changed orders (new ones,
+status changes, customers re-linked by unify) are spread over every file of the order
+and line tables, so a Delta merge would rewrite nearly all of them anyway, and a
+rebuild cannot drift the way a chain of partial updates can. A table is written only
+when its inputs' versions changed, so a build with nothing new adds no Delta versions.
+Orders and lines that cannot be tied to a profile go to `quarantine/gold/<table>` with a
+reason, never away.
 """
 
 from __future__ import annotations
@@ -193,7 +197,6 @@ def stream_gold(
     """
     check = ArrowCheck(model, f"gold/{name}")
     rejected: list[pa_arrow.Table] = []
-
     failed: list[ValueError] = []
 
     def batches():
