@@ -43,6 +43,17 @@ def generated_lake(folder: Path, customers: int, seed: int) -> Settings:
     return settings
 
 
+def write_gold(lake, gold) -> None:
+    """Write GoldTables frames as the gold Delta tables the feature stage reads."""
+    from dataclasses import fields
+
+    from c360ml.features import GoldTables
+    from c360ml.features.gold import GOLD_TABLES
+
+    for f in fields(GoldTables):
+        lake.write(getattr(gold, f.name), "gold", GOLD_TABLES[f.name][0], mode="overwrite")
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)

@@ -203,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="train, evaluate, register and gate the churn model")
     trn.add_argument("--as-of", required=True, help="trained_as_of, a UTC date YYYY-MM-DD")
     trn.add_argument("--tune", type=int, default=0, help="Optuna trials (off by default)")
-    trn.add_argument("--sample-rate", type=float, default=None, help="share of customers")
+    trn.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="share of training customers (default: sampled only above the cap)",
+    )
     trn.set_defaults(func=cmd_train)
 
     srv = sub.add_parser("serve", help="serve the champion with BentoML")

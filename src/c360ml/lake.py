@@ -71,9 +71,12 @@ class Lake:
         *parts: str,
         columns: Iterable[str] | None = None,
         version: int | None = None,
+        filter: ds.Expression | None = None,
     ) -> pa.Table:
+        """The table, or only `columns` and the rows matching `filter` (both pushed into
+        the Arrow scan, so what is dropped is never held in memory as a whole)."""
         cols = list(columns) if columns is not None else None
-        return self.dataset(layer, *parts, version=version).to_table(columns=cols)
+        return self.dataset(layer, *parts, version=version).to_table(columns=cols, filter=filter)
 
     def read_pandas(self, layer: str, *parts: str, **kwargs) -> pd.DataFrame:
         return self.read(layer, *parts, **kwargs).to_pandas()

@@ -12,9 +12,12 @@ import yaml
 
 import c360ml.features as ft
 from c360ml.config import Settings
+from c360ml.lake import Lake
 from c360ml.model.pipeline import run_training
 from c360ml.model.scoring import score
+from c360ml.model.splits import customer_bucket
 from c360ml.model.train import TrainConfig
+from tests.conftest import generated_lake, write_gold
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_features.py"
@@ -44,12 +47,13 @@ def setup(tmp_path_factory):
         mlflow_dir=tmp / "mlflow",
         feature_spec=tmp / "retention.yaml",
     )
-    return settings, _synthetic_gold(250)
+    gold = _synthetic_gold(250)
+    write_gold(Lake(settings.lake), gold)
+    return settings, gold
 
 
-def test_run_training_registers_and_gates(setup, monkeypatch):
+def test_run_training_registers_and_gates(setup):
     settings, gold = setup
-    monkeypatch.setattr(ft, "read_gold", lambda lake: gold)
     config = TrainConfig(nthread=1, bootstrap_resamples=50)
     first = run_training(settings, AS_OF, config=config)
     assert first.model_version == "1" and first.promoted
@@ -65,7 +69,9 @@ def test_run_training_registers_and_gates(setup, monkeypatch):
     second = run_training(settings, AS_OF, sample_rate=0.5, config=config)
     assert second.model_version == "2" and second.sample_rate == 0.5
     assert "not comparable" in second.gate_reason
-    assert second.split_rows["test"] == first.split_rows["test"]  # test rows never sampled
+    # Under the test cap, the test cutoff keeps every customer whatever the training rate.
+    assert second.test_sample_rate == 1.0
+    assert second.split_rows["test"] == first.split_rows["test"]
 
     # The registered model scores features computed from its own carried FeatureSet.
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -78,6 +84,73 @@ def test_run_training_registers_and_gates(setup, monkeypatch):
     out = model.predict(request)
     assert len(out) == 50 and out.ChurnScore.between(0, 1).all()
     pd.testing.assert_frame_equal(out, score(bundle, request), check_exact=True)
+
+
+def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch):
+    """With caps below the lake's size, gold is read for the test sample only, training
+    rows come from the (nested) training sample, the test cutoff is labelled exactly as
+    a full read would label those customers, and both rates are recorded."""
+    settings = generated_lake(tmp_path_factory.mktemp("sampled"), customers=600, seed=13)
+    lake = Lake(settings.lake)
+    cfg = ft.load_churn_config(settings.path(settings.feature_spec))
+    cutoffs = ft.training_cutoffs(cfg, AS_OF)
+    ordering = ft.read_ordering_customers(lake, cutoffs[0] - cfg.lookback, cutoffs[-1])
+    n = len(ordering)
+    assert n > 300
+    config = TrainConfig(
+        nthread=1, bootstrap_resamples=30, max_train_customers=100, max_test_customers=200
+    )
+    rate, test_rate = 100 / n, 200 / n
+
+    seen: dict = {}
+    read_gold, calculate = ft.read_gold, ft.calculate_features
+
+    def spy_read(lake_, customers=None):
+        seen["gold"] = read_gold(lake_, customers=customers)
+        return seen["gold"]
+
+    def spy_calculate(gold, population, fs):
+        seen.setdefault("population", population.copy())  # the first call: the matrix
+        return calculate(gold, population, fs)
+
+    monkeypatch.setattr(ft, "read_gold", spy_read)
+    monkeypatch.setattr(ft, "calculate_features", spy_calculate)
+    summary = run_training(settings, AS_OF, config=config)
+    assert summary.sample_rate == pytest.approx(rate)
+    assert summary.test_sample_rate == pytest.approx(test_rate)
+
+    # Gold as read holds only test-sample customers (a full read then a sample would not).
+    gold, full = seen["gold"], read_gold(lake)
+    in_sample = set(ordering[customer_bucket(pd.Series(ordering)) < test_rate])
+    assert set(gold.orders["customer_id"]) <= in_sample
+    assert set(gold.customers["customer_id"]) <= in_sample
+    assert len(gold.orders) < 0.6 * len(full.orders)
+
+    # Training rows: the training sample; test rows: the larger test sample.
+    rows = seen["population"]
+    cut = pd.to_datetime(rows["cutoff_time"], utc=True)
+    bucket = customer_bucket(rows["customer_id"])
+    is_test = (cut == summary.test_cutoff).to_numpy()
+    assert (bucket[~is_test] < rate).all()
+    assert (bucket[is_test] < test_rate).all() and (bucket[is_test] >= rate).any()
+    assert summary.split_rows["test"] == int(is_test.sum())
+
+    # The test cutoff is labelled as on the full lake, for exactly the sampled customers.
+    labels = ft.compute_labels(full, [summary.test_cutoff], cfg)
+    expected = labels[customer_bucket(labels["customer_id"]) < test_rate]
+    assert sorted(rows.loc[is_test, "customer_id"]) == sorted(expected["customer_id"])
+
+    # Both rates are stated in the run, the model card and the printed summary.
+    run = mlflow.MlflowClient(settings.tracking_uri).get_run(summary.run_id)
+    assert float(run.data.params["sample_rate"]) == pytest.approx(rate)
+    assert float(run.data.params["test_sample_rate"]) == pytest.approx(test_rate)
+    assert run.data.params["sample_candidate_customers"] == str(n)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    card = mlflow.artifacts.load_text(f"runs:/{summary.run_id}/model_card.md")
+    assert f"rate {rate:.3f} at the training and validation cutoffs" in card
+    assert f"rate {test_rate:.3f} at the test cutoff" in card
+    printed = {r["item"]: r["value"] for r in summary.rows()}
+    assert printed["customer sample rate train / test"] == f"{rate:.3f} / {test_rate:.3f}"
 
 
 def test_tuning_needs_optuna_before_any_work(setup):
@@ -106,20 +179,29 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
         {"source": "d365", "source_key": ["k1", "k2", "k3"], "customer_id": ["A", "B", "B"]}
     )
     Lake(settings.lake).write(source_map, "gold", "customer_source_map", mode="overwrite")
-    calls = {}
+    calls = []
 
-    def fake_oracle(truth_dir, person_ids, t, window_days):
-        calls["args"] = (sorted(person_ids), t, window_days)
-        return pd.Series({"p1": 0.2, "p2": 0.5, "p3": 0.6})
+    def fake_oracle(truth_dir, person_ids, t, window_days, seed=0):
+        calls.append((sorted(person_ids), t, window_days, seed))
+        probability = {"p1": 0.2, "p2": 0.5, "p3": 0.6}
+        return pd.Series({p: probability[p] for p in person_ids})
 
     fake = types.ModuleType("c360ml.synth.oracle")
     fake.oracle_purchase_probability = fake_oracle
     monkeypatch.setitem(sys.modules, "c360ml.synth.oracle", fake)
     cutoff = pd.Timestamp("2025-10-02", tz="UTC")
     churn = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
-    assert calls["args"] == (["p1", "p2", "p3"], cutoff, 90)
+    assert calls == [(["p1", "p2", "p3"], cutoff, 90, 0)]
     assert churn["A"] == pytest.approx(0.8)
     assert churn["B"] == pytest.approx(0.5 * 0.4)
+    # Simulated in chunks of persons (bounded memory), each with its own seed.
+    from c360ml.model import pipeline
+
+    monkeypatch.setattr(pipeline, "ORACLE_CHUNK_PERSONS", 2)
+    calls.clear()
+    chunked = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
+    assert [c[3] for c in calls] == [0, 1] and sum(len(c[0]) for c in calls) == 3
+    pd.testing.assert_series_equal(chunked.sort_index(), churn.sort_index())
     # Without a truth folder there is no oracle (real data).
     empty = Settings(root=tmp_path, truth_root=tmp_path / "none")
     assert oracle_churn_probability(empty, pd.Series(["A"]), cutoff, 90) is None

@@ -82,6 +82,28 @@ def test_sampling_keeps_every_test_row():
         train.sample_rate_for(10, TrainConfig(), 1.5)
 
 
+def test_test_cutoff_sample_is_larger_and_nested():
+    matrix, _ = make_matrix(n_customers=500, n_cutoffs=4, seed=5)
+    test_cut = matrix.cutoff_time.max()
+    sampled = train.sample_population(matrix, 0.2, keep_cutoff=test_cut, keep_rate=0.6)
+    test_ids = set(sampled.customer_id[sampled.cutoff_time == test_cut])
+    train_ids = set(sampled.customer_id[sampled.cutoff_time < test_cut])
+    assert 0.5 < len(test_ids) / 500 < 0.7 and 0.1 < len(train_ids) / 500 < 0.3
+    assert train_ids < test_ids  # every trained customer is also evaluated
+    # The customers a pre-read sample picks are exactly those sample_population keeps.
+    ids = pd.Index(sorted(matrix.customer_id.unique()))
+    assert set(train.sample_customers(ids, 0.6)) == test_ids
+    # A keep_rate below the training rate is raised to it (the samples stay nested).
+    low = train.sample_population(matrix, 0.3, keep_cutoff=test_cut, keep_rate=0.1)
+    assert set(low.customer_id[low.cutoff_time == test_cut]) == set(
+        low.customer_id[low.cutoff_time < test_cut]
+    )
+    config = TrainConfig(max_train_customers=100_000, max_test_customers=200_000)
+    assert train.eval_sample_rate_for(1_000_000, config, 0.1) == 0.2
+    assert train.eval_sample_rate_for(150_000, config, 0.5) == 1.0
+    assert train.eval_sample_rate_for(1_000_000, config, 0.5) == 0.5  # never below training
+
+
 def test_missing_columns_are_named(small_config):
     matrix, rfm = make_matrix(n_customers=50, n_cutoffs=2)
     with pytest.raises(ValueError, match="f_noise"):

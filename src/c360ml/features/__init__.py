@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from c360ml.features.featureset import FeatureSet, select_features
-from c360ml.features.gold import GoldTables, read_gold, view_as_of
+from c360ml.features.gold import GoldTables, read_gold, read_ordering_customers, view_as_of
 from c360ml.features.labels import active_population, compute_labels, compute_rfm
 from c360ml.features.measures import Measure, build_measures, load_measures
 from c360ml.features.spec import ChurnConfig, load_churn_config, training_cutoffs
@@ -36,6 +36,7 @@ __all__ = [
     "load_churn_config",
     "load_measures",
     "read_gold",
+    "read_ordering_customers",
     "select_features",
     "training_cutoffs",
     "view_as_of",

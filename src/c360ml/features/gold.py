@@ -19,6 +19,9 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from c360ml.features.spec import to_utc
 from c360ml.lake import Lake
@@ -96,23 +99,73 @@ def standardise_gold(gold: GoldTables) -> GoldTables:
     return GoldTables(**tables)
 
 
-def read_gold(lake: Lake) -> GoldTables:
+def read_gold(lake: Lake, customers: pd.Index | None = None) -> GoldTables:
     """Read the seven gold tables the feature stage needs (the stage's only I/O).
 
-    A source without some tables (the generic CSV has no products, cases or status
-    history) gets them empty, with their declared columns, so the same features apply.
+    With `customers`, only those customers and their activity are read: the customer_id
+    (orders, cases, profile) and order/case id (lines, status histories) filters are pushed
+    into the Arrow scan, so memory scales with the sample, not the lake. Products (a small
+    catalogue) are read whole. A source without some tables (the generic CSV has no
+    products, cases or status history) gets them empty, with their declared columns, so
+    the same features apply.
     """
-    frames = {}
-    for field_name, (table, model) in GOLD_TABLES.items():
-        if lake.exists("gold", table):
-            frame = lake.read_pandas("gold", table)
-        else:
-            declared = model.to_schema().columns
-            frame = pd.DataFrame({n: pd.Series(dtype=c.dtype.type) for n, c in declared.items()})
-        # Extra columns are the writer's business; keep exactly the contract.
-        frames[field_name] = frame[[c for c in columns(model) if c in frame.columns]]
-        log.info("read gold/%s: %d rows", table, len(frame))
+    ids = None if customers is None else _ids(pd.Index(customers))
+    frames = {
+        "customers": _read_table(lake, "customers", CustomerProfile.customer_id, ids),
+        "orders": _read_table(lake, "orders", Orders.customer_id, ids),
+        "support_cases": _read_table(lake, "support_cases", SupportCases.customer_id, ids),
+        "products": _read_table(lake, "products", None, None),
+    }
+    # Lines and status histories follow the orders and cases that were read.
+    order_ids = None if ids is None else _ids(frames["orders"][Orders.order_id])
+    case_ids = None if ids is None else _ids(frames["support_cases"][SupportCases.case_id])
+    frames["order_lines"] = _read_table(lake, "order_lines", OrderLines.order_id, order_ids)
+    frames["order_status"] = _read_table(lake, "order_status", StatusHistory.entity_id, order_ids)
+    frames["case_status"] = _read_table(lake, "case_status", StatusHistory.entity_id, case_ids)
     return standardise_gold(GoldTables(**frames))
+
+
+def _ids(values: pd.Series | pd.Index) -> pa.Array:
+    return pa.array(pd.Index(values).astype(str).unique(), pa.string())
+
+
+def _read_table(lake: Lake, field_name: str, key: str | None, ids: pa.Array | None) -> pd.DataFrame:
+    """One gold table's contract columns, restricted to rows whose `key` is in `ids`."""
+    table, model = GOLD_TABLES[field_name]
+    if lake.exists("gold", table):
+        present = set(lake.dataset("gold", table).schema.names)
+        wanted = [c for c in columns(model) if c in present]  # extras are the writer's business
+        where = None if ids is None or key is None else ds.field(key).isin(ids)
+        frame = lake.read_pandas("gold", table, columns=wanted, filter=where)
+    else:
+        declared = model.to_schema().columns
+        frame = pd.DataFrame({n: pd.Series(dtype=c.dtype.type) for n, c in declared.items()})
+    log.info("read gold/%s: %d rows", table, len(frame))
+    return frame
+
+
+def read_ordering_customers(lake: Lake, start: pd.Timestamp, end: pd.Timestamp) -> pd.Index:
+    """Distinct customer_id with an order in (start, end], sorted (a light read).
+
+    Only the customer_id column of the orders in the window leaves the Arrow scan, and it
+    is reduced batch by batch, so this costs memory in customers, not orders. Every
+    customer active at a cutoff in [start + lookback, end] is in it (a superset: returns
+    and cancelled orders are not looked at), which is what sizing a sample needs.
+    """
+    if not lake.exists("gold", "orders"):
+        raise FileNotFoundError(f"no gold/orders table in {lake.root}; build gold first")
+    dataset = lake.dataset("gold", "orders")
+    ts_type = dataset.schema.field(Orders.order_ts).type
+    ts = ds.field(Orders.order_ts)
+    window = (ts > pa.scalar(to_utc(start), ts_type)) & (ts <= pa.scalar(to_utc(end), ts_type))
+    scanner = dataset.scanner(columns=[Orders.customer_id], filter=window)
+    uniques = [pc.unique(batch.column(0)) for batch in scanner.to_batches()]
+    if not uniques:
+        return pd.Index([], dtype=object, name=Orders.customer_id)
+    ids = pc.unique(pa.chunked_array(uniques, pa.string())).drop_null()
+    return pd.Index(
+        np.sort(ids.to_numpy(zero_copy_only=False).astype(str)), name=Orders.customer_id
+    )
 
 
 def epoch_ns(s: pd.Series) -> np.ndarray:
@@ -279,6 +332,7 @@ __all__ = [
     "StatusTimeline",
     "is_purchase",
     "read_gold",
+    "read_ordering_customers",
     "restrict_to_customers",
     "standardise_gold",
     "view_as_of",

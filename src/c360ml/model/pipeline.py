@@ -28,13 +28,16 @@ from c360ml.model.train import (
     LABEL,
     TrainConfig,
     TrainResult,
+    eval_sample_rate_for,
     require_optuna,
+    sample_customers,
     sample_population,
     sample_rate_for,
     train_and_evaluate,
 )
 
 log = logging.getLogger(__name__)
+ORACLE_CHUNK_PERSONS = 10_000  # persons simulated at once by the oracle (~1 GB of paths)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class TrainSummary:
     optimistic: bool
     evaluation_reason: str
     split_rows: dict[str, int]
-    sample_rate: float
+    sample_rate: float  # customers sampled at the train/validation cutoffs
+    test_sample_rate: float  # customers sampled at the test cutoff (>= sample_rate)
     n_features: int
     n_trees: int
     calibrator: str
@@ -97,7 +101,10 @@ class TrainSummary:
             ("trained_as_of", str(self.trained_as_of.date())),
             ("evaluation", evaluation + self.evaluation_reason),
             ("rows train/validation/test", " / ".join(f"{v:,}" for v in self.split_rows.values())),
-            ("training sample rate", f"{self.sample_rate:.3f}"),
+            (
+                "customer sample rate train / test",
+                f"{self.sample_rate:.3f} / {self.test_sample_rate:.3f}",
+            ),
             (
                 "features / trees / calibrator",
                 f"{self.n_features}/{self.n_trees}/{self.calibrator}",
@@ -134,6 +141,7 @@ def summarise(
     sample_rate: float,
     seconds: dict[str, float],
     tracking_uri: str,
+    test_sample_rate: float = 1.0,
 ) -> TrainSummary:
     m = result.metrics
 
@@ -155,6 +163,7 @@ def summarise(
         evaluation_reason=result.plan.reason,
         split_rows=result.split_rows,
         sample_rate=sample_rate,
+        test_sample_rate=test_sample_rate,
         n_features=len(result.feature_names),
         n_trees=result.n_trees,
         calibrator=result.calibration["chosen"],
@@ -250,21 +259,38 @@ def oracle_churn_probability(
     if not keys_path.exists():
         return None
     try:
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+
         from c360ml.lake import Lake
         from c360ml.synth.oracle import oracle_purchase_probability
 
-        keys = pd.read_parquet(keys_path, columns=["person_id", "source", "source_key"])
+        # Only the test customers' rows of the map and of the truth are read.
         source_map = Lake(settings.lake).read_pandas(
-            "gold", "customer_source_map", columns=["source", "source_key", "customer_id"]
+            "gold",
+            "customer_source_map",
+            columns=["source", "source_key", "customer_id"],
+            filter=ds.field(CUSTOMER).isin(pa.array(customer_ids.astype(str).unique())),
+        )
+        keys = pd.read_parquet(
+            keys_path,
+            columns=["person_id", "source", "source_key"],
+            filters=[("source_key", "in", source_map["source_key"].unique().tolist())],
         )
         link = source_map.merge(keys, on=["source", "source_key"])[[CUSTOMER, "person_id"]]
-        link = link[link[CUSTOMER].isin(set(customer_ids))].drop_duplicates()
-        persons = link["person_id"].drop_duplicates()
-        p = oracle_purchase_probability(
-            settings.truth, persons.to_numpy(), test_cutoff, window_days
-        )
-        if not isinstance(p, pd.Series):
-            p = pd.Series(np.asarray(p, dtype=np.float64), index=persons.to_numpy())
+        link = link.drop_duplicates()
+        persons = link["person_id"].drop_duplicates().to_numpy()
+        parts = []
+        # The Monte Carlo holds ~0.1 MB per person: chunks bound it at any test size.
+        for k, start in enumerate(range(0, len(persons), ORACLE_CHUNK_PERSONS)):
+            chunk = persons[start : start + ORACLE_CHUNK_PERSONS]
+            part = oracle_purchase_probability(
+                settings.truth, chunk, test_cutoff, window_days, seed=k
+            )
+            if not isinstance(part, pd.Series):
+                part = pd.Series(np.asarray(part, dtype=np.float64), index=chunk)
+            parts.append(part)
+        p = pd.concat(parts) if parts else pd.Series(dtype=np.float64)
         no_purchase = np.log(np.clip(1.0 - link["person_id"].map(p).astype(float), 1e-12, 1))
         churn = np.exp(no_purchase.groupby(link[CUSTOMER].to_numpy()).sum(min_count=1))
         covered = int(churn.notna().sum())
@@ -304,15 +330,28 @@ def run_training(
     spec = settings.path(settings.feature_spec)
     cfg = ft.load_churn_config(spec)
     window = cfg.prediction_window_days
-    gold = ft.read_gold(Lake(settings.lake))
+    lake = Lake(settings.lake)
     cutoffs = ft.training_cutoffs(cfg, as_of)
+    # Sample first, from the customer ids alone, then read gold for the sample only: memory
+    # scales with the caps, not with the lake (a full read of 1M customers was OOM-killed).
+    ordering = ft.read_ordering_customers(lake, cutoffs[0] - cfg.lookback, cutoffs[-1])
+    rate = sample_rate_for(len(ordering), config, sample_rate)
+    test_rate = eval_sample_rate_for(len(ordering), config, rate)
+    sampled = None if test_rate >= 1 else sample_customers(ordering, test_rate)
+    gold = ft.read_gold(lake, customers=sampled)
     labels = ft.compute_labels(gold, cutoffs, cfg)
     if labels.empty:
         raise ValueError(f"no active customers at any training cutoff for as_of {as_of.date()}")
     plan = plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
-    rate = sample_rate_for(labels[CUSTOMER].nunique(), config, sample_rate)
-    population = sample_population(labels, rate, keep_cutoff=plan.test_cutoff)
-    log.info("training population: %d rows (sample rate %.3f)", len(population), rate)
+    population = sample_population(labels, rate, plan.test_cutoff, keep_rate=test_rate)
+    log.info(
+        "training population: %d rows of %d customers with orders in the span "
+        "(sample rate %.3f, test-cutoff sample rate %.3f)",
+        len(population),
+        len(ordering),
+        rate,
+        test_rate,
+    )
     lap("labels_seconds")
 
     candidates = ft.derive_feature_set(gold, spec)
@@ -357,6 +396,10 @@ def run_training(
         "trained_as_of": str(as_of),
         **{f"churn_{k}": v for k, v in cfg.to_dict().items()},
         "sample_rate": rate,
+        "test_sample_rate": test_rate,
+        "sample_candidate_customers": len(ordering),
+        "max_train_customers": config.max_train_customers,
+        "max_test_customers": config.max_test_customers,
         "tune_trials": tune,
         "split_mode": plan.mode,
         "n_candidate_features": len(candidates.names),
@@ -370,6 +413,8 @@ def run_training(
         lookback_days=cfg.active_lookback_days,
         cutoff_spacing_days=cfg.cutoff_spacing_days,
         sample_rate=rate,
+        test_sample_rate=test_rate,
+        candidate_customers=len(ordering),
         population_rows=len(matrix),
         n_candidate_features=len(candidates.names),
         dropped_features=len(dropped),
@@ -387,7 +432,15 @@ def run_training(
     )
     lap("log_and_gate_seconds")
     return summarise(
-        result, logged, decision, settings.model_name, as_of, rate, seconds, tracking(settings)[0]
+        result,
+        logged,
+        decision,
+        settings.model_name,
+        as_of,
+        rate,
+        seconds,
+        tracking(settings)[0],
+        test_sample_rate=test_rate,
     )
 
 

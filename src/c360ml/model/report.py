@@ -161,13 +161,28 @@ class CardContext:
     window_days: int
     lookback_days: int
     cutoff_spacing_days: int
-    sample_rate: float
+    sample_rate: float  # customer sampling rate at the train/validation cutoffs
     population_rows: int
     n_candidate_features: int
     dropped_features: int
     code_version: str
     model_version: str = "(not registered)"
     gate: str = "(not run)"
+    test_sample_rate: float = 1.0  # customer sampling rate at the test cutoff
+    candidate_customers: int | None = None  # customers with an order in the training span
+
+
+def _sampling(ctx: CardContext) -> str:
+    if ctx.sample_rate >= 1 and ctx.test_sample_rate >= 1:
+        return "Customer sampling: none (every active customer at every cutoff)."
+    of = f" of the {ctx.candidate_customers:,}" if ctx.candidate_customers else ""
+    return (
+        f"Customers sampled{of} with an order in the training span, by a stable hash of "
+        f"customer_id: rate {ctx.sample_rate:.3f} at the training and validation cutoffs, "
+        f"rate {ctx.test_sample_rate:.3f} at the test cutoff (the training sample lies "
+        "inside the test sample; metrics are measured on the test sample). Scoring never "
+        "samples."
+    )
 
 
 def _f(value: Any, digits: int = 3) -> str:
@@ -268,8 +283,7 @@ Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grad
   {plan.test_cutoff.date()} = trained_as_of − {ctx.window_days} days. Features use events in
   ({ctx.lookback_days} days before t, t]; nothing after t.
 - Population at each cutoff: active customers (a purchase in the {ctx.lookback_days} days
-  before t). Labelled rows: {ctx.population_rows:,}; customer sampling rate for training
-  {ctx.sample_rate:.3f} (test rows are never sampled).
+  before t). Labelled rows: {ctx.population_rows:,}. {_sampling(ctx)}
 - Rows per split: {", ".join(f"{k} {v:,}" for k, v in result.split_rows.items())};
   test churn rate {_f(m["test_churn_rate"])}.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from c360ml.synth import process
@@ -33,20 +34,28 @@ DAY = 86_400
 TRUTH_TABLES = ("persons", "person_keys", "purchases", "cases", "erased")
 
 
-def load_truth(truth_dir: Path, include_pending: bool = False) -> dict[str, pd.DataFrame]:
-    """The truth frames; `include_pending` adds the simulated, not yet published future."""
+def load_truth(
+    truth_dir: Path, include_pending: bool = False, persons=None
+) -> dict[str, pd.DataFrame]:
+    """The truth frames; `include_pending` adds the simulated, not yet published future.
+
+    With `persons` (person ids), only their rows are read (the filter is applied while the
+    parquet files are scanned), so memory follows the persons asked for, not the lake."""
     truth_dir = Path(truth_dir)
     read_meta(truth_dir)  # a clear error if there is no generated lake
+    where = None
+    if persons is not None:
+        where = pc.field("person_id").isin(pa.array(np.asarray(persons, dtype=np.int64)))
     out: dict[str, pd.DataFrame] = {}
     for name in TRUTH_TABLES:
         path = truth_dir / f"{name}.parquet"
         if name == "erased" and not path.exists():
             out[name] = pd.DataFrame({"person_id": pd.Series(dtype="int64")})
             continue
-        frame = pq.read_table(path)
+        frame = pq.read_table(path, filters=where)
         pend = truth_dir / "_pending" / f"{name}.parquet"
         if include_pending and pend.exists():
-            frame = pa.concat_tables([frame, pq.read_table(pend)])
+            frame = pa.concat_tables([frame, pq.read_table(pend, filters=where)])
         out[name] = frame.to_pandas()
     return out
 
@@ -106,8 +115,8 @@ def _probability(truth_dir, person_ids, t, window_days, n_sims, seed, omniscient
         raise ValueError("the window reaches past the simulated horizon of this lake")
     if t_day < 1:
         raise ValueError("t must be after the start of the simulated history")
-    truth = load_truth(truth_dir, include_pending=True)
     ids = np.asarray(person_ids, dtype=np.int64)
+    truth = load_truth(truth_dir, include_pending=True, persons=ids)
     persons = truth["persons"].set_index("person_id").reindex(ids)
     if persons["lam"].isna().any():
         missing = ids[persons["lam"].isna().to_numpy()][:5]
