@@ -26,16 +26,20 @@ def features(settings, out_dir: Path) -> dict:
     return {"runs": run(gold, AS_OF, out_dir, repeats=1)}
 
 
-def train(settings, out_dir: Path) -> dict:
-    """`c360ml train` into the cached lake's own MLflow store (the refresh stage uses it)."""
+def train(settings, out_dir: Path, config=None) -> dict:
+    """`c360ml train` into the cached lake's own MLflow store (the refresh stage uses it).
+
+    `config` (a TrainConfig) overrides the defaults, e.g. a forced customer cap; the
+    default caps sample customers above 100k (training) / 200k (test cutoff)."""
     from c360ml.model.pipeline import run_training
 
     started = time.perf_counter()
-    summary = run_training(settings, AS_OF)
+    summary = run_training(settings, AS_OF, config=config)
     return {
         "train_s": round(time.perf_counter() - started, 1),
         "steps_s": {k: round(v, 1) for k, v in summary.seconds.items()},
         "sample_rate": summary.sample_rate,
+        "test_sample_rate": summary.test_sample_rate,
         "rows": summary.split_rows,
         "features": summary.n_features,
         "trees": summary.n_trees,

@@ -83,6 +83,7 @@ def run(settings: Settings, as_of: pd.Timestamp, out_dir: Path) -> list[dict]:
             "rows": sum(summary.split_rows.values()),
             "test_rows": summary.split_rows["test"],
             "sample_rate": summary.sample_rate,
+            "test_sample_rate": summary.test_sample_rate,
             "features": summary.n_features,
             "trees": summary.n_trees,
             "roc_auc": round(summary.roc_auc, 4),
@@ -117,13 +118,22 @@ def main() -> None:
     if args.lake:
         settings = settings.model_copy(update={"lake_root": args.lake.resolve()})
     if args.synthetic:
-        import c360ml.features as ft
+        from dataclasses import fields
+
+        from c360ml.features import GoldTables
+        from c360ml.features.gold import GOLD_TABLES
+        from c360ml.lake import Lake
 
         sys.path.insert(0, str(HERE))
         from bench_features import make_synthetic_gold
 
+        # The benchmark's stand-in for a built lake: the synthetic frames as gold tables.
         gold = make_synthetic_gold(args.synthetic, seed=0)
-        ft.read_gold = lambda lake: gold  # the benchmark's stand-in for a built lake
+        lake = Lake(args.out.resolve() / "synthetic_lake")
+        for f in fields(GoldTables):
+            lake.write(getattr(gold, f.name), "gold", GOLD_TABLES[f.name][0], mode="overwrite")
+        del gold
+        settings = settings.model_copy(update={"lake_root": lake.root})
     for record in run(settings, pd.Timestamp(args.as_of, tz="UTC"), args.out):
         print(json.dumps(record))
 

@@ -263,31 +263,43 @@ def stage_splink(size: int) -> dict:
     return out
 
 
-def ml_settings(size: int):
-    """A lake built bronze -> gold once per size (benchmarks/cache/<size>/ml), for the stages
-    after gold; its build time is not part of their figures."""
-    import shutil
-
-    from c360ml.lake import Lake
-
-    cached = settings_for(size)
+def _ml_paths(size: int):
     base = CACHE / str(size) / "ml"
-    settings = cached.model_copy(
+    settings = settings_for(size).model_copy(
         update={
             "lake_root": base / "lake",
             "truth_root": base / "truth",
             "mlflow_dir": base / "mlflow",
         }
     )
+    return base, settings
+
+
+def ml_settings(size: int):
+    """A lake built bronze -> gold once per size (benchmarks/cache/<size>/ml), for the stages
+    after gold. The build runs in its own process (`--build-ml SIZE`), so neither its time
+    nor its memory is part of the calling stage's figures."""
+    from c360ml.lake import Lake
+
+    _, settings = _ml_paths(size)
     if not Lake(settings.lake).exists("gold", "orders"):
-        if not (cached.lake / "landing").exists():
-            raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
-        shutil.rmtree(base, ignore_errors=True)
-        (base / "lake").mkdir(parents=True)
-        subprocess.run(["cp", "-al", str(cached.lake / "landing"), str(base / "lake")], check=True)
-        shutil.copytree(cached.truth, base / "truth")
-        timed_build(settings)
+        subprocess.run([sys.executable, __file__, "--build-ml", str(size)], check=True)
     return settings
+
+
+def build_ml_lake(size: int) -> None:
+    """Child process of ml_settings: copy the cached landing and build it through gold."""
+    import shutil
+
+    cached = settings_for(size)
+    base, settings = _ml_paths(size)
+    if not (cached.lake / "landing").exists():
+        raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "lake").mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(cached.lake / "landing"), str(base / "lake")], check=True)
+    shutil.copytree(cached.truth, base / "truth")
+    timed_build(settings)
 
 
 def stage_features(size: int) -> dict:
@@ -403,9 +415,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"))
     parser.add_argument("--silver", type=int, metavar="SIZE", help="internal: build silver")
+    parser.add_argument("--build-ml", type=int, metavar="SIZE", help="internal: build ml lake")
     args = parser.parse_args()
     if args.silver:
         build_silver_only(args.silver)
+        return
+    if args.build_ml:
+        build_ml_lake(args.build_ml)
         return
     if args.one:
         one(args.one[0], int(args.one[1]))
