@@ -25,6 +25,7 @@ Figures go to benchmarks/results/serve.json and serve.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -534,31 +535,27 @@ def py_spy_profile(server: Server, bodies: Path, conns: int, seconds: float, lua
 
 def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
     """In-process cost (ms per call) of each step a /predict call takes, for one row and
-    for 1,000 rows, without HTTP: the same calls service.py makes on either path (the
-    fast path for clean rows, the pandera path otherwise) and MLflow's pyfunc makes."""
+    for 1,000 rows, without HTTP: the functions service.py runs (typed decode, block,
+    scoring on one XGBoost thread as the API process does, reply), the pandera path that
+    rows which do not decode take, the hop of small requests to the inner scorer, and
+    BentoML's pydantic IO that /predict no longer goes through."""
     import pickle
 
+    import msgspec
     import pydantic
 
     from c360ml.model import scoring
 
-    class Body(pydantic.BaseModel):  # what BentoML builds from predict's signature
+    class Body(pydantic.BaseModel):  # what BentoML built from the old predict's signature
         rows: list[dict[str, Any]]
         explain: str = "approx"
 
     sys.path.insert(0, str(ROOT))  # the service folder is not an installed package
-    from service.service import plain_rows
+    from service.service import _frame, _records, plain_matrix, request_decoder
 
-    columns = frozenset((scoring.CUSTOMER_ID, *bundle.feature_names))
-
-    def plain(rows):  # what RetentionService._plain runs
-        return plain_rows(rows, columns, bundle.feature_names)
-
-    def block(items):  # service.Scorer._frame
-        x = np.array([[it[n] for n in bundle.feature_names] for it in items], dtype=np.float32)
-        frame = pd.DataFrame(x, columns=list(bundle.feature_names))
-        frame.insert(0, scoring.CUSTOMER_ID, [it[scoring.CUSTOMER_ID] for it in items])
-        return frame
+    decoder = request_decoder(bundle.feature_names)
+    local = dataclasses.replace(bundle, booster=bundle.booster.copy(), nthread=1)
+    local.booster.set_param({"nthread": 1})  # as the service's API process scores
 
     def t(fn, n):
         fn()
@@ -567,51 +564,42 @@ def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
             fn()
         return round(1000 * (time.perf_counter() - started) / n, 3)
 
-    out = {}
-    for label, frame, n in (("1_row", request.head(1), repeats), ("1000_rows", None, 5)):
-        if frame is None:
-            frame = request.sample(1000, replace=True, random_state=0).reset_index(drop=True)
-            frame["CustomerId"] = [f"s{i}" for i in range(1000)]
-        raw = json.dumps({"rows": records(frame), "explain": "none"})
+    def pandera_path(raw):
+        frame = scoring.validate_request(bundle, pd.DataFrame(json.loads(raw)["rows"]))
+        return scoring.feature_matrix(bundle, frame)
+
+    def steps(frame: pd.DataFrame, n: int) -> dict[str, float]:
+        raw = json.dumps({"rows": records(frame), "explain": "none"}).encode()
         parsed = Body.model_validate_json(raw)
-        rows = parsed.model_dump()["rows"]
-        items = [{**r, "_explain": "none"} for r in rows]
-        pickled = pickle.dumps(items)
-        df = pd.DataFrame(rows)
-        valid = scoring.validate_request(bundle, df)
-        part = block(items)
-        x = scoring.feature_matrix(bundle, part)
-        scored = scoring.score(bundle, part, "approx", validate=False)
-        out[label] = {
-            "BentoML: pydantic parse of the body": t(lambda r=raw: Body.model_validate_json(r), n),
-            "BentoML: model_dump": t(lambda p=parsed: p.model_dump(), n),
-            "fast path: _plain check": t(lambda r=rows: plain(r), n),
-            "inner hop: pickle dumps+loads": t(lambda i=items: pickle.loads(pickle.dumps(i)), n),
-            "scorer: float32 block (_frame)": t(lambda i=items: block(i), n),
-            "pandera path: pd.DataFrame(rows)": t(lambda r=rows: pd.DataFrame(r), n),
-            "pandera path: validate_request": t(
-                lambda d=df: scoring.validate_request(bundle, d), n
+        doc = decoder.decode(raw)
+        ids, x = plain_matrix(doc.rows)
+        items = [(i, "none", row.tobytes()) for i, row in zip(ids, x, strict=True)]
+        scored = scoring.score(local, _frame(local, ids, x), "approx", validate=False)
+        reply = {"model": {"explain": "approx"}, "predictions": _records(scored)}
+
+        def score(explain):
+            return scoring.score(local, _frame(local, ids, x), explain, validate=False)
+
+        return {
+            "old: BentoML pydantic parse of the body": t(lambda: Body.model_validate_json(raw), n),
+            "old: BentoML model_dump": t(parsed.model_dump, n),
+            "msgspec typed decode": t(lambda: decoder.decode(raw), n),
+            "plain_matrix (ids + float32 block)": t(lambda: plain_matrix(doc.rows), n),
+            "pandera path (rows that do not decode)": t(lambda: pandera_path(raw), n),
+            "inner hop (< 256 rows): pickle of items": t(
+                lambda: pickle.loads(pickle.dumps(items)), n
             ),
-            "pandera path: to_json+loads": t(
-                lambda v=valid: json.loads(v.to_json(orient="records")), n
-            ),
-            "old scorer: pd.DataFrame(items)": t(
-                lambda i=items: pd.DataFrame(i).drop(columns="_explain"), n
-            ),
-            "xgboost margins (2 threads)": t(lambda x=x: scoring.margins(bundle, x), n),
-            "SHAP approx (2 threads)": t(lambda x=x: scoring.contributions(bundle, x, "approx"), n),
-            "SHAP exact (2 threads)": t(
-                lambda x=x: scoring.contributions(bundle, x, "exact"), max(n // 10, 2)
-            ),
-            "score(none, validate=False)": t(
-                lambda p=part: scoring.score(bundle, p, "none", validate=False), n
-            ),
-            "_records (scorer reply)": t(
-                lambda s=scored: json.loads(s.to_json(orient="records")), n
-            ),
+            "xgboost margins (1 thread)": t(lambda: scoring.margins(local, x), n),
+            "score(none), 1 thread": t(lambda: score("none"), n),
+            "score(approx), 1 thread": t(lambda: score("approx"), n),
+            "score(exact), 1 thread": t(lambda: score("exact"), max(n // 10, 2)),
+            "_records (approx)": t(lambda: _records(scored), n),
+            "reply JSON (approx, msgspec)": t(lambda: msgspec.json.encode(reply), n),
         }
-        del pickled
-    return out
+
+    table = request.sample(1000, replace=True, random_state=0).reset_index(drop=True)
+    table["CustomerId"] = [f"s{i}" for i in range(1000)]
+    return {"1_row": steps(request.head(1), repeats), "1000_rows": steps(table, 5)}
 
 
 # --------------------------------------------------------------------------- run

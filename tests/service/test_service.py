@@ -65,6 +65,56 @@ def test_predict_equals_in_process_scoring(server, bundle, request_rows):
             )
 
 
+def _batched_rows(url: str) -> float:
+    """Rows the inner scorer has scored so far (BentoML's adaptive batch size histogram)."""
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_sum")
+    )
+
+
+def test_large_request_is_scored_in_the_api_process(server, registered, bundle):
+    from service.service import LOCAL_ROWS
+
+    url, _ = server
+    _, matrix = registered
+    last = matrix[matrix.cutoff_time == matrix.cutoff_time.max()]
+    frame = last.rename(columns={"customer_id": "CustomerId"})[
+        ["CustomerId", *bundle.feature_names]
+    ].reset_index(drop=True)
+    assert len(frame) >= LOCAL_ROWS
+    rows = json.loads(frame.to_json(orient="records"))
+    rows[0]["f_cases"] = None  # null: a missing value the model handles
+    rows[1]["f_cases"] = 3  # a JSON integer for a float feature
+    frame.loc[0, "f_cases"], frame.loc[1, "f_cases"] = np.nan, 3.0
+    before = _batched_rows(url)
+    reply = post(url, "/predict", {"rows": rows, "explain": "approx"})
+    assert reply.status_code == 200, reply.text
+    assert _batched_rows(url) == before  # not through the batching scorer
+    got = pd.DataFrame(reply.json()["predictions"])
+    want = scoring.score(bundle, frame, "approx")
+    assert list(got.CustomerId) == list(want.CustomerId)
+    np.testing.assert_allclose(got.ChurnScore, want.ChurnScore, rtol=1e-6)
+    assert list(got.RiskLevel) == list(want.RiskLevel)
+    assert [f[0]["feature"] for f in got.InfluentialFactors] == [
+        f[0]["feature"] for f in want.InfluentialFactors
+    ]
+
+
+def test_rows_pandera_must_coerce_are_scored_alike(server, bundle, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.head(2).to_json(orient="records"))
+    rows[0]["CustomerId"] = 12345  # a number where the schema wants a string: coerced
+    reply = post(url, "/predict", {"rows": rows, "explain": "none"})
+    assert reply.status_code == 200, reply.text
+    got = reply.json()["predictions"]
+    want = scoring.score(bundle, request_rows.head(2), "none")
+    assert [p["CustomerId"] for p in got] == ["12345", want.CustomerId[1]]
+    np.testing.assert_allclose([p["ChurnScore"] for p in got], want.ChurnScore, rtol=1e-6)
+
+
 def test_concurrent_calls_are_batched(server, request_rows):
     url, _ = server
     rows = json.loads(request_rows.to_json(orient="records"))
@@ -91,6 +141,10 @@ def test_concurrent_calls_are_batched(server, request_rows):
         / total["bentoml_service_adaptive_batch_size_count"]
     )
     assert mean_batch > 1.0, metrics  # several calls' rows went through one score() call
+    assert any(  # BentoML's request metrics cover the mounted /predict route too
+        line.startswith("bentoml_service_request_total") and 'endpoint="/predict"' in line
+        for line in metrics.splitlines()
+    )
 
 
 @pytest.mark.parametrize(
@@ -113,6 +167,33 @@ def test_bad_requests_name_the_problem(server, request_rows, mutate, status, fra
     reply = post(url, "/predict", {"rows": mutate(rows)})
     assert reply.status_code == status
     assert fragment in reply.text
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b'{"rows": [', "not valid JSON"),
+        (b'{"rows": {"CustomerId": "a"}}', '{"rows": [...], "explain": ...}'),
+        (b'{"rows": [1, 2]}', "every row must be a JSON object"),
+    ],
+)
+def test_malformed_bodies_are_refused(server, content, fragment):
+    url, _ = server
+    reply = httpx.post(
+        f"{url}/predict",
+        content=content,
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=60,
+    )
+    assert reply.status_code == 400
+    assert fragment in reply.json()["error"]
+
+
+def test_unknown_explain_method_is_refused(server, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.head(1).to_json(orient="records"))
+    reply = post(url, "/predict", {"rows": rows, "explain": "shap"})
+    assert reply.status_code == 400 and "explain must be one of" in reply.text
 
 
 def test_missing_values_are_accepted(server, request_rows):
