@@ -79,6 +79,32 @@ def test_same_as_of_and_inputs_twice_writes_nothing(lake):
     assert again.status_counts == first.status_counts
 
 
+def test_chunks_change_no_measure_or_feature(lake):
+    """A refresh reads and featurises a chunk of profiles at a time; small chunks must
+    give the values one chunk gives."""
+    from c360ml.features import FeatureSet
+    from c360ml.refresh import snapshot_profiles
+
+    settings, first = lake
+    bundle, _ = load_champion(settings)
+    fs = FeatureSet.from_json(bundle.feature_set_json)
+
+    def snap(size):
+        out = snapshot_profiles(
+            settings.model_copy(update={"refresh_chunk_customers": size}), first.as_of, True, fs
+        )
+        order = {n: f.sort_values("customer_id", ignore_index=True)
+                 for n, f in (("measures", out.measures), ("features", out.features))}  # fmt: skip
+        return out, order
+
+    whole, whole_frames = snap(10**6)
+    chunked, chunked_frames = snap(97)
+    assert len(chunked.profiles) == len(whole.profiles) > 5 * 97  # several chunks really ran
+    assert set(chunked.buyers) == set(whole.buyers)
+    for name, frame in whole_frames.items():
+        pd.testing.assert_frame_equal(chunked_frames[name], frame, obj=name)
+
+
 def test_cid_snapshot_read_through_its_manifest(lake):
     settings, _ = lake
     root = Lake(settings.lake).path("export", "ci-d")

@@ -62,6 +62,8 @@ class Settings(_Frozen):
     )  # RetailChannelTable recids of call centers
     person_party_type: int = 13271  # DirPartyTable.InstanceRelationType of a person (B2C profile)
     endpoint: str = ""  # scoring service URL used by the segment workflow; empty = skip
+    # profiles whose gold rows a refresh reads and featurises at once (bounds its memory)
+    refresh_chunk_customers: int = Field(200_000, ge=1)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
 
     def path(self, p: Path) -> Path:

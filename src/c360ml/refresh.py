@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from c360ml.config import Settings
@@ -28,6 +30,9 @@ from c360ml.lake import Lake
 from c360ml.medallion.gold import INPUTS_KEY
 from c360ml.model import scoring
 from c360ml.schemas import ChurnScores, CustomerMeasures
+
+if TYPE_CHECKING:
+    from c360ml.features import FeatureSet
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,18 @@ class RefreshSummary:
 # ---------------------------------------------------------------- pure stages
 
 
-def latest_event_time(gold) -> pd.Timestamp:
-    """The default as_of: the latest event time in gold (orders and cases)."""
-    times = [gold.orders["order_ts"].max()]
-    if len(gold.support_cases):
-        times.append(gold.support_cases["created_ts"].max())
-    latest = max(t for t in times if pd.notna(t))
-    return pd.Timestamp(latest).tz_convert("UTC")
+def latest_event_time(lake: Lake) -> pd.Timestamp:
+    """The default as_of: the latest event time in gold (orders and cases); reads only
+    the two timestamp columns."""
+    times = [
+        pc.max(lake.read("gold", table, columns=[column])[column]).as_py()
+        for table, column in (("orders", "order_ts"), ("support_cases", "created_ts"))
+        if lake.exists("gold", table)
+    ]
+    times = [t for t in times if t is not None]
+    if not times:
+        raise ValueError(f"no orders or support cases in {lake.path('gold')}: nothing to refresh")
+    return pd.Timestamp(max(times)).tz_convert("UTC")
 
 
 def score_statuses(profiles: pd.Series, active: pd.Series, buyers: pd.Series) -> pd.Series:
@@ -179,22 +189,95 @@ def gold_inputs(lake: Lake) -> dict[str, int]:
     }
 
 
-def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) -> StepResult:
-    from c360ml.features import build_measures, read_gold
+@dataclass
+class Snapshot:
+    """What a pass over every profile at one as_of produced (frames None when not asked)."""
 
+    measures: pd.DataFrame | None
+    features: pd.DataFrame | None  # customer_id, as_of, the model's features (active only)
+    profiles: pd.Series  # every profile's customer_id
+    buyers: pd.Series  # profiles with a purchase at or before as_of
+    seconds: dict[str, float]
+
+
+def customer_chunks(lake: Lake, size: int) -> list[pd.Index]:
+    """Every profile's customer_id, sorted, in chunks of `size`."""
+    ids = lake.read("gold", "customer_profile", columns=["customer_id"])["customer_id"]
+    ids = np.sort(ids.to_numpy(zero_copy_only=False).astype(str))
+    return [pd.Index(ids[i : i + size]) for i in range(0, len(ids), size)] or [pd.Index([])]
+
+
+def snapshot_profiles(
+    settings: Settings, as_of: pd.Timestamp, measures: bool, fs: FeatureSet | None
+) -> Snapshot:
+    """Measures and/or the feature snapshot of every profile at as_of, a chunk of
+    customers at a time.
+
+    Why chunks: each chunk's gold rows are read on their own (the customer filter is
+    pushed into the scan), so memory follows the chunk size, not the lake (1M profiles
+    with 23M order lines do not fit in pandas at once). Every measure and feature is an
+    aggregation over one customer's rows, so chunking changes no value (a test checks).
+    """
+    from c360ml.features import (
+        active_population,
+        build_measures,
+        calculate_features,
+        compute_rfm,
+        load_churn_config,
+        read_gold,
+    )
+
+    lake = Lake(settings.lake)
+    cfg = load_churn_config(settings.path(settings.feature_spec))
+    parts: dict[str, list] = {"measures": [], "features": [], "profiles": [], "buyers": []}
+    seconds = {"read": 0.0, "measures": 0.0, "features": 0.0}
+    for chunk in customer_chunks(lake, settings.refresh_chunk_customers):
+        started = time.perf_counter()
+        gold = read_gold(lake, customers=chunk)
+        parts["profiles"].append(gold.customers["customer_id"])
+        parts["buyers"].append(compute_rfm(gold, [as_of])["customer_id"])
+        seconds["read"] += time.perf_counter() - started
+        if measures:
+            started = time.perf_counter()
+            parts["measures"].append(build_measures(gold, as_of, settings.path(settings.measures)))
+            seconds["measures"] += time.perf_counter() - started
+        if fs is not None:
+            started = time.perf_counter()
+            population = active_population(gold, [as_of], cfg)
+            features = calculate_features(gold, population, fs)
+            parts["features"].append(features.rename(columns={"cutoff_time": AS_OF}))
+            seconds["features"] += time.perf_counter() - started
+        log.info("snapshot: %d of the profiles done", sum(len(p) for p in parts["profiles"]))
+
+    def joined(name: str) -> pd.DataFrame | None:
+        return pd.concat(parts[name], ignore_index=True) if parts[name] else None
+
+    return Snapshot(
+        measures=joined("measures"),
+        features=joined("features"),
+        profiles=pd.concat(parts["profiles"], ignore_index=True),
+        buyers=pd.concat(parts["buyers"], ignore_index=True),
+        seconds=seconds,
+    )
+
+
+def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) -> StepResult:
     started = time.perf_counter()
     lake = Lake(settings.lake)
-    gold = read_gold(lake)
-    as_of = as_of or latest_event_time(gold)
+    as_of = as_of or latest_event_time(lake)
     inputs = gold_inputs(lake)
     note = f"as_of {as_of:%Y-%m-%d %H:%M}"
     if same_inputs(lake, "customer_measures", as_of, inputs):
         rows = lake.dataset("gold", "customer_measures").count_rows()
         return StepResult("measures", rows, note + " (unchanged)", time.perf_counter() - started)
-    measures = build_measures(gold, as_of, settings.path(settings.measures))
+    measures = snapshot_profiles(settings, as_of, measures=True, fs=None).measures
+    write_measures(lake, measures, as_of, inputs)
+    return StepResult("measures", len(measures), note, time.perf_counter() - started)
+
+
+def write_measures(lake: Lake, measures: pd.DataFrame, as_of: pd.Timestamp, inputs: dict) -> None:
     CustomerMeasures.validate(measures[["customer_id", AS_OF]])
     replace_as_of(lake, measures, "customer_measures", AS_OF, as_of, inputs)
-    return StepResult("measures", len(measures), note, time.perf_counter() - started)
 
 
 def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
@@ -214,53 +297,54 @@ def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
     return load_bundle(f"models:/{settings.model_name}@{CHAMPION}"), str(version)
 
 
-def score_profiles(
+def measures_and_scores(
     settings: Settings,
     as_of: pd.Timestamp,
     bundle: scoring.ModelBundle,
     model_version: str,
     explain: str,
 ) -> tuple[list[StepResult], pd.DataFrame]:
-    """Feature snapshot of the active profiles at as_of, then one score row per profile."""
-    from c360ml.features import (
-        FeatureSet,
-        active_population,
-        calculate_features,
-        compute_rfm,
-        load_churn_config,
-        read_gold,
-    )
+    """Measures, the feature snapshot of the active profiles and one score row per
+    profile at as_of, in one pass over the profiles; what these inputs (and this model)
+    already produced is kept, not recomputed."""
+    from c360ml.features import FeatureSet
 
     lake = Lake(settings.lake)
-    inputs = gold_inputs(lake) | {"model_version": model_version, "explain": explain}
-    results = []
-    started = time.perf_counter()
-    if same_inputs(lake, "churn_scores", as_of, inputs):
-        scores = _scores_at(lake, as_of)
-        return [
-            StepResult(
-                "features + scores",
-                len(scores),
-                "unchanged inputs: kept",
-                time.perf_counter() - started,
-            )
-        ], scores
-    gold = read_gold(lake)
-    cfg = load_churn_config(settings.path(settings.feature_spec))
-    population = active_population(gold, [as_of], cfg)
-    if bundle.feature_set_json is None:
+    inputs = gold_inputs(lake)
+    score_inputs = inputs | {"model_version": model_version, "explain": explain}
+    need_measures = not same_inputs(lake, "customer_measures", as_of, inputs)
+    need_scores = not same_inputs(lake, "churn_scores", as_of, score_inputs)
+    if need_scores and bundle.feature_set_json is None:
         raise ValueError("the champion carries no feature definitions; retrain it")
-    fs = FeatureSet.from_json(bundle.feature_set_json)
-    features = calculate_features(gold, population, fs)
-    snapshot = features.rename(columns={"cutoff_time": AS_OF})
-    replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, gold_inputs(lake))
-    results.append(
+    fs = FeatureSet.from_json(bundle.feature_set_json) if need_scores else None
+    kept = "unchanged inputs: kept"
+    if not (need_measures or need_scores):
+        scores = _scores_at(lake, as_of)
+        return [StepResult("measures + features + scores", len(scores), kept)], scores
+    snap = snapshot_profiles(settings, as_of, need_measures, fs)
+    size = settings.refresh_chunk_customers
+    steps = [
         StepResult(
-            "feature snapshot",
-            len(snapshot),
-            f"{len(fs.names)} features",
-            time.perf_counter() - started,
+            "read gold", len(snap.profiles), f"chunks of <= {size:,} profiles", snap.seconds["read"]
         )
+    ]
+    if need_measures:
+        started = time.perf_counter()
+        write_measures(lake, snap.measures, as_of, inputs)
+        seconds = snap.seconds["measures"] + time.perf_counter() - started
+        steps.append(StepResult("measures", len(snap.measures), "", seconds))
+    else:
+        steps.append(StepResult("measures", 0, kept))
+    if not need_scores:
+        scores = _scores_at(lake, as_of)
+        steps.append(StepResult("features + scores", len(scores), kept))
+        return steps, scores
+    started = time.perf_counter()
+    snapshot = snap.features
+    replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, inputs)
+    seconds = snap.seconds["features"] + time.perf_counter() - started
+    steps.append(
+        StepResult("feature snapshot", len(snapshot), f"{len(fs.names)} features", seconds)
     )
     started = time.perf_counter()
     request = snapshot.drop(columns=[AS_OF]).rename(columns={"customer_id": "CustomerId"})
@@ -269,11 +353,9 @@ def score_profiles(
         if len(request)
         else pd.DataFrame(columns=list(scoring.ChurnScoreOutput.to_schema().columns))
     )
-    profiles = gold.customers["customer_id"]
-    buyers = compute_rfm(gold, [as_of])["customer_id"]
-    status = score_statuses(profiles, population["customer_id"], buyers)
+    status = score_statuses(snap.profiles, snapshot["customer_id"], snap.buyers)
     scores = churn_score_rows(
-        profiles,
+        snap.profiles,
         status,
         scored,
         explain,
@@ -282,8 +364,8 @@ def score_profiles(
         pd.Timestamp.now(tz="UTC").floor("us"),
     )
     ChurnScores.validate(scores)
-    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, inputs)
-    results.append(
+    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, score_inputs)
+    steps.append(
         StepResult(
             "batch scores",
             len(scores),
@@ -291,7 +373,7 @@ def score_profiles(
             time.perf_counter() - started,
         )
     )
-    return results, scores
+    return steps, scores
 
 
 def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
@@ -407,7 +489,6 @@ def run_refresh(
     report: Callable | None = None,
 ) -> RefreshSummary:
     """The whole refresh; `segments`/`report` are injected so this module stays small."""
-    from c360ml.features import read_gold
     from c360ml.medallion.build import build_gold, build_silver, build_unify
     from c360ml.medallion.ingest import ingest_landing
 
@@ -431,11 +512,10 @@ def run_refresh(
     timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
     if previous_map is not None:
         summary.steps.append(erase(lake, previous_map))
-    as_of = as_of or latest_event_time(read_gold(lake))
+    as_of = as_of or latest_event_time(lake)
     summary.as_of = as_of
-    summary.steps.append(build_measures_table(settings, as_of))
     bundle, version = load_champion(settings)
-    steps, scores = score_profiles(settings, as_of, bundle, version, explain)
+    steps, scores = measures_and_scores(settings, as_of, bundle, version, explain)
     summary.steps.extend(steps)
     scored = scores[scores["ScoreStatus"] == SCORED]
     summary.risk_counts = scored["RiskLevel"].value_counts().to_dict()
