@@ -24,6 +24,7 @@ from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.medallion.sql import duckdb_connection
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 BRONZE_VERSION_KEY = "c360ml.bronze_version"
 BRONZE_CURRENT_KEY = "c360ml.bronze_current"  # accounting: bronze current-state rows
 STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
-DUCKDB_MEMORY = "3GB"  # DuckDB spills to disk beyond this (the 8 GB budget of a build)
 ACTION = "_action"
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
@@ -224,7 +224,7 @@ def resolve_changes(table: pa_arrow.Table, key: tuple[str, ...]) -> pa_arrow.Tab
 
     A window query in DuckDB: multi-threaded and on Arrow, for 20M-row change feeds.
     """
-    con = duckdb.connect()
+    con = duckdb_connection()
     con.register("feed", table)
     keys = ", ".join(f'"{k}"' for k in key)
     return con.sql(
@@ -409,7 +409,7 @@ def _first_build(
     """
     delta = lake.delta("bronze", table.source, table.name)
     bronze_version = delta.version()
-    con = _duckdb()
+    con = duckdb_connection()
     con.register("feed", delta.to_pyarrow_dataset())
     current = bronze_current_rows(lake, table, con=con)
     meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
@@ -441,12 +441,6 @@ def _first_build(
     result.quarantined = _count(lake, "quarantine", "silver", table.name)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _duckdb() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
-    return con
 
 
 def _resolve_sql(table: SourceTable, feed: str) -> str:
@@ -482,7 +476,7 @@ def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> in
     current and are not deleted, and removes current keys whose newest version in the
     batch is a newer delete; older (late) versions change nothing.
     """
-    con = duckdb.connect()
+    con = duckdb_connection()
     cols = [*table.key, "versionnumber", "SinkModifiedOn"]
     con.register("b", latest.select([*cols, "IsDelete"]))
     prev = [("silver", table.name), ("quarantine", "silver", table.name)]
@@ -582,7 +576,7 @@ def bronze_current_rows(
     """Keys whose newest bronze version is not a delete (the accounting's left side):
     a hash aggregate over the key and version columns of the bronze files."""
     if con is None:
-        con = _duckdb()
+        con = duckdb_connection()
         con.register("feed", lake.dataset("bronze", table.source, table.name))
     keys = ", ".join(f'"{k}"' for k in table.key)
     return con.execute(

@@ -6,6 +6,7 @@ same files can run on Spark. `${name}` placeholders are filled from typed settin
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from string import Template
 
@@ -19,18 +20,25 @@ STREAM_ROWS = 500_000  # rows per record batch of a streamed result
 MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8 GB)
 
 
+def duckdb_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection as every stage uses it: UTC, bounded memory (spilling to the
+    system temp folder, not the working directory), results streamed without keeping
+    insertion order (every query's result is written as a set)."""
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'c360ml-duckdb'}'")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
 def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with lake tables registered as views named layer_table.
 
     Bronze views are `bronze_<source>_<table>`, silver `silver_<table>`, gold `gold_<table>`;
     a table that does not exist yet is simply not registered.
     """
-    con = duckdb.connect()
-    con.execute("SET TimeZone = 'UTC'")
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    # Results are written as sets (no query relies on row order), so DuckDB may stream
-    # them without buffering to keep insertion order.
-    con.execute("SET preserve_insertion_order = false")
+    con = duckdb_connection()
     for layer in ("bronze", "silver", "gold"):
         for parts in lake.tables(layer):
             con.register(f"{layer}_{'_'.join(parts)}", lake.dataset(layer, *parts))
