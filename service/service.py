@@ -23,6 +23,7 @@ together; a request of LOCAL_ROWS rows or more is a batch already and is scored 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
@@ -41,11 +42,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+from bentoml._internal.server.http import traffic
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from c360ml.config import load_settings
@@ -122,15 +124,50 @@ async def _reply(send: Any, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _TimeoutMiddleware(traffic.TimeoutMiddleware):
+    """BentoML's time-to-first-byte limit (`traffic.timeout`), with its timer cancelled
+    when the response starts. BentoML 1.4.39 leaves the timer scheduled, so every request
+    kept ~6 objects alive for the whole timeout (600 s here): millions under load, and the
+    collector's full passes over them paused each process for 0.1-1 s, the single-row p99.
+    Installed in place of BentoML's class below, which the app factory imports when it
+    builds each service's app (after this module is loaded)."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def first_send(message: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+                timer.cancel()
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, first_send))
+        try:
+            await waiter
+        except TimeoutError:
+            if task.cancel():
+                error = {"error": f"Not able to process the request in {self.timeout} seconds"}
+                await JSONResponse(error, status_code=504)(scope, receive, send)
+        else:
+            await task
+
+
+traffic.TimeoutMiddleware = _TimeoutMiddleware  # type: ignore[misc]
+
+
 def _load_bundle(stored: Any, nthread: int = 2) -> scoring.ModelBundle:
     return scoring.ModelBundle.load(Path(stored.path_of("bundle")), nthread=nthread)
 
 
 def _freeze_heap() -> None:
-    """Move everything loaded so far out of the garbage collector's reach. Python's full
-    collection scanned the ~200,000 objects of the imports (BentoML, pandas, pyarrow,
-    XGBoost) in 100-200 ms on these cores, a pause every few seconds under load: it was
-    the p99 of single-row /predict at concurrency 16 (146-241 ms, 35-52 ms after)."""
+    """Move everything loaded so far out of the garbage collector's reach: its full passes
+    scanned the ~200,000 objects of the imports (BentoML, pandas, pyarrow, XGBoost) in
+    100-200 ms on these cores. Together with `_TimeoutMiddleware`, this took the p99 of
+    single-row /predict at concurrency 16 from 146-241 ms to 35-52 ms (benchmarks/)."""
     gc.collect()
     gc.freeze()
 
@@ -279,6 +316,7 @@ class RetentionService:
             for n in self.bundle.feature_names
         )
         self.decoder = request_decoder(self.bundle.feature_names) if float_model else None
+        self.in_flight = 0  # /predict calls this process is answering now
         self.info = {
             "name": stored.info.metadata.get("model_name", SETTINGS.model_name),
             "version": stored.info.metadata.get("version", str(stored.tag.version)),
@@ -293,24 +331,31 @@ class RetentionService:
         )
 
     async def predict(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """POST /predict: the status and JSON answer for a raw request body. Concurrent
-        small calls are batched together by the inner scorer."""
+        """POST /predict: the status and JSON answer for a raw request body.
+
+        Concurrent small calls go to the inner scorer, which batches them. A large call
+        (LOCAL_ROWS rows or more) and a lone call are scored here: the first is a batch
+        already, the second has nothing to be batched with, and BentoML's dispatcher
+        would hold it for the window it learned under load (25-40 ms per lone call after
+        a burst at concurrency 64, measured), not knowing that no other call is coming."""
         started = time.perf_counter()
+        self.in_flight += 1
         try:
             if len(body) <= INLINE_BODY_BYTES:
                 ids, x, explain = self.parse(body)
             else:
                 ids, x, explain = await anyio.to_thread.run_sync(self.parse, body)
+            if len(ids) >= LOCAL_ROWS or self.in_flight == 1:
+                predictions = await anyio.to_thread.run_sync(self.score_local, ids, x, explain)
+            else:
+                predictions = await self._score_batched(ids, x, explain)
         except scoring.RequestError as exc:
             return 400, {"error": str(exc)}
-        if len(ids) >= LOCAL_ROWS:
-            predictions = await anyio.to_thread.run_sync(self.score_local, ids, x, explain)
-        else:
-            try:
-                predictions = await self._score_batched(ids, x, explain)
-            except BentoMLException as exc:  # e.g. the scorer shedding load: 503
-                log.warning("scorer failed: %s", exc)
-                return exc.error_code.value, {"error": f"scorer failed: {exc}"}
+        except BentoMLException as exc:  # e.g. the scorer shedding load: 503
+            log.warning("scorer failed: %s", exc)
+            return exc.error_code.value, {"error": f"scorer failed: {exc}"}
+        finally:
+            self.in_flight -= 1
         log.info(
             json.dumps(
                 {

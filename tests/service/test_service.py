@@ -103,6 +103,46 @@ def test_large_request_is_scored_in_the_api_process(server, registered, bundle):
     ]
 
 
+def test_a_lone_call_skips_the_batching_scorer(server, request_rows):
+    url, _ = server
+    rows = json.loads(request_rows.head(1).to_json(orient="records"))
+    before = _batched_rows(url)
+    assert post(url, "/predict", {"rows": rows, "explain": "none"}).status_code == 200
+    assert _batched_rows(url) == before
+
+
+def test_timeout_middleware_cancels_its_timer():
+    """BentoML 1.4.39's TimeoutMiddleware left one timer per request scheduled for the
+    whole traffic timeout; the service's replacement cancels it when the answer starts."""
+    import asyncio
+
+    from bentoml._internal.server.http import traffic
+
+    from service import service
+
+    assert traffic.TimeoutMiddleware is service._TimeoutMiddleware  # what BentoML builds
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def serve_three():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        middleware = service._TimeoutMiddleware(app, timeout=600)
+        for _ in range(3):
+            await middleware({"type": "http"}, None, send)
+        scheduled = asyncio.get_running_loop()._scheduled  # noqa: SLF001 - asyncio's timer heap
+        return sent, [timer for timer in scheduled if not timer.cancelled()]
+
+    sent, pending = asyncio.run(serve_three())
+    assert len(sent) == 6
+    assert pending == []
+
+
 def test_rows_pandera_must_coerce_are_scored_alike(server, bundle, request_rows):
     url, _ = server
     rows = json.loads(request_rows.head(2).to_json(orient="records"))
@@ -115,19 +155,25 @@ def test_rows_pandera_must_coerce_are_scored_alike(server, bundle, request_rows)
     np.testing.assert_allclose([p["ChurnScore"] for p in got], want.ChurnScore, rtol=1e-6)
 
 
-def test_concurrent_calls_are_batched(server, request_rows):
+def test_concurrent_calls_are_batched(server, bundle, request_rows):
     url, _ = server
     rows = json.loads(request_rows.to_json(orient="records"))
 
     def one(row):
-        return post(url, "/predict", {"rows": [row], "explain": "none"})
+        return post(url, "/predict", {"rows": [row], "explain": "approx"})
 
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(one, rows * 4))
     assert all(r.status_code == 200 for r in replies)
-    assert [r.json()["predictions"][0]["CustomerId"] for r in replies] == [
-        r["CustomerId"] for r in rows * 4
-    ]
+    got = [r.json()["predictions"][0] for r in replies]
+    want = scoring.score(bundle, request_rows, "approx")
+    assert [p["CustomerId"] for p in got] == list(want.CustomerId) * 4
+    np.testing.assert_allclose(
+        [p["ChurnScore"] for p in got], np.tile(want.ChurnScore, 4), rtol=1e-6
+    )
+    assert [p["InfluentialFactors"][0]["feature"] for p in got] == [
+        f[0]["feature"] for f in want.InfluentialFactors
+    ] * 4
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     sizes = [
         line
