@@ -166,8 +166,8 @@ def _load_bundle(stored: Any, nthread: int = 2) -> scoring.ModelBundle:
 def _freeze_heap() -> None:
     """Move everything loaded so far out of the garbage collector's reach: its full passes
     scanned the ~200,000 objects of the imports (BentoML, pandas, pyarrow, XGBoost) in
-    100-200 ms on these cores. Together with `_TimeoutMiddleware`, this took the p99 of
-    single-row /predict at concurrency 16 from 146-241 ms to 35-52 ms (benchmarks/)."""
+    100-200 ms on these cores. Single-row /predict at concurrency 16 on a fresh server:
+    p99 146-241 ms without, 35-52 ms with (`_TimeoutMiddleware` keeps it so as it ages)."""
     gc.collect()
     gc.freeze()
 
