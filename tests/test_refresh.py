@@ -80,8 +80,8 @@ def test_same_as_of_and_inputs_twice_writes_nothing(lake):
 
 
 def test_chunks_change_no_measure_or_feature(lake):
-    """A refresh reads and featurises a chunk of profiles at a time; small chunks must
-    give the values one chunk gives."""
+    """A refresh reads and featurises a chunk of profiles at a time, chunks in worker
+    processes; small chunks on two processes must give the values one chunk gives."""
     from c360ml.features import FeatureSet
     from c360ml.refresh import snapshot_profiles
 
@@ -91,7 +91,10 @@ def test_chunks_change_no_measure_or_feature(lake):
 
     def snap(size):
         out = snapshot_profiles(
-            settings.model_copy(update={"refresh_chunk_customers": size}), first.as_of, True, fs
+            settings.model_copy(update={"refresh_chunk_customers": size, "refresh_workers": 2}),
+            first.as_of,
+            True,
+            fs,
         )
         order = {n: f.sort_values("customer_id", ignore_index=True)
                  for n, f in (("measures", out.measures), ("features", out.features))}  # fmt: skip
@@ -100,6 +103,7 @@ def test_chunks_change_no_measure_or_feature(lake):
     whole, whole_frames = snap(10**6)
     chunked, chunked_frames = snap(97)
     assert len(chunked.profiles) == len(whole.profiles) > 5 * 97  # several chunks really ran
+    assert "2 process(es)" in chunked.note and "1 process(es)" in whole.note
     assert set(chunked.buyers) == set(whole.buyers)
     for name, frame in whole_frames.items():
         pd.testing.assert_frame_equal(chunked_frames[name], frame, obj=name)

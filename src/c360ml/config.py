@@ -64,6 +64,7 @@ class Settings(_Frozen):
     endpoint: str = ""  # scoring service URL used by the segment workflow; empty = skip
     # profiles whose gold rows a refresh reads and featurises at once (bounds its memory)
     refresh_chunk_customers: int = Field(200_000, ge=1)
+    refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
 
     def path(self, p: Path) -> Path:

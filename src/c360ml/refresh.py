@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +200,7 @@ class Snapshot:
     features: pd.DataFrame | None  # customer_id, as_of, the model's features (active only)
     profiles: pd.Series  # every profile's customer_id
     buyers: pd.Series  # profiles with a purchase at or before as_of
-    seconds: dict[str, float]
+    note: str  # chunks, processes and the seconds the workers spent per part
 
 
 def customer_chunks(lake: Lake, size: int) -> list[pd.Index]:
@@ -207,17 +210,14 @@ def customer_chunks(lake: Lake, size: int) -> list[pd.Index]:
     return [pd.Index(ids[i : i + size]) for i in range(0, len(ids), size)] or [pd.Index([])]
 
 
-def snapshot_profiles(
-    settings: Settings, as_of: pd.Timestamp, measures: bool, fs: FeatureSet | None
-) -> Snapshot:
-    """Measures and/or the feature snapshot of every profile at as_of, a chunk of
-    customers at a time.
-
-    Why chunks: each chunk's gold rows are read on their own (the customer filter is
-    pushed into the scan), so memory follows the chunk size, not the lake (1M profiles
-    with 23M order lines do not fit in pandas at once). Every measure and feature is an
-    aggregation over one customer's rows, so chunking changes no value (a test checks).
-    """
+def _snapshot_chunk(
+    settings: Settings,
+    as_of: pd.Timestamp,
+    measures: bool,
+    fs: FeatureSet | None,
+    chunk: pd.Index,
+) -> dict[str, Any]:
+    """Measures and/or features of one chunk of profiles (may run in a worker process)."""
     from c360ml.features import (
         active_population,
         build_measures,
@@ -227,37 +227,60 @@ def snapshot_profiles(
         read_gold,
     )
 
-    lake = Lake(settings.lake)
-    cfg = load_churn_config(settings.path(settings.feature_spec))
-    parts: dict[str, list] = {"measures": [], "features": [], "profiles": [], "buyers": []}
-    seconds = {"read": 0.0, "measures": 0.0, "features": 0.0}
-    for chunk in customer_chunks(lake, settings.refresh_chunk_customers):
+    out: dict[str, Any] = {"measures": None, "features": None}
+    seconds = out["seconds"] = {"read": 0.0, "measures": 0.0, "features": 0.0}
+    started = time.perf_counter()
+    gold = read_gold(Lake(settings.lake), customers=chunk)
+    out["profiles"] = gold.customers["customer_id"]
+    out["buyers"] = compute_rfm(gold, [as_of])["customer_id"]
+    seconds["read"] = time.perf_counter() - started
+    if measures:
         started = time.perf_counter()
-        gold = read_gold(lake, customers=chunk)
-        parts["profiles"].append(gold.customers["customer_id"])
-        parts["buyers"].append(compute_rfm(gold, [as_of])["customer_id"])
-        seconds["read"] += time.perf_counter() - started
-        if measures:
-            started = time.perf_counter()
-            parts["measures"].append(build_measures(gold, as_of, settings.path(settings.measures)))
-            seconds["measures"] += time.perf_counter() - started
-        if fs is not None:
-            started = time.perf_counter()
-            population = active_population(gold, [as_of], cfg)
-            features = calculate_features(gold, population, fs)
-            parts["features"].append(features.rename(columns={"cutoff_time": AS_OF}))
-            seconds["features"] += time.perf_counter() - started
-        log.info("snapshot: %d of the profiles done", sum(len(p) for p in parts["profiles"]))
+        out["measures"] = build_measures(gold, as_of, settings.path(settings.measures))
+        seconds["measures"] = time.perf_counter() - started
+    if fs is not None:
+        started = time.perf_counter()
+        cfg = load_churn_config(settings.path(settings.feature_spec))
+        features = calculate_features(gold, active_population(gold, [as_of], cfg), fs)
+        out["features"] = features.rename(columns={"cutoff_time": AS_OF})
+        seconds["features"] = time.perf_counter() - started
+    return out
+
+
+def snapshot_profiles(
+    settings: Settings, as_of: pd.Timestamp, measures: bool, fs: FeatureSet | None
+) -> Snapshot:
+    """Measures and/or the feature snapshot of every profile at as_of, a chunk of
+    customers at a time, `refresh_workers` chunks at once in worker processes.
+
+    Why chunks: each chunk's gold rows are read on their own (the customer filter is
+    pushed into the scan), so memory follows the chunk size, not the lake (1M profiles
+    with 23M order lines do not fit in pandas at once), and chunks can use both cores
+    (Featuretools runs in one). Every measure and feature is an aggregation over one
+    customer's rows, so chunking changes no value (a test checks).
+    """
+    chunks = customer_chunks(Lake(settings.lake), settings.refresh_chunk_customers)
+    job = partial(_snapshot_chunk, settings, as_of, measures, fs)
+    workers = min(settings.refresh_workers, len(chunks))
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(job, chunks))
+    else:
+        results = [job(c) for c in chunks]
 
     def joined(name: str) -> pd.DataFrame | None:
-        return pd.concat(parts[name], ignore_index=True) if parts[name] else None
+        parts = [r[name] for r in results if r[name] is not None]
+        return pd.concat(parts, ignore_index=True) if parts else None
 
+    spent = {k: sum(r["seconds"][k] for r in results) for k in results[0]["seconds"]}
     return Snapshot(
         measures=joined("measures"),
         features=joined("features"),
-        profiles=pd.concat(parts["profiles"], ignore_index=True),
-        buyers=pd.concat(parts["buyers"], ignore_index=True),
-        seconds=seconds,
+        profiles=joined("profiles"),
+        buyers=joined("buyers"),
+        note=f"{len(chunks)} chunks of <= {settings.refresh_chunk_customers:,} profiles, "
+        f"{workers} process(es); worker seconds: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()),
     )
 
 
@@ -321,18 +344,13 @@ def measures_and_scores(
     if not (need_measures or need_scores):
         scores = _scores_at(lake, as_of)
         return [StepResult("measures + features + scores", len(scores), kept)], scores
+    started = time.perf_counter()
     snap = snapshot_profiles(settings, as_of, need_measures, fs)
-    size = settings.refresh_chunk_customers
-    steps = [
-        StepResult(
-            "read gold", len(snap.profiles), f"chunks of <= {size:,} profiles", snap.seconds["read"]
-        )
-    ]
+    steps = [StepResult("snapshot", len(snap.profiles), snap.note, time.perf_counter() - started)]
+    started = time.perf_counter()
     if need_measures:
-        started = time.perf_counter()
         write_measures(lake, snap.measures, as_of, inputs)
-        seconds = snap.seconds["measures"] + time.perf_counter() - started
-        steps.append(StepResult("measures", len(snap.measures), "", seconds))
+        steps.append(StepResult("measures", len(snap.measures), "", time.perf_counter() - started))
     else:
         steps.append(StepResult("measures", 0, kept))
     if not need_scores:
@@ -342,9 +360,13 @@ def measures_and_scores(
     started = time.perf_counter()
     snapshot = snap.features
     replace_as_of(lake, snapshot, "customer_features", AS_OF, as_of, inputs)
-    seconds = snap.seconds["features"] + time.perf_counter() - started
     steps.append(
-        StepResult("feature snapshot", len(snapshot), f"{len(fs.names)} features", seconds)
+        StepResult(
+            "feature snapshot",
+            len(snapshot),
+            f"{len(fs.names)} features",
+            time.perf_counter() - started,
+        )
     )
     started = time.perf_counter()
     request = snapshot.drop(columns=[AS_OF]).rename(columns={"customer_id": "CustomerId"})
