@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from c360ml.lake import Lake
+from c360ml.medallion.build import build_silver
 from c360ml.model import scoring
 from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
@@ -215,6 +216,9 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
         next((lk.path("export", "ci-d", "churn_scores")).glob("snapshot=*/*.parquet"))
     )
     assert not set(snapshot.CustomerId) & gone_ids
+    # The purge changed bronze and silver: the next build's accounting still balances
+    # (build_silver raises if bronze current-state rows != silver + quarantined rows).
+    assert all(t.balanced for t in build_silver(settings).tables)
 
 
 def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):

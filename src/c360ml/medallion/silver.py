@@ -351,7 +351,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     result = SilverResult(table.name)
     rules = RULES[table.name]
     since = _last_bronze_version(lake, table.name)
-    previous_current = _last_bronze_current(lake, table.name)
+    previous_current = last_bronze_current(lake, table.name)
     if since is None and lake.exists("bronze", table.source, table.name):
         return _first_build(lake, table, rules, result, started)
     raw, bronze_version = _new_bronze(lake, table, since)
@@ -456,7 +456,7 @@ def _resolve_sql(table: SourceTable, feed: str) -> str:
                  FROM {feed}) WHERE _rn = 1"""
 
 
-def _last_bronze_current(lake: Lake, name: str) -> int | None:
+def last_bronze_current(lake: Lake, name: str) -> int | None:
     """The bronze current-state count recorded by the last silver commit, if any."""
     if not lake.exists("silver", name):
         return None
