@@ -16,9 +16,11 @@ import pytest
 
 from c360ml.lake import Lake
 from c360ml.medallion.build import build_silver
+from c360ml.medallion.silver import bronze_current_rows
 from c360ml.model import scoring
 from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
+from c360ml.sources.tables import SOURCE_TABLES
 from c360ml.synth import generate_increment
 
 pytestmark = pytest.mark.slow
@@ -219,6 +221,11 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     # The purge changed bronze and silver: the next build's accounting still balances
     # (build_silver raises if bronze current-state rows != silver + quarantined rows).
     assert all(t.balanced for t in build_silver(settings).tables)
+    for (_, name), table in SOURCE_TABLES.items():  # and against bronze itself, recounted
+        if lk.exists("silver", name):
+            kept = [("silver", name), ("quarantine", "silver", name)]
+            have = sum(lk.dataset(*w).count_rows() for w in kept if lk.exists(*w))
+            assert bronze_current_rows(lk, table) == have, name
 
 
 def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):
