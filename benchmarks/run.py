@@ -386,6 +386,8 @@ def write_readme() -> None:
         "Written by `benchmarks/run.py` (`make bench STAGE=... SIZES=...`) from the JSON",
         "files next to this one; each (stage, size) runs in its own process, on the",
         "2-core / 24 GiB machine shared with other work. Medians where repeated.",
+        "Peak RSS is that of the largest single process: the refresh's snapshot runs in",
+        "`refresh_workers` worker processes of their own (about 6 GB each at 1M), on top.",
         "",
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
