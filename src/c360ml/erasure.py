@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 
 import duckdb
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-from deltalake import CommitProperties
 
 from c360ml.lake import Lake
-from c360ml.medallion.silver import BRONZE_CURRENT_KEY, last_bronze_current
+from c360ml.medallion.silver import purge_accounting
 
 log = logging.getLogger(__name__)
 
@@ -155,26 +152,13 @@ def _delete(
         predicate += " AND (IsDelete IS NULL OR NOT IsDelete)"
     table = lake.delta(*where)
     metrics = table.delete(
-        predicate, commit_properties=_silver_accounting(lake, where, column, values)
+        predicate,
+        commit_properties=(
+            purge_accounting(lake, where[1], column, values) if where[0] == "silver" else None
+        ),
     )
     deleted = int(metrics.get("num_deleted_rows", 0))
     if deleted:
         table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     result.rows_deleted["/".join(where)] = deleted
     log.info("erasure: %d rows deleted from %s", deleted, "/".join(where))
-
-
-def _silver_accounting(
-    lake: Lake, where: tuple[str, ...], column: str, values: list
-) -> CommitProperties | None:
-    """For a silver table: the bronze current-state count its accounting carries, less
-    the rows about to be purged (each is a current key whose bronze rows the purge
-    removes too), recorded on the purge's own commit so the next build still balances."""
-    if where[0] != "silver":
-        return None
-    recorded = last_bronze_current(lake, where[1])
-    if recorded is None:
-        return None
-    current = lake.read(*where, columns=[column])[column]
-    purged = pc.sum(pc.is_in(current, value_set=pa.array(values).cast(current.type))).as_py()
-    return CommitProperties(custom_metadata={BRONZE_CURRENT_KEY: str(recorded - purged)})

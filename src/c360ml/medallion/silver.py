@@ -20,6 +20,7 @@ import phonenumbers
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+from deltalake import CommitProperties
 from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
@@ -546,8 +547,6 @@ def _apply(
         lake.write(schema.empty_table(), *where, metadata=meta)  # records the bronze version
         return
     on = " AND ".join(f"s.{k} = t.{k}" for k in key)
-    from deltalake import CommitProperties
-
     (
         lake.delta(*where)
         .merge(
@@ -564,6 +563,18 @@ def _apply(
         .when_not_matched_insert_all(predicate=f"s.{ACTION} = 'upsert'", except_cols=[ACTION])
         .execute()
     )
+
+
+def purge_accounting(lake: Lake, name: str, column: str, values: list) -> CommitProperties | None:
+    """Commit metadata for deleting the silver rows whose `column` is in `values` (an
+    erasure, whose bronze rows go too): the bronze current-state count less those rows,
+    so the next build's accounting still balances. None when nothing is recorded yet."""
+    recorded = last_bronze_current(lake, name)
+    if recorded is None:
+        return None
+    current = lake.read("silver", name, columns=[column])[column]
+    purged = pc.sum(pc.is_in(current, value_set=pa_arrow.array(values).cast(current.type)))
+    return CommitProperties(custom_metadata={BRONZE_CURRENT_KEY: str(recorded - purged.as_py())})
 
 
 def _count(lake: Lake, *parts: str) -> int:

@@ -67,6 +67,16 @@ def run_sql(
         raise FileNotFoundError(f"SQL file {path} not found (sql_dir = {settings.sql_dir})")
     try:
         relation = con.sql(render(path, settings))
-        return relation.to_arrow_reader(STREAM_ROWS) if stream else relation.to_arrow_table()
+        if not stream:
+            return relation.to_arrow_table()
+        reader = relation.to_arrow_reader(STREAM_ROWS)
     except duckdb.Error as exc:
         raise ValueError(f"{path}: {exc}") from exc
+
+    def batches():  # a query can also fail while it streams: name the file then too
+        try:
+            yield from reader
+        except duckdb.Error as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
