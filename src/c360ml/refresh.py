@@ -220,30 +220,31 @@ def _snapshot_chunk(
     """Measures and/or features of one chunk of profiles (may run in a worker process)."""
     from c360ml.features import (
         active_population,
-        build_measures,
-        calculate_features,
+        calculate_snapshot,
         compute_rfm,
         load_churn_config,
+        load_measures,
+        measures_frame,
         read_gold,
     )
 
     out: dict[str, Any] = {"measures": None, "features": None}
-    seconds = out["seconds"] = {"read": 0.0, "measures": 0.0, "features": 0.0}
+    seconds = out["seconds"] = {"read": 0.0, "featuretools": 0.0}
     started = time.perf_counter()
     gold = read_gold(Lake(settings.lake), customers=chunk)
     out["profiles"] = gold.customers["customer_id"]
     out["buyers"] = compute_rfm(gold, [as_of])["customer_id"]
+    cfg = load_churn_config(settings.path(settings.feature_spec))
+    active = active_population(gold, [as_of], cfg)["customer_id"]
+    wanted = load_measures(settings.path(settings.measures)) if measures else None
     seconds["read"] = time.perf_counter() - started
-    if measures:
-        started = time.perf_counter()
-        out["measures"] = build_measures(gold, as_of, settings.path(settings.measures))
-        seconds["measures"] = time.perf_counter() - started
-    if fs is not None:
-        started = time.perf_counter()
-        cfg = load_churn_config(settings.path(settings.feature_spec))
-        features = calculate_features(gold, active_population(gold, [as_of], cfg), fs)
+    started = time.perf_counter()
+    matrix, features = calculate_snapshot(gold, as_of, wanted, fs, pd.Index(active))
+    if wanted:
+        out["measures"] = measures_frame(matrix, wanted, as_of)
+    if features is not None:
         out["features"] = features.rename(columns={"cutoff_time": AS_OF})
-        seconds["features"] = time.perf_counter() - started
+    seconds["featuretools"] = time.perf_counter() - started
     return out
 
 

@@ -80,6 +80,25 @@ def test_subset_computes_only_those_features(gold, population, feature_set, matr
     pd.testing.assert_frame_equal(got, matrix[["customer_id", "cutoff_time", *sub.names]])
 
 
+def test_snapshot_pass_equals_the_separate_passes(gold, population, feature_set, matrix):
+    """The refresh's one pass (one view, one EntitySet over every profile) gives the
+    features of the restricted per-cutoff run and the measures of build_measures."""
+    from c360ml.features import build_measures, calculate_snapshot, load_measures, measures_frame
+
+    from .tiny_gold import MEASURES
+
+    measures = load_measures(MEASURES)
+    ids = pd.Index(population["customer_id"])
+    got_measures, got_features = calculate_snapshot(gold, T, measures, feature_set, ids)
+    pd.testing.assert_frame_equal(got_features, matrix)
+    pd.testing.assert_frame_equal(
+        measures_frame(got_measures, measures, T), build_measures(gold, T, MEASURES)
+    )
+    assert len(got_measures) == gold.customers["customer_id"].nunique() > len(ids)
+    _, none_active = calculate_snapshot(gold, T, None, feature_set, pd.Index([]))
+    assert list(none_active.columns) == list(matrix.columns) and none_active.empty
+
+
 def test_bad_inputs_name_the_problem(gold, feature_set):
     with pytest.raises(ValueError, match="population lacks column"):
         calculate_features(gold, pd.DataFrame({"customer_id": ["C1"]}), feature_set)

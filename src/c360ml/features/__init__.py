@@ -1,7 +1,8 @@
 """Feature stage: as-of views of gold, labels, Featuretools features and measures.
 
 Featuretools is imported only by `c360ml.features.dfs`, and that module is loaded lazily
-(on first use of derive_feature_set, calculate_features, build_entityset), so code that
+(on first use of derive_feature_set, calculate_features, calculate_snapshot,
+build_entityset), so code that
 only needs `FeatureSet`, labels or configs (e.g. the service) never imports it.
 """
 
@@ -13,13 +14,18 @@ from typing import TYPE_CHECKING, Any
 from c360ml.features.featureset import FeatureSet, select_features
 from c360ml.features.gold import GoldTables, read_gold, read_ordering_customers, view_as_of
 from c360ml.features.labels import active_population, compute_labels, compute_rfm
-from c360ml.features.measures import Measure, build_measures, load_measures
+from c360ml.features.measures import Measure, build_measures, load_measures, measures_frame
 from c360ml.features.spec import ChurnConfig, load_churn_config, training_cutoffs
 
 if TYPE_CHECKING:
-    from c360ml.features.dfs import build_entityset, calculate_features, derive_feature_set
+    from c360ml.features.dfs import (
+        build_entityset,
+        calculate_features,
+        calculate_snapshot,
+        derive_feature_set,
+    )
 
-_LAZY = {"build_entityset", "calculate_features", "derive_feature_set"}
+_LAZY = {"build_entityset", "calculate_features", "calculate_snapshot", "derive_feature_set"}
 
 __all__ = [
     "ChurnConfig",
@@ -30,11 +36,13 @@ __all__ = [
     "build_entityset",
     "build_measures",
     "calculate_features",
+    "calculate_snapshot",
     "compute_labels",
     "compute_rfm",
     "derive_feature_set",
     "load_churn_config",
     "load_measures",
+    "measures_frame",
     "read_gold",
     "read_ordering_customers",
     "select_features",

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from c360ml.features.spec import to_utc
+from c360ml.schemas import CustomerProfile
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,21 @@ def load_measures(path: Path) -> list[Measure]:
 
 
 def build_measures(gold, as_of: pd.Timestamp, measures_path: Path) -> pd.DataFrame:
-    """customer_id, as_of, one column per measure, for every profile in gold.
+    """customer_id, as_of, one column per measure, for every profile in gold."""
+    from c360ml.features.dfs import compute_measures
+
+    measures = load_measures(measures_path)
+    return measures_frame(compute_measures(gold, as_of, measures), measures, as_of)
+
+
+def measures_frame(matrix: pd.DataFrame, measures: list[Measure], as_of) -> pd.DataFrame:
+    """The gold/customer_measures rows of a measure matrix (indexed by customer_id).
 
     Numeric measures are float64 (counts included, so a window with no rows is 0.0 and
     a mean over no rows is NaN); categorical ones (e.g. mode) are strings.
     """
-    from c360ml.features.dfs import CUSTOMER_ID, compute_measures
-
-    measures = load_measures(measures_path)
     as_of = to_utc(as_of)
-    matrix = compute_measures(gold, as_of, measures)
-    out = pd.DataFrame({CUSTOMER_ID: matrix.index.to_numpy()})
+    out = pd.DataFrame({CustomerProfile.customer_id: matrix.index.to_numpy()})
     out[AS_OF] = pd.Series(as_of, index=out.index).dt.as_unit("us")
     for m in measures:
         col = matrix[m.name]

@@ -316,10 +316,15 @@ def ci_d_grade(
         improvement = (recall - baseline_churn_recall) / baseline_churn_recall
     else:
         improvement = float("inf") if recall > 0 else 0.0
-    if accuracy >= 0.5 and improvement >= 0.10:
-        grade = "A"
-    elif accuracy >= 0.5 and improvement > 0:
-        grade = "B"
-    else:
-        grade = "C"
+    grade = grade_letter(accuracy, improvement)
     return Grade(grade, accuracy, recall, float(baseline_churn_recall), float(improvement))
+
+
+def grade_letter(accuracy: float, improvement: float) -> str:
+    """A: accuracy >= 0.5 and improvement >= 10%; B: accuracy >= 0.5 and improvement > 0;
+    else C."""
+    if accuracy >= 0.5 and improvement >= 0.10:
+        return "A"
+    if accuracy >= 0.5 and improvement > 0:
+        return "B"
+    return "C"

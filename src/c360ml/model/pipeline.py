@@ -78,6 +78,8 @@ class TrainSummary:
     baseline_churn_recall: float
     grade: str
     grade_improvement: float
+    grade_by_accuracy: str  # context: against the most accurate span instead
+    oracle_grade: str | None = None  # the true probability, graded against the same rule
     oracle_roc_auc: float | None = None
     headroom_closed: float | None = None
     headroom_closed_ci: tuple[float, float] | None = None
@@ -123,9 +125,11 @@ class TrainSummary:
                 f"{self.baseline_churn_recall:.4f}",
             ),
             ("grade", f"{self.grade} (improvement {self.grade_improvement:+.1%})"),
+            ("grade against the most accurate span", self.grade_by_accuracy),
         ]
         if self.oracle_roc_auc is not None:
             items.append(("oracle ROC AUC", f"{self.oracle_roc_auc:.4f}"))
+            items.append(("oracle's own grade (same rule)", str(self.oracle_grade)))
             items.append(("headroom closed", ci(self.headroom_closed, self.headroom_closed_ci)))
         items.append(("seconds", ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())))
         items.append(("tracking", self.tracking_uri))
@@ -184,6 +188,8 @@ def summarise(
         baseline_churn_recall=result.rule.churn_recall,
         grade=result.grade.grade,
         grade_improvement=result.grade.improvement,
+        grade_by_accuracy="ABC"[int(m["grade_if_rule_by_accuracy"])],
+        oracle_grade="ABC"[int(m["oracle_grade"])] if "oracle_grade" in m else None,
         oracle_roc_auc=m["oracle_roc_auc"] if oracle else None,
         headroom_closed=m.get("test_roc_auc_headroom_closed") if oracle else None,
         headroom_closed_ci=pair("test_roc_auc_headroom_closed") if oracle else None,

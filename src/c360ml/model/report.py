@@ -247,6 +247,13 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
             f"- headroom closed, (AUC_model − AUC_RFM) / (AUC_oracle − AUC_RFM): "
             f"{_ci(m, 'test_roc_auc_headroom_closed')}\n"
         )
+    oracle_grade = ""
+    if "oracle_grade" in m:
+        oracle_grade = (
+            f" The oracle (the true churn probability) has churn-class accuracy "
+            f"{_f(m['oracle_churn_recall'])} at 0.5 and would itself be graded "
+            f"**{'ABC'[int(m['oracle_grade'])]}** against this rule: the grade's ceiling here."
+        )
     spans = "\n".join(
         f"| {int(r['span_days'])} | {_f(r['churn_recall'])} | {_f(r['accuracy'])} | "
         f"{_f(r['predicted_churn_share'])} |"
@@ -323,7 +330,7 @@ spans are the prediction window halved until ≤ 30 days; the best span by churn
 accuracy is the baseline ({result.rule.span_days} days). Because a shorter span flags a
 superset of customers, its recall is never lower: the shortest span wins. For context, the
 most accurate span is {int(result.rule.most_accurate()["span_days"])} days; against it the
-grade would be {"ABC"[int(m["grade_if_rule_by_accuracy"])]}.
+grade would be {"ABC"[int(m["grade_if_rule_by_accuracy"])]}.{oracle_grade}
 
 | span (days) | churn-class accuracy | accuracy | share predicted churned |
 |---|---|---|---|

@@ -422,6 +422,13 @@ def train_and_evaluate(
         "ci_d_rule_by_accuracy_churn_recall": by_accuracy["churn_recall"],
         "grade_if_rule_by_accuracy": float("ABC".index(alt.grade)),  # 0 = A, 1 = B, 2 = C
     }
+    if "oracle_churn_recall" in metrics:
+        # What the true churn probability itself would be graded against the same rule:
+        # the grade's attainable ceiling on this data (generated data only).
+        improvement = metrics["oracle_churn_recall"] / rule.churn_recall - 1
+        metrics["oracle_grade"] = float(
+            "ABC".index(evaluate.grade_letter(metrics["oracle_accuracy"], improvement))
+        )
     metrics |= {
         "ci_d_rule_span_days": float(rule.span_days),
         "ci_d_rule_churn_recall": rule.churn_recall,
