@@ -71,6 +71,21 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _ids_as_category(frame: pd.DataFrame, *id_columns: str) -> pd.DataFrame:
+    """The id columns as pandas categoricals in order of appearance.
+
+    Woodwork would convert them itself, sorting millions of distinct id strings (about a
+    third of the EntitySet's build time); an id's category order means nothing to any
+    feature. Low-cardinality categoricals (channel, category, ...) are left to woodwork, so
+    orders that do matter (e.g. mode's tie-break) are its sorted ones.
+    """
+    out = frame.copy()
+    for column in id_columns:
+        codes, uniques = pd.factorize(out[column], sort=False)
+        out[column] = pd.Categorical.from_codes(codes, uniques)
+    return out
+
+
 def build_entityset(view: GoldTables) -> ft.EntitySet:
     """customers <- orders <- order_lines -> products, customers <- support_cases.
 
@@ -117,6 +132,13 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
     ]
     products = view.products[[Products.item_id, Products.category]]
     customers = view.customers[[CUSTOMER_ID, CustomerProfile.created_ts]]
+    orders, lines, cases, products, customers = (
+        _ids_as_category(orders, Orders.order_id, Orders.customer_id),
+        _ids_as_category(lines, OrderLines.order_id, OrderLines.item_id),
+        _ids_as_category(cases, SupportCases.case_id, SupportCases.customer_id),
+        _ids_as_category(products, Products.item_id),
+        _ids_as_category(customers, CUSTOMER_ID),
+    )
     cat, boolean, num = "Categorical", "Boolean", "Double"
     es = ft.EntitySet(id="c360")
     with _quiet():
