@@ -6,7 +6,7 @@ import pytest
 
 from c360ml.lake import Lake
 from c360ml.medallion.ingest import ingest_landing
-from c360ml.medallion.silver import build_silver, normalise_phone
+from c360ml.medallion.silver import build_silver, normalise_phone, purge_accounting
 from tests.conftest import write_sync_folder
 
 
@@ -180,3 +180,33 @@ def test_arrow_checks_reject_what_pandera_rejects():
             cases = err.failure_cases
         for i in rejected:  # a check pandera also reports failing on that row
             assert reasons[i].split(": ")[1] in set(cases.loc[cases["index"] == i, "check"])
+
+
+def test_bronze_rewritten_by_an_erasure_is_not_new_again(settings):
+    """An erasure rewrites the bronze files that held the person's rows; the other rows of
+    those files were merged already. Read again as new, c2's first version (its delete
+    marker lives in a later, untouched file) would be resurrected in silver."""
+    lake = Lake(settings.lake)
+    landing = lake.path("landing")
+    write_sync_folder(
+        landing,
+        "dataverse",
+        "2024-01-05T00.00.00Z",
+        {"contact": [_contact("c1", 1), _contact("c2", 1)]},
+    )
+    _run(settings)
+    write_sync_folder(
+        landing, "dataverse", "2024-01-06T00.00.00Z", {"contact": [_contact("c2", 2, delete=True)]}
+    )
+    _run(settings)
+    assert sorted(_silver(settings, "contact").index) == ["c1"]
+    # the erasure's bronze rewrite (c360ml.erasure deletes c1's rows from both layers)
+    lake.delta("bronze", "dataverse", "contact").delete("contactid = 'c1'")
+    accounting = purge_accounting(lake, "contact", "contactid", ["c1"])
+    lake.delta("silver", "contact").delete("contactid = 'c1'", commit_properties=accounting)
+    write_sync_folder(
+        landing, "dataverse", "2024-01-07T00.00.00Z", {"contact": [_contact("c3", 1)]}
+    )
+    result = _run(settings)["contact"]
+    assert sorted(_silver(settings, "contact").index) == ["c3"]
+    assert result.new_bronze_rows == 1  # only the new sync's row, not the rewritten file's

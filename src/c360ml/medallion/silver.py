@@ -32,11 +32,14 @@ log = logging.getLogger(__name__)
 
 BRONZE_VERSION_KEY = "c360ml.bronze_version"
 BRONZE_CURRENT_KEY = "c360ml.bronze_current"  # accounting: bronze current-state rows
+BRONZE_INGESTED_KEY = "c360ml.bronze_ingested_at"  # newest _ingested_at merged (us since epoch)
+INGESTED_AT = "_ingested_at"  # bronze lineage: when ingest wrote the row
+INGESTED_TYPE = pa_arrow.timestamp("us", tz="UTC")
 STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
 ACTION = "_action"
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
-DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", "_ingested_at")
+DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", INGESTED_AT)
 PHONE_TYPE, EMAIL_TYPE = 1, 2  # LogisticsElectronicAddress.Type
 DEFAULT_PHONE_REGION = "US"  # numbers written without a country code are read as this region
 COUNTRIES = {  # alpha-3 (F&O) and common names -> ISO 3166-1 alpha-2
@@ -317,27 +320,36 @@ def split_valid_arrow(
 # ---------------------------------------------------------------- lake edges
 
 
-def _new_bronze(lake: Lake, table: SourceTable, since: int | None) -> tuple[pa_arrow.Table, int]:
-    """Rows of the bronze files added after version `since` (bronze is append-only)."""
+def _new_bronze(
+    lake: Lake, table: SourceTable, since: int | None, merged_until: int | None
+) -> tuple[pa_arrow.Table, int]:
+    """Bronze rows not merged yet: in files added after version `since` and, once a
+    watermark is recorded, ingested after `merged_until`.
+
+    Bronze is append-only except for erasures, which rewrite the files that held the
+    person's rows. A rewritten file is new to the Delta log, but its other rows were
+    merged already; taken again as new, an older version whose delete marker sits in an
+    untouched file would be resurrected. The ingest time tells them apart.
+    """
     current = lake.delta("bronze", table.source, table.name)
     files = set(current.file_uris())
     if since is not None:
         files -= set(lake.delta_at("bronze", table.source, table.name, version=since).file_uris())
-    data = ds.dataset(sorted(files), format="parquet").to_table() if files else None
+    unmerged = None
+    if merged_until is not None:
+        unmerged = pc.field(INGESTED_AT) > pc.scalar(pa_arrow.scalar(merged_until, INGESTED_TYPE))
+    data = ds.dataset(sorted(files), format="parquet").to_table(filter=unmerged) if files else None
     if data is None:
-        data = lake.read("bronze", table.source, table.name).schema.empty_table()
+        data = lake.dataset("bronze", table.source, table.name).schema.empty_table()
     return data, current.version()
 
 
-def _last_bronze_version(lake: Lake, name: str) -> int | None:
+def _last_recorded(lake: Lake, name: str, key: str) -> int | None:
+    """The largest value of an integer `key` in silver's commit metadata, if any."""
     if not lake.exists("silver", name):
         return None
-    versions = [
-        int(m[BRONZE_VERSION_KEY])
-        for m in lake.commit_metadata("silver", name)
-        if BRONZE_VERSION_KEY in m
-    ]
-    return max(versions) if versions else None
+    values = [int(m[key]) for m in lake.commit_metadata("silver", name) if key in m]
+    return max(values) if values else None
 
 
 def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
@@ -351,11 +363,12 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     started = time.perf_counter()
     result = SilverResult(table.name)
     rules = RULES[table.name]
-    since = _last_bronze_version(lake, table.name)
+    since = _last_recorded(lake, table.name, BRONZE_VERSION_KEY)
+    merged_until = _last_recorded(lake, table.name, BRONZE_INGESTED_KEY)
     previous_current = last_bronze_current(lake, table.name)
     if since is None and lake.exists("bronze", table.source, table.name):
         return _first_build(lake, table, rules, result, started)
-    raw, bronze_version = _new_bronze(lake, table, since)
+    raw, bronze_version = _new_bronze(lake, table, since, merged_until)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
         latest = standardise(resolve_changes(trim_strings(raw), table.key), rules)
@@ -369,7 +382,11 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
                 current = len(latest) - pc.sum(deleted).as_py()
         else:
             current = previous_current + _current_delta(lake, table, latest)
-        meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
+        meta = {
+            BRONZE_VERSION_KEY: str(bronze_version),
+            BRONZE_CURRENT_KEY: str(current),
+            BRONZE_INGESTED_KEY: str(pc.max(raw[INGESTED_AT]).cast(pa_arrow.int64()).as_py()),
+        }
         _apply(
             lake,
             ("silver", table.name),
@@ -414,6 +431,9 @@ def _first_build(
     con.register("feed", delta.to_pyarrow_dataset())
     current = bronze_current_rows(lake, table, con=con)
     meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
+    newest = con.execute(f"SELECT epoch_us(max({INGESTED_AT})) FROM feed").fetchall()[0][0]
+    if newest is not None:
+        meta[BRONZE_INGESTED_KEY] = str(newest)
     schema, q_schema = silver_arrow_schema(table), silver_arrow_schema(table, quarantine=True)
     rejected: list[pa_arrow.Table] = []
 
@@ -612,7 +632,7 @@ def build_generic_silver(lake: Lake, settings: Settings) -> SilverResult | None:
     result = SilverResult("generic_transactions")
     bronze = lake.read("bronze", "generic", "transactions")
     result.bronze_current = len(bronze)
-    if _last_bronze_version(lake, "generic_transactions") != bronze_version:
+    if _last_recorded(lake, "generic_transactions", BRONZE_VERSION_KEY) != bronze_version:
         mapping = load_generic_mapping(settings.path(settings.generic_mapping))["columns"]
         canonical = pa_arrow.table(
             {
