@@ -338,9 +338,9 @@ def _new_bronze(
     unmerged = None
     if merged_until is not None:
         unmerged = pc.field(INGESTED_AT) > pc.scalar(pa_arrow.scalar(merged_until, INGESTED_TYPE))
-    data = ds.dataset(sorted(files), format="parquet").to_table(filter=unmerged) if files else None
-    if data is None:
-        data = lake.dataset("bronze", table.source, table.name).schema.empty_table()
+    # The table's own schema: a file rewritten by delta-rs stores strings as string_view.
+    schema = current.to_pyarrow_dataset().schema
+    data = ds.dataset(sorted(files), schema=schema, format="parquet").to_table(filter=unmerged)
     return data, current.version()
 
 
