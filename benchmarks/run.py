@@ -39,8 +39,9 @@ def settings_for(size: int):
     )
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak RSS of this process or (RUSAGE_CHILDREN) of its largest finished child."""
+    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def stage_generate(size: int) -> dict:
@@ -333,6 +334,8 @@ def one(stage: str, size: int) -> None:
         size=size,
         wall_s=round(time.perf_counter() - started, 2),
         peak_rss_mb=round(peak_rss_mb(), 1),
+        # e.g. a refresh worker, or the ML lake build when this stage had to run it
+        child_peak_rss_mb=round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1),
     )
     print("RESULT " + json.dumps(result))
 
@@ -372,9 +375,20 @@ def _row(stage: str, r: dict) -> str:
             f"{inner.get('sales_lines', '')} sales lines, {inner.get('landing_mb', 0):.0f} MB"
         )
     if stage in ("train", "refresh"):
-        steps = ", ".join(f"{k} {v}" for k, v in run.get("steps_s", {}).items())
-        scalars = {k: v for k, v in run.items() if not isinstance(v, (dict, list))}
-        return f"{json.dumps(scalars)}; steps: {steps}"
+        # Medians over the runs: of each scalar figure and of each step's seconds.
+        runs = r["runs"]
+        steps = ", ".join(
+            f"{k} {statistics.median(x['steps_s'][k] for x in runs if k in x['steps_s'])}"
+            for k in run.get("steps_s", {})
+        )
+        scalars = {
+            k: statistics.median(x[k] for x in runs if k in x)
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            else v
+            for k, v in run.items()
+            if not isinstance(v, (dict, list))
+        }
+        return f"{len(runs)} run(s), medians: {json.dumps(scalars)}; steps: {steps}"
     return json.dumps({k: v for k, v in run.items() if not isinstance(v, (dict, list))})
 
 
@@ -386,8 +400,9 @@ def write_readme() -> None:
         "Written by `benchmarks/run.py` (`make bench STAGE=... SIZES=...`) from the JSON",
         "files next to this one; each (stage, size) runs in its own process, on the",
         "2-core / 24 GiB machine shared with other work. Medians where repeated.",
-        "Peak RSS is that of the largest single process: the refresh's snapshot runs in",
-        "`refresh_workers` worker processes of their own (about 6 GB each at 1M), on top.",
+        "Peak RSS is the stage process's own; `child_peak_rss_mb` (in the figures, where",
+        "recorded) is its largest child's: a refresh worker of the snapshot (one of",
+        "`refresh_workers`, on top of the parent), or the ML lake build if the stage ran it.",
         "",
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
