@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -97,6 +101,42 @@ def test_snapshot_pass_equals_the_separate_passes(gold, population, feature_set,
     assert len(got_measures) == gold.customers["customer_id"].nunique() > len(ids)
     _, none_active = calculate_snapshot(gold, T, None, feature_set, pd.Index([]))
     assert list(none_active.columns) == list(matrix.columns) and none_active.empty
+
+
+def test_definitions_carry_no_customer_order_or_case_id(gold, feature_set):
+    """A model carries its feature definitions; Featuretools would save every id of the
+    EntitySet with them (all customers and orders it was derived on)."""
+    ids = [
+        *gold.customers["customer_id"],
+        *gold.orders["order_id"],
+        *gold.order_lines["order_id"],
+        *gold.support_cases["case_id"],
+    ]
+    text = feature_set.definitions_json
+    assert [i for i in ids if f'"{i}"' in text] == []
+    assert '"online"' in text  # low-cardinality categories (where-values) are kept
+
+
+def test_feature_order_does_not_depend_on_the_process():
+    """Python salts string hashes per process; DFS's own feature order follows them."""
+    code = (
+        "from tests.features.tiny_gold import SPEC, make_gold\n"
+        "from c360ml.features import derive_feature_set\n"
+        "print('|'.join(derive_feature_set(make_gold(), SPEC).names))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    names = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    ]
+    assert names[0] == names[1] and names[0].count("|") > 50
 
 
 def test_bad_inputs_name_the_problem(gold, feature_set):

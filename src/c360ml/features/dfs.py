@@ -22,6 +22,7 @@ whose meaning could drift between training and scoring.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -53,6 +54,14 @@ IS_PURCHASE = "is_purchase"  # derived on the as-of view: a purchase as known at
 LINE_ID = "line_id"
 MATRIX_DTYPE = "float32"
 _HALF_MICROSECOND_S = 5e-7
+# Identifier columns of each EntitySet dataframe (categoricals with one value per entity).
+ID_COLUMNS = {
+    TARGET_DATAFRAME: (CUSTOMER_ID,),
+    "orders": (Orders.order_id, Orders.customer_id),
+    "order_lines": (OrderLines.order_id, OrderLines.item_id),
+    "products": (Products.item_id,),
+    "support_cases": (SupportCases.case_id, SupportCases.customer_id),
+}
 
 
 @contextlib.contextmanager
@@ -71,7 +80,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _ids_as_category(frame: pd.DataFrame, *id_columns: str) -> pd.DataFrame:
+def _ids_as_category(frame: pd.DataFrame, id_columns: tuple[str, ...]) -> pd.DataFrame:
     """The id columns as pandas categoricals in order of appearance.
 
     Woodwork would convert them itself, sorting millions of distinct id strings (about a
@@ -133,11 +142,14 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
     products = view.products[[Products.item_id, Products.category]]
     customers = view.customers[[CUSTOMER_ID, CustomerProfile.created_ts]]
     orders, lines, cases, products, customers = (
-        _ids_as_category(orders, Orders.order_id, Orders.customer_id),
-        _ids_as_category(lines, OrderLines.order_id, OrderLines.item_id),
-        _ids_as_category(cases, SupportCases.case_id, SupportCases.customer_id),
-        _ids_as_category(products, Products.item_id),
-        _ids_as_category(customers, CUSTOMER_ID),
+        _ids_as_category(frame, ID_COLUMNS[name])
+        for name, frame in (
+            ("orders", orders),
+            ("order_lines", lines),
+            ("support_cases", cases),
+            ("products", products),
+            (TARGET_DATAFRAME, customers),
+        )
     )
     cat, boolean, num = "Categorical", "Boolean", "Double"
     es = ft.EntitySet(id="c360")
@@ -283,7 +295,10 @@ def _synthesize(es: ft.EntitySet, spec: DfsSpec) -> list:
         if isinstance(feature, AggregationFeature) and feature.primitive.name in windowed:
             features.extend(_windowed(feature, w) for w in spec.windows_days)
     drop = set(spec.drop_features)
-    return [f for f in features if f.get_name() not in drop]
+    # Sorted by name: DFS's own order follows Python's per-process string hashing, and the
+    # order decides column sampling and which of two near-duplicates is kept, so without
+    # this the same lake would train a different model in each process.
+    return sorted((f for f in features if f.get_name() not in drop), key=lambda f: f.get_name())
 
 
 def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
@@ -315,13 +330,30 @@ def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
     return FeatureSet(
         names=names,
         dtypes=dict.fromkeys(names, MATRIX_DTYPE),
-        definitions_json=ft.save_features(features),
+        definitions_json=_without_id_values(ft.save_features(features)),
         meta={
             "spec": str(spec_path),
             "featuretools_version": ft.__version__,
             "windows_days": spec.windows_days,
         },
     )
+
+
+def _without_id_values(definitions_json: str) -> str:
+    """Feature definitions without the category values of the EntitySet's id columns.
+
+    Featuretools saves every categorical column's categories with the definitions: for
+    the ids, every customer, order and case id the features were derived on (15 MB at
+    20k customers), which would make each model artifact a copy of the lake's ids, kept
+    after a person's erasure. No feature reads them (a where-clause carries its own
+    value), so they are emptied; the low-cardinality categories stay.
+    """
+    definitions = json.loads(definitions_json)
+    for name, frame in definitions["entityset"]["dataframes"].items():
+        for column in frame["column_typing_info"]:
+            if column["name"] in ID_COLUMNS.get(name, ()):
+                column["physical_type"]["cat_values"] = []
+    return json.dumps(definitions)
 
 
 def _matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list) -> pd.DataFrame:
