@@ -1,17 +1,19 @@
-"""Erasure: a person deleted at the source leaves no row in any table's live files.
+"""Erasure: a person deleted at the source leaves no row in any table's files.
 
 A source record is erased when its newest bronze version is a delete (IsDelete) and it
 was in the previous source map; a customer_id is erased when all of its records are
 (and no merge redirected it). The refresh then deletes those rows from the bronze
 change feed and silver (the person's customer, party, name, address and e-mail/phone
-rows; the contact), from the history tables keyed by customer_id, and vacuums the
-deleted files. Not purged: quarantine tables (raw text of rejected lines) and orders
-(kept, as the business record, under no customer once the account is gone).
+rows; the contact), from the history tables keyed by customer_id, and vacuums. Not
+purged: quarantine tables (raw text of rejected lines) and orders (kept, as the business
+record, under no customer once the account is gone).
 
-Retention: vacuum runs with retention 0 hours, so the rewritten tables' older versions
-(which still hold the rows) are removed at once; time travel to before an erasure is
-deliberately impossible. Delete markers (key only, no personal data) are kept in bronze
-so that an older change arriving late cannot bring the record back.
+Retention: once anyone is erased, every bronze, silver and gold table is vacuumed with
+retention 0 hours, so older versions (which still hold the rows: the ones this purge
+rewrote, and those of tables rebuilt or merged since the last refresh) are removed at
+once; time travel to before an erasure is deliberately impossible. Delete markers (key
+only, no personal data) are kept in bronze so that an older change arriving late cannot
+bring the record back.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def erased_customers(
 
 
 def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureResult:
-    """Delete the erased rows everywhere they live, then vacuum those tables."""
+    """Delete the erased rows everywhere they live, then vacuum every table."""
     result = ErasureResult(list(erased.itertuples(index=False, name=None)), customer_ids)
     if erased.empty and not customer_ids:
         return result
@@ -101,7 +103,23 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
         )
     if contacts and lake.exists("silver", "contact"):
         _delete(lake, ("silver", "contact"), "contactid", contacts, result)
+    _vacuum_all(lake)
     return result
+
+
+def _vacuum_all(lake: Lake) -> None:
+    """Remove the files no live version needs, in every bronze, silver and gold table.
+
+    The person is also in files this purge did not rewrite: older versions of tables that
+    were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
+    in c360ml reads an older version's data (silver compares bronze file lists from the
+    log only), so they go at once.
+    """
+    for layer in ("bronze", "silver", "gold"):
+        for parts in lake.tables(layer):
+            lake.delta(layer, *parts).vacuum(
+                retention_hours=0, enforce_retention_duration=False, dry_run=False
+            )
 
 
 def _purge_commerce(lake: Lake, keys: list[str], result: ErasureResult) -> None:
@@ -158,7 +176,5 @@ def _delete(
         ),
     )
     deleted = int(metrics.get("num_deleted_rows", 0))
-    if deleted:
-        table.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
     result.rows_deleted["/".join(where)] = deleted
     log.info("erasure: %d rows deleted from %s", deleted, "/".join(where))
