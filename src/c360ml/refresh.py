@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from deltalake.exceptions import DeltaError
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
@@ -503,6 +504,32 @@ def erase(lake: Lake, previous_map: pd.DataFrame) -> StepResult:
     )
 
 
+def last_scored_map(lake: Lake) -> pd.DataFrame | None:
+    """The source map the last refresh scored with: the baseline an erasure is found from.
+
+    Not the map as this refresh starts: a `c360ml build` since the last refresh would
+    already have dropped the erased records from it, and their persons would then never
+    be purged. The version is the one recorded in the last churn_scores commit; its files
+    are still there, since only an erasure vacuums. Without a recorded one (no refresh
+    yet, or an older lake), the current map.
+    """
+    map_key = "gold/customer_source_map"
+    if not lake.exists("gold", "customer_source_map"):
+        return None
+    if lake.exists("gold", "churn_scores"):
+        for meta in reversed(lake.commit_metadata("gold", "churn_scores")):
+            version = json.loads(meta.get(INPUTS_KEY, "{}")).get(map_key)
+            if version is None:
+                continue
+            try:
+                table = lake.delta_at("gold", "customer_source_map", version=int(version))
+                return table.to_pyarrow_table().to_pandas()
+            except (OSError, DeltaError) as exc:  # its files removed by hand
+                log.warning("source map v%s of the last refresh unreadable: %s", version, exc)
+            break
+    return lake.read_pandas("gold", "customer_source_map")
+
+
 def run_refresh(
     settings: Settings,
     as_of: pd.Timestamp | None = None,
@@ -524,11 +551,7 @@ def run_refresh(
         return result
 
     lake = Lake(settings.lake)
-    previous_map = (
-        lake.read_pandas("gold", "customer_source_map")
-        if lake.exists("gold", "customer_source_map")
-        else None
-    )
+    previous_map = last_scored_map(lake)
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
