@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import duckdb
@@ -104,6 +105,10 @@ def ingest_landing(settings: Settings) -> IngestSummary:
         raise FileNotFoundError(f"no landing folder at {landing}: run `c360ml generate` first")
     summary = IngestSummary()
     ingested_at = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
+    # Each table's log read once per run, not once per sync folder: a lake refreshed four
+    # times a day has hundreds of folders. Files committed during this run belong to other
+    # folders, so the record read at the start stays right for the folders after it.
+    committed = cache(lambda *where: frozenset(committed_files(lake, *where)))
     with Progress(transient=True) as progress:
         task = progress.add_task("ingest", total=None)
         for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
@@ -114,7 +119,9 @@ def ingest_landing(settings: Settings) -> IngestSummary:
                 progress.update(task, description=f"{source}/{folder.name}")
                 with ThreadPoolExecutor(max_workers=INGEST_THREADS) as pool:
                     done = pool.map(
-                        lambda e, s=source, f=folder: ingest_entity(lake, s, f, e, ingested_at),
+                        lambda e, s=source, f=folder: ingest_entity(
+                            lake, s, f, e, ingested_at, committed
+                        ),
                         _largest_first(entities),
                     )
                     for result in sorted(done, key=lambda r: entities_order(entities, r)):
@@ -165,9 +172,16 @@ def _with_lineage(table: pa.Table, source_file: str, batch_id: str, at: pa.Scala
 
 
 def ingest_entity(
-    lake: Lake, source: str, folder: Path, entity: Entity, at: pa.Scalar
+    lake: Lake,
+    source: str,
+    folder: Path,
+    entity: Entity,
+    at: pa.Scalar,
+    committed: Callable[..., frozenset[str]],
 ) -> TableIngest:
-    """One Synapse Link entity of one sync folder: one bronze commit, one quarantine commit."""
+    """One Synapse Link entity of one sync folder: one bronze commit, one quarantine commit.
+
+    `committed(layer, *parts)` gives the files a table's commits record."""
     started = time.perf_counter()
     result = TableIngest(source, entity.name)
     landing = lake.path("landing")
@@ -175,9 +189,9 @@ def ingest_entity(
     todo_bronze = [
         f
         for f in entity.files
-        if rel[f] not in committed_files(lake, "bronze", source, entity.name)
+        if rel[f] not in committed("bronze", source, entity.name)
     ]
-    done_q = committed_files(lake, "quarantine", "bronze", source, entity.name)
+    done_q = committed("quarantine", "bronze", source, entity.name)
     todo_q = [f for f in entity.files if rel[f] not in done_q]
     if not todo_bronze and not todo_q:
         return result
