@@ -187,9 +187,7 @@ def ingest_entity(
     landing = lake.path("landing")
     rel = {f: f.relative_to(landing).as_posix() for f in entity.files}
     todo_bronze = [
-        f
-        for f in entity.files
-        if rel[f] not in committed("bronze", source, entity.name)
+        f for f in entity.files if rel[f] not in committed("bronze", source, entity.name)
     ]
     done_q = committed("quarantine", "bronze", source, entity.name)
     todo_q = [f for f in entity.files if rel[f] not in done_q]
