@@ -89,11 +89,14 @@ class Lake:
         mode: str = "append",
         partition_by: list[str] | None = None,
         metadata: dict[str, str] | None = None,
+        predicate: str | None = None,
     ) -> int:
         """One atomic commit; returns the new table version.
 
         `metadata` lands in the commit info (e.g. the batch id), which is what lets
-        ingest tell a committed batch from one that crashed before its commit.
+        ingest tell a committed batch from one that crashed before its commit. With
+        `predicate`, an overwrite replaces only the rows matching it (every new row must
+        match too): on a partition column, whole partitions are swapped, nothing rewritten.
         """
         table = (
             pa.Table.from_pandas(data, preserve_index=False)
@@ -107,7 +110,8 @@ class Lake:
             table,
             mode=mode,
             partition_by=partition_by,
-            schema_mode="overwrite" if mode == "overwrite" else None,
+            schema_mode="overwrite" if mode == "overwrite" and predicate is None else None,
+            predicate=predicate,
             commit_properties=_commit(metadata),
         )
         return DeltaTable(str(where)).version()

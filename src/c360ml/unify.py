@@ -285,9 +285,10 @@ def assign_ids(
     con = duckdb_connection()
     frame = records[["source", "source_key", "created_ts"]].assign(cluster=labels)
     con.register("rec", pa.Table.from_pandas(frame, preserve_index=False))
+    keys = ["source", "source_key", "customer_id"]
     if previous is None:
-        previous = pd.DataFrame({c: pd.Series(dtype=str) for c in columns(CustomerSourceMap)})
-    con.register("prev", pa.Table.from_pandas(previous[columns(CustomerSourceMap)]))
+        previous = pd.DataFrame({c: pd.Series(dtype=str) for c in keys})
+    con.register("prev", pa.Table.from_pandas(previous[keys]))
     con.execute(
         """CREATE TEMP TABLE r AS
            SELECT rec.*, p.customer_id AS old_id,
@@ -335,6 +336,25 @@ def assign_ids(
         }
     )
     return pd.Series(cluster_id[labels], index=records.index), redirects
+
+
+def assignment_times(
+    source_map: pd.DataFrame, previous: pd.DataFrame | None, today: pd.Timestamp
+) -> np.ndarray:
+    """Per record, when it got its current customer_id: the previous map's time while the
+    id is unchanged, else `today` (a new record, a merge, a split)."""
+    if previous is None or "assigned_at" not in previous:
+        return np.full(len(source_map), today)
+    con = duckdb_connection()
+    frame = source_map[["source", "source_key", "customer_id"]].assign(i=np.arange(len(source_map)))
+    con.register("m", pa.Table.from_pandas(frame, preserve_index=False))
+    con.register("p", pa.Table.from_pandas(previous[columns(CustomerSourceMap)]))
+    kept = con.sql(
+        """SELECT p.assigned_at FROM m
+           LEFT JOIN p ON p.source = m.source AND p.source_key = m.source_key
+                      AND p.customer_id = m.customer_id ORDER BY m.i"""
+    ).to_arrow_table()["assigned_at"]
+    return kept.to_pandas().fillna(today).to_numpy()
 
 
 def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
@@ -498,6 +518,7 @@ def build_unify(settings: Settings) -> UnifySummary:
     today = pd.Timestamp.now(tz="UTC").floor("us")
     ids, redirects = assign_ids(records, labels, previous, today)
     source_map = records[["source", "source_key"]].assign(customer_id=ids.to_numpy())
+    source_map["assigned_at"] = assignment_times(source_map, previous, today)
     write_gold(
         lake,
         "customer_source_map",
