@@ -98,38 +98,27 @@ def test_increment_applies_changes_and_erasure(lake):
     assert len(unexplained) <= 0.01 * len(both)
 
 
-def test_incremental_gold_equals_a_full_rebuild(lake, tmp_path):
-    """An increment rebuilds only the months holding a changed order, and the order
-    tables (and their quarantine) end up row for row what a build from scratch gives."""
+def test_unify_reusing_fuzzy_pairs_clusters_as_a_full_match(lake, tmp_path):
+    """After an increment, unify scores only the fuzzy blocks that changed records touch
+    (state/unify); the clusters are those of matching everything again."""
     import shutil
 
-    from c360ml.medallion.build import build_gold, build_unify
-    from c360ml.medallion.ingest import ingest_landing
+    from c360ml.medallion.build import build_unify
 
-    lk = Lake(lake.lake)
-    months_before = set(lk.read_pandas("gold", "orders").order_month)
     generate_increment(lake)
-    ingest_landing(lake)
-    build_silver(lake)
-    build_unify(lake)
-    written = {r["table"]: r["written"] for r in build_gold(lake).rows()}
-    print(written, len(months_before))
-    assert written["gold/orders"].endswith("months"), written
-    assert int(written["gold/orders"].split()[0]) < len(months_before) / 2
+    build_all(lake)  # this unify reuses the previous build's fuzzy pairs
+    assert Lake(lake.lake).exists("state", "unify", "name_postal_code")
     fresh = lake.model_copy(update={"lake_root": tmp_path / "lake"})
     shutil.copytree(lake.lake, fresh.lake)
-    for name in ("orders", "order_lines", "order_status_history"):
-        shutil.rmtree(fresh.lake / "gold" / name)
-        shutil.rmtree(fresh.lake / "quarantine" / "gold" / name, ignore_errors=True)
-    build_gold(fresh)
-    for where in [("gold", n) for n in ("orders", "order_lines", "order_status_history")] + [
-        ("quarantine", "gold", "orders"),
-        ("quarantine", "gold", "order_lines"),
-    ]:
-        got, want = (Lake(s.lake).read_pandas(*where) for s in (lake, fresh))
-        cols = sorted(want.columns)
-        assert sorted(got.columns) == cols, where
-        got, want = (
-            f[cols].astype(str).sort_values(cols).reset_index(drop=True) for f in (got, want)
-        )
-        pd.testing.assert_frame_equal(got, want, obj="/".join(where))
+    shutil.rmtree(fresh.lake / "state" / "unify")
+    shutil.rmtree(fresh.lake / "gold" / "customer_source_map")  # so unify runs again
+    build_unify(fresh)
+
+    def clusters(settings):
+        m = Lake(settings.lake).read_pandas("gold", "customer_source_map")
+        keys = m.source + ":" + m.source_key
+        return {frozenset(g) for g in keys.groupby(m.customer_id).agg(list)}
+
+    assert clusters(lake) == clusters(fresh)
+    report = [Lake(s.lake).read_pandas("gold", "unify_report") for s in (lake, fresh)]
+    pd.testing.assert_frame_equal(*report)

@@ -364,3 +364,46 @@ def test_sorted_words_make_ratio_equal_token_sort_ratio():
     assert words[2] is None and words[0] == words[1] == "ann lee smith"
     for a, b in [(0, 1), (0, 3), (3, 4), (1, 4)]:
         assert fuzz.ratio(words[a], words[b]) == fuzz.token_sort_ratio(names[a], names[b])
+
+
+def test_reused_fuzzy_pairs_equal_a_full_match():
+    """Scoring only the blocks that new, changed or removed records touch, and reusing the
+    previous pairs of the others, finds exactly the pairs a full match finds: also where
+    removals alone shrink a block below the size limit, and where a record moves out."""
+    from c360ml.unify import match_rule_reusing, pairs_by_key, rule_signatures
+
+    rng = np.random.default_rng(3)
+    firsts, lasts = ["Ann", "Anne", "Bob", "Rob", "Cy", "Dee"], ["Lee", "Leigh", "Ray", "Roy"]
+
+    def person(i, postal=None):
+        return rec(f"R{i}", first=rng.choice(firsts), last=rng.choice(lasts),
+                   email=f"p{rng.integers(400)}@x.com",
+                   postal=postal or str(rng.integers(10)))  # fmt: skip
+
+    rows = [person(i) for i in range(1500)]
+    rule = next(r for r in RULES.rules if r.name == "name_postal_code")
+    before = prepare_records(pd.DataFrame(rows))
+    sizes = before.groupby(["m_postal_code", "m_last_initial"]).size()
+    limit = int(sizes.max()) - 1  # the largest block is over it, until it loses records
+
+    def full(records):
+        return match_rule(records, rule, RULES.junk_max_records, limit)
+
+    signatures, pairs = rule_signatures(before, rule), pairs_by_key(before, full(before))
+    # 200 removed everywhere; 50 new and 30 moved records, all in a new postal code
+    changed = rows[200:] + [person(i, postal="77") for i in range(2000, 2050)]
+    for i in rng.choice(len(changed) - 50, 30, replace=False):
+        changed[i] = {**changed[i], "postal_code": "77"}
+    after = prepare_records(pd.DataFrame(changed))
+    reused = match_rule_reusing(
+        after, rule, RULES.junk_max_records, limit, rule_signatures(after, rule), signatures, pairs
+    )
+    expected = full(after)
+
+    def as_set(p):
+        keys = after["source_key"].to_numpy()
+        return {tuple(sorted(t)) for t in zip(keys[p.left], keys[p.right], strict=True)}
+
+    assert full(before).skipped_blocks > expected.skipped_blocks  # a block fell under
+    assert as_set(reused) == as_set(expected) and len(as_set(expected)) > 1000
+    assert reused.skipped_blocks == expected.skipped_blocks

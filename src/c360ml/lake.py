@@ -89,14 +89,11 @@ class Lake:
         mode: str = "append",
         partition_by: list[str] | None = None,
         metadata: dict[str, str] | None = None,
-        predicate: str | None = None,
     ) -> int:
         """One atomic commit; returns the new table version.
 
         `metadata` lands in the commit info (e.g. the batch id), which is what lets
-        ingest tell a committed batch from one that crashed before its commit. With
-        `predicate`, an overwrite replaces only the rows matching it (every new row must
-        match too): on a partition column, whole partitions are swapped, nothing rewritten.
+        ingest tell a committed batch from one that crashed before its commit.
         """
         table = (
             pa.Table.from_pandas(data, preserve_index=False)
@@ -110,8 +107,7 @@ class Lake:
             table,
             mode=mode,
             partition_by=partition_by,
-            schema_mode="overwrite" if mode == "overwrite" and predicate is None else None,
-            predicate=predicate,
+            schema_mode="overwrite" if mode == "overwrite" else None,
             commit_properties=_commit(metadata),
         )
         return DeltaTable(str(where)).version()

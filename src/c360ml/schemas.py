@@ -48,10 +48,6 @@ class CustomerSourceMap(_Gold):
         description="d365: '<dataareaid>-<accountnum>'; dataverse: contactid"
     )
     customer_id: Series[str]
-    assigned_at: Series[UTC_TS] = pa.Field(
-        description="when unify gave the record this customer_id (gold refreshes the "
-        "orders of records assigned since its last build)"
-    )
 
 
 class CustomerIdRedirects(_Gold):

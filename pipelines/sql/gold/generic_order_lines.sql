@@ -4,7 +4,6 @@ SELECT CONCAT('GEN:', t.order_id) AS order_id,
        CAST(CASE WHEN t.is_return THEN -1 ELSE 1 END AS DOUBLE) AS qty, ABS(t.amount) AS unit_price,
        t.amount AS net_amount, t.is_return,
        CASE WHEN o.quarantine_reason IS NOT NULL THEN CONCAT('order quarantined: ', o.quarantine_reason)
-            END AS quarantine_reason,
-       o.order_ts
+            END AS quarantine_reason
 FROM silver_generic_transactions t
 JOIN all_orders o ON o.order_id = CONCAT('GEN:', t.order_id)

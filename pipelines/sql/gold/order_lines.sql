@@ -1,6 +1,5 @@
 -- Lines of both order kinds; `quarantine_reason` set for orphan lines and for lines of
--- orders that gold/orders quarantined (gold.py splits on it). `order_ts` (the order's)
--- places each line in its order's month partition.
+-- orders that gold/orders quarantined (gold.py splits on it).
 WITH lines AS (
     SELECT CONCAT('SO:', l.dataareaid, '-', l.salesid) AS order_id, CAST(l.linenum AS BIGINT) AS line,
            l.itemid AS item_id, l.salesqty AS qty, l.salesprice AS unit_price,
@@ -16,8 +15,7 @@ SELECT l.order_id, l.line, l.item_id, p.itemgroupid AS category,
        CAST(l.net_amount AS DOUBLE) AS net_amount, l.is_return,
        CASE WHEN o.order_id IS NULL THEN 'orphan line (no order header)'
             WHEN o.quarantine_reason IS NOT NULL THEN CONCAT('order quarantined: ', o.quarantine_reason)
-            END AS quarantine_reason,
-       o.order_ts
+            END AS quarantine_reason
 FROM lines l
 LEFT JOIN all_orders o ON o.order_id = l.order_id
 LEFT JOIN silver_inventtable p ON p.itemid = l.item_id

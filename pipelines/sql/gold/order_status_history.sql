@@ -1,7 +1,6 @@
 -- Valid-from/valid-to status of each gold order, rebuilt from the bronze change feed
 -- (every version, not just the current one), so features can ask what the status was
--- at a past cutoff. A version is valid from its source modification time. `order_ts`
--- places each row in its order's month partition.
+-- at a past cutoff. A version is valid from its source modification time.
 WITH versions AS (
     SELECT CONCAT('SO:', dataareaid, '-', salesid) AS entity_id,
            CASE salesstatus WHEN 1 THEN 'open' WHEN 2 THEN 'delivered' WHEN 3 THEN 'invoiced'
@@ -18,7 +17,7 @@ WITH versions AS (
     FROM bronze_d365_retailtransactiontable WHERE NOT COALESCE(IsDelete, FALSE)
 ),
 ordered AS (
-    SELECT v.entity_id, v.status, v.is_cancelled, v.versionnumber, o.order_ts,
+    SELECT v.entity_id, v.status, v.is_cancelled, v.versionnumber,
            -- the first version is valid from the order's creation, whatever its modified time
            CASE WHEN v.versionnumber = MIN(v.versionnumber) OVER (PARTITION BY v.entity_id)
                 THEN LEAST(v.created_ts, v.changed_ts) ELSE v.changed_ts END AS changed_ts,
@@ -26,6 +25,5 @@ ordered AS (
     FROM versions v JOIN gold_orders o ON o.order_id = v.entity_id
 )
 SELECT entity_id, status, is_cancelled, changed_ts AS valid_from,
-       LEAD(changed_ts) OVER (PARTITION BY entity_id ORDER BY versionnumber) AS valid_to,
-       order_ts
+       LEAD(changed_ts) OVER (PARTITION BY entity_id ORDER BY versionnumber) AS valid_to
 FROM ordered WHERE dup = 1

@@ -1,37 +1,30 @@
 """Gold: the unified profile, activity and supporting tables, keyed by customer_id.
 
-Gold is built from silver by the SQL in `pipelines/sql/gold/`, each query's result
-streamed batch by batch into its Delta commit (memory holds a batch, not a 20M-row
-table). The order tables (orders, lines, status history) are partitioned by the order's
-month: after the first build, a build finds the orders changed since the last one
-(bronze rows ingested since, accounts changed, records unify re-assigned) and recomputes
-only the months that hold them, by the same SQL over silver narrowed to those months,
-swapping those partitions in one commit per table. Why months and not a row merge: a
-refresh's new orders and status changes sit in the last month or two, while a merge
-would rewrite every file holding any changed row (and scan all of them); and each month
-is still exactly what the SQL gives, so partial builds cannot drift (a test compares them
-with a build from scratch). The small tables are rebuilt. A table is written only when
-its inputs' versions changed, so a build with nothing new adds no Delta versions.
+Gold is rebuilt from silver by the SQL in `pipelines/sql/gold/` on each build, each
+query's result streamed batch by batch into its Delta commit (memory holds a batch, not
+a 20M-row table). Why a rebuild and not a merge: a refresh's changed orders (new ones,
+status changes, customers re-linked by unify) are spread over every file of the order
+and line tables, so a Delta merge would rewrite nearly all of them anyway, and a
+rebuild cannot drift the way a chain of partial updates can. A table is written only
+when its inputs' versions changed, so a build with nothing new adds no Delta versions.
 Orders and lines that cannot be tied to a profile go to `quarantine/gold/<table>` with a
 reason, never away.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
-import duckdb
 import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.medallion.sql import connect, render, run_sql
+from c360ml.medallion.sql import connect, run_sql
 from c360ml.schemas import (
     OrderLines,
     Orders,
@@ -194,27 +187,16 @@ def stream_gold(
     model: type[pa.DataFrameModel],
     inputs: dict,
     quarantine: bool,
-    months: list[str] | None = None,
-    kept_quarantine: pa_arrow.Table | None = None,
-    metadata: dict[str, str] | None = None,
 ) -> tuple[int, int]:
     """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
 
     With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
-    instead (written after the gold commit, with `kept_quarantine`: the earlier rows the
-    queries did not recompute). The order tables are partitioned by MONTH; with `months`,
-    only those partitions are replaced. Memory holds one batch, the quarantined rows and
-    the unique columns, never the table: a check that fails (uniqueness at the end)
+    instead (written after the gold commit). Memory holds one batch, the quarantined rows
+    and the unique columns, never the table: a check that fails (uniqueness at the end)
     raises inside the stream, so nothing is committed.
     """
     check = ArrowCheck(model, f"gold/{name}")
-    partitioned = name in ORDER_TABLES
-    schema = (
-        check.schema.append(pa_arrow.field(MONTH, pa_arrow.string()))
-        if partitioned
-        else check.schema
-    )
-    rejected: list[pa_arrow.Table] = [] if kept_quarantine is None else [kept_quarantine]
+    rejected: list[pa_arrow.Table] = []
     failed: list[ValueError] = []
 
     def batches():
@@ -226,197 +208,29 @@ def stream_gold(
                         bad = pc.is_valid(rows[REASON])
                         rejected.append(rows.filter(bad))
                         rows = rows.filter(pc.invert(bad))
-                    checked = check(rows)
-                    if partitioned:
-                        checked = checked.append_column(MONTH, month_of(rows[ORDER_TS]))
-                    yield from checked.to_batches()
+                    yield from check(rows).to_batches()
             check.finish()
         except ValueError as exc:
             failed.append(exc)  # the writer wraps it; re-raised as it was, below
             raise
 
-    in_months = None if months is None else f"{MONTH} IN ({', '.join(repr(m) for m in months)})"
-    reader = pa_arrow.RecordBatchReader.from_batches(schema, batches())
     try:
-        if months == []:  # only quarantined rows changed (e.g. orphan lines): no partition
-            if sum(len(b) for b in reader):
-                raise RuntimeError(f"gold/{name}: rows outside the months being rebuilt")
-        else:
-            lake.write(
-                reader,
-                "gold",
-                name,
-                mode="overwrite",
-                partition_by=[MONTH] if partitioned else None,
-                metadata={INPUTS_KEY: json.dumps(inputs), **(metadata or {})},
-                predicate=in_months,
-            )
+        lake.write(
+            pa_arrow.RecordBatchReader.from_batches(check.schema, batches()),
+            "gold",
+            name,
+            mode="overwrite",
+            metadata={INPUTS_KEY: json.dumps(inputs)},
+        )
     except Exception:
         if failed:
             raise failed[0] from None
         raise
     if not quarantine:
         return check.rows, 0
-    bad = pa_arrow.concat_tables(
-        rejected or [readers[0].schema.empty_table()], promote_options="permissive"
-    )
+    bad = pa_arrow.concat_tables(rejected or [readers[0].schema.empty_table()])
     lake.write(bad, "quarantine", "gold", name, mode="overwrite")
     return check.rows, len(bad)
-
-
-def month_of(ts: pa_arrow.ChunkedArray | pa_arrow.Array) -> pa_arrow.Array:
-    """'YYYY-MM' of UTC timestamps: the partition of the order tables."""
-    return pc.strftime(ts, format="%Y-%m")
-
-
-# ---------------------------------------------------------------- incremental orders
-
-# The order tables are partitioned by the month of the order's order_ts. A refresh's new
-# orders and status changes fall in the last month or two, so a build recomputes only the
-# months that hold a changed order (from the silver rows of those months, by the same SQL
-# files) and swaps those partitions in one commit each; the other months are untouched.
-ORDER_TABLES = ("orders", "order_lines", "order_status_history")
-MONTH = "order_month"
-ORDER_TS = "order_ts"
-WATERMARK_KEY = "c360ml.gold_watermark"  # newest bronze _ingested_at / map assigned_at used
-# Inputs that change order rows in ways the dirty-order search does not follow: a change
-# of any (or of the SQL and its settings) rebuilds the order tables.
-UNTRACKED = ("bronze/d365/inventtable", "silver/inventtable", "sql")
-# bronze table -> SQL of the order id of each of its rows
-ORDER_IDS = {
-    "bronze_d365_salestable": "CONCAT('SO:', TRIM(dataareaid), '-', TRIM(salesid))",
-    "bronze_d365_salesline": "CONCAT('SO:', TRIM(dataareaid), '-', TRIM(salesid))",
-    "bronze_d365_retailtransactiontable": "CONCAT('POS:', TRIM(transactionid))",
-    "bronze_d365_retailtransactionsalestrans": "CONCAT('POS:', TRIM(transactionid))",
-}
-HEADERS = {  # silver order header -> (order id, account key) SQL
-    "silver_salestable": (
-        "CONCAT('SO:', dataareaid, '-', salesid)",
-        "CONCAT(dataareaid, '-', custaccount)",
-    ),
-    "silver_retailtransactiontable": (
-        "CONCAT('POS:', transactionid)",
-        "CONCAT(dataareaid, '-', custaccount)",
-    ),
-}
-LINES = {  # silver order lines -> their header
-    "silver_salesline": "silver_salestable",
-    "silver_retailtransactionsalestrans": "silver_retailtransactiontable",
-}
-
-
-def watermarks(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """What this build has seen: the newest bronze ingest time (over the order and
-    account tables) and the newest map assignment, as microseconds since the epoch."""
-    newest = " UNION ALL ".join(
-        f"SELECT MAX(_ingested_at) AS t FROM {t}"
-        for t in [*ORDER_IDS, "bronze_d365_custtable", "bronze_d365_dirpartytable"]
-    )
-    bronze, assigned = con.execute(
-        f"""SELECT epoch_us((SELECT MAX(t) FROM ({newest}))),
-                   epoch_us((SELECT MAX(assigned_at) FROM gold_customer_source_map))"""
-    ).fetchall()[0]
-    return {"bronze": bronze or 0, "assigned": assigned or 0}
-
-
-def previous_watermarks(lake: Lake, inputs: dict) -> dict[str, int] | None:
-    """The watermarks of the last order-table build, when an incremental build can follow
-    it: every order table partitioned and built from the same untracked inputs."""
-    for name in ORDER_TABLES:
-        if not lake.exists("gold", name) or MONTH not in lake.dataset("gold", name).schema.names:
-            return None
-    metas = [m for m in lake.commit_metadata("gold", "orders") if WATERMARK_KEY in m]
-    if not metas:
-        return None
-    before = json.loads(metas[-1][INPUTS_KEY])
-    if any(before.get(k) != inputs.get(k) for k in UNTRACKED):
-        return None
-    return json.loads(metas[-1][WATERMARK_KEY])
-
-
-def dirty_months(con: duckdb.DuckDBPyConnection, since: dict[str, int]) -> list[str]:
-    """Months holding an order changed since the watermarks (temp table dirty_orders).
-
-    An order is changed when a bronze row of its header or lines arrived since, or its
-    account did (custtable, dirpartytable) or was given another customer_id by unify.
-    Bronze rows are followed by record id through all their versions, so a delete marker
-    that carries only its key still names the order (or account) of its older versions.
-    Months are taken from the order as silver has it now and as gold had it (a deleted
-    or moved order's old month is rebuilt too).
-    """
-    bronze = f"make_timestamp({since['bronze']})"
-    changed = " UNION ".join(
-        f"""SELECT {expr} AS order_id FROM {table} WHERE recid IN (
-              SELECT recid FROM {table} WHERE _ingested_at > {bronze})"""
-        for table, expr in ORDER_IDS.items()
-    )
-    accounts = f"""
-        SELECT CONCAT(TRIM(dataareaid), '-', TRIM(accountnum)) AS account FROM bronze_d365_custtable
-        WHERE recid IN (SELECT recid FROM bronze_d365_custtable WHERE _ingested_at > {bronze})
-        UNION SELECT CONCAT(c.dataareaid, '-', c.accountnum) FROM silver_custtable c
-        WHERE c.party IN (SELECT recid FROM bronze_d365_dirpartytable WHERE _ingested_at > {bronze})
-        UNION SELECT source_key FROM gold_customer_source_map
-        WHERE source = 'd365' AND assigned_at > make_timestamp({since["assigned"]})"""
-    by_account = " UNION ".join(
-        f"SELECT {oid} FROM {t} WHERE {acct} IN (SELECT account FROM accounts)"
-        for t, (oid, acct) in HEADERS.items()
-    )
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE accounts AS {accounts};
-            CREATE OR REPLACE TEMP TABLE dirty_orders AS
-            SELECT order_id FROM ({changed}) WHERE order_id IS NOT NULL UNION {by_account}"""
-    )
-    months = " UNION ".join(
-        f"""SELECT strftime(createddatetime, '%Y-%m') AS m FROM {t}
-            WHERE {oid} IN (SELECT order_id FROM dirty_orders)"""
-        for t, (oid, _) in HEADERS.items()
-    )
-    found = con.execute(
-        f"""SELECT DISTINCT m FROM ({months}
-              UNION SELECT {MONTH} FROM gold_orders WHERE order_id IN (SELECT order_id FROM dirty_orders)
-              UNION SELECT strftime(order_ts, '%Y-%m') FROM quarantine_gold_orders
-                    WHERE order_id IN (SELECT order_id FROM dirty_orders))
-            WHERE m IS NOT NULL ORDER BY m"""
-    ).fetchall()
-    return [m for (m,) in found]
-
-
-def restrict_to(con: duckdb.DuckDBPyConnection, lake: Lake, months: list[str]) -> None:
-    """Silver order views narrowed to the orders of `months` (and lines of changed
-    orders, which may have no header: orphans), so the SQL files compute only those."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE months AS SELECT UNNEST({months!r}::VARCHAR[]) AS m")
-    for view in HEADERS:
-        con.register(f"all_{view}", lake.dataset("silver", view.removeprefix("silver_")))
-        con.unregister(view)
-        con.execute(
-            f"""CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM all_{view}
-                WHERE strftime(createddatetime, '%Y-%m') IN (SELECT m FROM months)"""
-        )
-    for view, header in LINES.items():
-        oid = HEADERS[header][0]
-        con.register(f"all_{view}", lake.dataset("silver", view.removeprefix("silver_")))
-        con.unregister(view)
-        con.execute(
-            f"""CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM all_{view}
-                WHERE {oid} IN (SELECT {oid} FROM {header})
-                   OR {oid} IN (SELECT order_id FROM dirty_orders)"""
-        )
-
-
-def kept_quarantine(con: duckdb.DuckDBPyConnection, name: str) -> pa_arrow.Table:
-    """The quarantined rows of an order table that this build does not recompute."""
-    return con.sql(
-        f"""SELECT * FROM quarantine_gold_{name}
-            WHERE COALESCE(strftime(order_ts, '%Y-%m') NOT IN (SELECT m FROM months), TRUE)
-              AND order_id NOT IN (SELECT order_id FROM dirty_orders)"""
-    ).to_arrow_table()
-
-
-def sql_digest(settings: Settings) -> str:
-    """A digest of the gold SQL as run (files and settings): another SQL, another build."""
-    folder = settings.path(settings.sql_dir) / "gold"
-    text = "".join(render(f, settings) for f in sorted(folder.glob("*.sql")))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_gold(settings: Settings) -> GoldSummary:
@@ -424,44 +238,20 @@ def build_gold(settings: Settings) -> GoldSummary:
     if not lake.exists("gold", "customer_source_map"):
         raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
     # customer_profile and the source map are unify's outputs; gold builds the rest.
-    inputs = {**lake_versions(lake), "sql": sql_digest(settings)}
+    inputs = lake_versions(lake)
     con = connect(lake)
     summary = GoldSummary()
     d365 = lake.exists("silver", "custtable")
     generic = lake.exists("silver", "generic_transactions")
-    for name in ("orders", "order_lines"):
-        if lake.exists("quarantine", "gold", name):
-            con.register(f"quarantine_gold_{name}", lake.dataset("quarantine", "gold", name))
-    months, marks, changed = None, None, False
-    if d365 and not generic and not inputs_unchanged(lake, ("gold", "orders"), inputs):
-        marks = watermarks(con)
-        since = previous_watermarks(lake, inputs)
-        if since is not None:
-            months = dirty_months(con, since)
-            changed = con.execute("SELECT COUNT(*) > 0 FROM dirty_orders").fetchall()[0][0]
-            restrict_to(con, lake, months)
 
     def put(name, model, *sql: str, quarantine=False, note=lambda: ""):
         """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
-        are unchanged; then register the table for the queries after it. An order table
-        of an incremental build replaces only the changed months."""
+        are unchanged; then register the table for the queries after it."""
         started = time.perf_counter()
-        partial = months is not None and name in ORDER_TABLES
-        written = not inputs_unchanged(lake, ("gold", name), inputs) and (changed or not partial)
+        written = not inputs_unchanged(lake, ("gold", name), inputs)
         if written:
-            kept = kept_quarantine(con, name) if partial and quarantine else None
             readers = [run_sql(con, settings, f"gold/{n}", stream=True) for n in sql]
-            stream_gold(
-                lake,
-                name,
-                readers,
-                model,
-                inputs,
-                quarantine,
-                months=months if partial else None,
-                kept_quarantine=kept,
-                metadata={WATERMARK_KEY: json.dumps(marks)} if name == "orders" and marks else None,
-            )
+            stream_gold(lake, name, readers, model, inputs, quarantine)
         con.register(f"gold_{name}", lake.dataset("gold", name))
         if quarantine:
             con.register(f"quarantine_{name}", lake.dataset("quarantine", "gold", name))
@@ -473,9 +263,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                     lake.dataset("quarantine", "gold", name).count_rows() if quarantine else 0
                 ),
                 "note": note(),
-                "written": (f"{len(months)} months" if partial else "yes")
-                if written
-                else "unchanged",
+                "written": "yes" if written else "unchanged",
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
@@ -488,19 +276,12 @@ def build_gold(settings: Settings) -> GoldSummary:
     # Every order with its quarantine reason (null when in gold): what lines are tied to.
     con.execute(
         "CREATE OR REPLACE TEMP VIEW all_orders AS "
-        "SELECT order_id, order_ts, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
-        "UNION ALL SELECT order_id, order_ts, quarantine_reason FROM quarantine_orders"
+        "SELECT order_id, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
+        "UNION ALL SELECT order_id, quarantine_reason FROM quarantine_orders"
     )
     put("order_lines", OrderLines, *variants("order_lines", "generic_order_lines"), quarantine=True)
     if d365:
         put("products", Products, "products")
-        if months is not None:  # the status history of the recomputed months' orders only
-            con.register("gold_orders_all", lake.dataset("gold", "orders"))
-            con.unregister("gold_orders")
-            con.execute(
-                f"CREATE OR REPLACE TEMP VIEW gold_orders AS SELECT * FROM gold_orders_all "
-                f"WHERE {MONTH} IN (SELECT m FROM months)"
-            )
         put("order_status_history", StatusHistory, "order_status_history")
     if lake.exists("silver", "incident"):
         put(
