@@ -258,101 +258,6 @@ def match_rule(
     return result
 
 
-# ---------------------------------------------------------------- fuzzy pairs reused
-
-# A fuzzy rule compares all pairs inside each block, and nothing outside a block decides
-# its pairs (unless a junk guard on its exact fields counts values lake-wide). So a block
-# whose records are all unchanged since the last build gives the same pairs again: a
-# build scores only the blocks a new, changed or removed record touches, and takes the
-# rest from `state/unify/<rule>` (per record a hash of its block key and of what the rule
-# reads; the matched pairs by source key), which each build rewrites.
-KEY = ["source", "source_key"]
-
-
-def reusable(rule: MatchRule, junk_fields: tuple[str, ...]) -> bool:
-    return rule.fuzzy is not None and not set(rule.exact) & set(junk_fields)
-
-
-def rule_signatures(records: pd.DataFrame, rule: MatchRule) -> pd.DataFrame:
-    """Per record, the hash of its block key and of every field the rule reads (int64:
-    Delta has no unsigned type); `block` is null when the record is in no block."""
-    block_cols = [f"m_{f}" for f in rule.exact]
-    read = [*block_cols, f"m_{rule.fuzzy.field}", *(f"m_{f}" for f in rule.veto_if_all_differ)]
-
-    def digest(cols: list[str]) -> np.ndarray:
-        return pd.util.hash_pandas_object(records[cols], index=False).to_numpy().view(np.int64)
-
-    outside = records[block_cols].isna().any(axis=1).to_numpy()
-    return pd.DataFrame(
-        {
-            "source": records["source"].to_numpy(),
-            "source_key": records["source_key"].to_numpy(),
-            "block": pd.arrays.IntegerArray(digest(block_cols), mask=outside),
-            "record_hash": digest(read),
-        }
-    )
-
-
-def match_rule_reusing(
-    records: pd.DataFrame,
-    rule: MatchRule,
-    junk_max: int,
-    max_block: int,
-    signatures: pd.DataFrame,
-    before: pd.DataFrame,
-    before_pairs: pd.DataFrame,
-) -> RulePairs:
-    """match_rule's pairs, scoring only the blocks that a new, changed or removed record
-    touches (in full) and reusing the previous build's pairs of all the other blocks."""
-    con = duckdb_connection()
-    con.register("now_", pa.Table.from_pandas(signatures.assign(i=np.arange(len(signatures)))))
-    con.register("before_", pa.Table.from_pandas(before))
-    con.register("pairs_", pa.Table.from_pandas(before_pairs))
-    con.execute(
-        """CREATE TEMP TABLE touched AS
-           SELECT n.block FROM now_ n LEFT JOIN before_ b USING (source, source_key)
-           WHERE b.record_hash IS DISTINCT FROM n.record_hash AND n.block IS NOT NULL
-           UNION SELECT b.block FROM before_ b LEFT JOIN now_ n USING (source, source_key)
-           WHERE n.record_hash IS DISTINCT FROM b.record_hash AND b.block IS NOT NULL"""
-    )
-    redo = con.sql("SELECT i FROM now_ SEMI JOIN touched USING (block) ORDER BY i").fetchnumpy()[
-        "i"
-    ]
-    kept = con.sql(
-        """SELECT l.i AS left, r.i AS right FROM pairs_ p
-           JOIN now_ l ON l.source = p.left_source AND l.source_key = p.left_key
-           JOIN now_ r ON r.source = p.right_source AND r.source_key = p.right_key
-           WHERE l.block NOT IN (SELECT block FROM touched)"""
-    ).fetchnumpy()
-    skipped = con.sql(
-        f"""SELECT COUNT(*) FROM (SELECT block FROM now_ WHERE block IS NOT NULL
-            GROUP BY block HAVING COUNT(*) > {max_block})"""
-    ).fetchall()[0][0]
-    con.close()
-    subset = records.iloc[redo].reset_index(drop=True).assign(record=np.arange(len(redo)))
-    scored = match_rule(subset, rule, junk_max, max_block)
-    return RulePairs(
-        rule.name,
-        np.concatenate([redo[scored.left], kept["left"]]).astype(np.int64),
-        np.concatenate([redo[scored.right], kept["right"]]).astype(np.int64),
-        scored.junk,
-        int(skipped),
-    )
-
-
-def pairs_by_key(records: pd.DataFrame, pairs: RulePairs) -> pd.DataFrame:
-    """A rule's pairs by source key, as `state/unify/<rule>_pairs` keeps them."""
-    source, key = records["source"].to_numpy(), records["source_key"].to_numpy()
-    return pd.DataFrame(
-        {
-            "left_source": source[pairs.left],
-            "left_key": key[pairs.left],
-            "right_source": source[pairs.right],
-            "right_key": key[pairs.right],
-        }
-    )
-
-
 def cluster(n: int, pairs: list[RulePairs]) -> np.ndarray:
     """Connected components of all matched pairs: a cluster label per record."""
     left = np.concatenate([p.left for p in pairs] + [np.array([], int)])
@@ -380,10 +285,9 @@ def assign_ids(
     con = duckdb_connection()
     frame = records[["source", "source_key", "created_ts"]].assign(cluster=labels)
     con.register("rec", pa.Table.from_pandas(frame, preserve_index=False))
-    keys = ["source", "source_key", "customer_id"]
     if previous is None:
-        previous = pd.DataFrame({c: pd.Series(dtype=str) for c in keys})
-    con.register("prev", pa.Table.from_pandas(previous[keys]))
+        previous = pd.DataFrame({c: pd.Series(dtype=str) for c in columns(CustomerSourceMap)})
+    con.register("prev", pa.Table.from_pandas(previous[columns(CustomerSourceMap)]))
     con.execute(
         """CREATE TEMP TABLE r AS
            SELECT rec.*, p.customer_id AS old_id,
@@ -564,22 +468,6 @@ def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarr
     return pd.DataFrame(rows)
 
 
-RULE_KEY = "c360ml.unify_rule"  # the rule (and block limit) a state table was made with
-
-
-def rule_digest(rule: MatchRule, rules: UnifyRules) -> str:
-    return hashlib.sha256(f"{rule.model_dump_json()}|{rules.max_block_size}".encode()).hexdigest()
-
-
-def _state_matches(lake: Lake, where: tuple[str, ...], digest: str) -> bool:
-    """Whether a rule's state (records and pairs) was written with this same rule."""
-    pairs = (*where[:-1], f"{where[-1]}_pairs")
-    return all(
-        lake.exists(*w) and lake.commit_metadata(*w)[-1].get(RULE_KEY) == digest
-        for w in (where, pairs)
-    )
-
-
 def build_unify(settings: Settings) -> UnifySummary:
     started = time.perf_counter()
     lake = Lake(settings.lake)
@@ -598,22 +486,9 @@ def build_unify(settings: Settings) -> UnifySummary:
         )
     records = prepare_records(read_records(lake, settings))
     # Within each source first, then across: the report says which pairs came from where.
-    pairs, state = [], {}
-    for rule in rules.rules:
-        args = (records, rule, rules.junk_max_records, rules.max_block_size)
-        if not reusable(rule, tuple(rules.junk_fields)):
-            pairs.append(match_rule(*args))
-            continue
-        signatures = rule_signatures(records, rule)
-        digest = rule_digest(rule, rules)
-        where = ("state", "unify", rule.name)
-        if _state_matches(lake, where, digest):
-            before = lake.read_pandas(*where)
-            before_pairs = lake.read_pandas("state", "unify", f"{rule.name}_pairs")
-            pairs.append(match_rule_reusing(*args, signatures, before, before_pairs))
-        else:
-            pairs.append(match_rule(*args))
-        state[rule.name] = (signatures, pairs_by_key(records, pairs[-1]), digest)
+    pairs = [
+        match_rule(records, r, rules.junk_max_records, rules.max_block_size) for r in rules.rules
+    ]
     labels = cluster(len(records), pairs)
     previous = (
         lake.read_pandas("gold", "customer_source_map")
@@ -642,10 +517,6 @@ def build_unify(settings: Settings) -> UnifySummary:
         lake.write(CustomerIdRedirects.validate(redirects), "gold", "customer_id_redirects")
     report = report_frame(pairs, records, labels)
     lake.write(report, "gold", "unify_report", mode="overwrite")
-    for name, (signatures, by_key, digest) in state.items():
-        meta = {RULE_KEY: digest}
-        lake.write(signatures, "state", "unify", name, mode="overwrite", metadata=meta)
-        lake.write(by_key, "state", "unify", f"{name}_pairs", mode="overwrite", metadata=meta)
     return UnifySummary(
         report,
         customers=len(profiles),
