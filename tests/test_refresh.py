@@ -15,14 +15,14 @@ import pandas as pd
 import pytest
 
 from c360ml.lake import Lake
-from c360ml.medallion.build import build_gold, build_silver, build_unify
-from c360ml.medallion.ingest import ingest_landing
+from c360ml.medallion.build import build_silver
 from c360ml.medallion.silver import bronze_current_rows
 from c360ml.model import scoring
 from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
 from c360ml.sources.tables import SOURCE_TABLES
 from c360ml.synth import generate_increment
+from tests.conftest import build_all
 
 pytestmark = pytest.mark.slow
 AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
@@ -192,8 +192,7 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     generate_increment(settings)
     # A build between two refreshes applies the source's deletes to silver and gold first;
     # the refresh must still find and purge the persons erased since the last refresh.
-    ingest_landing(settings)
-    build_silver(settings), build_unify(settings), build_gold(settings)
+    build_all(settings)
     second = run_refresh(settings)
     assert second.as_of > first.as_of
     scores = lk.read_pandas("gold", "churn_scores")
