@@ -26,6 +26,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,16 @@ import pandas as pd
 from featuretools.feature_base import AggregationFeature
 from featuretools.primitives.utils import get_aggregation_primitives, get_transform_primitives
 
-from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
-from c360ml.features.gold import (
-    GoldTables,
-    is_purchase,
-    restrict_to_customers,
-    standardise_gold,
-    view_as_of,
+from c360ml.features.aggregates import (
+    IS_PURCHASE,
+    LINE_ID,
+    PRIMITIVES,
+    Aggregate,
+    activity_frames,
+    compute_aggregates,
 )
+from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
+from c360ml.features.gold import GoldTables, restrict_to_customers, standardise_gold, view_as_of
 from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec, to_utc
 from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
 
@@ -50,10 +53,11 @@ log = logging.getLogger(__name__)
 
 CUSTOMER_ID = CustomerProfile.customer_id
 CUTOFF_TIME = "cutoff_time"
-IS_PURCHASE = "is_purchase"  # derived on the as-of view: a purchase as known at t
-LINE_ID = "line_id"
 MATRIX_DTYPE = "float32"
 _HALF_MICROSECOND_S = 5e-7
+# Who computes a matrix: "duckdb" (c360ml.features.aggregates; Featuretools only for a
+# feature it cannot express) or "featuretools" (the reference the tests compare with).
+ENGINES = ("duckdb", "featuretools")
 # Identifier columns of each EntitySet dataframe (categoricals with one value per entity).
 ID_COLUMNS = {
     TARGET_DATAFRAME: (CUSTOMER_ID,),
@@ -100,56 +104,12 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
 
     Built from an as-of view, so statuses and is_purchase are those valid at its cutoff.
     Only immutable profile columns and event-timed activity enter; order_lines carry
-    their order's time so windows apply to them too.
+    their order's time so windows apply to them too (see `activity_frames`).
     """
-    orders = view.orders[
-        [
-            Orders.order_id,
-            Orders.customer_id,
-            Orders.order_ts,
-            Orders.channel,
-            Orders.store,
-            Orders.gross_amount,
-            Orders.discount_amount,
-            Orders.net_amount,
-            Orders.item_count,
-            Orders.is_return,
-            Orders.is_cancelled,
-        ]
-    ].assign(**{IS_PURCHASE: is_purchase(view.orders).to_numpy()})
-    lines = view.order_lines[
-        [
-            OrderLines.order_id,
-            OrderLines.item_id,
-            OrderLines.category,
-            OrderLines.qty,
-            OrderLines.unit_price,
-            OrderLines.net_amount,
-            OrderLines.is_return,
-        ]
-    ].merge(orders[[Orders.order_id, Orders.order_ts]], on=Orders.order_id, how="inner")
-    lines.insert(0, LINE_ID, np.arange(len(lines)))
-    cases = view.support_cases[view.support_cases[SupportCases.customer_id].notna()][
-        [
-            SupportCases.case_id,
-            SupportCases.customer_id,
-            SupportCases.created_ts,
-            SupportCases.case_type,
-            SupportCases.priority,
-            SupportCases.status,
-        ]
-    ]
-    products = view.products[[Products.item_id, Products.category]]
-    customers = view.customers[[CUSTOMER_ID, CustomerProfile.created_ts]]
-    orders, lines, cases, products, customers = (
-        _ids_as_category(frame, ID_COLUMNS[name])
-        for name, frame in (
-            ("orders", orders),
-            ("order_lines", lines),
-            ("support_cases", cases),
-            ("products", products),
-            (TARGET_DATAFRAME, customers),
-        )
+    frames = activity_frames(view)
+    customers, orders, lines, cases, products = (
+        _ids_as_category(frames[name], ID_COLUMNS[name])
+        for name in (TARGET_DATAFRAME, "orders", "order_lines", "support_cases", "products")
     )
     cat, boolean, num = "Categorical", "Boolean", "Double"
     es = ft.EntitySet(id="c360")
@@ -193,6 +153,7 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
                 OrderLines.unit_price: num,
                 OrderLines.net_amount: num,
                 OrderLines.is_return: boolean,
+                Orders.order_ts: "Datetime",
             },
         )
         es.add_dataframe(
@@ -356,7 +317,7 @@ def _without_id_values(definitions_json: str) -> str:
     return json.dumps(definitions)
 
 
-def _matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list) -> pd.DataFrame:
+def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list) -> pd.DataFrame:
     """Featuretools' matrix of `features` for `ids` at t, indexed by customer_id."""
     if not len(ids):  # e.g. a chunk with no active profile: Featuretools needs a cutoff row
         return pd.DataFrame(index=ids, columns=[f.get_name() for f in features], dtype="float64")
@@ -366,6 +327,110 @@ def _matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list) ->
             features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
         )
     return matrix.reindex(ids)
+
+
+def _matrix(view: GoldTables, ids: pd.Index, t: pd.Timestamp, features: list, engine: str):
+    """The matrix of `features` for `ids` at t from the as-of view at t, by `engine`."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown feature engine {engine!r}; expected one of {ENGINES}")
+    plans = [_aggregate(f) if engine == "duckdb" else None for f in features]
+    rest = [f for f, plan in zip(features, plans, strict=True) if plan is None]
+    parts = []
+    if len(rest) < len(features):
+        frames = activity_frames(view)
+        parts.append(compute_aggregates(frames, ids, t, [p for p in plans if p is not None]))
+    if rest:
+        if engine == "duckdb":
+            log.info("featuretools computes %d feature(s) duckdb cannot", len(rest))
+        parts.append(_ft_matrix(build_entityset(view), ids, t, rest))
+    return pd.concat(parts, axis=1)[[f.get_name() for f in features]]
+
+
+def _aggregate(feature) -> Aggregate | None:
+    """The feature in the plain terms of `c360ml.features.aggregates`, or None when it is
+    not a per-customer aggregation that module knows (Featuretools then computes it)."""
+    name = feature.get_name()
+    base = feature.base_features[0] if feature.base_features else None
+    if isinstance(feature, ft.TransformFeature):
+        if feature.dataframe_name == TARGET_DATAFRAME and _days_since(feature):
+            return Aggregate(name, None, TARGET_DATAFRAME, base.get_name(), time_since=True)
+        return None
+    if (
+        not isinstance(feature, AggregationFeature)
+        or feature.parent_dataframe_name != TARGET_DATAFRAME
+    ):
+        return None
+    if isinstance(base, AggregationFeature):  # stacked: an aggregate of each order's lines
+        inner = _terms(base, base.get_name())
+        if (
+            inner is None
+            or base.parent_dataframe_name != "orders"
+            or inner.where
+            or inner.window_ns
+        ):
+            return None
+        plan = _terms(feature, name)
+        return None if plan is None or plan.column else replace(plan, per_order=inner)
+    return _terms(feature, name)
+
+
+def _days_since(feature) -> bool:
+    base = feature.base_features[0]
+    return (
+        feature.primitive.name == "time_since"
+        and feature.primitive.unit == "days"
+        and isinstance(base, ft.IdentityFeature)
+    )
+
+
+def _terms(feature: AggregationFeature, name: str) -> Aggregate | None:
+    """An aggregation of one child table's column (or of TIME_SINCE of it)."""
+    base = feature.base_features[0]
+    where = _conditions(feature.where)
+    window = _window_ns(feature.use_previous)
+    if feature.primitive.name not in PRIMITIVES or where is None or window is False:
+        return None
+    default = feature.default_value
+    default = None if default is None or pd.isna(default) else float(default)
+    terms = {"table": base.dataframe_name, "where": where, "window_ns": window, "default": default}
+    if isinstance(base, ft.IdentityFeature):
+        return Aggregate(name, feature.primitive.name, column=base.get_name(), **terms)
+    if isinstance(base, ft.TransformFeature) and _days_since(base):
+        column = base.base_features[0].get_name()
+        return Aggregate(name, feature.primitive.name, column=column, time_since=True, **terms)
+    if isinstance(base, AggregationFeature):
+        return Aggregate(name, feature.primitive.name, **terms)
+    return None
+
+
+def _conditions(where) -> tuple[tuple[str, Any], ...] | None:
+    """A where-clause of `column = value` terms joined by AND; None for anything else."""
+    if where is None:
+        return ()
+    if not isinstance(where, ft.TransformFeature):
+        return None
+    if where.primitive.name == "equal_scalar":
+        base = where.base_features[0]
+        return (
+            ((base.get_name(), where.primitive.value),)
+            if isinstance(base, ft.IdentityFeature)
+            else None
+        )
+    if where.primitive.name == "and":
+        parts = [_conditions(b) for b in where.base_features]
+        return None if any(p is None for p in parts) else sum(parts, ())
+    return None
+
+
+def _window_ns(use_previous) -> int | None | bool:
+    """A fixed-length window in ns (None: all history; False: one we cannot express, such
+    as a number of observations or calendar months)."""
+    if use_previous is None:
+        return None
+    if not use_previous.has_no_observations() or not use_previous.is_absolute():
+        return False
+    t = pd.Timestamp("2000-01-01", tz="UTC")
+    return (t - (t - use_previous)).value
 
 
 def _feature_part(matrix: pd.DataFrame, ids: pd.Index, t: pd.Timestamp, fs: FeatureSet):
@@ -401,7 +466,9 @@ def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp,
         yield to_utc(t), pd.Index(rows.unique())
 
 
-def calculate_features(gold: GoldTables, population: pd.DataFrame, fs: FeatureSet) -> pd.DataFrame:
+def calculate_features(
+    gold: GoldTables, population: pd.DataFrame, fs: FeatureSet, engine: str = "duckdb"
+) -> pd.DataFrame:
     """customer_id, cutoff_time, then fs.names in order (float32), one row per population row.
 
     One cutoff at a time on the as-of view of that cutoff; definitions come from
@@ -411,8 +478,8 @@ def calculate_features(gold: GoldTables, population: pd.DataFrame, fs: FeatureSe
     gold = standardise_gold(gold)
     parts = []
     for t, ids in _population_groups(population):
-        es = build_entityset(view_as_of(restrict_to_customers(gold, ids), t))
-        parts.append(_feature_part(_matrix(es, ids, t, features), ids, t, fs))
+        view = view_as_of(restrict_to_customers(gold, ids), t)
+        parts.append(_feature_part(_matrix(view, ids, t, features, engine), ids, t, fs))
         log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
     result = pd.concat(parts, ignore_index=True)
     result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
@@ -460,28 +527,36 @@ def calculate_snapshot(
     measures: list | None,
     fs: FeatureSet | None,
     feature_ids: pd.Index,
+    engine: str = "duckdb",
 ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """The refresh's pass at one as_of: the measure matrix of every profile in gold
     (indexed by customer_id) and fs's features of `feature_ids` (as calculate_features
     returns them), either None when not asked.
 
-    Both come from one as-of view and one EntitySet: building those is most of a measure
-    pass's cost (2/3 at 100k profiles), so the second pass would pay it again for nothing.
-    Every value is an aggregation over one customer's rows, so the features equal those of
-    calculate_features on a view restricted to `feature_ids` (a test checks).
+    Both come from one as-of view: building it is much of a pass's cost, so a second pass
+    would pay it again for nothing. Every value is an aggregation over one customer's
+    rows, so the features equal those of calculate_features on a view restricted to
+    `feature_ids` (a test checks).
     """
     gold = standardise_gold(gold)
     as_of = to_utc(as_of)
-    es = build_entityset(view_as_of(gold, as_of))
+    view = view_as_of(gold, as_of)
     measure_matrix = features = None
     if measures:
         ids = pd.Index(gold.customers[CUSTOMER_ID].unique())
-        measure_matrix = _matrix(es, ids, as_of, measure_features(es, measures))
+        definitions = measure_features(build_entityset(_empty(view)), measures)
+        measure_matrix = _matrix(view, ids, as_of, definitions, engine)
     if fs is not None:
         ids = pd.Index(feature_ids.unique())
-        features = _feature_part(_matrix(es, ids, as_of, _load(fs)), ids, as_of, fs)
+        matrix = _matrix(view, ids, as_of, _load(fs), engine)
+        features = _feature_part(matrix, ids, as_of, fs)
         features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
     return measure_matrix, features
+
+
+def _empty(view: GoldTables) -> GoldTables:
+    """The view without rows: enough for an EntitySet whose schema defines measures."""
+    return GoldTables(**{f.name: getattr(view, f.name).iloc[:0] for f in fields(GoldTables)})
 
 
 def compute_measures(gold: GoldTables, as_of: pd.Timestamp, measures: list) -> pd.DataFrame:

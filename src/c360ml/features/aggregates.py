@@ -1,0 +1,245 @@
+"""Per-customer aggregation features computed by DuckDB, with Featuretools' semantics.
+
+Why: every feature DFS derives here is one aggregation of a customer's rows (optionally
+windowed, filtered by a where-clause, or stacked over a per-order aggregation).
+Featuretools computes each (window, where) group with its own pandas group-by and merges
+it into a frame that is copied each time: about 100 s per 200k profiles at 1M, 62% of a
+refresh. The same definitions as one SQL scan per table take seconds.
+
+The definitions stay Featuretools': `c360ml.features.dfs` (the one module importing it)
+turns each saved feature into an `Aggregate` here, and computes anything it cannot turn
+into one with Featuretools itself. A test checks that both engines give the same matrix,
+feature for feature, at a cutoff with later data present. Semantics followed:
+- rows: the as-of view's (events with time <= t); a window keeps time >= t - use_previous,
+  as Featuretools does (its windows are w minus half a microsecond, see dfs.py);
+- COUNT counts non-null values (of the index column: rows), NUM_UNIQUE distinct non-null
+  values, STD is the sample deviation (pandas' std, ddof=1), SUM/MEAN/MAX/MIN skip nulls;
+- a customer with no rows, or a null result, gets the primitive's default value (COUNT
+  and SUM 0, others null), as Featuretools' fill does;
+- TIME_SINCE is (t - time) in seconds / 86400 for unit days;
+- MODE ties go to the smallest value (pandas' `Series.mode` over sorted categories).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from c360ml.features.gold import GoldTables, is_purchase
+from c360ml.medallion.sql import duckdb_connection
+from c360ml.schemas import CustomerProfile, OrderLines, Orders, SupportCases
+
+CUSTOMER_ID = CustomerProfile.customer_id
+IS_PURCHASE = "is_purchase"  # derived on the as-of view: a purchase as known at t
+LINE_ID = "line_id"
+# Time column of each activity table (order lines carry their order's time).
+TIME_COLUMNS = {
+    "orders": Orders.order_ts,
+    "order_lines": Orders.order_ts,
+    "support_cases": SupportCases.created_ts,
+}
+PRIMITIVES = {"count", "sum", "mean", "max", "min", "std", "num_unique", "percent_true", "mode"}
+# {c}: the value, {f}: the FILTER clause of the rows kept (empty for all rows).
+_SQL = {
+    "count": "COUNT({c}){f}",
+    "sum": "FSUM({c}){f}",  # compensated summation, as pandas' group sum and mean
+    "mean": "FSUM({c}){f} / COUNT({c}){f}",
+    "max": "MAX({c}){f}",
+    "min": "MIN({c}){f}",
+    "std": "STDDEV_SAMP({c}){f}",
+    "num_unique": "COUNT(DISTINCT {c}){f}",
+    "percent_true": "AVG(CAST(COALESCE({c}, FALSE) AS DOUBLE)){f}",
+}
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One feature as plain terms: `primitive` over `column` of a customer's `table` rows.
+
+    table "customers" with primitive None is a transform of the profile's own column (only
+    time_since). `per_order` stacks: the column is that aggregate of each order's lines.
+    """
+
+    name: str
+    primitive: str | None
+    table: str  # orders | order_lines | support_cases | customers
+    column: str | None = None  # None only with per_order
+    time_since: bool = False  # the column is first turned into days before t
+    where: tuple[tuple[str, Any], ...] = ()  # column = value, all must hold
+    window_ns: int | None = None  # keep rows with time >= t - window_ns
+    per_order: Aggregate | None = None
+    default: float | None = None  # value for no rows or a null result; None = null
+
+
+def activity_frames(view: GoldTables) -> dict[str, pd.DataFrame]:
+    """The frames both engines aggregate: customers, orders (with is_purchase at t), order
+    lines (with their order's time and customer), support cases of a known customer, and
+    products. Built from an as-of view, so statuses and is_purchase are those valid at t."""
+    orders = view.orders[
+        [
+            Orders.order_id,
+            Orders.customer_id,
+            Orders.order_ts,
+            Orders.channel,
+            Orders.store,
+            Orders.gross_amount,
+            Orders.discount_amount,
+            Orders.net_amount,
+            Orders.item_count,
+            Orders.is_return,
+            Orders.is_cancelled,
+        ]
+    ].assign(**{IS_PURCHASE: is_purchase(view.orders).to_numpy()})
+    lines = view.order_lines[
+        [
+            OrderLines.order_id,
+            OrderLines.item_id,
+            OrderLines.category,
+            OrderLines.qty,
+            OrderLines.unit_price,
+            OrderLines.net_amount,
+            OrderLines.is_return,
+        ]
+    ].merge(orders[[Orders.order_id, Orders.order_ts]], on=Orders.order_id, how="inner")
+    lines.insert(0, LINE_ID, np.arange(len(lines)))
+    cases = view.support_cases[view.support_cases[SupportCases.customer_id].notna()][
+        [
+            SupportCases.case_id,
+            SupportCases.customer_id,
+            SupportCases.created_ts,
+            SupportCases.case_type,
+            SupportCases.priority,
+            SupportCases.status,
+        ]
+    ]
+    return {
+        "customers": view.customers[[CUSTOMER_ID, CustomerProfile.created_ts]],
+        "orders": orders,
+        "order_lines": lines,
+        "support_cases": cases,
+        "products": view.products[["item_id", "category"]],
+    }
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool | np.bool_):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return repr(float(value))
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _condition(a: Aggregate, t_ns: int) -> str | None:
+    terms = [f"{_quote(c)} = {_literal(v)}" for c, v in a.where]
+    if a.window_ns is not None:
+        terms.append(f"epoch_ns({_quote(TIME_COLUMNS[a.table])}) >= {t_ns - a.window_ns}")
+    return " AND ".join(terms) or None
+
+
+def _days_before(column: str, t_ns: int) -> str:
+    """Featuretools' TIME_SINCE in days: total seconds (ns / 1e9) / 86400."""
+    return f"(CAST({t_ns} - epoch_ns({_quote(column)}) AS DOUBLE) / 1e9 / 86400)"
+
+
+def _expression(a: Aggregate, t_ns: int, value: str) -> str:
+    """The aggregate over the rows its where-clause and window keep; null when they keep
+    none (Featuretools then has no group, so the default applies, even to NUM_UNIQUE)."""
+    condition = _condition(a, t_ns)
+    if not condition:
+        return _SQL[a.primitive].format(c=value, f="")
+    kept = f" FILTER (WHERE {condition})"
+    sql = _SQL[a.primitive].format(c=value, f=kept)
+    return f"CASE WHEN COUNT(*){kept} > 0 THEN {sql} END"
+
+
+def _value(a: Aggregate, t_ns: int, inner: dict[Aggregate, str]) -> str:
+    if a.per_order is not None:
+        return _quote(inner[a.per_order])
+    return _days_before(a.column, t_ns) if a.time_since else _quote(a.column)
+
+
+def _per_order_sql(inner: dict[Aggregate, str], t_ns: int) -> str:
+    """Orders with each stacked feature's per-order value (its default where it has none)."""
+    columns = ", ".join(
+        f"COALESCE(l.{_quote(alias)}, {_literal(a.default)}) AS {_quote(alias)}"
+        if a.default is not None
+        else f"l.{_quote(alias)}"
+        for a, alias in inner.items()
+    )
+    per_line = ", ".join(
+        f"{_expression(a, t_ns, _value(a, t_ns, {}))} AS {_quote(alias)}"
+        for a, alias in inner.items()
+    )
+    return (
+        f"SELECT o.*, {columns} FROM orders o LEFT JOIN "
+        f"(SELECT {_quote(Orders.order_id)}, {per_line} FROM order_lines "
+        f"GROUP BY {_quote(Orders.order_id)}) l USING ({_quote(Orders.order_id)})"
+    )
+
+
+def _mode_sql(a: Aggregate, t_ns: int) -> str:
+    condition = _condition(a, t_ns)
+    column = _quote(a.column)
+    return (
+        f"SELECT {_quote(CUSTOMER_ID)}, {column} AS v FROM ("
+        f"SELECT {_quote(CUSTOMER_ID)}, {column}, ROW_NUMBER() OVER (PARTITION BY "
+        f"{_quote(CUSTOMER_ID)} ORDER BY COUNT(*) DESC, {column}) AS rank FROM {a.table} "
+        f"WHERE {column} IS NOT NULL{f' AND {condition}' if condition else ''} "
+        f"GROUP BY {_quote(CUSTOMER_ID)}, {column}) WHERE rank = 1"
+    )
+
+
+def compute_aggregates(
+    frames: dict[str, pd.DataFrame], ids: pd.Index, t: pd.Timestamp, aggregates: list[Aggregate]
+) -> pd.DataFrame:
+    """Each aggregate's value for `ids` at t (frames from `activity_frames` of the view at
+    t), indexed by customer_id, columns in the order given: one query per table."""
+    t_ns = pd.Timestamp(t).value
+    con = duckdb_connection()
+    try:
+        lines = frames["order_lines"].merge(
+            frames["orders"][[Orders.order_id, Orders.customer_id]], on=Orders.order_id
+        )
+        for name in ("customers", "orders", "support_cases"):
+            con.register(name, frames[name])
+        con.register("order_lines", lines)
+        inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
+        source = {
+            "orders": "orders",
+            "order_lines": "order_lines",
+            "support_cases": "support_cases",
+        }
+        if inner:
+            con.execute(f"CREATE TEMP TABLE per_order AS {_per_order_sql(inner, t_ns)}")
+            source["orders"] = "per_order"
+        per_table = {}
+        for table in ("orders", "order_lines", "support_cases"):
+            mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
+            if mine:
+                select = ", ".join(
+                    f"{_expression(a, t_ns, _value(a, t_ns, inner))} AS {_quote(a.name)}"
+                    for a in mine
+                )
+                query = f"SELECT {_quote(CUSTOMER_ID)}, {select} FROM {source[table]} GROUP BY 1"
+                per_table[table] = con.sql(query).df().set_index(CUSTOMER_ID)
+        columns = {}
+        for a in aggregates:
+            if a.table == "customers":
+                query = f"SELECT {_quote(CUSTOMER_ID)}, {_days_before(a.column, t_ns)} AS v FROM customers"
+                values = con.sql(query).df().set_index(CUSTOMER_ID)["v"]
+            elif a.primitive == "mode":
+                values = con.sql(_mode_sql(a, t_ns)).df().set_index(CUSTOMER_ID)["v"]
+            else:
+                values = per_table[a.table][a.name]
+            values = values.reindex(ids)
+            columns[a.name] = values if a.default is None else values.fillna(a.default)
+        return pd.DataFrame(columns, index=pd.Index(ids, name=CUSTOMER_ID))
+    finally:
+        con.close()
