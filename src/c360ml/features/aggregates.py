@@ -76,8 +76,10 @@ class Aggregate:
 
 def activity_frames(view: GoldTables) -> dict[str, pd.DataFrame]:
     """The frames both engines aggregate: customers, orders (with is_purchase at t), order
-    lines (with their order's time and customer), support cases of a known customer, and
-    products. Built from an as-of view, so statuses and is_purchase are those valid at t."""
+    lines (numbered), support cases of a known customer, and products. Built from an as-of
+    view, so statuses and is_purchase are those valid at t. Each engine gives the lines
+    their order's time and customer itself (a join), and drops lines of no order in view.
+    """
     orders = view.orders[
         [
             Orders.order_id,
@@ -103,7 +105,7 @@ def activity_frames(view: GoldTables) -> dict[str, pd.DataFrame]:
             OrderLines.net_amount,
             OrderLines.is_return,
         ]
-    ].merge(orders[[Orders.order_id, Orders.order_ts]], on=Orders.order_id, how="inner")
+    ]
     lines.insert(0, LINE_ID, np.arange(len(lines)))
     cases = view.support_cases[view.support_cases[SupportCases.customer_id].notna()][
         [
@@ -136,27 +138,17 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _condition(a: Aggregate, t_ns: int) -> str | None:
+def _terms(a: Aggregate, t_ns: int) -> list[str]:
+    """The row conditions of an aggregate: its where-clause, then its window."""
     terms = [f"{_quote(c)} = {_literal(v)}" for c, v in a.where]
     if a.window_ns is not None:
         terms.append(f"epoch_ns({_quote(TIME_COLUMNS[a.table])}) >= {t_ns - a.window_ns}")
-    return " AND ".join(terms) or None
+    return terms
 
 
 def _days_before(column: str, t_ns: int) -> str:
     """Featuretools' TIME_SINCE in days: total seconds (ns / 1e9) / 86400."""
     return f"(CAST({t_ns} - epoch_ns({_quote(column)}) AS DOUBLE) / 1e9 / 86400)"
-
-
-def _expression(a: Aggregate, t_ns: int, value: str) -> str:
-    """The aggregate over the rows its where-clause and window keep; null when they keep
-    none (Featuretools then has no group, so the default applies, even to NUM_UNIQUE)."""
-    condition = _condition(a, t_ns)
-    if not condition:
-        return _SQL[a.primitive].format(c=value, f="")
-    kept = f" FILTER (WHERE {condition})"
-    sql = _SQL[a.primitive].format(c=value, f=kept)
-    return f"CASE WHEN COUNT(*){kept} > 0 THEN {sql} END"
 
 
 def _value(a: Aggregate, t_ns: int, inner: dict[Aggregate, str]) -> str:
@@ -165,81 +157,124 @@ def _value(a: Aggregate, t_ns: int, inner: dict[Aggregate, str]) -> str:
     return _days_before(a.column, t_ns) if a.time_since else _quote(a.column)
 
 
+def _expression(a: Aggregate, value: str, kept: str | None) -> str:
+    """The aggregate over the rows `kept` (a boolean SQL expression) selects; null when it
+    selects none (Featuretools then has no group, so the default applies even to
+    NUM_UNIQUE, whose SQL would say 0)."""
+    if kept is None:
+        return _SQL[a.primitive].format(c=value, f="")
+    only = f" FILTER (WHERE {kept})"
+    return f"CASE WHEN COUNT(*){only} > 0 THEN {_SQL[a.primitive].format(c=value, f=only)} END"
+
+
+def _table_sql(table: str, source: str, aggregates: list[Aggregate], t_ns: int, inner) -> str:
+    """One scan of `table` computing every aggregate over it, grouped by customer.
+
+    Each distinct row condition is evaluated once per row, as a boolean column; the
+    aggregates' FILTER clauses combine those columns."""
+    atoms: dict[str, str] = {}
+    for a in aggregates:
+        for term in _terms(a, t_ns):
+            atoms.setdefault(term, f"_c{len(atoms)}")
+    columns = []
+    for a in aggregates:
+        kept = " AND ".join(atoms[term] for term in _terms(a, t_ns)) or None
+        columns.append(f"{_expression(a, _value(a, t_ns, inner), kept)} AS {_quote(a.name)}")
+    flags = "".join(f", {term} AS {name}" for term, name in atoms.items())
+    key = _quote(CUSTOMER_ID)
+    return f"SELECT {key}, {', '.join(columns)} FROM (SELECT *{flags} FROM {source}) GROUP BY {key}"
+
+
 def _per_order_sql(inner: dict[Aggregate, str], t_ns: int) -> str:
-    """Orders with each stacked feature's per-order value (its default where it has none)."""
+    """Orders with each stacked feature's per-order value (its default where it has none).
+    The per-order aggregates are unfiltered (`c360ml.features.dfs` admits no other)."""
+    order_id = _quote(Orders.order_id)
+    per_line = ", ".join(
+        f"{_expression(a, _value(a, t_ns, {}), None)} AS {_quote(alias)}"
+        for a, alias in inner.items()
+    )
     columns = ", ".join(
         f"COALESCE(l.{_quote(alias)}, {_literal(a.default)}) AS {_quote(alias)}"
         if a.default is not None
         else f"l.{_quote(alias)}"
         for a, alias in inner.items()
     )
-    per_line = ", ".join(
-        f"{_expression(a, t_ns, _value(a, t_ns, {}))} AS {_quote(alias)}"
-        for a, alias in inner.items()
-    )
     return (
-        f"SELECT o.*, {columns} FROM orders o LEFT JOIN "
-        f"(SELECT {_quote(Orders.order_id)}, {per_line} FROM order_lines "
-        f"GROUP BY {_quote(Orders.order_id)}) l USING ({_quote(Orders.order_id)})"
+        f"SELECT o.*, {columns} FROM orders o LEFT JOIN (SELECT {order_id}, {per_line} "
+        f"FROM order_lines GROUP BY {order_id}) l USING ({order_id})"
     )
 
 
 def _mode_sql(a: Aggregate, t_ns: int) -> str:
-    condition = _condition(a, t_ns)
-    column = _quote(a.column)
+    key, column = _quote(CUSTOMER_ID), _quote(a.column)
+    where = " AND ".join([f"{column} IS NOT NULL", *_terms(a, t_ns)])
     return (
-        f"SELECT {_quote(CUSTOMER_ID)}, {column} AS v FROM ("
-        f"SELECT {_quote(CUSTOMER_ID)}, {column}, ROW_NUMBER() OVER (PARTITION BY "
-        f"{_quote(CUSTOMER_ID)} ORDER BY COUNT(*) DESC, {column}) AS rank FROM {a.table} "
-        f"WHERE {column} IS NOT NULL{f' AND {condition}' if condition else ''} "
-        f"GROUP BY {_quote(CUSTOMER_ID)}, {column}) WHERE rank = 1"
+        f"SELECT {key}, {column} AS v FROM (SELECT {key}, {column}, ROW_NUMBER() OVER "
+        f"(PARTITION BY {key} ORDER BY COUNT(*) DESC, {column}) AS rank FROM {a.table} "
+        f"WHERE {where} GROUP BY {key}, {column}) WHERE rank = 1"
     )
 
 
 def compute_aggregates(
-    frames: dict[str, pd.DataFrame], ids: pd.Index, t: pd.Timestamp, aggregates: list[Aggregate]
-) -> pd.DataFrame:
-    """Each aggregate's value for `ids` at t (frames from `activity_frames` of the view at
-    t), indexed by customer_id, columns in the order given: one query per table."""
+    frames: dict[str, pd.DataFrame],
+    t: pd.Timestamp,
+    requests: list[tuple[pd.Index, list[Aggregate]]],
+) -> list[pd.DataFrame]:
+    """For each (ids, aggregates) request, the aggregates' values for those ids at t
+    (frames from `activity_frames` of the view at t), indexed by customer_id, columns in
+    the order given.
+
+    The frames are copied into DuckDB once for all requests (scanning pandas strings is
+    the slow part); then one query per request scans each table once and joins the
+    results by id.
+    """
     t_ns = pd.Timestamp(t).value
     con = duckdb_connection()
     try:
-        lines = frames["order_lines"].merge(
-            frames["orders"][[Orders.order_id, Orders.customer_id]], on=Orders.order_id
-        )
+        for name in ("customers", "orders", "order_lines", "support_cases"):
+            con.register(f"{name}_frame", frames[name])
+        key, order_id = _quote(CUSTOMER_ID), _quote(Orders.order_id)
         for name in ("customers", "orders", "support_cases"):
-            con.register(name, frames[name])
-        con.register("order_lines", lines)
-        inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
-        source = {
-            "orders": "orders",
-            "order_lines": "order_lines",
-            "support_cases": "support_cases",
-        }
-        if inner:
-            con.execute(f"CREATE TEMP TABLE per_order AS {_per_order_sql(inner, t_ns)}")
-            source["orders"] = "per_order"
-        per_table = {}
-        for table in ("orders", "order_lines", "support_cases"):
-            mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
-            if mine:
-                select = ", ".join(
-                    f"{_expression(a, t_ns, _value(a, t_ns, inner))} AS {_quote(a.name)}"
-                    for a in mine
-                )
-                query = f"SELECT {_quote(CUSTOMER_ID)}, {select} FROM {source[table]} GROUP BY 1"
-                per_table[table] = con.sql(query).df().set_index(CUSTOMER_ID)
-        columns = {}
-        for a in aggregates:
-            if a.table == "customers":
-                query = f"SELECT {_quote(CUSTOMER_ID)}, {_days_before(a.column, t_ns)} AS v FROM customers"
-                values = con.sql(query).df().set_index(CUSTOMER_ID)["v"]
-            elif a.primitive == "mode":
-                values = con.sql(_mode_sql(a, t_ns)).df().set_index(CUSTOMER_ID)["v"]
-            else:
-                values = per_table[a.table][a.name]
-            values = values.reindex(ids)
-            columns[a.name] = values if a.default is None else values.fillna(a.default)
-        return pd.DataFrame(columns, index=pd.Index(ids, name=CUSTOMER_ID))
+            con.execute(f"CREATE TEMP TABLE {name} AS SELECT * FROM {name}_frame")
+        con.execute(
+            f"CREATE TEMP TABLE order_lines AS SELECT l.*, o.{key}, o.{_quote(Orders.order_ts)} "
+            f"FROM order_lines_frame l JOIN orders o USING ({order_id})"
+        )
+        return [_request(con, ids, aggregates, t_ns) for ids, aggregates in requests]
     finally:
         con.close()
+
+
+def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int) -> pd.DataFrame:
+    key = _quote(CUSTOMER_ID)
+    con.register("ids_frame", pd.DataFrame({CUSTOMER_ID: np.asarray(ids, dtype=object)}))
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE ids AS SELECT *, ROW_NUMBER() OVER () AS _row FROM ids_frame"
+    )
+    inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
+    if inner:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE per_order AS {_per_order_sql(inner, t_ns)}")
+    joins, select = [], []
+    for table in ("orders", "order_lines", "support_cases"):
+        mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
+        if mine:
+            source = "per_order" if table == "orders" and inner else table
+            sql = _table_sql(table, source, mine, t_ns, inner)
+            joins.append(f"LEFT JOIN ({sql}) {table} USING ({key})")
+    for i, a in enumerate(aggregates):
+        if a.table == "customers":
+            value = f"profile_{i}.v"
+            joins.append(
+                f"LEFT JOIN (SELECT {key}, {_days_before(a.column, t_ns)} AS v "
+                f"FROM customers) profile_{i} USING ({key})"
+            )
+        elif a.primitive == "mode":
+            value = f"mode_{i}.v"
+            joins.append(f"LEFT JOIN ({_mode_sql(a, t_ns)}) mode_{i} USING ({key})")
+        else:
+            value = f"{a.table}.{_quote(a.name)}"
+        if a.default is not None:
+            value = f"COALESCE({value}, {_literal(a.default)})"
+        select.append(f"{value} AS {_quote(a.name)}")
+    query = f"SELECT {key}, {', '.join(select)} FROM ids {' '.join(joins)} ORDER BY ids._row"
+    return con.sql(query).df().set_index(CUSTOMER_ID)

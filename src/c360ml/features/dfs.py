@@ -26,7 +26,7 @@ import json
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +104,25 @@ def build_entityset(view: GoldTables) -> ft.EntitySet:
 
     Built from an as-of view, so statuses and is_purchase are those valid at its cutoff.
     Only immutable profile columns and event-timed activity enter; order_lines carry
-    their order's time so windows apply to them too (see `activity_frames`).
+    their order's time so windows apply to them too.
     """
-    frames = activity_frames(view)
+    return _entityset(activity_frames(view))
+
+
+def _entityset(frames: dict[str, pd.DataFrame]) -> ft.EntitySet:
+    orders = frames["orders"]
+    lines = frames["order_lines"].merge(
+        orders[[Orders.order_id, Orders.order_ts]], on=Orders.order_id, how="inner"
+    )
     customers, orders, lines, cases, products = (
-        _ids_as_category(frames[name], ID_COLUMNS[name])
-        for name in (TARGET_DATAFRAME, "orders", "order_lines", "support_cases", "products")
+        _ids_as_category(frame, ID_COLUMNS[name])
+        for name, frame in (
+            (TARGET_DATAFRAME, frames[TARGET_DATAFRAME]),
+            ("orders", orders),
+            ("order_lines", lines),
+            ("support_cases", frames["support_cases"]),
+            ("products", frames["products"]),
+        )
     )
     cat, boolean, num = "Categorical", "Boolean", "Double"
     es = ft.EntitySet(id="c360")
@@ -329,21 +342,26 @@ def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list)
     return matrix.reindex(ids)
 
 
-def _matrix(view: GoldTables, ids: pd.Index, t: pd.Timestamp, features: list, engine: str):
-    """The matrix of `features` for `ids` at t from the as-of view at t, by `engine`."""
+def _matrices(frames: dict, t: pd.Timestamp, requests: list, engine: str) -> list[pd.DataFrame]:
+    """For each (ids, features) request, the matrix of those features for those ids at t,
+    from the activity frames of the view at t (one DuckDB load serves every request)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown feature engine {engine!r}; expected one of {ENGINES}")
-    plans = [_aggregate(f) if engine == "duckdb" else None for f in features]
-    rest = [f for f, plan in zip(features, plans, strict=True) if plan is None]
-    parts = []
-    if len(rest) < len(features):
-        frames = activity_frames(view)
-        parts.append(compute_aggregates(frames, ids, t, [p for p in plans if p is not None]))
-    if rest:
-        if engine == "duckdb":
-            log.info("featuretools computes %d feature(s) duckdb cannot", len(rest))
-        parts.append(_ft_matrix(build_entityset(view), ids, t, rest))
-    return pd.concat(parts, axis=1)[[f.get_name() for f in features]]
+    plans = [[_aggregate(f) if engine == "duckdb" else None for f in fs] for _, fs in requests]
+    sql = [(ids, [p for p in ps if p]) for (ids, _), ps in zip(requests, plans, strict=True)]
+    computed = iter(compute_aggregates(frames, t, [r for r in sql if r[1]]))
+    es = None
+    out = []
+    for (ids, features), (_, planned) in zip(requests, sql, strict=True):
+        parts = [next(computed)] if planned else []
+        rest = [f for f, p in zip(features, plans[len(out)], strict=True) if p is None]
+        if rest:
+            if engine == "duckdb":
+                log.info("featuretools computes %d feature(s) duckdb cannot", len(rest))
+            es = es or _entityset(frames)
+            parts.append(_ft_matrix(es, ids, t, rest))
+        out.append(pd.concat(parts, axis=1)[[f.get_name() for f in features]])
+    return out
 
 
 def _aggregate(feature) -> Aggregate | None:
@@ -478,8 +496,9 @@ def calculate_features(
     gold = standardise_gold(gold)
     parts = []
     for t, ids in _population_groups(population):
-        view = view_as_of(restrict_to_customers(gold, ids), t)
-        parts.append(_feature_part(_matrix(view, ids, t, features, engine), ids, t, fs))
+        frames = activity_frames(view_as_of(restrict_to_customers(gold, ids), t))
+        (matrix,) = _matrices(frames, t, [(ids, features)], engine)
+        parts.append(_feature_part(matrix, ids, t, fs))
         log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
     result = pd.concat(parts, ignore_index=True)
     result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
@@ -540,23 +559,22 @@ def calculate_snapshot(
     """
     gold = standardise_gold(gold)
     as_of = to_utc(as_of)
-    view = view_as_of(gold, as_of)
-    measure_matrix = features = None
+    frames = activity_frames(view_as_of(gold, as_of))
+    requests = []
     if measures:
+        schema = _entityset({name: frame.iloc[:0] for name, frame in frames.items()})
         ids = pd.Index(gold.customers[CUSTOMER_ID].unique())
-        definitions = measure_features(build_entityset(_empty(view)), measures)
-        measure_matrix = _matrix(view, ids, as_of, definitions, engine)
+        requests.append((ids, measure_features(schema, measures)))
     if fs is not None:
-        ids = pd.Index(feature_ids.unique())
-        matrix = _matrix(view, ids, as_of, _load(fs), engine)
-        features = _feature_part(matrix, ids, as_of, fs)
+        requests.append((pd.Index(feature_ids.unique()), _load(fs)))
+    matrices = iter(_matrices(frames, as_of, requests, engine))
+    measure_matrix = next(matrices) if measures else None
+    features = None
+    if fs is not None:
+        ids = requests[-1][0]
+        features = _feature_part(next(matrices), ids, as_of, fs)
         features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
     return measure_matrix, features
-
-
-def _empty(view: GoldTables) -> GoldTables:
-    """The view without rows: enough for an EntitySet whose schema defines measures."""
-    return GoldTables(**{f.name: getattr(view, f.name).iloc[:0] for f in fields(GoldTables)})
 
 
 def compute_measures(gold: GoldTables, as_of: pd.Timestamp, measures: list) -> pd.DataFrame:
