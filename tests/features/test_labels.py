@@ -11,6 +11,7 @@ import pytest
 from c360ml.features import (
     ChurnConfig,
     active_population,
+    buyers_and_active,
     compute_labels,
     compute_rfm,
     load_churn_config,
@@ -74,6 +75,14 @@ def test_rfm_as_of_cutoff(gold):
     ]
     assert rfm.loc["C2"].tolist()[1:] == [182, 1, 80]  # the return O5 is not a purchase
     assert rfm.loc["C3", "frequency_365d"] == 0
+
+
+def test_buyers_and_active_are_the_rfm_rows_and_the_population(gold):
+    for t in (T, T + 100 * DAY):
+        buyers, active = buyers_and_active(gold, t, CFG)
+        assert list(buyers) == list(compute_rfm(gold, [t])["customer_id"])
+        assert list(active) == list(active_population(gold, [t], CFG)["customer_id"])
+    assert list(buyers_and_active(gold, T, CFG)[1]) == ["C1", "C2", "C5"]
 
 
 def test_training_cutoffs_end_one_window_before_as_of():

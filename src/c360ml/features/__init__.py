@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from c360ml.features.featureset import FeatureSet, select_features
 from c360ml.features.gold import GoldTables, read_gold, read_ordering_customers, view_as_of
-from c360ml.features.labels import active_population, compute_labels, compute_rfm
+from c360ml.features.labels import (
+    active_population,
+    buyers_and_active,
+    compute_labels,
+    compute_rfm,
+)
 from c360ml.features.measures import Measure, build_measures, load_measures, measures_frame
 from c360ml.features.spec import ChurnConfig, load_churn_config, training_cutoffs
 
@@ -35,6 +40,7 @@ __all__ = [
     "active_population",
     "build_entityset",
     "build_measures",
+    "buyers_and_active",
     "calculate_features",
     "calculate_snapshot",
     "compute_labels",

@@ -133,6 +133,18 @@ def active_population(
     return _concat(parts)
 
 
+def buyers_and_active(
+    gold: GoldTables, t: pd.Timestamp, cfg: ChurnConfig
+) -> tuple[pd.Index, pd.Index]:
+    """The refresh's two populations at t, from one order index (building it is most of
+    the cost): customers with >= 1 purchase at or before t (compute_rfm's rows), and the
+    active ones (active_population's). Both sorted customer_id."""
+    index = _OrderIndex.build(gold)
+    t = to_utc(t)
+    buyers = np.flatnonzero(index.buyers(None, t, status_time=t))
+    return index.customers[buyers], index.customers[_population(index, t, cfg)]
+
+
 def compute_labels(
     gold: GoldTables, cutoffs: Sequence[pd.Timestamp], cfg: ChurnConfig
 ) -> pd.DataFrame:
