@@ -41,7 +41,6 @@ TIME_COLUMNS = {
     "order_lines": Orders.order_ts,
     "support_cases": SupportCases.created_ts,
 }
-PRIMITIVES = {"count", "sum", "mean", "max", "min", "std", "num_unique", "percent_true", "mode"}
 # {c}: the value, {f}: the FILTER clause of the rows kept (empty for all rows).
 _SQL = {
     "count": "COUNT({c}){f}",
@@ -53,6 +52,7 @@ _SQL = {
     "num_unique": "COUNT(DISTINCT {c}){f}",
     "percent_true": "AVG(CAST(COALESCE({c}, FALSE) AS DOUBLE)){f}",
 }
+PRIMITIVES = {*_SQL, "mode"}  # mode has a query of its own (`_mode_sql`)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,13 @@
 """The one module that imports Featuretools: EntitySet, DFS, feature and measure matrices.
 
+Engines: the feature definitions are always Featuretools' (DFS, saved with the model).
+Their values are computed by `c360ml.features.aggregates` in DuckDB (engine "duckdb",
+the default, for training and scoring alike), which this module feeds a plain
+`Aggregate` per feature; a feature it cannot express is left to Featuretools'
+calculate_feature_matrix, which is also the "featuretools" engine the tests compare with.
+
 Leakage design: features for cutoff t are computed on `view_as_of(gold, t)` — data after t
-is never passed to Featuretools — and `calculate_feature_matrix` gets t as every row's
+is never passed to either engine — and `calculate_feature_matrix` gets t as every row's
 cutoff time, so Featuretools' own cutoff filtering applies as well. An event exactly at t
 counts in features (Featuretools keeps time_index <= cutoff), and is outside the label
 window (t, t + w].
@@ -348,13 +354,14 @@ def _matrices(frames: dict, t: pd.Timestamp, requests: list, engine: str) -> lis
     if engine not in ENGINES:
         raise ValueError(f"unknown feature engine {engine!r}; expected one of {ENGINES}")
     plans = [[_aggregate(f) if engine == "duckdb" else None for f in fs] for _, fs in requests]
-    sql = [(ids, [p for p in ps if p]) for (ids, _), ps in zip(requests, plans, strict=True)]
-    computed = iter(compute_aggregates(frames, t, [r for r in sql if r[1]]))
+    planned = [[p for p in ps if p is not None] for ps in plans]
+    sql = [(ids, ps) for (ids, _), ps in zip(requests, planned, strict=True) if ps]
+    computed = iter(compute_aggregates(frames, t, sql))
     es = None
     out = []
-    for (ids, features), (_, planned) in zip(requests, sql, strict=True):
-        parts = [next(computed)] if planned else []
-        rest = [f for f, p in zip(features, plans[len(out)], strict=True) if p is None]
+    for (ids, features), ps, mine in zip(requests, plans, planned, strict=True):
+        parts = [next(computed)] if mine else []
+        rest = [f for f, p in zip(features, ps, strict=True) if p is None]
         if rest:
             if engine == "duckdb":
                 log.info("featuretools computes %d feature(s) duckdb cannot", len(rest))
