@@ -478,7 +478,8 @@ def main() -> None:
             try:
                 old = json.loads(path.read_text())
                 ran = {r["size"] for r in results}
-                kept = [dict(r, date=old.get("date"), command=old.get("command"))
+                # a kept size keeps its own date and command (set when it was first kept)
+                kept = [{"date": old.get("date"), "command": old.get("command"), **r}
                         for r in old.get("results", []) if r.get("size") not in ran]  # fmt: skip
             except (json.JSONDecodeError, AttributeError, TypeError):
                 kept = []
