@@ -3,8 +3,9 @@
 Why: every feature DFS derives here is one aggregation of a customer's rows (optionally
 windowed, filtered by a where-clause, or stacked over a per-order aggregation).
 Featuretools computes each (window, where) group with its own pandas group-by and merges
-it into a frame that is copied each time: about 100 s per 200k profiles at 1M, 62% of a
-refresh. The same definitions as one SQL scan per table take seconds.
+it into a frame that is copied each time; at 1M profiles that made the refresh's snapshot
+403-409 s of 645-661 s. As one SQL scan per table the snapshot takes 223-228 s, most of
+it reading gold (`benchmarks/results/refresh.json`).
 
 The definitions stay Featuretools': `c360ml.features.dfs` (the one module importing it)
 turns each saved feature into an `Aggregate` here, and computes anything it cannot turn
@@ -167,8 +168,9 @@ def _expression(a: Aggregate, value: str, kept: str | None) -> str:
     return f"CASE WHEN COUNT(*){only} > 0 THEN {_SQL[a.primitive].format(c=value, f=only)} END"
 
 
-def _table_sql(table: str, source: str, aggregates: list[Aggregate], t_ns: int, inner) -> str:
-    """One scan of `table` computing every aggregate over it, grouped by customer.
+def _table_sql(source: str, aggregates: list[Aggregate], t_ns: int, inner) -> str:
+    """One scan of `source` (a table or per_order) computing every aggregate over it,
+    grouped by customer.
 
     Each distinct row condition is evaluated once per row, as a boolean column; the
     aggregates' FILTER clauses combine those columns."""
@@ -259,7 +261,7 @@ def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int) -> pd.D
         mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
         if mine:
             source = "per_order" if table == "orders" and inner else table
-            sql = _table_sql(table, source, mine, t_ns, inner)
+            sql = _table_sql(source, mine, t_ns, inner)
             joins.append(f"LEFT JOIN ({sql}) {table} USING ({key})")
     for i, a in enumerate(aggregates):
         if a.table == "customers":
