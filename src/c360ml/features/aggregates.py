@@ -227,11 +227,14 @@ def compute_aggregates(
     the order given.
 
     The frames are copied into DuckDB once for all requests (scanning pandas strings is
-    the slow part); then one query per request scans each table once and joins the
-    results by id.
+    the slow part); then each request scans each table once.
     """
     t_ns = pd.Timestamp(t).value
     con = duckdb_connection()
+    # One thread: partial aggregates of several threads are combined in whatever order
+    # they finish, which changes floating-point sums and means in their last bits (and
+    # then float32 values): the same inputs must give the same features.
+    con.execute("SET threads = 1")
     try:
         for name in ("customers", "orders", "order_lines", "support_cases"):
             con.register(f"{name}_frame", frames[name])
@@ -249,34 +252,28 @@ def compute_aggregates(
 
 def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int) -> pd.DataFrame:
     key = _quote(CUSTOMER_ID)
-    con.register("ids_frame", pd.DataFrame({CUSTOMER_ID: np.asarray(ids, dtype=object)}))
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE ids AS SELECT *, ROW_NUMBER() OVER () AS _row FROM ids_frame"
-    )
     inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
     if inner:
         con.execute(f"CREATE OR REPLACE TEMP TABLE per_order AS {_per_order_sql(inner, t_ns)}")
-    joins, select = [], []
+    # Each query's result is lined up with `ids` in pandas (DuckDB 2.0 fails with an
+    # internal error on the equivalent join of these results when it runs one thread).
+    values: dict[str, pd.Series] = {}
     for table in ("orders", "order_lines", "support_cases"):
         mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
         if mine:
             source = "per_order" if table == "orders" and inner else table
-            sql = _table_sql(source, mine, t_ns, inner)
-            joins.append(f"LEFT JOIN ({sql}) {table} USING ({key})")
-    for i, a in enumerate(aggregates):
+            part = con.sql(_table_sql(source, mine, t_ns, inner)).df().set_index(CUSTOMER_ID)
+            values.update(part.reindex(ids).items())
+    for a in aggregates:
         if a.table == "customers":
-            value = f"profile_{i}.v"
-            joins.append(
-                f"LEFT JOIN (SELECT {key}, {_days_before(a.column, t_ns)} AS v "
-                f"FROM customers) profile_{i} USING ({key})"
-            )
+            sql = f"SELECT {key}, {_days_before(a.column, t_ns)} AS v FROM customers"
         elif a.primitive == "mode":
-            value = f"mode_{i}.v"
-            joins.append(f"LEFT JOIN ({_mode_sql(a, t_ns)}) mode_{i} USING ({key})")
+            sql = _mode_sql(a, t_ns)
         else:
-            value = f"{a.table}.{_quote(a.name)}"
-        if a.default is not None:
-            value = f"COALESCE({value}, {_literal(a.default)})"
-        select.append(f"{value} AS {_quote(a.name)}")
-    query = f"SELECT {key}, {', '.join(select)} FROM ids {' '.join(joins)} ORDER BY ids._row"
-    return con.sql(query).df().set_index(CUSTOMER_ID)
+            continue
+        values[a.name] = con.sql(sql).df().set_index(CUSTOMER_ID)["v"].reindex(ids)
+    columns = {
+        a.name: values[a.name] if a.default is None else values[a.name].fillna(a.default)
+        for a in aggregates
+    }
+    return pd.DataFrame(columns, index=pd.Index(ids, name=CUSTOMER_ID))
