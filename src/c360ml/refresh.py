@@ -257,7 +257,7 @@ def snapshot_profiles(
     Why chunks: each chunk's gold rows are read on their own (the customer filter is
     pushed into the scan), so memory follows the chunk size, not the lake (1M profiles
     with 23M order lines do not fit in pandas at once), and chunks can use both cores
-    (Featuretools runs in one). Every measure and feature is an aggregation over one
+    (the feature engine runs on one thread). Every measure and feature is an aggregation over one
     customer's rows, so chunking changes no value (a test checks).
     """
     chunks = customer_chunks(Lake(settings.lake), settings.refresh_chunk_customers)

@@ -4,7 +4,7 @@ Why: every feature DFS derives here is one aggregation of a customer's rows (opt
 windowed, filtered by a where-clause, or stacked over a per-order aggregation).
 Featuretools computes each (window, where) group with its own pandas group-by and merges
 it into a frame that is copied each time; at 1M profiles that made the refresh's snapshot
-403-409 s of 645-661 s. As one SQL scan per table the snapshot takes 223-228 s, most of
+403-409 s of 645-661 s. As one SQL scan per table the snapshot takes 210-220 s, most of
 it reading gold (`benchmarks/results/refresh.json`).
 
 The definitions stay Featuretools': `c360ml.features.dfs` (the one module importing it)
@@ -31,7 +31,7 @@ import pandas as pd
 
 from c360ml.features.gold import GoldTables, is_purchase
 from c360ml.medallion.sql import duckdb_connection
-from c360ml.schemas import CustomerProfile, OrderLines, Orders, SupportCases
+from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
 
 CUSTOMER_ID = CustomerProfile.customer_id
 IS_PURCHASE = "is_purchase"  # derived on the as-of view: a purchase as known at t
@@ -123,7 +123,7 @@ def activity_frames(view: GoldTables) -> dict[str, pd.DataFrame]:
         "orders": orders,
         "order_lines": lines,
         "support_cases": cases,
-        "products": view.products[["item_id", "category"]],
+        "products": view.products[[Products.item_id, Products.category]],
     }
 
 

@@ -356,7 +356,7 @@ def _matrices(frames: dict, t: pd.Timestamp, requests: list, engine: str) -> lis
     plans = [[_aggregate(f) if engine == "duckdb" else None for f in fs] for _, fs in requests]
     planned = [[p for p in ps if p is not None] for ps in plans]
     sql = [(ids, ps) for (ids, _), ps in zip(requests, planned, strict=True) if ps]
-    computed = iter(compute_aggregates(frames, t, sql))
+    computed = iter(compute_aggregates(frames, t, sql) if sql else [])
     es = None
     out = []
     for (ids, features), ps, mine in zip(requests, plans, planned, strict=True):
@@ -391,7 +391,7 @@ def _aggregate(feature) -> Aggregate | None:
             inner is None
             or base.parent_dataframe_name != "orders"
             or inner.where
-            or inner.window_ns
+            or inner.window_ns is not None
         ):
             return None
         plan = _terms(feature, name)
