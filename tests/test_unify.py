@@ -364,3 +364,68 @@ def test_sorted_words_make_ratio_equal_token_sort_ratio():
     assert words[2] is None and words[0] == words[1] == "ann lee smith"
     for a, b in [(0, 1), (0, 3), (3, 4), (1, 4)]:
         assert fuzz.ratio(words[a], words[b]) == fuzz.token_sort_ratio(names[a], names[b])
+
+
+def test_reused_fuzzy_pairs_equal_a_full_match():
+    """Scoring only the pairs with a new or changed record, and keeping the previous
+    matches of two unchanged records, finds exactly the pairs a full match finds: also
+    where removals alone shrink a block below the size limit, where a record moves to
+    another block, and where a renamed record now matches (or no longer matches) the
+    unchanged records of its block."""
+    from c360ml.unify import match_rule_reusing, pairs_by_key, rule_signatures
+
+    rng = np.random.default_rng(3)
+    firsts, lasts = ["Ann", "Anne", "Bob", "Rob", "Cy", "Dee"], ["Lee", "Leigh", "Ray", "Roy"]
+
+    def person(i, postal=None):
+        return rec(f"R{i}", first=rng.choice(firsts), last=rng.choice(lasts),
+                   email=f"p{rng.integers(400)}@x.com",
+                   postal=postal or str(rng.integers(10)))  # fmt: skip
+
+    rows = [person(i) for i in range(1500)]
+    rule = BY_NAME["name_postal_code"]
+    before = prepare_records(pd.DataFrame(rows))
+    sizes = before.groupby(["m_postal_code", "m_last_initial"]).size()
+    limit = int(sizes.max()) - 1  # the largest block is over it, until it loses records
+
+    def full(records):
+        return match_rule(records, rule, RULES.junk_max_records, limit)
+
+    signatures, pairs = rule_signatures(before, rule), pairs_by_key(before, full(before))
+    # 200 removed everywhere; 50 new and 30 moved records, all in a new postal code;
+    # 40 renamed in place
+    changed = rows[200:] + [person(i, postal="77") for i in range(2000, 2050)]
+    picked = rng.choice(len(changed) - 50, 70, replace=False)
+    for i in picked[:30]:
+        changed[i] = {**changed[i], "postal_code": "77"}
+    for i in picked[30:]:
+        changed[i] = {**changed[i], "first_name": rng.choice(firsts) + "e"}
+    after = prepare_records(pd.DataFrame(changed))
+    reused = match_rule_reusing(after, rule, limit, rule_signatures(after, rule), signatures, pairs)
+    expected = full(after)
+
+    def as_set(p):
+        keys = after["source_key"].to_numpy()
+        return {tuple(sorted(t)) for t in zip(keys[p.left], keys[p.right], strict=True)}
+
+    assert full(before).skipped_blocks > expected.skipped_blocks  # a block fell under
+    assert as_set(reused) == as_set(expected) and len(as_set(expected)) > 1000
+    assert reused.skipped_blocks == expected.skipped_blocks
+    assert len(reused.left) == len(as_set(expected))  # no pair twice
+
+
+def test_focus_scores_only_pairs_with_a_focused_record():
+    rule = BY_NAME["name_postal_code"]
+    records = prepare_records(
+        pd.DataFrame([rec("A"), rec("B"), rec("C", first="Anne"), rec("D", first="Bob")])
+    )
+    everything = match_rule(records, rule, RULES.junk_max_records, RULES.max_block_size)
+    assert len(everything.left) == 3  # A-B, A-C, B-C (Ann Lee ~ Anne Lee)
+    focused = match_rule(
+        records, rule, RULES.junk_max_records, RULES.max_block_size,
+        focus=np.array([False, False, True, False]),
+    )  # fmt: skip
+    assert {tuple(sorted(p)) for p in zip(focused.left, focused.right, strict=True)} == {
+        (0, 2),
+        (1, 2),
+    }

@@ -8,7 +8,7 @@ rows; the contact), from the history tables keyed by customer_id, and vacuums. N
 purged: quarantine tables (raw text of rejected lines) and orders (kept, as the business
 record, under no customer once the account is gone).
 
-Retention: once anyone is erased, every bronze, silver and gold table is vacuumed with
+Retention: once anyone is erased, every bronze, silver, gold and state table is vacuumed with
 retention 0 hours, so older versions (which still hold the rows: the ones this purge
 rewrote, and those of tables rebuilt or merged since the last refresh) are removed at
 once; time travel to before an erasure is deliberately impossible. Delete markers (key
@@ -108,14 +108,15 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
 
 
 def _vacuum_all(lake: Lake) -> None:
-    """Remove the files no live version needs, in every bronze, silver and gold table.
+    """Remove the files no live version needs, in every bronze, silver, gold and state
+    table (unify's state holds source keys; each build rewrites it without the erased).
 
     The person is also in files this purge did not rewrite: older versions of tables that
     were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
     in c360ml reads an older version's data (silver compares bronze file lists from the
     log only), so they go at once.
     """
-    for layer in ("bronze", "silver", "gold"):
+    for layer in ("bronze", "silver", "gold", "state"):
         for parts in lake.tables(layer):
             lake.delta(layer, *parts).vacuum(
                 retention_hours=0, enforce_retention_duration=False, dry_run=False

@@ -177,6 +177,7 @@ def match_rule(
     max_block: int,
     junk_fields: tuple[str, ...] = ("email", "phone"),
     chunk_pairs: int = FUZZY_CHUNK_PAIRS,
+    focus: np.ndarray | None = None,
 ) -> RulePairs:
     """Candidate pairs of one rule, with blocking on its exact fields.
 
@@ -185,6 +186,8 @@ def match_rule(
     pairs inside blocks of at most `max_block` records; the pairs are generated and
     scored a group of blocks at a time (about `chunk_pairs` at once, a block is never
     split) and only the matches are kept, so memory stays bounded whatever the size.
+    With `focus` (a flag per record), a fuzzy rule scores only the pairs with at least
+    one focused record (see `match_rule_reusing`).
     """
     keys = [f"m_{f}" for f in rule.exact]
     usable = records[[*keys, "record"]].dropna(subset=keys)
@@ -235,6 +238,9 @@ def match_rule(
         lpos, rpos = _pairs_in_runs(starts[b:e], lengths[b:e])
         left, right = ids[lpos], ids[rpos]
         del lpos, rpos
+        if focus is not None:
+            wanted = focus[left] | focus[right]
+            left, right = left[wanted], right[wanted]
         scores = process.cpdist(
             values[left].tolist(),
             values[right].tolist(),
@@ -256,6 +262,119 @@ def match_rule(
     if lefts:
         result.left, result.right = np.concatenate(lefts), np.concatenate(rights)
     return result
+
+
+# ---------------------------------------------------------------- fuzzy pairs reused
+
+# Nothing outside a fuzzy rule's block decides a pair's score: only the two records'
+# block, fuzzy and veto fields (unless a junk guard on its exact fields counts values
+# lake-wide, then the rule is not reused). So a pair of two records unchanged since the
+# last build scores as it did, and a build scores only the pairs with a new or changed
+# record, taking the others from `state/unify/<rule>` (per record a hash of its block key
+# and of what the rule reads) and `state/unify/<rule>_pairs` (the matches by source key),
+# which each build rewrites. A block whose size crossed `max_block_size` is scored anew.
+KEY = ["source", "source_key"]
+RULE_KEY = "c360ml.unify_rule"  # the rule (and block limit) a state table was made with
+
+
+def reusable(rule: MatchRule, junk_fields: tuple[str, ...]) -> bool:
+    return rule.fuzzy is not None and not set(rule.exact) & set(junk_fields)
+
+
+def rule_signatures(records: pd.DataFrame, rule: MatchRule) -> pd.DataFrame:
+    """Per record, the hash of its block key and of every field the rule reads (int64:
+    Delta has no unsigned type); `block` is null when the record is in no block."""
+    block_cols = [f"m_{f}" for f in rule.exact]
+    read = [*block_cols, f"m_{rule.fuzzy.field}", *(f"m_{f}" for f in rule.veto_if_all_differ)]
+
+    def digest(cols: list[str]) -> np.ndarray:
+        return pd.util.hash_pandas_object(records[cols], index=False).to_numpy().view(np.int64)
+
+    outside = records[block_cols].isna().any(axis=1).to_numpy()
+    return pd.DataFrame(
+        {
+            "source": records["source"].to_numpy(),
+            "source_key": records["source_key"].to_numpy(),
+            "block": pd.arrays.IntegerArray(digest(block_cols), mask=outside),
+            "record_hash": digest(read),
+        }
+    )
+
+
+def match_rule_reusing(
+    records: pd.DataFrame,
+    rule: MatchRule,
+    max_block: int,
+    signatures: pd.DataFrame,
+    before: pd.DataFrame,
+    before_pairs: pd.DataFrame,
+) -> RulePairs:
+    """match_rule's pairs of a reusable fuzzy rule, scoring only the pairs with a new or
+    changed record (all pairs of a block that crossed the size limit) and keeping the
+    previous build's matches of two unchanged records."""
+    con = duckdb_connection()
+    con.register("now_", pa.Table.from_pandas(signatures.assign(i=np.arange(len(signatures)))))
+    con.register("before_", pa.Table.from_pandas(before))
+    con.register("pairs_", pa.Table.from_pandas(before_pairs))
+    con.execute(
+        f"""CREATE TEMP TABLE resized AS
+            SELECT block FROM (
+              SELECT block, COUNT(*) > {max_block} AS over FROM now_ WHERE block IS NOT NULL
+              GROUP BY block) n
+            JOIN (
+              SELECT block, COUNT(*) > {max_block} AS over FROM before_ WHERE block IS NOT NULL
+              GROUP BY block) b USING (block)
+            WHERE n.over <> b.over;
+            CREATE TEMP TABLE now_state AS
+            SELECT n.i, n.source, n.source_key, n.block,
+                   b.record_hash IS DISTINCT FROM n.record_hash
+                   OR n.block IN (SELECT block FROM resized) AS changed
+            FROM now_ n LEFT JOIN before_ b USING (source, source_key);
+            CREATE TEMP TABLE touched AS
+            SELECT DISTINCT block FROM now_state WHERE changed AND block IS NOT NULL"""
+    )
+    redo = con.sql(
+        "SELECT i, changed FROM now_state SEMI JOIN touched USING (block) ORDER BY i"
+    ).fetchnumpy()
+    kept = con.sql(
+        """SELECT l.i AS left, r.i AS right FROM pairs_ p
+           JOIN now_state l ON l.source = p.left_source AND l.source_key = p.left_key
+           JOIN now_state r ON r.source = p.right_source AND r.source_key = p.right_key
+           WHERE NOT l.changed AND NOT r.changed"""
+    ).fetchnumpy()
+    skipped = con.sql(
+        f"""SELECT COUNT(*) FROM (SELECT block FROM now_ WHERE block IS NOT NULL
+            GROUP BY block HAVING COUNT(*) > {max_block})"""
+    ).fetchall()[0][0]
+    con.close()
+    index = redo["i"].astype(np.int64)
+    subset = records.iloc[index].reset_index(drop=True).assign(record=np.arange(len(index)))
+    focus = np.asarray(redo["changed"], dtype=bool)
+    scored = match_rule(subset, rule, 0, max_block, junk_fields=(), focus=focus)
+    return RulePairs(
+        rule.name,
+        np.concatenate([index[scored.left], kept["left"]]).astype(np.int64),
+        np.concatenate([index[scored.right], kept["right"]]).astype(np.int64),
+        {},
+        int(skipped),
+    )
+
+
+def pairs_by_key(records: pd.DataFrame, pairs: RulePairs) -> pd.DataFrame:
+    """A rule's pairs by source key, as `state/unify/<rule>_pairs` keeps them."""
+    source, key = records["source"].to_numpy(), records["source_key"].to_numpy()
+    return pd.DataFrame(
+        {
+            "left_source": source[pairs.left],
+            "left_key": key[pairs.left],
+            "right_source": source[pairs.right],
+            "right_key": key[pairs.right],
+        }
+    )
+
+
+def rule_digest(rule: MatchRule, rules: UnifyRules) -> str:
+    return hashlib.sha256(f"{rule.model_dump_json()}|{rules.max_block_size}".encode()).hexdigest()
 
 
 def cluster(n: int, pairs: list[RulePairs]) -> np.ndarray:
@@ -468,6 +587,15 @@ def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarr
     return pd.DataFrame(rows)
 
 
+def _state_matches(lake: Lake, where: tuple[str, ...], digest: str) -> bool:
+    """Whether a rule's state (records and pairs) was written with this same rule."""
+    pairs = (*where[:-1], f"{where[-1]}_pairs")
+    return all(
+        lake.exists(*w) and lake.commit_metadata(*w)[-1].get(RULE_KEY) == digest
+        for w in (where, pairs)
+    )
+
+
 def build_unify(settings: Settings) -> UnifySummary:
     started = time.perf_counter()
     lake = Lake(settings.lake)
@@ -486,9 +614,24 @@ def build_unify(settings: Settings) -> UnifySummary:
         )
     records = prepare_records(read_records(lake, settings))
     # Within each source first, then across: the report says which pairs came from where.
-    pairs = [
-        match_rule(records, r, rules.junk_max_records, rules.max_block_size) for r in rules.rules
-    ]
+    pairs, state = [], {}
+    for rule in rules.rules:
+        if not reusable(rule, tuple(rules.junk_fields)):
+            pairs.append(match_rule(records, rule, rules.junk_max_records, rules.max_block_size))
+            continue
+        signatures, digest = rule_signatures(records, rule), rule_digest(rule, rules)
+        where = ("state", "unify", rule.name)
+        if _state_matches(lake, where, digest):
+            before = lake.read_pandas(*where)
+            before_pairs = lake.read_pandas("state", "unify", f"{rule.name}_pairs")
+            pairs.append(
+                match_rule_reusing(
+                    records, rule, rules.max_block_size, signatures, before, before_pairs
+                )
+            )
+        else:
+            pairs.append(match_rule(records, rule, rules.junk_max_records, rules.max_block_size))
+        state[rule.name] = (signatures, pairs_by_key(records, pairs[-1]), digest)
     labels = cluster(len(records), pairs)
     previous = (
         lake.read_pandas("gold", "customer_source_map")
@@ -517,6 +660,10 @@ def build_unify(settings: Settings) -> UnifySummary:
         lake.write(CustomerIdRedirects.validate(redirects), "gold", "customer_id_redirects")
     report = report_frame(pairs, records, labels)
     lake.write(report, "gold", "unify_report", mode="overwrite")
+    for name, (signatures, by_key, digest) in state.items():
+        meta = {RULE_KEY: digest}
+        lake.write(signatures, "state", "unify", name, mode="overwrite", metadata=meta)
+        lake.write(by_key, "state", "unify", f"{name}_pairs", mode="overwrite", metadata=meta)
     return UnifySummary(
         report,
         customers=len(profiles),
