@@ -1,15 +1,12 @@
 -- Every order from both Commerce paths, before the known-customer split (gold.py keeps
 -- rows with a customer_id and quarantines the rest with `quarantine_reason`).
 -- Sales orders: totals from their lines; POS: the transaction header's own totals.
+-- `order_accounts` is order_accounts.sql's result.
 WITH line_totals AS (
     SELECT dataareaid, salesid,
            SUM(salesqty * salesprice) AS gross_amount, SUM(COALESCE(linedisc, 0)) AS discount_amount,
            SUM(lineamount) AS net_amount, SUM(ABS(salesqty)) AS item_count
     FROM silver_salesline GROUP BY dataareaid, salesid
-),
-accounts AS (
-    SELECT CONCAT(c.dataareaid, '-', c.accountnum) AS source_key, p.instancerelationtype
-    FROM silver_custtable c LEFT JOIN silver_dirpartytable p ON p.recid = c.party
 ),
 raw_orders AS (
     SELECT CONCAT('SO:', s.dataareaid, '-', s.salesid) AS order_id,
@@ -39,17 +36,16 @@ raw_orders AS (
            t.entrystatus = 1
     FROM silver_retailtransactiontable t
 )
-SELECT o.order_id, m.customer_id, o.order_ts, o.channel, o.store, o.currency,
+SELECT o.order_id, a.customer_id, o.order_ts, o.channel, o.store, o.currency,
        CAST(o.gross_amount AS DOUBLE) AS gross_amount,
        CAST(o.discount_amount AS DOUBLE) AS discount_amount,
        CAST(o.net_amount AS DOUBLE) AS net_amount,
        CAST(o.item_count AS DOUBLE) AS item_count,
        o.is_return, o.status, o.is_cancelled,
-       CASE WHEN m.customer_id IS NOT NULL THEN NULL
+       CASE WHEN a.customer_id IS NOT NULL THEN NULL
             WHEN o.account_key IS NULL THEN 'anonymous transaction (no customer account)'
-            WHEN a.source_key IS NULL THEN 'unknown customer account'
-            WHEN a.instancerelationtype <> ${person_party_type} THEN 'customer is not a person party'
+            WHEN NOT COALESCE(a.known, FALSE) THEN 'unknown customer account'
+            WHEN a.party_type <> ${person_party_type} THEN 'customer is not a person party'
             ELSE 'customer has no profile' END AS quarantine_reason
 FROM raw_orders o
-LEFT JOIN gold_customer_source_map m ON m.source = 'd365' AND m.source_key = o.account_key
-LEFT JOIN accounts a ON a.source_key = o.account_key
+LEFT JOIN order_accounts a ON a.account_key = o.account_key

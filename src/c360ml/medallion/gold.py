@@ -24,7 +24,16 @@ import pyarrow.compute as pc
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.medallion.sql import connect, run_sql
+from c360ml.medallion.patch import (
+    SQL_KEY,
+    STATE,
+    Affected,
+    affected_orders,
+    history_entities,
+    restrict,
+    sql_digest,
+)
+from c360ml.medallion.sql import connect, duckdb_connection, run_sql
 from c360ml.schemas import (
     OrderLines,
     Orders,
@@ -63,6 +72,16 @@ def inputs_unchanged(lake: Lake, where: tuple[str, ...], inputs: dict) -> bool:
         return False
     metas = [m for m in lake.commit_metadata(*where) if INPUTS_KEY in m]
     return bool(metas) and json.loads(metas[-1][INPUTS_KEY]) == inputs
+
+
+def recorded_inputs(lake: Lake, name: str, digest: str) -> dict[str, int] | None:
+    """The inputs gold/<name> was last built from, if it was built from this SQL."""
+    if not lake.exists("gold", name):
+        return None
+    metas = [m for m in lake.commit_metadata("gold", name) if INPUTS_KEY in m]
+    if not metas or metas[-1].get(SQL_KEY) != digest:
+        return None
+    return json.loads(metas[-1][INPUTS_KEY])
 
 
 # pandera dtype (as the gold models declare it) -> the Arrow type of the lake column.
@@ -137,14 +156,22 @@ class ArrowCheck:
         return pa_arrow.Table.from_arrays(arrays, schema=self.schema)
 
     def finish(self) -> None:
-        """Uniqueness over everything checked so far."""
+        """Uniqueness over everything checked so far (counted by DuckDB on both cores:
+        Arrow's count_distinct took 4.6 s for 13M order ids, DuckDB 2.0 s)."""
         problems = []
+        con = duckdb_connection()
         for name, parts in self.seen.items():
-            values = pa_arrow.chunked_array(
-                [c for p in parts for c in p.chunks], self.schema.field(name).type
-            )
-            if pc.count_distinct(values, mode="all").as_py() != len(values):
-                problems.append(f"{name}: field_uniqueness (duplicates)")
+            values = pa_arrow.table(
+                {"v": pa_arrow.chunked_array(
+                    [c for p in parts for c in p.chunks], self.schema.field(name).type
+                )}
+            )  # fmt: skip
+            con.register("checked", values)
+            distinct = "SELECT COUNT(*) FROM (SELECT DISTINCT v FROM checked)"  # one null
+            if con.execute(f"SELECT ({distinct}) = COUNT(*) FROM checked").fetchall()[0][0]:
+                continue
+            problems.append(f"{name}: field_uniqueness (duplicates)")
+        con.close()
         self._raise(problems)
 
     def _raise(self, problems: list[str]) -> None:
@@ -187,20 +214,31 @@ def stream_gold(
     model: type[pa.DataFrameModel],
     inputs: dict,
     quarantine: bool,
+    meta: dict[str, str] | None = None,
+    keep: pc.Expression | None = None,
 ) -> tuple[int, int]:
     """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
 
     With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
     instead (written after the gold commit). Memory holds one batch, the quarantined rows
     and the unique columns, never the table: a check that fails (uniqueness at the end)
-    raises inside the stream, so nothing is committed.
+    raises inside the stream, so nothing is committed. With `keep` (a patch, see
+    `c360ml.medallion.patch`), the table's current rows (and quarantined rows) matching
+    it are kept as they are, already checked, and the query results added.
     """
     check = ArrowCheck(model, f"gold/{name}")
     rejected: list[pa_arrow.Table] = []
     failed: list[ValueError] = []
+    if keep is not None and quarantine:
+        rejected.append(lake.read("quarantine", "gold", name, filter=keep))
+    # Opened here: delta-rs cannot open a table inside the stream its writer pulls.
+    kept = lake.dataset("gold", name) if keep is not None else None
 
     def batches():
         try:
+            if kept is not None:
+                for batch in kept.to_batches(filter=keep):
+                    yield batch.cast(check.schema)
             for reader in readers:
                 for batch in reader:
                     rows = pa_arrow.Table.from_batches([batch])
@@ -220,7 +258,7 @@ def stream_gold(
             "gold",
             name,
             mode="overwrite",
-            metadata={INPUTS_KEY: json.dumps(inputs)},
+            metadata={INPUTS_KEY: json.dumps(inputs), **(meta or {})},
         )
     except Exception:
         if failed:
@@ -228,12 +266,17 @@ def stream_gold(
         raise
     if not quarantine:
         return check.rows, 0
-    bad = pa_arrow.concat_tables(rejected or [readers[0].schema.empty_table()])
+    schema = readers[0].schema
+    bad = pa_arrow.concat_tables(
+        [schema.empty_table()] + [t.select(schema.names).cast(schema) for t in rejected]
+    )
     lake.write(bad, "quarantine", "gold", name, mode="overwrite")
     return check.rows, len(bad)
 
 
 def build_gold(settings: Settings) -> GoldSummary:
+    """Gold from silver and the source map; the order tables patched where they can be
+    (see `c360ml.medallion.patch`), the rest rebuilt when their inputs changed."""
     lake = Lake(settings.lake)
     if not lake.exists("gold", "customer_source_map"):
         raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
@@ -243,15 +286,41 @@ def build_gold(settings: Settings) -> GoldSummary:
     summary = GoldSummary()
     d365 = lake.exists("silver", "custtable")
     generic = lake.exists("silver", "generic_transactions")
+    accounts = None
+    if d365:
+        accounts = run_sql(con, settings, "gold/order_accounts")
+        con.register("order_accounts", accounts)
+    # Tables written by this build: the inputs they were built from last, and the orders
+    # they recomputed (None: rebuilt).
+    touched: dict[str, tuple[dict | None, Affected | None]] = {}
 
-    def put(name, model, *sql: str, quarantine=False, note=lambda: ""):
+    def put(name, model, *sql: str, quarantine=False, note=lambda: "", patch=None, **scope):
         """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
-        are unchanged; then register the table for the queries after it."""
+        are unchanged; then register the table for the queries after it. With `patch`
+        (recorded inputs -> affected orders, or None), only those are recomputed, over
+        the lake views `scope["views"]` restricted to them, and the other rows (by
+        `scope["key"]`) are kept."""
         started = time.perf_counter()
-        written = not inputs_unchanged(lake, ("gold", name), inputs)
-        if written:
-            readers = [run_sql(con, settings, f"gold/{n}", stream=True) for n in sql]
-            stream_gold(lake, name, readers, model, inputs, quarantine)
+        used = (["order_accounts"] if name == "orders" else []) + list(sql)
+        digest = sql_digest(settings, *(f"gold/{n}" for n in used))
+        how = "unchanged"
+        if not inputs_unchanged(lake, ("gold", name), inputs):
+            since = recorded_inputs(lake, name, digest) if patch and not generic else None
+            affected = patch(since) if since is not None else None
+            touched[name] = (since, affected)
+            meta = {SQL_KEY: digest}
+            if affected is None:
+                readers = [run_sql(con, settings, f"gold/{n}", stream=True) for n in sql]
+                stream_gold(lake, name, readers, model, inputs, quarantine, meta)
+                how = "rebuilt"
+            else:
+                scoped = connect(lake)
+                scoped.register("order_accounts", accounts)
+                restrict(scoped, lake, scope["views"], affected)
+                readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
+                keep = ~pc.field(scope["key"]).isin(affected.order_ids())
+                stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
+                how = f"patched ({len(affected.sales) + len(affected.pos)} orders)"
         con.register(f"gold_{name}", lake.dataset("gold", name))
         if quarantine:
             con.register(f"quarantine_{name}", lake.dataset("quarantine", "gold", name))
@@ -263,7 +332,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                     lake.dataset("quarantine", "gold", name).count_rows() if quarantine else 0
                 ),
                 "note": note(),
-                "written": "yes" if written else "unchanged",
+                "written": how,
                 "seconds": round(time.perf_counter() - started, 2),
             }
         )
@@ -272,7 +341,32 @@ def build_gold(settings: Settings) -> GoldSummary:
         """The d365 and/or generic variants of one gold table."""
         return [n for n, on in zip(names, (d365, generic), strict=True) if on]
 
-    put("orders", Orders, *variants("orders", "generic_orders"), quarantine=True)
+    def order_changes(since: dict[str, int]) -> Affected | None:
+        return affected_orders(lake, con, since)
+
+    def history_changes(since: dict[str, int]) -> Affected | None:
+        """The history's orders: those gold/orders recomputed in this build from the
+        same versions (rebuilt, or from others: not known), else those it would have."""
+        if "orders" in touched:
+            orders_since, orders = touched["orders"]
+            if orders_since != since:
+                return None
+        else:
+            orders = affected_orders(lake, con, since)
+        return history_entities(lake, since, orders) if orders is not None else None
+
+    put(
+        "orders",
+        Orders,
+        *variants("orders", "generic_orders"),
+        quarantine=True,
+        patch=order_changes,
+        key="order_id",
+        views={
+            f"silver_{t}": ("silver", t)
+            for t in ("salestable", "salesline", "retailtransactiontable")
+        },
+    )
     # Every order with its quarantine reason (null when in gold): what lines are tied to.
     con.execute(
         "CREATE OR REPLACE TEMP VIEW all_orders AS "
@@ -282,7 +376,21 @@ def build_gold(settings: Settings) -> GoldSummary:
     put("order_lines", OrderLines, *variants("order_lines", "generic_order_lines"), quarantine=True)
     if d365:
         put("products", Products, "products")
-        put("order_status_history", StatusHistory, "order_status_history")
+        put(
+            "order_status_history",
+            StatusHistory,
+            "order_status_history",
+            patch=history_changes,
+            key="entity_id",
+            views={
+                "bronze_d365_salestable": ("bronze", "d365", "salestable"),
+                "bronze_d365_retailtransactiontable": ("bronze", "d365", "retailtransactiontable"),
+                "gold_orders": ("gold", "orders"),
+            },
+        )
+        # Last, so that a build stopped before it recomputes the same accounts' orders.
+        if "orders" in touched or not lake.exists(*STATE):
+            lake.write(accounts, *STATE, mode="overwrite")
     if lake.exists("silver", "incident"):
         put(
             "support_cases",

@@ -368,6 +368,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     previous_current = last_bronze_current(lake, table.name)
     if since is None and lake.exists("bronze", table.source, table.name):
         return _first_build(lake, table, rules, result, started)
+    _ensure_properties(lake, table)
     raw, bronze_version = _new_bronze(lake, table, since, merged_until)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
@@ -454,6 +455,7 @@ def _first_build(
         table.name,
         mode="overwrite",
         metadata=meta,
+        configuration=table_properties(table),
     )
     bad = pa_arrow.concat_tables(rejected) if rejected else q_schema.empty_table()
     lake.write(bad, "quarantine", "silver", table.name, mode="overwrite", metadata=meta)
@@ -462,6 +464,21 @@ def _first_build(
     result.quarantined = _count(lake, "quarantine", "silver", table.name)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def table_properties(table: SourceTable) -> dict[str, str] | None:
+    """Delta properties of a new silver table: the change data feed where declared."""
+    return {"delta.enableChangeDataFeed": "true"} if table.change_feed else None
+
+
+def _ensure_properties(lake: Lake, table: SourceTable) -> None:
+    """Turn on a declared change data feed of a silver table made before it was declared
+    (the feed then starts with the next merge)."""
+    wanted = table_properties(table)
+    if wanted and lake.exists("silver", table.name):
+        delta = lake.delta("silver", table.name)
+        if delta.metadata().configuration.get("delta.enableChangeDataFeed") != "true":
+            delta.alter.set_table_properties(wanted)
 
 
 def _resolve_sql(table: SourceTable, feed: str) -> str:

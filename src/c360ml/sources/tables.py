@@ -45,6 +45,10 @@ class SourceTable:
     name: str  # lower-case export name, also the folder name in landing/ and bronze/
     columns: tuple[Column, ...]  # in export (CSV) order
     key: tuple[str, ...]  # the row's identity across versions in the change feed
+    # Silver keeps a Delta change data feed of the table, from which gold reads the orders
+    # a build changed. Only order tables: a feed keeps deleted rows in files that vacuum
+    # does not remove, which an erased person's rows must not be.
+    change_feed: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -79,8 +83,10 @@ DV_SYSTEM = (
 )
 
 
-def _fo(name: str, spec: str, key: tuple[str, ...] = ("recid",)) -> SourceTable:
-    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key)
+def _fo(
+    name: str, spec: str, key: tuple[str, ...] = ("recid",), change_feed: bool = False
+) -> SourceTable:
+    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key, change_feed)
 
 
 def _dv(name: str, spec: str, key: tuple[str, ...]) -> SourceTable:
@@ -119,12 +125,14 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "salesid:string custaccount:string salesstatus:int64 salestype:int64 "
         "currencycode:string retailchanneltable:int64 returnitemnum:string "
         "returnreasoncodeid:string",
+        change_feed=True,
     ),
     _fo(
         "salesline",
         "salesid:string linenum:decimal itemid:string salesqty:decimal salesprice:decimal "
         "lineamount:decimal linedisc:decimal costprice:decimal currencycode:string "
         "salesstatus:int64 returnstatus:int64",
+        change_feed=True,
     ),
     # type: 2 sales; entrystatus: 0 normal, 1 voided; channel -> store's channel RecId
     _fo(
@@ -133,6 +141,7 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "transdate:dateTime transtime:int64 type:int64 entrystatus:int64 grossamount:decimal "
         "netamount:decimal discamount:decimal numberofitems:decimal currency:string "
         "loyaltycardid:string",
+        change_feed=True,
     ),
     _fo(
         "retailtransactionsalestrans",
