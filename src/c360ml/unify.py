@@ -392,7 +392,10 @@ def new_id(source: str, key: str, salt: int = 0) -> str:
 
 
 def assign_ids(
-    records: pd.DataFrame, labels: np.ndarray, previous: pd.DataFrame | None, today: pd.Timestamp
+    records: pd.DataFrame,
+    labels: np.ndarray,
+    previous: pd.DataFrame | pa.Table | None,
+    today: pd.Timestamp,
 ) -> tuple[pd.Series, pd.DataFrame]:
     """A stable customer_id per cluster, and the redirects of ids retired by merges.
 
@@ -406,7 +409,9 @@ def assign_ids(
     con.register("rec", pa.Table.from_pandas(frame, preserve_index=False))
     if previous is None:
         previous = pd.DataFrame({c: pd.Series(dtype=str) for c in columns(CustomerSourceMap)})
-    con.register("prev", pa.Table.from_pandas(previous[columns(CustomerSourceMap)]))
+    if isinstance(previous, pd.DataFrame):
+        previous = pa.Table.from_pandas(previous[columns(CustomerSourceMap)])
+    con.register("prev", previous.select(columns(CustomerSourceMap)))
     con.execute(
         """CREATE TEMP TABLE r AS
            SELECT rec.*, p.customer_id AS old_id,
@@ -456,51 +461,58 @@ def assign_ids(
     return pd.Series(cluster_id[labels], index=records.index), redirects
 
 
-def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
+def merge_profiles(
+    records: pd.DataFrame | pa.Table, ids: pd.Series, policy: MergePolicy
+) -> pd.DataFrame:
     """One profile per customer_id by the declared per-attribute policy.
 
-    Grouping and sorting use integer codes of the ids (sorting 2M id strings costs more
-    than the whole merge); the ids are put back at the end.
+    Each attribute is the first non-null value in the policy's order: most recently
+    modified first (records without a modified time last), or by source priority, then
+    most recent; remaining ties go to the smaller (source, source_key), so the result
+    does not depend on the records' order. One DuckDB group-by (arg_min per attribute):
+    pandas' two sorts and group-bys took 8.4 s for 1.8M records.
     """
     attributes = list(dict.fromkeys([*policy.most_recent, *policy.by_source_priority]))
-    needed = ["source", "created_ts", "modified_ts", *attributes]
-    codes, uniques = pd.factorize(ids, sort=False)
-    frame = records[needed].assign(_customer=codes)  # not the match fields
-    rank = {s: i for i, s in enumerate(policy.source_priority)}
-    frame["_rank"] = frame["source"].map(rank).fillna(len(rank))
-
-    def first_by(keys: list[str], ascending: list[bool], attrs: list[str]) -> pd.DataFrame:
-        """Per customer, the first non-null of each attribute in the order of keys (only
-        the columns needed are sorted)."""
-        part = frame[list(dict.fromkeys([*keys, *attrs]))]
-        return part.sort_values(keys, ascending=ascending).groupby("_customer")[attrs].first()
-
-    merged = first_by(["_customer", "modified_ts"], [True, False], policy.most_recent)
-    merged = merged.join(
-        first_by(
-            ["_customer", "_rank", "modified_ts"], [True, True, False], policy.by_source_priority
-        )
+    needed = ["source", "source_key", "created_ts", "modified_ts", *attributes]
+    if isinstance(records, pd.DataFrame):
+        records = pa.Table.from_pandas(records[needed], preserve_index=False)
+    frame = records.select(needed).append_column("customer_id", pa.array(ids, pa.string()))
+    priority = {src: i for i, src in enumerate(policy.source_priority)}
+    ordered = sorted(
+        pc.unique(frame["source"]).to_pylist(), key=lambda x: (priority.get(x, len(priority)), x)
     )
-    grouped = frame.groupby("_customer")
-    merged["created_ts"] = grouped["created_ts"].min()
-    merged["source_count"] = grouped.size()
-    # The distinct sources of each customer in priority order, without a Python call per
-    # customer: one indicator column per source, then one string per combination.
-    ordered = sorted(frame["source"].unique(), key=lambda x: (rank.get(x, len(rank)), x))
-    bit = frame["source"].map({src: 1 << i for i, src in enumerate(ordered)})
-    distinct = pd.DataFrame({"_customer": codes, "bit": bit}).drop_duplicates()
-    combo = distinct.groupby("_customer")["bit"].sum()
-    names = {
-        c: ",".join(src for i, src in enumerate(ordered) if c >> i & 1) for c in combo.unique()
+    rank = " ".join(f"WHEN '{src}' THEN {i}" for i, src in enumerate(ordered))
+    # newest first, records without a modified time last
+    recent = "COALESCE(-epoch_us(CAST(modified_ts AS TIMESTAMPTZ)), 9223372036854775807)"
+    order = {
+        **{a: f"({recent}, _rank, source, source_key)" for a in policy.most_recent},
+        **{a: f"(_rank, {recent}, source, source_key)" for a in policy.by_source_priority},
     }
-    merged["sources"] = combo.map(names)
-    merged["full_name"] = (
-        (merged["first_name"].fillna("") + " " + merged["last_name"].fillna(""))
+    picks = ", ".join(
+        f'arg_min("{a}", {order[a]}) FILTER (WHERE "{a}" IS NOT NULL) AS "{a}"' for a in attributes
+    )
+    con = duckdb_connection()
+    con.register("frame", frame)
+    merged = con.sql(
+        f"""SELECT customer_id, {picks}, MIN(created_ts) AS created_ts,
+                   COUNT(*) AS source_count, BIT_OR(1 << _rank) AS _sources
+            FROM (SELECT *, CASE source {rank} END AS _rank FROM frame)
+            GROUP BY customer_id"""
+    ).to_arrow_table()
+    con.close()
+    out = merged.to_pandas()
+    # The distinct sources of each customer in priority order, one string per combination.
+    names = {
+        c: ",".join(src for i, src in enumerate(ordered) if c >> i & 1)
+        for c in out["_sources"].unique()
+    }
+    out["sources"] = out["_sources"].map(names)
+    out["full_name"] = (
+        (out["first_name"].fillna("") + " " + out["last_name"].fillna(""))
         .str.strip()
         .replace("", None)
     )
-    merged["customer_id"] = uniques[merged.index.to_numpy()]
-    return merged.reset_index(drop=True)[columns(CustomerProfile)]
+    return out[columns(CustomerProfile)]
 
 
 def pair_quality(source_map: pd.DataFrame, truth_keys: pd.DataFrame) -> dict[str, float]:
@@ -634,7 +646,7 @@ def build_unify(settings: Settings) -> UnifySummary:
         state[rule.name] = (signatures, pairs_by_key(records, pairs[-1]), digest)
     labels = cluster(len(records), pairs)
     previous = (
-        lake.read_pandas("gold", "customer_source_map")
+        lake.read("gold", "customer_source_map")
         if lake.exists("gold", "customer_source_map")
         else None
     )
