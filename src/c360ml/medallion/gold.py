@@ -45,6 +45,7 @@ from c360ml.schemas import (
 log = logging.getLogger(__name__)
 
 INPUTS_KEY = "c360ml.inputs"
+PATCH_MAX_SHARE = 0.3  # a patch recomputing more than this share of a table's rows rebuilds
 REASON = "quarantine_reason"
 
 
@@ -274,6 +275,10 @@ def stream_gold(
     return check.rows, len(bad)
 
 
+def _rows(lake: Lake, name: str) -> int:
+    return lake.dataset("gold", name).count_rows()
+
+
 def build_gold(settings: Settings) -> GoldSummary:
     """Gold from silver and the source map; the order tables patched where they can be
     (see `c360ml.medallion.patch`), the rest rebuilt when their inputs changed."""
@@ -307,6 +312,8 @@ def build_gold(settings: Settings) -> GoldSummary:
         if not inputs_unchanged(lake, ("gold", name), inputs):
             since = recorded_inputs(lake, name, digest) if patch and not generic else None
             affected = patch(since) if since is not None else None
+            if affected is not None and affected.size > PATCH_MAX_SHARE * _rows(lake, name):
+                affected = None  # most rows change: a rebuild costs no more
             touched[name] = (since, affected)
             meta = {SQL_KEY: digest}
             if affected is None:
@@ -320,7 +327,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
                 keep = ~pc.field(scope["key"]).isin(affected.order_ids())
                 stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
-                how = f"patched ({len(affected.sales) + len(affected.pos)} orders)"
+                how = f"patched ({affected.size} orders)"
         con.register(f"gold_{name}", lake.dataset("gold", name))
         if quarantine:
             con.register(f"quarantine_{name}", lake.dataset("quarantine", "gold", name))

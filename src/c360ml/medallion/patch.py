@@ -66,14 +66,16 @@ class Affected:
     sales: pa.Table  # dataareaid, salesid
     pos: pa.Table  # transactionid
 
+    @property
+    def size(self) -> int:
+        return len(self.sales) + len(self.pos)
+
     def order_ids(self) -> pa.Array:
         """The gold order_ids ('SO:<dataareaid>-<salesid>', 'POS:<transactionid>')."""
-        so = pc.binary_join_element_wise("SO:", self.sales["dataareaid"], "", "")
-        so = pc.binary_join_element_wise(so, self.sales["salesid"], "-")
-        pos = pc.binary_join_element_wise("POS:", self.pos["transactionid"], "")
-        return pa.concat_arrays(
-            [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in (so, pos)]
-        ).cast(pa.string())
+        sales, pos = self.sales, self.pos
+        so = pc.binary_join_element_wise("SO:", sales["dataareaid"], "-", sales["salesid"], "")
+        pos = pc.binary_join_element_wise("POS:", pos["transactionid"], "")
+        return pa.chunked_array([*so.chunks, *pos.chunks], pa.string()).combine_chunks()
 
     def union(self, other: Affected) -> Affected:
         con = duckdb.connect()
@@ -182,7 +184,9 @@ def restrict(
 ) -> None:
     """Replace lake views (name -> (layer, parts...)) by their rows of the affected orders:
     the SQL files then compute just those orders. A view is restricted by the key columns
-    it has (sales or POS); gold views by order id."""
+    it has (sales or POS); gold views by order id. The rows are copied into DuckDB first:
+    over a view, DuckDB (no statistics for an Arrow scan) built the join's hash table on
+    the whole bronze feed and ran out of memory."""
     con.register("affected_sales", keys.sales)
     con.register("affected_pos", keys.pos)
     con.register("affected_ids", pa.table({"order_id": keys.order_ids()}))
@@ -198,6 +202,6 @@ def restrict(
             on, against = POS_KEY, "affected_pos"
         con.unregister(view)
         con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {view}__all "
+            f"CREATE OR REPLACE TEMP TABLE {view} AS SELECT * FROM {view}__all "
             f"SEMI JOIN {against} USING ({', '.join(on)})"
         )
