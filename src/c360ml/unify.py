@@ -488,7 +488,7 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
         values = records[attr].to_numpy(dtype=object)
         chosen = order[pd.notna(values)[order]]  # records with a value, in the order
         groups = codes[chosen]
-        first = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        first = np.flatnonzero(np.diff(groups, prepend=-1))  # each customer's first
         column = np.full(n, None, dtype=object)
         column[groups[first]] = values[chosen[first]]
         merged[attr] = column

@@ -45,7 +45,9 @@ from c360ml.schemas import (
 log = logging.getLogger(__name__)
 
 INPUTS_KEY = "c360ml.inputs"
-PATCH_MAX_SHARE = 0.3  # a patch recomputing more than this share of a table's rows rebuilds
+# A patch copies the affected orders' inputs into DuckDB: one of more than this share of a
+# table's rows (and more than PATCH_ALWAYS orders) rebuilds the table instead.
+PATCH_MAX_SHARE, PATCH_ALWAYS = 0.3, 100_000
 REASON = "quarantine_reason"
 
 
@@ -312,8 +314,10 @@ def build_gold(settings: Settings) -> GoldSummary:
         if not inputs_unchanged(lake, ("gold", name), inputs):
             since = recorded_inputs(lake, name, digest) if patch and not generic else None
             affected = patch(since) if since is not None else None
-            if affected is not None and affected.size > PATCH_MAX_SHARE * _rows(lake, name):
-                affected = None  # most rows change: a rebuild costs no more
+            if affected is not None and affected.size > max(
+                PATCH_MAX_SHARE * _rows(lake, name), PATCH_ALWAYS
+            ):
+                affected = None  # much changes: a rebuild costs no more, holds less
             touched[name] = (since, affected)
             meta = {SQL_KEY: digest}
             if affected is None:
