@@ -137,12 +137,13 @@ def test_patched_gold_equals_a_rebuild(lake, tmp_path):
         step(lake)
     written = {t["table"]: t["written"] for t in build_gold(lake).rows()}
     orders = Lake(lake.lake).dataset("gold", "orders").count_rows()
-    for table in ("gold/orders", "gold/order_status_history"):
+    for table in ("gold/orders", "gold/order_lines", "gold/order_status_history"):
         assert written[table].startswith("patched"), written
         assert 0 < int(written[table].split("(")[1].split()[0]) < 0.2 * orders
     fresh = lake.model_copy(update={"lake_root": tmp_path / "lake"})
     shutil.copytree(lake.lake, fresh.lake)
-    for where in ("gold/orders", "quarantine/gold/orders", "gold/order_status_history",
+    for where in ("gold/orders", "quarantine/gold/orders", "gold/order_lines",
+                  "quarantine/gold/order_lines", "gold/order_status_history",
                   "state/gold"):  # fmt: skip
         shutil.rmtree(fresh.lake / where)
     rebuilt = {t["table"]: t["written"] for t in build_gold(fresh).rows()}
@@ -151,6 +152,7 @@ def test_patched_gold_equals_a_rebuild(lake, tmp_path):
         (("gold", "orders"), ["order_id"]),
         (("quarantine", "gold", "orders"), ["order_id"]),
         (("gold", "order_lines"), ["order_id", "line"]),
+        (("quarantine", "gold", "order_lines"), ["order_id", "line"]),
         (("gold", "order_status_history"), ["entity_id", "valid_from"]),
     ):
         a, b = (Lake(s.lake).read_pandas(*where) for s in (lake, fresh))

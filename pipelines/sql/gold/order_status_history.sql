@@ -16,14 +16,16 @@ WITH versions AS (
            COALESCE(modifieddatetime, createddatetime), versionnumber
     FROM bronze_d365_retailtransactiontable WHERE NOT COALESCE(IsDelete, FALSE)
 ),
-ordered AS (
-    SELECT v.entity_id, v.status, v.is_cancelled, v.versionnumber,
-           -- the first version is valid from the order's creation, whatever its modified time
-           CASE WHEN v.versionnumber = MIN(v.versionnumber) OVER (PARTITION BY v.entity_id)
-                THEN LEAST(v.created_ts, v.changed_ts) ELSE v.changed_ts END AS changed_ts,
-           ROW_NUMBER() OVER (PARTITION BY v.entity_id, v.versionnumber ORDER BY v.changed_ts) AS dup
+ranked AS (
+    -- one pass: each version's first row (by modified time), and which row is the first
+    SELECT v.entity_id, v.status, v.is_cancelled, v.versionnumber, v.created_ts, v.changed_ts,
+           ROW_NUMBER() OVER w AS pos, LAG(v.versionnumber) OVER w AS previous_version
     FROM versions v JOIN gold_orders o ON o.order_id = v.entity_id
+    WINDOW w AS (PARTITION BY v.entity_id ORDER BY v.versionnumber, v.changed_ts)
 )
-SELECT entity_id, status, is_cancelled, changed_ts AS valid_from,
+SELECT entity_id, status, is_cancelled,
+       -- the first version is valid from the order's creation, whatever its modified time
+       CASE WHEN pos = 1 THEN LEAST(created_ts, changed_ts) ELSE changed_ts END AS valid_from,
        LEAD(changed_ts) OVER (PARTITION BY entity_id ORDER BY versionnumber) AS valid_to
-FROM ordered WHERE dup = 1
+FROM ranked
+WHERE previous_version IS NULL OR previous_version <> versionnumber

@@ -1,14 +1,14 @@
 """Gold: the unified profile, activity and supporting tables, keyed by customer_id.
 
-Gold is rebuilt from silver by the SQL in `pipelines/sql/gold/` on each build, each
-query's result streamed batch by batch into its Delta commit (memory holds a batch, not
-a 20M-row table). Why a rebuild and not a merge: a refresh's changed orders (new ones,
-status changes, customers re-linked by unify) are spread over every file of the order
-and line tables, so a Delta merge would rewrite nearly all of them anyway, and a
-rebuild cannot drift the way a chain of partial updates can. A table is written only
-when its inputs' versions changed, so a build with nothing new adds no Delta versions.
-Orders and lines that cannot be tied to a profile go to `quarantine/gold/<table>` with a
-reason, never away.
+Gold is computed from silver by the SQL in `pipelines/sql/gold/`, each query's result
+streamed batch by batch into its Delta commit (memory holds a batch, not a 20M-row
+table). The order tables (orders, order lines, order status history) are patched on a
+refresh: only the orders that the refresh's changes touch are recomputed, by the same SQL
+over inputs restricted to them, and the other rows are kept (`c360ml.medallion.patch`
+says how the affected orders are found, and when a table is rebuilt instead). The small
+tables are rebuilt. A table is written only when its inputs' versions changed, so a
+build with nothing new adds no Delta versions. Orders and lines that cannot be tied to a
+profile go to `quarantine/gold/<table>` with a reason, never away.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import duckdb
 import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
@@ -30,10 +31,11 @@ from c360ml.medallion.patch import (
     Affected,
     affected_orders,
     history_entities,
+    line_orders,
     restrict,
     sql_digest,
 )
-from c360ml.medallion.sql import connect, duckdb_connection, run_sql
+from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql
 from c360ml.schemas import (
     OrderLines,
     Orders,
@@ -327,14 +329,16 @@ def build_gold(settings: Settings) -> GoldSummary:
             else:
                 scoped = connect(lake)
                 scoped.register("order_accounts", accounts)
+                if name == "order_lines":
+                    register_all_orders(scoped)
                 restrict(scoped, lake, scope["views"], affected)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
                 keep = ~pc.field(scope["key"]).isin(affected.order_ids())
                 stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
                 how = f"patched ({affected.size} orders)"
-        con.register(f"gold_{name}", lake.dataset("gold", name))
+        register(con, lake, f"gold_{name}", "gold", name)
         if quarantine:
-            con.register(f"quarantine_{name}", lake.dataset("quarantine", "gold", name))
+            register(con, lake, f"quarantine_{name}", "quarantine", "gold", name)
         summary.tables.append(
             {
                 "table": f"gold/{name}",
@@ -348,6 +352,16 @@ def build_gold(settings: Settings) -> GoldSummary:
             }
         )
 
+    def register_all_orders(c: duckdb.DuckDBPyConnection) -> None:
+        """Every order with its quarantine reason (null when in gold): what lines are
+        tied to."""
+        register(c, lake, "quarantine_orders", "quarantine", "gold", "orders")
+        c.execute(
+            "CREATE OR REPLACE TEMP VIEW all_orders AS "
+            "SELECT order_id, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
+            "UNION ALL SELECT order_id, quarantine_reason FROM quarantine_orders"
+        )
+
     def variants(*names: str) -> list[str]:
         """The d365 and/or generic variants of one gold table."""
         return [n for n, on in zip(names, (d365, generic), strict=True) if on]
@@ -355,15 +369,20 @@ def build_gold(settings: Settings) -> GoldSummary:
     def order_changes(since: dict[str, int]) -> Affected | None:
         return affected_orders(lake, con, since)
 
+    def orders_changed(since: dict[str, int]) -> Affected | None:
+        """The orders gold/orders recomputed in this build from the same versions (if it
+        was rebuilt, or from other versions: not known), else those it would have."""
+        if "orders" not in touched:
+            return affected_orders(lake, con, since)
+        orders_since, orders = touched["orders"]
+        return orders if orders_since == since else None
+
+    def lines_changes(since: dict[str, int]) -> Affected | None:
+        orders = orders_changed(since)
+        return line_orders(lake, since, orders) if orders is not None else None
+
     def history_changes(since: dict[str, int]) -> Affected | None:
-        """The history's orders: those gold/orders recomputed in this build from the
-        same versions (rebuilt, or from others: not known), else those it would have."""
-        if "orders" in touched:
-            orders_since, orders = touched["orders"]
-            if orders_since != since:
-                return None
-        else:
-            orders = affected_orders(lake, con, since)
+        orders = orders_changed(since)
         return history_entities(lake, since, orders) if orders is not None else None
 
     put(
@@ -378,13 +397,16 @@ def build_gold(settings: Settings) -> GoldSummary:
             for t in ("salestable", "salesline", "retailtransactiontable")
         },
     )
-    # Every order with its quarantine reason (null when in gold): what lines are tied to.
-    con.execute(
-        "CREATE OR REPLACE TEMP VIEW all_orders AS "
-        "SELECT order_id, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
-        "UNION ALL SELECT order_id, quarantine_reason FROM quarantine_orders"
+    register_all_orders(con)
+    put(
+        "order_lines",
+        OrderLines,
+        *variants("order_lines", "generic_order_lines"),
+        quarantine=True,
+        patch=lines_changes,
+        key="order_id",
+        views={f"silver_{t}": ("silver", t) for t in ("salesline", "retailtransactionsalestrans")},
     )
-    put("order_lines", OrderLines, *variants("order_lines", "generic_order_lines"), quarantine=True)
     if d365:
         put("products", Products, "products")
         put(

@@ -3,15 +3,16 @@
 Why: a refresh's 1% increment changes about 1% of the orders (new ones, status changes,
 new lines, customers re-linked or erased by unify), but a rebuild recomputes and checks
 all of them: at 1M customers gold/orders and gold/order_status_history took 19-24 s
-each of a 53 s incremental gold build. How: the same SQL files run over views of their
-inputs restricted to the affected orders, and the table is rewritten as its unaffected
-rows, as they were, plus the recomputed ones, in one commit. (delta-rs writes no deletion
+each, and the lines 9-14 s, of a 53 s incremental gold build. How: the same SQL files
+run over their inputs restricted to the affected orders, and the table is rewritten as
+its unaffected rows, as they were, plus the recomputed ones, in one commit. (delta-rs writes no deletion
 vectors, and the affected orders of erased and re-linked customers lie in every file, so
 the table is rewritten whole either way: the saving is in not recomputing.)
 
 What changed since a table's last build is read from
 - the change data feed of the silver order tables (`SourceTable.change_feed`) between
-  the versions the table recorded and now: orders and lines new, changed or deleted;
+  the versions the table recorded and now: orders and lines new, changed or deleted (a
+  change of the products, each line's category, rebuilds the lines);
 - `state/gold/order_accounts`, what orders.sql joined per Commerce account at the last
   build (customer_id, known, party type), against now: unify's re-links, accounts gone;
 - the bronze files added since: an order's status history holds every version, also a
@@ -40,14 +41,20 @@ from deltalake.exceptions import DeltaError
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.medallion.sql import render
+from c360ml.medallion.sql import register, render
 from c360ml.sources.tables import SOURCE_TABLES
 
 STATE = ("state", "gold", "order_accounts")
 SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table was built from
 SALES_KEY, POS_KEY = ("dataareaid", "salesid"), ("transactionid",)
 # Silver tables read through their change feed, and the columns naming the order.
-FEEDS = {"salestable": SALES_KEY, "salesline": SALES_KEY, "retailtransactiontable": POS_KEY}
+FEEDS = {
+    "salestable": SALES_KEY,
+    "salesline": SALES_KEY,
+    "retailtransactiontable": POS_KEY,
+    "retailtransactionsalestrans": POS_KEY,
+}
+ORDER_FEEDS = ("salestable", "salesline", "retailtransactiontable")  # what orders.sql reads
 # Bronze change feeds of the status history, and the columns naming the order.
 HISTORY_FEEDS = {"salestable": SALES_KEY, "retailtransactiontable": POS_KEY}
 
@@ -138,7 +145,7 @@ def affected_orders(
     `con` has the full silver tables and the current `order_accounts` registered."""
     if not lake.exists(*STATE):
         return None
-    feeds = {name: silver_changes(lake, name, since) for name in FEEDS}
+    feeds = {name: silver_changes(lake, name, since) for name in ORDER_FEEDS}
     if any(f is None for f in feeds.values()):
         return None
     for name, feed in feeds.items():
@@ -179,29 +186,37 @@ def history_entities(lake: Lake, since: dict[str, int], orders: Affected) -> Aff
     return orders.union(Affected(added["salestable"], added["retailtransactiontable"]))
 
 
+def line_orders(lake: Lake, since: dict[str, int], orders: Affected) -> Affected | None:
+    """Orders whose lines may differ: those whose gold row may have (their quarantine
+    reason is the lines'), and those with changed lines. A change of the products (each
+    line's category) rebuilds."""
+    if since.get("silver/inventtable") != lake.version("silver", "inventtable"):
+        return None
+    pos = silver_changes(lake, "retailtransactionsalestrans", since)
+    if pos is None:
+        return None  # the sales lines' changes are in `orders` already
+    return orders.union(Affected(orders.sales.slice(0, 0), pos))
+
+
 def restrict(
     con: duckdb.DuckDBPyConnection, lake: Lake, views: dict[str, tuple[str, ...]], keys: Affected
 ) -> None:
     """Replace lake views (name -> (layer, parts...)) by their rows of the affected orders:
     the SQL files then compute just those orders. A view is restricted by the key columns
-    it has (sales or POS); gold views by order id. The rows are copied into DuckDB first:
-    over a view, DuckDB (no statistics for an Arrow scan) built the join's hash table on
-    the whole bronze feed and ran out of memory."""
+    it has (sales or POS); gold views by order id."""
     con.register("affected_sales", keys.sales)
     con.register("affected_pos", keys.pos)
     con.register("affected_ids", pa.table({"order_id": keys.order_ids()}))
     for view, where in views.items():
-        dataset = lake.dataset(*where)
-        con.register(f"{view}__all", dataset)
-        columns = set(dataset.schema.names)
+        register(con, lake, f"{view}__all", *where)
+        columns = set(con.sql(f"SELECT * FROM {view}__all LIMIT 0").columns)
         if where[0] == "gold":
             on, against = ("order_id",), "affected_ids"
         elif set(SALES_KEY) <= columns:
             on, against = SALES_KEY, "affected_sales"
         else:
             on, against = POS_KEY, "affected_pos"
-        con.unregister(view)
         con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {view} AS SELECT * FROM {view}__all "
+            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}__all "
             f"SEMI JOIN {against} USING ({', '.join(on)})"
         )

@@ -148,6 +148,7 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "transactionid:string linenum:decimal itemid:string qty:decimal price:decimal "
         "netamount:decimal discamount:decimal returnnosale:int64 returntransactionid:string "
         "transactionstatus:int64 store:string terminal:string",
+        change_feed=True,
     ),
     _fo("inventtable", "itemid:string namealias:string itemgroupid:string product:int64"),
 )
