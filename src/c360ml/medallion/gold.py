@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.medallion.patch import (
+    ORDER_FEEDS,
     SQL_KEY,
     STATE,
     Affected,
@@ -47,8 +48,8 @@ from c360ml.schemas import (
 log = logging.getLogger(__name__)
 
 INPUTS_KEY = "c360ml.inputs"
-# A patch copies the affected orders' inputs into DuckDB: one of more than this share of a
-# table's rows (and more than PATCH_ALWAYS orders) rebuilds the table instead.
+# A patch of more than this share of a table's rows (and more than PATCH_ALWAYS orders)
+# rebuilds the table instead: it would cost as much and hold more.
 PATCH_MAX_SHARE, PATCH_ALWAYS = 0.3, 100_000
 REASON = "quarantine_reason"
 
@@ -166,12 +167,9 @@ class ArrowCheck:
         problems = []
         con = duckdb_connection()
         for name, parts in self.seen.items():
-            values = pa_arrow.table(
-                {"v": pa_arrow.chunked_array(
-                    [c for p in parts for c in p.chunks], self.schema.field(name).type
-                )}
-            )  # fmt: skip
-            con.register("checked", values)
+            chunks = [c for p in parts for c in p.chunks]
+            values = pa_arrow.chunked_array(chunks, self.schema.field(name).type)
+            con.register("checked", pa_arrow.table({"v": values}))
             distinct = "SELECT COUNT(*) FROM (SELECT DISTINCT v FROM checked)"  # one null
             if con.execute(f"SELECT ({distinct}) = COUNT(*) FROM checked").fetchall()[0][0]:
                 continue
@@ -303,12 +301,11 @@ def build_gold(settings: Settings) -> GoldSummary:
     # they recomputed (None: rebuilt).
     touched: dict[str, tuple[dict | None, Affected | None]] = {}
 
-    def put(name, model, *sql: str, quarantine=False, note=lambda: "", patch=None, **scope):
+    def put(name, model, *sql, quarantine=False, note=lambda: "", patch=None, key="", views=()):
         """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
         are unchanged; then register the table for the queries after it. With `patch`
         (recorded inputs -> affected orders, or None), only those are recomputed, over
-        the lake views `scope["views"]` restricted to them, and the other rows (by
-        `scope["key"]`) are kept."""
+        the lake `views` restricted to them, and the other rows (by `key`) are kept."""
         started = time.perf_counter()
         used = (["order_accounts"] if name == "orders" else []) + list(sql)
         digest = sql_digest(settings, *(f"gold/{n}" for n in used))
@@ -331,9 +328,9 @@ def build_gold(settings: Settings) -> GoldSummary:
                 scoped.register("order_accounts", accounts)
                 if name == "order_lines":
                     register_all_orders(scoped)
-                restrict(scoped, lake, scope["views"], affected)
+                restrict(scoped, lake, views, affected)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
-                keep = ~pc.field(scope["key"]).isin(affected.order_ids())
+                keep = ~pc.field(key).isin(affected.order_ids())
                 stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
                 how = f"patched ({affected.size} orders)"
         register(con, lake, f"gold_{name}", "gold", name)
@@ -342,7 +339,7 @@ def build_gold(settings: Settings) -> GoldSummary:
         summary.tables.append(
             {
                 "table": f"gold/{name}",
-                "rows": lake.dataset("gold", name).count_rows(),
+                "rows": _rows(lake, name),
                 "quarantined": (
                     lake.dataset("quarantine", "gold", name).count_rows() if quarantine else 0
                 ),
@@ -366,9 +363,6 @@ def build_gold(settings: Settings) -> GoldSummary:
         """The d365 and/or generic variants of one gold table."""
         return [n for n, on in zip(names, (d365, generic), strict=True) if on]
 
-    def order_changes(since: dict[str, int]) -> Affected | None:
-        return affected_orders(lake, con, since)
-
     def orders_changed(since: dict[str, int]) -> Affected | None:
         """The orders gold/orders recomputed in this build from the same versions (if it
         was rebuilt, or from other versions: not known), else those it would have."""
@@ -390,12 +384,9 @@ def build_gold(settings: Settings) -> GoldSummary:
         Orders,
         *variants("orders", "generic_orders"),
         quarantine=True,
-        patch=order_changes,
+        patch=lambda since: affected_orders(lake, con, since),
         key="order_id",
-        views={
-            f"silver_{t}": ("silver", t)
-            for t in ("salestable", "salesline", "retailtransactiontable")
-        },
+        views={f"silver_{t}": ("silver", t) for t in ORDER_FEEDS},
     )
     register_all_orders(con)
     put(

@@ -86,8 +86,12 @@ class Affected:
 
     def union(self, other: Affected) -> Affected:
         con = duckdb.connect()
-        for name, table in (("a", self.sales), ("b", other.sales), ("c", self.pos),
-                            ("d", other.pos)):  # fmt: skip
+        for name, table in {
+            "a": self.sales,
+            "b": other.sales,
+            "c": self.pos,
+            "d": other.pos,
+        }.items():
             con.register(name, table)
         sales = con.sql("SELECT * FROM a UNION SELECT * FROM b").to_arrow_table()
         pos = con.sql("SELECT * FROM c UNION SELECT * FROM d").to_arrow_table()
