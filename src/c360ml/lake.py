@@ -89,13 +89,11 @@ class Lake:
         mode: str = "append",
         partition_by: list[str] | None = None,
         metadata: dict[str, str] | None = None,
-        configuration: dict[str, str] | None = None,
     ) -> int:
         """One atomic commit; returns the new table version.
 
         `metadata` lands in the commit info (e.g. the batch id), which is what lets
-        ingest tell a committed batch from one that crashed before its commit;
-        `configuration` sets table properties when the write creates the table.
+        ingest tell a committed batch from one that crashed before its commit.
         """
         table = (
             pa.Table.from_pandas(data, preserve_index=False)
@@ -111,7 +109,6 @@ class Lake:
             partition_by=partition_by,
             schema_mode="overwrite" if mode == "overwrite" else None,
             commit_properties=_commit(metadata),
-            configuration=configuration,
         )
         return DeltaTable(str(where)).version()
 

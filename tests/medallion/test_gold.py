@@ -382,8 +382,8 @@ def _rows(settings, *where: str, key: list[str]) -> pd.DataFrame:
 
 
 def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
-    """A second sync: a status change, a new line, a new POS transaction, an account that
-    becomes known and a party that becomes a person. Gold recomputes just those orders
+    """A second sync: a status change, a new line, a deleted line, a new POS transaction,
+    an account that becomes known and a party that becomes a person. Gold recomputes just those orders
     (their status history too) and equals a rebuild from scratch."""
     import shutil
 
@@ -408,7 +408,8 @@ def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
             ),
         ],
         "salesline": [
-            fo(77, salesid="SO1", linenum=3, itemid="I2", salesqty=1, salesprice=5, lineamount=5)
+            fo(77, salesid="SO1", linenum=3, itemid="I2", salesqty=1, salesprice=5, lineamount=5),
+            {**fo(74, version=2, modified=later), "IsDelete": "True"},  # a key-only marker
         ],
         "retailtransactiontable": [
             fo(
@@ -430,9 +431,10 @@ def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
     build_silver(settings)
     build_unify(settings)
     written = {t["table"]: t["written"] for t in build_gold(settings).rows()}
-    # SO1 (line), SO2 (status), SO4 (account now known), SO5 (now a person), T4 (new)
+    # SO1 (line), SO2 (status), SO3 (line deleted), SO4 (account now known), SO5 (now a
+    # person), T4 (new)
     for table in ("gold/orders", "gold/order_lines", "gold/order_status_history"):
-        assert written[table] == "patched (5 orders)"
+        assert written[table] == "patched (6 orders)"
     orders = gold("gold", "orders").set_index("order_id")
     assert {"SO:usrt-SO4", "SO:usrt-SO5", "POS:T4"} <= set(orders.index)
     assert (
@@ -458,15 +460,20 @@ def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
         )
 
 
-def test_silver_order_tables_keep_a_change_feed(settings, gold):
-    """Declared on the order tables (gold reads it), not on tables with personal data;
-    turned on for a table made before it was declared."""
+def test_without_the_change_log_gold_rebuilds(settings, gold):
+    """The change log must reach back to the versions gold recorded; else a rebuild."""
+    import shutil
+
     lake = Lake(settings.lake)
-    config = lambda name: lake.delta("silver", name).metadata().configuration  # noqa: E731
-    assert config("salestable").get("delta.enableChangeDataFeed") == "true"
-    assert "delta.enableChangeDataFeed" not in config("custtable")
-    lake.delta("silver", "salesline").alter.set_table_properties(
-        {"delta.enableChangeDataFeed": "false"}
-    )
+    assert lake.exists("state", "silver", "salesline_changes")
+    later = "2024-04-15T00:00:00Z"
+    sync = {"salesline": [fo(74, version=2, modified=later, salesid="SO3", linenum=1,
+                             itemid="I1", salesqty=-2, salesprice=10, lineamount=-20)]}  # fmt: skip
+    write_sync_folder(lake.path("landing"), "d365", "2024-05-01T00.00.00Z", sync)
+    ingest_landing(settings)
     build_silver(settings)
-    assert config("salesline")["delta.enableChangeDataFeed"] == "true"
+    shutil.rmtree(lake.path("state", "silver", "salesline_changes"))
+    build_silver(settings)  # nothing new: the log is not started again by itself
+    written = {t["table"]: t["written"] for t in build_gold(settings).rows()}
+    assert written["gold/orders"] == "rebuilt"
+    assert gold("gold", "orders").set_index("order_id").loc["SO:usrt-SO3", "net_amount"] == -20

@@ -10,9 +10,9 @@ vectors, and the affected orders of erased and re-linked customers lie in every 
 the table is rewritten whole either way: the saving is in not recomputing.)
 
 What changed since a table's last build is read from
-- the change data feed of the silver order tables (`SourceTable.change_feed`) between
-  the versions the table recorded and now: orders and lines new, changed or deleted (a
-  change of the products, each line's category, rebuilds the lines);
+- silver's change log of the order tables (`SourceTable.order_key`; see
+  `silver._log_changes`) after the versions the table recorded: orders and lines new,
+  changed or deleted (a change of the products, each line's category, rebuilds lines);
 - `state/gold/order_accounts`, what orders.sql joined per Commerce account at the last
   build (customer_id, known, party type), against now: unify's re-links, accounts gone;
 - the bronze files added since: an order's status history holds every version, also a
@@ -24,8 +24,8 @@ affected ids and the kept rows' none, so a unique column stays unique when the
 recomputed rows are unique among themselves.
 
 A build falls back to a rebuild when it cannot know what changed: a first build, a
-table without its recorded versions or digest (SQL and settings), no state, a missing
-feed, or the generic source (no feed: it is rebuilt, cheaply).
+table without its recorded versions or digest (SQL and settings), no state, a change
+log that starts later, or the generic source (no log: it is rebuilt, cheaply).
 """
 
 from __future__ import annotations
@@ -41,19 +41,15 @@ from deltalake.exceptions import DeltaError
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.medallion.silver import CHANGES_FROM, change_log
 from c360ml.medallion.sql import register, render
-from c360ml.sources.tables import SOURCE_TABLES
+from c360ml.sources.tables import POS_ORDER, SALES_ORDER, SOURCE_TABLES
 
 STATE = ("state", "gold", "order_accounts")
 SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table was built from
-SALES_KEY, POS_KEY = ("dataareaid", "salesid"), ("transactionid",)
-# Silver tables read through their change feed, and the columns naming the order.
-FEEDS = {
-    "salestable": SALES_KEY,
-    "salesline": SALES_KEY,
-    "retailtransactiontable": POS_KEY,
-    "retailtransactionsalestrans": POS_KEY,
-}
+SALES_KEY, POS_KEY = SALES_ORDER, POS_ORDER
+# Silver tables whose changes silver logs, and the columns naming the order.
+FEEDS = {t.name: t.order_key for t in SOURCE_TABLES.values() if t.order_key}
 ORDER_FEEDS = ("salestable", "salesline", "retailtransactiontable")  # what orders.sql reads
 # Bronze change feeds of the status history, and the columns naming the order.
 HISTORY_FEEDS = {"salestable": SALES_KEY, "retailtransactiontable": POS_KEY}
@@ -104,21 +100,18 @@ def _empty(name: str, columns: tuple[str, ...]) -> pa.Table:
 
 
 def silver_changes(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | None:
-    """Key columns of the rows of a silver order table inserted, updated or deleted since
-    the recorded version (None when its change feed cannot say)."""
-    columns = FEEDS[name]
+    """Order keys of the rows of a silver order table changed since the recorded version,
+    from silver's change log (None when the log does not reach back that far)."""
+    columns = list(FEEDS[name])
     before, now = since.get(f"silver/{name}"), lake.version("silver", name)
-    if before is None or now is None or before > now:
+    where = change_log(name)
+    if before is None or now is None or before > now or not lake.exists(*where):
         return None
-    if before == now:
-        return _empty(name, columns)
-    try:
-        reader = lake.delta("silver", name).load_cdf(
-            starting_version=before + 1, ending_version=now, columns=list(columns)
-        )
-        return pa.table(reader.read_all()).select(list(columns)).cast(_empty(name, columns).schema)
-    except DeltaError:
+    starts = [int(m[CHANGES_FROM]) for m in lake.commit_metadata(*where) if CHANGES_FROM in m]
+    if not starts or starts[-1] > before:
         return None
+    newer = pc.field("silver_version") > before
+    return lake.read(*where, columns=columns, filter=newer).cast(_empty(name, FEEDS[name]).schema)
 
 
 def bronze_added(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | None:

@@ -25,7 +25,7 @@ from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.medallion.sql import duckdb_connection
+from c360ml.medallion.sql import duckdb_connection, register
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,6 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     previous_current = last_bronze_current(lake, table.name)
     if since is None and lake.exists("bronze", table.source, table.name):
         return _first_build(lake, table, rules, result, started)
-    _ensure_properties(lake, table)
     raw, bronze_version = _new_bronze(lake, table, since, merged_until)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
@@ -388,6 +387,8 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
             BRONZE_CURRENT_KEY: str(current),
             BRONZE_INGESTED_KEY: str(pc.max(raw[INGESTED_AT]).cast(pa_arrow.int64()).as_py()),
         }
+        if table.order_key:
+            _log_changes(lake, table, latest)
         _apply(
             lake,
             ("silver", table.name),
@@ -455,8 +456,9 @@ def _first_build(
         table.name,
         mode="overwrite",
         metadata=meta,
-        configuration=table_properties(table),
     )
+    if table.order_key:
+        _start_change_log(lake, table)
     bad = pa_arrow.concat_tables(rejected) if rejected else q_schema.empty_table()
     lake.write(bad, "quarantine", "silver", table.name, mode="overwrite", metadata=meta)
     result.bronze_current = current
@@ -466,19 +468,49 @@ def _first_build(
     return result
 
 
-def table_properties(table: SourceTable) -> dict[str, str] | None:
-    """Delta properties of a new silver table: the change data feed where declared."""
-    return {"delta.enableChangeDataFeed": "true"} if table.change_feed else None
+CHANGES_FROM = "c360ml.changes_from"  # the silver version a change log starts after
 
 
-def _ensure_properties(lake: Lake, table: SourceTable) -> None:
-    """Turn on a declared change data feed of a silver table made before it was declared
-    (the feed then starts with the next merge)."""
-    wanted = table_properties(table)
-    if wanted and lake.exists("silver", table.name):
-        delta = lake.delta("silver", table.name)
-        if delta.metadata().configuration.get("delta.enableChangeDataFeed") != "true":
-            delta.alter.set_table_properties(wanted)
+def change_log(name: str) -> tuple[str, ...]:
+    return ("state", "silver", f"{name}_changes")
+
+
+def _start_change_log(lake: Lake, table: SourceTable) -> None:
+    """An empty change log of an order table, covering the changes after its version now."""
+    schema = pa_arrow.schema(
+        [table.arrow_schema.field(c) for c in table.order_key]
+        + [pa_arrow.field("silver_version", pa_arrow.int64())]
+    )
+    version = str(lake.version("silver", table.name))
+    lake.write(schema.empty_table(), *change_log(table.name), mode="overwrite",
+               metadata={CHANGES_FROM: version})  # fmt: skip
+
+
+def _log_changes(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> None:
+    """Log the order keys a merge of `latest` (the resolved batch) may change, before it
+    runs, under the silver version it will make: the batch rows' keys and those of the
+    silver rows they replace or delete (a delete marker may carry only the row's key).
+
+    Why not Delta's change data feed: with it, delta-rs's merge of the 1M lake's
+    salesline took 7.7 GB against 5.7 GB without. Logged before the merge, so a merge
+    that fails leaves a superset, which gold handles (it recomputes more orders).
+    """
+    if not lake.exists(*change_log(table.name)):
+        _start_change_log(lake, table)
+    key, order = list(table.key), list(table.order_key)
+    con = duckdb_connection()
+    con.register("batch", latest.select(list(dict.fromkeys([*key, *order]))))
+    register(con, lake, "current", "silver", table.name)
+    cols = ", ".join(f'"{c}"' for c in order)
+    version = lake.version("silver", table.name) + 1
+    rows = con.sql(
+        f"""SELECT {cols}, CAST({version} AS BIGINT) AS silver_version FROM (
+              SELECT {cols} FROM batch
+              UNION SELECT {cols} FROM current SEMI JOIN batch USING ({", ".join(key)}))
+            WHERE {" AND ".join(f'"{c}" IS NOT NULL' for c in order)}"""
+    ).to_arrow_table()
+    con.close()
+    lake.write(rows, *change_log(table.name), mode="append")
 
 
 def _resolve_sql(table: SourceTable, feed: str) -> str:

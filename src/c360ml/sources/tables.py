@@ -45,10 +45,10 @@ class SourceTable:
     name: str  # lower-case export name, also the folder name in landing/ and bronze/
     columns: tuple[Column, ...]  # in export (CSV) order
     key: tuple[str, ...]  # the row's identity across versions in the change feed
-    # Silver keeps a Delta change data feed of the table, from which gold reads the orders
-    # a build changed. Only order tables: a feed keeps deleted rows in files that vacuum
-    # does not remove, which an erased person's rows must not be.
-    change_feed: bool = False
+    # Order tables: the columns naming the order a row belongs to. Silver logs them for
+    # every row a merge changes (`state/silver/<table>_changes`), so that gold knows which
+    # orders a build changed.
+    order_key: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -84,14 +84,16 @@ DV_SYSTEM = (
 
 
 def _fo(
-    name: str, spec: str, key: tuple[str, ...] = ("recid",), change_feed: bool = False
+    name: str, spec: str, key: tuple[str, ...] = ("recid",), order_key: tuple[str, ...] = ()
 ) -> SourceTable:
-    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key, change_feed)
+    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key, order_key)
 
 
 def _dv(name: str, spec: str, key: tuple[str, ...]) -> SourceTable:
     return SourceTable("dataverse", name, _cols(DV_SYSTEM + spec), key)
 
+
+SALES_ORDER, POS_ORDER = ("dataareaid", "salesid"), ("transactionid",)  # order keys
 
 D365_TABLES: tuple[SourceTable, ...] = (
     _fo(
@@ -125,14 +127,14 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "salesid:string custaccount:string salesstatus:int64 salestype:int64 "
         "currencycode:string retailchanneltable:int64 returnitemnum:string "
         "returnreasoncodeid:string",
-        change_feed=True,
+        order_key=SALES_ORDER,
     ),
     _fo(
         "salesline",
         "salesid:string linenum:decimal itemid:string salesqty:decimal salesprice:decimal "
         "lineamount:decimal linedisc:decimal costprice:decimal currencycode:string "
         "salesstatus:int64 returnstatus:int64",
-        change_feed=True,
+        order_key=SALES_ORDER,
     ),
     # type: 2 sales; entrystatus: 0 normal, 1 voided; channel -> store's channel RecId
     _fo(
@@ -141,14 +143,14 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "transdate:dateTime transtime:int64 type:int64 entrystatus:int64 grossamount:decimal "
         "netamount:decimal discamount:decimal numberofitems:decimal currency:string "
         "loyaltycardid:string",
-        change_feed=True,
+        order_key=POS_ORDER,
     ),
     _fo(
         "retailtransactionsalestrans",
         "transactionid:string linenum:decimal itemid:string qty:decimal price:decimal "
         "netamount:decimal discamount:decimal returnnosale:int64 returntransactionid:string "
         "transactionstatus:int64 store:string terminal:string",
-        change_feed=True,
+        order_key=POS_ORDER,
     ),
     _fo("inventtable", "itemid:string namealias:string itemgroupid:string product:int64"),
 )
