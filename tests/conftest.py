@@ -107,3 +107,34 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status["code"])
+
+
+PATCHED_GOLD = {  # the tables gold patches, and the columns that order their rows
+    ("gold", "orders"): ["order_id"],
+    ("quarantine", "gold", "orders"): ["order_id"],
+    ("gold", "order_lines"): ["order_id", "line"],
+    ("quarantine", "gold", "order_lines"): ["order_id", "line"],
+    ("gold", "order_status_history"): ["entity_id", "valid_from"],
+}
+
+
+def assert_gold_equals_a_rebuild(settings: Settings, folder: Path) -> None:
+    """The patched order tables of `settings`' lake equal a gold build from scratch of a
+    copy (in `folder`) without them and without gold's state."""
+    import shutil
+
+    import pandas as pd
+
+    from c360ml.lake import Lake
+    from c360ml.medallion.build import build_gold
+
+    fresh = settings.model_copy(update={"lake_root": folder / "rebuilt"})
+    shutil.copytree(settings.lake, fresh.lake)
+    for where in [*PATCHED_GOLD, ("state", "gold")]:
+        shutil.rmtree(fresh.lake.joinpath(*where))
+    rebuilt = {t["table"]: t["written"] for t in build_gold(fresh).rows()}
+    assert rebuilt["gold/orders"] == rebuilt["gold/order_status_history"] == "rebuilt"
+    for where, key in PATCHED_GOLD.items():
+        a, b = (Lake(s.lake).read_pandas(*where) for s in (settings, fresh))
+        a, b = (f.sort_values(key).reset_index(drop=True) for f in (a, b))
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
