@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.medallion.patch import (
+    HISTORY_FEEDS,
     ORDER_FEEDS,
     SQL_KEY,
     STATE,
@@ -301,7 +302,7 @@ def build_gold(settings: Settings) -> GoldSummary:
     # they recomputed (None: rebuilt).
     touched: dict[str, tuple[dict | None, Affected | None]] = {}
 
-    def put(name, model, *sql, quarantine=False, note=lambda: "", patch=None, key="", views=()):
+    def put(name, model, *sql, quarantine=False, note=lambda: "", patch=None, key="", views=None):
         """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
         are unchanged; then register the table for the queries after it. With `patch`
         (recorded inputs -> affected orders, or None), only those are recomputed, over
@@ -332,6 +333,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
                 keep = ~pc.field(key).isin(affected.order_ids())
                 stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
+                scoped.close()
                 how = f"patched ({affected.size} orders)"
         register(con, lake, f"gold_{name}", "gold", name)
         if quarantine:
@@ -406,11 +408,8 @@ def build_gold(settings: Settings) -> GoldSummary:
             "order_status_history",
             patch=history_changes,
             key="entity_id",
-            views={
-                "bronze_d365_salestable": ("bronze", "d365", "salestable"),
-                "bronze_d365_retailtransactiontable": ("bronze", "d365", "retailtransactiontable"),
-                "gold_orders": ("gold", "orders"),
-            },
+            views={f"bronze_d365_{t}": ("bronze", "d365", t) for t in HISTORY_FEEDS}
+            | {"gold_orders": ("gold", "orders")},
         )
         # Last, so that a build stopped before it recomputes the same accounts' orders.
         if "orders" in touched or not lake.exists(*STATE):

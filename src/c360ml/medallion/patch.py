@@ -47,12 +47,10 @@ from c360ml.sources.tables import POS_ORDER, SALES_ORDER, SOURCE_TABLES
 
 STATE = ("state", "gold", "order_accounts")
 SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table was built from
-SALES_KEY, POS_KEY = SALES_ORDER, POS_ORDER
 # Silver tables whose changes silver logs, and the columns naming the order.
 FEEDS = {t.name: t.order_key for t in SOURCE_TABLES.values() if t.order_key}
 ORDER_FEEDS = ("salestable", "salesline", "retailtransactiontable")  # what orders.sql reads
-# Bronze change feeds of the status history, and the columns naming the order.
-HISTORY_FEEDS = {"salestable": SALES_KEY, "retailtransactiontable": POS_KEY}
+HISTORY_FEEDS = ("salestable", "retailtransactiontable")  # bronze feeds of the history
 
 
 def sql_digest(settings: Settings, *names: str) -> str:
@@ -82,21 +80,17 @@ class Affected:
 
     def union(self, other: Affected) -> Affected:
         con = duckdb.connect()
-        for name, table in {
-            "a": self.sales,
-            "b": other.sales,
-            "c": self.pos,
-            "d": other.pos,
-        }.items():
+        for name, table in zip("abcd", (self.sales, other.sales, self.pos, other.pos), strict=True):
             con.register(name, table)
         sales = con.sql("SELECT * FROM a UNION SELECT * FROM b").to_arrow_table()
         pos = con.sql("SELECT * FROM c UNION SELECT * FROM d").to_arrow_table()
         return Affected(sales.cast(self.sales.schema), pos.cast(self.pos.schema))
 
 
-def _empty(name: str, columns: tuple[str, ...]) -> pa.Table:
+def _empty(name: str) -> pa.Table:
+    """No rows, with the order key columns of table `name`."""
     schema = SOURCE_TABLES[("d365", name)].arrow_schema
-    return pa.schema([schema.field(c) for c in columns]).empty_table()
+    return pa.schema([schema.field(c) for c in FEEDS[name]]).empty_table()
 
 
 def silver_changes(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | None:
@@ -111,18 +105,18 @@ def silver_changes(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | N
     if not starts or starts[-1] > before:
         return None
     newer = pc.field("silver_version") > before
-    return lake.read(*where, columns=columns, filter=newer).cast(_empty(name, FEEDS[name]).schema)
+    return lake.read(*where, columns=columns, filter=newer).cast(_empty(name).schema)
 
 
 def bronze_added(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | None:
     """Key columns of the bronze rows in files added since the recorded version (a
     rewritten file counts as added: a superset, which is safe)."""
-    columns = HISTORY_FEEDS[name]
+    columns = FEEDS[name]
     before, now = since.get(f"bronze/d365/{name}"), lake.version("bronze", "d365", name)
     if before is None or now is None or before > now:
         return None
     if before == now:
-        return _empty(name, columns)
+        return _empty(name)
     try:
         old = set(lake.delta_at("bronze", "d365", name, version=before).file_uris())
     except (DeltaError, OSError):
@@ -131,7 +125,7 @@ def bronze_added(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | Non
     files = [f for f in current.file_uris() if f not in old]
     schema = current.to_pyarrow_dataset().schema
     table = ds.dataset(files, schema=schema, format="parquet").to_table(columns=list(columns))
-    return table.cast(_empty(name, columns).schema)
+    return table.cast(_empty(name).schema)
 
 
 def affected_orders(
@@ -169,8 +163,8 @@ def affected_orders(
             UNION SELECT transactionid FROM silver_retailtransactiontable WHERE {of_accounts}"""
     ).to_arrow_table()
     return Affected(
-        sales.cast(_empty("salestable", SALES_KEY).schema),
-        pos.cast(_empty("retailtransactiontable", POS_KEY).schema),
+        sales.cast(_empty("salestable").schema),
+        pos.cast(_empty("retailtransactiontable").schema),
     )
 
 
@@ -209,10 +203,10 @@ def restrict(
         columns = set(con.sql(f"SELECT * FROM {view}__all LIMIT 0").columns)
         if where[0] == "gold":
             on, against = ("order_id",), "affected_ids"
-        elif set(SALES_KEY) <= columns:
-            on, against = SALES_KEY, "affected_sales"
+        elif set(SALES_ORDER) <= columns:
+            on, against = SALES_ORDER, "affected_sales"
         else:
-            on, against = POS_KEY, "affected_pos"
+            on, against = POS_ORDER, "affected_pos"
         con.execute(
             f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}__all "
             f"SEMI JOIN {against} USING ({', '.join(on)})"

@@ -482,8 +482,8 @@ def _start_change_log(lake: Lake, table: SourceTable) -> None:
         + [pa_arrow.field("silver_version", pa_arrow.int64())]
     )
     version = str(lake.version("silver", table.name))
-    lake.write(schema.empty_table(), *change_log(table.name), mode="overwrite",
-               metadata={CHANGES_FROM: version})  # fmt: skip
+    where = change_log(table.name)
+    lake.write(schema.empty_table(), *where, mode="overwrite", metadata={CHANGES_FROM: version})
 
 
 def _log_changes(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> None:
