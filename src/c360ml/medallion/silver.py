@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import duckdb
 import pandas as pd
 import pandera.pandas as pa
 import phonenumbers
@@ -426,13 +425,17 @@ def _first_build(
     DuckDB resolves the feed straight from the bronze files (spilling to disk if it must)
     and hands the current rows over in batches; each batch is standardised, checked and
     streamed into the new Delta table, so a 20M-row feed never sits in memory whole.
+
+    The accounting's left side (keys whose newest version is not a delete) is counted
+    on the resolved stream, not by a second aggregate over the feed (4 s per 11M rows);
+    it is known only once the stream has been written, so the bronze version and that
+    count are recorded in a commit after the data (a crash before it leaves silver
+    without a recorded version, and the next build starts over).
     """
-    delta = lake.delta("bronze", table.source, table.name)
-    bronze_version = delta.version()
+    bronze_version = lake.version("bronze", table.source, table.name)
     con = duckdb_connection()
-    con.register("feed", delta.to_pyarrow_dataset())
-    current = bronze_current_rows(lake, table, con=con)
-    meta = {BRONZE_VERSION_KEY: str(bronze_version), BRONZE_CURRENT_KEY: str(current)}
+    register(con, lake, "feed", "bronze", table.source, table.name)
+    meta = {BRONZE_VERSION_KEY: str(bronze_version)}
     newest = con.execute(f"SELECT epoch_us(max({INGESTED_AT})) FROM feed").fetchall()[0][0]
     if newest is not None:
         meta[BRONZE_INGESTED_KEY] = str(newest)
@@ -446,6 +449,7 @@ def _first_build(
             result.new_bronze_rows += len(rows)
             latest = standardise(trim_strings(rows), rules)
             live = latest.filter(pc.invert(pc.fill_null(latest["IsDelete"], False)))
+            result.bronze_current += len(live)
             good, bad = split_valid_arrow(live.select(schema.names), table, rules)
             rejected.append(bad.cast(q_schema))
             yield from good.cast(schema).to_batches()
@@ -455,13 +459,13 @@ def _first_build(
         "silver",
         table.name,
         mode="overwrite",
-        metadata=meta,
     )
-    if table.order_key:
-        _start_change_log(lake, table)
+    meta[BRONZE_CURRENT_KEY] = str(result.bronze_current)
     bad = pa_arrow.concat_tables(rejected) if rejected else q_schema.empty_table()
     lake.write(bad, "quarantine", "silver", table.name, mode="overwrite", metadata=meta)
-    result.bronze_current = current
+    lake.write(schema.empty_table(), "silver", table.name, metadata=meta)
+    if table.order_key:
+        _start_change_log(lake, table)
     result.silver_rows = _count(lake, "silver", table.name)
     result.quarantined = _count(lake, "quarantine", "silver", table.name)
     result.seconds = time.perf_counter() - started
@@ -514,16 +518,29 @@ def _log_changes(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> None
 
 
 def _resolve_sql(table: SourceTable, feed: str) -> str:
-    """Latest row per key by (versionnumber, SinkModifiedOn); keys compared trimmed."""
+    """Latest row per key by (versionnumber, SinkModifiedOn); keys compared trimmed.
+
+    Most keys of a feed have one row (an initial export holds each row once), so only
+    the rows of keys seen more than once are ranked: a window over every column of the
+    1M lake's 11M-row salesline feed took 17.5 s, grouping the keys alone and ranking
+    the repeated ones takes a third of that. Null keys are one group, as in PARTITION BY.
+    """
     types = {c.name: c.arrow_type for c in table.columns}
-    keys = ", ".join(
+    exprs = [
         f"NULLIF(TRIM(\"{k}\"), '')" if pa_arrow.types.is_string(types[k]) else f'"{k}"'
         for k in table.key
-    )
-    return f"""SELECT * EXCLUDE (_rn) FROM (
-                 SELECT *, ROW_NUMBER() OVER (PARTITION BY {keys}
+    ]
+    ks = ", ".join(f"_k{i}" for i in range(len(exprs)))
+    on = " AND ".join(f"f._k{i} IS NOT DISTINCT FROM d._k{i}" for i in range(len(exprs)))
+    return f"""WITH f AS NOT MATERIALIZED (SELECT *, {", ".join(f"{e} AS _k{i}" for i, e in enumerate(exprs))}
+                         FROM {feed}),
+                 d AS MATERIALIZED (SELECT {ks} FROM f GROUP BY {ks} HAVING COUNT(*) > 1)
+               SELECT * EXCLUDE ({ks}) FROM f ANTI JOIN d ON {on}
+               UNION ALL
+               SELECT * EXCLUDE ({ks}, _rn) FROM (
+                 SELECT *, ROW_NUMBER() OVER (PARTITION BY {ks}
                         ORDER BY versionnumber DESC, "SinkModifiedOn" DESC) AS _rn
-                 FROM {feed}) WHERE _rn = 1"""
+                 FROM f SEMI JOIN d ON {on}) WHERE _rn = 1"""
 
 
 def last_bronze_current(lake: Lake, name: str) -> int | None:
@@ -650,14 +667,11 @@ def _count(lake: Lake, *parts: str) -> int:
     return lake.dataset(*parts).count_rows() if lake.exists(*parts) else 0
 
 
-def bronze_current_rows(
-    lake: Lake, table: SourceTable, con: duckdb.DuckDBPyConnection | None = None
-) -> int:
+def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
     """Keys whose newest bronze version is not a delete (the accounting's left side):
     a hash aggregate over the key and version columns of the bronze files."""
-    if con is None:
-        con = duckdb_connection()
-        con.register("feed", lake.dataset("bronze", table.source, table.name))
+    con = duckdb_connection()
+    register(con, lake, "feed", "bronze", table.source, table.name)
     keys = ", ".join(f'"{k}"' for k in table.key)
     return con.execute(
         f"""SELECT COUNT(*) FILTER (WHERE NOT COALESCE(gone, FALSE)) FROM (
