@@ -127,7 +127,8 @@ def read_csv_file(
             convert_options=pcsv.ConvertOptions(
                 column_types={n: pa.string() for n in names},
                 include_columns=names,
-                strings_can_be_null=False,
+                strings_can_be_null=True,  # empty text is null from the start
+                null_values=[""],
             ),
         )
     except (pa.ArrowInvalid, KeyError) as exc:
@@ -181,7 +182,9 @@ def _chunks(reader: pcsv.CSVStreamingReader) -> Iterator[pa.Table]:
 
 
 def _quarantine_rows(relname: str, lines: pa.Array, reasons: pa.Array, text: pa.Table) -> pa.Table:
-    raw = pc.binary_join_element_wise(*[text[c] for c in text.column_names], ",")
+    raw = pc.binary_join_element_wise(
+        *[text[c] for c in text.column_names], ",", null_handling="replace"
+    )
     return pa.table(
         {
             "_source_file": pa.array([relname] * len(lines), pa.string()),
@@ -229,9 +232,9 @@ def _cast_column(values: pa.Array, cdm: str) -> tuple[pa.Array, pa.Array | None]
         return typed, pa.concat_arrays(
             [pa.nulls(len(t), pa.bool_()).fill_null(False) if f is None else f for t, f in parts]
         )
-    empty = pc.equal(pc.utf8_trim_whitespace(values), "")
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True)
     typed, ok = _cast_one(values, empty, cdm)
-    failed = pc.and_(pc.invert(ok), pc.invert(empty))
+    failed = pc.fill_null(pc.and_(pc.invert(ok), pc.invert(empty)), False)
     return pc.if_else(pc.or_(empty, failed), pa.scalar(None, typed.type), typed), failed
 
 
@@ -243,9 +246,8 @@ def _cast_strict(values: pa.Array, cdm: str) -> pa.Array | None:
     target = CDM_TO_ARROW[cdm]
     if pa.types.is_string(target):
         return None  # whitespace-only text must become null: the careful path is as fast
-    nulled = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
     try:
-        typed = nulled.cast(target)
+        typed = values.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
     if pa.types.is_floating(target) and pc.all(pc.is_finite(typed)).as_py() not in (True, None):
