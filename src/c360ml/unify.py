@@ -104,18 +104,35 @@ def _fold(text: pd.Series) -> pd.Series:
 
 
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
-    """Add the normalised match fields; `record` is a dense 0..n-1 index."""
+    """Add the normalised match fields; `record` is a dense 0..n-1 index.
+
+    In Arrow, not pandas' per-value string methods: 8 s for the 1.8M records at 1M
+    customers, most of unify's preparation.
+    """
     out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
     out["record"] = np.arange(len(out))
     first, last = _fold(out["first_name"]), _fold(out["last_name"])
     out["m_last_name"] = last
-    out["m_full_name"] = (first.fillna("") + " " + last.fillna("")).str.strip().replace("", None)
-    del first
-    out["m_email"] = out["email"].str.strip().str.lower().replace("", None)
-    out["m_phone"] = out["phone"].str.strip().replace("", None)
-    out["m_postal_code"] = out["postal_code"].str.upper().str.replace(" ", "").replace("", None)
-    out["m_last_initial"] = last.str[:1]
+    first, last = _arrow(first), _arrow(last)
+    full = pc.binary_join_element_wise(pc.fill_null(first, ""), pc.fill_null(last, ""), " ")
+    out["m_full_name"] = _series(pc.utf8_trim_whitespace(full))
+    del first, full
+    out["m_email"] = _series(pc.utf8_lower(pc.utf8_trim_whitespace(_arrow(out["email"]))))
+    out["m_phone"] = _series(pc.utf8_trim_whitespace(_arrow(out["phone"])))
+    postal = pc.replace_substring(pc.utf8_upper(_arrow(out["postal_code"])), " ", "")
+    out["m_postal_code"] = _series(postal)
+    out["m_last_initial"] = _series(pc.utf8_slice_codeunits(last, 0, 1))
     return out
+
+
+def _arrow(text: pd.Series) -> pa.Array:
+    return pa.array(text.astype(object), pa.string())
+
+
+def _series(values: pa.Array) -> pd.Series:
+    """Arrow strings as a pandas object column, empty text as None (the match fields)."""
+    nulled = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    return pd.Series(nulled.to_numpy(zero_copy_only=False), dtype=object)
 
 
 def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
