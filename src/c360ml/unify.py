@@ -106,8 +106,8 @@ def _fold(text: pd.Series) -> pd.Series:
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
     """Add the normalised match fields; `record` is a dense 0..n-1 index.
 
-    In Arrow, not pandas' per-value string methods: 8 s for the 1.8M records at 1M
-    customers, most of unify's preparation.
+    In Arrow, not pandas' per-value string methods: for the 1.78M records at 1M
+    customers 2.5 s, against 4.9 s.
     """
     out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
     out["record"] = np.arange(len(out))

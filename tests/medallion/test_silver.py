@@ -210,3 +210,36 @@ def test_bronze_rewritten_by_an_erasure_is_not_new_again(settings):
     result = _run(settings)["contact"]
     assert sorted(_silver(settings, "contact").index) == ["c3"]
     assert result.new_bronze_rows == 1  # only the new sync's row, not the rewritten file's
+
+
+def test_first_build_resolution_ranks_only_repeated_keys_as_a_window_would():
+    """The first build's resolution (single-row keys passed through, repeated keys
+    ranked) gives what one window over the whole feed gives: trimmed keys, versions
+    then SinkModifiedOn, null keys one group."""
+    import pyarrow as pa
+
+    from c360ml.medallion.silver import _resolve_sql
+    from c360ml.medallion.sql import duckdb_connection
+    from c360ml.sources.tables import SOURCE_TABLES
+
+    feed = pa.table(
+        {
+            "contactid": ["K1", "K2", " K2", "K2", "K3", "K3", None, "", "K4"],
+            "versionnumber": [1, 1, 3, 2, 5, 5, 1, 2, 1],
+            "SinkModifiedOn": pa.array([1, 1, 1, 9, 1, 2, 1, 1, 1], pa.int64()).cast(
+                pa.timestamp("s", tz="UTC")
+            ),
+            "tag": ["k1", "k2v1", "k2v3", "k2v2", "k3a", "k3b", "n1", "n2", "k4"],
+        }
+    )
+    con = duckdb_connection()
+    con.register("feed", feed)
+    got = con.sql(_resolve_sql(SOURCE_TABLES[("dataverse", "contact")], "feed"))
+    window = con.sql(
+        """SELECT * EXCLUDE (_rn) FROM (SELECT *, ROW_NUMBER() OVER (
+             PARTITION BY NULLIF(TRIM(contactid), '')
+             ORDER BY versionnumber DESC, "SinkModifiedOn" DESC) AS _rn FROM feed)
+           WHERE _rn = 1"""
+    )
+    assert sorted(got.fetchall()) == sorted(window.fetchall())
+    assert sorted(r[0] for r in got.select("tag").fetchall()) == ["k1", "k2v3", "k3b", "k4", "n2"]
