@@ -152,6 +152,24 @@ def test_vectorised_phone_path_agrees_with_phonenumbers():
     assert mismatch.empty, mismatch.head()
 
 
+def test_locator_standardised_by_its_type():
+    """E-mails lower-cased, phones in E.164, other types (and no type) as they are."""
+    import pyarrow as pa
+
+    from c360ml.medallion.silver import EMAIL_TYPE, PHONE_TYPE, RULES, standardise
+
+    table = pa.table(
+        {
+            "type": pa.array([EMAIL_TYPE, PHONE_TYPE, 3, None, PHONE_TYPE, EMAIL_TYPE]),
+            "locator": ["Ann@X.com", "(212) 555-0147", "WWW.X.COM", "Ann@X.com", None,
+                        "+1 212 555 0147"],
+        }
+    )  # fmt: skip
+    out = standardise(table, RULES["logisticselectronicaddress"])["locator"].to_pylist()
+    assert out == ["ann@x.com", "+12125550147", "WWW.X.COM", "Ann@X.com", None,
+                   "+1 212 555 0147"]  # fmt: skip
+
+
 def test_arrow_checks_reject_what_pandera_rejects():
     """The vectorised checks and the pandera schema come from the same Rules and agree."""
     import pandas as pd

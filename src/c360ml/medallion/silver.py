@@ -206,19 +206,14 @@ def standardise(table: pa_arrow.Table, rules: Rules) -> pa_arrow.Table:
         put(col, pc.coalesce(mapped, upper))
     if rules.locator:
         kind = out["type"]
-        locator = out["locator"]
-        put(
-            "locator",
-            pc.if_else(
-                pc.fill_null(pc.equal(kind, EMAIL_TYPE), False),
-                pc.utf8_lower(locator),
-                pc.if_else(
-                    pc.fill_null(pc.equal(kind, PHONE_TYPE), False),
-                    normalise_phones_arrow(locator),
-                    locator,
-                ),
-            ),
-        )
+        locator = out["locator"].combine_chunks()
+        email = pc.fill_null(pc.equal(kind, EMAIL_TYPE), False)
+        # Only the phone rows go to the phone parser: the e-mails' ~1M distinct values
+        # would each miss its fast path (10 s of a 15 s table at 1M customers).
+        phone = pc.fill_null(pc.equal(kind, PHONE_TYPE), False).combine_chunks()
+        phones = normalise_phones_arrow(locator.filter(phone))
+        put("locator", pc.if_else(email, pc.utf8_lower(locator),
+                                  pc.replace_with_mask(locator, phone, phones)))  # fmt: skip
     return out
 
 
