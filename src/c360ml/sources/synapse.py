@@ -139,8 +139,9 @@ def read_csv_file(
         new_invalid = sorted(n for n, _, _ in invalid[seen_invalid:])
         seen_invalid = len(invalid)
         span = np.arange(next_line, next_line + len(text) + len(new_invalid), dtype=np.int64)
-        if new_invalid:
-            lines = np.setdiff1d(span, np.asarray(new_invalid, dtype=np.int64))[: len(text)]
+        if new_invalid:  # a lookup table, not setdiff1d's sort (30 s of CPU at 1M customers)
+            taken = np.asarray(new_invalid, dtype=np.int64)
+            lines = span[np.isin(span, taken, invert=True, kind="table")][: len(text)]
         else:
             lines = span
         next_line = int(span[-1]) + 1 if len(span) else next_line
