@@ -163,11 +163,13 @@ def _merge(summary: IngestSummary, result: TableIngest) -> None:
 
 
 def _with_lineage(table: pa.Table, source_file: str, batch_id: str, at: pa.Scalar) -> pa.Table:
+    """The lineage columns, one value repeated (built in Arrow: a Python list of 55M
+    copies cost 15 s of a 1M-customer ingest)."""
     n = len(table)
     return (
-        table.append_column(LINEAGE.field(0), pa.array([source_file] * n, pa.string()))
-        .append_column(LINEAGE.field(1), pa.array([at.value] * n, LINEAGE.field(1).type))
-        .append_column(LINEAGE.field(2), pa.array([batch_id] * n, pa.string()))
+        table.append_column(LINEAGE.field(0), pa.repeat(pa.scalar(source_file), n))
+        .append_column(LINEAGE.field(1), pa.repeat(at.cast(LINEAGE.field(1).type), n))
+        .append_column(LINEAGE.field(2), pa.repeat(pa.scalar(batch_id), n))
     )
 
 
