@@ -173,10 +173,11 @@ def normalise_phones_arrow(values: pa_arrow.Array | pa_arrow.ChunkedArray) -> pa
 
 
 def trim_strings(table: pa_arrow.Table) -> pa_arrow.Table:
-    """Every string column trimmed, empty -> null (vectorised in Arrow: 20M-row tables)."""
+    """Every source string column trimmed, empty -> null (vectorised in Arrow: 20M-row
+    tables). Lineage columns (`_source_file`, `_batch_id`) are ingest's own, not trimmed."""
     out = table
     for i, f in enumerate(table.schema):
-        if pa_arrow.types.is_string(f.type):
+        if pa_arrow.types.is_string(f.type) and not f.name.startswith("_"):
             trimmed = pc.utf8_trim_whitespace(table[f.name])
             out = out.set_column(i, f, pc.if_else(pc.equal(trimmed, ""), None, trimmed))
     return out
@@ -442,10 +443,11 @@ def _first_build(
         for batch in reader:
             rows = pa_arrow.Table.from_batches([batch])
             result.new_bronze_rows += len(rows)
-            latest = standardise(trim_strings(rows), rules)
-            live = latest.filter(pc.invert(pc.fill_null(latest["IsDelete"], False)))
+            # Deletes and dropped columns (Id) go before the string work.
+            live = rows.filter(pc.invert(pc.fill_null(rows["IsDelete"], False)))
             result.bronze_current += len(live)
-            good, bad = split_valid_arrow(live.select(schema.names), table, rules)
+            latest = standardise(trim_strings(live.select(schema.names)), rules)
+            good, bad = split_valid_arrow(latest, table, rules)
             rejected.append(bad.cast(q_schema))
             yield from good.cast(schema).to_batches()
 
