@@ -9,6 +9,7 @@ and reason, and the rest of the batch goes on.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,12 +199,16 @@ def _quarantine_rows(relname: str, lines: pa.Array, reasons: pa.Array, text: pa.
 
 
 def cast_columns(text: pa.Table, columns: tuple[Column, ...]) -> tuple[pa.Table, pa.Array]:
-    """Cast text columns to their CDM types; empty text is null.
+    """Cast text columns to their CDM types; empty text is null. String columns stay as
+    exported (bronze is a copy; silver trims them), without a copy of their text.
 
     Returns the typed table and, per row, the first failed cast as a reason (null = ok).
     """
     arrays, reason = [], pa.nulls(len(text), pa.string())
     for col in columns:
+        if pa.types.is_string(CDM_TO_ARROW[col.cdm_type]):
+            arrays.append(text[col.name])
+            continue
         typed, failed = _cast_column(text[col.name].combine_chunks(), col.cdm_type)
         if failed is not None:
             msg = f"column {col.name}: not a valid {col.cdm_type}"
@@ -223,7 +228,7 @@ def _cast_column(values: pa.Array, cdm: str) -> tuple[pa.Array, pa.Array | None]
     fast = _cast_strict(values, cdm)
     if fast is not None:  # every value valid or empty: nothing to report
         return fast, None
-    if len(values) > STRICT_SLICE and not pa.types.is_string(CDM_TO_ARROW[cdm]):
+    if len(values) > STRICT_SLICE:
         step = max(STRICT_SLICE, -(-len(values) // 16))
         parts = [_cast_column(values.slice(i, step), cdm) for i in range(0, len(values), step)]
         target = CDM_TO_ARROW[cdm]
@@ -245,22 +250,21 @@ def _cast_strict(values: pa.Array, cdm: str) -> pa.Array | None:
     is cast in one call; None means "not that simple", and `_cast_one` decides per value
     (what it accepts is a superset of what this accepts, with the same result)."""
     target = CDM_TO_ARROW[cdm]
-    if pa.types.is_string(target):
-        return None  # whitespace-only text must become null: the careful path is as fast
     try:
         typed = values.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    if pa.types.is_floating(target) and pc.all(pc.is_finite(typed)).as_py() not in (True, None):
-        return None  # "nan"/"inf" parse in Arrow but are not valid amounts
+    if pa.types.is_floating(target) and not math.isfinite(pc.sum(typed).as_py() or 0.0):
+        # "nan"/"inf" parse in Arrow but are not valid amounts. A sum is finite only if
+        # every value is (or on overflow: then the careful path decides), at a tenth of
+        # is_finite's cost.
+        return None
     return typed
 
 
 def _cast_one(values: pa.Array, empty: pa.Array, cdm: str) -> tuple[pa.Array, pa.Array]:
     """One column: typed values (garbage where invalid) and a validity mask."""
     target = CDM_TO_ARROW[cdm]
-    if pa.types.is_string(target):
-        return values, pc.invert(empty)
     if pa.types.is_timestamp(target):
         # The canonical "...T..:..:..Z" form in one strptime; the rest (fractions, offsets,
         # naive, dirt) through the general parser, on those rows only.
