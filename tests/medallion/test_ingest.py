@@ -52,6 +52,24 @@ def test_types_lineage_and_change_rows_preserved(settings, landing):
     assert set(bronze["_batch_id"].to_pylist()) == {"d365/2024-01-05T00.00.00Z"}
 
 
+def test_bronze_keeps_text_as_exported_and_silver_trims_it(settings, landing):
+    """Bronze is a copy: padded and whitespace-only text stays as written (ingest casts
+    only typed columns); silver trims it and makes the blank value null."""
+    from c360ml.medallion.silver import build_silver
+
+    rows = [_cust(1, 1, " C1 ", group="  "), _cust(2, 1, "C2", group="\t20")]
+    write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": rows})
+    ingest_landing(settings)
+    lake = Lake(settings.lake)
+    bronze = lake.read("bronze", "d365", "custtable").sort_by("recid")
+    assert bronze["accountnum"].to_pylist() == [" C1 ", "C2"]
+    assert bronze["custgroup"].to_pylist() == ["  ", "\t20"]
+    build_silver(settings)
+    silver = lake.read("silver", "custtable").sort_by("recid")
+    assert silver["accountnum"].to_pylist() == ["C1", "C2"]
+    assert silver["custgroup"].to_pylist() == [None, "20"]
+
+
 def test_incremental_twice_is_nothing_and_new_folder_only(settings, landing):
     write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": [_cust(1, 1, "C1")]})
     assert ingest_landing(settings).total_rows == 1
