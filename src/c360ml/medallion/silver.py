@@ -523,11 +523,7 @@ def _resolve_sql(table: SourceTable, feed: str) -> str:
     ranking the 0.4M rows of repeated keys 7.5 s. Null keys are one group, as in
     PARTITION BY. `f` is not materialised (it is the whole feed), `d` is (it is small).
     """
-    types = {c.name: c.arrow_type for c in table.columns}
-    exprs = [
-        f"NULLIF(TRIM(\"{k}\"), '')" if pa_arrow.types.is_string(types[k]) else f'"{k}"'
-        for k in table.key
-    ]
+    exprs = _key_exprs(table)
     ks = ", ".join(f"_k{i}" for i in range(len(exprs)))
     named = ", ".join(f"{e} AS _k{i}" for i, e in enumerate(exprs))
     on = " AND ".join(f"f._k{i} IS NOT DISTINCT FROM d._k{i}" for i in range(len(exprs)))
@@ -539,6 +535,16 @@ def _resolve_sql(table: SourceTable, feed: str) -> str:
                  SELECT *, ROW_NUMBER() OVER (PARTITION BY {ks}
                         ORDER BY versionnumber DESC, "SinkModifiedOn" DESC) AS _rn
                  FROM f SEMI JOIN d ON {on}) WHERE _rn = 1"""
+
+
+def _key_exprs(table: SourceTable) -> list[str]:
+    """The key columns as the resolution compares them: text trimmed, blank = null.
+    Bronze keeps text as exported, so every grouping of bronze by key goes through this."""
+    types = {c.name: c.arrow_type for c in table.columns}
+    return [
+        f"NULLIF(TRIM(\"{k}\"), '')" if pa_arrow.types.is_string(types[k]) else f'"{k}"'
+        for k in table.key
+    ]
 
 
 def last_bronze_current(lake: Lake, name: str) -> int | None:
@@ -670,7 +676,7 @@ def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
     a hash aggregate over the key and version columns of the bronze files."""
     con = duckdb_connection()
     register(con, lake, "feed", "bronze", table.source, table.name)
-    keys = ", ".join(f'"{k}"' for k in table.key)
+    keys = ", ".join(_key_exprs(table))
     return con.execute(
         f"""SELECT COUNT(*) FILTER (WHERE NOT COALESCE(gone, FALSE)) FROM (
               SELECT arg_max(IsDelete, (versionnumber, "SinkModifiedOn")) AS gone
