@@ -114,10 +114,13 @@ def _vacuum_all(lake: Lake) -> None:
     The person is also in files this purge did not rewrite: older versions of tables that
     were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
     in c360ml reads an older version's data (silver compares bronze file lists from the
-    log only), so they go at once.
+    log only), so they go at once. Rows hidden by a deletion vector (an older version a
+    silver merge or gold patch replaced) are still in their files: those are rewritten
+    first.
     """
     for layer in ("bronze", "silver", "gold", "state"):
         for parts in lake.tables(layer):
+            lake.purge_deleted(layer, *parts)
             lake.delta(layer, *parts).vacuum(
                 retention_hours=0, enforce_retention_duration=False, dry_run=False
             )

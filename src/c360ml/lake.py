@@ -7,16 +7,25 @@ incremental reads and audit. Paths are built from the configured lake root only.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, TableFeatures, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+
+from c360ml import deletion_vectors
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +68,15 @@ class Lake:
         return self.delta(layer, *parts).version() if self.exists(layer, *parts) else None
 
     def dataset(self, layer: str, *parts: str, version: int | None = None) -> ds.Dataset:
-        """Arrow dataset of the live files (zero-copy input for DuckDB)."""
-        table = self.delta(layer, *parts)
-        if version is not None:
-            table.load_as_version(version)
-        return table.to_pyarrow_dataset()
+        """Arrow dataset of the live rows (zero-copy input for DuckDB).
+
+        delta-rs builds no Arrow dataset of a table with deletion vectors: then the files
+        without one are scanned lazily and those with one are read, masked, into memory
+        (`read` streams them one file at a time instead)."""
+        clean, masked = _split(self.delta(layer, *parts), version)
+        if not masked:
+            return clean
+        return ds.dataset([clean, ds.dataset(pa.concat_tables(m() for m in masked))])
 
     def read(
         self,
@@ -76,7 +89,88 @@ class Lake:
         """The table, or only `columns` and the rows matching `filter` (both pushed into
         the Arrow scan, so what is dropped is never held in memory as a whole)."""
         cols = list(columns) if columns is not None else None
-        return self.dataset(layer, *parts, version=version).to_table(columns=cols, filter=filter)
+        clean, masked = _split(self.delta(layer, *parts), version)
+        pieces = [clean.to_table(cols, filter=filter)]
+        for m in masked:  # one masked file in memory at a time
+            pieces.append(ds.dataset(m()).to_table(cols, filter=filter))
+        return pa.concat_tables(pieces)
+
+    def count(self, layer: str, *parts: str) -> int:
+        """Live rows: the files' record counts less their deletion vectors' (no scan)."""
+        table = self.delta(layer, *parts)
+        records = pa.table(table.get_add_actions(flatten=True))["num_records"]
+        return int(pc.sum(records).as_py() or 0) - sum(len(r) for r in _deleted(table).values())
+
+    def deleted_rows(self, layer: str, *parts: str) -> dict[str, np.ndarray]:
+        """Per live file (as `file_uris` names it) with a deletion vector, the row
+        positions it deletes."""
+        return _deleted(self.delta(layer, *parts))
+
+    def delete_and_append(
+        self,
+        layer: str,
+        *parts: str,
+        deletes: dict[str, np.ndarray],
+        rows: pa.Table | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> int:
+        """Delete rows by position (file URI -> row positions) and append `rows`, in one
+        commit, without rewriting a file: each touched file gets a deletion vector (the
+        union of its old one and the new positions), the rows a new file. Returns the
+        new version.
+
+        Why not delta-rs' merge: it rewrites every file holding a changed row, and a
+        refresh's changes lie in every file (see `c360ml.deletion_vectors`). The commit
+        is written as delta-rs writes its own: the next version's JSON, created only if
+        absent, so a concurrent writer fails instead of being overwritten.
+        """
+        where = self.path(layer, *parts)
+        table = self.delta(layer, *parts)
+        if not _has_dvs(table):
+            table.alter.add_feature(
+                TableFeatures.DeletionVectors, allow_protocol_versions_increase=True
+            )
+            table = self.delta(layer, *parts)
+        version = table.version()
+        live = _live_adds(where, version)
+        old = _deleted(table)
+        now = int(time.time() * 1000)
+        actions: list[dict] = []
+        for uri, positions in deletes.items():
+            if not len(positions):
+                continue
+            name = _relative(where, uri)
+            add = live[name]
+            union = np.union1d(old.get(uri, np.empty(0, np.int64)), positions)
+            remove = {
+                "path": name,
+                "deletionTimestamp": now,
+                "dataChange": True,
+                "extendedFileMetadata": True,
+                "partitionValues": add.get("partitionValues") or {},
+                "size": add["size"],
+            }
+            if add.get("deletionVector"):
+                remove["deletionVector"] = add["deletionVector"]
+            actions.append({"remove": remove})
+            if len(union) < json.loads(add["stats"])["numRecords"]:
+                kept = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
+                kept["deletionVector"] = deletion_vectors.descriptor(union)
+                actions.append({"add": kept | {"dataChange": True}})
+        if rows is not None and len(rows):
+            actions.append({"add": _write_file(where, rows, _file_schema(table), now)})
+        info = {
+            "timestamp": now,
+            "operation": "DELETE AND APPEND",
+            "operationParameters": {},
+            "readVersion": version,
+            "clientVersion": "c360ml",
+            **(metadata or {}),
+        }
+        _commit_json(where, version + 1, [{"commitInfo": info}, *actions])
+        if (version + 1) % CHECKPOINT_INTERVAL == 0:
+            self.delta(layer, *parts).create_checkpoint()
+        return version + 1
 
     def read_pandas(self, layer: str, *parts: str, **kwargs) -> pd.DataFrame:
         return self.read(layer, *parts, **kwargs).to_pandas()
@@ -112,10 +206,143 @@ class Lake:
         )
         return DeltaTable(str(where)).version()
 
+    def purge_deleted(self, layer: str, *parts: str) -> int:
+        """Rewrite the files with a deletion vector without the rows it hides (which are
+        still in the file): for an erasure, before the vacuum. Returns the files rewritten."""
+        where = self.path(layer, *parts)
+        table = self.delta(layer, *parts)
+        deleted = _deleted(table)
+        if not deleted:
+            return 0
+        version, schema, now = table.version(), _file_schema(table), int(time.time() * 1000)
+        live = _live_adds(where, version)
+        actions: list[dict] = [{"commitInfo": {"timestamp": now, "operation": "PURGE",
+                                               "operationParameters": {}, "readVersion": version,
+                                               "clientVersion": "c360ml"}}]  # fmt: skip
+        for uri, rows in deleted.items():
+            add = live[_relative(where, uri)]
+            remove = {k: add[k] for k in ("path", "partitionValues", "size", "deletionVector")}
+            actions.append({"remove": remove | {"deletionTimestamp": now, "dataChange": False}})
+            kept = _masked_file(uri, schema, rows)
+            if len(kept):
+                actions.append({"add": _write_file(where, kept, schema, now, data_change=False)})
+        _commit_json(where, version + 1, actions)
+        return len(deleted)
+
     def commit_metadata(self, layer: str, *parts: str) -> list[dict[str, str]]:
         """The custom metadata of every commit of a table, oldest first."""
         history = self.delta(layer, *parts).history()
         return [{k: v for k, v in h.items() if isinstance(v, str)} for h in reversed(history)]
+
+
+CHECKPOINT_INTERVAL = 100  # delta-rs' default: a checkpoint every 100 versions
+
+
+def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
+    """File URI (as `file_uris` spells it) -> deleted row positions, for files with a DV."""
+    if not _has_dvs(table):
+        return {}
+    reader = pa.RecordBatchReader.from_stream(table.deletion_vectors())
+    out = {}
+    for batch in reader:
+        for path, keep in zip(
+            batch["filepath"].to_pylist(), batch["selection_vector"].to_pylist(), strict=True
+        ):
+            out[path.removeprefix("file://")] = np.flatnonzero(~np.asarray(keep, bool))
+    return out
+
+
+def _split(table: DeltaTable, version: int | None) -> tuple[ds.Dataset, list]:
+    """The table's files without a deletion vector as a lazy Arrow dataset, and a loader
+    per file with one (its rows less those it deletes). A table that never had one is
+    delta-rs' own dataset: delta-rs refuses tables with the feature from then on."""
+    if version is not None:
+        table.load_as_version(version)
+    if not _has_dvs(table):
+        return table.to_pyarrow_dataset(), []
+    deleted, schema = _deleted(table), _file_schema(table)
+    clean = [f for f in table.file_uris() if f not in deleted]
+    masked = [lambda f=f, r=r: _masked_file(f, schema, r) for f, r in deleted.items()]
+    return ds.dataset(clean, schema=schema, format="parquet"), masked
+
+
+def _has_dvs(table: DeltaTable) -> bool:
+    return "deletionVectors" in (table.protocol().reader_features or [])
+
+
+def _file_schema(table: DeltaTable) -> pa.Schema:
+    """The Arrow schema the table's files are written with (its newest file's)."""
+    files = table.file_uris()
+    if not files:
+        return pa.schema(table.schema().to_arrow())
+    return pq.read_schema(max(files, key=os.path.getmtime))
+
+
+def _masked_file(path: str, schema: pa.Schema, deleted: np.ndarray) -> pa.Table:
+    """One data file's rows without those its deletion vector deletes."""
+    rows = ds.dataset(path, schema=schema, format="parquet").to_table()
+    keep = np.ones(len(rows), bool)
+    keep[deleted[deleted < len(rows)]] = False
+    return rows.filter(pa.array(keep))
+
+
+def _relative(root: Path, uri: str) -> str:
+    return str(Path(uri.removeprefix("file://")).relative_to(root))
+
+
+def _live_adds(root: Path, version: int) -> dict[str, dict]:
+    """The live add actions (path -> action) at `version`, replayed from the log: the last
+    checkpoint, then the JSON commits after it (delta-rs' API gives no DV descriptors, and
+    a file's remove must name the one it had)."""
+    log_dir = root / "_delta_log"
+    live: dict[str, dict] = {}
+    start = 0
+    marker = log_dir / "_last_checkpoint"
+    if marker.exists():
+        checkpoint = json.loads(marker.read_text())["version"]
+        if checkpoint <= version:
+            start = checkpoint + 1
+            adds = pq.read_table(log_dir / f"{checkpoint:020d}.checkpoint.parquet", columns=["add"])
+            for add in adds["add"].drop_null().to_pylist():
+                add["partitionValues"] = dict(add.get("partitionValues") or [])
+                live[add["path"]] = add
+    for v in range(start, version + 1):
+        for line in (log_dir / f"{v:020d}.json").read_text().splitlines():
+            action = json.loads(line) if line.strip() else {}
+            if "add" in action:
+                live[action["add"]["path"]] = action["add"]
+            elif "remove" in action:
+                live.pop(action["remove"]["path"], None)
+    return live
+
+
+def _write_file(
+    root: Path, rows: pa.Table, schema: pa.Schema, now: int, data_change: bool = True
+) -> dict:
+    """A new data file of `rows` in the table's folder, and its add action."""
+    name = f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"
+    pq.write_table(rows.select(schema.names).cast(schema), root / name, compression="snappy")
+    return {
+        "path": name,
+        "partitionValues": {},
+        "size": (root / name).stat().st_size,
+        "modificationTime": now,
+        "dataChange": data_change,
+        "stats": json.dumps({"numRecords": len(rows)}),
+    }
+
+
+def _commit_json(root: Path, version: int, actions: list[dict]) -> None:
+    """Publish a commit as `_delta_log/<version>.json`, atomically and only if absent."""
+    target = root / "_delta_log" / f"{version:020d}.json"
+    staged = target.with_name(f".{target.name}.{uuid.uuid4()}.tmp")
+    staged.write_text("\n".join(json.dumps(a) for a in actions) + "\n")
+    try:
+        os.link(staged, target)
+    except FileExistsError as exc:
+        raise RuntimeError(f"{root}: version {version} was committed by another writer") from exc
+    finally:
+        staged.unlink()
 
 
 def _commit(metadata: dict[str, str] | None) -> CommitProperties | None:

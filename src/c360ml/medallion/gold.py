@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import duckdb
@@ -37,7 +38,7 @@ from c360ml.medallion.patch import (
     restrict,
     sql_digest,
 )
-from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql
+from c360ml.medallion.sql import connect, duckdb_connection, register, rows_by_file, run_sql
 from c360ml.schemas import (
     OrderLines,
     Orders,
@@ -211,6 +212,34 @@ def write_gold(
     return True
 
 
+def _checked(
+    readers: list[pa_arrow.RecordBatchReader],
+    check: ArrowCheck,
+    rejected: list[pa_arrow.Table] | None,
+) -> Iterator[pa_arrow.RecordBatch]:
+    """The query results checked batch by batch; with `rejected` (quarantine), rows with a
+    `quarantine_reason` go there instead. Uniqueness is checked after the last batch."""
+    for reader in readers:
+        for batch in reader:
+            rows = pa_arrow.Table.from_batches([batch])
+            if rejected is not None:
+                bad = pc.is_valid(rows[REASON])
+                rejected.append(rows.filter(bad))
+                rows = rows.filter(pc.invert(bad))
+            yield from check(rows).to_batches()
+    check.finish()
+
+
+def _write_quarantine(
+    lake: Lake, name: str, schema: pa_arrow.Schema, rejected: list[pa_arrow.Table]
+) -> int:
+    bad = pa_arrow.concat_tables(
+        [schema.empty_table()] + [t.select(schema.names).cast(schema) for t in rejected]
+    )
+    lake.write(bad, "quarantine", "gold", name, mode="overwrite")
+    return len(bad)
+
+
 def stream_gold(
     lake: Lake,
     name: str,
@@ -219,39 +248,21 @@ def stream_gold(
     inputs: dict,
     quarantine: bool,
     meta: dict[str, str] | None = None,
-    keep: pc.Expression | None = None,
 ) -> tuple[int, int]:
     """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
 
     With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
     instead (written after the gold commit). Memory holds one batch, the quarantined rows
     and the unique columns, never the table: a check that fails (uniqueness at the end)
-    raises inside the stream, so nothing is committed. With `keep` (a patch, see
-    `c360ml.medallion.patch`), the table's current rows (and quarantined rows) matching
-    it are kept as they are, already checked, and the query results added.
+    raises inside the stream, so nothing is committed.
     """
     check = ArrowCheck(model, f"gold/{name}")
-    rejected: list[pa_arrow.Table] = []
+    rejected: list[pa_arrow.Table] | None = [] if quarantine else None
     failed: list[ValueError] = []
-    if keep is not None and quarantine:
-        rejected.append(lake.read("quarantine", "gold", name, filter=keep))
-    # Opened here: delta-rs cannot open a table inside the stream its writer pulls.
-    kept = lake.dataset("gold", name) if keep is not None else None
 
     def batches():
         try:
-            if kept is not None:
-                for batch in kept.to_batches(filter=keep):
-                    yield batch.cast(check.schema)
-            for reader in readers:
-                for batch in reader:
-                    rows = pa_arrow.Table.from_batches([batch])
-                    if quarantine:
-                        bad = pc.is_valid(rows[REASON])
-                        rejected.append(rows.filter(bad))
-                        rows = rows.filter(pc.invert(bad))
-                    yield from check(rows).to_batches()
-            check.finish()
+            yield from _checked(readers, check, rejected)
         except ValueError as exc:
             failed.append(exc)  # the writer wraps it; re-raised as it was, below
             raise
@@ -268,18 +279,48 @@ def stream_gold(
         if failed:
             raise failed[0] from None
         raise
-    if not quarantine:
+    if rejected is None:
         return check.rows, 0
-    schema = readers[0].schema
-    bad = pa_arrow.concat_tables(
-        [schema.empty_table()] + [t.select(schema.names).cast(schema) for t in rejected]
-    )
-    lake.write(bad, "quarantine", "gold", name, mode="overwrite")
-    return check.rows, len(bad)
+    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
+
+
+def patch_gold(
+    lake: Lake,
+    name: str,
+    readers: list[pa_arrow.RecordBatchReader],
+    model: type[pa.DataFrameModel],
+    meta: dict[str, str],
+    quarantine: bool,
+    key: str,
+    ids: pa_arrow.Array,
+) -> tuple[int, int]:
+    """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
+    -> one gold commit that deletes the table's rows of those ids by position and appends
+    the results (`Lake.delete_and_append`: no file rewritten); (rows, quarantined rows).
+
+    The results are checked as `stream_gold` checks a whole table; a unique column stays
+    unique because every kept row's id is outside `ids` and every result's inside. The
+    quarantine (small) is rewritten: its rows of other ids, and the new rejects.
+    """
+    check = ArrowCheck(model, f"gold/{name}")
+    rejected: list[pa_arrow.Table] | None = None
+    if quarantine:
+        rejected = [lake.read("quarantine", "gold", name, filter=~pc.field(key).isin(ids))]
+    rows = pa_arrow.Table.from_batches(list(_checked(readers, check, rejected)), check.schema)
+    con = duckdb_connection()
+    register(con, lake, "target", "gold", name, positions=True)
+    con.register("ids", pa_arrow.table({key: ids}))
+    found = con.sql(f"SELECT filename, file_row_number FROM target SEMI JOIN ids USING ({key})")
+    deletes = rows_by_file(found.to_arrow_table())
+    con.close()
+    lake.delete_and_append("gold", name, deletes=deletes, rows=rows, metadata=meta)
+    if rejected is None:
+        return check.rows, 0
+    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
 
 
 def _rows(lake: Lake, name: str) -> int:
-    return lake.dataset("gold", name).count_rows()
+    return lake.count("gold", name)
 
 
 def build_gold(settings: Settings) -> GoldSummary:
@@ -331,8 +372,8 @@ def build_gold(settings: Settings) -> GoldSummary:
                     register_all_orders(scoped)
                 restrict(scoped, lake, views, affected)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
-                keep = ~pc.field(key).isin(affected.order_ids())
-                stream_gold(lake, name, readers, model, inputs, quarantine, meta, keep)
+                meta[INPUTS_KEY] = json.dumps(inputs)
+                patch_gold(lake, name, readers, model, meta, quarantine, key, affected.order_ids())
                 scoped.close()
                 how = f"patched ({affected.size} orders)"
         register(con, lake, f"gold_{name}", "gold", name)
@@ -342,9 +383,7 @@ def build_gold(settings: Settings) -> GoldSummary:
             {
                 "table": f"gold/{name}",
                 "rows": _rows(lake, name),
-                "quarantined": (
-                    lake.dataset("quarantine", "gold", name).count_rows() if quarantine else 0
-                ),
+                "quarantined": (lake.count("quarantine", "gold", name) if quarantine else 0),
                 "note": note(),
                 "written": how,
                 "seconds": round(time.perf_counter() - started, 2),

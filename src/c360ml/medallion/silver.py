@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 import phonenumbers
@@ -24,7 +25,7 @@ from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.medallion.sql import duckdb_connection, register
+from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ INGESTED_AT = "_ingested_at"  # bronze lineage: when ingest wrote the row
 INGESTED_TYPE = pa_arrow.timestamp("us", tz="UTC")
 STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
 ACTION = "_action"
+ROW = "_row"  # a merge source row's position
 REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
 DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", INGESTED_AT)
@@ -571,7 +573,7 @@ def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> in
     cols = [*table.key, "versionnumber", "SinkModifiedOn"]
     con.register("b", latest.select([*cols, "IsDelete"]))
     prev = [("silver", table.name), ("quarantine", "silver", table.name)]
-    parts = [lake.dataset(*w).to_table(columns=cols) for w in prev if lake.exists(*w)]
+    parts = [lake.read(*w, columns=cols) for w in prev if lake.exists(*w)]
     con.register("t", pa_arrow.concat_tables(parts) if parts else latest.select(cols).slice(0, 0))
     on = " AND ".join(f'b."{k}" = t."{k}"' for k in table.key)
     newer = NEWER.replace("s.", "b.")
@@ -612,9 +614,14 @@ def _apply(
     schema: pa_arrow.Schema,
     meta: dict[str, str],
 ) -> None:
-    """Merge upserts and removals into a current-state table in one Delta commit.
+    """Merge upserts and removals into a current-state table in one Delta commit, without
+    rewriting its files: the rows they replace or remove are deleted by position (deletion
+    vectors) and the upserts appended (`Lake.delete_and_append`). delta-rs' merge rewrote
+    every file holding a matched row, and a sync's changes lie in every file.
 
-    The version guard keeps a late-arriving older change from overwriting a newer one.
+    The version guard keeps a late-arriving older change from overwriting a newer one:
+    a matched row is replaced or removed only by a newer version, and a source row whose
+    key holds a newer version is dropped.
     """
     action = pa_arrow.field(ACTION, pa_arrow.string())
 
@@ -632,26 +639,25 @@ def _apply(
         lake.write(tagged(upsert, "upsert").drop_columns([ACTION]), *where, mode="overwrite",
                    metadata=meta)  # fmt: skip
         return
-    arrow = pa_arrow.concat_tables([tagged(upsert, "upsert"), tagged(remove, "remove")])
-    if not len(arrow):
-        lake.write(schema.empty_table(), *where, metadata=meta)  # records the bronze version
-        return
-    on = " AND ".join(f"s.{k} = t.{k}" for k in key)
-    (
-        lake.delta(*where)
-        .merge(
-            arrow,
-            predicate=on,
-            source_alias="s",
-            target_alias="t",
-            commit_properties=CommitProperties(custom_metadata=meta),
-        )
-        .when_matched_delete(predicate=f"s.{ACTION} = 'remove' AND {NEWER}")
-        .when_matched_update_all(
-            predicate=f"s.{ACTION} = 'upsert' AND {NEWER}", except_cols=[ACTION]
-        )
-        .when_not_matched_insert_all(predicate=f"s.{ACTION} = 'upsert'", except_cols=[ACTION])
-        .execute()
+    source = pa_arrow.concat_tables([tagged(upsert, "upsert"), tagged(remove, "remove")])
+    source = source.append_column(ROW, pa_arrow.array(np.arange(len(source))))
+    con = duckdb_connection()
+    con.register("s", source)
+    register(con, lake, "t", *where, positions=True)
+    on = " AND ".join(f's."{k}" = t."{k}"' for k in key)
+    matched = con.sql(
+        f"""SELECT s.{ROW} AS row, t.filename, t.file_row_number, COALESCE({NEWER}, FALSE) AS newer
+            FROM s JOIN t ON {on}"""
+    ).to_arrow_table()
+    con.close()
+    newer = matched["newer"].to_numpy(zero_copy_only=False)
+    deletes = rows_by_file(matched.filter(pa_arrow.array(newer)))
+    stale = pa_arrow.array(matched["row"].to_numpy()[~newer])
+    appended = source.filter(
+        pc.and_(pc.equal(source[ACTION], "upsert"), pc.invert(pc.is_in(source[ROW], stale)))
+    )
+    lake.delete_and_append(
+        *where, deletes=deletes, rows=appended.drop_columns([ACTION, ROW]), metadata=meta
     )
 
 
@@ -668,7 +674,7 @@ def purge_accounting(lake: Lake, name: str, column: str, values: list) -> Commit
 
 
 def _count(lake: Lake, *parts: str) -> int:
-    return lake.dataset(*parts).count_rows() if lake.exists(*parts) else 0
+    return lake.count(*parts) if lake.exists(*parts) else 0
 
 
 def bronze_current_rows(lake: Lake, table: SourceTable) -> int:
