@@ -3,6 +3,11 @@
 Why Delta everywhere: each write is a single atomic commit, so a reader (or a crashed
 run's re-run) never sees half a batch, and every table keeps its versions for
 incremental reads and audit. Paths are built from the configured lake root only.
+
+Row-level changes (silver merges, gold patches) are merge on read: the replaced rows are
+deleted by a Delta deletion vector on their file and the new rows appended, in one
+commit this module writes itself (`delete_and_append`); every reader here applies the
+vectors, and `purge_deleted` rewrites the files when the hidden rows must physically go.
 """
 
 from __future__ import annotations
@@ -245,10 +250,12 @@ def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
     reader = pa.RecordBatchReader.from_stream(table.deletion_vectors())
     out = {}
     for batch in reader:
-        for path, keep in zip(
-            batch["filepath"].to_pylist(), batch["selection_vector"].to_pylist(), strict=True
-        ):
-            out[path.removeprefix("file://")] = np.flatnonzero(~np.asarray(keep, bool))
+        masks = batch["selection_vector"]  # keep-masks of whole files: not as Python lists
+        keep = masks.values.to_numpy(zero_copy_only=False)
+        bounds = masks.offsets.to_numpy()
+        for i, path in enumerate(batch["filepath"].to_pylist()):
+            deleted = np.flatnonzero(~keep[bounds[i] : bounds[i + 1]])
+            out[path.removeprefix("file://")] = deleted
     return out
 
 

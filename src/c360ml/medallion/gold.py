@@ -4,7 +4,8 @@ Gold is computed from silver by the SQL in `pipelines/sql/gold/`, each query's r
 streamed batch by batch into its Delta commit (memory holds a batch, not a 20M-row
 table). The order tables (orders, order lines, order status history) are patched on a
 refresh: only the orders that the refresh's changes touch are recomputed, by the same SQL
-over inputs restricted to them, and the other rows are kept (`c360ml.medallion.patch`
+over inputs restricted to them, the replaced rows deleted by deletion vectors and the
+other rows kept where they are (`c360ml.medallion.patch`
 says how the affected orders are found, and when a table is rebuilt instead). The small
 tables are rebuilt. A table is written only when its inputs' versions changed, so a
 build with nothing new adds no Delta versions. Orders and lines that cannot be tied to a

@@ -4,10 +4,10 @@ Why: a refresh's 1% increment changes about 1% of the orders (new ones, status c
 new lines, customers re-linked or erased by unify), but a rebuild recomputes and checks
 all of them: at 1M customers gold/orders and gold/order_status_history took 19-24 s
 each, and the lines 9-14 s, of a 53 s incremental gold build. How: the same SQL files
-run over their inputs restricted to the affected orders, and the table is rewritten as
-its unaffected rows, as they were, plus the recomputed ones, in one commit. (delta-rs writes no deletion
-vectors, and the affected orders of erased and re-linked customers lie in every file, so
-the table is rewritten whole either way: the saving is in not recomputing.)
+run over their inputs restricted to the affected orders; in one commit the table's rows
+of those orders are deleted by position (deletion vectors) and the recomputed ones
+appended, so no file is rewritten (the affected orders of erased and re-linked
+customers lie in every file: rewriting the unaffected rows was most of a patch's time).
 
 What changed since a table's last build is read from
 - silver's change log of the order tables (`SourceTable.order_key`; see

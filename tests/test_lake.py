@@ -1,0 +1,99 @@
+"""Deletion vectors written by Lake.delete_and_append: every reader sees the same rows,
+delta-rs' own reader (an independent decoder of the format) included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import QueryBuilder
+
+from c360ml.lake import Lake, _commit_json
+from c360ml.medallion.sql import duckdb_connection, register
+
+N = 200_000
+
+
+def _keys_by_delta_rs(lake: Lake) -> set[int]:
+    table = lake.delta("gold", "t")
+    result = QueryBuilder().register("t", table).execute("SELECT k FROM t").read_all()
+    return set(pa.table(result)["k"].to_pylist())
+
+
+def _keys_by_every_reader(lake: Lake) -> list[set[int]]:
+    con = duckdb_connection()
+    register(con, lake, "t", "gold", "t")
+    return [
+        set(lake.read("gold", "t")["k"].to_pylist()),
+        set(lake.dataset("gold", "t").to_table()["k"].to_pylist()),
+        set(con.sql("SELECT k FROM t").to_arrow_table()["k"].to_pylist()),
+        _keys_by_delta_rs(lake),
+    ]
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    lake = Lake(tmp_path)
+    lake.write(pa.table({"k": np.arange(N), "v": np.arange(N).astype(str)}), "gold", "t")
+    lake.write(pa.table({"k": np.arange(N, N + 10), "v": ["x"] * 10}), "gold", "t")
+    return lake
+
+
+def _files(lake: Lake) -> list[str]:
+    """Live files, the big one first."""
+    files = lake.delta("gold", "t").file_uris()
+    return sorted(files, key=lambda f: -pq.read_metadata(f).num_rows)
+
+
+def test_deleted_rows_are_gone_for_every_reader_and_files_are_kept(lake):
+    big, small = _files(lake)
+    # dense (bitmap containers) and sparse (array containers) positions, several chunks
+    dense = np.random.default_rng(0).choice(N, 70_000, replace=False)
+    lake.delete_and_append(
+        "gold",
+        "t",
+        deletes={big: dense, small: np.array([0, 9])},
+        rows=pa.table({"k": [10**9], "v": ["new"]}),
+        metadata={"c360ml.note": "patched"},
+    )
+    expected = (set(range(N)) - set(dense.tolist())) | set(range(N + 1, N + 9)) | {10**9}
+    assert all(keys == expected for keys in _keys_by_every_reader(lake))
+    assert lake.count("gold", "t") == len(expected)
+    assert {big, small} <= set(lake.delta("gold", "t").file_uris())  # nothing rewritten
+    assert lake.commit_metadata("gold", "t")[-1]["c360ml.note"] == "patched"
+
+    # more deletions in a file that has a vector: the union; then a delta-rs merge on top
+    lake.delete_and_append("gold", "t", deletes={big: np.array([1, 2, 3])})
+    expected -= {1, 2, 3}
+    assert all(keys == expected for keys in _keys_by_every_reader(lake))
+    source = pa.table({"k": [4, 5, 1], "v": ["u", "u", "back"]})
+    lake.delta("gold", "t").merge(
+        source, "s.k = t.k", source_alias="s", target_alias="t"
+    ).when_matched_update_all().when_not_matched_insert_all().execute()
+    assert all(keys == expected | {1} for keys in _keys_by_every_reader(lake))
+
+
+def test_purge_rewrites_the_hidden_rows_out_of_the_files(lake):
+    big, _ = _files(lake)
+    lake.delete_and_append("gold", "t", deletes={big: np.arange(0, N, 2)})
+    assert lake.purge_deleted("gold", "t") == 1
+    lake.delta("gold", "t").vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    on_disk = set()
+    for path in lake.path("gold", "t").glob("*.parquet"):
+        on_disk |= set(pq.read_table(path, columns=["k"])["k"].to_pylist())
+    assert on_disk == set(range(1, N, 2)) | set(range(N, N + 10))
+    assert lake.deleted_rows("gold", "t") == {}
+    assert all(keys == on_disk for keys in _keys_by_every_reader(lake))
+
+
+def test_a_commit_never_overwrites_another_writers_version(lake):
+    """Two writers that read the same version: the second one's commit fails, and the
+    first one's stays as it was."""
+    root = lake.path("gold", "t")
+    version = lake.version("gold", "t") + 1
+    _commit_json(root, version, [{"commitInfo": {"operation": "FIRST"}}])
+    with pytest.raises(RuntimeError, match=r"gold/t: version \d+ was committed by another"):
+        _commit_json(root, version, [{"commitInfo": {"operation": "SECOND"}}])
+    assert lake.delta("gold", "t").history(1)[0]["operation"] == "FIRST"
+    assert not list((root / "_delta_log").glob("*.tmp"))
