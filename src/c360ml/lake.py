@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +97,10 @@ class Lake:
         cols = list(columns) if columns is not None else None
         clean, masked = _split(self.delta(layer, *parts), version)
         pieces = [clean.to_table(cols, filter=filter)]
-        for m in masked:  # one masked file in memory at a time
-            pieces.append(ds.dataset(m()).to_table(cols, filter=filter))
+        for m in masked:  # one masked file in memory at a time; all columns for a filter
+            pieces.append(
+                ds.dataset(m(cols if filter is None else None)).to_table(cols, filter=filter)
+            )
         return pa.concat_tables(pieces)
 
     def count(self, layer: str, *parts: str) -> int:
@@ -269,7 +272,7 @@ def _split(table: DeltaTable, version: int | None) -> tuple[ds.Dataset, list]:
         return table.to_pyarrow_dataset(), []
     deleted, schema = _deleted(table), _file_schema(table)
     clean = [f for f in table.file_uris() if f not in deleted]
-    masked = [lambda f=f, r=r: _masked_file(f, schema, r) for f, r in deleted.items()]
+    masked = [partial(_masked_file, f, schema, r) for f, r in deleted.items()]
     return ds.dataset(clean, schema=schema, format="parquet"), masked
 
 
@@ -278,16 +281,21 @@ def _has_dvs(table: DeltaTable) -> bool:
 
 
 def _file_schema(table: DeltaTable) -> pa.Schema:
-    """The Arrow schema the table's files are written with (its newest file's)."""
+    """The Arrow schema the table's files are written with (its newest file's), with
+    delta-rs' string_view as string (Arrow's filter has no string_view kernel)."""
     files = table.file_uris()
     if not files:
         return pa.schema(table.schema().to_arrow())
-    return pq.read_schema(max(files, key=os.path.getmtime))
+    schema = pq.read_schema(max(files, key=os.path.getmtime))
+    views = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+    return pa.schema([f.with_type(views.get(f.type, f.type)) for f in schema])
 
 
-def _masked_file(path: str, schema: pa.Schema, deleted: np.ndarray) -> pa.Table:
-    """One data file's rows without those its deletion vector deletes."""
-    rows = ds.dataset(path, schema=schema, format="parquet").to_table()
+def _masked_file(
+    path: str, schema: pa.Schema, deleted: np.ndarray, columns: list[str] | None = None
+) -> pa.Table:
+    """One data file's rows (`columns` of them) without those its deletion vector deletes."""
+    rows = ds.dataset(path, schema=schema, format="parquet").to_table(columns)
     keep = np.ones(len(rows), bool)
     keep[deleted[deleted < len(rows)]] = False
     return rows.filter(pa.array(keep))

@@ -87,7 +87,12 @@ def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
         landing,
         "dataverse",
         "2024-01-05T00.00.00Z",
-        {"contact": [_contact("c1", 1), _contact("c2", 1), _contact("c3", 1, created=None)]},
+        {
+            "contact": [
+                *(_contact(c, 1) for c in ("c1", "c2", "c4")),
+                _contact("c3", 1, created=None),
+            ]
+        },
     )
     _run(settings)
     version = Lake(settings.lake).version("silver", "contact")
@@ -106,11 +111,26 @@ def test_incremental_merge_applies_updates_deletes_and_fixes(settings):
             ]
         },
     )  # late, older version
+    lake = Lake(settings.lake)
+    files = set(lake.delta("silver", "contact").file_uris())
     result = _run(settings)["contact"]
     silver = _silver(settings, "contact")
-    assert sorted(silver.index) == ["c1", "c3"]
+    assert sorted(silver.index) == ["c1", "c3", "c4"]
     assert silver.loc["c1", "emailaddress1"] == "b@x.com"
     assert result.quarantined == 0 and result.balanced
+    # merge on read: the replaced and deleted rows are hidden, their file is not rewritten
+    assert files <= set(lake.delta("silver", "contact").file_uris())
+    assert sum(len(r) for r in lake.deleted_rows("silver", "contact").values()) == 2  # c1, c2
+    # a version older than silver's, alone in a later sync, changes nothing
+    write_sync_folder(
+        landing,
+        "dataverse",
+        "2024-01-07T00.00.00Z",
+        {"contact": [_contact("c3", 1, email="older@x.com")]},
+    )
+    result = _run(settings)["contact"]
+    assert _silver(settings, "contact").loc["c3"].equals(silver.loc["c3"])
+    assert result.balanced and result.silver_rows == 3
 
 
 @pytest.mark.parametrize(
