@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import QueryBuilder
 
-from c360ml.lake import Lake, _commit_json
+from c360ml.lake import REWRITE_SHARE, Lake, _commit_json
 from c360ml.medallion.sql import duckdb_connection, register
 
 N = 200_000
@@ -49,7 +49,7 @@ def _files(lake: Lake) -> list[str]:
 def test_deleted_rows_are_gone_for_every_reader_and_files_are_kept(lake):
     big, small = _files(lake)
     # dense (bitmap containers) and sparse (array containers) positions, several chunks
-    dense = np.random.default_rng(0).choice(N, 70_000, replace=False)
+    dense = np.random.default_rng(0).choice(N, 30_000, replace=False)  # 15% of the file
     lake.delete_and_append(
         "gold",
         "t",
@@ -67,6 +67,13 @@ def test_deleted_rows_are_gone_for_every_reader_and_files_are_kept(lake):
     lake.delete_and_append("gold", "t", deletes={big: np.array([1, 2, 3])})
     expected -= {1, 2, 3}
     assert all(keys == expected for keys in _keys_by_every_reader(lake))
+    assert big in lake.deleted_rows("gold", "t")
+    # beyond REWRITE_SHARE of its rows deleted, the file is rewritten without them
+    more = np.setdiff1d(np.arange(N), dense)[: int(REWRITE_SHARE * N)]
+    lake.delete_and_append("gold", "t", deletes={big: more})
+    expected -= set(more.tolist())
+    assert big not in lake.delta("gold", "t").file_uris()
+    assert all(keys == expected for keys in _keys_by_every_reader(lake))
     source = pa.table({"k": [4, 5, 1], "v": ["u", "u", "back"]})
     lake.delta("gold", "t").merge(
         source, "s.k = t.k", source_alias="s", target_alias="t"
@@ -75,8 +82,12 @@ def test_deleted_rows_are_gone_for_every_reader_and_files_are_kept(lake):
 
 
 def test_purge_rewrites_the_hidden_rows_out_of_the_files(lake):
-    big, _ = _files(lake)
-    lake.delete_and_append("gold", "t", deletes={big: np.arange(0, N, 2)})
+    big, small = _files(lake)
+    every_tenth = np.arange(0, N, 10)  # under REWRITE_SHARE: a vector, not a rewrite
+    lake.delete_and_append("gold", "t", deletes={big: every_tenth, small: np.array([3])})
+    # only the files whose hidden rows hold one of the values (key N + 3 is in `small`)
+    assert lake.purge_deleted("gold", "t", holding=("k", [N + 3, 5])) == 1
+    assert set(lake.deleted_rows("gold", "t")) == {big}
     assert lake.purge_deleted("gold", "t") == 1
     lake.delta("gold", "t").vacuum(
         retention_hours=0, enforce_retention_duration=False, dry_run=False
@@ -84,7 +95,7 @@ def test_purge_rewrites_the_hidden_rows_out_of_the_files(lake):
     on_disk = set()
     for path in lake.path("gold", "t").glob("*.parquet"):
         on_disk |= set(pq.read_table(path, columns=["k"])["k"].to_pylist())
-    assert on_disk == set(range(1, N, 2)) | set(range(N, N + 10))
+    assert on_disk == set(range(N + 10)) - set(every_tenth.tolist()) - {N + 3}
     assert lake.deleted_rows("gold", "t") == {}
     assert all(keys == on_disk for keys in _keys_by_every_reader(lake))
 

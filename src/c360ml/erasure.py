@@ -88,6 +88,9 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
     for table, column in HISTORY.items():
         if lake.exists("gold", table) and customer_ids:
             _delete(lake, ("gold", table), column, customer_ids, result)
+    for parts in lake.tables("gold"):  # gold/orders' rows of the erased, replaced by a patch
+        if customer_ids and "customer_id" in lake.schema("gold", *parts).names:
+            lake.purge_deleted("gold", *parts, holding=("customer_id", customer_ids))
     d365 = erased.loc[erased["source"] == "d365", "source_key"].tolist()
     if d365:
         _purge_commerce(lake, d365, result)
@@ -114,13 +117,10 @@ def _vacuum_all(lake: Lake) -> None:
     The person is also in files this purge did not rewrite: older versions of tables that
     were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
     in c360ml reads an older version's data (silver compares bronze file lists from the
-    log only), so they go at once. Rows hidden by a deletion vector (an older version a
-    silver merge or gold patch replaced) are still in their files: those are rewritten
-    first.
+    log only), so they go at once.
     """
     for layer in ("bronze", "silver", "gold", "state"):
         for parts in lake.tables(layer):
-            lake.purge_deleted(layer, *parts)
             lake.delta(layer, *parts).vacuum(
                 retention_hours=0, enforce_retention_duration=False, dry_run=False
             )
@@ -172,6 +172,9 @@ def _delete(
     predicate = f"{column} IN ({quoted})"
     if keep_markers:  # a delete marker carries the key only: keep it, drop the data
         predicate += " AND (IsDelete IS NULL OR NOT IsDelete)"
+    # Rows a silver merge replaced are hidden by deletion vectors but still in their files
+    # (the person's older versions among them): rewritten without them first.
+    lake.purge_deleted(*where)
     table = lake.delta(*where)
     metrics = table.delete(
         predicate,

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -97,11 +97,25 @@ class Lake:
         cols = list(columns) if columns is not None else None
         clean, masked = _split(self.delta(layer, *parts), version)
         pieces = [clean.to_table(cols, filter=filter)]
-        for m in masked:  # one masked file in memory at a time; all columns for a filter
-            pieces.append(
-                ds.dataset(m(cols if filter is None else None)).to_table(cols, filter=filter)
-            )
+        pieces += [_select(m, cols, filter).to_table(cols, filter=filter) for m in masked]
         return pa.concat_tables(pieces)
+
+    def batches(
+        self,
+        layer: str,
+        *parts: str,
+        columns: list[str] | None = None,
+        filter: ds.Expression | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """`read`'s rows as a stream of batches (memory: a batch, or a masked file)."""
+        clean, masked = _split(self.delta(layer, *parts), None)
+        yield from clean.to_batches(columns=columns, filter=filter)
+        for m in masked:
+            yield from _select(m, columns, filter).to_batches(columns=columns, filter=filter)
+
+    def schema(self, layer: str, *parts: str) -> pa.Schema:
+        """The table's Arrow schema, without reading its rows."""
+        return _file_schema(self.delta(layer, *parts))
 
     def count(self, layer: str, *parts: str) -> int:
         """Live rows: the files' record counts less their deletion vectors' (no scan)."""
@@ -124,8 +138,9 @@ class Lake:
     ) -> int:
         """Delete rows by position (file URI -> row positions) and append `rows`, in one
         commit, without rewriting a file: each touched file gets a deletion vector (the
-        union of its old one and the new positions), the rows a new file. Returns the
-        new version.
+        union of its old one and the new positions; a file it would leave with less than
+        1 - REWRITE_SHARE of its rows is rewritten instead), the rows a new file. Returns
+        the new version.
 
         Why not delta-rs' merge: it rewrites every file holding a changed row, and a
         refresh's changes lie in every file (see `c360ml.deletion_vectors`). The commit
@@ -139,45 +154,17 @@ class Lake:
                 TableFeatures.DeletionVectors, allow_protocol_versions_increase=True
             )
             table = self.delta(layer, *parts)
-        version = table.version()
-        live = _live_adds(where, version)
-        old = _deleted(table)
-        now = int(time.time() * 1000)
+        version, schema, now = table.version(), _file_schema(table), int(time.time() * 1000)
+        live, old = _live_adds(where, version), _deleted(table)
         actions: list[dict] = []
         for uri, positions in deletes.items():
-            if not len(positions):
-                continue
-            name = _relative(where, uri)
-            add = live[name]
-            union = np.union1d(old.get(uri, np.empty(0, np.int64)), positions)
-            remove = {
-                "path": name,
-                "deletionTimestamp": now,
-                "dataChange": True,
-                "extendedFileMetadata": True,
-                "partitionValues": add.get("partitionValues") or {},
-                "size": add["size"],
-            }
-            if add.get("deletionVector"):
-                remove["deletionVector"] = add["deletionVector"]
-            actions.append({"remove": remove})
-            if len(union) < json.loads(add["stats"])["numRecords"]:
-                kept = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
-                kept["deletionVector"] = deletion_vectors.descriptor(union)
-                actions.append({"add": kept | {"dataChange": True}})
+            if len(positions):
+                union = np.union1d(old.get(uri, np.empty(0, np.int64)), positions)
+                add = live[_relative(where, uri)]
+                actions += _replace_file(where, uri, add, union, schema, now)
         if rows is not None and len(rows):
-            actions.append({"add": _write_file(where, rows, _file_schema(table), now)})
-        info = {
-            "timestamp": now,
-            "operation": "DELETE AND APPEND",
-            "operationParameters": {},
-            "readVersion": version,
-            "clientVersion": "c360ml",
-            **(metadata or {}),
-        }
-        _commit_json(where, version + 1, [{"commitInfo": info}, *actions])
-        if (version + 1) % CHECKPOINT_INTERVAL == 0:
-            self.delta(layer, *parts).create_checkpoint()
+            actions.append({"add": _write_file(where, rows, schema, now)})
+        _commit_actions(where, version, "DELETE AND APPEND", actions, metadata)
         return version + 1
 
     def read_pandas(self, layer: str, *parts: str, **kwargs) -> pd.DataFrame:
@@ -214,27 +201,31 @@ class Lake:
         )
         return DeltaTable(str(where)).version()
 
-    def purge_deleted(self, layer: str, *parts: str) -> int:
+    def purge_deleted(
+        self, layer: str, *parts: str, holding: tuple[str, list] | None = None
+    ) -> int:
         """Rewrite the files with a deletion vector without the rows it hides (which are
-        still in the file): for an erasure, before the vacuum. Returns the files rewritten."""
+        still in the file): for an erasure. With `holding` (column, values), only the
+        files whose hidden rows have one of the values. Returns the files rewritten."""
         where = self.path(layer, *parts)
         table = self.delta(layer, *parts)
         deleted = _deleted(table)
+        version, schema, now = table.version(), _file_schema(table), int(time.time() * 1000)
+        if holding is not None:
+            column, values = holding
+            wanted = pa.array(values).cast(schema.field(column).type)
+            deleted = {
+                uri: rows
+                for uri, rows in deleted.items()
+                if pc.any(pc.is_in(_hidden(uri, schema, rows, column), wanted)).as_py()
+            }
         if not deleted:
             return 0
-        version, schema, now = table.version(), _file_schema(table), int(time.time() * 1000)
         live = _live_adds(where, version)
-        actions: list[dict] = [{"commitInfo": {"timestamp": now, "operation": "PURGE",
-                                               "operationParameters": {}, "readVersion": version,
-                                               "clientVersion": "c360ml"}}]  # fmt: skip
+        actions: list[dict] = []
         for uri, rows in deleted.items():
-            add = live[_relative(where, uri)]
-            remove = {k: add[k] for k in ("path", "partitionValues", "size", "deletionVector")}
-            actions.append({"remove": remove | {"deletionTimestamp": now, "dataChange": False}})
-            kept = _masked_file(uri, schema, rows)
-            if len(kept):
-                actions.append({"add": _write_file(where, kept, schema, now, data_change=False)})
-        _commit_json(where, version + 1, actions)
+            actions += _replace_file(where, uri, live[_relative(where, uri)], rows, schema, now, 0)
+        _commit_actions(where, version, "PURGE", actions)
         return len(deleted)
 
     def commit_metadata(self, layer: str, *parts: str) -> list[dict[str, str]]:
@@ -244,6 +235,44 @@ class Lake:
 
 
 CHECKPOINT_INTERVAL = 100  # delta-rs' default: a checkpoint every 100 versions
+# A file whose vector deletes more than this share of its rows is rewritten instead: reads
+# of a masked file load it whole, so what they skip stays bounded (at ~1% of rows changed
+# per refresh, a file is rewritten every 20-odd refreshes).
+REWRITE_SHARE = 0.2
+
+
+def _replace_file(
+    root: Path,
+    uri: str,
+    add: dict,
+    deleted: np.ndarray,
+    schema: pa.Schema,
+    now: int,
+    rewrite_share: float = REWRITE_SHARE,
+) -> list[dict]:
+    """The actions that delete these rows (all of the file's deleted rows) from a live
+    file: its remove (naming the vector it had, which is how a reader pairs them), and
+    its add with the new vector, or a rewritten file beyond `rewrite_share`, or nothing
+    when no row is left."""
+    remove = {
+        "path": add["path"],
+        "deletionTimestamp": now,
+        "dataChange": True,
+        "extendedFileMetadata": True,
+        "partitionValues": add.get("partitionValues") or {},
+        "size": add["size"],
+    }
+    if add.get("deletionVector"):
+        remove["deletionVector"] = add["deletionVector"]
+    records = json.loads(add["stats"])["numRecords"]
+    if len(deleted) >= records:
+        return [{"remove": remove}]
+    if len(deleted) > rewrite_share * records:
+        kept = _masked_file(uri, schema, deleted)
+        return [{"remove": remove}, {"add": _write_file(root, kept, schema, now)}]
+    same = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
+    same["deletionVector"] = deletion_vectors.descriptor(deleted)
+    return [{"remove": remove}, {"add": same | {"dataChange": True}}]
 
 
 def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
@@ -301,6 +330,18 @@ def _masked_file(
     return rows.filter(pa.array(keep))
 
 
+def _select(masked, columns: list[str] | None, filter: ds.Expression | None) -> ds.Dataset:
+    """One masked file as a dataset: only `columns` of it, all of them for a filter (which
+    may read others)."""
+    return ds.dataset(masked(columns if filter is None else None))
+
+
+def _hidden(path: str, schema: pa.Schema, deleted: np.ndarray, column: str) -> pa.Array:
+    """The values of one column in the rows a file's deletion vector hides."""
+    values = ds.dataset(path, schema=schema, format="parquet").to_table([column])[column]
+    return values.take(pa.array(deleted[deleted < len(values)]))
+
+
 def _relative(root: Path, uri: str) -> str:
     return str(Path(uri.removeprefix("file://")).relative_to(root))
 
@@ -331,9 +372,7 @@ def _live_adds(root: Path, version: int) -> dict[str, dict]:
     return live
 
 
-def _write_file(
-    root: Path, rows: pa.Table, schema: pa.Schema, now: int, data_change: bool = True
-) -> dict:
+def _write_file(root: Path, rows: pa.Table, schema: pa.Schema, now: int) -> dict:
     """A new data file of `rows` in the table's folder, and its add action."""
     name = f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"
     pq.write_table(rows.select(schema.names).cast(schema), root / name, compression="snappy")
@@ -342,9 +381,31 @@ def _write_file(
         "partitionValues": {},
         "size": (root / name).stat().st_size,
         "modificationTime": now,
-        "dataChange": data_change,
+        "dataChange": True,
         "stats": json.dumps({"numRecords": len(rows)}),
     }
+
+
+def _commit_actions(
+    root: Path,
+    read_version: int,
+    operation: str,
+    actions: list[dict],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Commit the actions as the version after `read_version` (a checkpoint every
+    CHECKPOINT_INTERVAL versions, as delta-rs would write)."""
+    info = {
+        "timestamp": int(time.time() * 1000),
+        "operation": operation,
+        "operationParameters": {},
+        "readVersion": read_version,
+        "clientVersion": "c360ml",
+        **(metadata or {}),
+    }
+    _commit_json(root, read_version + 1, [{"commitInfo": info}, *actions])
+    if (read_version + 1) % CHECKPOINT_INTERVAL == 0:
+        DeltaTable(str(root)).create_checkpoint()
 
 
 def _commit_json(root: Path, version: int, actions: list[dict]) -> None:

@@ -521,8 +521,7 @@ def last_scored_map(lake: Lake) -> pd.DataFrame | None:
             if version is None:
                 continue
             try:
-                table = lake.delta_at("gold", "customer_source_map", version=int(version))
-                return table.to_pyarrow_table().to_pandas()
+                return lake.read_pandas("gold", "customer_source_map", version=int(version))
             except (OSError, DeltaError) as exc:  # its files removed by hand
                 log.warning("source map v%s of the last refresh unreadable: %s", version, exc)
             break

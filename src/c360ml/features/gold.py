@@ -133,7 +133,7 @@ def _read_table(lake: Lake, field_name: str, key: str | None, ids: pa.Array | No
     """One gold table's contract columns, restricted to rows whose `key` is in `ids`."""
     table, model = GOLD_TABLES[field_name]
     if lake.exists("gold", table):
-        present = set(lake.dataset("gold", table).schema.names)
+        present = set(lake.schema("gold", table).names)
         wanted = [c for c in columns(model) if c in present]  # extras are the writer's business
         where = None if ids is None or key is None else ds.field(key).isin(ids)
         frame = lake.read_pandas("gold", table, columns=wanted, filter=where)
@@ -154,12 +154,11 @@ def read_ordering_customers(lake: Lake, start: pd.Timestamp, end: pd.Timestamp) 
     """
     if not lake.exists("gold", "orders"):
         raise FileNotFoundError(f"no gold/orders table in {lake.root}; build gold first")
-    dataset = lake.dataset("gold", "orders")
-    ts_type = dataset.schema.field(Orders.order_ts).type
+    ts_type = lake.schema("gold", "orders").field(Orders.order_ts).type
     ts = ds.field(Orders.order_ts)
     window = (ts > pa.scalar(to_utc(start), ts_type)) & (ts <= pa.scalar(to_utc(end), ts_type))
-    scanner = dataset.scanner(columns=[Orders.customer_id], filter=window)
-    uniques = [pc.unique(batch.column(0)) for batch in scanner.to_batches()]
+    batches = lake.batches("gold", "orders", columns=[Orders.customer_id], filter=window)
+    uniques = [pc.unique(batch.column(0)) for batch in batches]
     if not uniques:
         return pd.Index([], dtype=object, name=Orders.customer_id)
     ids = pc.unique(pa.chunked_array(uniques, pa.string())).drop_null()

@@ -32,14 +32,13 @@ def describe_layer(settings: Settings, layer: str) -> dict[str, list[dict]]:
     }
     out = {}
     for parts in lake.tables(layer):
-        dataset = lake.dataset(layer, *parts)
         model = models.get(parts[-1]) if layer == "gold" else None
         docs = (
             {n: c.description or "" for n, c in model.to_schema().columns.items()} if model else {}
         )
         title = (model.__doc__ or "").strip().splitlines()[0] if model and model.__doc__ else ""
-        out[f"{'/'.join(parts)} ({dataset.count_rows():,} rows) {title}"] = [
+        out[f"{'/'.join(parts)} ({lake.count(layer, *parts):,} rows) {title}"] = [
             {"column": f.name, "type": str(f.type), "meaning": docs.get(f.name, "")}
-            for f in dataset.schema
+            for f in lake.schema(layer, *parts)
         ]
     return out
