@@ -264,7 +264,8 @@ def _replace_file(
     }
     if add.get("deletionVector"):
         remove["deletionVector"] = add["deletionVector"]
-    records = json.loads(add["stats"])["numRecords"]
+    stats = json.loads(add.get("stats") or "{}")  # optional in Delta: else the footer's
+    records = stats.get("numRecords") or pq.read_metadata(uri).num_rows
     if len(deleted) >= records:
         return [{"remove": remove}]
     if len(deleted) > rewrite_share * records:
@@ -287,7 +288,7 @@ def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
         bounds = masks.offsets.to_numpy()
         for i, path in enumerate(batch["filepath"].to_pylist()):
             deleted = np.flatnonzero(~keep[bounds[i] : bounds[i + 1]])
-            out[path.removeprefix("file://")] = deleted
+            out[_local(path)] = deleted
     return out
 
 
@@ -342,8 +343,14 @@ def _hidden(path: str, schema: pa.Schema, deleted: np.ndarray, column: str) -> p
     return values.take(pa.array(deleted[deleted < len(values)]))
 
 
+def _local(uri: str) -> str:
+    """A file URI as `file_uris` spells it (no scheme)."""
+    return uri.removeprefix("file://")
+
+
 def _relative(root: Path, uri: str) -> str:
-    return str(Path(uri.removeprefix("file://")).relative_to(root))
+    """A file's path in the log: relative to the table's folder."""
+    return os.path.relpath(_local(uri), root)
 
 
 def _live_adds(root: Path, version: int) -> dict[str, dict]:
