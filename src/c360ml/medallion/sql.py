@@ -82,11 +82,10 @@ def register(
         where = f" ANTI JOIN {view}__deleted USING (filename, file_row_number)"
     clean = [] if positions else [f for f in files if f not in deleted]
     tracked = files if positions else [f for f in files if f in deleted]
-    scans = [f"SELECT * FROM {_read_parquet(clean)})"] if clean else []
+    scans = [f"SELECT * FROM {_read_parquet(clean)}"] if clean else []
     if tracked:
         keep = "*" if positions else "* EXCLUDE (filename, file_row_number)"
-        scan = f"{_read_parquet(tracked)}, filename = true, file_row_number = true)"
-        scans.append(f"SELECT {keep} FROM {scan}{where}")
+        scans.append(f"SELECT {keep} FROM {_read_parquet(tracked, positions=True)}{where}")
     con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(scans))
 
 
@@ -98,10 +97,11 @@ def rows_by_file(found: pa.Table) -> dict[str, np.ndarray]:
     return {f: rows[files == f] for f in np.unique(files)}
 
 
-def _read_parquet(files: list[str]) -> str:
-    """The start of a read_parquet call over these files (closed by the caller)."""
+def _read_parquet(files: list[str], positions: bool = False) -> str:
+    """DuckDB's scan of these files, by column name; with each row's file and position."""
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return f"read_parquet([{listed}], union_by_name = true"
+    extra = ", filename = true, file_row_number = true" if positions else ""
+    return f"read_parquet([{listed}], union_by_name = true{extra})"
 
 
 def render(path: Path, settings: Settings) -> str:
