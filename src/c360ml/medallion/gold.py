@@ -296,8 +296,8 @@ def patch_gold(
     ids: pa_arrow.Array,
 ) -> tuple[int, int]:
     """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
-    -> one gold commit that deletes the table's rows of those ids by position and appends
-    the results (`Lake.delete_and_append`: no file rewritten); (rows, quarantined rows).
+    -> one gold commit that deletes the table's rows of those ids by position (deletion
+    vectors, `Lake.delete_and_append`) and appends the results; (rows, quarantined rows).
 
     The results are checked as `stream_gold` checks a whole table; a unique column stays
     unique because every kept row's id is outside `ids` and every result's inside. The
@@ -318,10 +318,6 @@ def patch_gold(
     if rejected is None:
         return check.rows, 0
     return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
-
-
-def _rows(lake: Lake, name: str) -> int:
-    return lake.count("gold", name)
 
 
 def build_gold(settings: Settings) -> GoldSummary:
@@ -357,7 +353,7 @@ def build_gold(settings: Settings) -> GoldSummary:
             since = recorded_inputs(lake, name, digest) if patch and not generic else None
             affected = patch(since) if since is not None else None
             if affected is not None and affected.size > max(
-                PATCH_MAX_SHARE * _rows(lake, name), PATCH_ALWAYS
+                PATCH_MAX_SHARE * lake.count("gold", name), PATCH_ALWAYS
             ):
                 affected = None  # much changes: a rebuild costs no more, holds less
             touched[name] = (since, affected)
@@ -383,7 +379,7 @@ def build_gold(settings: Settings) -> GoldSummary:
         summary.tables.append(
             {
                 "table": f"gold/{name}",
-                "rows": _rows(lake, name),
+                "rows": lake.count("gold", name),
                 "quarantined": (lake.count("quarantine", "gold", name) if quarantine else 0),
                 "note": note(),
                 "written": how,

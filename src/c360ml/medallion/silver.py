@@ -2,8 +2,8 @@
 
 The change feed is resolved per key (latest by versionnumber, then SinkModifiedOn; a
 delete removes the key). Silver is merged incrementally from the bronze files added
-since the last build (replaced rows deleted by deletion vectors, new versions appended:
-no file rewritten), and a key whose newest version fails validation moves to
+since the last build (replaced rows deleted by deletion vectors, new versions appended,
+see `_apply`), and a key whose newest version fails validation moves to
 `quarantine/silver/<table>` (also current state), so for every table:
 bronze current-state rows = silver rows + quarantined rows.
 """
