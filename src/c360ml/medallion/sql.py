@@ -65,7 +65,7 @@ def register(
     `positions` every row keeps both columns (what `c360ml.lake.Lake.delete_and_append`
     takes).
     """
-    files = lake.delta(layer, *parts).file_uris()
+    files, deleted = lake.live_files(layer, *parts)
     if not files:
         empty = lake.dataset(layer, *parts).schema.empty_table()
         if positions:
@@ -73,7 +73,6 @@ def register(
             empty = empty.append_column("file_row_number", pa.array([], pa.int64()))
         con.register(view, empty)
         return
-    deleted = lake.deleted_rows(layer, *parts)
     where = ""
     if deleted:
         names = np.repeat(np.array(list(deleted), dtype=object), [len(r) for r in deleted.values()])
