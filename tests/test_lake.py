@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import QueryBuilder
 
-from c360ml.lake import REWRITE_SHARE, Lake, _commit_json
-from c360ml.medallion.sql import duckdb_connection, register
+from c360ml.lake import REWRITE_SHARE, SMALL_FILES_MAX, Lake, _commit_json
+from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
 
 N = 200_000
 
@@ -25,7 +25,7 @@ def _keys_by_delta_rs(lake: Lake) -> set[int]:
 def _keys_by_every_reader(lake: Lake) -> list[set[int]]:
     con = duckdb_connection()
     register(con, lake, "t", "gold", "t")
-    everything = ds.field("k") >= 0  # a filter: masked files are read whole, then filtered
+    everything = ds.field("k").is_valid()  # a filter: masked files are read whole, then filtered
     return [
         set(lake.read("gold", "t")["k"].to_pylist()),
         set(lake.read("gold", "t", columns=["k"], filter=everything)["k"].to_pylist()),
@@ -116,3 +116,21 @@ def test_a_commit_never_overwrites_another_writers_version(lake):
         _commit_json(root, version, [{"commitInfo": {"operation": "SECOND"}}])
     assert lake.delta("gold", "t").history(1)[0]["operation"] == "FIRST"
     assert not list((root / "_delta_log").glob("*.tmp"))
+
+
+def test_the_small_files_merges_append_are_folded_together(lake):
+    """Every merge appends a file: past SMALL_FILES_MAX small ones, a merge folds the
+    untouched ones (their hidden rows dropped) into the file it writes."""
+    expected = set(range(N + 10))
+    for i in range(2 * SMALL_FILES_MAX):  # replace key i by key -i - 1, as a merge would
+        con = duckdb_connection()
+        register(con, lake, "p", "gold", "t", positions=True)
+        where = rows_by_file(
+            con.sql(f"SELECT filename, file_row_number FROM p WHERE k = {i}").to_arrow_table()
+        )
+        lake.delete_and_append(
+            "gold", "t", deletes=where, rows=pa.table({"k": [-i - 1], "v": ["a"]})
+        )
+        expected = (expected - {i}) | {-i - 1}
+        assert len(lake.delta("gold", "t").file_uris()) <= SMALL_FILES_MAX + 1
+    assert all(keys == expected for keys in _keys_by_every_reader(lake))

@@ -168,6 +168,18 @@ class Lake:
                 add = live[_relative(where, uri)]
                 actions += _replace_file(where, uri, add, union, schema, now)
         if rows is not None and len(rows):
+            # Each merge appends a small file: past SMALL_FILES_MAX of them, the untouched
+            # ones are folded into this one (a refresh runs up to 4 times a day).
+            small = [
+                uri
+                for uri in table.file_uris()
+                if live[_relative(where, uri)]["size"] < SMALL_FILE and uri not in deletes
+            ]
+            if len(small) >= SMALL_FILES_MAX:
+                empty = np.empty(0, np.int64)
+                folded = [_masked_file(u, schema, old.get(u, empty)) for u in small]
+                actions += [_remove(live[_relative(where, u)], now) for u in small]
+                rows = pa.concat_tables([*folded, rows.select(schema.names).cast(schema)])
             actions.append({"add": _write_file(where, rows, schema, now)})
         _commit_actions(where, version, "DELETE AND APPEND", actions, metadata)
         return version + 1
@@ -244,6 +256,8 @@ CHECKPOINT_INTERVAL = 100  # delta-rs' default: a checkpoint every 100 versions
 # of a masked file load it whole, so what they skip stays bounded (at ~1% of rows changed
 # per refresh, a file is rewritten every 20-odd refreshes).
 REWRITE_SHARE = 0.2
+SMALL_FILE = 32 * 2**20  # bytes: smaller than a first build's files (~100 MB)
+SMALL_FILES_MAX = 8  # small files a table may hold before a merge folds them into its own
 
 
 def _replace_file(
@@ -256,9 +270,28 @@ def _replace_file(
     rewrite_share: float = REWRITE_SHARE,
 ) -> list[dict]:
     """The actions that delete these rows (all of the file's deleted rows) from a live
-    file: its remove (naming the vector it had, which is how a reader pairs them), and
-    its add with the new vector, or a rewritten file beyond `rewrite_share`, or nothing
-    when no row is left."""
+    file: its remove, and its add with the new vector, or a rewritten file beyond
+    `rewrite_share`, or nothing when no row is left."""
+    remove = _remove(add, now)
+    stats = json.loads(add.get("stats") or "{}")  # optional in Delta: else the footer's
+    records = stats.get("numRecords") or pq.read_metadata(uri).num_rows
+    if len(deleted) >= records:
+        return [remove]
+    if len(deleted) > rewrite_share * records:
+        kept = _masked_file(uri, schema, deleted)
+        return [remove, {"add": _write_file(root, kept, schema, now)}]
+    same = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
+    same["deletionVector"] = deletion_vectors.descriptor(deleted)
+    return [remove, {"add": same | {"dataChange": True}}]
+
+
+_DELETED_CACHE: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+_DELETED_CACHE_SIZE = 256  # tables x versions; a version's vectors never change
+
+
+def _remove(add: dict, now: int) -> dict:
+    """The remove action of a live file, naming the vector it had (how a reader pairs the
+    two: a file's identity is its path and its vector)."""
     remove = {
         "path": add["path"],
         "deletionTimestamp": now,
@@ -269,20 +302,7 @@ def _replace_file(
     }
     if add.get("deletionVector"):
         remove["deletionVector"] = add["deletionVector"]
-    stats = json.loads(add.get("stats") or "{}")  # optional in Delta: else the footer's
-    records = stats.get("numRecords") or pq.read_metadata(uri).num_rows
-    if len(deleted) >= records:
-        return [{"remove": remove}]
-    if len(deleted) > rewrite_share * records:
-        kept = _masked_file(uri, schema, deleted)
-        return [{"remove": remove}, {"add": _write_file(root, kept, schema, now)}]
-    same = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
-    same["deletionVector"] = deletion_vectors.descriptor(deleted)
-    return [{"remove": remove}, {"add": same | {"dataChange": True}}]
-
-
-_DELETED_CACHE: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-_DELETED_CACHE_SIZE = 256  # tables x versions; a version's vectors never change
+    return {"remove": remove}
 
 
 def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
