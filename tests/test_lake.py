@@ -73,7 +73,7 @@ def test_deleted_rows_are_gone_for_every_reader_and_files_are_kept(lake):
     lake.delete_and_append("gold", "t", deletes={big: np.array([1, 2, 3])})
     expected -= {1, 2, 3}
     assert all(keys == expected for keys in _keys_by_every_reader(lake))
-    assert big in lake.deleted_rows("gold", "t")
+    assert big in lake.live_files("gold", "t")[1]
     # beyond REWRITE_SHARE of its rows deleted, the file is rewritten without them
     more = np.setdiff1d(np.arange(N), dense)[: int(REWRITE_SHARE * N)]
     lake.delete_and_append("gold", "t", deletes={big: more})
@@ -93,7 +93,7 @@ def test_purge_rewrites_the_hidden_rows_out_of_the_files(lake):
     lake.delete_and_append("gold", "t", deletes={big: every_tenth, small: np.array([3])})
     # only the files whose hidden rows hold one of the values (key N + 3 is in `small`)
     assert lake.purge_deleted("gold", "t", holding=("k", [N + 3, 5])) == 1
-    assert set(lake.deleted_rows("gold", "t")) == {big}
+    assert set(lake.live_files("gold", "t")[1]) == {big}
     assert lake.purge_deleted("gold", "t") == 1
     lake.delta("gold", "t").vacuum(
         retention_hours=0, enforce_retention_duration=False, dry_run=False
@@ -102,7 +102,7 @@ def test_purge_rewrites_the_hidden_rows_out_of_the_files(lake):
     for path in lake.path("gold", "t").glob("*.parquet"):
         on_disk |= set(pq.read_table(path, columns=["k"])["k"].to_pylist())
     assert on_disk == set(range(N + 10)) - set(every_tenth.tolist()) - {N + 3}
-    assert lake.deleted_rows("gold", "t") == {}
+    assert lake.live_files("gold", "t")[1] == {}
     assert all(keys == on_disk for keys in _keys_by_every_reader(lake))
 
 
@@ -134,3 +134,19 @@ def test_the_small_files_merges_append_are_folded_together(lake):
         expected = (expected - {i}) | {-i - 1}
         assert len(lake.delta("gold", "t").file_uris()) <= SMALL_FILES_MAX + 1
     assert all(keys == expected for keys in _keys_by_every_reader(lake))
+
+
+def test_a_table_written_again_at_a_path_is_not_read_with_the_old_vectors(lake):
+    """Vectors are cached per table version: a table removed and built again reaches the
+    same version numbers with other files."""
+    import shutil
+
+    big, _ = _files(lake)
+    lake.delete_and_append("gold", "t", deletes={big: np.array([0, 1])})
+    assert _keys_by_every_reader(lake)[0] == set(range(2, N + 10))
+    shutil.rmtree(lake.path("gold", "t"))
+    lake.write(pa.table({"k": np.arange(5), "v": ["y"] * 5}), "gold", "t")
+    lake.write(pa.table({"k": np.arange(5, 8), "v": ["z"] * 3}), "gold", "t")
+    small = min(lake.delta("gold", "t").file_uris(), key=lambda f: pq.read_metadata(f).num_rows)
+    lake.delete_and_append("gold", "t", deletes={small: np.array([2])})
+    assert all(keys == {0, 1, 2, 3, 4, 5, 6} for keys in _keys_by_every_reader(lake))

@@ -123,13 +123,9 @@ class Lake:
         records = pa.table(table.get_add_actions(flatten=True))["num_records"]
         return int(pc.sum(records).as_py() or 0) - sum(len(r) for r in _deleted(table).values())
 
-    def deleted_rows(self, layer: str, *parts: str) -> dict[str, np.ndarray]:
-        """Per live file (as `file_uris` names it) with a deletion vector, the row
-        positions it deletes."""
-        return _deleted(self.delta(layer, *parts))
-
     def live_files(self, layer: str, *parts: str) -> tuple[list[str], dict[str, np.ndarray]]:
-        """The live files (as `file_uris` names them) and `deleted_rows`, from one load."""
+        """The live files (as `file_uris` names them), and per file with a deletion vector
+        the row positions it deletes, from one load of the table."""
         table = self.delta(layer, *parts)
         return table.file_uris(), _deleted(table)
 
@@ -144,8 +140,9 @@ class Lake:
         """Delete rows by position (file URI -> row positions) and append `rows`, in one
         commit, without rewriting a file: each touched file gets a deletion vector (the
         union of its old one and the new positions; a file it would leave with less than
-        1 - REWRITE_SHARE of its rows is rewritten instead), the rows a new file. Returns
-        the new version.
+        1 - REWRITE_SHARE of its rows is rewritten instead), the rows a new file (with the
+        untouched small files folded in, past SMALL_FILES_MAX of them). Returns the new
+        version.
 
         Why not delta-rs' merge: it rewrites every file holding a changed row, and a
         refresh's changes lie in every file (see `c360ml.deletion_vectors`). The commit
@@ -285,10 +282,6 @@ def _replace_file(
     return [remove, {"add": same | {"dataChange": True}}]
 
 
-_DELETED_CACHE: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-_DELETED_CACHE_SIZE = 256  # tables x versions; a version's vectors never change
-
-
 def _remove(add: dict, now: int) -> dict:
     """The remove action of a live file, naming the vector it had (how a reader pairs the
     two: a file's identity is its path and its vector)."""
@@ -305,6 +298,10 @@ def _remove(add: dict, now: int) -> dict:
     return {"remove": remove}
 
 
+_DELETED_CACHE: dict[tuple, dict[str, np.ndarray]] = {}
+_DELETED_CACHE_SIZE = 256  # tables x versions; a version's vectors never change
+
+
 def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
     """File URI (as `file_uris` spells it) -> deleted row positions, for files with a DV.
 
@@ -313,7 +310,12 @@ def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
     (165 times in an incremental gold build: 4 s of its 24)."""
     if not _has_dvs(table):
         return {}
-    key = (table.table_uri, table.version())
+    # The version's commit file identifies it: a table removed and written again reaches
+    # the same version numbers with other contents.
+    commit = Path(_local(table.table_uri)) / "_delta_log" / f"{table.version():020d}.json"
+    if not commit.exists():  # a version known from a checkpoint only: not cached
+        return _read_deleted(table)
+    key = (table.table_uri, table.version(), commit.stat().st_mtime_ns)
     if key not in _DELETED_CACHE:
         if len(_DELETED_CACHE) >= _DELETED_CACHE_SIZE:
             _DELETED_CACHE.clear()
