@@ -214,7 +214,7 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
             assert not found, f"{layer}/{'/'.join(parts)} still holds an erased person's row"
     # Nor any file on disk: a table rebuilt or merged since keeps its older versions' files
     # (time travel) until vacuumed, and those still hold the person.
-    for layer in ("bronze", "silver", "gold", "export"):
+    for layer in ("bronze", "silver", "gold", "state", "export"):
         for file in lk.path(layer).rglob("*.parquet"):
             frame = pd.read_parquet(file)
             if "IsDelete" in frame:

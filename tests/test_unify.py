@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from itertools import combinations
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from rapidfuzz import fuzz
 
@@ -18,6 +20,8 @@ from c360ml.unify import (
     merge_profiles,
     pair_quality,
     prepare_records,
+    unify_all,
+    unify_changes,
 )
 
 RULES = load_rules(__import__("pathlib").Path(__file__).parents[1] / "pipelines" / "unify.yaml")
@@ -366,66 +370,101 @@ def test_sorted_words_make_ratio_equal_token_sort_ratio():
         assert fuzz.ratio(words[a], words[b]) == fuzz.token_sort_ratio(names[a], names[b])
 
 
-def test_reused_fuzzy_pairs_equal_a_full_match():
-    """Scoring only the pairs with a new or changed record, and keeping the previous
-    matches of two unchanged records, finds exactly the pairs a full match finds: also
-    where removals alone shrink a block below the size limit, where a record moves to
-    another block, and where a renamed record now matches (or no longer matches) the
-    unchanged records of its block."""
-    from c360ml.unify import match_rule_reusing, pairs_by_key, rule_signatures
+def _records_table(rows: list[dict]) -> pa.Table:
+    """Records as `read_records` gives them: with the hash of each whole record."""
+    frame = pd.DataFrame(rows)
+    frame["record_hash"] = pd.util.hash_pandas_object(frame, index=False).to_numpy().view(np.int64)
+    return pa.Table.from_pandas(frame, preserve_index=False)
 
-    rng = np.random.default_rng(3)
+
+def test_unifying_the_changes_equals_unifying_everything():
+    """unify_changes (the clusters changes can reach) gives the map, profiles, ids,
+    redirects, state and report a whole unify gives, also where an e-mail becomes junk
+    or stops being junk, a fuzzy block falls under the size limit, records are removed,
+    added, moved to another block and renamed, and clusters merge and split."""
+    rng = np.random.default_rng(5)
     firsts, lasts = ["Ann", "Anne", "Bob", "Rob", "Cy", "Dee"], ["Lee", "Leigh", "Ray", "Roy"]
+    rules = RULES.model_copy(update={"max_block_size": 11})
+    today = pd.Timestamp("2026-12-01", tz="UTC")
 
-    def person(i, postal=None):
-        return rec(f"R{i}", first=rng.choice(firsts), last=rng.choice(lasts),
-                   email=f"p{rng.integers(400)}@x.com",
-                   postal=postal or str(rng.integers(10)))  # fmt: skip
+    def person(i, **extra):
+        row = rec(f"R{i}", first=rng.choice(firsts), last=rng.choice(lasts),
+                  email=f"p{rng.integers(2500)}@x.com", phone=f"+1555{rng.integers(2000):07d}",
+                  postal=str(rng.integers(400)), source=rng.choice(["d365", "dataverse"]),
+                  created=f"20{rng.integers(10, 24)}-01-01")  # fmt: skip
+        return {**row, **extra}
 
-    rows = [person(i) for i in range(1500)]
-    rule = BY_NAME["name_postal_code"]
-    before = prepare_records(pd.DataFrame(rows))
-    sizes = before.groupby(["m_postal_code", "m_last_initial"]).size()
-    limit = int(sizes.max()) - 1  # the largest block is over it, until it loses records
+    rows = [person(i) for i in range(3000)]
+    rows += [person(3000 + i, email="four@x.com") for i in range(4)]  # junk after one more
+    rows += [person(3010 + i, email="five@x.com") for i in range(5)]  # not junk after one less
+    rows += [person(3020 + i, postal_code="99999", last_name="Lee") for i in range(12)]  # over 11
+    # A phone shared by 4 (two of them namesakes, linked by it) becomes junk with a fifth.
+    shared = "+15559999999"
+    rows += [
+        person(3040 + i, phone=shared, first_name="Ann", last_name=last,
+               email=f"own{i}@x.com", postal_code=f"5550{i}")
+        for i, last in enumerate(["Lee", "Lee", "Ray", "Roy"])
+    ]  # fmt: skip
+    # A block over the size limit, two of whose records are unified again (their e-mail
+    # partners elsewhere change): they must not be paired as if the block were small.
+    rows += [person(3050 + i, postal_code="88888", first_name="Ann", last_name="Lee", phone=None)
+             for i in range(14)]  # fmt: skip
+    rows += [person(3070 + i, email=rows[-1 - i]["email"]) for i in range(2)]
+    before = unify_all(_records_table(rows), rules, None, today)
 
-    def full(records):
-        return match_rule(records, rule, RULES.junk_max_records, limit)
+    after = rows[60:]  # 60 removed
+    after = [r for r in after if r["source_key"] not in ("R3010", "R3020")]
+    after += [person(4000 + i) for i in range(30)] + [person(4100, email="four@x.com")]
+    after += [person(4101, phone=shared, last_name="Kim", email="own4@x.com")]
+    for i, row in enumerate(after):
+        if row["source_key"] in ("R3070", "R3071"):
+            after[i] = {**row, "first_name": "Zed"}
+    picked = rng.choice(len(after) - 100, 60, replace=False)
+    for i in picked[:20]:
+        after[i] = {**after[i], "postal_code": str(rng.integers(400))}  # another block
+    for i in picked[20:40]:
+        after[i] = {**after[i], "first_name": rng.choice(firsts) + "e"}
+    for i in picked[40:]:
+        after[i] = {**after[i], "email": after[rng.integers(len(after))]["email"]}  # links
+    table = _records_table(after)
+    expected = unify_all(table, rules, pa.Table.from_pandas(before.source_map), today)
 
-    signatures, pairs = rule_signatures(before, rule), pairs_by_key(before, full(before))
-    # 200 removed everywhere; 50 new and 30 moved records, all in a new postal code;
-    # 40 renamed in place
-    changed = rows[200:] + [person(i, postal="77") for i in range(2000, 2050)]
-    picked = rng.choice(len(changed) - 50, 70, replace=False)
-    for i in picked[:30]:
-        changed[i] = {**changed[i], "postal_code": "77"}
-    for i in picked[30:]:
-        changed[i] = {**changed[i], "first_name": rng.choice(firsts) + "e"}
-    after = prepare_records(pd.DataFrame(changed))
-    reused = match_rule_reusing(after, rule, limit, rule_signatures(after, rule), signatures, pairs)
-    expected = full(after)
+    con = duckdb.connect()
+    con.register("before_", pa.Table.from_pandas(before.state))
+    con.register("map_", pa.Table.from_pandas(before.source_map))
+    changes = unify_changes(con, table, rules, today)
+    assert changes is not None and len(changes.source_map) < len(after) / 2
 
-    def as_set(p):
-        keys = after["source_key"].to_numpy()
-        return {tuple(sorted(t)) for t in zip(keys[p.left], keys[p.right], strict=True)}
+    def patched(old, new, key):
+        gone = (
+            old[key].isin(changes.retired["customer_id"].to_pylist())
+            if key == "customer_id"
+            else (old.source + "/" + old.source_key).isin(
+                [f"{s}/{k}" for s, k in zip(*changes.keys.to_pydict().values(), strict=True)]
+            )
+        )
+        return pd.concat([old[~gone], new]).sort_values(key if key == "customer_id"
+            else ["source", "source_key"]).reset_index(drop=True)  # fmt: skip
 
-    assert full(before).skipped_blocks > expected.skipped_blocks  # a block fell under
-    assert as_set(reused) == as_set(expected) and len(as_set(expected)) > 1000
-    assert reused.skipped_blocks == expected.skipped_blocks
-    assert len(reused.left) == len(as_set(expected))  # no pair twice
+    def ordered(frame, by):
+        return frame.sort_values(by).reset_index(drop=True)
 
-
-def test_focus_scores_only_pairs_with_a_focused_record():
-    rule = BY_NAME["name_postal_code"]
-    records = prepare_records(
-        pd.DataFrame([rec("A"), rec("B"), rec("C", first="Anne"), rec("D", first="Bob")])
+    keys = ["source", "source_key"]
+    pd.testing.assert_frame_equal(
+        patched(before.source_map, changes.source_map, "customer_id").sort_values(keys)
+        .reset_index(drop=True), ordered(expected.source_map, keys))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        patched(before.profiles, changes.profiles, "customer_id"),
+        ordered(expected.profiles, "customer_id"),
     )
-    everything = match_rule(records, rule, RULES.junk_max_records, RULES.max_block_size)
-    assert len(everything.left) == 3  # A-B, A-C, B-C (Ann Lee ~ Anne Lee)
-    focused = match_rule(
-        records, rule, RULES.junk_max_records, RULES.max_block_size,
-        focus=np.array([False, False, True, False]),
-    )  # fmt: skip
-    assert {tuple(sorted(p)) for p in zip(focused.left, focused.right, strict=True)} == {
-        (0, 2),
-        (1, 2),
-    }
+    pd.testing.assert_frame_equal(
+        patched(before.state, changes.state, "source_key"), ordered(expected.state, keys)
+    )
+    pd.testing.assert_frame_equal(
+        ordered(changes.redirects, "retired_id"), ordered(expected.redirects, "retired_id")
+    )
+    pd.testing.assert_frame_equal(changes.report, expected.report)
+    # What the test is meant to reach: the junk values and oversized blocks changed, and
+    # clusters merged (redirects).
+    assert not before.report["note"].equals(expected.report["note"])
+    assert len(expected.redirects) > 0

@@ -26,6 +26,7 @@ import pandas as pd
 
 from c360ml.lake import Lake
 from c360ml.medallion.silver import purge_accounting
+from c360ml.unify import STATE
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
     for parts in lake.tables("gold"):  # gold/orders' rows of the erased, replaced by a patch
         if customer_ids and "customer_id" in lake.schema("gold", *parts).names:
             lake.purge_deleted("gold", *parts, holding=("customer_id", customer_ids))
+    if lake.exists(*STATE) and not erased.empty:  # the erased records' rows unify hid
+        lake.purge_deleted(*STATE, holding=("source_key", erased["source_key"].tolist()))
     d365 = erased.loc[erased["source"] == "d365", "source_key"].tolist()
     if d365:
         _purge_commerce(lake, d365, result)
@@ -112,7 +115,7 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
 
 def _vacuum_all(lake: Lake) -> None:
     """Remove the files no live version needs, in every bronze, silver, gold and state
-    table (unify's state holds source keys; each build rewrites it without the erased).
+    table (unify's state holds source keys; its rows of the erased were purged above).
 
     The person is also in files this purge did not rewrite: older versions of tables that
     were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing

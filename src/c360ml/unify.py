@@ -12,12 +12,14 @@ backstamp), `gold/customer_profile`, `gold/customer_id_redirects`, `gold/unify_r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -29,8 +31,8 @@ from scipy.sparse.csgraph import connected_components
 
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
-from c360ml.medallion.gold import inputs_unchanged, lake_versions, write_gold
-from c360ml.medallion.sql import connect, duckdb_connection, run_sql
+from c360ml.medallion.gold import INPUTS_KEY, lake_versions, replace_rows, validate_arrow
+from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,8 @@ def match_rule(
     max_block: int,
     junk_fields: tuple[str, ...] = ("email", "phone"),
     chunk_pairs: int = FUZZY_CHUNK_PAIRS,
-    focus: np.ndarray | None = None,
+    junk: dict[str, set[str]] | None = None,
+    block_sizes: np.ndarray | None = None,
 ) -> RulePairs:
     """Candidate pairs of one rule, with blocking on its exact fields.
 
@@ -203,12 +206,13 @@ def match_rule(
     pairs inside blocks of at most `max_block` records; the pairs are generated and
     scored a group of blocks at a time (about `chunk_pairs` at once, a block is never
     split) and only the matches are kept, so memory stays bounded whatever the size.
-    With `focus` (a flag per record), a fuzzy rule scores only the pairs with at least
-    one focused record (see `match_rule_reusing`).
+    On a subset of the records (see `unify_changes`), `junk` (the junk values per field)
+    and `block_sizes` (per record, its block's size) give what all the records decide.
     """
     keys = [f"m_{f}" for f in rule.exact]
     usable = records[[*keys, "record"]].dropna(subset=keys)
-    junk = {f: junk_values(records, f, junk_max) for f in rule.exact if f in junk_fields}
+    guarded = [f for f in rule.exact if f in junk_fields]
+    junk = {f: junk_values(records, f, junk_max) if junk is None else junk[f] for f in guarded}
     for f, values in junk.items():
         if values:
             usable = usable[~usable[f"m_{f}"].isin(values)]
@@ -228,7 +232,8 @@ def match_rule(
         keep = ids != head
         result.left, result.right = head[keep], ids[keep]
         return result
-    result.skipped_blocks = int((sizes > max_block).sum())
+    whole = sizes[block] if block_sizes is None else block_sizes[ids]
+    result.skipped_blocks = len(np.unique(block[whole > max_block]))
     values = records[f"m_{rule.fuzzy.field}"].to_numpy(dtype=object)
     scorer = getattr(fuzz, rule.fuzzy.scorer)
     if rule.fuzzy.scorer == "token_sort_ratio":
@@ -237,8 +242,9 @@ def match_rule(
         values, scorer = _sorted_words(values), fuzz.ratio
     # Records of blocks with 2..max_block records (counted before the fuzzy field's
     # missing values are dropped: those pair with nobody but count in the block size).
-    keep = (sizes[block] > 1) & (sizes[block] <= max_block)
+    keep = (sizes[block] > 1) & (whole <= max_block)
     block, ids = block[keep], ids[keep]
+    del whole
     keep = pd.notna(values[ids])
     block, ids = block[keep], ids[keep].astype(np.int64, copy=False)
     del keep
@@ -255,9 +261,6 @@ def match_rule(
         lpos, rpos = _pairs_in_runs(starts[b:e], lengths[b:e])
         left, right = ids[lpos], ids[rpos]
         del lpos, rpos
-        if focus is not None:
-            wanted = focus[left] | focus[right]
-            left, right = left[wanted], right[wanted]
         scores = process.cpdist(
             values[left].tolist(),
             values[right].tolist(),
@@ -281,116 +284,54 @@ def match_rule(
     return result
 
 
-# ---------------------------------------------------------------- fuzzy pairs reused
+# ---------------------------------------------------------------- what a build keeps
 
-# Nothing outside a fuzzy rule's block decides a pair's score: only the two records'
-# block, fuzzy and veto fields (unless a junk guard on its exact fields counts values
-# lake-wide, then the rule is not reused). So a pair of two records unchanged since the
-# last build scores as it did, and a build scores only the pairs with a new or changed
-# record, taking the others from `state/unify/<rule>` (per record a hash of its block key
-# and of what the rule reads) and `state/unify/<rule>_pairs` (the matches by source key),
-# which each build rewrites. A block whose size crossed `max_block_size` is scored anew.
-RULE_KEY = "c360ml.unify_rule"  # the rule (and block limit) a state table was made with
-
-
-def reusable(rule: MatchRule, junk_fields: tuple[str, ...]) -> bool:
-    return rule.fuzzy is not None and not set(rule.exact) & set(junk_fields)
-
-
-def rule_signatures(records: pd.DataFrame, rule: MatchRule) -> pd.DataFrame:
-    """Per record, the hash of its block key and of every field the rule reads (int64:
-    Delta has no unsigned type); `block` is null when the record is in no block."""
-    block_cols = [f"m_{f}" for f in rule.exact]
-    read = [*block_cols, f"m_{rule.fuzzy.field}", *(f"m_{f}" for f in rule.veto_if_all_differ)]
-
-    def digest(cols: list[str]) -> np.ndarray:
-        return pd.util.hash_pandas_object(records[cols], index=False).to_numpy().view(np.int64)
-
-    outside = records[block_cols].isna().any(axis=1).to_numpy()
-    return pd.DataFrame(
-        {
-            "source": records["source"].to_numpy(),
-            "source_key": records["source_key"].to_numpy(),
-            "block": pd.arrays.IntegerArray(digest(block_cols), mask=outside),
-            "record_hash": digest(read),
-        }
-    )
+# Why unify again only what changed: at 1M customers a whole unify (1.78M records: read,
+# prepare, match, cluster, ids, merge, write) took 30-35 s of a 60 s incremental build,
+# for a 1% increment. What a record's cluster depends on is local: its blocks (one per
+# rule), the junk status of its identifiers and, for fuzzy rules, its blocks' sizes. So
+# `state/unify/records` keeps per record a hash of the record as read, of each rule's
+# block key and of each junk field; the next build compares the records with it (see
+# `unify_changes`) and unifies again only the clusters those changes can reach.
+STATE = ("state", "unify", "records")
+STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
+STATE_FORMAT = 1
+REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
-def match_rule_reusing(
-    records: pd.DataFrame,
-    rule: MatchRule,
-    max_block: int,
-    signatures: pd.DataFrame,
-    before: pd.DataFrame,
-    before_pairs: pd.DataFrame,
-) -> RulePairs:
-    """match_rule's pairs of a reusable fuzzy rule, scoring only the pairs with a new or
-    changed record (all pairs of a block that crossed the size limit) and keeping the
-    previous build's matches of two unchanged records."""
-    con = duckdb_connection()
-    con.register("now_", pa.Table.from_pandas(signatures.assign(i=np.arange(len(signatures)))))
-    con.register("before_", pa.Table.from_pandas(before))
-    con.register("pairs_", pa.Table.from_pandas(before_pairs))
-    con.execute(
-        f"""CREATE TEMP TABLE resized AS
-            SELECT block FROM (
-              SELECT block, COUNT(*) > {max_block} AS over FROM now_ WHERE block IS NOT NULL
-              GROUP BY block) n
-            JOIN (
-              SELECT block, COUNT(*) > {max_block} AS over FROM before_ WHERE block IS NOT NULL
-              GROUP BY block) b USING (block)
-            WHERE n.over <> b.over;
-            CREATE TEMP TABLE now_state AS
-            SELECT n.i, n.source, n.source_key, n.block,
-                   b.record_hash IS DISTINCT FROM n.record_hash
-                   OR n.block IN (SELECT block FROM resized) AS changed
-            FROM now_ n LEFT JOIN before_ b USING (source, source_key);
-            CREATE TEMP TABLE touched AS
-            SELECT DISTINCT block FROM now_state WHERE changed AND block IS NOT NULL"""
-    )
-    redo = con.sql(
-        "SELECT i, changed FROM now_state SEMI JOIN touched USING (block) ORDER BY i"
-    ).fetchnumpy()
-    kept = con.sql(
-        """SELECT l.i AS left, r.i AS right FROM pairs_ p
-           JOIN now_state l ON l.source = p.left_source AND l.source_key = p.left_key
-           JOIN now_state r ON r.source = p.right_source AND r.source_key = p.right_key
-           WHERE NOT l.changed AND NOT r.changed"""
-    ).fetchnumpy()
-    skipped = con.sql(
-        f"""SELECT COUNT(*) FROM (SELECT block FROM now_ WHERE block IS NOT NULL
-            GROUP BY block HAVING COUNT(*) > {max_block})"""
-    ).fetchall()[0][0]
-    con.close()
-    index = redo["i"].astype(np.int64)
-    subset = records.iloc[index].reset_index(drop=True).assign(record=np.arange(len(index)))
-    focus = np.asarray(redo["changed"], dtype=bool)
-    scored = match_rule(subset, rule, 0, max_block, junk_fields=(), focus=focus)
-    return RulePairs(
-        rule.name,
-        np.concatenate([index[scored.left], kept["left"]]).astype(np.int64),
-        np.concatenate([index[scored.right], kept["right"]]).astype(np.int64),
-        {},
-        int(skipped),
-    )
+def state_digest(rules: UnifyRules) -> str:
+    return hashlib.sha256(f"{STATE_FORMAT}|{rules.model_dump_json()}".encode()).hexdigest()
 
 
-def pairs_by_key(records: pd.DataFrame, pairs: RulePairs) -> pd.DataFrame:
-    """A rule's pairs by source key, as `state/unify/<rule>_pairs` keeps them."""
-    source, key = records["source"].to_numpy(), records["source_key"].to_numpy()
-    return pd.DataFrame(
-        {
-            "left_source": source[pairs.left],
-            "left_key": key[pairs.left],
-            "right_source": source[pairs.right],
-            "right_key": key[pairs.right],
-        }
-    )
+def _hashes(records: pd.DataFrame, cols: list[str]) -> pd.arrays.IntegerArray:
+    """Per record, a hash of these columns (int64: Delta has no unsigned type); null when
+    one of them is missing."""
+    digest = pd.util.hash_pandas_object(records[cols], index=False).to_numpy().view(np.int64)
+    return pd.arrays.IntegerArray(digest, mask=records[cols].isna().any(axis=1).to_numpy())
 
 
-def rule_digest(rule: MatchRule, rules: UnifyRules) -> str:
-    return hashlib.sha256(f"{rule.model_dump_json()}|{rules.max_block_size}".encode()).hexdigest()
+def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
+    """What the next build compares a record with: `record_hash` (the record as read),
+    `block_<rule>` (its block key under each rule) and `junk_<field>` (its value of each
+    junk field)."""
+    out = records[["source", "source_key", "record_hash"]].reset_index(drop=True)
+    for rule in rules.rules:
+        out[f"block_{rule.name}"] = _hashes(records, [f"m_{f}" for f in rule.exact])
+    for name in rules.junk_fields:
+        out[f"junk_{name}"] = _hashes(records, [f"m_{name}"])
+    return out
+
+
+def pair_counts(records: pd.DataFrame, pairs: list[RulePairs]) -> dict[str, np.ndarray]:
+    """Per record, `within_<rule>` / `across_<rule>`: the rule's pairs the record is the
+    right end of, so that the report's counts are sums over records."""
+    source = records["source"].to_numpy()
+    out = {}
+    for p in pairs:
+        same = source[p.left] == source[p.right]
+        for scope, mask in (("within", same), ("across", ~same)):
+            out[f"{scope}_{p.rule}"] = np.bincount(p.right[mask], minlength=len(records))
+    return {k: v.astype(np.int32) for k, v in out.items()}
 
 
 def cluster(n: int, pairs: list[RulePairs]) -> np.ndarray:
@@ -412,12 +353,15 @@ def assign_ids(
     labels: np.ndarray,
     previous: pd.DataFrame | pa.Table | None,
     today: pd.Timestamp,
+    taken: pa.Array | None = None,
 ) -> tuple[pd.Series, pd.DataFrame]:
     """A stable customer_id per cluster, and the redirects of ids retired by merges.
 
     An old id belongs to the cluster holding its oldest record (so on a split that part
     keeps it); a cluster owning several old ids keeps the oldest and retires the rest.
     Records are ordered by (created_ts, missing last; source; source_key) throughout.
+    `taken`: ids in use beyond `previous` (when only some clusters are unified again), so
+    a new id is none of them.
     The ranking runs in DuckDB: pandas' sorts and joins of 2M key strings took 15 s.
     """
     con = duckdb_connection()
@@ -455,11 +399,15 @@ def assign_ids(
     ).fetchnumpy()
     used = set(con.sql("SELECT old_id FROM owner").fetchnumpy()["old_id"].tolist())
     con.close()
+    founded = list(
+        zip(founders["cluster"], founders["source"], founders["source_key"], strict=True)
+    )
+    if taken is not None and founded:
+        first = pa.array([new_id(src, key) for _, src, key in founded])
+        used |= set(first.filter(pc.is_in(first, value_set=taken)).to_pylist())
     cluster_id = np.empty(int(labels.max()) + 1 if len(labels) else 0, dtype=object)
     cluster_id[chosen["cluster"]] = chosen["id"]
-    for cl, src, key in zip(
-        founders["cluster"], founders["source"], founders["source_key"], strict=True
-    ):
+    for cl, src, key in founded:
         salt, cid = 0, new_id(src, key)
         while cid in used:  # a collision with an existing or already given id: rare
             salt += 1
@@ -548,56 +496,33 @@ def pair_quality(source_map: pd.DataFrame, truth_keys: pd.DataFrame) -> dict[str
     }
 
 
-# ---------------------------------------------------------------- lake edges
+# ---------------------------------------------------------------- a whole unify, or the changes
 
 
 @dataclass
-class UnifySummary:
-    report: pd.DataFrame
-    customers: int
-    records: int
-    redirects: int
-    seconds: float
+class RuleTotals:
+    """A rule's lines in the report."""
 
-    def rows(self) -> list[dict]:
-        return self.report.to_dict("records")
-
-
-def read_records(lake: Lake, settings: Settings) -> pd.DataFrame:
-    con = connect(lake)
-    parts = []
-    if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
-        parts.append(run_sql(con, settings, "gold/unify_records"))
-    if lake.exists("silver", "generic_transactions"):
-        parts.append(run_sql(con, settings, "gold/unify_records_generic"))
-    if not parts:
-        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
-    con.close()
-    table = pa.concat_tables(parts)
-    del parts
-    # Column by column, each Arrow column freed once converted: not both copies at once.
-    return table.to_pandas(split_blocks=True, self_destruct=True)
+    rule: str
+    within: int  # pairs of two records of one source
+    across: int
+    junk: dict[str, int]  # field -> junk values not matched on
+    skipped_blocks: int  # fuzzy blocks over max_block_size
 
 
-def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
-    """Pairs per rule and scope, junk values excluded, and the cluster-size histogram."""
-    source = records["source"].to_numpy()
+def report_frame(totals: list[RuleTotals], cluster_sizes: np.ndarray) -> pd.DataFrame:
+    """Pairs per rule and scope, junk values excluded, and the cluster-size histogram
+    (`cluster_sizes[k]`: the clusters of k records)."""
     rows = []
-    for p in pairs:
-        same = source[p.left] == source[p.right]
-        for scope, mask in (("within source", same), ("across sources", ~same)):
+    for t in totals:
+        note = ", ".join(f"{k}: {v} junk values" for k, v in t.junk.items() if v)
+        if t.skipped_blocks:
+            note += f"; {t.skipped_blocks} oversized blocks"
+        for scope, count in (("within source", t.within), ("across sources", t.across)):
             rows.append(
-                {
-                    "section": "rule",
-                    "name": p.rule,
-                    "scope": scope,
-                    "count": int(mask.sum()),
-                    "note": ", ".join(f"{k}: {v} junk values" for k, v in p.junk.items())
-                    + (f"; {p.skipped_blocks} oversized blocks" if p.skipped_blocks else ""),
-                }
+                {"section": "rule", "name": t.rule, "scope": scope, "count": count, "note": note}
             )
-    sizes = np.bincount(np.bincount(labels))
-    for size, n in enumerate(sizes):
+    for size, n in enumerate(cluster_sizes):
         if n and size:
             rows.append(
                 {
@@ -611,87 +536,329 @@ def report_frame(pairs: list[RulePairs], records: pd.DataFrame, labels: np.ndarr
     return pd.DataFrame(rows)
 
 
-def _state_matches(lake: Lake, where: tuple[str, ...], digest: str) -> bool:
-    """Whether a rule's state (records and pairs) was written with this same rule."""
-    pairs = (*where[:-1], f"{where[-1]}_pairs")
-    return all(
-        lake.exists(*w) and lake.commit_metadata(*w)[-1].get(RULE_KEY) == digest
-        for w in (where, pairs)
+@dataclass
+class Unified:
+    """What a unify writes: the rows of the records it unified, and the report."""
+
+    source_map: pd.DataFrame
+    profiles: pd.DataFrame
+    redirects: pd.DataFrame
+    state: pd.DataFrame
+    report: pd.DataFrame
+    # Only some clusters unified again: the previous ids whose map and profile rows these
+    # replace, and the (source, source_key) whose state rows. None: all records unified.
+    retired: pa.Table | None = None
+    keys: pa.Table | None = None
+
+
+def _frame(table: pa.Table) -> pd.DataFrame:
+    return table.to_pandas(split_blocks=True)  # no consolidation copy
+
+
+def _pairs(records: pd.DataFrame, rules: UnifyRules, **given) -> list[RulePairs]:
+    return [
+        match_rule(
+            records,
+            rule,
+            rules.junk_max_records,
+            rules.max_block_size,
+            tuple(rules.junk_fields),
+            **{k: v.get(rule.name) if k == "block_sizes" else v for k, v in given.items()},
+        )
+        for rule in rules.rules
+    ]
+
+
+def unify_all(
+    table: pa.Table, rules: UnifyRules, previous: pa.Table | None, today: pd.Timestamp
+) -> Unified:
+    """Match, cluster, give ids and merge every record (`read_records`)."""
+    records = prepare_records(_frame(table))
+    pairs = _pairs(records, rules)
+    labels = cluster(len(records), pairs)
+    ids, redirects = assign_ids(records, labels, previous, today)
+    state = record_state(records, rules).assign(**pair_counts(records, pairs))
+    totals = [
+        RuleTotals(
+            p.rule,
+            int(state[f"within_{p.rule}"].sum()),
+            int(state[f"across_{p.rule}"].sum()),
+            p.junk,
+            p.skipped_blocks,
+        )
+        for p in pairs
+    ]
+    return Unified(
+        source_map=records[["source", "source_key"]].assign(customer_id=ids.to_numpy()),
+        profiles=merge_profiles(records, ids, rules.merge),
+        redirects=redirects,
+        state=state,
+        report=report_frame(totals, np.bincount(np.bincount(labels))),
     )
+
+
+def unify_changes(
+    con: duckdb.DuckDBPyConnection, table: pa.Table, rules: UnifyRules, today: pd.Timestamp
+) -> Unified | None:
+    """Unify again only the clusters that the changes since the last build can reach;
+    None when they hold more than REUNIFY_MAX of the records (`unify_all` is cheaper).
+
+    `con` holds the last build's state as `before_` (`record_state`) and its source map
+    as `map_`. Seeds: the records new, changed or gone (by `record_hash`); those whose
+    junk field value became junk or stopped being junk; and those sharing a block, under
+    any rule and by old or new key, with a changed or gone record. Then every record of
+    a seed's previous cluster. Why that is exact: a pair of two unchanged records in a
+    block without changes is what it was (a fuzzy block's size has not changed either),
+    so it joined them in one previous cluster; a cluster without seeds keeps its records
+    and links, and none leads out of it (one to a changed record would make it a seed).
+    The chosen records are matched as a whole unify matches them, given the junk values
+    and fuzzy block sizes over all records, and keep their ids by `assign_ids`' rules.
+    """
+    n = len(table)
+    con.register(
+        "now_",
+        table.select(["source", "source_key", "record_hash"]).append_column(
+            "i", pa.array(np.arange(n))
+        ),
+    )
+    changed = con.sql(
+        """SELECT n.i FROM now_ n LEFT JOIN before_ b USING (source, source_key)
+           WHERE b.record_hash IS DISTINCT FROM n.record_hash"""
+    ).fetchnumpy()["i"]
+    fresh = record_state(prepare_records(_frame(table.take(changed))), rules)
+    con.register("fresh_", pa.Table.from_pandas(fresh, preserve_index=False))
+    hashed = [*(f"block_{r.name}" for r in rules.rules), *(f"junk_{f}" for f in rules.junk_fields)]
+    con.execute(
+        f"""CREATE TEMP TABLE gone AS
+              SELECT b.* FROM before_ b LEFT JOIN now_ n USING (source, source_key)
+              WHERE n.record_hash IS DISTINCT FROM b.record_hash;
+            CREATE TEMP TABLE cur AS
+              SELECT source, source_key, {", ".join(hashed)}
+              FROM before_ ANTI JOIN gone USING (source, source_key)
+              UNION ALL SELECT source, source_key, {", ".join(hashed)} FROM fresh_"""
+    )
+    seeds = ["SELECT source, source_key FROM gone", "SELECT source, source_key FROM fresh_"]
+    junk_now = {}
+    for name in rules.junk_fields:
+        column, most = f"junk_{name}", rules.junk_max_records
+        for when, where in (("was", "before_"), ("is", "cur")):
+            con.execute(
+                f"""CREATE TEMP TABLE junk_{when}_{name} AS SELECT {column} AS v FROM {where}
+                    WHERE {column} IS NOT NULL GROUP BY 1 HAVING COUNT(*) > {most}"""
+            )
+        junk_now[name] = con.sql(f"SELECT v FROM junk_is_{name}").fetchnumpy()["v"]
+        seeds.append(
+            f"""SELECT source, source_key FROM cur WHERE {column} IN (SELECT v FROM
+                (SELECT v FROM junk_was_{name} UNION ALL SELECT v FROM junk_is_{name})
+                GROUP BY v HAVING COUNT(*) = 1)"""
+        )
+    for rule in rules.rules:
+        block = f"block_{rule.name}"
+        seeds.append(
+            f"""SELECT source, source_key FROM cur
+                WHERE {block} IN (SELECT {block} FROM gone UNION SELECT {block} FROM fresh_)"""
+        )
+    con.execute(
+        f"""CREATE TEMP TABLE seeds AS {" UNION ".join(seeds)};
+            CREATE TEMP TABLE retired AS SELECT DISTINCT customer_id FROM map_
+              SEMI JOIN seeds USING (source, source_key);
+            CREATE TEMP TABLE redo AS SELECT i, source, source_key FROM now_ SEMI JOIN (
+              SELECT source, source_key FROM seeds UNION
+              SELECT source, source_key FROM map_ SEMI JOIN retired USING (customer_id)
+            ) k USING (source, source_key)"""
+    )
+    redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
+    log.info("unify: %d records changed or gone, %d unified again", len(changed), len(redo))
+    if len(redo) > REUNIFY_MAX * n:
+        return None
+    records = prepare_records(_frame(table.take(redo)))
+    state = record_state(records, rules)
+    junk = {
+        name: set(records[f"m_{name}"][state[f"junk_{name}"].isin(values)])
+        for name, values in junk_now.items()
+    }
+    sizes = {}
+    for rule in (r for r in rules.rules if r.fuzzy is not None):
+        block = f"block_{rule.name}"
+        con.register("subset_", pa.table({block: pa.array(state[block])}))
+        counts = con.sql(
+            f"""SELECT {block} AS b, COUNT(*) AS n FROM cur SEMI JOIN subset_ USING ({block})
+                GROUP BY 1"""
+        ).df()
+        whole = state[block].map(dict(zip(counts["b"], counts["n"], strict=True)))
+        sizes[rule.name] = whole.fillna(0).to_numpy(np.int64)
+    pairs = _pairs(records, rules, junk=junk, block_sizes=sizes)
+    labels = cluster(len(records), pairs)
+    previous = con.sql("SELECT * FROM map_ SEMI JOIN retired USING (customer_id)").to_arrow_table()
+    taken = con.sql("SELECT DISTINCT customer_id FROM map_").to_arrow_table()["customer_id"]
+    ids, redirects = assign_ids(records, labels, previous, today, taken=taken.combine_chunks())
+    state = state.assign(**pair_counts(records, pairs))
+    keys = "SELECT source, source_key FROM redo UNION SELECT source, source_key FROM gone"
+    scopes = [f"{s}_{r.name}" for r in rules.rules for s in ("within", "across")]
+    kept = con.sql(
+        f"SELECT {', '.join(f'SUM({c})' for c in scopes)} FROM before_ ANTI JOIN ({keys}) k "
+        "USING (source, source_key)"
+    ).fetchall()[0]
+    total = {c: int(k or 0) + int(state[c].sum()) for c, k in zip(scopes, kept, strict=True)}
+    totals = []
+    for rule in rules.rules:
+        guarded = [f for f in rule.exact if f in rules.junk_fields]
+        skipped = 0
+        if rule.fuzzy is not None:
+            block = f"block_{rule.name}"
+            usable = "".join(f" AND junk_{f} NOT IN (SELECT v FROM junk_is_{f})" for f in guarded)
+            skipped = con.sql(
+                f"""SELECT COUNT(*) FROM (SELECT {block} FROM cur WHERE {block} IS NOT NULL
+                    {usable} GROUP BY 1 HAVING COUNT(*) > {rules.max_block_size})"""
+            ).fetchall()[0][0]
+        junk_counts = {f: len(junk_now[f]) for f in guarded if len(junk_now[f])}
+        totals.append(
+            RuleTotals(
+                rule.name,
+                total[f"within_{rule.name}"],
+                total[f"across_{rule.name}"],
+                junk_counts,
+                int(skipped),
+            )
+        )
+    clean = con.sql(
+        "SELECT COUNT(*) AS n FROM map_ ANTI JOIN retired USING (customer_id) GROUP BY customer_id"
+    ).fetchnumpy()["n"]
+    sizes_now = np.concatenate([clean.astype(np.int64), np.bincount(labels)])
+    return Unified(
+        source_map=records[["source", "source_key"]].assign(customer_id=ids.to_numpy()),
+        profiles=merge_profiles(records, ids, rules.merge),
+        redirects=redirects,
+        state=state,
+        report=report_frame(totals, np.bincount(sizes_now)),
+        retired=con.sql("SELECT customer_id FROM retired").to_arrow_table(),
+        keys=con.sql(keys).to_arrow_table(),
+    )
+
+
+# ---------------------------------------------------------------- lake edges
+
+
+@dataclass
+class UnifySummary:
+    report: pd.DataFrame
+    customers: int
+    records: int
+    redirects: int
+    seconds: float
+    unified: int = 0  # records matched and merged again (all of them, or the changes')
+
+    def rows(self) -> list[dict]:
+        return self.report.to_dict("records")
+
+
+def read_records(lake: Lake, settings: Settings) -> pa.Table:
+    """The records to unify (pipelines/sql/gold/unify_records*.sql), each with
+    `record_hash`, a hash of the whole record as read: what the next build compares.
+    Names and addresses are those valid now, so the hash also sees one become valid."""
+    con = connect(lake)
+    parts = []
+    if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
+        parts.append(run_sql(con, settings, "gold/unify_records"))
+    if lake.exists("silver", "generic_transactions"):
+        parts.append(run_sql(con, settings, "gold/unify_records_generic"))
+    if not parts:
+        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
+    con.register("records_", pa.concat_tables(parts))
+    del parts
+    every = ", ".join(f'"{c}"' for c in con.sql("SELECT * FROM records_ LIMIT 0").columns)
+    table = con.sql(
+        f"SELECT *, CAST(hash({every}) >> 1 AS BIGINT) AS record_hash FROM records_"
+    ).to_arrow_table()
+    con.close()
+    return table
+
+
+def _state_inputs(lake: Lake, digest: str) -> dict | None:
+    """The inputs the state was last written for, if it was made with these rules."""
+    if not lake.exists(*STATE):
+        return None
+    metas = [m for m in lake.commit_metadata(*STATE) if STATE_KEY in m]
+    if not metas or metas[-1][STATE_KEY] != digest:
+        return None
+    return json.loads(metas[-1][INPUTS_KEY])
 
 
 def build_unify(settings: Settings) -> UnifySummary:
+    """silver -> unify: the source map, profiles, redirects and report; only the
+    clusters that changes reach are unified again when the state allows it
+    (`unify_changes`). The state is written last, so a build stopped half way is
+    followed by a whole unify, not by one that trusts a state its outputs lack."""
     started = time.perf_counter()
     lake = Lake(settings.lake)
     rules = load_rules(settings.path(settings.unify_rules))
+    digest = state_digest(rules)
     inputs = lake_versions(lake)
     inputs.pop("gold/customer_source_map", None)  # our own output
-    if inputs_unchanged(lake, ("gold", "customer_source_map"), inputs):
-        report = lake.read_pandas("gold", "unify_report")
-        customers = lake.dataset("gold", "customer_profile").count_rows()
+    recorded = _state_inputs(lake, digest)
+    if recorded == inputs and lake.exists("gold", "customer_source_map"):
         return UnifySummary(
-            report,
-            customers,
-            lake.dataset("gold", "customer_source_map").count_rows(),
+            lake.read_pandas("gold", "unify_report"),
+            lake.count("gold", "customer_profile"),
+            lake.count("gold", "customer_source_map"),
             0,
             time.perf_counter() - started,
         )
-    records = prepare_records(read_records(lake, settings))
-    # Within each source first, then across: the report says which pairs came from where.
-    pairs, state = [], {}
-    for rule in rules.rules:
-        if not reusable(rule, tuple(rules.junk_fields)):
-            pairs.append(match_rule(records, rule, rules.junk_max_records, rules.max_block_size))
-            continue
-        signatures, digest = rule_signatures(records, rule), rule_digest(rule, rules)
-        where = ("state", "unify", rule.name)
-        if _state_matches(lake, where, digest):
-            before = lake.read_pandas(*where)
-            before_pairs = lake.read_pandas("state", "unify", f"{rule.name}_pairs")
-            pairs.append(
-                match_rule_reusing(
-                    records, rule, rules.max_block_size, signatures, before, before_pairs
-                )
-            )
-        else:
-            pairs.append(match_rule(records, rule, rules.junk_max_records, rules.max_block_size))
-        state[rule.name] = (signatures, pairs_by_key(records, pairs[-1]), digest)
-    labels = cluster(len(records), pairs)
-    previous = (
-        lake.read("gold", "customer_source_map")
-        if lake.exists("gold", "customer_source_map")
-        else None
-    )
+    table = read_records(lake, settings)
     today = pd.Timestamp.now(tz="UTC").floor("us")
-    ids, redirects = assign_ids(records, labels, previous, today)
-    source_map = records[["source", "source_key"]].assign(customer_id=ids.to_numpy())
-    write_gold(
-        lake,
-        "customer_source_map",
-        pa.Table.from_pandas(source_map),
-        CustomerSourceMap,
-        inputs=inputs,
-    )
-    profiles = merge_profiles(records, ids, rules.merge)
-    write_gold(
-        lake,
-        "customer_profile",
-        pa.Table.from_pandas(profiles, preserve_index=False),
-        CustomerProfile,
-        inputs=inputs,
-    )
-    if len(redirects):
-        lake.write(CustomerIdRedirects.validate(redirects), "gold", "customer_id_redirects")
-    report = report_frame(pairs, records, labels)
-    lake.write(report, "gold", "unify_report", mode="overwrite")
-    for name, (signatures, by_key, digest) in state.items():
-        meta = {RULE_KEY: digest}
-        lake.write(signatures, "state", "unify", name, mode="overwrite", metadata=meta)
-        lake.write(by_key, "state", "unify", f"{name}_pairs", mode="overwrite", metadata=meta)
+    unified = None
+    if recorded is not None and lake.exists("gold", "customer_source_map"):
+        con = duckdb_connection()
+        register(con, lake, "before_", *STATE)
+        register(con, lake, "map_", "gold", "customer_source_map")
+        unified = unify_changes(con, table, rules, today)
+        con.close()
+    if unified is None:
+        previous = (
+            lake.read("gold", "customer_source_map")
+            if lake.exists("gold", "customer_source_map")
+            else None
+        )
+        unified = unify_all(table, rules, previous, today)
+    records = len(table)
+    del table
+    _write(lake, unified, {INPUTS_KEY: json.dumps(inputs)}, digest)
     return UnifySummary(
-        report,
-        customers=len(profiles),
-        records=len(records),
-        redirects=len(redirects),
+        unified.report,
+        customers=lake.count("gold", "customer_profile"),
+        records=records,
+        redirects=len(unified.redirects),
         seconds=time.perf_counter() - started,
+        unified=len(unified.source_map),
     )
+
+
+def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> None:
+    """The map and profiles (replaced, or their retired ids' rows replaced), redirects
+    appended, the report; the state last (see `build_unify`)."""
+    tables = {
+        "customer_source_map": validate_arrow(
+            pa.Table.from_pandas(unified.source_map, preserve_index=False),
+            CustomerSourceMap,
+            "gold/customer_source_map",
+        ),
+        "customer_profile": validate_arrow(
+            pa.Table.from_pandas(unified.profiles, preserve_index=False),
+            CustomerProfile,
+            "gold/customer_profile",
+        ),
+    }
+    state = pa.Table.from_pandas(unified.state, preserve_index=False)
+    for name, rows in tables.items():
+        if unified.retired is None:
+            lake.write(rows, "gold", name, mode="overwrite", metadata=meta)
+        else:
+            replace_rows(lake, ("gold", name), unified.retired, rows, meta)
+    if len(unified.redirects):
+        lake.write(CustomerIdRedirects.validate(unified.redirects), "gold", "customer_id_redirects")
+    lake.write(unified.report, "gold", "unify_report", mode="overwrite")
+    meta = {**meta, STATE_KEY: digest}
+    if unified.retired is None:
+        lake.write(state, *STATE, mode="overwrite", metadata=meta)
+    else:
+        replace_rows(lake, STATE, unified.keys, state, meta)

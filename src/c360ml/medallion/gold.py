@@ -195,22 +195,24 @@ def validate_arrow(
     return checked
 
 
-def write_gold(
+def replace_rows(
     lake: Lake,
-    name: str,
-    table: pa_arrow.Table,
-    model: type[pa.DataFrameModel],
-    inputs: dict,
-) -> bool:
-    """Validate against the declared schema and overwrite, unless inputs are unchanged.
-
-    Returns whether a new version was written.
-    """
-    if inputs_unchanged(lake, ("gold", name), inputs):
-        return False
-    checked = validate_arrow(table, model, f"gold/{name}")
-    lake.write(checked, "gold", name, mode="overwrite", metadata={INPUTS_KEY: json.dumps(inputs)})
-    return True
+    where: tuple[str, ...],
+    keys: pa_arrow.Table,
+    rows: pa_arrow.Table,
+    metadata: dict[str, str],
+) -> None:
+    """One commit that deletes the rows of a table matching `keys` (on its columns) by
+    position and appends `rows` (`Lake.delete_and_append`: no file is rewritten)."""
+    con = duckdb_connection()
+    register(con, lake, "target", *where, positions=True)
+    con.register("keys_", keys)
+    found = con.sql(
+        "SELECT filename, file_row_number FROM target "
+        f"SEMI JOIN keys_ USING ({', '.join(keys.column_names)})"
+    ).to_arrow_table()
+    con.close()
+    lake.delete_and_append(*where, deletes=rows_by_file(found), rows=rows, metadata=metadata)
 
 
 def _checked(
@@ -308,13 +310,7 @@ def patch_gold(
     if quarantine:
         rejected = [lake.read("quarantine", "gold", name, filter=~pc.field(key).isin(ids))]
     rows = pa_arrow.Table.from_batches(list(_checked(readers, check, rejected)), check.schema)
-    con = duckdb_connection()
-    register(con, lake, "target", "gold", name, positions=True)
-    con.register("ids", pa_arrow.table({key: ids}))
-    found = con.sql(f"SELECT filename, file_row_number FROM target SEMI JOIN ids USING ({key})")
-    deletes = rows_by_file(found.to_arrow_table())
-    con.close()
-    lake.delete_and_append("gold", name, deletes=deletes, rows=rows, metadata=meta)
+    replace_rows(lake, ("gold", name), pa_arrow.table({key: ids}), rows, meta)
     if rejected is None:
         return check.rows, 0
     return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
