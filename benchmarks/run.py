@@ -208,7 +208,7 @@ def stage_unify(size: int) -> dict:
     overall = pair_quality(source_map, keys[keys["source"] != "generic"])
     # Per rule, on the same records and rules (the pure functions build_unify runs).
     rules = load_rules(settings.path(settings.unify_rules))
-    records = prepare_records(read_records(lake, settings))
+    records = prepare_records(read_records(lake, settings).to_pandas())
     truth = truth_labels(settings, records)
     per_rule, done = [], []
     for rule in rules.rules:
@@ -255,7 +255,7 @@ def stage_splink(size: int) -> dict:
 
     settings = silver_settings(size)
     lake = Lake(settings.lake)
-    records = prepare_records(read_records(lake, settings))
+    records = prepare_records(read_records(lake, settings).to_pandas())
     rules = load_rules(settings.path(settings.unify_rules))
     truth = truth_labels(settings, records)
     out = run_splink(records, rules)

@@ -189,6 +189,44 @@ def _sorted_words(values: np.ndarray) -> np.ndarray:
     return words[codes]  # code -1 (missing) picks the trailing None
 
 
+def fuzzy_values(rule: MatchRule, values: np.ndarray) -> tuple[np.ndarray, object]:
+    """The fuzzy field's values as `fuzzy_matches` scores them, and the scorer."""
+    if rule.fuzzy.scorer == "token_sort_ratio":
+        # token_sort_ratio is ratio on the words sorted: sort each value once here, not
+        # once per pair (7x faster on 2M pairs).
+        return _sorted_words(values), fuzz.ratio
+    return values, getattr(fuzz, rule.fuzzy.scorer)
+
+
+def fuzzy_matches(
+    rule: MatchRule,
+    scored: tuple[np.ndarray, object],
+    veto_codes: list[np.ndarray],
+    left: np.ndarray,
+    right: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs (left[k], right[k]) that match under a fuzzy rule: scoring at
+    least its threshold (`scored`: `fuzzy_values`, per record), and not vetoed (per veto
+    field, a code per record: equal values equal codes, -1 missing)."""
+    values, scorer = scored
+    scores = process.cpdist(
+        values[left].tolist(),
+        values[right].tolist(),
+        scorer=scorer,
+        score_cutoff=rule.fuzzy.threshold,
+        workers=-1,
+    )
+    hit = scores >= rule.fuzzy.threshold
+    left, right = left[hit], right[hit]
+    if veto_codes:
+        veto = np.ones(len(left), dtype=bool)
+        for codes in veto_codes:
+            a, c = codes[left], codes[right]
+            veto &= (a >= 0) & (c >= 0) & (a != c)
+        left, right = left[~veto], right[~veto]
+    return left, right
+
+
 def match_rule(
     records: pd.DataFrame,
     rule: MatchRule,
@@ -235,11 +273,6 @@ def match_rule(
     whole = sizes[block] if block_sizes is None else block_sizes[ids]
     result.skipped_blocks = len(np.unique(block[whole > max_block]))
     values = records[f"m_{rule.fuzzy.field}"].to_numpy(dtype=object)
-    scorer = getattr(fuzz, rule.fuzzy.scorer)
-    if rule.fuzzy.scorer == "token_sort_ratio":
-        # token_sort_ratio is ratio on the words sorted: sort each value once here, not
-        # once per pair (7x faster on 2M pairs).
-        values, scorer = _sorted_words(values), fuzz.ratio
     # Records of blocks with 2..max_block records (counted before the fuzzy field's
     # missing values are dropped: those pair with nobody but count in the block size).
     keep = (sizes[block] > 1) & (whole <= max_block)
@@ -252,6 +285,7 @@ def match_rule(
     multi = lengths > 1
     starts, lengths = starts[multi], lengths[multi]
     veto_codes = [_codes(records[f"m_{f}"]) for f in rule.veto_if_all_differ]
+    scored = fuzzy_values(rule, values)
     cum = np.cumsum(lengths * (lengths - 1) // 2)
     lefts, rights = [], []
     b = 0
@@ -261,21 +295,7 @@ def match_rule(
         lpos, rpos = _pairs_in_runs(starts[b:e], lengths[b:e])
         left, right = ids[lpos], ids[rpos]
         del lpos, rpos
-        scores = process.cpdist(
-            values[left].tolist(),
-            values[right].tolist(),
-            scorer=scorer,
-            score_cutoff=rule.fuzzy.threshold,
-            workers=-1,
-        )
-        hit = scores >= rule.fuzzy.threshold
-        left, right = left[hit], right[hit]
-        if veto_codes:
-            veto = np.ones(len(left), dtype=bool)
-            for codes in veto_codes:
-                a, c = codes[left], codes[right]
-                veto &= (a >= 0) & (c >= 0) & (a != c)
-            left, right = left[~veto], right[~veto]
+        left, right = fuzzy_matches(rule, scored, veto_codes, left, right)
         lefts.append(left)
         rights.append(right)
         b = e
@@ -295,7 +315,7 @@ def match_rule(
 # `unify_changes`) and unifies again only the clusters those changes can reach.
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
@@ -310,15 +330,26 @@ def _hashes(records: pd.DataFrame, cols: list[str]) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(digest, mask=records[cols].isna().any(axis=1).to_numpy())
 
 
+def _state_fields(rules: UnifyRules) -> tuple[list[str], list[str]]:
+    """The fields the state keeps a hash of (junk and veto fields), and the text of
+    (fuzzy fields)."""
+    vetoed = [f for r in rules.rules for f in r.veto_if_all_differ]
+    fuzzy = [r.fuzzy.field for r in rules.rules if r.fuzzy is not None]
+    return list(dict.fromkeys([*rules.junk_fields, *vetoed])), list(dict.fromkeys(fuzzy))
+
+
 def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
     """What the next build compares a record with: `record_hash` (the record as read),
-    `block_<rule>` (its block key under each rule) and `junk_<field>` (its value of each
-    junk field)."""
+    `block_<rule>` (its block key under each rule), `hash_<field>` (its value of each
+    junk or veto field) and `text_<field>` (of each fuzzy field)."""
     out = records[["source", "source_key", "record_hash"]].reset_index(drop=True)
     for rule in rules.rules:
         out[f"block_{rule.name}"] = _hashes(records, [f"m_{f}" for f in rule.exact])
-    for name in rules.junk_fields:
-        out[f"junk_{name}"] = _hashes(records, [f"m_{name}"])
+    hashed, texts = _state_fields(rules)
+    for name in hashed:
+        out[f"hash_{name}"] = _hashes(records, [f"m_{name}"])
+    for name in texts:
+        out[f"text_{name}"] = records[f"m_{name}"].to_numpy()
     return out
 
 
@@ -597,6 +628,39 @@ def unify_all(
     )
 
 
+def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: UnifyRules) -> pa.Table:
+    """(source, source_key) of the records a new or changed record (`fresh_`) matches
+    under a fuzzy rule now, among the records of its block (`cur`): scored as
+    `match_rule` scores, in blocks within the size limit, without junk values."""
+    block, text = f"block_{rule.name}", f"text_{rule.fuzzy.field}"
+    guarded = [f for f in rule.exact if f in rules.junk_fields]
+    veto = rule.veto_if_all_differ
+    candidates = con.sql(
+        f"""SELECT c.source, c.source_key, f.{text} AS l, c.{text} AS r
+                   {"".join(f", f.hash_{v} AS l_{v}, c.hash_{v} AS r_{v}" for v in veto)}
+            FROM fresh_ f JOIN cur c USING ({block})
+            WHERE (c.source <> f.source OR c.source_key <> f.source_key)
+              AND f.{text} IS NOT NULL AND c.{text} IS NOT NULL
+              AND {block} IN (SELECT {block} FROM cur GROUP BY 1
+                              HAVING COUNT(*) <= {rules.max_block_size})
+              {"".join(f" AND f.hash_{g} NOT IN (SELECT v FROM junk_is_{g})" for g in guarded)}"""
+    ).to_arrow_table()
+    m = len(candidates)
+    values = np.concatenate(
+        [candidates[side].to_numpy(zero_copy_only=False) for side in ("l", "r")]
+    )
+    codes = [
+        pd.factorize(pa.concat_arrays([candidates[f"l_{v}"].combine_chunks(),
+                                       candidates[f"r_{v}"].combine_chunks()]).to_pandas(),
+                     use_na_sentinel=True)[0]
+        for v in veto
+    ]  # fmt: skip
+    _, right = fuzzy_matches(
+        rule, fuzzy_values(rule, values), codes, np.arange(m), m + np.arange(m)
+    )
+    return candidates.select(["source", "source_key"]).take(right - m)
+
+
 def unify_changes(
     con: duckdb.DuckDBPyConnection, table: pa.Table, rules: UnifyRules, today: pd.Timestamp
 ) -> Unified | None:
@@ -627,20 +691,26 @@ def unify_changes(
     ).fetchnumpy()["i"]
     fresh = record_state(prepare_records(_frame(table.take(changed))), rules)
     con.register("fresh_", pa.Table.from_pandas(fresh, preserve_index=False))
-    hashed = [*(f"block_{r.name}" for r in rules.rules), *(f"junk_{f}" for f in rules.junk_fields)]
+    fields, texts = _state_fields(rules)
+    kept = ", ".join(
+        [
+            *(f"block_{r.name}" for r in rules.rules),
+            *(f"hash_{f}" for f in fields),
+            *(f"text_{f}" for f in texts),
+        ]
+    )
     con.execute(
         f"""CREATE TEMP TABLE gone AS
               SELECT b.* FROM before_ b LEFT JOIN now_ n USING (source, source_key)
               WHERE n.record_hash IS DISTINCT FROM b.record_hash;
             CREATE TEMP TABLE cur AS
-              SELECT source, source_key, {", ".join(hashed)}
-              FROM before_ ANTI JOIN gone USING (source, source_key)
-              UNION ALL SELECT source, source_key, {", ".join(hashed)} FROM fresh_"""
+              SELECT source, source_key, {kept} FROM before_ ANTI JOIN gone USING (source, source_key)
+              UNION ALL SELECT source, source_key, {kept} FROM fresh_"""
     )
     seeds = ["SELECT source, source_key FROM gone", "SELECT source, source_key FROM fresh_"]
     junk_now = {}
     for name in rules.junk_fields:
-        column, most = f"junk_{name}", rules.junk_max_records
+        column, most = f"hash_{name}", rules.junk_max_records
         for when, where in (("was", "before_"), ("is", "cur")):
             con.execute(
                 f"""CREATE TEMP TABLE junk_{when}_{name} AS SELECT {column} AS v FROM {where}
@@ -654,10 +724,23 @@ def unify_changes(
         )
     for rule in rules.rules:
         block = f"block_{rule.name}"
-        seeds.append(
-            f"""SELECT source, source_key FROM cur
-                WHERE {block} IN (SELECT {block} FROM gone UNION SELECT {block} FROM fresh_)"""
-        )
+        if rule.fuzzy is None:  # the block is a clique: all its records are partners
+            seeds.append(
+                f"SELECT source, source_key FROM cur WHERE {block} IN (SELECT {block} FROM fresh_)"
+            )
+            continue
+        con.register(f"partners_{rule.name}", _fuzzy_partners(con, rule, rules))
+        most = rules.max_block_size
+        seeds += [
+            f"SELECT source, source_key FROM partners_{rule.name}",
+            # blocks whose size crossed the limit: all their pairs appear or go
+            f"""SELECT source, source_key FROM cur WHERE {block} IN (
+                  SELECT {block} FROM
+                    (SELECT {block}, COUNT(*) > {most} AS over FROM before_ GROUP BY 1) w
+                    FULL JOIN (SELECT {block}, COUNT(*) > {most} AS over FROM cur GROUP BY 1) c
+                    USING ({block})
+                  WHERE {block} IS NOT NULL AND COALESCE(w.over, false) <> COALESCE(c.over, false))""",
+        ]
     con.execute(
         f"""CREATE TEMP TABLE seeds AS {" UNION ".join(seeds)};
             CREATE TEMP TABLE retired AS SELECT DISTINCT customer_id FROM map_
@@ -674,7 +757,7 @@ def unify_changes(
     records = prepare_records(_frame(table.take(redo)))
     state = record_state(records, rules)
     junk = {
-        name: set(records[f"m_{name}"][state[f"junk_{name}"].isin(values)])
+        name: set(records[f"m_{name}"][state[f"hash_{name}"].isin(values)])
         for name, values in junk_now.items()
     }
     sizes = {}
@@ -706,7 +789,7 @@ def unify_changes(
         skipped = 0
         if rule.fuzzy is not None:
             block = f"block_{rule.name}"
-            usable = "".join(f" AND junk_{f} NOT IN (SELECT v FROM junk_is_{f})" for f in guarded)
+            usable = "".join(f" AND hash_{f} NOT IN (SELECT v FROM junk_is_{f})" for f in guarded)
             skipped = con.sql(
                 f"""SELECT COUNT(*) FROM (SELECT {block} FROM cur WHERE {block} IS NOT NULL
                     {usable} GROUP BY 1 HAVING COUNT(*) > {rules.max_block_size})"""
