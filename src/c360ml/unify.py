@@ -227,6 +227,28 @@ def fuzzy_matches(
     return left, right
 
 
+def _stars(block: np.ndarray, ids: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Pairs linking the records `ids` of each block (`block` sorted): each source's
+    records to its first one, then each source's first to the block's first. The
+    report counts these pairs within and across sources: with a single star per block
+    the counts would depend on the records' order (on which record is first)."""
+    if not len(ids):
+        return ids, ids
+    codes = pd.factorize(source[ids])[0]
+    order = np.lexsort((codes, block))
+    block, ids, codes = block[order], ids[order], codes[order]
+    at = np.arange(len(ids))
+    new_block = np.r_[True, block[1:] != block[:-1]]
+    new_group = new_block | np.r_[True, codes[1:] != codes[:-1]]
+    group_head = ids[np.maximum.accumulate(np.where(new_group, at, 0))]
+    block_head = ids[np.maximum.accumulate(np.where(new_block, at, 0))]
+    across = new_group & ~new_block
+    return (
+        np.concatenate([group_head[~new_group], block_head[across]]),
+        np.concatenate([ids[~new_group], ids[across]]),
+    )
+
+
 def match_rule(
     records: pd.DataFrame,
     rule: MatchRule,
@@ -239,8 +261,8 @@ def match_rule(
 ) -> RulePairs:
     """Candidate pairs of one rule, with blocking on its exact fields.
 
-    Exact-only rules link each block's records to the block's first record (a star: the
-    same connected component as all pairs, at linear cost). Fuzzy rules compare all
+    Exact-only rules link each block's records by stars (`_stars`: the same connected
+    component as all pairs, at linear cost). Fuzzy rules compare all
     pairs inside blocks of at most `max_block` records; the pairs are generated and
     scored a group of blocks at a time (about `chunk_pairs` at once, a block is never
     split) and only the matches are kept, so memory stays bounded whatever the size.
@@ -265,10 +287,7 @@ def match_rule(
         rule.name, np.array([], int), np.array([], int), {f: len(v) for f, v in junk.items() if v}
     )
     if rule.fuzzy is None:
-        starts = np.r_[0, np.cumsum(sizes)[:-1]] if len(sizes) else np.array([], int)
-        head = ids[starts][block]
-        keep = ids != head
-        result.left, result.right = head[keep], ids[keep]
+        result.left, result.right = _stars(block, ids, records["source"].to_numpy())
         return result
     whole = sizes[block] if block_sizes is None else block_sizes[ids]
     result.skipped_blocks = len(np.unique(block[whole > max_block]))
@@ -308,11 +327,12 @@ def match_rule(
 
 # Why unify again only what changed: at 1M customers a whole unify (1.78M records: read,
 # prepare, match, cluster, ids, merge, write) took 30-35 s of a 60 s incremental build,
-# for a 1% increment. What a record's cluster depends on is local: its blocks (one per
-# rule), the junk status of its identifiers and, for fuzzy rules, its blocks' sizes. So
-# `state/unify/records` keeps per record a hash of the record as read, of each rule's
-# block key and of each junk field; the next build compares the records with it (see
-# `unify_changes`) and unifies again only the clusters those changes can reach.
+# for a 1% increment. Whether two records are linked depends on little beyond the two:
+# their blocks (one per rule), the junk status of their identifiers and, for fuzzy
+# rules, their block's size. So `state/unify/records` keeps per record a hash of the
+# record as read, of its block key under each rule and of its junk and veto fields, and
+# its fuzzy fields' text; the next build compares the records with it and unifies again
+# only the clusters the changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
 STATE_FORMAT = 2
@@ -669,14 +689,16 @@ def unify_changes(
 
     `con` holds the last build's state as `before_` (`record_state`) and its source map
     as `map_`. Seeds: the records new, changed or gone (by `record_hash`); those whose
-    junk field value became junk or stopped being junk; and those sharing a block, under
-    any rule and by old or new key, with a changed or gone record. Then every record of
-    a seed's previous cluster. Why that is exact: a pair of two unchanged records in a
-    block without changes is what it was (a fuzzy block's size has not changed either),
-    so it joined them in one previous cluster; a cluster without seeds keeps its records
-    and links, and none leads out of it (one to a changed record would make it a seed).
-    The chosen records are matched as a whole unify matches them, given the junk values
-    and fuzzy block sizes over all records, and keep their ids by `assign_ids`' rules.
+    junk field value became junk or stopped being junk; those a new or changed record is
+    linked to now (its block under an exact rule, its matches under a fuzzy one:
+    `_fuzzy_partners`); and those of a fuzzy block whose size crossed the limit. Then
+    every record of a seed's previous cluster. Why that is exact: a link between two
+    unchanged records depends on nothing else that changed (junk status and block size
+    are seeds), so it was there before and joined them in one previous cluster. A
+    previous cluster without seeds keeps its records and links, and no link leads out
+    of it: one to a changed record would have made its end a seed. The chosen records
+    are matched as a whole unify matches them, given the junk values and fuzzy block
+    sizes over all records, and keep their ids by `assign_ids`' rules.
     """
     n = len(table)
     con.register(
@@ -837,24 +859,20 @@ class UnifySummary:
 
 def read_records(lake: Lake, settings: Settings) -> pa.Table:
     """The records to unify (pipelines/sql/gold/unify_records*.sql), each with
-    `record_hash`, a hash of the whole record as read: what the next build compares.
-    Names and addresses are those valid now, so the hash also sees one become valid."""
+    `record_hash`, a hash of the whole record as read (DuckDB's, in the same query):
+    what the next build compares. Names and addresses are those valid now, so the hash
+    also sees one become valid."""
     con = connect(lake)
+    hashed = "*, CAST(hash(*COLUMNS(*)) >> 1 AS BIGINT) AS record_hash"
     parts = []
     if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
-        parts.append(run_sql(con, settings, "gold/unify_records"))
+        parts.append(run_sql(con, settings, "gold/unify_records", select=hashed))
     if lake.exists("silver", "generic_transactions"):
-        parts.append(run_sql(con, settings, "gold/unify_records_generic"))
+        parts.append(run_sql(con, settings, "gold/unify_records_generic", select=hashed))
+    con.close()
     if not parts:
         raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
-    con.register("records_", pa.concat_tables(parts))
-    del parts
-    every = ", ".join(f'"{c}"' for c in con.sql("SELECT * FROM records_ LIMIT 0").columns)
-    table = con.sql(
-        f"SELECT *, CAST(hash({every}) >> 1 AS BIGINT) AS record_hash FROM records_"
-    ).to_arrow_table()
-    con.close()
-    return table
+    return pa.concat_tables(parts)
 
 
 def _state_inputs(lake: Lake, digest: str) -> dict | None:

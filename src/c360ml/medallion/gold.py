@@ -296,24 +296,23 @@ def patch_gold(
     quarantine: bool,
     key: str,
     ids: pa_arrow.Array,
-) -> tuple[int, int]:
+) -> None:
     """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
     -> one gold commit that deletes the table's rows of those ids by position (deletion
-    vectors, `Lake.delete_and_append`) and appends the results; (rows, quarantined rows).
+    vectors, `Lake.delete_and_append`) and appends the results; the same in the
+    quarantine for the rejected results.
 
     The results are checked as `stream_gold` checks a whole table; a unique column stays
-    unique because every kept row's id is outside `ids` and every result's inside. The
-    quarantine (small) is rewritten: its rows of other ids, and the new rejects.
+    unique because every kept row's id is outside `ids` and every result's inside.
     """
     check = ArrowCheck(model, f"gold/{name}")
-    rejected: list[pa_arrow.Table] | None = None
-    if quarantine:
-        rejected = [lake.read("quarantine", "gold", name, filter=~pc.field(key).isin(ids))]
+    rejected: list[pa_arrow.Table] | None = [] if quarantine else None
     rows = pa_arrow.Table.from_batches(list(_checked(readers, check, rejected)), check.schema)
-    replace_rows(lake, ("gold", name), pa_arrow.table({key: ids}), rows, meta)
-    if rejected is None:
-        return check.rows, 0
-    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
+    keys = pa_arrow.table({key: ids})
+    replace_rows(lake, ("gold", name), keys, rows, meta)
+    if rejected is not None:
+        bad = pa_arrow.concat_tables([readers[0].schema.empty_table(), *rejected])
+        replace_rows(lake, ("quarantine", "gold", name), keys, bad, {})
 
 
 def build_gold(settings: Settings) -> GoldSummary:

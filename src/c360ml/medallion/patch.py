@@ -42,7 +42,7 @@ from deltalake.exceptions import DeltaError
 from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.medallion.silver import CHANGES_FROM, change_log
-from c360ml.medallion.sql import register, render
+from c360ml.medallion.sql import duckdb_connection, register, render
 from c360ml.sources.tables import POS_ORDER, SALES_ORDER, SOURCE_TABLES
 
 STATE = ("state", "gold", "order_accounts")
@@ -79,7 +79,7 @@ class Affected:
         return pa.chunked_array([*so.chunks, *pos.chunks], pa.string()).combine_chunks()
 
     def union(self, other: Affected) -> Affected:
-        con = duckdb.connect()
+        con = duckdb_connection()
         for name, table in zip("abcd", (self.sales, other.sales, self.pos, other.pos), strict=True):
             con.register(name, table)
         sales = con.sql("SELECT * FROM a UNION SELECT * FROM b").to_arrow_table()
@@ -208,6 +208,6 @@ def restrict(
         else:
             on, against = POS_ORDER, "affected_pos"
         con.execute(
-            f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM {view}__all "
+            f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {view}__all "
             f"SEMI JOIN {against} USING ({', '.join(on)})"
         )

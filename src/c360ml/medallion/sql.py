@@ -21,15 +21,26 @@ STREAM_ROWS = 500_000  # rows per record batch of a streamed result
 MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8 GB)
 
 
+_database: list[duckdb.DuckDBPyConnection] = []  # this process's DuckDB, once opened
+
+
 def duckdb_connection() -> duckdb.DuckDBPyConnection:
     """A DuckDB connection as every stage uses it: UTC, bounded memory (spilling to the
     system temp folder, not the working directory), results streamed without keeping
-    insertion order (every query's result is written as a set)."""
-    con = duckdb.connect()
+    insertion order (every query's result is written as a set).
+
+    A cursor of one in-memory database per process: opening a database costs 28 ms, a
+    cursor 0.3 ms, and an incremental build opens about 70 (1.3 s of silver's 9 s at 1M
+    customers). A cursor keeps its own registered tables, temporary tables and views, so
+    callers still share nothing; which is why every view here is TEMP."""
+    if not _database:
+        database = duckdb.connect()
+        database.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+        database.execute(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'c360ml-duckdb'}'")
+        database.execute("SET preserve_insertion_order = false")
+        _database.append(database)
+    con = _database[0].cursor()
     con.execute("SET TimeZone = 'UTC'")
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{Path(tempfile.gettempdir()) / 'c360ml-duckdb'}'")
-    con.execute("SET preserve_insertion_order = false")
     return con
 
 
@@ -85,7 +96,7 @@ def register(
     if tracked:
         keep = "*" if positions else "* EXCLUDE (filename, file_row_number)"
         scans.append(f"SELECT {keep} FROM {_read_parquet(tracked, positions=True)}{where}")
-    con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(scans))
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(scans))
 
 
 def rows_by_file(found: pa.Table) -> dict[str, np.ndarray]:
@@ -116,15 +127,21 @@ def render(path: Path, settings: Settings) -> str:
 
 
 def run_sql(
-    con: duckdb.DuckDBPyConnection, settings: Settings, name: str, stream: bool = False
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    name: str,
+    stream: bool = False,
+    select: str = "",
 ) -> pa.Table | pa.RecordBatchReader:
     """Run pipelines/sql/<name>.sql; its result as an Arrow table, or with `stream` as a
-    reader of record batches (for results too large to hold)."""
+    reader of record batches (for results too large to hold). `select`: a projection
+    (DuckDB's) of the result, computed in the same query."""
     path = settings.path(settings.sql_dir) / f"{name}.sql"
     if not path.exists():
         raise FileNotFoundError(f"SQL file {path} not found (sql_dir = {settings.sql_dir})")
     try:
-        relation = con.sql(render(path, settings))
+        text = render(path, settings)
+        relation = con.sql(f"SELECT {select} FROM ({text})" if select else text)
         if not stream:
             return relation.to_arrow_table()
         reader = relation.to_arrow_reader(STREAM_ROWS)
