@@ -335,7 +335,7 @@ def match_rule(
 # only the clusters the changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
