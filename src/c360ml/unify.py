@@ -189,42 +189,63 @@ def _sorted_words(values: np.ndarray) -> np.ndarray:
     return words[codes]  # code -1 (missing) picks the trailing None
 
 
-def fuzzy_values(rule: MatchRule, values: np.ndarray) -> tuple[np.ndarray, object]:
-    """The fuzzy field's values as `fuzzy_matches` scores them, and the scorer."""
+@dataclass(frozen=True)
+class FuzzyValues:
+    """The fuzzy field per record as `fuzzy_matches` scores it."""
+
+    values: np.ndarray
+    scorer: object
+    lengths: np.ndarray | None  # for `ratio`: the values' lengths (0 when missing)
+
+
+def fuzzy_values(rule: MatchRule, values: np.ndarray) -> FuzzyValues:
+    lengths = None
+    scorer = getattr(fuzz, rule.fuzzy.scorer)
     if rule.fuzzy.scorer == "token_sort_ratio":
         # token_sort_ratio is ratio on the words sorted: sort each value once here, not
         # once per pair (7x faster on 2M pairs).
-        return _sorted_words(values), fuzz.ratio
-    return values, getattr(fuzz, rule.fuzzy.scorer)
+        values, scorer = _sorted_words(values), fuzz.ratio
+    if scorer is fuzz.ratio:
+        lengths = pc.utf8_length(pa.array(values, pa.string())).fill_null(0).to_numpy()
+    return FuzzyValues(values, scorer, lengths)
 
 
 def fuzzy_matches(
     rule: MatchRule,
-    scored: tuple[np.ndarray, object],
+    scored: FuzzyValues,
     veto_codes: list[np.ndarray],
     left: np.ndarray,
     right: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate pairs (left[k], right[k]) that match under a fuzzy rule: scoring at
-    least its threshold (`scored`: `fuzzy_values`, per record), and not vetoed (per veto
-    field, a code per record: equal values equal codes, -1 missing)."""
-    values, scorer = scored
-    scores = process.cpdist(
-        values[left].tolist(),
-        values[right].tolist(),
-        scorer=scorer,
-        score_cutoff=rule.fuzzy.threshold,
-        workers=-1,
-    )
-    hit = scores >= rule.fuzzy.threshold
-    left, right = left[hit], right[hit]
+    """The candidate pairs (left[k], right[k]) that match under a fuzzy rule: not vetoed
+    (per veto field, a code per record: equal values equal codes, -1 missing) and
+    scoring at least its threshold.
+
+    The cheap tests first: the veto, then for `ratio` the lengths (ratio, a normalised
+    Indel similarity, is at most 200 * min(a, b) / (a + b) for lengths a and b), so that
+    only pairs that can match are scored. At 1M customers the postal-code rule's 89.2M
+    candidate pairs leave 12.2M after the veto and 8.0M after the lengths (758k match):
+    its scoring took 12 s of a 52 s unify before.
+    """
     if veto_codes:
         veto = np.ones(len(left), dtype=bool)
         for codes in veto_codes:
             a, c = codes[left], codes[right]
             veto &= (a >= 0) & (c >= 0) & (a != c)
         left, right = left[~veto], right[~veto]
-    return left, right
+    if scored.lengths is not None:
+        a, c = scored.lengths[left], scored.lengths[right]
+        near = 200 * np.minimum(a, c) >= rule.fuzzy.threshold * (a + c)
+        left, right = left[near], right[near]
+    scores = process.cpdist(
+        scored.values[left].tolist(),
+        scored.values[right].tolist(),
+        scorer=scored.scorer,
+        score_cutoff=rule.fuzzy.threshold,
+        workers=-1,
+    )
+    hit = scores >= rule.fuzzy.threshold
+    return left[hit], right[hit]
 
 
 def _stars(block: np.ndarray, ids: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, ...]:
