@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from deltalake import CommitProperties, DeltaTable, TableFeatures, write_deltalake
+from deltalake import CommitProperties, DeltaTable, TableFeatures, WriterProperties, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from c360ml import deletion_vectors
@@ -36,6 +36,10 @@ from c360ml import deletion_vectors
 log = logging.getLogger(__name__)
 
 LAYERS = ("landing", "bronze", "silver", "gold", "quarantine", "export", "state")
+# Rows per Parquet row group. DuckDB scans a file's row groups in parallel, and the
+# writers' default (1,048,576) left a 1M-row table in one: unify's query over the silver
+# customer tables took 3.3 s that way, 2.3 s with row groups of this size.
+ROW_GROUP = 131_072
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class Lake:
             partition_by=partition_by,
             schema_mode="overwrite" if mode == "overwrite" else None,
             commit_properties=_commit(metadata),
+            writer_properties=WriterProperties(max_row_group_size=ROW_GROUP),
         )
         return DeltaTable(str(where)).version()
 
@@ -426,7 +431,12 @@ def _live_adds(root: Path, version: int) -> dict[str, dict]:
 def _write_file(root: Path, rows: pa.Table, schema: pa.Schema, now: int) -> dict:
     """A new data file of `rows` in the table's folder, and its add action."""
     name = f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"
-    pq.write_table(rows.select(schema.names).cast(schema), root / name, compression="snappy")
+    pq.write_table(
+        rows.select(schema.names).cast(schema),
+        root / name,
+        compression="snappy",
+        row_group_size=ROW_GROUP,
+    )
     return {
         "path": name,
         "partitionValues": {},
