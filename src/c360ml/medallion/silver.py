@@ -573,9 +573,12 @@ def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> in
     con = duckdb_connection()
     cols = [*table.key, "versionnumber", "SinkModifiedOn"]
     con.register("b", latest.select([*cols, "IsDelete"]))
-    prev = [("silver", table.name), ("quarantine", "silver", table.name)]
-    parts = [lake.read(*w, columns=cols) for w in prev if lake.exists(*w)]
-    con.register("t", pa_arrow.concat_tables(parts) if parts else latest.select(cols).slice(0, 0))
+    listed = ", ".join(f'"{c}"' for c in cols)
+    scans = [f"SELECT {listed} FROM b WHERE false"]  # the columns' types when both are new
+    for i, where in enumerate([("silver", table.name), ("quarantine", "silver", table.name)]):
+        if lake.exists(*where):  # scanned by DuckDB: in parallel, only these columns
+            register(con, lake, f"t{i}", *where)
+            scans.append(f"SELECT {listed} FROM t{i}")
     on = " AND ".join(f'b."{k}" = t."{k}"' for k in table.key)
     newer = NEWER.replace("s.", "b.")
     added, removed = con.execute(
@@ -583,7 +586,7 @@ def _current_delta(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> in
               COUNT(*) FILTER (WHERE t.versionnumber IS NULL AND NOT COALESCE(b.IsDelete, FALSE)),
               COUNT(*) FILTER (WHERE t.versionnumber IS NOT NULL AND COALESCE(b.IsDelete, FALSE)
                                AND {newer})
-            FROM b LEFT JOIN t ON {on}"""
+            FROM b LEFT JOIN ({" UNION ALL ".join(scans)}) t ON {on}"""
     ).fetchall()[0]
     return int(added) - int(removed)
 
