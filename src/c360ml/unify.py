@@ -32,7 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
 from c360ml.medallion.gold import INPUTS_KEY, lake_versions, replace_rows, validate_arrow
-from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql
+from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql, sql_text
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
 
 log = logging.getLogger(__name__)
@@ -895,13 +895,14 @@ def read_records(lake: Lake, settings: Settings) -> pa.Table:
     `record_hash`, a hash of the whole record as read (DuckDB's, in the same query):
     what the next build compares. Names and addresses are those valid now, so the hash
     also sees one become valid."""
-    con = connect(lake)
-    hashed = "*, CAST(hash(*COLUMNS(*)) >> 1 AS BIGINT) AS record_hash"
-    parts = []
+    names = []
     if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
-        parts.append(run_sql(con, settings, "gold/unify_records", select=hashed))
+        names.append("gold/unify_records")
     if lake.exists("silver", "generic_transactions"):
-        parts.append(run_sql(con, settings, "gold/unify_records_generic", select=hashed))
+        names.append("gold/unify_records_generic")
+    con = connect(lake, [sql_text(settings, n) for n in names])
+    hashed = "*, CAST(hash(*COLUMNS(*)) >> 1 AS BIGINT) AS record_hash"
+    parts = [run_sql(con, settings, n, select=hashed) for n in names]
     con.close()
     if not parts:
         raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")

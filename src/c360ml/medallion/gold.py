@@ -39,7 +39,14 @@ from c360ml.medallion.patch import (
     restrict,
     sql_digest,
 )
-from c360ml.medallion.sql import connect, duckdb_connection, register, rows_by_file, run_sql
+from c360ml.medallion.sql import (
+    connect,
+    duckdb_connection,
+    register,
+    rows_by_file,
+    run_sql,
+    sql_text,
+)
 from c360ml.schemas import (
     OrderLines,
     Orders,
@@ -358,7 +365,8 @@ def build_gold(settings: Settings) -> GoldSummary:
                 stream_gold(lake, name, readers, model, inputs, quarantine, meta)
                 how = "rebuilt"
             else:
-                scoped = connect(lake)
+                needs = [sql_text(settings, f"gold/{n}") for n in sql] + ["gold_orders"]
+                scoped = connect(lake, needs)  # lines' `all_orders` reads gold_orders
                 scoped.register("order_accounts", accounts)
                 if name == "order_lines":
                     register_all_orders(scoped)

@@ -6,7 +6,9 @@ same files can run on Spark. `${name}` placeholders are filled from typed settin
 
 from __future__ import annotations
 
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from string import Template
 
@@ -44,16 +46,21 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     return con
 
 
-def connect(lake: Lake) -> duckdb.DuckDBPyConnection:
+def connect(lake: Lake, queries: Iterable[str] | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with lake tables registered as views named layer_table.
 
     Bronze views are `bronze_<source>_<table>`, silver `silver_<table>`, gold `gold_<table>`;
-    a table that does not exist yet is simply not registered.
+    a table that does not exist yet is simply not registered. With `queries` (SQL texts,
+    see `sql_text`), only the tables they name: each registration opens the table's log
+    and reads its deletion vectors, and an incremental gold build registered 167.
     """
+    words = None if queries is None else {w for q in queries for w in re.findall(r"\w+", q)}
     con = duckdb_connection()
     for layer in ("bronze", "silver", "gold"):
         for parts in lake.tables(layer):
-            register(con, lake, f"{layer}_{'_'.join(parts)}", layer, *parts)
+            view = f"{layer}_{'_'.join(parts)}"
+            if words is None or view in words:
+                register(con, lake, view, layer, *parts)
     return con
 
 
@@ -126,6 +133,14 @@ def render(path: Path, settings: Settings) -> str:
         raise ValueError(f"{path}: unknown or malformed placeholder {exc}") from exc
 
 
+def sql_text(settings: Settings, name: str) -> str:
+    """pipelines/sql/<name>.sql, rendered."""
+    path = settings.path(settings.sql_dir) / f"{name}.sql"
+    if not path.exists():
+        raise FileNotFoundError(f"SQL file {path} not found (sql_dir = {settings.sql_dir})")
+    return render(path, settings)
+
+
 def run_sql(
     con: duckdb.DuckDBPyConnection,
     settings: Settings,
@@ -137,10 +152,8 @@ def run_sql(
     reader of record batches (for results too large to hold). `select`: a projection
     (DuckDB's) of the result, computed in the same query."""
     path = settings.path(settings.sql_dir) / f"{name}.sql"
-    if not path.exists():
-        raise FileNotFoundError(f"SQL file {path} not found (sql_dir = {settings.sql_dir})")
+    text = sql_text(settings, name)
     try:
-        text = render(path, settings)
         relation = con.sql(f"SELECT {select} FROM ({text})" if select else text)
         if not stream:
             return relation.to_arrow_table()
