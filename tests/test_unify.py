@@ -397,7 +397,10 @@ def test_unifying_the_changes_equals_unifying_everything():
     rows = [person(i) for i in range(3000)]
     rows += [person(3000 + i, email="four@x.com") for i in range(4)]  # junk after one more
     rows += [person(3010 + i, email="five@x.com") for i in range(5)]  # not junk after one less
-    rows += [person(3020 + i, postal_code="99999", last_name="Lee") for i in range(12)]  # over 11
+    rows += [  # a block over 11, and under it once R3020 goes: its namesakes then pair
+        person(3020 + i, postal_code="99999", first_name="Ann", last_name="Lee", phone=None)
+        for i in range(12)
+    ]
     # A phone shared by 4 (two of them namesakes, linked by it) becomes junk with a fifth.
     shared = "+15559999999"
     rows += [
