@@ -89,6 +89,8 @@ def timed_build(settings) -> dict:
             detail[name] = {f"{r['source']}/{r['table']}": r["seconds"] for r in summary.rows()}
         elif name in ("silver", "gold"):
             detail[name] = {r["table"]: r["seconds"] for r in summary.rows()}
+        else:  # unify: how many records were matched and merged again
+            detail[name] = {"records": summary.records, "unified": summary.unified}
         print(f"  {name}: {out[name]} s, rss {peak_rss_mb():.0f} MB", file=sys.stderr, flush=True)
     out["total"] = round(sum(out.values()), 2)
     out["detail"] = detail
