@@ -115,6 +115,8 @@ PATCHED_GOLD = {  # the tables gold patches, and the columns that order their ro
     ("gold", "order_lines"): ["order_id", "line"],
     ("quarantine", "gold", "order_lines"): ["order_id", "line"],
     ("gold", "order_status_history"): ["entity_id", "valid_from"],
+    ("gold", "support_cases"): ["case_id"],
+    ("gold", "case_status_history"): ["entity_id", "valid_from"],
 }
 
 

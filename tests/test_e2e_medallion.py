@@ -139,7 +139,8 @@ def test_unify_of_the_changes_clusters_as_a_whole_unify(lake, tmp_path):
 
 def test_patched_gold_equals_a_rebuild(lake, tmp_path):
     """After an increment, gold recomputes only the affected orders (and their status
-    history) and keeps the other rows: the tables equal a build from scratch."""
+    history) and support cases' status history, and keeps the other rows: the tables
+    equal a build from scratch."""
     from c360ml.medallion.build import build_gold, build_unify
     from c360ml.medallion.ingest import ingest_landing
 
@@ -147,8 +148,13 @@ def test_patched_gold_equals_a_rebuild(lake, tmp_path):
     for step in (ingest_landing, build_silver, build_unify):
         step(lake)
     written = {t["table"]: t["written"] for t in build_gold(lake).rows()}
-    orders = Lake(lake.lake).dataset("gold", "orders").count_rows()
-    for table in ("gold/orders", "gold/order_lines", "gold/order_status_history"):
+    orders, cases = (Lake(lake.lake).count("gold", t) for t in ("orders", "support_cases"))
+    for table, entities in [
+        ("gold/orders", orders),
+        ("gold/order_lines", orders),
+        ("gold/order_status_history", orders),
+        ("gold/case_status_history", cases),
+    ]:
         assert written[table].startswith("patched"), written
-        assert 0 < int(written[table].split("(")[1].split()[0]) < 0.2 * orders
+        assert 0 < int(written[table].split("(")[1].split()[0]) < 0.2 * entities
     assert_gold_equals_a_rebuild(lake, tmp_path)

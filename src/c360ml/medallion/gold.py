@@ -34,6 +34,7 @@ from c360ml.medallion.patch import (
     STATE,
     Affected,
     affected_orders,
+    case_history_entities,
     history_entities,
     line_orders,
     restrict,
@@ -373,9 +374,9 @@ def build_gold(settings: Settings) -> GoldSummary:
                 restrict(scoped, lake, views, affected)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
                 meta[INPUTS_KEY] = json.dumps(inputs)
-                patch_gold(lake, name, readers, model, meta, quarantine, key, affected.order_ids())
+                patch_gold(lake, name, readers, model, meta, quarantine, key, affected.ids())
                 scoped.close()
-                how = f"patched ({affected.size} orders)"
+                how = f"patched ({affected.size} {affected.noun})"
         register(con, lake, f"gold_{name}", "gold", name)
         if quarantine:
             register(con, lake, f"quarantine_{name}", "quarantine", "gold", name)
@@ -464,5 +465,15 @@ def build_gold(settings: Settings) -> GoldSummary:
                 )
             ),
         )
-        put("case_status_history", StatusHistory, "case_status_history")
+        put(
+            "case_status_history",
+            StatusHistory,
+            "case_status_history",
+            patch=lambda since: case_history_entities(lake, since),
+            key="entity_id",
+            views={
+                "bronze_dataverse_incident": ("bronze", "dataverse", "incident"),
+                "gold_support_cases": ("gold", "support_cases"),
+            },
+        )
     return summary

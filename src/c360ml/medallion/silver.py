@@ -385,7 +385,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
             BRONZE_CURRENT_KEY: str(current),
             BRONZE_INGESTED_KEY: str(pc.max(raw[INGESTED_AT]).cast(pa_arrow.int64()).as_py()),
         }
-        if table.order_key:
+        if table.change_key:
             _log_changes(lake, table, latest)
         _apply(
             lake,
@@ -464,7 +464,7 @@ def _first_build(
     bad = pa_arrow.concat_tables(rejected) if rejected else q_schema.empty_table()
     lake.write(bad, "quarantine", "silver", table.name, mode="overwrite", metadata=meta)
     lake.write(schema.empty_table(), "silver", table.name, metadata=meta)
-    if table.order_key:
+    if table.change_key:
         _start_change_log(lake, table)
     result.silver_rows = _count(lake, "silver", table.name)
     result.quarantined = _count(lake, "quarantine", "silver", table.name)
@@ -482,7 +482,7 @@ def change_log(name: str) -> tuple[str, ...]:
 def _start_change_log(lake: Lake, table: SourceTable) -> None:
     """An empty change log of an order table, covering the changes after its version now."""
     schema = pa_arrow.schema(
-        [table.arrow_schema.field(c) for c in table.order_key]
+        [table.arrow_schema.field(c) for c in table.change_key]
         + [pa_arrow.field("silver_version", pa_arrow.int64())]
     )
     version = str(lake.version("silver", table.name))
@@ -501,7 +501,7 @@ def _log_changes(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> None
     """
     if not lake.exists(*change_log(table.name)):
         _start_change_log(lake, table)
-    key, order = list(table.key), list(table.order_key)
+    key, order = list(table.key), list(table.change_key)
     con = duckdb_connection()
     con.register("batch", latest.select(list(dict.fromkeys([*key, *order]))))
     register(con, lake, "current", "silver", table.name)

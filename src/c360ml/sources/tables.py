@@ -45,10 +45,10 @@ class SourceTable:
     name: str  # lower-case export name, also the folder name in landing/ and bronze/
     columns: tuple[Column, ...]  # in export (CSV) order
     key: tuple[str, ...]  # the row's identity across versions in the change feed
-    # Order tables: the columns naming the order a row belongs to. Silver logs them for
-    # every row a merge changes (`state/silver/<table>_changes`), so that gold knows which
-    # orders a build changed.
-    order_key: tuple[str, ...] = ()
+    # Tables gold patches: the columns naming the gold entity (an order, a support case) a
+    # row belongs to. Silver logs them for every row a merge changes
+    # (`state/silver/<table>_changes`), so that gold knows which entities a build changed.
+    change_key: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -84,13 +84,15 @@ DV_SYSTEM = (
 
 
 def _fo(
-    name: str, spec: str, key: tuple[str, ...] = ("recid",), order_key: tuple[str, ...] = ()
+    name: str, spec: str, key: tuple[str, ...] = ("recid",), change_key: tuple[str, ...] = ()
 ) -> SourceTable:
-    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key, order_key)
+    return SourceTable("d365", name, _cols(FO_SYSTEM + spec), key, change_key)
 
 
-def _dv(name: str, spec: str, key: tuple[str, ...]) -> SourceTable:
-    return SourceTable("dataverse", name, _cols(DV_SYSTEM + spec), key)
+def _dv(
+    name: str, spec: str, key: tuple[str, ...], change_key: tuple[str, ...] = ()
+) -> SourceTable:
+    return SourceTable("dataverse", name, _cols(DV_SYSTEM + spec), key, change_key)
 
 
 SALES_ORDER, POS_ORDER = ("dataareaid", "salesid"), ("transactionid",)  # order keys
@@ -127,14 +129,14 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "salesid:string custaccount:string salesstatus:int64 salestype:int64 "
         "currencycode:string retailchanneltable:int64 returnitemnum:string "
         "returnreasoncodeid:string",
-        order_key=SALES_ORDER,
+        change_key=SALES_ORDER,
     ),
     _fo(
         "salesline",
         "salesid:string linenum:decimal itemid:string salesqty:decimal salesprice:decimal "
         "lineamount:decimal linedisc:decimal costprice:decimal currencycode:string "
         "salesstatus:int64 returnstatus:int64",
-        order_key=SALES_ORDER,
+        change_key=SALES_ORDER,
     ),
     # type: 2 sales; entrystatus: 0 normal, 1 voided; channel -> store's channel RecId
     _fo(
@@ -143,14 +145,14 @@ D365_TABLES: tuple[SourceTable, ...] = (
         "transdate:dateTime transtime:int64 type:int64 entrystatus:int64 grossamount:decimal "
         "netamount:decimal discamount:decimal numberofitems:decimal currency:string "
         "loyaltycardid:string",
-        order_key=POS_ORDER,
+        change_key=POS_ORDER,
     ),
     _fo(
         "retailtransactionsalestrans",
         "transactionid:string linenum:decimal itemid:string qty:decimal price:decimal "
         "netamount:decimal discamount:decimal returnnosale:int64 returntransactionid:string "
         "transactionstatus:int64 store:string terminal:string",
-        order_key=POS_ORDER,
+        change_key=POS_ORDER,
     ),
     _fo("inventtable", "itemid:string namealias:string itemgroupid:string product:int64"),
 )
@@ -171,6 +173,7 @@ DATAVERSE_TABLES: tuple[SourceTable, ...] = (
         "incidentid:guid customerid:guid title:string casetypecode:int64 prioritycode:int64 "
         "createdon:dateTime modifiedon:dateTime statecode:int64",
         key=("incidentid",),
+        change_key=("incidentid",),
     ),
 )
 
