@@ -735,11 +735,51 @@ def unify_changes(
     are matched as a whole unify matches them, given the junk values and fuzzy block
     sizes over all records, and keep their ids by `assign_ids`' rules.
     """
-    n = len(table)
+    changed, junk_now = _seeds(con, table, rules)
+    redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
+    log.info("unify: %d records new or changed, %d unified again", changed, len(redo))
+    if len(redo) > REUNIFY_MAX * len(table):
+        return None
+    records = prepare_records(_frame(table.take(redo)))
+    state = record_state(records, rules)
+    junk = {
+        name: set(records[f"m_{name}"][state[f"hash_{name}"].isin(values)])
+        for name, values in junk_now.items()
+    }
+    pairs = _pairs(records, rules, junk=junk, block_sizes=_block_sizes(con, rules, state))
+    labels = cluster(len(records), pairs)
+    previous = con.sql("SELECT * FROM map_ SEMI JOIN retired USING (customer_id)").to_arrow_table()
+
+    def taken(wanted: pa.Array) -> set[str]:
+        con.register("wanted_", pa.table({"customer_id": wanted}))
+        found = con.sql("SELECT customer_id FROM map_ SEMI JOIN wanted_ USING (customer_id)")
+        return set(found.fetchnumpy()["customer_id"].tolist())
+
+    ids, redirects = assign_ids(records, labels, previous, today, taken=taken)
+    state = state.assign(**pair_counts(records, pairs))
+    keys = "SELECT source, source_key FROM redo UNION SELECT source, source_key FROM gone"
+    return Unified(
+        source_map=records[["source", "source_key"]].assign(customer_id=ids.to_numpy()),
+        profiles=merge_profiles(records, ids, rules.merge),
+        redirects=redirects,
+        state=state,
+        report=_changed_report(con, rules, state, junk_now, labels, keys),
+        retired=con.sql("SELECT customer_id FROM retired").to_arrow_table(),
+        keys=con.sql(keys).to_arrow_table(),
+    )
+
+
+def _seeds(
+    con: duckdb.DuckDBPyConnection, table: pa.Table, rules: UnifyRules
+) -> tuple[int, dict[str, np.ndarray]]:
+    """`unify_changes`' temporary tables: `gone` (state rows of records changed or
+    gone), `cur` (the state now), `seeds`, `retired` (their previous ids) and `redo`
+    (the records to unify again, by row of `table`). Returns the number of records new
+    or changed, and the junk values (hashes) per junk field now."""
     con.register(
         "now_",
         table.select(["source", "source_key", "record_hash"]).append_column(
-            "i", pa.array(np.arange(n))
+            "i", pa.array(np.arange(len(table)))
         ),
     )
     changed = con.sql(
@@ -811,16 +851,13 @@ def unify_changes(
               SELECT source, source_key FROM map_ SEMI JOIN retired USING (customer_id)
             ) k USING (source, source_key)"""
     )
-    redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
-    log.info("unify: %d records changed or gone, %d unified again", len(changed), len(redo))
-    if len(redo) > REUNIFY_MAX * n:
-        return None
-    records = prepare_records(_frame(table.take(redo)))
-    state = record_state(records, rules)
-    junk = {
-        name: set(records[f"m_{name}"][state[f"hash_{name}"].isin(values)])
-        for name, values in junk_now.items()
-    }
+    return len(changed), junk_now
+
+
+def _block_sizes(
+    con: duckdb.DuckDBPyConnection, rules: UnifyRules, state: pd.DataFrame
+) -> dict[str, np.ndarray]:
+    """Per fuzzy rule, the size over all records (`cur`) of each record's block."""
     sizes = {}
     for rule in (r for r in rules.rules if r.fuzzy is not None):
         block = f"block_{rule.name}"
@@ -831,18 +868,21 @@ def unify_changes(
         ).df()
         whole = state[block].map(dict(zip(counts["b"], counts["n"], strict=True)))
         sizes[rule.name] = whole.fillna(0).to_numpy(np.int64)
-    pairs = _pairs(records, rules, junk=junk, block_sizes=sizes)
-    labels = cluster(len(records), pairs)
-    previous = con.sql("SELECT * FROM map_ SEMI JOIN retired USING (customer_id)").to_arrow_table()
+    return sizes
 
-    def taken(wanted: pa.Array) -> set[str]:
-        con.register("wanted_", pa.table({"customer_id": wanted}))
-        found = con.sql("SELECT customer_id FROM map_ SEMI JOIN wanted_ USING (customer_id)")
-        return set(found.fetchnumpy()["customer_id"].tolist())
 
-    ids, redirects = assign_ids(records, labels, previous, today, taken=taken)
-    state = state.assign(**pair_counts(records, pairs))
-    keys = "SELECT source, source_key FROM redo UNION SELECT source, source_key FROM gone"
+def _changed_report(
+    con: duckdb.DuckDBPyConnection,
+    rules: UnifyRules,
+    state: pd.DataFrame,
+    junk_now: dict[str, np.ndarray],
+    labels: np.ndarray,
+    keys: str,
+) -> pd.DataFrame:
+    """The report over all records: the previous build's pair counts of the records not
+    unified again (`keys`: those unified again or gone) plus the new ones (`state`);
+    junk values and oversized blocks over `cur`; the clusters not unified again and the
+    new ones (`labels`)."""
     scopes = [f"{s}_{r.name}" for r in rules.rules for s in ("within", "across")]
     kept = con.sql(
         f"SELECT {', '.join(f'SUM({c})' for c in scopes)} FROM before_ ANTI JOIN ({keys}) k "
@@ -874,15 +914,7 @@ def unify_changes(
         "SELECT COUNT(*) AS n FROM map_ ANTI JOIN retired USING (customer_id) GROUP BY customer_id"
     ).fetchnumpy()["n"]
     sizes_now = np.concatenate([clean.astype(np.int64), np.bincount(labels)])
-    return Unified(
-        source_map=records[["source", "source_key"]].assign(customer_id=ids.to_numpy()),
-        profiles=merge_profiles(records, ids, rules.merge),
-        redirects=redirects,
-        state=state,
-        report=report_frame(totals, np.bincount(sizes_now)),
-        retired=con.sql("SELECT customer_id FROM retired").to_arrow_table(),
-        keys=con.sql(keys).to_arrow_table(),
-    )
+    return report_frame(totals, np.bincount(sizes_now))
 
 
 # ---------------------------------------------------------------- lake edges
