@@ -110,8 +110,11 @@ def test_unify_of_the_changes_clusters_as_a_whole_unify(lake, tmp_path):
     generate_increment(lake)
     ingest_landing(lake)
     build_silver(lake)
+    legacy = ("state", "unify", "name_postal_code_pairs")  # an older unify's state
+    Lake(lake.lake).write(pd.DataFrame({"left_key": ["K1"]}), *legacy)
     summary = build_unify(lake)
     assert 0 < summary.unified < summary.records / 2  # only the changes' clusters
+    assert Lake(lake.lake).tables("state", "unify") == [("unify", "records")]
     fresh = lake.model_copy(update={"lake_root": tmp_path / "lake"})
     shutil.copytree(lake.lake, fresh.lake)
     shutil.rmtree(fresh.lake / "state" / "unify")

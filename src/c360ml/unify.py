@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1040,3 +1041,6 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
         lake.write(state, *STATE, mode="overwrite", metadata=meta)
     else:
         replace_rows(lake, STATE, unified.keys, state, meta)
+    for parts in lake.tables(*STATE[:2]):
+        if parts != STATE[1:]:  # an older unify's per-rule state: no erasure purges it
+            shutil.rmtree(lake.path("state", *parts))
