@@ -480,7 +480,7 @@ def change_log(name: str) -> tuple[str, ...]:
 
 
 def _start_change_log(lake: Lake, table: SourceTable) -> None:
-    """An empty change log of an order table, covering the changes after its version now."""
+    """An empty change log of a logged table, covering the changes after its version now."""
     schema = pa_arrow.schema(
         [table.arrow_schema.field(c) for c in table.change_key]
         + [pa_arrow.field("silver_version", pa_arrow.int64())]
@@ -491,7 +491,7 @@ def _start_change_log(lake: Lake, table: SourceTable) -> None:
 
 
 def _log_changes(lake: Lake, table: SourceTable, latest: pa_arrow.Table) -> None:
-    """Log the order keys a merge of `latest` (the resolved batch) may change, before it
+    """Log the change keys a merge of `latest` (the resolved batch) may change, before it
     runs, under the silver version it will make: the batch rows' keys and those of the
     silver rows they replace or delete (a delete marker may carry only the row's key).
 
