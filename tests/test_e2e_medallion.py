@@ -140,6 +140,35 @@ def test_unify_of_the_changes_clusters_as_a_whole_unify(lake, tmp_path):
     build_all(lake)  # the rest of the build, for the tests after this one
 
 
+def test_unify_stopped_half_way_is_followed_by_a_whole_unify(lake, monkeypatch):
+    """A unify that stops after writing the map but before the profiles: the next one
+    does not trust the state (which the map no longer matches) and unifies everything,
+    so map and profiles hold the same customers again."""
+    import c360ml.unify as unify
+    from c360ml.medallion.ingest import ingest_landing
+
+    generate_increment(lake)
+    ingest_landing(lake)
+    build_silver(lake)
+    real = unify.replace_rows
+
+    def stop_at_profiles(lk, where, *args):
+        if where == ("gold", "customer_profile"):
+            raise KeyboardInterrupt
+        return real(lk, where, *args)
+
+    monkeypatch.setattr(unify, "replace_rows", stop_at_profiles)
+    with pytest.raises(KeyboardInterrupt):
+        unify.build_unify(lake)
+    monkeypatch.undo()
+    summary = unify.build_unify(lake)
+    assert summary.unified == summary.records
+    lk = Lake(lake.lake)
+    mapped = set(lk.read_pandas("gold", "customer_source_map").customer_id)
+    assert mapped == set(lk.read_pandas("gold", "customer_profile").customer_id)
+    build_all(lake)  # the rest of the build, for the tests after this one
+
+
 def test_patched_gold_equals_a_rebuild(lake, tmp_path):
     """After an increment, gold recomputes only the affected orders (and their status
     history) and support cases' status history, and keeps the other rows: the tables

@@ -966,8 +966,7 @@ def _state_inputs(lake: Lake, digest: str) -> dict | None:
 def build_unify(settings: Settings) -> UnifySummary:
     """silver -> unify: the source map, profiles, redirects and report; only the
     clusters that changes reach are unified again when the state allows it
-    (`unify_changes`). The state is written last, so a build stopped half way is
-    followed by a whole unify, not by one that trusts a state its outputs lack."""
+    (`unify_changes`). See `_write` for a build stopped half way."""
     started = time.perf_counter()
     lake = Lake(settings.lake)
     rules = load_rules(settings.path(settings.unify_rules))
@@ -1014,7 +1013,9 @@ def build_unify(settings: Settings) -> UnifySummary:
 
 def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> None:
     """The map and profiles (replaced, or their retired ids' rows replaced), redirects
-    appended, the report; the state last (see `build_unify`)."""
+    appended, the report; the state last. Before any of it the state is marked as being
+    rewritten (an empty commit), so a build stopped half way is followed by a whole
+    unify, not by one that compares with a state the outputs no longer match."""
     tables = {
         "customer_source_map": validate_arrow(
             pa.Table.from_pandas(unified.source_map, preserve_index=False),
@@ -1028,6 +1029,8 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
         ),
     }
     state = pa.Table.from_pandas(unified.state, preserve_index=False)
+    if lake.exists(*STATE):
+        lake.delete_and_append(*STATE, deletes={}, metadata={STATE_KEY: "being rewritten"})
     for name, rows in tables.items():
         if unified.retired is None:
             lake.write(rows, "gold", name, mode="overwrite", metadata=meta)
