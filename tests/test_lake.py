@@ -150,3 +150,24 @@ def test_a_table_written_again_at_a_path_is_not_read_with_the_old_vectors(lake):
     small = min(lake.delta("gold", "t").file_uris(), key=lambda f: pq.read_metadata(f).num_rows)
     lake.delete_and_append("gold", "t", deletes={small: np.array([2])})
     assert all(keys == {0, 1, 2, 3, 4, 5, 6} for keys in _keys_by_every_reader(lake))
+
+
+def test_a_table_is_read_at_its_latest_version_whoever_committed_it(lake):
+    """`Lake.delta` keeps each table loaded and brings it up to date: commits from
+    another writer are seen, and a table removed and written again (fewer versions, new
+    files) is loaded anew, not updated from the old one."""
+    import shutil
+
+    from deltalake import write_deltalake
+
+    where = lake.path("gold", "t")
+    before = lake.delta("gold", "t").version()
+    write_deltalake(str(where), pa.table({"k": [-1], "v": ["w"]}), mode="append")
+    assert lake.delta("gold", "t").version() == before + 1
+    assert -1 in lake.read("gold", "t", columns=["k"])["k"].to_pylist()
+    assert len(lake.read("gold", "t", version=before)) == N + 10
+    assert lake.delta("gold", "t").version() == before + 1  # reading a version left it
+    shutil.rmtree(where)
+    lake.write(pa.table({"k": [7], "v": ["y"]}), "gold", "t")
+    assert lake.delta("gold", "t").version() == 0
+    assert all(keys == {7} for keys in _keys_by_every_reader(lake))
