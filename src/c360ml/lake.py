@@ -352,11 +352,12 @@ def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
     if not commit.exists():  # a version known from a checkpoint only: not cached
         return _read_deleted(table)
     key = (table.table_uri, table.version(), commit.stat().st_mtime_ns)
-    if key not in _DELETED_CACHE:
+    found = _DELETED_CACHE.get(key)  # one lookup: another thread may clear the cache
+    if found is None:
         if len(_DELETED_CACHE) >= _DELETED_CACHE_SIZE:
             _DELETED_CACHE.clear()
-        _DELETED_CACHE[key] = _read_deleted(table)
-    return _DELETED_CACHE[key]
+        found = _DELETED_CACHE[key] = _read_deleted(table)
+    return found
 
 
 def _read_deleted(table: DeltaTable) -> dict[str, np.ndarray]:
