@@ -438,7 +438,8 @@ def build_gold(settings: Settings) -> GoldSummary:
         quarantine=True,
         patch=lines_changes,
         key="order_id",
-        views={f"silver_{t}": ("silver", t) for t in ("salesline", "retailtransactionsalestrans")},
+        views={f"silver_{t}": ("silver", t) for t in ("salesline", "retailtransactionsalestrans")}
+        | {"gold_orders": ("gold", "orders"), "quarantine_orders": ("quarantine", "gold", "orders")},
     )
     if d365:
         put("products", Products, "products")

@@ -235,8 +235,9 @@ def restrict(
     affected: Affected | AffectedCases,
 ) -> None:
     """Replace lake views (name -> (layer, parts...)) by their rows of the affected orders
-    or cases: the SQL files then compute just those. A view is restricted by the first
-    key columns it has (sales or POS orders, incidents); gold views by the gold id."""
+    or cases: the SQL files then compute just those. A view with the gold id (gold and
+    its quarantine) is restricted by it, others by the first key columns they have
+    (sales or POS orders, incidents)."""
     keys = affected.keys()
     for i, table in enumerate(keys):
         con.register(f"affected_{i}", table)
@@ -244,7 +245,7 @@ def restrict(
     for view, where in views.items():
         register(con, lake, f"{view}__all", *where)
         columns = set(con.sql(f"SELECT * FROM {view}__all LIMIT 0").columns)
-        if where[0] == "gold":
+        if affected.gold_key in columns:
             on, against = (affected.gold_key,), "affected_ids"
         else:
             i = next(i for i, t in enumerate(keys) if set(t.column_names) <= columns)
