@@ -413,12 +413,15 @@ def test_unifying_the_changes_equals_unifying_everything():
     rows += [person(3050 + i, postal_code="88888", first_name="Ann", last_name="Lee", phone=None)
              for i in range(14)]  # fmt: skip
     rows += [person(3070 + i, email=rows[-1 - i]["email"]) for i in range(2)]
+    # A namesake without a phone (no veto), whom only the name links to a new record.
+    rows += [person(3080, postal_code="77777", first_name="Anne", last_name="Lee", phone=None)]
     before = unify_all(_records_table(rows), rules, None, today)
 
     after = rows[60:]  # 60 removed
     after = [r for r in after if r["source_key"] not in ("R3010", "R3020")]
     after += [person(4000 + i) for i in range(30)] + [person(4100, email="four@x.com")]
     after += [person(4101, phone=shared, last_name="Kim", email="own4@x.com")]
+    after += [person(4200, postal_code="77777", first_name="Ann", last_name="Lee", phone=None)]
     for i, row in enumerate(after):
         if row["source_key"] in ("R3070", "R3071"):
             after[i] = {**row, "first_name": "Zed"}
@@ -471,3 +474,5 @@ def test_unifying_the_changes_equals_unifying_everything():
     # clusters merged (redirects).
     assert not before.report["note"].equals(expected.report["note"])
     assert len(expected.redirects) > 0
+    ids = expected.source_map.set_index("source_key")["customer_id"]
+    assert ids["R3080"] == ids["R4200"]

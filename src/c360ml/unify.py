@@ -687,33 +687,27 @@ def unify_all(
 def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: UnifyRules) -> pa.Table:
     """(source, source_key) of the records a new or changed record (`fresh_`) matches
     under a fuzzy rule now, among the records of its block (`cur`): scored as
-    `match_rule` scores, in blocks within the size limit, without junk values."""
+    `match_rule` scores, in blocks within the size limit, without junk values. The veto
+    is tested in the query (the hashes are equal iff the values are): at 1M customers it
+    leaves a seventh of the candidate pairs to score."""
     block, text = f"block_{rule.name}", f"text_{rule.fuzzy.field}"
     guarded = [f for f in rule.exact if f in rules.junk_fields]
-    veto = rule.veto_if_all_differ
+    differ = [f"f.hash_{v} <> c.hash_{v}" for v in rule.veto_if_all_differ]  # null: not
     candidates = con.sql(
         f"""SELECT c.source, c.source_key, f.{text} AS l, c.{text} AS r
-                   {"".join(f", f.hash_{v} AS l_{v}, c.hash_{v} AS r_{v}" for v in veto)}
             FROM fresh_ f JOIN cur c USING ({block})
             WHERE (c.source <> f.source OR c.source_key <> f.source_key)
               AND f.{text} IS NOT NULL AND c.{text} IS NOT NULL
               AND {block} IN (SELECT {block} FROM cur GROUP BY 1
                               HAVING COUNT(*) <= {rules.max_block_size})
+              {f" AND NOT COALESCE({' AND '.join(differ)}, FALSE)" if differ else ""}
               {"".join(f" AND f.hash_{g} NOT IN (SELECT v FROM junk_is_{g})" for g in guarded)}"""
     ).to_arrow_table()
     m = len(candidates)
     values = np.concatenate(
         [candidates[side].to_numpy(zero_copy_only=False) for side in ("l", "r")]
     )
-    codes = [  # the hashes are codes already: never negative (see record_state), -1 missing
-        pa.concat_arrays([candidates[f"{side}_{v}"].combine_chunks() for side in ("l", "r")])
-        .fill_null(-1)
-        .to_numpy()
-        for v in veto
-    ]
-    _, right = fuzzy_matches(
-        rule, fuzzy_values(rule, values), codes, np.arange(m), m + np.arange(m)
-    )
+    _, right = fuzzy_matches(rule, fuzzy_values(rule, values), [], np.arange(m), m + np.arange(m))
     return candidates.select(["source", "source_key"]).take(right - m)
 
 
