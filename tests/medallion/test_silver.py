@@ -270,8 +270,9 @@ def test_bronze_rewritten_by_an_erasure_is_not_new_again(settings):
 
 def test_first_build_resolution_ranks_only_repeated_keys_as_a_window_would():
     """The first build's resolution (single-row keys passed through, repeated keys
-    ranked) gives what one window over the whole feed gives: trimmed keys, versions
-    then SinkModifiedOn, null keys one group."""
+    ranked by key, version and position, the winners fetched by position) gives what
+    one window over the whole feed gives: trimmed keys, versions then SinkModifiedOn,
+    null keys one group."""
     import pyarrow as pa
 
     from c360ml.medallion.silver import _resolve_sql
@@ -290,7 +291,15 @@ def test_first_build_resolution_ranks_only_repeated_keys_as_a_window_would():
     )
     con = duckdb_connection()
     con.register("feed", feed)
-    got = con.sql(_resolve_sql(SOURCE_TABLES[("dataverse", "contact")], "feed"))
+    positions = {
+        "filename": ["a.parquet"] * 5 + ["b.parquet"] * 4,
+        "file_row_number": [*range(5), *range(4)],
+    }
+    positioned = feed
+    for name, values in positions.items():
+        positioned = positioned.append_column(name, pa.array(values))
+    con.register("positioned", positioned)
+    got = con.sql(_resolve_sql(SOURCE_TABLES[("dataverse", "contact")], "positioned"))
     window = con.sql(
         """SELECT * EXCLUDE (_rn) FROM (SELECT *, ROW_NUMBER() OVER (
              PARTITION BY NULLIF(TRIM(contactid), '')
