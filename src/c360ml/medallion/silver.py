@@ -442,21 +442,24 @@ def _first_build(
     con = duckdb_connection()
     register(con, lake, "feed", "bronze", table.source, table.name, positions=True)
     meta = {BRONZE_VERSION_KEY: str(bronze_version)}
-    newest = con.execute(f"SELECT epoch_us(max({INGESTED_AT})) FROM feed").fetchall()[0][0]
+    feed_rows, newest = con.execute(
+        f"SELECT COUNT(*), epoch_us(max({INGESTED_AT})) FROM feed"
+    ).fetchall()[0]
+    result.new_bronze_rows = feed_rows
     if newest is not None:
         meta[BRONZE_INGESTED_KEY] = str(newest)
     schema, q_schema = silver_arrow_schema(table), silver_arrow_schema(table, quarantine=True)
     rejected: list[pa_arrow.Table] = []
+    # Deletes and dropped columns (Id) go in the query, before the string work.
+    columns = ", ".join(f'"{n}"' for n in schema.names)
+    live = f"""SELECT {columns} FROM ({_resolve_sql(table, "feed")})
+               WHERE NOT COALESCE("IsDelete", FALSE)"""
 
     def good_batches():
-        reader = con.sql(_resolve_sql(table, "feed")).to_arrow_reader(STREAM_ROWS)
-        for batch in reader:
+        for batch in con.sql(live).to_arrow_reader(STREAM_ROWS):
             rows = pa_arrow.Table.from_batches([batch])
-            result.new_bronze_rows += len(rows)
-            # Deletes and dropped columns (Id) go before the string work.
-            live = rows.filter(pc.invert(pc.fill_null(rows["IsDelete"], False)))
-            result.bronze_current += len(live)
-            latest = standardise(trim_strings(live.select(schema.names)), rules)
+            result.bronze_current += len(rows)
+            latest = standardise(trim_strings(rows), rules)
             good, bad = split_valid_arrow(latest, table, rules)
             rejected.append(bad.cast(q_schema))
             yield from good.cast(schema).to_batches()
