@@ -313,9 +313,13 @@ def failed_checks(table: pa_arrow.Table, source: SourceTable, rules: Rules) -> p
 def split_valid_arrow(
     table: pa_arrow.Table, source: SourceTable, rules: Rules
 ) -> tuple[pa_arrow.Table, pa_arrow.Table]:
-    """(valid rows, rejected rows with `_reason`), as split_valid does with pandera."""
+    """(valid rows, rejected rows with `_reason`), as split_valid does with pandera.
+    A batch without a rejected row is passed on as it is: a filter copies every column
+    (0.24 s per million rows: 3 s of a 12M-row table's first build)."""
     reason = failed_checks(table, source, rules)
     bad = pc.is_valid(reason)
+    if not pc.any(bad).as_py():  # (an empty slice would keep the batch's buffers alive)
+        return table, table.schema.append(pa_arrow.field(REASON, pa_arrow.string())).empty_table()
     return (
         table.filter(pc.invert(bad)),
         table.filter(bad).append_column(REASON, reason.filter(bad)),
