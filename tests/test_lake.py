@@ -171,3 +171,16 @@ def test_a_table_is_read_at_its_latest_version_whoever_committed_it(lake):
     lake.write(pa.table({"k": [7], "v": ["y"]}), "gold", "t")
     assert lake.delta("gold", "t").version() == 0
     assert all(keys == {7} for keys in _keys_by_every_reader(lake))
+
+
+def test_a_lake_reached_through_a_symbolic_link_is_patched(tmp_path):
+    """delta-rs names files by their real path; the lake's own paths must match them."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    lake = Lake(tmp_path / "link")
+    lake.write(pa.table({"k": np.arange(10), "v": ["x"] * 10}), "gold", "t")
+    (uri,) = lake.delta("gold", "t").file_uris()
+    lake.delete_and_append(
+        "gold", "t", deletes={uri: np.array([0])}, rows=pa.table({"k": [10], "v": ["y"]})
+    )
+    assert sorted(lake.read("gold", "t")["k"].to_pylist()) == list(range(1, 11))

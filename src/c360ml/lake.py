@@ -51,6 +51,11 @@ class Lake:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # delta-rs names files by the table's real path: a root reached through a
+        # symbolic link would not match them.
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
     def path(self, layer: str, *parts: str) -> Path:
         if layer not in LAYERS:
             raise ValueError(f"unknown lake layer {layer!r}; expected one of {LAYERS}")
