@@ -311,7 +311,7 @@ def patch_gold(
     quarantine: bool,
     key: str,
     ids: pa_arrow.Array,
-) -> None:
+) -> dict[tuple[str, ...], pa_arrow.Table]:
     """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
     -> one gold commit that deletes the table's rows of those ids by position (deletion
     vectors, `Lake.delete_and_append`) and appends the results; the same in the
@@ -319,15 +319,19 @@ def patch_gold(
 
     The results are checked as `stream_gold` checks a whole table; a unique column stays
     unique because every kept row's id is outside `ids` and every result's inside.
+    Returns the rows written, per table: those tables' rows of `ids` now.
     """
     check = ArrowCheck(model, f"gold/{name}")
     rejected: list[pa_arrow.Table] | None = [] if quarantine else None
     rows = pa_arrow.Table.from_batches(list(_checked(readers, check, rejected)), check.schema)
     keys = pa_arrow.table({key: ids})
     replace_rows(lake, ("gold", name), keys, rows, meta)
+    written = {("gold", name): rows}
     if rejected is not None:
         bad = pa_arrow.concat_tables([readers[0].schema.empty_table(), *rejected])
         replace_rows(lake, ("quarantine", "gold", name), keys, bad, {})
+        written["quarantine", "gold", name] = bad
+    return written
 
 
 def build_gold(settings: Settings) -> GoldSummary:
@@ -349,6 +353,8 @@ def build_gold(settings: Settings) -> GoldSummary:
     # Tables written by this build: the inputs they were built from last, and the orders
     # they recomputed (None: rebuilt).
     touched: dict[str, tuple[dict | None, Affected | None]] = {}
+    # Tables patched by this build: the ids recomputed and the rows written for them.
+    patched: dict[tuple[str, ...], tuple[pa_arrow.Array, pa_arrow.Table]] = {}
 
     def put(
         name, model, *sql, quarantine=False, note=lambda: "", patch=None, key="", views=None,
@@ -381,10 +387,12 @@ def build_gold(settings: Settings) -> GoldSummary:
                 scoped.register("order_accounts", accounts)
                 if name == "order_lines":
                     register_all_orders(scoped)
-                restrict(scoped, lake, views, affected)
+                restrict(scoped, lake, views, affected, patched)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
                 meta[INPUTS_KEY] = json.dumps(inputs)
-                patch_gold(lake, name, readers, model, meta, quarantine, key, affected.ids())
+                ids = affected.ids()
+                written = patch_gold(lake, name, readers, model, meta, quarantine, key, ids)
+                patched.update({where: (ids, rows) for where, rows in written.items()})
                 scoped.close()
                 how = f"patched ({affected.size} {affected.noun})"
         register(con, lake, f"gold_{name}", "gold", name)

@@ -234,16 +234,31 @@ def restrict(
     lake: Lake,
     views: dict[str, tuple[str, ...]],
     affected: Affected | AffectedCases,
+    patched: dict[tuple[str, ...], tuple[pa.Array, pa.Table]] | None = None,
 ) -> None:
     """Replace lake views (name -> (layer, parts...)) by their rows of the affected orders
     or cases: the SQL files then compute just those. A view with the gold id (gold and
     its quarantine) is restricted by it, others by the first key columns they have
-    (sales or POS orders, incidents)."""
-    keys = affected.keys()
+    (sales or POS orders, incidents).
+
+    `patched`: tables this build patched, with the ids it recomputed and the rows it
+    wrote for them. A table patched for all the affected ids holds, for those ids, just
+    the rows written: they are taken instead of a scan (gold/orders' 12M ids cost 0.6 s).
+    """
+    keys, ids = affected.keys(), affected.ids()
     for i, table in enumerate(keys):
         con.register(f"affected_{i}", table)
-    con.register("affected_ids", pa.table({affected.gold_key: affected.ids()}))
+    con.register("affected_ids", pa.table({affected.gold_key: ids}))
     for view, where in views.items():
+        done, rows = (patched or {}).get(where, (None, None))
+        if (
+            done is not None
+            and affected.gold_key in rows.column_names
+            and pc.all(pc.is_in(ids, done)).as_py()
+        ):
+            con.register(f"{view}__rows", rows.filter(pc.is_in(rows[affected.gold_key], ids)))
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {view}__rows")
+            continue
         register(con, lake, f"{view}__all", *where)
         columns = set(con.sql(f"SELECT * FROM {view}__all LIMIT 0").columns)
         if affected.gold_key in columns:
