@@ -177,9 +177,13 @@ def test_patched_gold_equals_a_rebuild(lake, tmp_path):
     from c360ml.medallion.ingest import ingest_landing
 
     generate_increment(lake)
-    for step in (ingest_landing, build_silver, build_unify):
+    ingest_landing(lake)
+    order_id, line = pos_line_changed_alone(Lake(lake.lake))
+    for step in (build_silver, build_unify):
         step(lake)
     written = {t["table"]: t["written"] for t in build_gold(lake).rows()}
+    lines = Lake(lake.lake).read_pandas("quarantine", "gold", "order_lines")
+    assert lines.set_index(["order_id", "line"]).loc[(order_id, line), "qty"] < 0
     orders, cases = (Lake(lake.lake).count("gold", t) for t in ("orders", "support_cases"))
     for table, entities in [
         ("gold/orders", orders),
@@ -190,3 +194,32 @@ def test_patched_gold_equals_a_rebuild(lake, tmp_path):
         assert written[table].startswith("patched"), written
         assert 0 < int(written[table].split("(")[1].split()[0]) < 0.2 * entities
     assert_gold_equals_a_rebuild(lake, tmp_path)
+
+
+def pos_line_changed_alone(lake: Lake) -> tuple[str, int]:
+    """A new bronze version of one POS line (its quantity negated) whose transaction
+    nothing else touches (anonymous, not in the increment: no account or header change): the
+    lines' patch must recompute it too. Returns its order id and line number."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    where = ("bronze", "d365", "retailtransactionsalestrans")
+    headers = lake.read("bronze", "d365", "retailtransactiontable")
+    latest = pc.equal(headers["_ingested_at"], pc.max(headers["_ingested_at"]))  # the increment
+    touched = headers.filter(latest)["transactionid"]
+    old = headers.filter(pc.invert(pc.is_in(headers["transactionid"], touched)))
+    alone = old.filter(pc.is_null(pc.utf8_trim_whitespace(old["custaccount"])))["transactionid"]
+    lines = lake.read(*where)
+    line = lines.filter(
+        pc.and_(pc.is_in(lines["transactionid"], alone), pc.greater(lines["qty"], 0))
+    )
+    line = line.slice(0, 1)
+    now = pa.scalar(pd.Timestamp.now(tz="UTC"), line.schema.field("_ingested_at").type)
+    for name, value in [
+        ("qty", pc.negate(line["qty"])),
+        ("versionnumber", pc.add(line["versionnumber"], 1_000_000)),
+        ("_ingested_at", pa.array([now])),
+    ]:
+        line = line.set_column(line.schema.get_field_index(name), name, value)
+    lake.write(line, *where, mode="append")
+    return f"POS:{line['transactionid'][0]}", int(line["linenum"][0].as_py())

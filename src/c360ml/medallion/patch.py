@@ -53,6 +53,10 @@ SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table wa
 # Silver tables whose changes silver logs (their `change_key` names the order or case).
 FEEDS = {t.name: t for t in SOURCE_TABLES.values() if t.change_key}
 ORDER_FEEDS = ("salestable", "salesline", "retailtransactiontable")  # what orders.sql reads
+# The orders' patch also recomputes the POS orders whose lines changed (orders.sql reads no
+# POS line): then the lines' patch recomputes no order that the orders' did not, and takes
+# the orders from that patch's rows instead of scanning gold/orders (see `restrict`).
+AFFECTED_FEEDS = (*ORDER_FEEDS, "retailtransactionsalestrans")
 HISTORY_FEEDS = ("salestable", "retailtransactiontable")  # bronze feeds of the history
 
 
@@ -165,7 +169,7 @@ def affected_orders(
     `con` has the full silver tables and the current `order_accounts` registered."""
     if not lake.exists(*STATE):
         return None
-    feeds = {name: silver_changes(lake, name, since) for name in ORDER_FEEDS}
+    feeds = {name: silver_changes(lake, name, since) for name in AFFECTED_FEEDS}
     if any(f is None for f in feeds.values()):
         return None
     for name, feed in feeds.items():
@@ -190,6 +194,7 @@ def affected_orders(
     ).to_arrow_table()
     pos = con.sql(
         f"""SELECT transactionid FROM changed_retailtransactiontable
+            UNION SELECT transactionid FROM changed_retailtransactionsalestrans
             UNION SELECT transactionid FROM silver_retailtransactiontable WHERE {of_accounts}"""
     ).to_arrow_table()
     return Affected(
@@ -209,14 +214,11 @@ def history_entities(lake: Lake, since: dict[str, int], orders: Affected) -> Aff
 
 def line_orders(lake: Lake, since: dict[str, int], orders: Affected) -> Affected | None:
     """Orders whose lines may differ: those whose gold row may have (their quarantine
-    reason is the lines'), and those with changed lines. A change of the products (each
-    line's category) rebuilds."""
+    reason is the lines'), which include those with changed lines (`AFFECTED_FEEDS`).
+    A change of the products (each line's category) rebuilds."""
     if since.get("silver/inventtable") != lake.version("silver", "inventtable"):
         return None
-    pos = silver_changes(lake, "retailtransactionsalestrans", since)
-    if pos is None:
-        return None  # the sales lines' changes are in `orders` already
-    return orders.union(Affected(orders.sales.slice(0, 0), pos))
+    return orders
 
 
 def case_history_entities(lake: Lake, since: dict[str, int]) -> AffectedCases | None:
