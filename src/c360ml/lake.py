@@ -322,10 +322,10 @@ _LOADED = threading.local()  # .tables: path -> (identity, table), per thread (s
 def _latest(where: Path) -> DeltaTable:
     """The table at `where`, brought up to its latest version.
 
-    Loaded once per process and then updated with the commits since (0.5 ms against
+    Loaded once (per thread) and then updated with the commits since (0.5 ms against
     3-5 ms a load; an incremental build at 1M customers asked for tables ~500 times).
     The first commit file's identity tells a table removed and written again (whose
-    versions restart) from the one loaded. Per thread: delta-rs refuses a table object
+    versions restart) from the one loaded. Per thread, as delta-rs refuses a table object
     used by two threads at once (one updating it while the other reads it)."""
     try:
         first = (where / "_delta_log" / f"{0:020d}.json").stat()
