@@ -96,9 +96,30 @@ def cmd_measures(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.model.pipeline import run_training
 
-    summary = run_training(settings, _as_of(args.as_of), args.tune, args.sample_rate)
+    summary = run_training(
+        settings,
+        _as_of(args.as_of),
+        args.tune,
+        args.sample_rate,
+        require_approval=args.require_approval or None,
+    )
     _print_rows(f"train {settings.model_name}", summary.rows())
     console.print(f"MLflow: {settings.tracking_uri}  (UI: make mlflow-ui)")
+
+
+def cmd_model(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.model import registry
+
+    uri = settings.tracking_uri
+    if args.action == "rollback":
+        move = registry.rollback(uri, settings.model_name, args.to, args.reason)
+    else:
+        move = registry.approve(uri, settings.model_name, args.version, args.reason, args.force)
+    replaced = f" (was v{move.replaced})" if move.replaced else ""
+    console.print(
+        f"{args.action}: {move.model_name} champion is now v{move.champion}{replaced}: "
+        f"{move.reason}"
+    )
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> None:
@@ -209,7 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="share of training customers (default: sampled only above the cap)",
     )
+    trn.add_argument(
+        "--require-approval",
+        action="store_true",
+        help="a passing model waits as challenger for `c360ml model approve`",
+    )
     trn.set_defaults(func=cmd_train)
+
+    mdl = sub.add_parser("model", help="move the champion alias by hand")
+    mdl_sub = mdl.add_subparsers(dest="action", required=True)
+    rbk = mdl_sub.add_parser("rollback", help="champion back to the version it replaced")
+    rbk.add_argument("--to", default=None, help="model version to roll back to")
+    rbk.add_argument("--reason", default="", help="why (kept as a version tag)")
+    apv = mdl_sub.add_parser("approve", help="make a version awaiting approval the champion")
+    apv.add_argument("version", help="model version")
+    apv.add_argument("--reason", default="", help="why (kept as a version tag)")
+    apv.add_argument("--force", action="store_true", help="approve even if the gate refused it")
+    for p in (rbk, apv):
+        p.set_defaults(func=cmd_model)
 
     srv = sub.add_parser("serve", help="serve the champion with BentoML")
     srv.add_argument("--port", type=int, default=3000)

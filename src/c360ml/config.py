@@ -40,6 +40,17 @@ class DemoSettings(_Frozen):
     end: str = "2025-12-31"  # last day of simulated history (UTC)
 
 
+class GateSettings(_Frozen):
+    """The champion gate's approval switch and the bounds of its sanity checks."""
+
+    require_approval: bool = False  # a passing challenger waits for `c360ml model approve`
+    max_population_change: float = 0.3  # relative change of active customers at the test cutoff
+    max_label_rate_change: float = 0.1  # absolute change of the churn rate at the test cutoff
+    max_purchase_change: float = 0.3  # relative change of purchases per active customer
+    max_predicted_rate_change: float = 0.05  # absolute change of the mean ChurnScore, both
+    # models scored on the current population (the challenger's test cutoff)
+
+
 class Settings(_Frozen):
     """Every path and setting a stage needs. Relative paths resolve against `root`."""
 
@@ -66,6 +77,7 @@ class Settings(_Frozen):
     refresh_chunk_customers: int = Field(200_000, ge=1)
     refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
+    gate: GateSettings = GateSettings()  # when a new model version may become champion
 
     def path(self, p: Path) -> Path:
         """Resolve a configured path against the project root."""

@@ -15,8 +15,11 @@ def make_matrix(
     seed: int = 0,
     spacing_days: int = 30,
     customer_ids: list[str] | None = None,
+    churn_shift: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A labelled float32 feature matrix and the RFM of the same rows.
+
+    `churn_shift` is added to every customer's churn log-odds (> 0: most customers churn).
 
     Churn depends on two features (so a model can beat the RFM logistic); recency is only
     a few days for most customers (so CI-D's rule baseline flags few churners).
@@ -30,7 +33,7 @@ def make_matrix(
         n = len(ids)
         f = rng.normal(size=(n, len(FEATURES))).astype(np.float32)
         f[rng.random(n) < 0.05, 3] = np.nan  # some missing values, as featuretools gives
-        margin = 1.6 * f[:, 0] - 1.2 * f[:, 1] + 0.8 * f[:, 0] * f[:, 2]
+        margin = 1.6 * f[:, 0] - 1.2 * f[:, 1] + 0.8 * f[:, 0] * f[:, 2] + churn_shift
         label = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(np.int8)
         recency = rng.uniform(0, 25, n) + 3 * label
         frame = pd.DataFrame(f, columns=list(FEATURES))

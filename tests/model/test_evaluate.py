@@ -48,8 +48,27 @@ def test_rule_baseline_predicts_churn_without_purchase_in_span():
     assert by_span[45]["churn_recall"] == 1.0
     assert by_span[45]["accuracy"] == pytest.approx(1.0)  # 40 < 45: retained
     assert by_span[22]["accuracy"] == pytest.approx(0.8)  # 40 >= 22: false alarm
-    assert rule.span_days in (45, 22) and rule.churn_recall == 1.0
-    assert rule.span_days == 45  # ties on recall go to the more accurate span
+    assert rule.span_days == 45 and rule.churn_recall == 1.0  # the most accurate span
+    # The most accurate span wins even where a shorter one flags more churners.
+    y = np.array([1, 0, 0, 0, 0, 1])
+    rule = evaluate.ci_d_rule_baseline(y, np.array([100.0, 50, 50, 60, 10, 30]), 90)
+    by_span = {int(r["span_days"]): r for r in rule.by_span}
+    assert by_span[22]["churn_recall"] == 1.0 and by_span[22]["accuracy"] == pytest.approx(0.5)
+    assert rule.span_days == 90 and rule.accuracy == pytest.approx(5 / 6)
+    assert rule.churn_recall == pytest.approx(0.5)
+
+
+def test_everyone_churns_is_graded_a_where_most_customers_churn():
+    """CI-D's wording rewards flagging everyone once the churn rate is above one half: the
+    grade is a parity scorecard, not a quality gate (the gate refuses this predictor)."""
+    rng = np.random.default_rng(4)
+    y = (rng.random(2_000) < 0.7).astype(int)
+    recency = rng.uniform(0, 100, 2_000) + 10 * y  # the rule baseline is informative
+    rule = evaluate.ci_d_rule_baseline(y, recency, 90)
+    constant = evaluate.ci_d_grade(y, np.full(len(y), 0.9), rule.churn_recall)
+    assert constant.accuracy == pytest.approx(y.mean()) and constant.churn_recall == 1.0
+    assert rule.churn_recall < 1 / 1.1
+    assert constant.grade == "A"
 
 
 def test_weighted_metrics_match_sklearn_with_ties():

@@ -1,8 +1,12 @@
-"""run_training end to end on a small synthetic gold (features module included)."""
+"""run_training end to end on a generated lake (features module included), and the gate."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -20,58 +24,49 @@ from c360ml.model.train import TrainConfig
 from tests.conftest import generated_lake, write_gold
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks" / "bench_features.py"
 AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
-
-
-def _synthetic_gold(customers: int):
-    """The features benchmark's synthetic gold (a known churn process, gold contract)."""
-    if not BENCH.exists():
-        pytest.skip("benchmarks/bench_features.py (synthetic gold) not available")
-    spec = importlib.util.spec_from_file_location("bench_features_for_model_tests", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_synthetic_gold(customers, seed=3)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A generated lake large enough for the gate's rules to pass on merit (a model on a
+    few hundred customers cannot beat the RFM baseline with an interval above zero)."""
     tmp = tmp_path_factory.mktemp("train")
+    settings = generated_lake(tmp, customers=2000, seed=7)
     spec = yaml.safe_load((ROOT / "features" / "retention.yaml").read_text())
     spec["churn"]["cutoff_count"] = 7  # the fewest monthly cutoffs for an honest split
     (tmp / "retention.yaml").write_text(yaml.safe_dump(spec))
-    settings = Settings(
-        root=tmp,
-        lake_root=tmp / "lake",
-        truth_root=tmp / "truth",
-        mlflow_dir=tmp / "mlflow",
-        feature_spec=tmp / "retention.yaml",
-    )
-    gold = _synthetic_gold(250)
-    write_gold(Lake(settings.lake), gold)
-    return settings, gold
+    settings = settings.model_copy(update={"feature_spec": tmp / "retention.yaml"})
+    return settings, ft.read_gold(Lake(settings.lake))
 
 
 def test_run_training_registers_and_gates(setup):
     settings, gold = setup
     config = TrainConfig(nthread=1, bootstrap_resamples=50)
-    first = run_training(settings, AS_OF, config=config)
-    assert first.model_version == "1" and first.promoted
+    month_earlier = AS_OF - pd.Timedelta(days=30)
+    first = run_training(settings, month_earlier, config=config)
+    assert first.model_version == "1" and first.promoted, first.gate_reason
     assert first.split_mode == "out_of_time" and not first.optimistic
-    assert first.test_cutoff == AS_OF - pd.Timedelta(days=90)
+    assert first.test_cutoff == month_earlier - pd.Timedelta(days=90)
     assert first.roc_auc > 0.6 and first.roc_auc_ci[0] < first.roc_auc < first.roc_auc_ci[1]
     rows = first.rows()
     assert all(set(r) == {"item", "value"} and isinstance(r["value"], str) for r in rows)
     assert any(r["item"] == "grade" for r in rows)
 
-    # Retraining at the same as_of: the champion's refit saw the new test window's labels,
-    # so the comparison is "not comparable" (decided against the RFM baseline instead).
+    # A retrain one month later: the champion saw part of the new test window's labels, so
+    # the recipes are compared on the new data (not refused as "not comparable").
+    later = run_training(settings, AS_OF, config=config)
+    assert later.model_version == "2"
+    assert "recipe comparison with the champion's recipe refitted" in later.gate_reason
+    assert "sanity check" not in later.gate_reason or later.promoted
+    assert "label rate ok" in later.gate_reason and "population size ok" in later.gate_reason
+
     second = run_training(settings, AS_OF, sample_rate=0.5, config=config)
-    assert second.model_version == "2" and second.sample_rate == 0.5
-    assert "not comparable" in second.gate_reason
+    assert second.model_version == "3" and second.sample_rate == 0.5
+    assert "recipe comparison" in second.gate_reason
     # Under the test cap, the test cutoff keeps every customer whatever the training rate.
     assert second.test_sample_rate == 1.0
-    assert second.split_rows["test"] == first.split_rows["test"]
+    assert second.split_rows["test"] == later.split_rows["test"]
 
     # The registered model scores features computed from its own carried FeatureSet.
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -84,6 +79,31 @@ def test_run_training_registers_and_gates(setup):
     out = model.predict(request)
     assert len(out) == 50 and out.ChurnScore.between(0, 1).all()
     pd.testing.assert_frame_equal(out, score(bundle, request), check_exact=True)
+
+
+def test_half_the_orders_missing_fails_a_sanity_check(setup, tmp_path):
+    """The same customers with half their orders lost (a partial export): the challenger is
+    refused by name, whatever its own metrics."""
+    settings, gold = setup
+    config = TrainConfig(nthread=1, bootstrap_resamples=50)
+    client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    if not client.search_model_versions(f"name='{settings.model_name}'"):
+        run_training(settings, AS_OF, config=config)
+    champion = client.get_model_version_by_alias(settings.model_name, "champion").version
+    kept = customer_bucket(gold.orders["order_id"]) < 0.5
+    halved = dataclasses.replace(
+        gold,
+        orders=gold.orders[kept],
+        order_lines=gold.order_lines[
+            gold.order_lines["order_id"].isin(gold.orders.loc[kept, "order_id"])
+        ],
+    )
+    lossy = settings.model_copy(update={"lake_root": tmp_path / "lossy"})
+    write_gold(Lake(lossy.lake), halved)
+    summary = run_training(lossy, AS_OF, config=config)
+    assert not summary.promoted
+    assert "sanity check purchases per customer FAILED" in summary.gate_reason
+    assert client.get_model_version_by_alias(settings.model_name, "champion").version == champion
 
 
 def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch):
@@ -205,3 +225,48 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
     # Without a truth folder there is no oracle (real data).
     empty = Settings(root=tmp_path, truth_root=tmp_path / "none")
     assert oracle_churn_probability(empty, pd.Series(["A"]), cutoff, 90) is None
+
+
+def test_cli_train_awaiting_approval_then_approve(setup, tmp_path):
+    """`c360ml train --require-approval`, `c360ml model approve|rollback` as a user runs
+    them: a passing model waits, approval moves the alias, errors are one line."""
+    settings, _ = setup
+    config = tmp_path / "c360ml.yaml"
+    paths = {
+        "lake_root": str(settings.lake),
+        "truth_root": str(settings.truth),
+        "mlflow_dir": str(tmp_path / "mlflow"),
+        "feature_spec": str(settings.feature_spec),
+    }
+    config.write_text(yaml.safe_dump(paths))
+    env = {**os.environ, "C360ML_CONFIG": str(config)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process sets it
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "c360ml.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+
+    trained = cli("train", "--as-of", "2025-12-31", "--require-approval")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "awaiting approval: c360ml model approve 1" in trained.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(settings.model_name, "champion")
+
+    missing = cli("model", "approve", "7")
+    assert missing.returncode == 2
+    assert missing.stdout.strip() == "error: model c360-retention has no version 7"
+    approved = cli("model", "approve", "1", "--reason", "checked the card")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert "approve: c360-retention champion is now v1: checked the card" in approved.stdout
+    assert str(client.get_model_version_by_alias(settings.model_name, "champion").version) == "1"
+    nowhere = cli("model", "rollback")
+    assert nowhere.returncode == 2
+    assert "v1 records no earlier champion; pass --to VERSION" in nowhere.stdout

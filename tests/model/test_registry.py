@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from c360ml.config import Settings
-from c360ml.model import pipeline, registry
-from c360ml.model.registry import GateInput, decide
+from c360ml.config import GateSettings, Settings
+from c360ml.model import gate, pipeline, registry
+from c360ml.model.evaluate import Interval
 from c360ml.model.report import CardContext
 from c360ml.model.scoring import score
 from c360ml.model.train import train_and_evaluate
@@ -49,9 +50,9 @@ def results(synthetic, small_config):
     }
 
 
-def _register(store, name, result, matrix, trained_as_of, customer_count=None):
+def _register(store, name, result, matrix, trained_as_of, settings=None):
     """Log + register + gate one result the way run_training does."""
-    settings = _settings(store, name)
+    settings = settings or _settings(store, name)
     bundle = registry.build_bundle(
         result,
         {n: "float32" for n in result.feature_names},
@@ -59,10 +60,9 @@ def _register(store, name, result, matrix, trained_as_of, customer_count=None):
         {"prediction_window_days": WINDOW_DAYS},
         trained_as_of,
     )
-    test = matrix[matrix.cutoff_time == matrix.cutoff_time.max()]
 
-    def compute_matrix(champion):
-        return test[["customer_id", *champion.feature_names]]
+    def champion_rows(champion):
+        return matrix[["customer_id", "cutoff_time", "label", *champion.feature_names]]
 
     card = CardContext(
         model_name=name,
@@ -77,7 +77,7 @@ def _register(store, name, result, matrix, trained_as_of, customer_count=None):
         code_version="test",
     )
     params = {"trained_as_of": str(trained_as_of)}
-    return pipeline.log_and_gate(result, bundle, settings, params, card, compute_matrix)
+    return pipeline.log_and_gate(result, bundle, settings, params, card, champion_rows)
 
 
 def _champion(store, name) -> str:
@@ -85,51 +85,164 @@ def _champion(store, name) -> str:
     return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
-def test_gate_promotes_better_and_keeps_worse(store, results, synthetic):
+def test_gate_fresh_window_promotes_better_and_keeps_worse(store, results, synthetic):
     matrix, _ = synthetic
     name = "gate-comparable"
     as_of = results["weak"].plan.test_cutoff  # champion labels end by the test cutoff
     _, first = _register(store, name, results["weak"], matrix, as_of)
-    assert first.promote and first.comparable is None
+    assert first.promote and first.path == gate.FIRST
     logged, worse = _register(store, name, results["weaker"], matrix, as_of)
-    assert not worse.promote and worse.comparable
-    assert "champion better" in worse.reason
-    assert worse.champion_metrics["roc_auc"] > results["weaker"].metrics["test_roc_auc"]
+    assert not worse.promote and worse.path == gate.FRESH_WINDOW
+    assert "champion better: fresh window comparison" in worse.reason
+    assert worse.comparison.champion["roc_auc"] > results["weaker"].metrics["test_roc_auc"]
+    assert worse.comparison.roc_auc_difference.estimate < 0
     assert _champion(store, name) == "1"
     client = MlflowClient()
     version = client.get_model_version(name, logged.version)
     assert version.tags["gate_decision"] == "not promoted"
+    assert version.tags["gate_path"] == "fresh window"
     assert "champion better" in version.tags["gate_reason"]
     assert str(client.get_model_version_by_alias(name, "challenger").version) == logged.version
     logged, better = _register(store, name, results["full"], matrix, as_of)
-    assert better.promote and better.comparable
+    assert better.promote and better.comparable, better.reason
     assert _champion(store, name) == logged.version == "3"
+    tags = client.get_model_version(name, "3").tags
+    assert tags["previous_champion"] == "1" and tags["gate_decision"] == "promoted"
 
 
-def test_gate_not_comparable_path(store, results, synthetic):
-    matrix, _ = synthetic
-    name = "gate-not-comparable"
-    test_cutoff = results["weak"].plan.test_cutoff
-    later = test_cutoff + pd.Timedelta(days=WINDOW_DAYS)  # its labels overlap the test window
-    _register(store, name, results["weak"], matrix, later)
+def test_gate_recipe_path_when_labels_overlap(store, results, synthetic, small_config):
+    """A retrain at the same as_of compares recipes on the challenger's data: the same
+    recipe ties and the newer model wins; a weaker recipe and a noise model are refused."""
+    matrix, rfm = synthetic
+    name = "gate-recipe"
+    later = results["full"].plan.test_cutoff + pd.Timedelta(days=WINDOW_DAYS)
+    _register(store, name, results["full"], matrix, later)
+    again = train_and_evaluate(matrix, FEATURES, rfm, WINDOW_DAYS, small_config)
+    _, tie = _register(store, name, again, matrix, later)
+    assert tie.promote and tie.path == gate.RECIPE, tie.reason
+    assert tie.comparison.roc_auc_difference.estimate == pytest.approx(0.0, abs=1e-12)
+    assert "recipe comparison" in tie.reason and "ties within 0.001" in tie.reason
+    assert _champion(store, name) == "2"
+
+    shallow = small_config.model_copy(update={"max_trees": 5, "max_depth": 1})
+    weak_recipe = train_and_evaluate(matrix, FEATURES, rfm, WINDOW_DAYS, shallow)
+    assert weak_recipe.n_trees <= 5
+    _, refused = _register(store, name, weak_recipe, matrix, later)
+    assert not refused.promote and refused.path == gate.RECIPE
+    assert refused.reason.startswith("champion better: recipe comparison")
+    assert refused.comparison.champion["roc_auc"] > refused.comparison.challenger["roc_auc"]
     _, noise = _register(store, name, results["noise"], matrix, later)
-    assert not noise.promote and noise.comparable is False
-    assert _champion(store, name) == "1"
-    _, full = _register(store, name, results["full"], matrix, later)
-    assert full.promote and full.comparable is False
-    assert "not comparable" in full.reason and "beats the RFM baseline" in full.reason
-    assert _champion(store, name) == "3"
+    assert not noise.promote and "does not beat the RFM baseline" in noise.reason
+    assert _champion(store, name) == "2"
+    card = mlflow.artifacts.load_text(
+        f"runs:/{MlflowClient().get_model_version(name, '3').run_id}/model_card.md"
+    )
+    assert "compares recipes on the same data" in card and "not promoted" in card
+
+
+def test_gate_refuses_everyone_churns_graded_a(store, small_config):
+    """Most customers churn: a constant "everyone churns" model is graded A by CI-D's
+    wording, and the gate still refuses it (it does not beat the RFM baseline)."""
+    matrix, rfm = make_matrix(seed=5, churn_shift=2.0)
+    matrix = matrix.assign(f_constant=np.float32(0.0))
+    constant = train_and_evaluate(matrix, ("f_constant",), rfm, WINDOW_DAYS, small_config)
+    assert constant.metrics["test_churn_rate"] > 0.5
+    assert constant.test["model"].nunique() == 1 and constant.grade.grade == "A"
+    _, decision = _register(store, "gate-constant", constant, matrix, pd.Timestamp("2025-01-01"))
+    assert not decision.promote and decision.path == gate.FIRST
+    assert decision.reason.startswith("does not beat the RFM baseline")
 
 
 def test_decide_rules_on_numbers():
-    a = GateInput(0.80, 0.70, "A", 0.02)
-    assert decide(a, GateInput(0.8009, 0.7009)).promote  # tie within 0.001: newer wins
-    assert not decide(a, GateInput(0.802, 0.69)).promote  # ROC AUC worse
-    assert not decide(a, GateInput(0.79, 0.702)).promote  # PR AUC worse
-    assert not decide(GateInput(0.9, 0.9, "C", 0.1), GateInput(0.5, 0.5)).promote  # grade C
-    assert not decide(GateInput(0.9, 0.9, "A", -0.01), GateInput(0.5, 0.5), False).promote
-    assert decide(GateInput(0.9, 0.9, "A", 0.01), GateInput(0.99, 0.99), False).promote
-    assert decide(GateInput(0.6, 0.6, "C", -0.1), None).promote  # no champion at all
+    interval = Interval(0.0, -0.01, 0.01)
+
+    def comparison(challenger, champion):
+        return gate.Comparison(
+            gate.RECIPE,
+            dict(zip(("roc_auc", "pr_auc"), challenger, strict=True)),
+            dict(zip(("roc_auc", "pr_auc"), champion, strict=True)),
+            interval,
+        )
+
+    ok = gate.Check("label rate", True, "")
+    bad = gate.Check("label rate", False, "0.60 vs champion 0.30")
+
+    def decide(grade="A", low=0.02, comp=None, checks=(ok,)):
+        return gate.decide(grade, low, comp, list(checks), gate.RECIPE, "1")
+
+    assert decide(comp=comparison((0.80, 0.70), (0.8009, 0.7009))).promote  # tie: newer wins
+    assert not decide(comp=comparison((0.80, 0.70), (0.802, 0.69))).promote  # ROC AUC worse
+    assert not decide(comp=comparison((0.80, 0.70), (0.79, 0.702))).promote  # PR AUC worse
+    assert not decide("C", comp=comparison((0.9, 0.9), (0.5, 0.5))).promote
+    assert not decide(low=-0.01, comp=comparison((0.9, 0.9), (0.5, 0.5))).promote
+    assert not decide(low=None).promote
+    refused = decide(comp=comparison((0.9, 0.9), (0.5, 0.5)), checks=(ok, bad))
+    assert not refused.promote
+    assert refused.reason.startswith("sanity check label rate FAILED: 0.60 vs champion 0.30")
+    assert decide().promote  # first model: rules only
+    assert not decide("C", -0.1).promote
+
+
+def test_sanity_checks_name_what_moved():
+    bounds = GateSettings()
+    before = gate.DataProfile(population=10_000, label_rate=0.30, purchases_per_customer=12.0)
+    same = gate.sanity_checks(
+        before, before, np.linspace(0, 1, 500), np.linspace(0, 1, 500), bounds
+    )
+    assert [c.name for c in same] == [
+        "population size", "label rate", "purchases per customer", "predicted churn rate"
+    ]  # fmt: skip
+    assert all(c.passed for c in same)
+    halved = gate.DataProfile(population=9_000, label_rate=0.36, purchases_per_customer=6.0)
+    checks = {c.name: c for c in gate.sanity_checks(halved, before, np.full(500, 0.9),
+                                                    np.linspace(0, 1, 500), bounds)}  # fmt: skip
+    assert checks["population size"].passed and checks["label rate"].passed
+    assert not checks["purchases per customer"].passed
+    assert "6.00 vs champion 12.00 (-50.0%" in checks["purchases per customer"].detail
+    assert not checks["predicted churn rate"].passed
+    assert "mean ChurnScore 0.900 vs champion 0.500" in checks["predicted churn rate"].detail
+
+
+def test_rollback_and_approval_round_trips(store, results, synthetic):
+    matrix, _ = synthetic
+    name = "gate-approval"
+    settings = _settings(store, name)
+    uri = settings.tracking_uri
+    as_of = results["weak"].plan.test_cutoff
+    _register(store, name, results["weak"], matrix, as_of)
+    approval = settings.model_copy(update={"gate": GateSettings(require_approval=True)})
+    logged, waiting = _register(store, name, results["full"], matrix, as_of, approval)
+    assert waiting.promote and waiting.awaiting_approval and waiting.label == "awaiting approval"
+    assert _champion(store, name) == "1"
+    client = MlflowClient()
+    assert client.get_model_version(name, "2").tags["gate_decision"] == "awaiting approval"
+    _, refused = _register(store, name, results["weaker"], matrix, as_of, approval)
+    assert not refused.promote and not refused.awaiting_approval
+    with pytest.raises(ValueError, match="v3 is not awaiting approval .*--force"):
+        registry.approve(uri, name, "3")
+    with pytest.raises(ValueError, match="has no version 9"):
+        registry.approve(uri, name, "9")
+
+    moved = registry.approve(uri, name, "2", reason="reviewed by the retention team")
+    assert (moved.champion, moved.replaced) == ("2", "1") and _champion(store, name) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate_decision"] == "approved"
+    assert tags["approval"] == "reviewed by the retention team"
+
+    back = registry.rollback(uri, name, reason="complaints about segment sizes")
+    assert (back.champion, back.replaced) == ("1", "2") and _champion(store, name) == "1"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["rolled_back"] == "true" and tags["rolled_back_to"] == "1"
+    assert tags["rollback_reason"] == "complaints about segment sizes"
+    with pytest.raises(ValueError, match="records no earlier champion; pass --to"):
+        registry.rollback(uri, name)  # v1 replaced nothing
+    forward = registry.rollback(uri, name, to="2")
+    assert forward.champion == "2" and forward.reason == "manual rollback"
+    with pytest.raises(ValueError, match="already the champion"):
+        registry.rollback(uri, name, to="2")
+    forced = registry.approve(uri, name, "3", force=True)
+    assert forced.champion == "3" and _champion(store, name) == "3"
+    assert client.get_model_version(name, "3").tags["gate_decision"] == "not promoted"
 
 
 def test_pyfunc_round_trip_equals_in_process_scoring(store, results, synthetic):
@@ -159,6 +272,7 @@ def test_pyfunc_round_trip_equals_in_process_scoring(store, results, synthetic):
                                                     "shap_summary", "score_distribution")}  # fmt: skip
     card = mlflow.artifacts.load_text(f"runs:/{logged.run_id}/model_card.md")
     assert "equals CI-D's when both" in card and "recall of the churned class" in card
+    assert "reads CI-D's wording" in card and "parity scorecard with CI-D" in card
     # Artifacts live under the store's artifacts folder, not ./mlruns.
     assert any((store / "artifacts").rglob("booster.json"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from c360ml.config import Settings
-from c360ml.model import registry, report
+from c360ml.model import gate, registry, report
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle
 from c360ml.model.splits import TRAIN, assign_splits, plan_splits
 from c360ml.model.train import (
@@ -78,7 +79,6 @@ class TrainSummary:
     baseline_churn_recall: float
     grade: str
     grade_improvement: float
-    grade_by_accuracy: str  # context: against the most accurate span instead
     oracle_grade: str | None = None  # the true probability, graded against the same rule
     oracle_roc_auc: float | None = None
     headroom_closed: float | None = None
@@ -86,8 +86,12 @@ class TrainSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     tracking_uri: str = ""
 
+    gate_label: str = ""  # promoted / not promoted / awaiting approval
+
     @property
     def decision(self) -> str:
+        if self.gate_label == "awaiting approval":
+            return f"awaiting approval: c360ml model approve {self.model_version}"
         return "promoted to champion" if self.promoted else "kept as challenger"
 
     def rows(self) -> list[dict[str, str]]:
@@ -125,7 +129,6 @@ class TrainSummary:
                 f"{self.baseline_churn_recall:.4f}",
             ),
             ("grade", f"{self.grade} (improvement {self.grade_improvement:+.1%})"),
-            ("grade against the most accurate span", self.grade_by_accuracy),
         ]
         if self.oracle_roc_auc is not None:
             items.append(("oracle ROC AUC", f"{self.oracle_roc_auc:.4f}"))
@@ -139,7 +142,7 @@ class TrainSummary:
 def summarise(
     result: TrainResult,
     logged: registry.LoggedVersion,
-    decision: registry.GateDecision,
+    decision: gate.GateDecision,
     model_name: str,
     trained_as_of: pd.Timestamp,
     sample_rate: float,
@@ -157,8 +160,9 @@ def summarise(
         model_name=model_name,
         run_id=logged.run_id,
         model_version=logged.version,
-        promoted=decision.promote,
+        promoted=decision.promote and not decision.awaiting_approval,
         gate_reason=decision.reason,
+        gate_label=decision.label,
         trained_as_of=trained_as_of,
         test_cutoff=result.plan.test_cutoff,
         validation_cutoff=result.plan.validation_cutoff,
@@ -188,7 +192,6 @@ def summarise(
         baseline_churn_recall=result.rule.churn_recall,
         grade=result.grade.grade,
         grade_improvement=result.grade.improvement,
-        grade_by_accuracy="ABC"[int(m["grade_if_rule_by_accuracy"])],
         oracle_grade="ABC"[int(m["oracle_grade"])] if "oracle_grade" in m else None,
         oracle_roc_auc=m["oracle_roc_auc"] if oracle else None,
         headroom_closed=m.get("test_roc_auc_headroom_closed") if oracle else None,
@@ -211,30 +214,48 @@ def log_and_gate(
     settings: Settings,
     params: dict[str, Any],
     card: report.CardContext,
-    compute_matrix: Any,
+    champion_rows: Callable[[ModelBundle], pd.DataFrame],
     extra_artifacts: dict[str, Any] | None = None,
     oracle: pd.Series | None = None,
-) -> tuple[registry.LoggedVersion, registry.GateDecision]:
-    """Log the run and the model, register a version, run the gate, add the model card."""
+    require_approval: bool | None = None,
+) -> tuple[registry.LoggedVersion, gate.GateDecision]:
+    """Log the run and the model, register a version, run the gate, add the model card.
+
+    The champion is read before the new version is registered; `require_approval` (default:
+    the `gate.require_approval` setting) leaves a passing version as `challenger`."""
     uri, artifact_root = tracking(settings)
     registry.use_experiment(uri, settings.model_name, artifact_root)
+    if require_approval is None:
+        require_approval = settings.gate.require_approval
+    client = mlflow.MlflowClient()
+    current = registry.champion_version(client, settings.model_name)
+    champion = None
+    if current is not None:
+        champion = registry.load_bundle(f"models:/{settings.model_name}/{current.version}")
+    profile = gate.DataProfile.of(bundle.metadata["training_data"])
     name = f"train as_of {bundle.metadata['trained_as_of'][:10]}"
     with mlflow.start_run(run_name=name):
         logged = registry.log_training(
             result, bundle, settings.model_name, params, extra_artifacts, oracle
         )
-        decision = registry.run_gate(settings.model_name, logged.version, result, compute_matrix)
-        gate = f"{decision.label}: {decision.reason}"
+        champion_v = None if current is None else str(current.version)
+        decision = gate.judge(result, profile, champion, champion_v, champion_rows, settings.gate)
+        decision = registry.record_gate(
+            settings.model_name, logged.version, decision, require_approval
+        )
         text = report.model_card(
-            result, dataclasses.replace(card, model_version=logged.version, gate=gate)
+            result,
+            dataclasses.replace(
+                card, model_version=logged.version, gate=gate.card_section(decision)
+            ),
         )
         mlflow.log_text(text, "model_card.md")
-        client = mlflow.MlflowClient()
         description = (
             f"Churn model trained as of {bundle.metadata['trained_as_of'][:10]}; grade "
             f"{result.grade.grade}; test ROC AUC {result.metrics['test_roc_auc']:.4f} "
             f"(pre-refit, {'optimistic' if result.optimistic else 'out of time'}). "
-            f"Model card: run {logged.run_id} artifact model_card.md. Gate: {gate}"
+            f"Model card: run {logged.run_id} artifact model_card.md. "
+            f"Gate: {decision.label}: {decision.reason}"
         )
         client.update_model_version(settings.model_name, logged.version, description[:4900])
     return logged, decision
@@ -315,6 +336,7 @@ def run_training(
     tune: int = 0,
     sample_rate: float | None = None,
     config: TrainConfig | None = None,
+    require_approval: bool | None = None,
 ) -> TrainSummary:
     """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant)."""
     from c360ml import features as ft
@@ -385,18 +407,21 @@ def run_training(
     lap("train_seconds")
     seconds |= {f"train.{k}": v for k, v in result.seconds.items()}
 
-    bundle = registry.build_bundle(result, fs.dtypes, fs.to_json(), cfg.to_dict(), as_of)
+    bundle = registry.build_bundle(
+        result, fs.dtypes, fs.to_json(), cfg.to_dict(), as_of, test_sample_rate=test_rate
+    )
 
-    def compute_matrix(champion: ModelBundle) -> pd.DataFrame:
-        """The champion's features on the test population: reuse or recompute."""
-        test = matrix.loc[_is(matrix, plan.test_cutoff)]
+    def champion_rows(champion: ModelBundle) -> pd.DataFrame:
+        """The champion's features on every labelled row: reused or recomputed."""
+        keys = [CUSTOMER, CUTOFF, LABEL]
         if set(champion.feature_names) <= set(matrix.columns):
-            return test[[CUSTOMER, *champion.feature_names]]
+            return matrix[[*keys, *champion.feature_names]]
         if not champion.feature_set_json:
             raise ValueError("the champion carries no feature definitions")
         champion_fs = ft.FeatureSet.from_json(champion.feature_set_json)
-        computed = ft.calculate_features(gold, test[[CUSTOMER, CUTOFF]], champion_fs)
-        return computed.drop(columns=[CUTOFF])
+        computed = ft.calculate_features(gold, matrix[[CUSTOMER, CUTOFF]], champion_fs)
+        computed[CUTOFF] = pd.to_datetime(computed[CUTOFF], utc=True).dt.as_unit("us")
+        return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
 
     params = {
         "trained_as_of": str(as_of),
@@ -432,9 +457,10 @@ def run_training(
         settings,
         params,
         card,
-        compute_matrix,
+        champion_rows,
         extra_artifacts={"dropped_features.json": dropped},
         oracle=oracle,
+        require_approval=require_approval,
     )
     lap("log_and_gate_seconds")
     return summarise(

@@ -1,22 +1,19 @@
-"""MLflow: log a training run, register the model, and gate the champion alias.
+"""MLflow: log a training run, register the model, and move the champion alias.
 
-Every new version gets the alias `challenger`. The gate scores the current `champion`
-with its own carried feature set on the new test cutoff and moves `champion` only when
-the challenger is at least as good (ROC AUC and PR AUC, ties within 0.001 go to the newer
-model) and its grade is not C. A champion whose training labels reach past the new test
-cutoff has seen those outcomes, so it cannot be compared fairly: then the challenger must
-beat the RFM logistic baseline with the bootstrap interval of the ROC AUC difference above
-zero instead. The decision and its reason are tags on the version.
+Every new version gets the alias `challenger`; `champion` moves when the gate (`gate`)
+passes it, or on `approve` when approval is required, and back on `rollback`. Decisions,
+reasons, approvals and rollbacks are tags on the versions; each champion records the
+version it replaced (`previous_champion`), so a rollback needs no target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,10 +26,10 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import c360ml
-from c360ml.model import evaluate, report
+from c360ml.model import gate, report
 from c360ml.model.pyfunc import BUNDLE_ARTIFACT, ChurnModel
-from c360ml.model.scoring import CUSTOMER_ID, ModelBundle, Thresholds, score
-from c360ml.model.train import CUSTOMER, LABEL, TrainResult
+from c360ml.model.scoring import ModelBundle, Thresholds, score
+from c360ml.model.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +84,10 @@ def build_bundle(
     feature_set_json: str | None,
     churn_config: dict[str, Any],
     trained_as_of: pd.Timestamp,
+    test_sample_rate: float = 1.0,
 ) -> ModelBundle:
-    """What travels with the model: booster, features, thresholds, churn config, metrics."""
+    """What travels with the model: booster, features, thresholds, churn config, metrics,
+    and the profile of its training data that the next gate checks against."""
     headline = (
         "test_roc_auc",
         "test_pr_auc",
@@ -113,6 +112,7 @@ def build_bundle(
             "metrics_measured_on": "pre-refit model",
             "test_metrics": {k: result.metrics[k] for k in headline if k in result.metrics},
             "grade": result.grade.grade,
+            "training_data": gate.DataProfile.measured(result, test_sample_rate).to_dict(),
             "n_trees": result.n_trees,
             "params": result.params,
             **code_version(),
@@ -218,69 +218,7 @@ def _requirements() -> list[str]:
     return reqs
 
 
-# ---------------------------------------------------------------- gate
-
-
-@dataclass(frozen=True)
-class GateInput:
-    """The figures the decision uses, for one model on the new test cutoff."""
-
-    roc_auc: float
-    pr_auc: float
-    grade: str | None = None
-    roc_auc_minus_rfm_ci_low: float | None = None
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    promote: bool
-    reason: str
-    comparable: bool | None  # None: there was no champion
-    champion_version: str | None = None
-    champion_metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return "promoted" if self.promote else "not promoted"
-
-
-def decide(
-    challenger: GateInput, champion: GateInput | None, comparable: bool = True
-) -> GateDecision:
-    """The promotion rule (pure, so it can be tested on numbers)."""
-    if champion is None:
-        note = "" if challenger.grade != "C" else " (warning: grade C)"
-        return GateDecision(True, f"no champion yet: challenger becomes champion{note}", None)
-    if not comparable:
-        why = "champion not comparable (its labels overlap the new test window)"
-        low = challenger.roc_auc_minus_rfm_ci_low
-        beats_rfm = low is not None and low > 0
-        if challenger.grade == "C":
-            return GateDecision(False, f"{why}; challenger has grade C", False)
-        if beats_rfm:
-            return GateDecision(
-                True,
-                f"{why}; challenger beats the RFM baseline (ROC AUC difference interval low "
-                f"{low:.4f} > 0) and has grade {challenger.grade}",
-                False,
-            )
-        return GateDecision(
-            False,
-            f"{why}; challenger does not beat the RFM baseline with an interval above 0",
-            False,
-        )
-    if challenger.grade == "C":
-        return GateDecision(False, "challenger has grade C", True)
-    tol = evaluate.TIE_TOLERANCE
-    ok_roc = challenger.roc_auc >= champion.roc_auc - tol
-    ok_pr = challenger.pr_auc >= champion.pr_auc - tol
-    figures = (
-        f"ROC AUC {challenger.roc_auc:.4f} vs {champion.roc_auc:.4f}, "
-        f"PR AUC {challenger.pr_auc:.4f} vs {champion.pr_auc:.4f} on the new test cutoff"
-    )
-    if ok_roc and ok_pr:
-        return GateDecision(True, f"challenger at least as good: {figures}", True)
-    return GateDecision(False, f"champion better: {figures}", True)
+# ---------------------------------------------------------------- champion alias
 
 
 def champion_version(client: MlflowClient, model_name: str) -> Any | None:
@@ -295,97 +233,111 @@ def load_bundle(model_uri: str) -> ModelBundle:
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().bundle
 
 
-def score_on_test(
-    bundle: ModelBundle, features: pd.DataFrame, labels: pd.DataFrame
-) -> dict[str, float]:
-    """ROC and PR AUC of a bundle on labelled test rows (features keyed by customer_id)."""
-    frame = features.rename(columns={CUSTOMER: CUSTOMER_ID})
-    frame = frame.loc[:, [CUSTOMER_ID, *bundle.feature_names]]
-    scored = score(bundle, frame, explain="none")
-    joined = labels[[CUSTOMER, LABEL]].merge(
-        scored.rename(columns={CUSTOMER_ID: CUSTOMER}), on=CUSTOMER, how="inner"
-    )
-    if len(joined) != len(labels):
-        raise ValueError(f"champion scored {len(joined)} of {len(labels)} test rows")
-    y, p = joined[LABEL].to_numpy(), joined["ChurnScore"].to_numpy()
-    return {k: v for k, v in evaluate.binary_metrics(y, p).items() if k in ("roc_auc", "pr_auc")}
-
-
-def run_gate(
-    model_name: str,
-    version_: str,
-    result: TrainResult,
-    compute_matrix: Callable[[ModelBundle], pd.DataFrame],
-) -> GateDecision:
-    """Compare the new version with the champion on the new test cutoff; move aliases.
-
-    `compute_matrix(bundle)` returns the champion's features (customer_id + its feature
-    names) for the test population; the caller reuses the new matrix when the champion's
-    features are among its columns and recomputes from the carried FeatureSet otherwise.
-    """
-    client = MlflowClient()
-    challenger = GateInput(
-        roc_auc=result.metrics["test_roc_auc"],
-        pr_auc=result.metrics["test_pr_auc"],
-        grade=result.grade.grade,
-        roc_auc_minus_rfm_ci_low=result.metrics.get("test_roc_auc_minus_rfm_ci_low"),
-    )
-    current = champion_version(client, model_name)
-    if current is None:
-        decision = decide(challenger, None)
-    else:
-        decision = _against_champion(model_name, current, challenger, result, compute_matrix)
-    if decision.promote:
-        client.set_registered_model_alias(model_name, CHAMPION, version_)
-    tags = {"gate_decision": decision.label, "gate_reason": decision.reason}
-    if decision.champion_version:
-        tags["gate_champion_version"] = decision.champion_version
-    for key, value in decision.champion_metrics.items():
-        tags[f"gate_champion_{key}"] = f"{value:.4f}"
+def _set_tags(client: MlflowClient, model_name: str, version_: str, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version_, key, value)
+
+
+def _move_champion(client: MlflowClient, model_name: str, version_: str) -> str | None:
+    """Point `champion` at a version; the version records which one it replaced, so a
+    rollback without a target knows where to go back to."""
+    current = champion_version(client, model_name)
+    previous = None if current is None else str(current.version)
+    client.set_registered_model_alias(model_name, CHAMPION, version_)
+    if previous is not None and previous != version_:
+        client.set_model_version_tag(model_name, version_, "previous_champion", previous)
+    return previous
+
+
+def record_gate(
+    model_name: str, version_: str, decision: gate.GateDecision, require_approval: bool
+) -> gate.GateDecision:
+    """Tag the version with the decision and move `champion` if it passed (or, with approval
+    required, leave it as `challenger` until `approve`)."""
+    client = MlflowClient()
+    if decision.promote and require_approval:
+        decision = dataclasses.replace(decision, awaiting_approval=True)
+    elif decision.promote:
+        _move_champion(client, model_name, version_)
+    tags = {"gate_decision": decision.label, "gate_reason": decision.reason[:5000]}
+    tags["gate_path"] = decision.path
+    if decision.champion_version:
+        tags["gate_champion_version"] = decision.champion_version
+    if decision.comparison is not None:
+        for who in ("challenger", "champion"):
+            for key, value in getattr(decision.comparison, who).items():
+                tags[f"gate_{who}_{key}"] = f"{value:.4f}"
+    _set_tags(client, model_name, version_, tags)
     if mlflow.active_run() is not None:
         mlflow.set_tags(tags)
     log.info("gate: version %s %s: %s", version_, decision.label, decision.reason)
     return decision
 
 
-def _against_champion(
-    model_name: str,
-    current: Any,
-    challenger: GateInput,
-    result: TrainResult,
-    compute_matrix: Callable[[ModelBundle], pd.DataFrame],
-) -> GateDecision:
-    champ_version = str(current.version)
-    bundle = load_bundle(f"models:/{model_name}/{champ_version}")
-    test_cutoff = pd.Timestamp(result.plan.test_cutoff)
-    trained = bundle.trained_as_of
-    if trained is not None and _utc(trained) > _utc(test_cutoff):
-        decision = decide(challenger, GateInput(float("nan"), float("nan")), comparable=False)
-        reason = (
-            f"{decision.reason} (champion v{champ_version} trained as of {trained.date()}, "
-            f"after the new test cutoff {test_cutoff.date()})"
+@dataclass(frozen=True)
+class AliasMove:
+    """What `rollback` or `approve` did, for the CLI."""
+
+    model_name: str
+    champion: str
+    replaced: str | None
+    reason: str
+
+
+def rollback(
+    tracking_uri: str, model_name: str, to: str | None = None, reason: str = ""
+) -> AliasMove:
+    """Move `champion` back: to `to`, or to the version the current champion replaced."""
+    client = MlflowClient(tracking_uri, tracking_uri)
+    current = champion_version(client, model_name)
+    if current is None:
+        raise ValueError(f"model {model_name} has no champion to roll back")
+    current_v = str(current.version)
+    target = to or current.tags.get("previous_champion")
+    if not target:
+        raise ValueError(
+            f"{model_name} v{current_v} records no earlier champion; pass --to VERSION"
         )
-        return GateDecision(decision.promote, reason, False, champ_version)
-    labels = result.test[[CUSTOMER, LABEL]]
-    try:
-        metrics = score_on_test(bundle, compute_matrix(bundle), labels)
-    except (ValueError, KeyError) as exc:
-        log.warning("gate: champion v%s cannot be scored: %s", champ_version, exc)
-        decision = decide(challenger, GateInput(float("nan"), float("nan")), comparable=False)
-        reason = f"champion v{champ_version} could not be scored ({exc}); {decision.reason}"
-        return GateDecision(decision.promote, reason, False, champ_version)
-    decision = decide(challenger, GateInput(metrics["roc_auc"], metrics["pr_auc"]))
-    return GateDecision(
-        decision.promote,
-        f"{decision.reason} (champion v{champ_version})",
-        True,
-        champ_version,
-        metrics,
+    _version(client, model_name, target)
+    if target == current_v:
+        raise ValueError(f"{model_name} v{target} is already the champion")
+    reason = reason or "manual rollback"
+    client.set_registered_model_alias(model_name, CHAMPION, target)
+    _set_tags(
+        client,
+        model_name,
+        current_v,
+        {"rolled_back": "true", "rollback_reason": reason, "rolled_back_to": target},
     )
+    client.set_model_version_tag(model_name, target, "restored_by_rollback_from", current_v)
+    log.info("rollback: %s champion v%s -> v%s (%s)", model_name, current_v, target, reason)
+    return AliasMove(model_name, target, current_v, reason)
 
 
-def _utc(ts: pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+def approve(
+    tracking_uri: str, model_name: str, version_: str, reason: str = "", force: bool = False
+) -> AliasMove:
+    """Make a version that passed the gate and awaits approval the champion. `force`
+    approves a version the gate refused (the refusal stays in its tags)."""
+    client = MlflowClient(tracking_uri, tracking_uri)
+    mv = _version(client, model_name, version_)
+    decision = mv.tags.get("gate_decision", "")
+    if decision != "awaiting approval" and not force:
+        raise ValueError(
+            f"{model_name} v{version_} is not awaiting approval (gate: {decision or 'not run'}"
+            f"; {mv.tags.get('gate_reason', '')}); use --force to approve it anyway"
+        )
+    reason = reason or ("approved" if not force else "approved against the gate's decision")
+    replaced = _move_champion(client, model_name, str(version_))
+    _set_tags(client, model_name, str(version_), {"approval": reason})
+    if decision == "awaiting approval":
+        client.set_model_version_tag(model_name, str(version_), "gate_decision", "approved")
+    log.info("approve: %s v%s is champion (%s)", model_name, version_, reason)
+    return AliasMove(model_name, str(version_), replaced, reason)
+
+
+def _version(client: MlflowClient, model_name: str, version_: str) -> Any:
+    try:
+        return client.get_model_version(model_name, str(version_))
+    except MlflowException:
+        raise ValueError(f"model {model_name} has no version {version_}") from None

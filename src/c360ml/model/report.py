@@ -270,7 +270,7 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
     return f"""# Model card: {ctx.model_name} version {ctx.model_version}
 
 Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grade
-**{g.grade}**. Gate: {ctx.gate}
+**{g.grade}**.
 
 ## What it predicts
 
@@ -323,18 +323,28 @@ Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grad
 
 {g.reason()}.
 
-CI-D's "accuracy on churned customers" is read here as the **recall of the churned class**
-(share of customers who churned that were predicted to churn, at ChurnScore ≥ 0.5).
-Baseline rule: predict churned when there was no purchase in the last *span* days before t;
-spans are the prediction window halved until ≤ 30 days; the best span by churn-class
-accuracy is the baseline ({result.rule.span_days} days). Because a shorter span flags a
-superset of customers, its recall is never lower: the shortest span wins. For context, the
-most accurate span is {int(result.rule.most_accurate()["span_days"])} days; against it the
-grade would be {"ABC"[int(m["grade_if_rule_by_accuracy"])]}.{oracle_grade}
+The grade reads CI-D's wording ("Model grade" in its churn prediction docs): A if at least half
+of all predictions are correct and the accuracy on churned customers beats the baseline's by
+at least 10%; B if at least half are correct and it beats the baseline by less than 10%; C
+otherwise. CI-D's "accuracy on churned customers" is read as the
+**recall of the churned class** (share of customers who churned that were predicted to
+churn, at ChurnScore ≥ 0.5), and "the time-based business rule with the highest ability to predict who is likely to
+churn" as the rule with the highest **overall accuracy**: predict churned when there was no
+purchase in the last *span* days before t, for spans from the prediction window halved
+until ≤ 30 days. The chosen span here is {result.rule.span_days} days (churn-class accuracy
+{_f(result.rule.churn_recall)}, accuracy {_f(result.rule.accuracy)}).{oracle_grade}
+
+The grade is a **parity scorecard with CI-D, not a quality gate**: where more than half of
+the customers churn, predicting "everyone churns" is right more than half the time with a
+churn-class accuracy of 1 and would be graded A. The champion gate asks more (below).
 
 | span (days) | churn-class accuracy | accuracy | share predicted churned |
 |---|---|---|---|
 {spans}
+
+## Champion gate
+
+{ctx.gate}
 
 ## Calibration
 
@@ -357,6 +367,5 @@ rate {result.params["eta"]:.3f}. Code version {ctx.code_version}.
   to the same margin as TreeSHAP but can order features differently.
 - Mutable attributes enter only through valid-from/valid-to histories; current values of
   them are never features for a past cutoff.
-- The CI-D grade uses churn-class recall against a rule whose recall is maximal at the
-  shortest span, so it rewards flagging churners; read it with the AUCs and calibration.
+- The CI-D grade rewards flagging churners at 0.5; read it with the AUCs and calibration.
 """
