@@ -47,6 +47,8 @@ def train(settings, out_dir: Path, config=None) -> dict:
         "rfm_roc_auc": round(summary.rfm_roc_auc, 4),
         "oracle_roc_auc": summary.oracle_roc_auc and round(summary.oracle_roc_auc, 4),
         "grade": summary.grade,
+        "gate": summary.gate_label,
+        "gate_path": summary.gate_path,  # a repeated run retrains at the same as_of: recipe
     }
 
 
