@@ -213,12 +213,15 @@ def plain_matrix(rows: list[Any]) -> tuple[list[str], np.ndarray] | None:
 
 async def predict_route(request: Request) -> Response:
     status, answer = await bentoml.get_current_service().predict(await request.body())
-    return Response(msgspec.json.encode(answer), status, media_type="application/json")
+    return Response(msgspec.json.encode(answer), status, CONTRACT, media_type="application/json")
 
 
 async def metadata_route(request: Request) -> Response:
     answer = bentoml.get_current_service().metadata()
-    return Response(msgspec.json.encode(answer), media_type="application/json")
+    return Response(msgspec.json.encode(answer), headers=CONTRACT, media_type="application/json")
+
+
+CONTRACT = {scoring.CONTRACT_HEADER: scoring.CONTRACT_VERSION}
 
 
 # Mounted at the root: a route matches its exact path only (no redirect to a trailing slash).
@@ -423,9 +426,13 @@ class RetentionService:
 
     @bentoml.api(route="/score-table")
     def score_table(
-        self, table: Path, explain: Literal["exact", "approx", "none"] = "none"
+        self,
+        table: Path,
+        ctx: bentoml.Context,
+        explain: Literal["exact", "approx", "none"] = "none",
     ) -> Generator[str, None, None]:
         """CI-D's custom-model path: a CSV or parquet table in, one CSV out, streamed."""
+        ctx.response.headers.update(CONTRACT)
         chunks = _table_chunks(Path(table))
         first = next(chunks, None)
         if first is None:
@@ -473,9 +480,14 @@ class RetentionService:
         meta = self.bundle.metadata
         return {
             **self.info,
+            "contract_version": scoring.CONTRACT_VERSION,
             "churn_definition": meta.get("churn_config"),
             "features": [
-                {"name": n, "dtype": self.bundle.feature_dtypes.get(n, "float32")}
+                {
+                    "name": n,
+                    "dtype": self.bundle.feature_dtypes.get(n, "float32"),
+                    **self.bundle.feature_labels[n],
+                }
                 for n in self.bundle.feature_names
             ],
             "thresholds": {

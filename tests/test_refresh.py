@@ -35,7 +35,8 @@ def lake(tmp_path_factory):
 
     settings = generated_lake(tmp_path_factory.mktemp("refresh"), customers=700, seed=11)
     config = TrainConfig(nthread=2, max_trees=40, early_stopping_rounds=10, bootstrap_resamples=30)
-    run_training(settings, AS_OF, config=config)
+    trained = run_training(settings, AS_OF, config=config)
+    assert trained.promoted, trained.gate_reason
     first = run_refresh(settings)
     return settings, first
 
@@ -139,6 +140,23 @@ def test_cid_snapshot_read_through_its_manifest(lake):
     assert len(list((root / "churn_scores").glob("snapshot=*"))) == 1
     contacts = next(e for e in manifest["entities"] if e["entityName"] == "ContactBackstamp")
     assert contacts["dataPartitionPatterns"][0]["regularExpression"] == ".+\\.parquet$"
+    assert (snapshot.ContractVersion == scoring.CONTRACT_VERSION).all()
+    assert f"contract {scoring.CONTRACT_VERSION}" in manifest["explanation"]
+    # The glossary: every feature of the champion with its readable label, for CI-D users.
+    glossary = next(e for e in manifest["entities"] if e["entityName"] == "FeatureGlossary")
+    folder = root / glossary["dataPartitionPatterns"][0]["rootLocation"]
+    terms = pd.concat(pd.read_parquet(p) for p in folder.glob("*.parquet"))
+    bundle, _ = load_champion(settings)
+    assert list(terms.Feature) == list(bundle.feature_names)
+    assert terms.Label.is_unique and not terms.Label.str.contains(r"\(").any()
+    assert set(terms.Unit) <= {"count", "amount", "days", "number"}
+    # On the lake's own scores every factor carries its label and a formatted value.
+    factors = [f for text in snapshot.InfluentialFactors.dropna() for f in json.loads(text)]
+    assert factors and all(
+        f["label"] == bundle.feature_labels[f["feature"]]["label"] for f in factors
+    )
+    assert all(f["direction"] in ("raises risk", "lowers risk") for f in factors)
+    assert any(f["display_value"].endswith(" days") for f in factors)
 
 
 def test_scores_equal_the_services_answers(lake, tmp_path):
@@ -270,6 +288,7 @@ def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):
         page.route(
             "**/*", lambda r: r.abort() if not r.request.url.startswith("file:") else r.continue_()
         )  # self-contained: any network request fails the page
+        page.set_viewport_size({"width": 1400, "height": 1000})
         page.goto(path.as_uri())
         page.wait_for_selector(".plotly-graph-div")
         figures = {
@@ -277,11 +296,24 @@ def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):
             for k in ("profile-count", "scored-count", "risk-Low", "risk-Medium", "risk-High")
         }
         plots = page.locator(".plotly-graph-div").count()
+        grade = page.inner_text("#grade-sentence")
+        model_top = page.locator("#model-page").bounding_box()["y"]
+        bands = page.inner_text("#risk-bands")
         browser.close()
     assert errors == []
+    # The model page comes first and opens above the fold, in words a marketer reads.
+    assert model_top < 400 and grade.startswith("Grade ") and "simple rule" in grade
+    assert "churn rate on the test cutoff" in bands
+    # Feature expressions appear only in the appendix (the glossary), labels elsewhere.
+    page_text = path.read_text()
+    body, _, appendix = page_text.partition('<h2 id="appendix">')
+    bundle, _ = load_champion(settings)
+    assert appendix and not [n for n in bundle.feature_names if n in body]
+    assert any(n in appendix for n in bundle.feature_names)
+    assert any(label["label"] in body for label in bundle.feature_labels.values())
     profiles = lk.dataset("gold", "customer_profile").count_rows()
     assert figures["profile-count"] == f"{profiles:,}"
     assert figures["scored-count"] == f"{len(scored):,}"
     for level in ("Low", "Medium", "High"):
         assert figures[f"risk-{level}"] == f"{(scored.RiskLevel == level).sum():,}"
-    assert plots >= 2
+    assert plots >= 6  # the model page's five charts and the profiles' charts

@@ -1,20 +1,33 @@
-"""`c360ml` command line: argument parsing and printing only; the work is in the library."""
+"""`c360ml` command line: argument parsing and printing only; the work is in the library.
+
+What a user sees: progress bars for long steps, the summary tables, warnings, and one line
+per error. Everything the library logs (INFO and up, DEBUG with `--debug`) and whatever
+third-party packages print to stderr go to the log file under `log_dir`, whose path is
+printed at the end; `-v` also shows the log on the terminal, `--debug` tracebacks.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from c360ml import progress
 from c360ml.config import Settings, load_settings
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+LOG_FILE = "c360ml.log"
 
 
 def _print_rows(title: str, rows: list[dict]) -> None:
@@ -71,13 +84,15 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     order = ["ingest", "silver", "unify", "gold"] if args.layer == "all" else [args.layer]
     if args.layer == "gold":
         order = ["unify", "gold"]  # gold is keyed by unify's ids: unify always runs first
-    for step in order:
-        started = time.perf_counter()
-        if step == "ingest":
-            cmd_ingest(args, settings)
-            continue
-        summary = steps[step](settings)
-        _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
+    with progress.track(f"build {args.layer}", len(order)) as advance:
+        for step in order:
+            started = time.perf_counter()
+            if step == "ingest":
+                cmd_ingest(args, settings)
+            else:
+                summary = steps[step](settings)
+                _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
+            advance()
 
 
 def _as_of(text: str | None):
@@ -90,7 +105,8 @@ def cmd_measures(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.refresh import build_measures_table
 
     result = build_measures_table(settings, _as_of(args.as_of))
-    _print_rows("gold/customer_measures", result.rows())
+    row = {"table": "gold/customer_measures", "rows": result.rows, "note": result.note}
+    _print_rows(f"measures ({result.seconds:.1f}s)", [row])
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
@@ -199,8 +215,11 @@ def cmd_describe(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="c360ml", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="c360ml", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the log here too")
+    parser.add_argument(
+        "--debug", action="store_true", help="debug logging, and tracebacks on errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write a synthetic Dynamics 365 + Dataverse lake")
@@ -276,21 +295,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
+class _Bars:
+    """The progress listener of the command line: rich bars while any work is tracked."""
 
+    def __init__(self) -> None:
+        self.bars: Progress | None = None
+        self.open = 0
+
+    def __call__(self, description: str, total: int | None):
+        if self.bars is None:
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self.bars.start()
+        bars = self.bars
+        task = bars.add_task(description, total=total)
+        self.open += 1
+
+        def close() -> None:
+            bars.remove_task(task)
+            self.open -= 1
+            if self.open == 0:
+                bars.stop()
+                self.bars = None
+
+        return (lambda: bars.advance(task)), close
+
+
+def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
+    """The log file under `log_dir` gets everything; the terminal gets c360ml's warnings
+    (all of the log with -v)."""
+    folder = settings.path(settings.log_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOG_FILE
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(to_file)
+    terminal = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    terminal.setLevel(logging.DEBUG if verbose or debug else logging.WARNING)
+    if not (verbose or debug):
+        terminal.addFilter(lambda record: record.name.startswith(("c360ml", "pipelines")))
+    terminal.addFilter(lambda record: not getattr(record, "file_only", False))
+    root.addHandler(terminal)
+    logging.captureWarnings(True)  # library deprecation warnings: to the file
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep output readable
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow logs to our log file
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_path = None
     try:
         settings = load_settings()
-        args.func(args, settings)
-    except (ValueError, FileNotFoundError, KeyError, ConnectionError, RuntimeError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        log_path = configure_logging(settings, args.verbose, args.debug)
+        progress.listen(_Bars())
+        # What packages print to stderr themselves (MLflow's registration notes, say) goes
+        # to the log file too; the terminal handler and the bars write to the console.
+        with open(log_path, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+            args.func(args, settings)
+    except Exception as exc:
+        logging.getLogger("c360ml.cli").error(
+            "command failed", exc_info=True, extra={"file_only": True}
+        )
+        if args.debug:
+            traceback.print_exc()
+        user_error = isinstance(
+            exc, ValueError | FileNotFoundError | KeyError | ConnectionError | RuntimeError
+        )
+        kind = "" if user_error else f"unexpected {type(exc).__name__}: "
+        where = f" (details: {log_path})" if log_path and not user_error else ""
+        console.print(f"error: {kind}{exc}{where}", markup=False, highlight=False)
         return 2
+    finally:
+        progress.listen(None)
+    if log_path is not None and args.func is not cmd_serve:
+        console.print(f"log: {log_path}", highlight=False)
     return 0
 
 

@@ -58,6 +58,7 @@ class Settings(_Frozen):
     lake_root: Path = Path("data/lake")  # the Delta lake: landing/, bronze/, silver/, gold/, ...
     truth_root: Path = Path("data/truth")  # the generator's truth (never read by pipelines)
     reports_dir: Path = Path("data/reports")  # HTML reports
+    log_dir: Path = Path("data/logs")  # the command line's log file (c360ml.log)
     mlflow_tracking_uri: str = ""  # empty = sqlite file under mlflow_dir
     mlflow_dir: Path = Path("data/mlflow")  # tracking DB and artifacts of the embedded default
     model_name: str = "c360-retention"  # registered model name

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake.exceptions import DeltaError
 
+from c360ml import progress
 from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.medallion.gold import INPUTS_KEY
@@ -263,11 +264,13 @@ def snapshot_profiles(
     chunks = customer_chunks(Lake(settings.lake), settings.refresh_chunk_customers)
     job = partial(_snapshot_chunk, settings, as_of, measures, fs)
     workers = min(settings.refresh_workers, len(chunks))
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(job, chunks))
-    else:
-        results = [job(c) for c in chunks]
+    with progress.track("profiles, chunks", len(chunks)) as advance:
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                results = [_advanced(r, advance) for r in pool.map(job, chunks)]
+        else:
+            results = [_advanced(job(c), advance) for c in chunks]
 
     def joined(name: str) -> pd.DataFrame | None:
         parts = [r[name] for r in results if r[name] is not None]
@@ -283,6 +286,11 @@ def snapshot_profiles(
         f"{workers} process(es); worker seconds: "
         + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()),
     )
+
+
+def _advanced(result: dict, advance: Callable[[], None]) -> dict:
+    advance()
+    return result
 
 
 def build_measures_table(settings: Settings, as_of: pd.Timestamp | None = None) -> StepResult:
@@ -404,8 +412,14 @@ def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
     return scores[scores["ScoredAsOf"] == as_of].reset_index(drop=True)
 
 
-def export_cid_snapshot(settings: Settings, scores: pd.DataFrame) -> Path:
+def export_cid_snapshot(
+    settings: Settings, scores: pd.DataFrame, bundle: scoring.ModelBundle
+) -> Path:
     """The latest snapshot for CI-D: plain parquet + a CDM manifest naming only its files.
+
+    Beside the scores, a feature glossary (the model's features with their readable labels,
+    units and descriptions) lets CI-D users read InfluentialFactors; every entity carries
+    the hand-back contract version.
 
     A new snapshot folder is written first, then the manifest is swapped atomically to
     point at it, then older snapshot folders are removed: a reader following the
@@ -418,14 +432,22 @@ def export_cid_snapshot(settings: Settings, scores: pd.DataFrame) -> Path:
     contacts = contacts[contacts["source"] == "dataverse"].rename(
         columns={"source_key": "ContactId", "customer_id": "CustomerId"}
     )[["ContactId", "CustomerId"]]
+    glossary = pd.DataFrame(
+        [
+            {"Feature": n, "Label": d["label"], "Unit": d["unit"], "Description": d["description"]}
+            for n, d in bundle.feature_labels.items()
+        ]
+    )
     entities = {
         "ChurnScores": ("churn_scores", scores),
         "ContactBackstamp": ("contact_map", contacts),
+        "FeatureGlossary": ("feature_glossary", glossary),
     }
     declared = []
     for entity, (folder, frame) in entities.items():
         target = root / folder / f"snapshot={stamp}"
         target.mkdir(parents=True, exist_ok=True)
+        frame = frame.assign(ContractVersion=scoring.CONTRACT_VERSION)
         table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
         pq.write_table(table, target / "part-00000.parquet")
         (root / f"{entity}.cdm.json").write_text(
@@ -450,7 +472,8 @@ def export_cid_snapshot(settings: Settings, scores: pd.DataFrame) -> Path:
         "jsonSchemaSemanticVersion": "1.0.0",
         "imports": [{"corpusPath": "cdm:/foundations.cdm.json"}],
         "manifestName": "c360ml",
-        "explanation": "Latest churn scores and contact backstamp from c360ml",
+        "explanation": "Latest churn scores, contact backstamp and feature glossary from "
+        f"c360ml (hand-back contract {scoring.CONTRACT_VERSION})",
         "entities": declared,
     }
     path = root / "c360ml.manifest.cdm.json"
@@ -566,7 +589,7 @@ def run_refresh(
     summary.status_counts = scores["ScoreStatus"].value_counts().to_dict()
     started = time.perf_counter()
     latest = scores.drop(columns=["ScoredAt"])
-    manifest = export_cid_snapshot(settings, latest)
+    manifest = export_cid_snapshot(settings, latest, bundle)
     summary.steps.append(
         StepResult("CI-D export", len(latest), str(manifest.name), time.perf_counter() - started)
     )

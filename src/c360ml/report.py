@@ -20,11 +20,13 @@ import plotly.io as pio
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.model import report as model_report
 from c360ml.refresh import follow_redirects
 
 log = logging.getLogger(__name__)
 
-MODEL_PLOTS = ("roc", "lift", "calibration")  # logged PNGs embedded when present
+MODEL_PLOTS = ("roc", "pr", "shap_summary")  # logged PNGs embedded in the appendix
+RISK_LEVELS = ["Low", "Medium", "High"]
 
 
 # ---------------------------------------------------------------- pure stages
@@ -35,15 +37,20 @@ def latest(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def top_factors(scores: pd.DataFrame, n: int = 15) -> pd.DataFrame:
-    """Features by mean |impact| over all scored customers' InfluentialFactors."""
+    """Features by how often they are among a scored customer's top 5 reasons, with their
+    readable label and mean |impact|."""
     rows = []
     for text in scores["InfluentialFactors"].dropna():
         rows.extend(json.loads(text))
     if not rows:
-        return pd.DataFrame(columns=["feature", "mean_abs_impact", "customers"])
+        return pd.DataFrame(columns=["feature", "label", "mean_abs_impact", "customers"])
     factors = pd.DataFrame(rows)
+    if "label" not in factors:  # scores written before factors carried labels
+        factors["label"] = factors["feature"]
     factors["abs"] = factors["impact"].abs()
-    out = factors.groupby("feature").agg(mean_abs_impact=("abs", "mean"), customers=("abs", "size"))
+    out = factors.groupby(["feature", "label"]).agg(
+        mean_abs_impact=("abs", "mean"), customers=("abs", "size")
+    )
     return out.sort_values("customers", ascending=False).head(n).reset_index()
 
 
@@ -59,8 +66,8 @@ def segment_moves(members: pd.DataFrame, redirects: pd.DataFrame) -> pd.DataFram
     return movements(current, previous, redirects)
 
 
-def _figure(fig: go.Figure, first: bool) -> str:
-    fig.update_layout(height=360, margin={"l": 40, "r": 20, "t": 40, "b": 40})
+def _figure(fig: go.Figure, first: bool, height: int = 320) -> str:
+    fig.update_layout(height=height, margin={"l": 40, "r": 20, "t": 30, "b": 40})
     return pio.to_html(fig, full_html=False, include_plotlyjs="inline" if first else False)
 
 
@@ -70,12 +77,105 @@ def _table(frame: pd.DataFrame, table_id: str) -> str:
     )
 
 
+def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str, go.Figure]]:
+    """The model page's charts from the champion's logged evaluation (aggregates only)."""
+    m = model["metrics"]
+    charts = []
+    bars = [
+        ("c360ml model", "test_roc_auc"),
+        ("RFM logistic", "rfm_logistic_roc_auc"),
+        ("Days since last purchase", "recency_roc_auc"),
+        ("Oracle (true probability)", "oracle_roc_auc"),
+    ]
+    bars = [(name, key) for name, key in bars if key in m]
+    if bars:
+        low = [m[k] - m.get(f"{k}_ci_low", m[k]) for _, k in bars]
+        high = [m.get(f"{k}_ci_high", m[k]) - m[k] for _, k in bars]
+        fig = go.Figure(
+            go.Bar(
+                x=[name for name, _ in bars],
+                y=[m[k] for _, k in bars],
+                error_y={"type": "data", "array": high, "arrayminus": low},
+                text=[f"{m[k]:.3f}" for _, k in bars],
+            )
+        )
+        fig.update_yaxes(range=[0.5, 1.0], title="ROC AUC (0.5 = guessing)")
+        charts.append(("How well it ranks who will churn, against simple baselines", fig))
+    if model["gains"]:
+        g = pd.DataFrame(model["gains"])
+        fig = go.Figure(
+            [
+                go.Scatter(x=g.share_targeted, y=g.share_of_churners, name="c360ml model"),
+                go.Scatter(x=[0, 1], y=[0, 1], name="random", line={"dash": "dot"}),
+            ]
+        )
+        fig.update_xaxes(title="share of customers targeted, highest score first", tickformat=".0%")
+        fig.update_yaxes(title="share of churners reached", tickformat=".0%")
+        charts.append(("Cumulative gain: churners reached by targeting the top scores", fig))
+        fig = go.Figure(go.Bar(x=g.share_targeted, y=g.lift))
+        fig.update_xaxes(title="share of customers targeted", tickformat=".0%")
+        fig.update_yaxes(title="lift (x the average churn rate)")
+        charts.append(("Lift", fig))
+    if model["reliability"]:
+        r = pd.DataFrame(model["reliability"])
+        fig = go.Figure(
+            [
+                go.Scatter(
+                    x=r.mean_predicted, y=r.observed_rate, mode="lines+markers", name="model"
+                ),
+                go.Scatter(x=[0, 1], y=[0, 1], name="perfect", line={"dash": "dot"}),
+            ]
+        )
+        fig.update_xaxes(title="predicted churn probability", tickformat=".0%")
+        fig.update_yaxes(title="observed churn rate", tickformat=".0%")
+        charts.append(("Calibration: predicted against observed churn", fig))
+    if len(factors):
+        ordered = factors.iloc[::-1]
+        fig = go.Figure(go.Bar(x=ordered["customers"], y=ordered["label"], orientation="h"))
+        fig.update_xaxes(title="customers for whom it is a top-5 reason")
+        charts.append(("What drives churn risk", fig))
+    return charts
+
+
+def risk_band_table(scored: pd.DataFrame, model: dict[str, Any]) -> pd.DataFrame:
+    """Profiles per risk band now, beside each band's churn rate on the test cutoff."""
+    now = scored["RiskLevel"].value_counts().reindex(RISK_LEVELS, fill_value=0)
+    test = {b["risk_level"]: b for b in model["risk_bands"]}
+    return pd.DataFrame(
+        {
+            "risk level": RISK_LEVELS,
+            "profiles now": [f"{int(now[b]):,}" for b in RISK_LEVELS],
+            "share now": [f"{now[b] / max(now.sum(), 1):.0%}" for b in RISK_LEVELS],
+            "churn rate on the test cutoff": [
+                _percent(test.get(b, {}).get("churn_rate")) for b in RISK_LEVELS
+            ],
+        }
+    )
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{value:.0%}"
+
+
 def render(sections: dict[str, Any]) -> str:
-    """The page from already computed figures and tables (pure, testable)."""
-    charts, first = [], True
-    for title, fig in sections["charts"]:
-        charts.append(f"<h3>{html.escape(title)}</h3>{_figure(fig, first)}")
-        first = False
+    """The page from already computed figures and tables (pure, testable): the model page
+    first, then profiles and segments, then an appendix with the full metric table and
+    the feature glossary (the only place feature expressions appear)."""
+    first = True
+
+    def charts(items: list[tuple[str, go.Figure]]) -> str:
+        nonlocal first
+        out = []
+        for title, fig in items:
+            out.append(
+                f'<div class="chart"><h3>{html.escape(title)}</h3>{_figure(fig, first)}</div>'
+            )
+            first = False
+        return f'<div class="grid">{"".join(out)}</div>'
+
+    def tables(items: list[tuple[str, str, pd.DataFrame]]) -> str:
+        return "".join(f"<h3>{html.escape(t)}</h3>{_table(f, i)}" for t, i, f in items)
+
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/>'
         f"<figcaption>{name}</figcaption></figure>"
@@ -86,25 +186,34 @@ def render(sections: dict[str, Any]) -> str:
         f'<span class="value" id="{key}">{value}</span></div>'
         for key, label, value in sections["kpis"]
     )
-    tables = "".join(f"<h3>{html.escape(t)}</h3>{_table(f, i)}" for t, i, f in sections["tables"])
+    model_page = charts(sections["model_charts"]) + tables(sections["model_tables"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>c360ml retention report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
-.kpis {{ display: flex; flex-wrap: wrap; gap: 1rem; }}
-.kpi {{ border: 1px solid #ddd; border-radius: 6px; padding: .6rem 1rem; min-width: 9rem; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem 2rem; color: #222; }}
+.kpis {{ display: flex; flex-wrap: wrap; gap: .8rem; }}
+.kpi {{ border: 1px solid #ddd; border-radius: 6px; padding: .5rem .9rem; min-width: 8rem; }}
 .kpi .label {{ display: block; font-size: .8rem; color: #666; }}
-.kpi .value {{ font-size: 1.4rem; font-weight: 600; }}
+.kpi .value {{ font-size: 1.3rem; font-weight: 600; }}
+.grade {{ font-size: 1.05rem; max-width: 70rem; background: #f5f7fa; padding: .6rem 1rem;
+  border-left: 4px solid #4063d8; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: .5rem; }}
+.chart h3 {{ font-size: .95rem; margin: .6rem 0 0; }}
 table.data {{ border-collapse: collapse; font-size: .85rem; }}
-table.data td, table.data th {{ padding: .2rem .6rem; border-bottom: 1px solid #eee; }}
+table.data td, table.data th {{ padding: .2rem .6rem; border-bottom: 1px solid #eee; text-align: left; }}
 figure {{ display: inline-block; margin: .5rem; }} img {{ max-width: 420px; }}
 </style></head><body>
 <h1>Customer retention report</h1>
 <p>{html.escape(sections["subtitle"])}</p>
 <div class="kpis">{figures}</div>
-{tables}
-{"".join(charts)}
-<h2>Model performance (test cutoff, from the model's MLflow run)</h2>
+<h2 id="model-page">The churn model</h2>
+<p class="grade" id="grade-sentence">{html.escape(sections["grade_sentence"])}</p>
+{model_page}
+<h2 id="profiles">Profiles and segments</h2>
+{charts(sections["charts"])}
+{tables(sections["tables"])}
+<h2 id="appendix">Appendix: all test metrics and the feature glossary</h2>
+{tables(sections["appendix"])}
 {images}
 </body></html>
 """
@@ -113,8 +222,10 @@ figure {{ display: inline-block; margin: .5rem; }} img {{ max-width: 420px; }}
 # ---------------------------------------------------------------- lake and MLflow edges
 
 
-def _model_run(settings: Settings) -> tuple[dict[str, Any], list[tuple[str, str]], str]:
-    """The champion's test metrics and grade, its PNG plots (base64) and a label."""
+def _model_run(settings: Settings) -> dict[str, Any]:
+    """The champion's logged test metrics, grade, evaluation tables and PNG plots."""
+    empty = {"metrics": {}, "grade": "", "label": "no champion", "images": []}
+    empty |= {"gains": [], "reliability": [], "risk_bands": []}
     try:
         import mlflow
 
@@ -130,11 +241,24 @@ def _model_run(settings: Settings) -> tuple[dict[str, Any], list[tuple[str, str]
                     run_id=mv.run_id, artifact_path=art.path
                 )
                 images.append((stem, base64.b64encode(Path(local).read_bytes()).decode()))
-        figures = {**run.data.metrics, "grade": run.data.tags.get("grade", "")}
-        return figures, images, f"{settings.model_name} v{mv.version}"
+        tables = {}
+        for name in ("gains", "reliability", "risk_bands"):
+            try:
+                tables[name] = json.loads(
+                    mlflow.artifacts.load_text(f"runs:/{mv.run_id}/evaluation/{name}.json")
+                )
+            except Exception:  # runs logged before the table existed
+                tables[name] = []
+        return {
+            "metrics": run.data.metrics,
+            "grade": run.data.tags.get("grade", ""),
+            "label": f"{settings.model_name} v{mv.version}",
+            "images": images,
+            **tables,
+        }
     except Exception as exc:  # the report still renders the lake's figures
         log.warning("no champion run for the report: %s", exc)
-        return {}, [], "no champion"
+        return empty
 
 
 def build_report(settings: Settings) -> Path:
@@ -156,14 +280,8 @@ def build_report(settings: Settings) -> Path:
     )
     members = members.assign(customer_id=follow_redirects(members["customer_id"], redirects))
     moves = segment_moves(members, redirects)
-    metrics, images, model_label = _model_run(settings)
-    perf = pd.DataFrame(
-        [
-            {"metric": k, "value": v}
-            for k, v in sorted(metrics.items())
-            if k.startswith(("test_", "rfm_logistic_", "recency_", "ci_d_rule_"))
-        ]
-    )
+    model = _model_run(settings)
+    metrics, model_label = model["metrics"], model["label"]
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
     charts = [
         (
@@ -172,31 +290,33 @@ def build_report(settings: Settings) -> Path:
         ),
         ("ChurnScore histogram", go.Figure(go.Histogram(x=scored["ChurnScore"], nbinsx=40))),
     ]
-    factors = top_factors(scored)
-    if len(factors):
-        charts.append(
-            (
-                "Top influential factors (how often in a customer's top 5)",
-                go.Figure(go.Bar(x=factors["customers"], y=factors["feature"], orientation="h")),
-            )
-        )
     if lake.exists("gold", "customer_measures"):
         measures = latest(lake.read_pandas("gold", "customer_measures"), "as_of")
         for col in [c for c in measures.columns if c not in ("customer_id", "as_of")][:4]:
             if pd.api.types.is_numeric_dtype(measures[col]):
                 charts.append((f"Measure: {col}", go.Figure(go.Histogram(x=measures[col]))))
+    factors = top_factors(scored)
     kpis = [
         ("profile-count", "Profiles", f"{len(profiles):,}"),
         ("scored-count", "Scored", f"{len(scored):,}"),
         *[(f"risk-{k}", f"{k} risk", f"{int(v):,}") for k, v in risk.items()],
         ("model", "Model", html.escape(model_label)),
-        ("grade", "Grade", html.escape(str(metrics.get("grade", "")) or "see card")),
+        ("grade", "Grade", html.escape(model["grade"] or "–")),
     ]
+    grade = "No champion model: run `c360ml train`."
+    if metrics and model["grade"]:
+        grade = model_report.grade_sentence(metrics, model["grade"])
+    glossary = factors[["label", "feature"]].rename(
+        columns={"label": "label", "feature": "definition (Featuretools expression)"}
+    )
     sections = {
         "subtitle": f"Scores as of {as_of:%Y-%m-%d %H:%M} UTC; {model_label}",
         "kpis": kpis,
+        "grade_sentence": grade,
+        "model_charts": model_charts(model, factors),
+        "model_tables": [("Risk bands", "risk-bands", risk_band_table(scored, model))],
         "tables": [
-            ("Profiles by source", "sources", sources),
+            ("Segments: size and movement since the previous as_of", "segments", moves),
             (
                 "Score status",
                 "status",
@@ -205,11 +325,18 @@ def build_report(settings: Settings) -> Path:
                 .rename_axis("status")
                 .reset_index(name="profiles"),
             ),
-            ("Segments: size and movement since the previous as_of", "segments", moves),
-            ("Model vs baselines (test cutoff)", "performance", perf),
+            ("Profiles by source", "sources", sources),
         ],
         "charts": charts,
-        "images": images,
+        "appendix": [
+            (
+                "Test-cutoff metrics: the model and each baseline (95% intervals)",
+                "performance",
+                pd.DataFrame(model_report.metric_rows(metrics) if metrics else []),
+            ),
+            ("Feature glossary", "glossary", glossary),
+        ],
+        "images": model["images"],
     }
     out = settings.path(settings.reports_dir)
     out.mkdir(parents=True, exist_ok=True)

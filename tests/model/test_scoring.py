@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -9,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from c360ml import glossary
 from c360ml.model import scoring
 from c360ml.model.scoring import ModelBundle, RequestError, Thresholds, score
 
@@ -47,7 +50,28 @@ def test_influential_factors_are_top5_signed_impacts(bundle, synthetic):
         assert factors[0]["impact"] == pytest.approx(contrib[i, j], abs=1e-6)
         value = frame.loc[i, factors[0]["feature"]]
         assert factors[0]["value"] == (None if pd.isna(value) else pytest.approx(value))
+        for f in factors:  # readable: label, value in its unit, which way it pushes
+            label = bundle.feature_labels[f["feature"]]
+            assert f["label"] == label["label"]
+            assert f["display_value"] == glossary.format_value(f["value"], label["unit"])
+            assert f["direction"] == ("raises risk" if f["impact"] > 0 else "lowers risk")
     assert score(bundle, frame, explain="none").InfluentialFactors.map(len).eq(0).all()
+
+
+def test_bundle_carries_feature_labels(bundle, tmp_path):
+    named = dataclasses.replace(
+        bundle, feature_labels={**bundle.feature_labels, "f_cases": {
+            "label": "Open support cases, all time", "unit": "count", "description": "x."}},
+    )  # fmt: skip
+    loaded = scoring.ModelBundle.load(named.save(tmp_path / "b"))
+    assert loaded.feature_labels == named.feature_labels
+    assert loaded.feature_labels["f_cases"]["label"] == "Open support cases, all time"
+    # A bundle saved before labels were carried gets them generated on load.
+    features = json.loads((tmp_path / "b" / scoring.FEATURES_FILE).read_text())
+    del features["labels"]
+    (tmp_path / "b" / scoring.FEATURES_FILE).write_text(json.dumps(features))
+    old = scoring.ModelBundle.load(tmp_path / "b")
+    assert old.feature_labels["f_cases"] == glossary.describe("f_cases").to_dict()
 
 
 def test_output_columns_thresholds_and_order(bundle, synthetic):

@@ -78,7 +78,8 @@ def registered(tmp_path_factory):
     matrix, rfm = make_matrix(n_customers=300, n_cutoffs=8)
     config = TrainConfig(nthread=1, max_trees=40, early_stopping_rounds=10, bootstrap_resamples=30)
     result = train_and_evaluate(matrix, FEATURES, rfm, WINDOW_DAYS, config)
-    _register(store, "c360-retention", result, matrix, result.plan.test_cutoff)
+    _, decision = _register(store, "c360-retention", result, matrix, result.plan.test_cutoff)
+    assert decision.promote, decision.reason
     settings = Settings(root=REPO, mlflow_dir=store, model_name="c360-retention")
     return settings, matrix
 

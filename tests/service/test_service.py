@@ -58,8 +58,12 @@ def test_predict_equals_in_process_scoring(server, bundle, request_rows):
         np.testing.assert_allclose(got.ChurnScore, want.ChurnScore, rtol=1e-6)
         assert list(got.RiskLevel) == list(want.RiskLevel)
         assert list(got.IsChurn) == list(want.IsChurn)
+        assert reply.headers["x-c360ml-contract-version"] == scoring.CONTRACT_VERSION
         for g, w in zip(got.InfluentialFactors, want.InfluentialFactors, strict=True):
             assert [f["feature"] for f in g] == [f["feature"] for f in w]
+            assert [(f["label"], f["direction"]) for f in g] == [
+                (f["label"], f["direction"]) for f in w
+            ]
             np.testing.assert_allclose(
                 [f["impact"] for f in g], [f["impact"] for f in w], rtol=1e-5, atol=1e-6
             )
@@ -277,9 +281,12 @@ def test_auth_and_size_limits(server, request_rows):
 
 def test_metadata(server, bundle):
     url, _ = server
-    meta = httpx.get(f"{url}/metadata", headers=AUTH, timeout=10).json()
+    answer = httpx.get(f"{url}/metadata", headers=AUTH, timeout=10)
+    meta = answer.json()
+    assert answer.headers["x-c360ml-contract-version"] == meta["contract_version"] == "2"
     assert meta["version"] == "1" and meta["name"] == "c360-retention"
     assert [f["name"] for f in meta["features"]] == list(bundle.feature_names)
+    assert all(f["label"] and f["unit"] and f["description"] for f in meta["features"])
     assert meta["thresholds"]["IsChurn"] == 0.5
     assert meta["grade"] in ("A", "B", "C")
     assert meta["churn_definition"]["prediction_window_days"] == 90
@@ -308,6 +315,7 @@ def test_score_table_round_trip_over_several_chunks(server, bundle, request_rows
                 timeout=300,
             )
         assert reply.status_code == 200, reply.text[:500]
+        assert reply.headers["x-c360ml-contract-version"] == scoring.CONTRACT_VERSION
         out = pd.read_csv(io.StringIO(reply.text))
         assert list(out.columns) == [
             "CustomerId",

@@ -42,6 +42,7 @@ import pandas as pd
 from featuretools.feature_base import AggregationFeature
 from featuretools.primitives.utils import get_aggregation_primitives, get_transform_primitives
 
+from c360ml import progress
 from c360ml.features.aggregates import (
     IS_PURCHASE,
     LINE_ID,
@@ -502,11 +503,14 @@ def calculate_features(
     features = _load(fs)
     gold = standardise_gold(gold)
     parts = []
-    for t, ids in _population_groups(population):
-        frames = activity_frames(view_as_of(restrict_to_customers(gold, ids), t))
-        (matrix,) = _matrices(frames, t, [(ids, features)], engine)
-        parts.append(_feature_part(matrix, ids, t, fs))
-        log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
+    groups = list(_population_groups(population))
+    with progress.track("features per cutoff", len(groups)) as advance:
+        for t, ids in groups:
+            frames = activity_frames(view_as_of(restrict_to_customers(gold, ids), t))
+            (matrix,) = _matrices(frames, t, [(ids, features)], engine)
+            parts.append(_feature_part(matrix, ids, t, fs))
+            log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
+            advance()
     result = pd.concat(parts, ignore_index=True)
     result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
     keys = population[[CUSTOMER_ID, CUTOFF_TIME]].copy()

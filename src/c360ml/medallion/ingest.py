@@ -9,9 +9,11 @@ between a bronze commit and its quarantine commit is completed without duplicate
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +52,10 @@ GENERIC_COLUMNS = (
     Column("product_id", "string"),
     Column("is_return", "boolean"),
 )
+# Needed in the mapping and in every file. The others are optional in both: bronze holds
+# them null where a file lacks them, and silver defaults them (one order per customer and
+# instant, is_return = amount < 0; see pipelines/sql/silver/generic_transactions.sql).
+GENERIC_REQUIRED = tuple(c.name for c in GENERIC_COLUMNS[:3])
 
 
 @dataclass
@@ -321,7 +327,7 @@ def load_generic_mapping(path: Path) -> dict | None:
         mapping = spec["columns"]
     except (yaml.YAMLError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: needs transactions.columns mapping ({exc})") from exc
-    missing = [c.name for c in GENERIC_COLUMNS[:3] if c.name not in mapping]
+    missing = [name for name in GENERIC_REQUIRED if name not in mapping]
     if missing:
         raise ValueError(f"{path}: transactions.columns lacks required {missing}")
     return spec
@@ -342,18 +348,34 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     todo = [f for f in files if rel[f] not in done]
     if not todo:
         return result
-    columns = tuple(
-        Column(spec["columns"][c.name], c.cdm_type)
+    # Canonical name -> the files' column: named by the mapping, typed by GENERIC_COLUMNS.
+    mapped = {
+        c.name: Column(spec["columns"][c.name], c.cdm_type)
         for c in GENERIC_COLUMNS
         if c.name in spec["columns"]
-    )
+    }
+    schema = Entity("transactions", tuple(mapped.values()), ()).arrow_schema
     batch_id = f"generic/{time.strftime('%Y-%m-%dT%H.%M.%SZ', time.gmtime())}"
     typed_parts, bad_parts = [], []
+    lacking: Counter[str] = Counter()  # optional column -> new files without it
     for f in todo:
-        entity = Entity("transactions", columns, (f,))
+        absent = _absent_columns(f, mapped, mapping_path)
+        lacking.update(absent)
+        entity = Entity(
+            "transactions", tuple(c for n, c in mapped.items() if n not in absent), (f,)
+        )
         for typed, bad in read_csv_file(f, entity, rel[f], header=True):
-            typed_parts.append(_with_lineage(typed, rel[f], batch_id, at))
+            typed_parts.append(_with_lineage(_with_nulls(typed, schema), rel[f], batch_id, at))
             bad_parts.append(bad)
+    for name, n in lacking.items():
+        log.info(
+            "generic: %d of %d new files have no %r column (%s): null in bronze, "
+            "defaulted in silver",
+            n,
+            len(todo),
+            mapped[name].name,
+            name,
+        )
     meta = {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in todo))}
     q = _quarantine_lineage(bad_parts, batch_id, at)
     lake.write(q, "quarantine", "bronze", "generic", "transactions", metadata=meta)
@@ -363,3 +385,34 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     result.quarantined = len(q)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _absent_columns(path: Path, mapped: dict[str, Column], mapping_path: Path) -> list[str]:
+    """The mapped columns (canonical names) a generic CSV's header row lacks.
+
+    Read before any row, so that a file without a required column stops the ingest with
+    one error naming the file and the column, and nothing of the batch is committed.
+    """
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel writes a BOM
+        header = next(csv.reader(fh), [])
+    absent = [name for name, c in mapped.items() if c.name not in header]
+    required = [name for name in absent if name in GENERIC_REQUIRED]
+    if required:
+        named = ", ".join(f"{mapped[n].name!r} ({n})" for n in required)
+        raise ValueError(
+            f"{path}: required column {named} is not in the header row {header}; "
+            f"file columns are mapped in {mapping_path}"
+        )
+    return absent
+
+
+def _with_nulls(typed: pa.Table, schema: pa.Schema) -> pa.Table:
+    """The file's typed columns in `schema`'s order, null where the file lacks one: every
+    generic file lands in the one bronze table, whichever optional columns it has."""
+    return pa.table(
+        {
+            f.name: typed[f.name] if f.name in typed.column_names else pa.nulls(len(typed), f.type)
+            for f in schema
+        },
+        schema=schema,
+    )

@@ -94,6 +94,41 @@ def reliability_curve(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict
     return out
 
 
+def cumulative_gains(y: np.ndarray, p: np.ndarray, points: int = 20) -> list[dict[str, float]]:
+    """Share of the churners reached when the top q of customers by score are targeted, for
+    q = 1/points ... 1, and the lift (that share over q): the campaign planner's view."""
+    y = np.asarray(y).astype(float)
+    order = np.argsort(-np.asarray(p, dtype=np.float64), kind="stable")
+    reached = np.cumsum(y[order])
+    total = reached[-1] if len(reached) else 0.0
+    out = []
+    for k in range(1, points + 1):
+        q = k / points
+        top = max(1, int(round(q * len(y))))
+        share = float(reached[top - 1] / total) if total > 0 else float("nan")
+        out.append({"share_targeted": q, "share_of_churners": share, "lift": share / q})
+    return out
+
+
+def risk_band_rates(
+    y: np.ndarray, p: np.ndarray, medium: float, high: float
+) -> list[dict[str, float | str]]:
+    """Size and realized churn rate per RiskLevel band (Low < medium <= Medium < high <= High)."""
+    y = np.asarray(y).astype(float)
+    p = np.asarray(p, dtype=np.float64)
+    bands = {"Low": p < medium, "Medium": (p >= medium) & (p < high), "High": p >= high}
+    return [
+        {
+            "risk_level": name,
+            "customers": int(sel.sum()),
+            "share": float(sel.mean()) if len(p) else float("nan"),
+            "churn_rate": float(y[sel].mean()) if sel.any() else float("nan"),
+            "mean_score": float(p[sel].mean()) if sel.any() else float("nan"),
+        }
+        for name, sel in bands.items()
+    ]
+
+
 # ---------------------------------------------------------------- weighted rank metrics
 
 

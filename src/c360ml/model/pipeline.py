@@ -87,6 +87,7 @@ class TrainSummary:
     tracking_uri: str = ""
 
     gate_label: str = ""  # promoted / not promoted / awaiting approval
+    gate_path: str = ""  # first model / fresh window / recipe
 
     @property
     def decision(self) -> str:
@@ -163,6 +164,7 @@ def summarise(
         promoted=decision.promote and not decision.awaiting_approval,
         gate_reason=decision.reason,
         gate_label=decision.label,
+        gate_path=decision.path,
         trained_as_of=trained_as_of,
         test_cutoff=result.plan.test_cutoff,
         validation_cutoff=result.plan.validation_cutoff,

@@ -26,6 +26,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import c360ml
+from c360ml import glossary
 from c360ml.model import gate, report
 from c360ml.model.pyfunc import BUNDLE_ARTIFACT, ChurnModel
 from c360ml.model.scoring import ModelBundle, Thresholds, score
@@ -104,6 +105,7 @@ def build_bundle(
         thresholds=Thresholds(),
         calibrator=result.calibrator,
         feature_set_json=feature_set_json,
+        feature_labels=glossary.describe_all(result.feature_names),
         metadata={
             "trained_as_of": str(pd.Timestamp(trained_as_of)),
             "churn_config": churn_config,
@@ -165,6 +167,8 @@ def log_training(
         tables = {
             "splits.json": result.plan.to_dict() | {"rows": result.split_rows},
             "reliability.json": result.reliability,
+            "gains.json": result.gains,
+            "risk_bands.json": result.risk_bands,
             "importance.json": result.importance,
             "ci_d_rule_baseline.json": result.rule.by_span,
             "calibration.json": result.calibration,

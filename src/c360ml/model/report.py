@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from c360ml import glossary
 from c360ml.model.train import LABEL, TrainResult
 
 SCORES = {"model": "model (pre-refit)", "rfm_logistic": "RFM logistic", "recency": "recency"}
@@ -197,6 +198,63 @@ def _ci(m: dict[str, float], key: str) -> str:
     return f"{_f(m[key])} [{_f(m[f'{key}_ci_low'])}, {_f(m[f'{key}_ci_high'])}]"
 
 
+METRIC_ROWS = (  # label, then the metric key of: model, RFM logistic, recency, oracle
+    ("ROC AUC", "test_roc_auc", "rfm_logistic_roc_auc", "recency_roc_auc", "oracle_roc_auc"),
+    ("PR AUC", "test_pr_auc", "rfm_logistic_pr_auc", "recency_pr_auc", "oracle_pr_auc"),
+    ("log loss", "test_log_loss", "rfm_logistic_log_loss", None, "oracle_log_loss"),
+    ("Brier", "test_brier", "rfm_logistic_brier", None, "oracle_brier"),
+    ("accuracy at 0.5", "test_accuracy", "rfm_logistic_accuracy", None, "oracle_accuracy"),
+    (
+        "churn-class accuracy (recall)",
+        "test_churn_recall",
+        "rfm_logistic_churn_recall",
+        None,
+        "oracle_churn_recall",
+    ),
+    (
+        "top-decile lift",
+        "test_top_decile_lift",
+        "rfm_logistic_top_decile_lift",
+        "recency_top_decile_lift",
+        "oracle_top_decile_lift",
+    ),
+)
+RULE_KEYS = {
+    "accuracy at 0.5": "ci_d_rule_accuracy",
+    "churn-class accuracy (recall)": "ci_d_rule_churn_recall",
+}
+
+
+def metric_rows(m: dict[str, float]) -> list[dict[str, str]]:
+    """The test-cutoff metrics of the model and each baseline, one labelled row per metric
+    (95% intervals where measured): the model card's table and the report's appendix."""
+    rows = []
+    for label, model_key, rfm_key, rec_key, oracle_key in METRIC_ROWS:
+        rows.append(
+            {
+                "metric": label,
+                "model (pre-refit)": _ci(m, model_key),
+                "RFM logistic": _f(m.get(rfm_key)),
+                "recency": _f(m.get(rec_key)) if rec_key else "–",
+                "CI-D rule": _f(m.get(RULE_KEYS.get(label, ""))),
+                "oracle": _ci(m, oracle_key) if oracle_key in m else "–",
+            }
+        )
+    return rows
+
+
+def grade_sentence(m: dict[str, float], grade: str) -> str:
+    """The grade in plain words for a marketer (from the logged test metrics)."""
+    return (
+        f"Grade {grade}: of the customers who went on to churn, the model flagged "
+        f'{m["test_churn_recall"]:.0%}, the best simple rule ("no purchase in the last '
+        f'{int(m["ci_d_rule_span_days"])} days") {m["ci_d_rule_churn_recall"]:.0%} '
+        f"({m['grade_improvement']:+.0%}), and {m['test_accuracy']:.0%} of all the model's "
+        "predictions were right. A needs 10% more than the rule, B more at all, each with at "
+        "least half of all predictions right."
+    )
+
+
 def model_card(result: TrainResult, ctx: CardContext) -> str:
     """The model card (markdown): what the model predicts, on what, how well, and limits."""
     m = result.metrics
@@ -207,39 +265,11 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
         if plan.optimistic
         else f"\nEvaluation is {plan.reason}.\n"
     )
-    rows = [
-        ("ROC AUC", "test_roc_auc", "rfm_logistic_roc_auc", "recency_roc_auc", "oracle_roc_auc"),
-        ("PR AUC", "test_pr_auc", "rfm_logistic_pr_auc", "recency_pr_auc", "oracle_pr_auc"),
-        ("log loss", "test_log_loss", "rfm_logistic_log_loss", None, "oracle_log_loss"),
-        ("Brier", "test_brier", "rfm_logistic_brier", None, "oracle_brier"),
-        ("accuracy at 0.5", "test_accuracy", "rfm_logistic_accuracy", None, "oracle_accuracy"),
-        (
-            "churn-class accuracy (recall)",
-            "test_churn_recall",
-            "rfm_logistic_churn_recall",
-            None,
-            "oracle_churn_recall",
-        ),
-        (
-            "top-decile lift",
-            "test_top_decile_lift",
-            "rfm_logistic_top_decile_lift",
-            "recency_top_decile_lift",
-            "oracle_top_decile_lift",
-        ),
-    ]
     table = [
         "| metric | model (pre-refit) | RFM logistic | recency | CI-D rule | oracle |",
         "|---|---|---|---|---|---|",
     ]
-    rule = {"accuracy at 0.5": m["ci_d_rule_accuracy"]}
-    rule["churn-class accuracy (recall)"] = m["ci_d_rule_churn_recall"]
-    for label, model_key, rfm_key, rec_key, oracle_key in rows:
-        table.append(
-            f"| {label} | {_ci(m, model_key)} | {_f(m.get(rfm_key))} | "
-            f"{_f(m.get(rec_key)) if rec_key else '–'} | {_f(rule.get(label))} | "
-            f"{_ci(m, oracle_key) if oracle_key in m else '–'} |"
-        )
+    table += ["| " + " | ".join(row.values()) + " |" for row in metric_rows(m)]
     oracle_lines = ""
     if "oracle_roc_auc" in m:
         oracle_lines = (
@@ -260,7 +290,8 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
         for r in result.rule.by_span
     )
     top = "\n".join(
-        f"{r['rank']}. `{r['feature']}` (mean |SHAP| {r['mean_abs_shap']:.3f})"
+        f"{r['rank']}. {glossary.describe(r['feature']).label} (`{r['feature']}`, "
+        f"mean |SHAP| {r['mean_abs_shap']:.3f})"
         for r in result.importance[:10]
     )
     cal = result.calibration
@@ -270,7 +301,7 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
     return f"""# Model card: {ctx.model_name} version {ctx.model_version}
 
 Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grade
-**{g.grade}**.
+**{g.grade}**. {grade_sentence(m, g.grade)}
 
 ## What it predicts
 

@@ -28,11 +28,18 @@ import pandera.pandas as pa
 import xgboost as xgb
 from pandera.typing import Series
 
+from c360ml import glossary
+
 log = logging.getLogger(__name__)
 
 Explain = Literal["exact", "approx", "none"]
 DEFAULT_EXPLAIN: Explain = "approx"
 TOP_FACTORS = 5  # InfluentialFactors per customer
+RAISES, LOWERS = "raises risk", "lowers risk"  # a factor's direction
+# The hand-back contract: the columns of the CI-D export and of the service's answers.
+# A change to them bumps it; the README lists each version.
+CONTRACT_VERSION = "2"
+CONTRACT_HEADER = "X-C360ML-Contract-Version"
 SCORE_CHUNK_ROWS = 100_000  # bounds the contribution matrix (rows x features float32)
 
 BOOSTER_FILE = "booster.json"
@@ -48,7 +55,8 @@ class ChurnScoreOutput(pa.DataFrameModel):
     ChurnScore: Series[float] = pa.Field(ge=0.0, le=1.0)
     IsChurn: Series[bool]
     RiskLevel: Series[str] = pa.Field(isin=["Low", "Medium", "High"])
-    InfluentialFactors: Series[object]  # list of {"feature", "value", "impact"}
+    # list of {"feature", "label", "value", "display_value", "impact", "direction"}
+    InfluentialFactors: Series[object]
 
     class Config:
         strict = True
@@ -112,6 +120,13 @@ class ModelBundle:
     feature_set_json: str | None = None  # definitions, for recomputing the features
     metadata: dict[str, Any] = field(default_factory=dict)  # trained_as_of, churn config, ...
     nthread: int | None = None  # XGBoost threads (load's argument); None: all cores
+    # name -> label, unit, description (`c360ml.glossary`), fixed when the model was trained
+    feature_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [n for n in self.feature_names if n not in self.feature_labels]
+        if missing:  # bundles saved before labels were carried
+            self.feature_labels = {**self.feature_labels, **glossary.describe_all(missing)}
 
     @property
     def trained_as_of(self) -> pd.Timestamp | None:
@@ -122,7 +137,11 @@ class ModelBundle:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.booster.save_model(str(folder / BOOSTER_FILE))
-        features = {"names": list(self.feature_names), "dtypes": self.feature_dtypes}
+        features = {
+            "names": list(self.feature_names),
+            "dtypes": self.feature_dtypes,
+            "labels": self.feature_labels,
+        }
         (folder / FEATURES_FILE).write_text(json.dumps(features, indent=1))
         if self.feature_set_json is not None:
             (folder / FEATURE_SET_FILE).write_text(self.feature_set_json)
@@ -154,6 +173,7 @@ class ModelBundle:
             feature_set_json=fs_path.read_text() if fs_path.exists() else None,
             metadata=meta,
             nthread=nthread,
+            feature_labels=features.get("labels", {}),
         )
 
 
@@ -254,8 +274,12 @@ def risk_levels(scores: np.ndarray, thresholds: Thresholds) -> np.ndarray:
     )
 
 
-def _top_factors(names: tuple[str, ...], x: np.ndarray, contrib: np.ndarray) -> list[list]:
-    """Top-k features by |impact| per row, largest first; NaN feature values become None."""
+def _top_factors(bundle: ModelBundle, x: np.ndarray, contrib: np.ndarray) -> list[list]:
+    """Top-k features by |impact| per row, largest first: the feature's name and label, its
+    value (None for NaN) and that value as read in its unit, the signed impact (log-odds)
+    and which way it pushes the risk."""
+    names = bundle.feature_names
+    labels = [bundle.feature_labels[n] for n in names]
     impact = contrib[:, :-1]
     k = min(TOP_FACTORS, impact.shape[1])
     top = np.argpartition(-np.abs(impact), k - 1, axis=1)[:, :k]
@@ -266,7 +290,14 @@ def _top_factors(names: tuple[str, ...], x: np.ndarray, contrib: np.ndarray) -> 
     values_obj = np.where(np.isnan(values), None, values).tolist()
     return [
         [
-            {"feature": names[j], "value": v, "impact": round(i, 6)}
+            {
+                "feature": names[j],
+                "label": labels[j]["label"],
+                "value": v,
+                "display_value": glossary.format_value(v, labels[j]["unit"]),
+                "impact": round(i, 6),
+                "direction": RAISES if i > 0 else LOWERS,
+            }
             for j, v, i in zip(cols, vals, imps, strict=True)
         ]
         for cols, vals, imps in zip(top.tolist(), values_obj, impacts.tolist(), strict=True)
@@ -296,7 +327,7 @@ def score(
         for start in range(0, len(x), SCORE_CHUNK_ROWS):
             chunk = x[start : start + SCORE_CHUNK_ROWS]
             contrib = contributions(bundle, chunk, explain)
-            factors.extend(_top_factors(bundle.feature_names, chunk, contrib))
+            factors.extend(_top_factors(bundle, chunk, contrib))
     out = pd.DataFrame(
         {
             ChurnScoreOutput.CustomerId: frame[CUSTOMER_ID].astype(str).to_numpy(),

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from c360ml.model import baselines, evaluate
-from c360ml.model.scoring import Calibrator
+from c360ml.model.scoring import Calibrator, Thresholds
 from c360ml.model.splits import (
     TEST,
     TRAIN,
@@ -272,6 +272,8 @@ class TrainResult:
     grade: evaluate.Grade
     rule: evaluate.RuleBaseline
     reliability: list[dict[str, float]]
+    gains: list[dict[str, float]]  # cumulative gain and lift on the test cutoff
+    risk_bands: list[dict[str, float | str]]  # size and churn rate per RiskLevel band
     importance: list[dict[str, float]]  # mean |SHAP| per feature (refit model, test sample)
     shap_sample: tuple[np.ndarray, np.ndarray]  # (contributions, feature values) for the plot
     split_rows: dict[str, int]
@@ -460,6 +462,10 @@ def train_and_evaluate(
         grade=grade,
         rule=rule,
         reliability=evaluate.reliability_curve(y_test, test["model"].to_numpy()),
+        gains=evaluate.cumulative_gains(y_test, test["model"].to_numpy()),
+        risk_bands=evaluate.risk_band_rates(
+            y_test, test["model"].to_numpy(), Thresholds().medium, Thresholds().high
+        ),
         importance=importance,
         shap_sample=(contrib, shap_x),
         split_rows=split_rows,
