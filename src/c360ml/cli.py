@@ -68,7 +68,15 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion.ingest import ingest_landing
 
     summary = ingest_landing(settings)
-    _print_rows("ingest: landing -> bronze", summary.rows())
+    rows = summary.rows()
+    _print_rows("ingest: landing -> bronze", rows)
+    quarantined = sum(r.get("quarantined", 0) for r in rows)
+    if quarantined:
+        where = settings.lake / "quarantine" / "bronze"
+        console.print(
+            f"{quarantined:,} rows quarantined, each with its file, line and reason: {where}",
+            highlight=False,
+        )
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:

@@ -105,7 +105,9 @@ def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str
         g = pd.DataFrame(model["gains"])
         fig = go.Figure(
             [
-                go.Scatter(x=g.share_targeted, y=g.share_of_churners, name="c360ml model"),
+                go.Scatter(
+                    x=[0.0, *g.share_targeted], y=[0.0, *g.share_of_churners], name="c360ml model"
+                ),
                 go.Scatter(x=[0, 1], y=[0, 1], name="random", line={"dash": "dot"}),
             ]
         )

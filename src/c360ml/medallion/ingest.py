@@ -229,8 +229,8 @@ def ingest_entity(
             q, "quarantine", "bronze", source, entity.name, metadata=_meta(batch_id, todo_q, rel)
         )
         result.quarantined = len(q)
-        if len(q):
-            log.warning(
+        if len(q):  # counted in the summary; the first reason is logged
+            log.info(
                 "%s/%s: %d rows quarantined (first: %s line %s: %s)",
                 source,
                 entity.name,

@@ -1,0 +1,145 @@
+"""Every README command run as a user runs it: a subprocess, its exit code and its output.
+
+One small generated lake goes through the whole loop in order (generate, build, describe,
+measures, train, refresh, serve + segments, report, an increment through ingest and each
+build step), then the error paths: one line and exit code 2, a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.service.conftest import free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """A project folder with its c360ml.yaml, and a way to run `c360ml` in it."""
+    home = tmp_path_factory.mktemp("cli")
+    data = home / "data"
+    config = {
+        "root": str(REPO),  # the repo's specs, SQL and service; every output under data/
+        "lake_root": str(data / "lake"),
+        "truth_root": str(data / "truth"),
+        "reports_dir": str(data / "reports"),
+        "mlflow_dir": str(data / "mlflow"),
+        "log_dir": str(data / "logs"),
+    }
+    (home / "c360ml.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360ML_", "MLFLOW_"))}
+    env |= {"BENTOML_HOME": str(data / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+
+    def run(*args: str, extra: dict | None = None, timeout: float = 600):
+        done = subprocess.run(
+            [sys.executable, "-m", "c360ml.cli", *args],
+            cwd=home,
+            env=env | (extra or {}),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    return run, home, env
+
+
+def _quiet(out: str) -> None:
+    """No log records and no traceback on the terminal without -v / --debug."""
+    assert " INFO " not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_the_whole_loop_from_the_readme(user):
+    run, home, env = user
+    code, out = run("generate", "--customers", "2000", "--seed", "7", "--fresh")
+    assert code == 0, out
+    assert "generated" in out and f"log: {home / 'data' / 'logs' / 'c360ml.log'}" in out
+    _quiet(out)
+
+    code, out = run("build", "all")
+    assert code == 0, out
+    assert "ingest: landing -> bronze" in out and "gold (" in out
+    assert "rows quarantined, each with its file, line and reason" in out
+    _quiet(out)
+    assert len([line for line in out.splitlines() if line.startswith("WARNING")]) == 0
+
+    code, out = run("describe", "gold")
+    assert code == 0 and "gold/orders" in out, out
+
+    code, out = run("build", "measures", "--as-of", "2025-06-30")
+    assert code == 0, out
+    assert "gold/customer_measures" in out and "as_of 2025-06-30" in out
+    _quiet(out)
+
+    code, out = run("train", "--as-of", "2025-12-31")
+    assert code == 0, out
+    assert "promoted to champion" in out and "grade" in out
+    _quiet(out)
+    assert "Successfully registered model" not in out  # MLflow's own notes go to the log
+    log = (home / "data" / "logs" / "c360ml.log").read_text()
+    assert "Successfully registered model" in log and "features at" in log
+
+    code, out = run("refresh")
+    assert code == 0, out
+    assert "refresh as of" in out and "ci-d manifest" in out
+    _quiet(out)
+
+    port = free_port()
+    server_log = home / "serve.log"
+    with open(server_log, "w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "c360ml.cli", "serve", "--port", str(port)],
+            cwd=home,
+            env=env | {"C360ML_API_TOKENS": "cli-token"},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, server_log, seconds=120)
+        code, out = run(
+            "segments",
+            "run",
+            "--endpoint",
+            f"http://127.0.0.1:{port}",
+            extra={"C360ML_API_TOKEN": "cli-token"},
+        )
+        assert code == 0, out
+        assert "segments as of" in out and "journey exports" in out
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    code, out = run("report")
+    assert code == 0, out
+    assert (home / "data" / "reports" / "retention_report.html").exists()
+
+    code, out = run("generate", "--increment")
+    assert code == 0, out
+    for step in (("ingest",), ("build", "silver"), ("build", "unify"), ("build", "gold")):
+        code, out = run(*step)
+        assert code == 0, (step, out)
+        _quiet(out)
+
+
+def test_errors_are_one_line_and_tracebacks_need_debug(user):
+    run, _, _ = user
+    code, out = run("train", "--as-of", "2025-13-45")
+    assert code == 2
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2025-13-45" in errors[0] and "Traceback" not in out
+    code, out = run("--debug", "train", "--as-of", "2025-13-45")
+    assert code == 2 and "Traceback" in out
+    code, out = run("model", "approve", "99")
+    assert code == 2 and "has no version 99" in out
+    code, out = run("-v", "build", "measures", "--as-of", "2025-03-31")
+    assert code == 0 and "INFO" in out, out
