@@ -131,8 +131,10 @@ def test_the_whole_loop_from_the_readme(user):
         _quiet(out)
 
 
-def test_errors_are_one_line_and_tracebacks_need_debug(user):
+def test_errors_are_one_line_and_tracebacks_need_debug(user, tmp_path):
     run, _, _ = user
+    code, out = run("describe", "gold", extra={"C360ML_LAKE_ROOT": str(tmp_path)})
+    assert code == 2 and f"error: no gold tables in {tmp_path}" in out
     code, out = run("train", "--as-of", "2025-13-45")
     assert code == 2
     errors = [line for line in out.splitlines() if line.startswith("error:")]

@@ -218,7 +218,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_describe(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion.build import describe_layer
 
-    for name, rows in describe_layer(settings, args.layer).items():
+    tables = describe_layer(settings, args.layer)
+    if not tables:
+        raise ValueError(f"no {args.layer} tables in {settings.lake}: run `c360ml build all`")
+    for name, rows in tables.items():
         _print_rows(f"{args.layer}/{name}", rows)
 
 
