@@ -88,6 +88,20 @@ def test_the_whole_loop_from_the_readme(user):
     log = (home / "data" / "logs" / "c360ml.log").read_text()
     assert "Successfully registered model" in log and "features at" in log
 
+    pipeline = subprocess.run(  # the README's other spelling of train
+        [sys.executable, str(REPO / "pipelines" / "train.py"), "--as-of", "2025-12-31"],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pipeline.returncode == 0, pipeline.stdout + pipeline.stderr
+    assert "c360-retention v2" in pipeline.stdout
+    log = (home / "data" / "logs" / "c360ml.log").read_text()
+    assert "gate: version 2" in log and "recipe comparison" in log
+    _quiet(pipeline.stdout + pipeline.stderr)
+
     code, out = run("refresh")
     assert code == 0, out
     assert "refresh as of" in out and "ci-d manifest" in out
