@@ -405,6 +405,8 @@ def write_readme() -> None:
         "Peak RSS is the stage process's own; `child_peak_rss_mb` (in the figures, where",
         "recorded) is its largest child's: a refresh worker of the snapshot (one of",
         "`refresh_workers`, on top of the parent), or the ML lake build if the stage ran it.",
+        "`report.png`: the report's first screen on the demo lake in headless Chromium",
+        "(`python benchmarks/report_screenshot.py` after `make demo`).",
         "",
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
