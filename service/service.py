@@ -10,7 +10,7 @@ schema is the one the model carries. Endpoints:
 - GET  /metadata     model name, version, features, thresholds, metrics, grade
 - BentoML's /livez, /readyz, /metrics stay open; everything else needs a bearer token.
 
-/predict and /metadata are plain routes of a Starlette app mounted on the service, not
+/predict and /metadata are raw routes of a FastAPI app mounted on the service, not
 `@bentoml.api` methods: BentoML's pydantic IO parses, dumps and re-validates every value
 of a request (~25 ms per 1,000 rows of 120 features, benchmarks/results/serve.md), more
 than parsing and scoring them. A /predict body is decoded once, by msgspec into rows typed
@@ -45,10 +45,9 @@ import pyarrow.parquet as pq
 from bentoml._internal.server.http import traffic
 from bentoml.exceptions import BentoMLException, InvalidArgument
 from bentoml.validators import ContentType
-from starlette.applications import Starlette
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from c360ml.config import load_settings
 from c360ml.model import scoring
@@ -61,8 +60,11 @@ DEV_ENV = "C360ML_DEV_NO_AUTH"  # "1": serve without tokens (development only, l
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 EXPLAINS = ("exact", "approx", "none")
 MAX_PREDICT_ROWS = 10_000  # larger inputs belong on /score-table
-MAX_BODY_BYTES = {"/score-table": 4 << 30}  # per-path request size limits
-DEFAULT_MAX_BODY = 16 << 20
+# Per-path request size limits. /predict takes MAX_PREDICT_ROWS rows of a few hundred
+# features written out in full (~6 KB a row at 300 features): larger inputs are tables.
+MAX_BODY_BYTES = {"/score-table": 4 << 30, "/predict": 64 << 20}
+DEFAULT_MAX_BODY = 1 << 20
+UPLOAD = "the uploaded table"  # errors never name the server's temporary file
 TABLE_CHUNK_ROWS = 50_000  # rows scored and streamed per chunk by /score-table
 INNER_RETRIES = 3  # calls to the inner scorer on a dropped keep-alive connection
 SMALL_BATCH_ROWS = 64  # the inner scorer uses one XGBoost thread below this many rows
@@ -72,7 +74,7 @@ SMALL_BATCH_ROWS = 64  # the inner scorer uses one XGBoost thread below this man
 # and would hold the scorer's one-batch-at-a-time dispatcher while small calls wait.
 LOCAL_ROWS = 256
 INLINE_BODY_BYTES = 64 << 10  # larger /predict bodies are parsed in a worker thread
-F32_MAX = float(np.finfo(np.float32).max)  # a larger JSON number is not a float32 feature
+F32_MAX = scoring.F32_MAX  # a larger JSON number is not a float32 feature
 PICKLE = ContentType("application/vnd.bentoml+pickle")  # BentoML's service-to-service serde
 
 
@@ -101,12 +103,88 @@ class BearerAuth:
                 json.dumps({"event": "unauthorized", "path": scope["path"], "client": client})
             )
             return await _reply(send, 401, "missing or invalid bearer token")
-        return await self.app(scope, receive, send)
+        return await self._limited(scope, receive, send, limit)
+
+    async def _limited(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
+        """The app with the size limit held while the body is read (a chunked body has no
+        Content-Length to check up front): past the limit the app is told the client left,
+        whatever it answers is dropped, and the client gets a 413."""
+        received, over, started = 0, False, False
+
+        async def limited_receive() -> dict:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        held: list[dict] = []  # a 4xx JSON answer, held until whole to fix its shape
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over:
+                return
+            started = True
+            if message["type"] == "http.response.start" and _is_json_error(message):
+                held.append(message)
+                return
+            if held and message["type"] == "http.response.body":
+                held.append(message)
+                if not message.get("more_body"):
+                    for part in _one_error_shape(held):
+                        await send(part)
+                    held.clear()
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await _reply(send, 413, f"request body is over {limit} bytes")
 
     def _allowed(self, header: bytes) -> bool:
         text = header.decode("latin-1")
         token = text[7:].strip() if text.startswith("Bearer ") else ""
         return bool(token) and token in self.tokens
+
+
+def _is_json_error(start: dict) -> bool:
+    headers = dict(start.get("headers") or [])
+    return 400 <= start["status"] < 500 and headers.get(b"content-type", b"").startswith(
+        b"application/json"
+    )
+
+
+def _one_error_shape(messages: list[dict]) -> list[dict]:
+    """Every error of this service is `{"error": ...}`: BentoML answers a 4xx raised in an
+    API as `[{"error": ...}]`, and an invalid upload with pydantic's list under "detail"."""
+    start, body = messages[0], b"".join(m.get("body", b"") for m in messages[1:])
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, list) and len(doc) == 1 and isinstance(doc[0], dict):
+        doc = doc[0]
+    if isinstance(doc, dict) and isinstance(doc.get("detail"), list):  # pydantic's errors
+        problems = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg', '')}"
+            for d in doc["detail"]
+            if isinstance(d, dict)
+        )
+        doc = {"error": f"{doc.get('error', 'invalid request')}: {problems}"}
+    if isinstance(doc, dict):
+        body = json.dumps(doc).encode()
+    headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return [{**start, "headers": headers}, {"type": "http.response.body", "body": body}]
 
 
 async def _reply(send: Any, status: int, message: str) -> None:
@@ -224,12 +302,114 @@ async def metadata_route(request: Request) -> Response:
 CONTRACT = {scoring.CONTRACT_HEADER: scoring.CONTRACT_VERSION}
 
 
-# Mounted at the root: a route matches its exact path only (no redirect to a trailing slash).
-routes = Starlette(
-    routes=[
-        Route("/predict", predict_route, methods=["POST"]),
-        Route("/metadata", metadata_route, methods=["GET"]),
-    ]
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+}
+ERRORS = {
+    str(code): {
+        "description": what,
+        "content": {"application/json": {"schema": ERROR_SCHEMA}},
+    }
+    for code, what in (
+        (400, "a request the model cannot score; the error names the field, column or rows"),
+        (401, "missing or invalid bearer token"),
+        (413, "request body over the size limit"),
+        (503, "the scorer is shedding load"),
+        (504, "not answered within the timeout"),
+    )
+}
+FACTOR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "feature": {"type": "string"},
+        "label": {"type": "string"},
+        "value": {"type": "number", "nullable": True},
+        "display_value": {"type": "string"},
+        "impact": {"type": "number"},
+        "direction": {"type": "string", "enum": [scoring.RAISES, scoring.LOWERS]},
+    },
+}
+PREDICT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["rows"],
+                    "properties": {
+                        "rows": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_PREDICT_ROWS,
+                            "items": {
+                                "type": "object",
+                                "required": [scoring.CUSTOMER_ID],
+                                "properties": {scoring.CUSTOMER_ID: {"type": "string"}},
+                                # the model's features (GET /metadata): numbers or null
+                                "additionalProperties": {"type": "number", "nullable": True},
+                            },
+                        },
+                        "explain": {"type": "string", "enum": list(EXPLAINS)},
+                    },
+                }
+            }
+        },
+    }
+}
+PREDICT_OK = {
+    "description": "ChurnScore, IsChurn, RiskLevel and InfluentialFactors per row, in order",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["model", "predictions"],
+                "properties": {
+                    "model": {"type": "object"},
+                    "predictions": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "CustomerId": {"type": "string"},
+                                "ChurnScore": {"type": "number", "minimum": 0, "maximum": 1},
+                                "IsChurn": {"type": "boolean"},
+                                "RiskLevel": {"type": "string", "enum": ["Low", "Medium", "High"]},
+                                "InfluentialFactors": {"type": "array", "items": FACTOR_SCHEMA},
+                            },
+                        },
+                    },
+                },
+            }
+        }
+    },
+}
+METADATA_OK = {
+    "description": "the model's name, version, contract version, features and thresholds",
+    "content": {"application/json": {"schema": {"type": "object"}}},
+}
+
+# Mounted at the root: raw handlers (no body parsing or response validation by FastAPI),
+# with their OpenAPI documents given here, which BentoML merges into /docs.json.
+routes = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+routes.add_api_route(
+    "/predict",
+    predict_route,
+    methods=["POST"],
+    summary="Score rows of features",
+    openapi_extra=PREDICT_DOC,
+    responses={"200": PREDICT_OK, **ERRORS},
+    response_class=Response,
+)
+routes.add_api_route(
+    "/metadata",
+    metadata_route,
+    methods=["GET"],
+    summary="The model behind the answers",
+    responses={"200": METADATA_OK, "401": ERRORS["401"]},
+    response_class=Response,
 )
 
 
@@ -375,6 +555,12 @@ class RetentionService:
     def parse(self, body: bytes) -> tuple[list[str], np.ndarray, str]:
         """A /predict body -> (CustomerIds, float32 feature block, explain), or a
         RequestError naming the offending field, columns or rows."""
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:  # the message says where, never the bytes
+            raise scoring.RequestError(
+                f"request body is not UTF-8 JSON (bad byte at position {exc.start})"
+            ) from None
         if self.decoder is not None:
             try:
                 doc = self.decoder.decode(body)
@@ -388,6 +574,10 @@ class RetentionService:
             doc = json.loads(body)
         except ValueError as exc:
             raise scoring.RequestError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise scoring.RequestError(
+                "request body is not valid JSON: nested too deeply"
+            ) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
             raise scoring.RequestError('the body must be {"rows": [...], "explain": ...}')
         rows, explain = doc["rows"], doc.get("explain", scoring.DEFAULT_EXPLAIN)
@@ -436,7 +626,7 @@ class RetentionService:
         chunks = _table_chunks(Path(table))
         first = next(chunks, None)
         if first is None:
-            raise InvalidArgument(f"{Path(table).name}: empty table")
+            raise InvalidArgument(f"{UPLOAD}: empty table")
         self._validated(first.head(1000))
         self._check_unique_ids(Path(table))
         started, rows = time.perf_counter(), 0
@@ -541,8 +731,17 @@ def _table_chunks(path: Path) -> Generator[pd.DataFrame, None, None]:
                 buffer = []
         if buffer:
             yield pd.concat(buffer, ignore_index=True)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidArgument(f"{path.name}: not a readable CSV or parquet table: {exc}") from None
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            f"{UPLOAD} is not a readable CSV or parquet table ({_kind(exc)})"
+        ) from None
+
+
+def _kind(exc: Exception) -> str:
+    """What went wrong, without the quoted content (raw bytes) readers append to it."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text at byte {exc.start}"
+    return str(exc).split(":", 1)[0][:80] or type(exc).__name__
 
 
 def _table_ids(path: Path) -> pd.Series:
@@ -555,8 +754,8 @@ def _table_ids(path: Path) -> pd.Series:
                 include_columns=["CustomerId"], column_types={"CustomerId": pa.string()}
             ),
         )["CustomerId"].to_pandas()
-    except (pa.ArrowInvalid, KeyError) as exc:
-        raise InvalidArgument(f"{path.name}: no CustomerId column ({exc})") from None
+    except (pa.ArrowInvalid, KeyError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{UPLOAD} has no CustomerId column ({_kind(exc)})") from None
 
 
 RetentionService.add_asgi_middleware(BearerAuth)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 from c360ml.config import Settings
-from c360ml.sources.tables import source_table
+from c360ml.sources.tables import Column, source_table
 
 
 def make_settings(tmp_path: Path) -> Settings:
@@ -60,27 +61,42 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def write_sync_folder(
-    landing: Path, source: str, stamp: str, tables: dict[str, list[dict]]
+    landing: Path,
+    source: str,
+    stamp: str,
+    tables: dict[str, list[dict | str | bytes]],
+    attributes: dict[str, list[tuple[str, str]]] | None = None,
 ) -> Path:
     """Write one Synapse Link sync folder: model.json + headerless CSV per table.
 
     Rows are dicts over the declared columns (missing keys = empty); a row given as a
-    plain string is written verbatim, to make malformed lines.
+    plain string (or bytes, for bytes that are not UTF-8) is written verbatim, to make
+    malformed lines. `attributes` gives a table's model.json attributes as (name, CDM
+    type) instead of the declared ones, as a later export that adds or retypes one;
+    dict rows are written over those names.
     """
     folder = landing / source / stamp
     entities = []
     for name, rows in tables.items():
         table = source_table(source, name)
+        columns = [Column(*a) for a in (attributes or {}).get(name, [])] or list(table.columns)
         (folder / name).mkdir(parents=True, exist_ok=True)
-        with open(folder / name / "2024.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
+        with open(folder / name / "2024.csv", "wb") as fh:
             for row in rows:
-                if isinstance(row, str):
-                    fh.write(row + "\n")
+                if isinstance(row, bytes | str):
+                    fh.write((row if isinstance(row, bytes) else row.encode()) + b"\n")
                 else:
-                    writer.writerow(["" if row.get(c) is None else row.get(c) for c in table.names])
-        entity = table.model_json_entity()
-        entity["partitions"] = [{"name": "2024", "location": f"{name}/2024.csv"}]
+                    line = io.StringIO()
+                    csv.writer(line).writerow(
+                        ["" if row.get(c.name) is None else row.get(c.name) for c in columns]
+                    )
+                    fh.write(line.getvalue().encode())
+        entity = {
+            "$type": "LocalEntity",
+            "name": name,
+            "attributes": [{"name": c.name, "dataType": c.cdm_type} for c in columns],
+            "partitions": [{"name": "2024", "location": f"{name}/2024.csv"}],
+        }
         entities.append(entity)
     (folder / "model.json").write_text(json.dumps({"name": source, "entities": entities}))
     return folder

@@ -209,11 +209,16 @@ class Lake:
         mode: str = "append",
         partition_by: list[str] | None = None,
         metadata: dict[str, str] | None = None,
+        add_columns: bool = False,
     ) -> int:
         """One atomic commit; returns the new table version.
 
         `metadata` lands in the commit info (e.g. the batch id), which is what lets
-        ingest tell a committed batch from one that crashed before its commit.
+        ingest tell a committed batch from one that crashed before its commit. With
+        `add_columns` an append may bring columns the table lacks (null in its older rows)
+        and lack some it has (null in the new rows); the caller checks that the columns
+        both have keep their type (delta-rs would cast, e.g. "12" to 12). Without it a
+        schema that differs is an error: in silver and gold it would be a defect.
         """
         table = (
             pa.Table.from_pandas(data, preserve_index=False)
@@ -227,7 +232,7 @@ class Lake:
             table,
             mode=mode,
             partition_by=partition_by,
-            schema_mode="overwrite" if mode == "overwrite" else None,
+            schema_mode="overwrite" if mode == "overwrite" else "merge" if add_columns else None,
             commit_properties=_commit(metadata),
             writer_properties=WriterProperties(max_row_group_size=ROW_GROUP),
         )

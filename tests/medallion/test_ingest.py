@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from c360ml.lake import Lake
-from c360ml.medallion.ingest import ingest_landing
+from c360ml.medallion.ingest import IngestError, ingest_landing
+from c360ml.sources import synapse
+from c360ml.sources.tables import source_table
 from tests.conftest import write_sync_folder
+
+SYNC = "2024-01-05T00.00.00Z"
+CUST_FILE = f"d365/{SYNC}/custtable/2024.csv"
 
 
 def _cust(recid: int, version: int, account: str, group: str = "10", delete: bool = False):
@@ -28,6 +41,39 @@ def _cust(recid: int, version: int, account: str, group: str = "10", delete: boo
         "currency": "USD",
         "blocked": 0,
     }
+
+
+def _party(recid: int):
+    return {
+        "Id": f"p{recid}",
+        "SinkModifiedOn": "2024-01-01T00:00:00Z",
+        "versionnumber": 1,
+        "recid": recid,
+        "partynumber": f"P{recid}",
+        "name": f"Party {recid}",
+        "instancerelationtype": 13271,
+    }
+
+
+def _line(row: dict, source: str = "d365", table: str = "custtable") -> bytes:
+    """A row as the CSV line write_sync_folder writes for it (without the line end)."""
+    out = io.StringIO()
+    names = source_table(source, table).names
+    csv.writer(out).writerow(["" if row.get(c) is None else row[c] for c in names])
+    return out.getvalue().rstrip("\r\n").encode()
+
+
+def _add_partition(folder: Path, table: str, name: str, data: bytes) -> None:
+    """Another partition file of a table in a sync folder, listed in its model.json."""
+    (folder / table / f"{name}.csv").write_bytes(data)
+    doc = json.loads((folder / "model.json").read_text())
+    entity = next(e for e in doc["entities"] if e["name"] == table)
+    entity["partitions"].append({"name": name, "location": f"{table}/{name}.csv"})
+    (folder / "model.json").write_text(json.dumps(doc))
+
+
+def _non_empty_lines(*paths: Path) -> int:
+    return sum(1 for p in paths for line in p.read_bytes().splitlines() if line)
 
 
 @pytest.fixture
@@ -209,3 +255,156 @@ def test_sliced_cast_equals_the_careful_cast(cdm, clean, dirty):
     assert typed.equals(expected.cast(typed.type))
     assert failed is not None and failed.equals(expected_failed)
     assert pc.sum(failed).as_py() > 0
+
+
+def test_a_line_longer_than_a_block_does_not_stop_the_sync(settings, landing):
+    """Arrow's block reader cannot hold a 5 MB line. The file is read again line by line:
+    a 5 MB line that is not a row goes to quarantine (file, line, reason, the whole
+    text); a 5 MB value in a valid row (a Dataverse memo may be 1M characters) is kept."""
+    big = "x" * (5 << 20)
+    rows = [_cust(1, 1, "C1"), big, dict(_cust(2, 1, "C2"), custgroup=big), _cust(3, 1, "C3")]
+    folder = write_sync_folder(
+        landing, "d365", SYNC, {"custtable": rows, "dirpartytable": [_party(1), _party(2)]}
+    )
+    summary = {t.table: t for t in ingest_landing(settings).tables}
+    assert (summary["custtable"].rows, summary["custtable"].quarantined) == (3, 1)
+    assert (summary["dirpartytable"].rows, summary["dirpartytable"].quarantined) == (2, 0)
+    lake = Lake(settings.lake)
+    bronze = lake.read("bronze", "d365", "custtable").sort_by("recid")
+    assert bronze["recid"].to_pylist() == [1, 2, 3]
+    assert bronze["custgroup"].to_pylist() == ["10", big, "10"]
+    assert bronze["accountnum"].to_pylist() == ["C1", "C2", "C3"]
+    q = lake.read("quarantine", "bronze", "d365", "custtable").to_pylist()
+    assert [(r["_source_file"], r["_line"], r["_reason"]) for r in q] == [
+        (CUST_FILE, 2, "wrong column count: expected 15, got 1")
+    ]
+    assert q[0]["_raw"] == big
+    assert len(bronze) + len(q) == _non_empty_lines(folder / "custtable" / "2024.csv") == 4
+    assert lake.read("bronze", "d365", "dirpartytable")["partynumber"].to_pylist() == ["P1", "P2"]
+
+
+def test_an_empty_file_holds_no_rows_and_stops_nothing(settings, landing, caplog):
+    """A 0-byte partition has no row to quarantine: it is logged, counted as a file
+    ingested (not read again), and the table's other files and tables go on."""
+    folder = write_sync_folder(
+        landing,
+        "d365",
+        SYNC,
+        {"custtable": [_cust(1, 1, "C1"), _cust(2, 1, "C2")], "dirpartytable": []},
+    )
+    _add_partition(folder, "custtable", "2023", b"")
+    assert (folder / "dirpartytable" / "2024.csv").stat().st_size == 0
+    caplog.set_level(logging.INFO, logger="c360ml")
+    summary = {t.table: t for t in ingest_landing(settings).tables}
+    c, p = summary["custtable"], summary["dirpartytable"]
+    assert (c.files, c.rows, c.quarantined) == (2, 2, 0)
+    assert (p.files, p.rows, p.quarantined) == (1, 0, 0)
+    lake = Lake(settings.lake)
+    assert lake.read("bronze", "d365", "custtable")["recid"].to_pylist() == [1, 2]
+    assert lake.count("quarantine", "bronze", "d365", "custtable") == 0
+    assert lake.count("bronze", "d365", "dirpartytable") == 0
+    assert f"d365/{SYNC}/custtable/2023.csv: empty file (0 bytes): no rows" in caplog.text
+    assert f"d365/{SYNC}/dirpartytable/2024.csv: empty file (0 bytes): no rows" in caplog.text
+    version = lake.version("bronze", "d365", "custtable")
+    assert ingest_landing(settings).total_rows == 0
+    assert lake.version("bronze", "d365", "custtable") == version
+
+
+def test_bytes_that_are_not_utf8_quarantine_their_line_only(settings, landing):
+    bad_value = _line(_cust(2, 1, "C2")).replace(b"C2", b"C\xff2")
+    junk = b"\xfe\x00\x81,binary,junk"
+    rows = [_cust(1, 1, "C1"), bad_value, junk, _cust(4, 1, "C4"), "a,b"]
+    folder = write_sync_folder(
+        landing, "d365", SYNC, {"custtable": rows, "dirpartytable": [_party(1)]}
+    )
+    summary = {t.table: t for t in ingest_landing(settings).tables}
+    assert (summary["custtable"].rows, summary["custtable"].quarantined) == (2, 3)
+    assert summary["dirpartytable"].rows == 1
+    lake = Lake(settings.lake)
+    bronze = lake.read("bronze", "d365", "custtable").sort_by("recid")
+    assert bronze["accountnum"].to_pylist() == ["C1", "C4"]
+    q = {r["_line"]: r for r in lake.read("quarantine", "bronze", "d365", "custtable").to_pylist()}
+    assert sorted(q) == [2, 3, 5]
+    assert {r["_source_file"] for r in q.values()} == {CUST_FILE}
+    position = bad_value.index(b"\xff") + 1
+    assert q[2]["_reason"] == f"not UTF-8 text: byte 0xff at position {position}"
+    assert "C\\xff2" in q[2]["_raw"]  # the bad byte escaped, the rest as written
+    assert q[3]["_reason"] == "not UTF-8 text: byte 0xfe at position 1"
+    assert q[3]["_raw"] == "\\xfe\x00\\x81,binary,junk"
+    assert q[5]["_reason"] == "wrong column count: expected 15, got 2"
+    assert len(bronze) + len(q) == _non_empty_lines(folder / "custtable" / "2024.csv") == 5
+
+
+def test_a_file_failing_late_is_read_on_from_the_first_line_not_yielded(
+    settings, landing, monkeypatch, caplog
+):
+    """Small blocks, each cast on its own: the block reader has yielded many blocks (a
+    wrong-field-count row and a bad value among them) when it stops on a long line and
+    then on bytes that are not UTF-8. Every line is in bronze or quarantine exactly once."""
+    monkeypatch.setattr(synapse, "BLOCK_SIZE", 4096)
+    monkeypatch.setattr(synapse, "CAST_BYTES", 1)
+    rows: list = [_cust(i, 1, f"C{i}") for i in range(1, 401)]
+    rows[99] = "a,b,c"
+    rows[149] = dict(rows[149], recid="x150")
+    rows[249] = dict(rows[249], custgroup="g" * 20_000)
+    rows[299] = _line(rows[299]).replace(b"C300", b"C\xe9300")
+    folder = write_sync_folder(landing, "d365", SYNC, {"custtable": rows})
+    caplog.set_level(logging.INFO, logger="c360ml")
+    summary = ingest_landing(settings)
+    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (397, 3)
+    resumed = int(re.search(r"line by line from line (\d+)", caplog.text).group(1))
+    assert 100 < resumed <= 250  # blocks were yielded before the reader stopped
+    lake = Lake(settings.lake)
+    bronze = lake.read("bronze", "d365", "custtable")
+    assert sorted(bronze["recid"].to_pylist()) == [
+        i for i in range(1, 401) if i not in (100, 150, 300)
+    ]
+    assert max(len(g or "") for g in bronze["custgroup"].to_pylist()) == 20_000
+    q = lake.read("quarantine", "bronze", "d365", "custtable").sort_by("_line").to_pylist()
+    position = rows[299].index(b"\xe9") + 1
+    assert [(r["_line"], r["_reason"]) for r in q] == [
+        (100, "wrong column count: expected 15, got 3"),
+        (150, "column recid: not a valid int64"),
+        (300, f"not UTF-8 text: byte 0xe9 at position {position}"),
+    ]
+    assert len(bronze) + len(q) == _non_empty_lines(folder / "custtable" / "2024.csv") == 400
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_careful_reader_reads_a_file_as_the_block_reader_does(tmp_path, monkeypatch, seed):
+    """Rows are numbered by counting them, so the careful reader (which takes over where
+    the block reader stopped) must split and number a file exactly as Arrow does: quoted
+    line breaks, empty lines, CRLF and lone CR, bad values and wrong field counts."""
+    import random
+
+    from c360ml.sources.synapse import Entity, _Cursor, _read_careful, _read_fast
+    from c360ml.sources.tables import Column
+
+    monkeypatch.setattr(synapse, "BLOCK_SIZE", 256)
+    monkeypatch.setattr(synapse, "CAST_BYTES", 512)
+    rng = random.Random(seed)
+    lines = []
+    for i in range(600):
+        kind = rng.random()
+        if kind < 0.05:
+            lines.append(b"")
+        elif kind < 0.1:
+            lines.append(b"only,two")
+        elif kind < 0.15:
+            lines.append(f'{i},"note\nover\r\nlines",2024-01-01T00:00:00Z'.encode())
+        elif kind < 0.2:
+            lines.append(f"{i},text,not a date".encode())
+        else:
+            lines.append(f"{i},{'t' * rng.randrange(40)},2024-01-01T00:00:00Z".encode())
+    data = b"".join(line + rng.choice([b"\n", b"\r\n", b"\r"]) for line in lines)
+    path = tmp_path / "t.csv"
+    path.write_bytes(data)
+    cols = (Column("n", "int64"), Column("note", "string"), Column("at", "dateTime"))
+    entity = Entity("t", cols, (path,))
+    fast = list(_read_fast(path, entity, "t.csv", False, _Cursor(1)))
+    careful = list(_read_careful(path, entity, "t.csv", False, 1))
+    for i in (0, 1):
+        a = pa.concat_tables([part[i] for part in fast])
+        b = pa.concat_tables([part[i] for part in careful])
+        assert a.sort_by(a.column_names[0:2]).equals(b.sort_by(b.column_names[0:2]))
+    assert len(pa.concat_tables([p[1] for p in fast])) > 0

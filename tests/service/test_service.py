@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import select
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -272,7 +274,7 @@ def test_auth_and_size_limits(server, request_rows):
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200  # health stays open
     huge = httpx.post(
         f"{url}/predict",
-        content=b"{" + b" " * (17 << 20) + b"}",
+        content=b"{" + b" " * (65 << 20) + b"}",
         headers={**AUTH, "content-type": "application/json"},
         timeout=60,
     )
@@ -375,3 +377,124 @@ def test_built_bento_serves_without_the_mlflow_store(server_env, request_rows, b
         np.testing.assert_allclose(got, want, rtol=1e-6)
     finally:
         stop(proc)
+
+
+def _raw_predict(url: str, content: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{url}/predict",
+        content=content,
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("explain", ["approx", "exact"])
+def test_hostile_numbers_are_refused_or_scored_never_a_500(server, request_rows, explain):
+    """Infinity is refused by name; a finite number beyond float32 is scored as the largest
+    float32 (the trees only compare it with split thresholds)."""
+    url, _ = server
+    row = json.loads(request_rows.head(1).to_json(orient="records"))[0]
+    for text, status in (("Infinity", 400), ("-Infinity", 400), ("1e308", 200), ("1e39", 200)):
+        body = json.dumps({"rows": [{**row, "f_noise": 0.0}], "explain": explain})
+        reply = _raw_predict(url, body.replace('"f_noise": 0.0', f'"f_noise": {text}').encode())
+        assert reply.status_code == status, (text, reply.text)
+        if status == 400:
+            assert "f_noise" in reply.json()["error"] and "finite" in reply.json()["error"]
+        else:
+            assert 0 <= reply.json()["predictions"][0]["ChurnScore"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b'{"rows": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+        (b'{"rows": [{"CustomerId": "\xff\xfe"}]}', "UTF-8"),
+    ],
+)
+def test_deep_or_undecodable_bodies_are_400(server, content, fragment):
+    url, _ = server
+    reply = _raw_predict(url, content)
+    assert reply.status_code == 400, reply.text[:300]
+    assert fragment in reply.json()["error"]
+
+
+def test_score_table_refuses_what_is_not_a_table_in_one_error_shape(server, tmp_path):
+    url, _ = server
+    png = tmp_path / "picture.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40)
+    with open(png, "rb") as fh:
+        reply = httpx.post(
+            f"{url}/score-table", files={"table": ("picture.png", fh)}, headers=AUTH, timeout=60
+        )
+    assert reply.status_code == 400, reply.text[:300]
+    error = reply.json()
+    assert isinstance(error, dict) and "not a readable CSV or parquet table" in error["error"]
+    assert "/tmp" not in error["error"] and "\\x" not in error["error"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_without_being_read_whole(server):
+    """A chunked body has no Content-Length to check up front: the limit holds while the
+    body is read, and the server answers 413 and stops reading."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    chunk = b" " * (1 << 20)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: {AUTH['Authorization']}\r\n".encode()
+            + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(300):  # 300 MB if the server read it all
+            if select.select([conn], [], [], 0)[0]:
+                break  # the server has answered
+            try:
+                conn.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        answer = b""
+        while not answer.endswith(b"}"):
+            part = conn.recv(65536)
+            if not part:
+                break
+            answer += part
+    assert b" 413 " in answer.split(b"\r\n", 1)[0], answer[:200]
+    assert b"over" in answer and sent < 100 << 20
+
+
+def test_published_openapi_has_the_scoring_routes_and_fuzzing_finds_no_5xx(server):
+    """Schemathesis against the service's own /docs.json, with the bearer token: every
+    documented operation, a bounded number of generated requests each, no 5xx and no
+    answer outside its documented schema."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import checks
+
+    CHECKS = [checks.not_a_server_error, checks.response_schema_conformance]  # noqa: N806
+
+    url, _ = server
+    spec = httpx.get(f"{url}/docs.json", headers=AUTH, timeout=30).json()
+    assert {"/predict", "/metadata", "/score-table"} <= set(spec["paths"])
+    rows = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert rows["schema"]["properties"]["rows"]["maxItems"] == 10_000
+    schema = schemathesis.openapi.from_url(f"{url}/docs.json", headers=AUTH)
+    checked = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=25,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def fuzz(case):
+            # Not "schema-valid data is accepted": a schema cannot say "a CSV or parquet
+            # file", so a generated PNG upload is schema-valid and rightly refused (400).
+            case.call_and_validate(base_url=url, headers=AUTH, checks=CHECKS)
+
+        fuzz()
+        checked.append(operation.label)
+    assert any("/predict" in label for label in checked), checked

@@ -5,6 +5,11 @@ files of each commit), so the record of progress is atomic with the data: a cras
 between two commits leaves no partial batch visible, and a re-run ingests exactly the
 files that did not commit. Quarantine commits carry the same record, so a crash
 between a bronze commit and its quarantine commit is completed without duplicates.
+
+Synapse Link changes a table's model.json over time. An added attribute is a new bronze
+column (null in the rows before it). A changed type cannot be one bronze column: that
+table stops at the sync that changes it (nothing of it is committed from there on), the
+other tables are ingested, and the run ends with an `IngestError` naming table and column.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from rich.progress import Progress
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
-from c360ml.sources.synapse import Entity, read_csv_file, read_model_json
+from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, read_model_json
 from c360ml.sources.tables import Column, source_table
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,7 @@ class TableIngest:
     rows: int = 0
     quarantined: int = 0
     seconds: float = 0.0
+    error: str = ""  # why the table stopped (it is not ingested from that sync on)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class IngestSummary:
     tables: list[TableIngest] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
+        errors = any(t.error for t in self.tables)
         return [
             {
                 "source": t.source,
@@ -83,6 +90,7 @@ class IngestSummary:
                 "rows": t.rows,
                 "quarantined": t.quarantined,
                 "seconds": round(t.seconds, 2),
+                **({"error": t.error} if errors else {}),
             }
             for t in self.tables
         ]
@@ -90,6 +98,29 @@ class IngestSummary:
     @property
     def total_rows(self) -> int:
         return sum(t.rows for t in self.tables)
+
+    @property
+    def errors(self) -> list[str]:
+        return [t.error for t in self.tables if t.error]
+
+
+class SchemaChangeError(ValueError):
+    """A sync's model.json gives a bronze column another type."""
+
+
+class IngestError(ValueError):
+    """Tables that stopped; every other table was ingested and committed (`summary`)."""
+
+    def __init__(self, summary: IngestSummary) -> None:
+        self.summary = summary
+        done = [t for t in summary.tables if not t.error]
+        rows = sum(t.rows for t in done)
+        quarantined = sum(t.quarantined for t in done)
+        super().__init__(
+            f"{len(summary.errors)} table(s) not ingested: {'; '.join(summary.errors)}. "
+            f"The other {len(done)} table(s) were ingested ({rows:,} rows, {quarantined:,} "
+            "quarantined); a re-run ingests the stopped tables once their export is fixed"
+        )
 
 
 def committed_files(lake: Lake, layer: str, *parts: str) -> set[str]:
@@ -104,7 +135,11 @@ def committed_files(lake: Lake, layer: str, *parts: str) -> set[str]:
 
 
 def ingest_landing(settings: Settings) -> IngestSummary:
-    """Ingest every new landing file/version of every source into bronze."""
+    """Ingest every new landing file/version of every source into bronze.
+
+    A table whose model.json changes a column's type stops at that sync (see
+    `check_bronze_types`) while the others go on; the run then raises `IngestError`,
+    which names table and column and holds the summary of what was ingested."""
     lake = Lake(settings.lake)
     landing = lake.path("landing")
     if not landing.exists():
@@ -115,13 +150,26 @@ def ingest_landing(settings: Settings) -> IngestSummary:
     # times a day has hundreds of folders. Files committed during this run belong to other
     # folders, so the record read at the start stays right for the folders after it.
     committed = cache(lambda *where: frozenset(committed_files(lake, *where)))
+    stopped: set[tuple[str, str]] = set()  # tables a type change stopped in this run
     with Progress(transient=True) as progress:
         task = progress.add_task("ingest", total=None)
         for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
             for folder in sorted(p for p in (landing / source).glob("*") if p.is_dir()):
                 # Entities of one sync folder are independent tables: two at a time (Arrow
                 # parses and casts without the GIL), committed folder by folder in order.
-                entities = list(read_model_json(folder).values())
+                entities = []
+                for entity in read_model_json(folder).values():
+                    if (source, entity.name) in stopped:
+                        continue  # later syncs wait for the one that stopped it
+                    try:
+                        if _has_new_files(lake, source, folder, entity, committed):
+                            check_bronze_types(lake, source, folder, entity)
+                    except SchemaChangeError as exc:  # raised at the end (IngestError)
+                        log.info("%s", exc)
+                        stopped.add((source, entity.name))
+                        _merge(summary, TableIngest(source, entity.name, error=str(exc)))
+                        continue
+                    entities.append(entity)
                 progress.update(task, description=f"{source}/{folder.name}")
                 with ThreadPoolExecutor(max_workers=INGEST_THREADS) as pool:
                     done = pool.map(
@@ -144,7 +192,51 @@ def ingest_landing(settings: Settings) -> IngestSummary:
             generic = ingest_generic(lake, settings.path(settings.generic_mapping), ingested_at)
             if generic is not None:
                 _merge(summary, generic)
+    if summary.errors:
+        raise IngestError(summary)
     return summary
+
+
+def _has_new_files(
+    lake: Lake,
+    source: str,
+    folder: Path,
+    entity: Entity,
+    committed: Callable[..., frozenset[str]],
+) -> bool:
+    """Whether a sync folder has files of this entity not committed to bronze or to
+    its quarantine (what `ingest_entity` will read)."""
+    landing = lake.path("landing")
+    rel = [f.relative_to(landing).as_posix() for f in entity.files]
+    done_q = committed("quarantine", "bronze", source, entity.name)
+    return any(r not in committed("bronze", source, entity.name) or r not in done_q for r in rel)
+
+
+def check_bronze_types(lake: Lake, source: str, folder: Path, entity: Entity) -> None:
+    """Raise SchemaChangeError if the sync's model.json gives a column of the bronze
+    table another Arrow type (CDM types of one Arrow type, int32 and int64 say, are the
+    same column). Added and missing attributes are fine: a bronze column is added, or
+    is null in the new rows."""
+    if not lake.exists("bronze", source, entity.name):
+        return
+    bronze = pa.schema(lake.delta("bronze", source, entity.name).schema().to_arrow())
+    have = {f.name: _plain(f.type) for f in bronze}
+    changed = [c for c in entity.columns if c.name in have and have[c.name] != c.arrow_type]
+    if changed:
+        what = ", ".join(
+            f"column {c.name!r} is {have[c.name]} in bronze but {c.cdm_type!r} ({c.arrow_type})"
+            for c in changed
+        )
+        raise SchemaChangeError(
+            f"{source}/{entity.name}: {what} in {folder / 'model.json'}: a bronze column "
+            f"cannot change type, so {entity.name} stops at this sync (nothing of it from "
+            "here on is ingested)"
+        )
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A Delta schema's Arrow type as ingest writes it (strings as plain strings)."""
+    return pa.string() if t in (pa.large_string(), pa.string_view()) else t
 
 
 def _largest_first(entities: list[Entity]) -> list[Entity]:
@@ -164,6 +256,7 @@ def _merge(summary: IngestSummary, result: TableIngest) -> None:
             t.rows += result.rows
             t.quarantined += result.quarantined
             t.seconds += result.seconds
+            t.error = t.error or result.error
             return
     summary.tables.append(result)
 
@@ -217,7 +310,12 @@ def ingest_entity(
     if todo_bronze:
         reader = pa.RecordBatchReader.from_batches(schema, typed_batches(todo_bronze, True))
         lake.write(
-            reader, "bronze", source, entity.name, metadata=_meta(batch_id, todo_bronze, rel)
+            reader,
+            "bronze",
+            source,
+            entity.name,
+            metadata=_meta(batch_id, todo_bronze, rel),
+            add_columns=True,  # an attribute added to model.json (types: checked before)
         )
         result.batches, result.files = 1, len(todo_bronze)
     # Crash recovery only: files in bronze whose quarantine commit did not happen.
@@ -245,7 +343,7 @@ def ingest_entity(
 
 def _quarantine_lineage(parts: list[pa.Table], batch_id: str, at: pa.Scalar) -> pa.Table:
     """Quarantined rows already carry file and line; add when and in which batch."""
-    q = pa.concat_tables(parts)
+    q = pa.concat_tables(parts) if parts else QUARANTINE_SCHEMA.empty_table()
     n = len(q)
     return q.append_column(
         LINEAGE.field(1), pa.array([at.value] * n, LINEAGE.field(1).type)
@@ -359,6 +457,9 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     typed_parts, bad_parts = [], []
     lacking: Counter[str] = Counter()  # optional column -> new files without it
     for f in todo:
+        if f.stat().st_size == 0:  # no header and no rows: nothing to ingest or quarantine
+            log.info("%s: empty file (0 bytes): no rows", rel[f])
+            continue
         absent = _absent_columns(f, mapped, mapping_path)
         lacking.update(absent)
         entity = Entity(
@@ -379,9 +480,14 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     meta = {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in todo))}
     q = _quarantine_lineage(bad_parts, batch_id, at)
     lake.write(q, "quarantine", "bronze", "generic", "transactions", metadata=meta)
-    lake.write(pa.concat_tables(typed_parts), "bronze", "generic", "transactions", metadata=meta)
+    typed = (
+        pa.concat_tables(typed_parts)
+        if typed_parts
+        else _with_lineage(schema.empty_table(), "", batch_id, at)
+    )
+    lake.write(typed, "bronze", "generic", "transactions", metadata=meta)
     result.batches, result.files = 1, len(todo)
-    result.rows = sum(len(t) for t in typed_parts)
+    result.rows = len(typed)
     result.quarantined = len(q)
     result.seconds = time.perf_counter() - started
     return result

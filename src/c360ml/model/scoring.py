@@ -40,6 +40,7 @@ RAISES, LOWERS = "raises risk", "lowers risk"  # a factor's direction
 # A change to them bumps it; the README lists each version.
 CONTRACT_VERSION = "2"
 CONTRACT_HEADER = "X-C360ML-Contract-Version"
+F32_MAX = float(np.finfo(np.float32).max)
 SCORE_CHUNK_ROWS = 100_000  # bounds the contribution matrix (rows x features float32)
 
 BOOSTER_FILE = "booster.json"
@@ -231,8 +232,31 @@ def _describe_failures(failures: pd.DataFrame) -> str:
     return "; ".join(dict.fromkeys(lines))  # coerce and dtype failures repeat each other
 
 
+def _bounded(bundle: ModelBundle, frame: pd.DataFrame) -> pd.DataFrame:
+    """Infinity is refused by name; a finite value beyond float32 is clipped to the largest
+    float32 (the trees only compare it with split thresholds, so it scores as the very
+    large number it is). XGBoost's explanations fail on infinite inputs."""
+    problems, clipped = [], {}
+    for name in bundle.feature_names:
+        if name not in frame or not pd.api.types.is_numeric_dtype(frame[name]):
+            continue  # absent or not numbers: the schema names the problem
+        values = frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        infinite = np.isinf(values)
+        if infinite.any():
+            problems.append(
+                f"column {name!r} is not a finite number at rows "
+                f"{_rows(pd.Series(frame.index[infinite]))}"
+            )
+        elif (np.abs(values) > F32_MAX).any():
+            clipped[name] = np.clip(values, -F32_MAX, F32_MAX)
+    if problems:
+        raise RequestError("invalid scoring request: " + "; ".join(problems))
+    return frame.assign(**clipped) if clipped else frame
+
+
 def validate_request(bundle: ModelBundle, frame: pd.DataFrame) -> pd.DataFrame:
     """Validate and coerce a request; raises RequestError naming every bad column/row."""
+    frame = _bounded(bundle, frame)
     try:
         return feature_schema(bundle).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as exc:

@@ -8,7 +8,11 @@ and reason, and the rest of the batch goes on.
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from c360ml.sources.tables import CDM_TO_ARROW, Column
+
+log = logging.getLogger(__name__)
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -104,18 +110,53 @@ def read_csv_file(
     """Yield (typed rows, quarantined rows) per block of a CSV file.
 
     Synapse Link files are headerless (columns in model.json order); with `header` the
-    first line names the columns and only the entity's columns are kept. Physical line
-    numbers are kept exact: rows with a wrong field count are reported by Arrow with
-    their line; the others are numbered by counting around those.
+    first line names the columns and only the entity's columns are kept. Lines are
+    numbered as Arrow counts rows: the n-th non-empty line is line n (the header line 1).
+
+    Arrow's block reader is the fast path. A file it stops on (a line longer than a block
+    can hold, bytes that are not UTF-8: each would fail the whole sync) is read again by
+    `_read_careful`, which yields only the lines after those already yielded, so every
+    line ends in bronze or in quarantine exactly once. An empty file holds no rows.
     """
+    if path.stat().st_size == 0:
+        log.info("%s: empty file (0 bytes): no rows", relname)
+        return
+    cursor = _Cursor(2 if header else 1)
+    try:
+        yield from _read_fast(path, entity, relname, header, cursor)
+        return
+    except pa.ArrowInvalid as exc:
+        log.info(
+            "%s: the block reader stopped (%s); reading the file line by line from line %d",
+            relname,
+            exc,
+            cursor.line,
+        )
+    try:
+        yield from _read_careful(path, entity, relname, header, cursor.line)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{path}: cannot read as CSV of {entity.name}: {exc}") from exc
+
+
+@dataclass
+class _Cursor:
+    line: int  # the first line not yielded yet
+
+
+def _read_fast(
+    path: Path, entity: Entity, relname: str, header: bool, cursor: _Cursor
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Arrow's block reader. Rows with a wrong field count are reported by Arrow with
+    their line; the others are numbered by counting around those. Raises ArrowInvalid
+    where Arrow cannot go on; `cursor` says which lines were yielded before."""
     names = [c.name for c in entity.columns]
     invalid: list[tuple[int, str, str]] = []
 
     def on_invalid(row) -> str:
-        reason = f"wrong column count: expected {row.expected_columns}, got {row.actual_columns}"
-        invalid.append((row.number, reason, row.text))
+        invalid.append((row.number, _field_count(row), row.text))
         return "skip"
 
+    _quiet_undecodable_rows()
     read = pcsv.ReadOptions(use_threads=False, block_size=BLOCK_SIZE)
     if not header:
         read.column_names = names
@@ -124,48 +165,244 @@ def read_csv_file(
             path,
             read_options=read,
             parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
-            convert_options=pcsv.ConvertOptions(
-                column_types={n: pa.string() for n in names},
-                include_columns=names,
-                strings_can_be_null=True,  # empty text is null from the start
-                null_values=[""],
-            ),
+            convert_options=_text_columns(names),
         )
-    except (pa.ArrowInvalid, KeyError) as exc:
+    except KeyError as exc:
         raise ValueError(f"{path}: cannot read as CSV of {entity.name}: {exc}") from exc
-    next_line, seen_invalid = (2 if header else 1), 0
+    seen = 0
     for text in _chunks(reader):
-        # Lines of this block: the next len(text) line numbers not taken by invalid rows.
-        new_invalid = sorted(n for n, _, _ in invalid[seen_invalid:])
-        seen_invalid = len(invalid)
-        span = np.arange(next_line, next_line + len(text) + len(new_invalid), dtype=np.int64)
-        if new_invalid:  # a lookup table, not setdiff1d's sort (30 s of CPU at 1M customers)
-            taken = np.asarray(new_invalid, dtype=np.int64)
-            lines = span[np.isin(span, taken, invert=True, kind="table")][: len(text)]
+        new_invalid, seen = invalid[seen:], len(invalid)
+        lines = _row_lines(cursor.line, len(text), new_invalid)
+        out = _split_rows(text, lines, new_invalid, entity, relname)
+        cursor.line += len(text) + len(new_invalid)
+        yield out
+
+
+_HOOK_LOCK = threading.Lock()
+_hook_installed = False
+
+
+def _quiet_undecodable_rows() -> None:
+    """Arrow decodes a row with a wrong field count to text before it calls the invalid
+    row handler. Bytes that are not UTF-8 fail that decode, which Python reports on
+    stderr ("Exception ignored in ... on_invalid": a traceback), and Arrow then stops
+    with a parse error that `read_csv_file` handles: the careful reader quarantines the
+    line. Those reports (only those) are dropped; any other goes to the previous hook."""
+    global _hook_installed
+    with _HOOK_LOCK:
+        if _hook_installed:
+            return
+        previous = sys.unraisablehook
+
+        def hook(unraisable) -> None:
+            if unraisable.exc_type is UnicodeDecodeError and getattr(
+                unraisable.object, "__qualname__", ""
+            ).startswith(f"{_read_fast.__name__}."):
+                return
+            previous(unraisable)
+
+        sys.unraisablehook = hook
+        _hook_installed = True
+
+
+def _read_careful(
+    path: Path, entity: Entity, relname: str, header: bool, start: int
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """A file the block reader stopped on, from line `start` on.
+
+    The file is cut where Arrow cuts its blocks (`_pieces`), so rows are counted as the
+    fast path counted them; each piece is parsed whole by Arrow (one block, however long
+    its lines: a long line that is a valid row is a row), except that a piece with bytes
+    that are not UTF-8 is split into lines first and each such line is quarantined with
+    its position. The lines before `start` are parsed only to be counted.
+    """
+    names = [c.name for c in entity.columns]
+    columns = None if header else names
+    line = 2 if header else 1
+    parts: list[tuple[pa.Table, np.ndarray, list[tuple[int, str, str]]]] = []
+    size = 0
+    for i, piece in enumerate(_pieces(path)):
+        if i == 0:
+            piece = piece.removeprefix(b"\xef\xbb\xbf")  # a BOM, as Arrow skips it
+        if columns is None:
+            columns, piece = _header_names(path, piece)
+        for rows, bad_line in _utf8_runs(piece):
+            if bad_line is not None:
+                text, lines, invalid = _empty_text(names), _NO_LINES, [(line, *bad_line)]
+            else:
+                text, relative = _parse_piece(rows, columns, names)
+                invalid = [(line + n - 1, reason, raw) for n, reason, raw in relative]
+                lines = _row_lines(line, len(text), invalid)
+            line += len(text) + len(invalid)
+            parts.append((text, lines, invalid))
+            size += text.nbytes
+            if size >= CAST_BYTES:
+                yield from _careful_chunk(parts, start, entity, relname)
+                parts, size = [], 0
+    yield from _careful_chunk(parts, start, entity, relname)
+
+
+_NO_LINES = np.empty(0, np.int64)
+
+
+def _careful_chunk(
+    parts: list[tuple[pa.Table, np.ndarray, list[tuple[int, str, str]]]],
+    start: int,
+    entity: Entity,
+    relname: str,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """The pieces' rows from line `start` on, typed and quarantined as one chunk."""
+    if not parts:
+        return
+    text = pa.concat_tables([t for t, _, _ in parts])
+    lines = np.concatenate([n for _, n, _ in parts])
+    invalid = [r for _, _, rows in parts for r in rows if r[0] >= start]
+    keep = lines >= start
+    if not keep.all():
+        text, lines = text.filter(pa.array(keep)), lines[keep]
+    if len(text) or invalid:
+        yield _split_rows(text, lines, invalid, entity, relname)
+
+
+def _pieces(path: Path) -> Iterator[bytes]:
+    """The file in the pieces Arrow's reader parses: each BLOCK_SIZE window of the file
+    up to its last line end (the rest goes with the next window). A window without a
+    line end (inside a line longer than a block: where Arrow stops) joins the next."""
+    carry = b""
+    with path.open("rb") as fh:
+        while block := fh.read(BLOCK_SIZE):
+            end = max(block.rfind(b"\n"), block.rfind(b"\r"))
+            if end < 0:
+                carry += block
+                continue
+            yield carry + block[: end + 1]
+            carry = block[end + 1 :]
+    if carry:
+        yield carry
+
+
+def _header_names(path: Path, piece: bytes) -> tuple[list[str], bytes]:
+    """The column names of a file's header line (the first line of its first piece),
+    and the rest of the piece."""
+    piece = piece.lstrip(b"\r\n")
+    ends = [i for i in (piece.find(b"\n"), piece.find(b"\r")) if i >= 0]
+    end = min(ends) if ends else len(piece)
+    try:
+        first = piece[:end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: the header line is not UTF-8 text: {exc}") from exc
+    return next(csv.reader([first]), []), piece[end:]
+
+
+def _utf8_runs(piece: bytes) -> Iterator[tuple[bytes, None] | tuple[None, tuple[str, str]]]:
+    """The piece as runs of UTF-8 lines (to parse) and single lines that are not UTF-8
+    (reason, text with the bad bytes escaped), in file order. A UTF-8 piece is one run:
+    lines are split only in a piece that has bad bytes."""
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        yield piece, None
+        return
+    run: list[bytes] = []
+    for raw in piece.splitlines(keepends=True):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if run:
+                yield b"".join(run), None
+                run = []
+            reason = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at position {exc.start + 1}"
+            yield None, (reason, raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
         else:
-            lines = span
-        next_line = int(span[-1]) + 1 if len(span) else next_line
-        typed, bad_reason = cast_columns(text, entity.columns)
-        bad = pc.is_valid(bad_reason)
-        yield (
-            typed.filter(pc.invert(bad)),
-            _quarantine_rows(
-                relname, pa.array(lines).filter(bad), bad_reason.filter(bad), text.filter(bad)
-            ),
-        )
+            run.append(raw)
+    if run:
+        yield b"".join(run), None
+
+
+def _parse_piece(
+    data: bytes, columns: list[str], names: list[str]
+) -> tuple[pa.Table, list[tuple[int, str, str]]]:
+    """One piece (UTF-8, no header) parsed in one block: its rows as text and the rows
+    with a wrong field count (line within the piece, reason, text)."""
+    invalid: list[tuple[int, str, str]] = []
+    if not data.strip(b"\r\n"):
+        return _empty_text(names), invalid
+
+    def on_invalid(row) -> str:
+        invalid.append((row.number, _field_count(row), row.text))
+        return "skip"
+
+    text = pcsv.read_csv(
+        pa.BufferReader(data),
+        read_options=pcsv.ReadOptions(
+            use_threads=False, block_size=max(BLOCK_SIZE, len(data) + 1), column_names=columns
+        ),
+        parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
+        convert_options=_text_columns(names),
+    )
+    return text, invalid
+
+
+def _text_columns(names: list[str]) -> pcsv.ConvertOptions:
+    return pcsv.ConvertOptions(
+        column_types={n: pa.string() for n in names},
+        include_columns=names,
+        strings_can_be_null=True,  # empty text is null from the start
+        null_values=[""],
+    )
+
+
+def _empty_text(names: list[str]) -> pa.Table:
+    return pa.schema([(n, pa.string()) for n in names]).empty_table()
+
+
+def _field_count(row) -> str:
+    return f"wrong column count: expected {row.expected_columns}, got {row.actual_columns}"
+
+
+def _row_lines(start: int, rows: int, invalid: list[tuple[int, str, str]]) -> np.ndarray:
+    """The lines of a block's rows: the next `rows` line numbers from `start` not taken
+    by the block's rows with a wrong field count (`invalid`, numbered by Arrow)."""
+    span = np.arange(start, start + rows + len(invalid), dtype=np.int64)
+    if not invalid:
+        return span
+    # A lookup table, not setdiff1d's sort (30 s of CPU at 1M customers).
+    taken = np.asarray(sorted(n for n, _, _ in invalid), dtype=np.int64)
+    return span[np.isin(span, taken, invert=True, kind="table")][:rows]
+
+
+def _split_rows(
+    text: pa.Table,
+    lines: np.ndarray,
+    invalid: list[tuple[int, str, str]],
+    entity: Entity,
+    relname: str,
+) -> tuple[pa.Table, pa.Table]:
+    """A block's text rows cast to their types: (typed rows, quarantined rows), the
+    rows that failed a cast and those Arrow could not split (`invalid`) in quarantine."""
+    typed, bad_reason = cast_columns(text, entity.columns)
+    bad = pc.is_valid(bad_reason)
+    quarantined = _quarantine_rows(
+        relname, pa.array(lines).filter(bad), bad_reason.filter(bad), text.filter(bad)
+    )
     if invalid:
-        yield (
-            entity.arrow_schema.empty_table(),
-            pa.table(
-                {
-                    "_source_file": [relname] * len(invalid),
-                    "_line": [n for n, _, _ in invalid],
-                    "_reason": [r for _, r, _ in invalid],
-                    "_raw": [t for _, _, t in invalid],
-                },
-                schema=QUARANTINE_SCHEMA,
-            ),
+        quarantined = pa.concat_tables(
+            [
+                quarantined,
+                pa.table(
+                    {
+                        "_source_file": [relname] * len(invalid),
+                        "_line": [n for n, _, _ in invalid],
+                        "_reason": [r for _, r, _ in invalid],
+                        "_raw": [t for _, _, t in invalid],
+                    },
+                    schema=QUARANTINE_SCHEMA,
+                ),
+            ]
         )
+    return typed.filter(pc.invert(bad)), quarantined
 
 
 def _chunks(reader: pcsv.CSVStreamingReader) -> Iterator[pa.Table]:
