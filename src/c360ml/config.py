@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONFIG_FILE_NAME = "c360ml.yaml"
 ENV_PREFIX = "C360ML_"
@@ -102,6 +102,15 @@ class Settings(_Frozen):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+def one_line(exc: Exception) -> str:
+    """A validation error as one line naming each field: the command line prints one line."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+    return " ".join(str(exc).split())
+
+
 def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
     """A typed spec from a YAML file; a missing file or bad field names the file."""
     try:
@@ -109,7 +118,7 @@ def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} not found") from None
     except Exception as exc:
-        raise ValueError(f"{path}: invalid {what}: {exc}") from exc
+        raise ValueError(f"{path}: invalid {what}: {one_line(exc)}") from exc
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -122,7 +131,10 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value  # lists as JSON
+        try:
+            node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value  # lists as JSON
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"environment variable {key} is not valid JSON: {exc}") from None
     if environ.get("MLFLOW_TRACKING_URI"):
         out["mlflow_tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
     return out
@@ -161,4 +173,4 @@ def load_settings(
         return Settings(**values)
     except Exception as exc:
         where = config_file or "environment"
-        raise ValueError(f"invalid settings in {where}: {exc}") from exc
+        raise ValueError(f"invalid settings in {where}: {one_line(exc)}") from exc

@@ -173,6 +173,9 @@ def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch
 
 
 def test_tuning_needs_optuna_before_any_work(setup):
+    settings, _ = setup
+    with pytest.raises(ValueError, match="number of Optuna trials >= 0, not -1"):
+        run_training(settings, AS_OF, tune=-1)
     if importlib.util.find_spec("optuna") is not None:
         pytest.skip("optuna installed")
     settings, _ = setup

@@ -153,6 +153,28 @@ def test_gate_refuses_everyone_churns_graded_a(store, small_config):
     assert decision.reason.startswith("does not beat the RFM baseline")
 
 
+def test_a_version_left_ungated_by_a_killed_training_is_marked(store, results, synthetic):
+    """A training killed after registering leaves a version without a gate decision and a
+    RUNNING run: the next training tags it interrupted and ends the run as FAILED."""
+    matrix, _ = synthetic
+    name = "gate-interrupted"
+    settings = _settings(store, name)
+    result = results["full"]
+    bundle = registry.build_bundle(
+        result, {n: "float32" for n in result.feature_names}, None, {}, "2025-01-01"
+    )
+    registry.use_experiment(settings.tracking_uri, name)
+    run = mlflow.start_run()
+    killed = registry.log_training(result, bundle, name, {})  # ... and the process dies
+    mlflow.end_run(status="RUNNING")  # what a SIGKILL leaves in the store
+    _register(store, name, results["weak"], matrix, pd.Timestamp("2025-01-01"))
+    client = MlflowClient()
+    tags = client.get_model_version(name, killed.version).tags
+    assert tags["gate_decision"] == "interrupted"
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert client.get_model_version(name, "2").tags["gate_decision"] == "promoted"
+
+
 def test_decide_rules_on_numbers():
     interval = Interval(0.0, -0.01, 0.01)
 

@@ -230,6 +230,7 @@ def log_and_gate(
     if require_approval is None:
         require_approval = settings.gate.require_approval
     client = mlflow.MlflowClient()
+    registry.mark_interrupted(client, settings.model_name)
     current = registry.champion_version(client, settings.model_name)
     champion = None
     if current is not None:
@@ -344,6 +345,8 @@ def run_training(
     from c360ml import features as ft
     from c360ml.lake import Lake
 
+    if tune < 0:
+        raise ValueError(f"--tune takes a number of Optuna trials >= 0, not {tune}")
     if tune > 0:
         require_optuna()  # fail before an hour of feature work, not after
     config = config or TrainConfig()

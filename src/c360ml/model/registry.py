@@ -232,6 +232,30 @@ def champion_version(client: MlflowClient, model_name: str) -> Any | None:
         return None
 
 
+def mark_interrupted(client: MlflowClient, model_name: str) -> list[str]:
+    """Versions an earlier training registered but never gated (it was killed between the
+    two): tagged `gate_decision: interrupted`, their runs ended as FAILED, so that no one
+    mistakes them for a challenger that was judged. Returns their version numbers."""
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return []
+    marked = []
+    for mv in versions:
+        if "gate_decision" in mv.tags:
+            continue
+        client.set_model_version_tag(model_name, mv.version, "gate_decision", "interrupted")
+        client.set_model_version_tag(
+            model_name, mv.version, "gate_reason", "the training stopped before the gate ran"
+        )
+        if mv.run_id and client.get_run(mv.run_id).info.status == "RUNNING":
+            client.set_terminated(mv.run_id, status="FAILED")
+        marked.append(str(mv.version))
+    if marked:
+        log.warning("%s: versions %s were never gated; tagged as interrupted", model_name, marked)
+    return marked
+
+
 def load_bundle(model_uri: str) -> ModelBundle:
     """The bundle inside a registered pyfunc (loaded through MLflow, as serving would)."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().bundle

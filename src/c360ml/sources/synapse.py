@@ -210,11 +210,11 @@ def _read_careful(
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """A file the block reader stopped on, from line `start` on.
 
-    The file is cut where Arrow cuts its blocks (`_pieces`), so rows are counted as the
-    fast path counted them; each piece is parsed whole by Arrow (one block, however long
-    its lines: a long line that is a valid row is a row), except that a piece with bytes
-    that are not UTF-8 is split into lines first and each such line is quarantined with
-    its position. The lines before `start` are parsed only to be counted.
+    The file is cut into pieces of whole rows (`_pieces`), each parsed by Arrow as one
+    block, however long its rows (a long row that is valid is a row). A piece with bytes
+    that are not UTF-8 is split into rows first, and each row with such bytes is
+    quarantined with the position of the first. The rows before `start` (which the fast
+    path yielded) are parsed only to be counted: they are numbered as it numbered them.
     """
     names = [c.name for c in entity.columns]
     columns = None if header else names
@@ -265,20 +265,49 @@ def _careful_chunk(
 
 
 def _pieces(path: Path) -> Iterator[bytes]:
-    """The file in the pieces Arrow's reader parses: each BLOCK_SIZE window of the file
-    up to its last line end (the rest goes with the next window). A window without a
-    line end (inside a line longer than a block: where Arrow stops) joins the next."""
-    carry = b""
+    """The file in pieces of whole rows: each BLOCK_SIZE window up to its last row end
+    (the rest goes with the next window; a row longer than a window, with the next).
+
+    A row ends at a line end outside quotes. Past CAST_BYTES without one (a stray quote
+    in an unquoted value makes every line end look quoted), a piece is cut at its last
+    line end, and quotes are counted again from there."""
+    carry: list[bytes] = []  # the bytes since the last row end
+    size, quoted = 0, False  # their length; whether they end inside quotes
     with path.open("rb") as fh:
         while block := fh.read(BLOCK_SIZE):
-            end = max(block.rfind(b"\n"), block.rfind(b"\r"))
-            if end < 0:
-                carry += block
-                continue
-            yield carry + block[: end + 1]
-            carry = block[end + 1 :]
-    if carry:
-        yield carry
+            ends, after = _row_ends(block, quoted)
+            if not len(ends) and size + len(block) > CAST_BYTES:
+                ends, after = _row_ends(block, quoted, quote_aware=False)
+            if len(ends):
+                cut = int(ends[-1])
+                yield b"".join([*carry, block[:cut]])
+                carry, size = [block[cut:]], len(block) - cut
+            else:
+                carry.append(block)
+                size += len(block)
+            quoted = after
+    if size:
+        yield b"".join(carry)
+
+
+def _row_ends(data: bytes, quoted: bool, quote_aware: bool = True) -> tuple[np.ndarray, bool]:
+    """The offsets just after the line ends of `data` that end a row, and whether the
+    bytes after the last of them end inside quotes; `quoted`: whether `data` starts
+    inside quotes.
+
+    A line end ends a row when an even number of quotes comes before it since the last
+    row end: Synapse Link quotes every value that holds a line break or a quote (doubled
+    inside), so this finds the rows Arrow parses. Not `quote_aware`: every line end."""
+    raw = np.frombuffer(data, np.uint8)
+    breaks = np.flatnonzero((raw == 10) | (raw == 13))
+    at = np.flatnonzero(raw == 34)  # '"'
+    if quote_aware:
+        ends = breaks[(np.searchsorted(at, breaks) + quoted) % 2 == 0]
+        after = len(at) + quoted  # a row end has an even count before it
+    else:
+        ends = breaks
+        after = len(at) - np.searchsorted(at, ends[-1]) if len(ends) else len(at) + quoted
+    return ends + 1, bool(after % 2)
 
 
 def _header_names(path: Path, piece: bytes) -> tuple[list[str], bytes]:
@@ -295,9 +324,9 @@ def _header_names(path: Path, piece: bytes) -> tuple[list[str], bytes]:
 
 
 def _utf8_runs(piece: bytes) -> Iterator[tuple[bytes, None] | tuple[None, tuple[str, str]]]:
-    """The piece as runs of UTF-8 lines (to parse) and single lines that are not UTF-8
+    """The piece as runs of UTF-8 rows (to parse) and single rows that are not UTF-8
     (reason, text with the bad bytes escaped), in file order. A UTF-8 piece is one run:
-    lines are split only in a piece that has bad bytes."""
+    rows are split only in a piece that has bad bytes."""
     try:
         piece.decode("utf-8")
     except UnicodeDecodeError:
@@ -306,7 +335,9 @@ def _utf8_runs(piece: bytes) -> Iterator[tuple[bytes, None] | tuple[None, tuple[
         yield piece, None
         return
     run: list[bytes] = []
-    for raw in piece.splitlines(keepends=True):
+    ends = _row_ends(piece, False)[0].tolist()
+    for a, b in zip([0, *ends], [*ends, len(piece)], strict=True):
+        raw = piece[a:b]
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
