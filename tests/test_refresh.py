@@ -317,3 +317,33 @@ def test_report_opens_in_a_real_browser_and_matches_the_tables(lake):
     for level in ("Low", "Medium", "High"):
         assert figures[f"risk-{level}"] == f"{(scored.RiskLevel == level).sum():,}"
     assert plots >= 6  # the model page's five charts and the profiles' charts
+
+
+def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
+    """Scores made at a past as_of whose 90-day window the lake has passed: the refresh
+    records how they turned out (ROC AUC against what the customers then did), once.
+    Last in the module: it adds a second ScoredAsOf to the score history."""
+    from sklearn.metrics import roc_auc_score
+
+    import c360ml.features as ft
+
+    settings, _ = lake
+    past = pd.Timestamp("2025-08-31", tz="UTC")
+    summary = run_refresh(settings, as_of=past)
+    step = next(s for s in summary.steps if s.step == "outcomes")
+    assert step.rows == 1 and "2025-08-31" in step.note
+    lk = Lake(settings.lake)
+    outcomes = lk.read_pandas("gold", "score_outcomes")
+    row = outcomes.iloc[0]
+    assert pd.Timestamp(row.ScoredAsOf) == past
+    scores = lk.read_pandas("gold", "churn_scores")
+    scored = scores[(scores.ScoredAsOf == past) & (scores.ScoreStatus == SCORED)]
+    cfg = ft.load_churn_config(settings.path(settings.feature_spec))
+    labels = ft.compute_labels(ft.read_gold(lk), [past], cfg)
+    joined = scored.merge(labels, left_on="CustomerId", right_on="customer_id")
+    assert row.customers == len(joined) > 0.9 * len(scored)
+    assert row.roc_auc == pytest.approx(roc_auc_score(joined.label, joined.ChurnScore))
+    assert row.churn_rate == pytest.approx(joined.label.mean())
+    # A second refresh finds nothing new to judge and leaves the row alone.
+    again = next(s for s in run_refresh(settings, as_of=past).steps if s.step == "outcomes")
+    assert again.rows == 0 and len(lk.read_pandas("gold", "score_outcomes")) == 1

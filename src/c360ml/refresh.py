@@ -503,6 +503,79 @@ def _entity_doc(entity: str, schema: pa.Schema) -> dict:
     }
 
 
+def record_outcomes(settings: Settings) -> StepResult:
+    """Realized performance of every stored ScoredAsOf whose window has closed and that has
+    no outcome yet (`c360ml.model.watch`): to gold/score_outcomes and to the model
+    version's MLflow run (metric `realized_roc_auc`, step = days since 1970 of the as_of)."""
+    from c360ml import features as ft
+    from c360ml.model import watch
+
+    started = time.perf_counter()
+    lake = Lake(settings.lake)
+    cfg = ft.load_churn_config(settings.path(settings.feature_spec))
+    window = cfg.prediction_window_days
+    columns = ["CustomerId", "ChurnScore", "ModelVersion", "ScoredAsOf", "ScoreStatus"]
+    scores = lake.read_pandas("gold", "churn_scores", columns=columns)
+    scores = scores[scores["ScoreStatus"] == SCORED]
+    done = (
+        lake.read_pandas("gold", watch.OUTCOMES, columns=watch.KEY)
+        if lake.exists("gold", watch.OUTCOMES)
+        else pd.DataFrame(columns=watch.KEY)
+    )
+    pairs = watch.due(scores, done, latest_event_time(lake), window)
+    if pairs.empty:
+        note = f"no new score window has closed ({len(done)} outcome(s) recorded)"
+        return StepResult("outcomes", 0, note, time.perf_counter() - started)
+    cutoffs = sorted(pairs["ScoredAsOf"].unique())
+    gold = ft.read_gold(lake)
+    labels = ft.compute_labels(gold, cutoffs, cfg)
+    recency = ft.compute_rfm(gold, cutoffs)[["customer_id", "cutoff_time", "recency_days"]]
+    redirects = (
+        lake.read_pandas("gold", "customer_id_redirects")
+        if lake.exists("gold", "customer_id_redirects")
+        else pd.DataFrame(columns=["retired_id", "surviving_id"])
+    )
+    matured = []
+    for as_of, version in pairs.itertuples(index=False):
+        mine = scores[(scores["ScoredAsOf"] == as_of) & (scores["ModelVersion"] == version)]
+        frame = pd.DataFrame(
+            {
+                "customer_id": follow_redirects(mine["CustomerId"], redirects).to_numpy(),
+                "ChurnScore": mine["ChurnScore"].to_numpy(),
+            }
+        ).drop_duplicates("customer_id")
+        at = labels[labels["cutoff_time"] == as_of]
+        frame = frame.merge(at[["customer_id", "label"]], on="customer_id").merge(
+            recency[recency["cutoff_time"] == as_of].drop(columns="cutoff_time"),
+            on="customer_id",
+            how="left",
+        )
+        matured.append(watch.Matured(pd.Timestamp(as_of), str(version), frame))
+    outcomes = watch.realized_outcomes(matured, window)
+    lake.write(outcomes, "gold", watch.OUTCOMES, mode="append")
+    _log_outcomes(settings, outcomes)
+    note = ", ".join(
+        f"{r.ScoredAsOf:%Y-%m-%d} v{r.ModelVersion}: ROC AUC {getattr(r, 'roc_auc', float('nan')):.3f}"
+        for r in outcomes.itertuples()
+    )
+    return StepResult("outcomes", len(outcomes), note, time.perf_counter() - started)
+
+
+def _log_outcomes(settings: Settings, outcomes: pd.DataFrame) -> None:
+    """Realized ROC AUC against each model version's training run (best effort: the lake
+    table is the record; a tracking store that is down is a warning, not a failed refresh)."""
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+        for r in outcomes.dropna(subset=["roc_auc"]).itertuples():
+            run_id = client.get_model_version(settings.model_name, r.ModelVersion).run_id
+            step = int(pd.Timestamp(r.ScoredAsOf).timestamp() // 86_400)
+            client.log_metric(run_id, "realized_roc_auc", float(r.roc_auc), step=step)
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        log.warning("realized outcomes not logged to MLflow: %s", exc)
+
+
 def erase(lake: Lake, previous_map: pd.DataFrame) -> StepResult:
     """Purge persons erased at the source since the previous refresh (c360ml.erasure)."""
     from c360ml import erasure
@@ -595,6 +668,7 @@ def run_refresh(
     )
     summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
     summary.outputs["ci-d manifest"] = str(manifest)
+    summary.steps.append(record_outcomes(settings))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:
         summary.steps.append(segments(settings, endpoint, as_of))

@@ -131,6 +131,16 @@ def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str
         fig.update_xaxes(title="predicted churn probability", tickformat=".0%")
         fig.update_yaxes(title="observed churn rate", tickformat=".0%")
         charts.append(("Calibration: predicted against observed churn", fig))
+    outcomes = model.get("outcomes")
+    if outcomes is not None and len(outcomes):
+        o = outcomes.sort_values("ScoredAsOf")
+        fig = go.Figure(
+            go.Scatter(x=o["ScoredAsOf"], y=o["roc_auc"], mode="lines+markers", name="realized")
+        )
+        if "test_roc_auc" in m:
+            fig.add_hline(y=m["test_roc_auc"], line_dash="dot", annotation_text="at training")
+        fig.update_yaxes(title="ROC AUC of the scores, once their window closed")
+        charts.append(("How past scores turned out", fig))
     if len(factors):
         ordered = factors.iloc[::-1]
         fig = go.Figure(go.Bar(x=ordered["customers"], y=ordered["label"], orientation="h"))
@@ -283,6 +293,8 @@ def build_report(settings: Settings) -> Path:
     members = members.assign(customer_id=follow_redirects(members["customer_id"], redirects))
     moves = segment_moves(members, redirects)
     model = _model_run(settings)
+    if lake.exists("gold", "score_outcomes"):
+        model["outcomes"] = lake.read_pandas("gold", "score_outcomes")
     metrics, model_label = model["metrics"], model["label"]
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
     charts = [

@@ -1,0 +1,104 @@
+"""How past scores turned out: realized performance per ScoredAsOf once its window closed.
+
+A score made at t predicts churn in (t, t + w]. Once the lake holds events past t + w, the
+outcome of every customer scored at t is known, and the scores can be judged as the model
+was judged at training: ROC and PR AUC, log loss, Brier, calibration by decile, churn rate
+per RiskLevel band and the CI-D grade at that as_of. One row per (ScoredAsOf, ModelVersion)
+goes to gold/score_outcomes; a row is computed once its window has closed and recomputed
+only if it is missing, so a refresh that runs four times a day pays for new windows only.
+
+Campaigns act on high scores: a customer saved by one looks like a wrong prediction, so
+realized figures understate the model where it was acted on (control groups, another
+issue, measure that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from c360ml.model import evaluate
+from c360ml.model.scoring import Thresholds
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = "score_outcomes"  # gold table
+KEY = ["ScoredAsOf", "ModelVersion"]
+
+
+def calibration_by_decile(y: np.ndarray, p: np.ndarray) -> list[dict[str, float]]:
+    """Mean predicted and observed churn per decile of the score (equal-count bins)."""
+    order = np.argsort(np.asarray(p, dtype=np.float64), kind="stable")
+    out = []
+    for k, rows in enumerate(np.array_split(order, 10)):
+        if len(rows):
+            out.append(
+                {
+                    "decile": k + 1,
+                    "mean_predicted": float(np.mean(p[rows])),
+                    "observed_rate": float(np.mean(y[rows])),
+                    "rows": int(len(rows)),
+                }
+            )
+    return out
+
+
+def outcome_row(
+    y: np.ndarray, p: np.ndarray, recency_days: np.ndarray, window_days: int
+) -> dict[str, object]:
+    """The realized figures of one set of scores (pure: numbers in, numbers out)."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    row: dict[str, object] = {"customers": int(len(y)), "churn_rate": float(y.mean())}
+    if len(np.unique(y)) < 2:  # every customer churned, or none: no ranking to judge
+        nan = float("nan")
+        row |= dict.fromkeys(("roc_auc", "pr_auc", "log_loss", "brier", "accuracy"), nan)
+        row |= {"churn_recall": nan, "grade": "", "calibration": "[]", "risk_bands": "[]"}
+        return row
+    metrics = evaluate.binary_metrics(y, p)
+    rule = evaluate.ci_d_rule_baseline(y, recency_days, window_days)
+    grade = evaluate.ci_d_grade(y, p, rule.churn_recall)
+    thresholds = Thresholds()
+    bands = evaluate.risk_band_rates(y, p, thresholds.medium, thresholds.high)
+    row |= {k: metrics[k] for k in ("roc_auc", "pr_auc", "log_loss", "brier", "accuracy")} | {
+        "churn_recall": metrics["churn_recall"],
+        "grade": grade.grade,
+        "calibration": json.dumps(calibration_by_decile(y, p)),
+        "risk_bands": json.dumps(bands),
+    }
+    return row
+
+
+@dataclass(frozen=True)
+class Matured:
+    """Scores whose label window has closed, joined to what happened."""
+
+    as_of: pd.Timestamp
+    model_version: str
+    frame: pd.DataFrame  # customer_id, ChurnScore, label, recency_days
+
+
+def realized_outcomes(matured: list[Matured], window_days: int) -> pd.DataFrame:
+    """One row per matured (ScoredAsOf, ModelVersion)."""
+    rows = []
+    for m in matured:
+        f = m.frame
+        row = outcome_row(f["label"], f["ChurnScore"], f["recency_days"], window_days)
+        rows.append({"ScoredAsOf": m.as_of, "ModelVersion": m.model_version, **row})
+    return pd.DataFrame(rows)
+
+
+def due(scores: pd.DataFrame, done: pd.DataFrame, data_end: pd.Timestamp, window_days: int):
+    """(ScoredAsOf, ModelVersion) pairs whose window (t, t + w] the lake has passed and
+    that have no outcome row yet."""
+    pairs = scores[KEY].drop_duplicates()
+    closed = pairs["ScoredAsOf"] + pd.Timedelta(days=window_days) <= data_end
+    pairs = pairs[closed.to_numpy()]
+    if len(done):
+        pairs = pairs.merge(done[KEY], on=KEY, how="left", indicator=True)
+        pairs = pairs[pairs["_merge"] == "left_only"].drop(columns="_merge")
+    return pairs.sort_values(KEY).reset_index(drop=True)

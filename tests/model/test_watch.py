@@ -1,0 +1,50 @@
+"""Realized performance of past scores, on hand-made numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from c360ml.model import watch
+
+
+def test_outcome_row_judges_scores_as_training_did():
+    rng = np.random.default_rng(2)
+    y = (rng.random(2_000) < 0.4).astype(int)
+    p = np.clip(0.4 + 0.3 * (y - 0.4) + rng.normal(0, 0.2, 2_000), 0, 1)
+    recency = rng.uniform(0, 100, 2_000) + 30 * y
+    row = watch.outcome_row(y, p, recency, 90)
+    assert row["customers"] == 2_000 and row["churn_rate"] == pytest.approx(y.mean())
+    assert row["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    deciles = json.loads(row["calibration"])
+    assert [d["decile"] for d in deciles] == list(range(1, 11))
+    assert sum(d["rows"] for d in deciles) == 2_000
+    assert deciles[-1]["observed_rate"] > deciles[0]["observed_rate"]
+    bands = {b["risk_level"]: b for b in json.loads(row["risk_bands"])}
+    assert bands["High"]["churn_rate"] > bands["Low"]["churn_rate"]
+    assert sum(b["customers"] for b in bands.values()) == 2_000
+    assert row["grade"] in ("A", "B", "C")
+    # Everyone churned: nothing to rank, and the row still has every column.
+    flat = watch.outcome_row(np.ones(10), np.full(10, 0.7), np.zeros(10), 90)
+    assert np.isnan(flat["roc_auc"]) and flat["grade"] == "" and flat["churn_rate"] == 1.0
+
+
+def test_due_takes_closed_windows_without_an_outcome():
+    t = pd.Timestamp("2025-06-30", tz="UTC")
+    scores = pd.DataFrame(
+        {
+            "ScoredAsOf": [t, t, t + pd.Timedelta(days=30), t + pd.Timedelta(days=100)],
+            "ModelVersion": ["1", "1", "1", "2"],
+        }
+    )
+    end = t + pd.Timedelta(days=125)
+    assert watch.due(scores, pd.DataFrame(columns=watch.KEY), end, 90)["ScoredAsOf"].tolist() == [
+        t,
+        t + pd.Timedelta(days=30),
+    ]
+    done = pd.DataFrame({"ScoredAsOf": [t], "ModelVersion": ["1"]})
+    assert watch.due(scores, done, end, 90)["ScoredAsOf"].tolist() == [t + pd.Timedelta(days=30)]
