@@ -71,6 +71,28 @@ def test_scores_equal_in_process_scoring_of_the_snapshot(lake):
     np.testing.assert_allclose(scores.loc[want.CustomerId, "ChurnScore"], want.ChurnScore)
 
 
+def test_each_refresh_measures_drift_against_the_models_test_rows(lake):
+    from c360ml.model import drift
+
+    """Before the erasure tests, which purge erased customers from the score history."""
+    settings, first = lake
+    step = next(s for s in first.steps if s.step == "drift")
+    assert "score PSI" in step.note and "outside the tested range" in step.note
+    lk = Lake(settings.lake)
+    table = lk.read_pandas("gold", "score_drift")
+    bundle, version = load_champion(settings)
+    assert set(table.column) == {*bundle.feature_names, drift.SCORE}
+    assert (table.ModelVersion == version).all() and (table.psi >= 0).all()
+    assert (table.alarm == (table.psi >= settings.watch.psi_alarm)).all()
+    assert step.rows == int(table.alarm.sum())
+    # The score's PSI as the stored reference and this as_of's scores give it.
+    scores = lk.read_pandas("gold", "churn_scores")
+    scored = scores[(scores.ScoredAsOf == first.as_of) & (scores.ScoreStatus == SCORED)]
+    ref = bundle.metadata["drift_reference"][drift.SCORE]
+    score_row = table[table.column == drift.SCORE].iloc[0]
+    assert score_row.psi == pytest.approx(drift.psi(ref, scored.ChurnScore.to_numpy()))
+
+
 def test_same_as_of_and_inputs_twice_writes_nothing(lake):
     settings, first = lake
     lk = Lake(settings.lake)

@@ -65,9 +65,13 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
-    from c360ml.medallion.ingest import ingest_landing
+    from c360ml.medallion.ingest import IngestError, ingest_landing
 
-    summary = ingest_landing(settings)
+    try:
+        summary = ingest_landing(settings)
+    except IngestError as exc:  # the other tables were ingested: show them, then the error
+        _print_rows("ingest: landing -> bronze", exc.summary.rows())
+        raise
     rows = summary.rows()
     _print_rows("ingest: landing -> bronze", rows)
     quarantined = sum(r.get("quarantined", 0) for r in rows)

@@ -51,6 +51,14 @@ class GateSettings(_Frozen):
     # models scored on the current population (the challenger's test cutoff)
 
 
+class WatchSettings(_Frozen):
+    """When the model is flagged as drifting and when `c360ml retrain --if-needed` trains."""
+
+    psi_alarm: float = 0.25  # PSI of the score or a feature at which a refresh flags drift
+    max_model_age_days: int = 60  # retrain when the champion's trained_as_of is older
+    realized_auc_drop: float = 0.05  # retrain when realized ROC AUC falls this far below test
+
+
 class Settings(_Frozen):
     """Every path and setting a stage needs. Relative paths resolve against `root`."""
 
@@ -79,6 +87,7 @@ class Settings(_Frozen):
     refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
     gate: GateSettings = GateSettings()  # when a new model version may become champion
+    watch: WatchSettings = WatchSettings()  # drift alarms and the retraining triggers
 
     def path(self, p: Path) -> Path:
         """Resolve a configured path against the project root."""

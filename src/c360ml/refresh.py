@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AS_OF = "as_of"
+DRIFT = "score_drift"  # gold table: PSI per feature and of the score, per as_of
 SCORED, INACTIVE, INSUFFICIENT = "scored", "inactive", "insufficient_history"
 CDM_FORMATS = {
     "string": "String",
@@ -182,7 +183,14 @@ def same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bo
     return False
 
 
-REFRESH_OUTPUTS = ("customer_measures", "customer_features", "churn_scores", "segment_membership")
+REFRESH_OUTPUTS = (
+    "customer_measures",
+    "customer_features",
+    "churn_scores",
+    "segment_membership",
+    "score_outcomes",
+    DRIFT,
+)
 
 
 def gold_inputs(lake: Lake) -> dict[str, int]:
@@ -503,6 +511,61 @@ def _entity_doc(entity: str, schema: pa.Schema) -> dict:
     }
 
 
+def record_drift(
+    settings: Settings, as_of: pd.Timestamp, bundle: scoring.ModelBundle, version: str
+) -> StepResult:
+    """PSI of the score and of every feature of this as_of's snapshot against the model's
+    test-cutoff reference (`c360ml.model.drift`), and the share of profiles with a value
+    outside the tested range: to gold/score_drift (this as_of's rows replaced when the
+    inputs or the model changed)."""
+    import pyarrow.dataset as ds
+
+    from c360ml.model import drift
+
+    started = time.perf_counter()
+    refs = bundle.metadata.get("drift_reference")
+    if not refs:
+        return StepResult("drift", 0, f"model v{version} carries no drift reference")
+    lake = Lake(settings.lake)
+    features = lake.read_pandas("gold", "customer_features", filter=ds.field(AS_OF) == as_of)
+    scores = _scores_at(lake, as_of)
+    scores = scores[scores["ScoreStatus"] == SCORED]
+    columns = {**{n: features[n] for n in bundle.feature_names}, drift.SCORE: scores["ChurnScore"]}
+    alarm = settings.watch.psi_alarm
+    rows, outside = [], np.zeros(len(features), dtype=bool)
+    for name, values in columns.items():
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        beyond = drift.outside(refs[name], values)
+        if name != drift.SCORE:
+            outside |= beyond
+        value = drift.psi(refs[name], values)
+        label = bundle.feature_labels.get(name, {}).get("label", name)
+        rows.append(
+            {
+                "ScoredAsOf": as_of,
+                "ModelVersion": version,
+                "column": name,
+                "label": label,
+                "psi": value,
+                "share_outside_range": float(beyond.mean()) if len(beyond) else 0.0,
+                "alarm": bool(value >= alarm),
+            }  # fmt: skip
+        )
+    frame = pd.DataFrame(rows)
+    inputs = gold_inputs(lake) | {"model_version": version}
+    replace_as_of(lake, frame, DRIFT, "ScoredAsOf", as_of, inputs)
+    flagged = frame[frame["alarm"]]
+    score_psi = frame.loc[frame["column"] == drift.SCORE, "psi"].iloc[0]
+    note = (
+        f"score PSI {score_psi:.3f}; {int((flagged['column'] != drift.SCORE).sum())} of "
+        f"{len(bundle.feature_names)} features at PSI >= {alarm}; "
+        f"{outside.mean() if len(outside) else 0:.1%} of profiles outside the tested range"
+    )
+    if len(flagged):
+        log.warning("drift at %s: %s", as_of, ", ".join(flagged["label"].head(5)))
+    return StepResult("drift", len(flagged), note, time.perf_counter() - started)
+
+
 def record_outcomes(settings: Settings) -> StepResult:
     """Realized performance of every stored ScoredAsOf whose window has closed and that has
     no outcome yet (`c360ml.model.watch`): to gold/score_outcomes and to the model
@@ -669,6 +732,7 @@ def run_refresh(
     summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
     summary.outputs["ci-d manifest"] = str(manifest)
     summary.steps.append(record_outcomes(settings))
+    summary.steps.append(record_drift(settings, as_of, bundle, version))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:
         summary.steps.append(segments(settings, endpoint, as_of))

@@ -117,10 +117,15 @@ class IngestError(ValueError):
         rows = sum(t.rows for t in done)
         quarantined = sum(t.quarantined for t in done)
         super().__init__(
-            f"{len(summary.errors)} table(s) not ingested: {'; '.join(summary.errors)}. "
-            f"The other {len(done)} table(s) were ingested ({rows:,} rows, {quarantined:,} "
-            "quarantined); a re-run ingests the stopped tables once their export is fixed"
+            f"{_many(len(summary.errors), 'table')} not ingested: {'; '.join(summary.errors)}."
+            f" The others were ingested ({_many(len(done), 'table')}, {_many(rows, 'row')}, "
+            f"{quarantined:,} quarantined); once the export is fixed, a re-run goes on from "
+            "the sync that stopped"
         )
+
+
+def _many(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
 def committed_files(lake: Lake, layer: str, *parts: str) -> set[str]:
@@ -229,8 +234,7 @@ def check_bronze_types(lake: Lake, source: str, folder: Path, entity: Entity) ->
         )
         raise SchemaChangeError(
             f"{source}/{entity.name}: {what} in {folder / 'model.json'}: a bronze column "
-            f"cannot change type, so {entity.name} stops at this sync (nothing of it from "
-            "here on is ingested)"
+            f"cannot change type, so {entity.name} is not ingested from this sync on"
         )
 
 
@@ -499,8 +503,15 @@ def _absent_columns(path: Path, mapped: dict[str, Column], mapping_path: Path) -
     Read before any row, so that a file without a required column stops the ingest with
     one error naming the file and the column, and nothing of the batch is committed.
     """
-    with path.open(newline="", encoding="utf-8-sig") as fh:  # Excel writes a BOM
-        header = next(csv.reader(fh), [])
+    # The first line only, as bytes: a later line that is not UTF-8 is quarantined by
+    # the reader, it must not fail here.
+    with path.open("rb") as fh:
+        first = fh.readline().split(b"\r")[0].rstrip(b"\n")
+    try:
+        text = first.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # Excel writes a BOM
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: the header row is not UTF-8 text ({exc})") from exc
+    header = next(csv.reader([text]), [])
     absent = [name for name, c in mapped.items() if c.name not in header]
     required = [name for name in absent if name in GENERIC_REQUIRED]
     if required:

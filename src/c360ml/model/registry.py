@@ -115,6 +115,8 @@ def build_bundle(
             "test_metrics": {k: result.metrics[k] for k in headline if k in result.metrics},
             "grade": result.grade.grade,
             "training_data": gate.DataProfile.measured(result, test_sample_rate).to_dict(),
+            "drift_reference": result.drift_reference,
+            "top_features": [r["feature"] for r in result.importance[:10]],
             "n_trees": result.n_trees,
             "params": result.params,
             **code_version(),

@@ -29,7 +29,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from c360ml.model import baselines, evaluate
+from c360ml.model import baselines, drift, evaluate
 from c360ml.model.scoring import Calibrator, Thresholds
 from c360ml.model.splits import (
     TEST,
@@ -273,6 +273,7 @@ class TrainResult:
     rule: evaluate.RuleBaseline
     reliability: list[dict[str, float]]
     gains: list[dict[str, float]]  # cumulative gain and lift on the test cutoff
+    drift_reference: dict[str, dict]  # bins of each feature and of the score, test rows
     risk_bands: list[dict[str, float | str]]  # size and churn rate per RiskLevel band
     importance: list[dict[str, float]]  # mean |SHAP| per feature (refit model, test sample)
     shap_sample: tuple[np.ndarray, np.ndarray]  # (contributions, feature values) for the plot
@@ -446,6 +447,8 @@ def train_and_evaluate(
     metrics |= {f"refit_insample_test_{k}": v for k, v in refit.items() if k != "rows"}
     lap("refit_seconds")
 
+    # What the served model's inputs and outputs looked like out of sample: drift's baseline.
+    reference = drift.references(x[masks[TEST]], names, test["refit"].to_numpy())
     contrib, shap_x, importance = _shap_summary(booster, x[masks[TEST]], names, config.seed)
     lap("shap_seconds")
     return TrainResult(
@@ -463,6 +466,7 @@ def train_and_evaluate(
         rule=rule,
         reliability=evaluate.reliability_curve(y_test, test["model"].to_numpy()),
         gains=evaluate.cumulative_gains(y_test, test["model"].to_numpy()),
+        drift_reference=reference,
         risk_bands=evaluate.risk_band_rates(
             y_test, test["model"].to_numpy(), Thresholds().medium, Thresholds().high
         ),

@@ -110,13 +110,15 @@ def read_csv_file(
     """Yield (typed rows, quarantined rows) per block of a CSV file.
 
     Synapse Link files are headerless (columns in model.json order); with `header` the
-    first line names the columns and only the entity's columns are kept. Lines are
-    numbered as Arrow counts rows: the n-th non-empty line is line n (the header line 1).
+    first line names the columns and only the entity's columns are kept. A row's `_line`
+    is its number as Arrow counts rows (the header is line 1): the file's line number,
+    unless an empty line or a quoted line break comes before it (neither starts a row).
 
-    Arrow's block reader is the fast path. A file it stops on (a line longer than a block
-    can hold, bytes that are not UTF-8: each would fail the whole sync) is read again by
-    `_read_careful`, which yields only the lines after those already yielded, so every
-    line ends in bronze or in quarantine exactly once. An empty file holds no rows.
+    Arrow's block reader is the fast path. A file it stops on (a line longer than a
+    block can hold, bytes that are not UTF-8, a quoted line break across two blocks:
+    each would fail the whole sync) is read again by `_read_careful`, which yields only
+    the rows after those already yielded, so every row ends in bronze or in quarantine
+    exactly once. An empty file holds no rows (logged, nothing in quarantine).
     """
     if path.stat().st_size == 0:
         log.info("%s: empty file (0 bytes): no rows", relname)
@@ -127,14 +129,14 @@ def read_csv_file(
         return
     except pa.ArrowInvalid as exc:
         log.info(
-            "%s: the block reader stopped (%s); reading the file line by line from line %d",
+            "%s: the block reader stopped (%s); the careful reader reads on from line %d",
             relname,
             exc,
             cursor.line,
         )
     try:
         yield from _read_careful(path, entity, relname, header, cursor.line)
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, KeyError) as exc:
         raise ValueError(f"{path}: cannot read as CSV of {entity.name}: {exc}") from exc
 
 
@@ -324,9 +326,12 @@ def _header_names(path: Path, piece: bytes) -> tuple[list[str], bytes]:
 
 
 def _utf8_runs(piece: bytes) -> Iterator[tuple[bytes, None] | tuple[None, tuple[str, str]]]:
-    """The piece as runs of UTF-8 rows (to parse) and single rows that are not UTF-8
-    (reason, text with the bad bytes escaped), in file order. A UTF-8 piece is one run:
-    rows are split only in a piece that has bad bytes."""
+    """The piece as runs of UTF-8 rows (to parse) and single lines that are not UTF-8
+    (reason, text with the bad bytes escaped), in file order.
+
+    A UTF-8 piece is one run: rows are split only in a piece that has bad bytes, and a
+    row with bad bytes that spans lines (a quote in binary junk opens a "value" that
+    runs on) is split into its lines, so that only the lines with bad bytes are lost."""
     try:
         piece.decode("utf-8")
     except UnicodeDecodeError:
@@ -337,17 +342,25 @@ def _utf8_runs(piece: bytes) -> Iterator[tuple[bytes, None] | tuple[None, tuple[
     run: list[bytes] = []
     ends = _row_ends(piece, False)[0].tolist()
     for a, b in zip([0, *ends], [*ends, len(piece)], strict=True):
-        raw = piece[a:b]
         try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            if run:
-                yield b"".join(run), None
-                run = []
-            reason = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at position {exc.start + 1}"
-            yield None, (reason, raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+            piece[a:b].decode("utf-8")
+        except UnicodeDecodeError:
+            pass
         else:
-            run.append(raw)
+            run.append(piece[a:b])
+            continue
+        for raw in piece[a:b].splitlines(keepends=True):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if run:
+                    yield b"".join(run), None
+                    run = []
+                at = f"byte 0x{raw[exc.start]:02x} at position {exc.start + 1}"
+                text = raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+                yield None, (f"not UTF-8 text: {at}", text)
+            else:
+                run.append(raw)
     if run:
         yield b"".join(run), None
 

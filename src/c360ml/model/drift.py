@@ -1,0 +1,69 @@
+"""Drift: does today's population still look like the rows the model was tested on?
+
+At training, each feature's and the ChurnScore's distribution on the test cutoff's rows
+(out of sample) is stored with the model as bins: deciles of the values, a bin of its own
+for any single value holding POINT_MASS of the rows (a feature that is 0 for most customers
+would otherwise fall into one decile and hide every change), and a bin for missing values.
+Each refresh compares the current snapshot with them by the population stability index,
+and counts the profiles with a value outside the range seen in testing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POINT_MASS = 0.05  # a value holding this share of the reference rows gets a bin of its own
+FLOOR = 1e-4  # share given to an empty bin (PSI is infinite otherwise)
+SCORE = "ChurnScore"  # the reference entry of the model's own output
+
+
+def reference(values: np.ndarray) -> dict[str, object]:
+    """Bins of one column: cut points, each bin's share (the last bin is missing values),
+    and the range of the values."""
+    values = np.asarray(values, dtype=np.float64)
+    present = values[~np.isnan(values)]
+    if len(present) == 0:
+        return {"cuts": [], "shares": shares([], values), "low": None, "high": None}
+    unique, counts = np.unique(present, return_counts=True)
+    masses = unique[counts >= POINT_MASS * len(values)]
+    deciles = np.quantile(present, np.linspace(0.1, 0.9, 9))
+    # (m - tiny, m] holds exactly the point mass m
+    cuts = np.unique(np.concatenate([deciles, masses, np.nextafter(masses, -np.inf)]))
+    return {
+        "cuts": cuts.tolist(),
+        "shares": shares(cuts, values),
+        "low": float(present.min()),
+        "high": float(present.max()),
+    }
+
+
+def shares(cuts: list[float] | np.ndarray, values: np.ndarray) -> list[float]:
+    """Share of values in (-inf, c1], (c1, c2], ..., (ck, inf), then missing."""
+    values = np.asarray(values, dtype=np.float64)
+    missing = np.isnan(values)
+    index = np.searchsorted(np.asarray(cuts, dtype=np.float64), values[~missing], side="left")
+    counts = np.append(np.bincount(index, minlength=len(cuts) + 1), missing.sum())
+    return (counts / max(len(values), 1)).tolist()
+
+
+def psi(ref: dict[str, object], values: np.ndarray) -> float:
+    """Population stability index of `values` against a reference (0 = the same)."""
+    expected = np.maximum(np.asarray(ref["shares"], dtype=np.float64), FLOOR)
+    actual = np.maximum(np.asarray(shares(ref["cuts"], values), dtype=np.float64), FLOOR)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def outside(ref: dict[str, object], values: np.ndarray) -> np.ndarray:
+    """Which values lie outside the range seen in testing (missing values never do)."""
+    values = np.asarray(values, dtype=np.float64)
+    if ref["low"] is None:
+        return ~np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        return (values < ref["low"]) | (values > ref["high"])
+
+
+def references(x: np.ndarray, names: tuple[str, ...], scores: np.ndarray) -> dict[str, dict]:
+    """The bins of every feature column of `x` and of the scores."""
+    out = {name: reference(x[:, j]) for j, name in enumerate(names)}
+    out[SCORE] = reference(scores)
+    return out

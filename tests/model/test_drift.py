@@ -1,0 +1,46 @@
+"""Drift bins and PSI against hand computations, a zero-inflated feature included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from c360ml.model import drift
+
+
+def _psi(expected: list[float], actual: list[float]) -> float:
+    e, a = np.maximum(expected, drift.FLOOR), np.maximum(actual, drift.FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def test_a_point_mass_gets_a_bin_of_its_own():
+    """60% of customers made 0 purchases: the zeros are one bin, so a fall to 30% zeros
+    shows, where deciles alone would fold the change into one bin."""
+    rng = np.random.default_rng(0)
+    ref_values = np.where(rng.random(10_000) < 0.6, 0.0, rng.uniform(1, 10, 10_000))
+    ref_values[:100] = np.nan  # 1% missing
+    ref = drift.reference(ref_values)
+    assert 0.0 in ref["cuts"] and np.nextafter(0.0, -np.inf) in ref["cuts"]
+    zero_bin = ref["cuts"].index(0.0)
+    assert ref["shares"][zero_bin] == pytest.approx(np.mean(ref_values == 0), abs=1e-12)
+    assert ref["shares"][-1] == pytest.approx(0.01)
+    assert sum(ref["shares"]) == pytest.approx(1.0)
+
+    current = np.where(rng.random(5_000) < 0.3, 0.0, rng.uniform(1, 10, 5_000))
+    by_hand = _psi(ref["shares"], drift.shares(ref["cuts"], current))
+    assert drift.psi(ref, current) == pytest.approx(by_hand)
+    assert drift.psi(ref, current) > 0.25  # a big move of the zeros
+    assert drift.psi(ref, ref_values) == pytest.approx(0.0, abs=1e-12)
+    same = np.where(rng.random(5_000) < 0.6, 0.0, rng.uniform(1, 10, 5_000))
+    same[:50] = np.nan  # missing as often as in the reference
+    assert drift.psi(ref, same) < 0.02
+
+
+def test_shares_follow_the_bin_edges_and_the_range():
+    ref = {"cuts": [1.0, 2.0], "shares": [0.25, 0.25, 0.25, 0.25], "low": 0.0, "high": 3.0}
+    values = np.array([0.5, 1.0, 1.5, 2.0, 2.5, np.nan, 5.0, -1.0])
+    assert drift.shares(ref["cuts"], values) == [3 / 8, 2 / 8, 2 / 8, 1 / 8]
+    assert drift.outside(ref, values).tolist() == [False] * 6 + [True, True]
+    assert drift.psi(ref, values) == pytest.approx(
+        _psi(ref["shares"], [3 / 8, 2 / 8, 2 / 8, 1 / 8])
+    )
