@@ -107,6 +107,10 @@ def test_the_whole_loop_from_the_readme(user):
     assert "refresh as of" in out and "ci-d manifest" in out
     _quiet(out)
 
+    code, out = run("retrain", "--if-needed", extra={"C360ML_WATCH__PSI_ALARM": "10"})
+    assert code == 0, out
+    assert "no retrain: no trigger fired (champion 0 days old; score PSI" in out
+
     port = free_port()
     server_log = home / "serve.log"
     with open(server_log, "w") as handle:

@@ -135,6 +135,19 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> None:
     console.print(f"MLflow: {settings.tracking_uri}  (UI: make mlflow-ui)")
 
 
+def cmd_retrain(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml.model.pipeline import retrain_if_needed
+
+    if not args.if_needed:
+        raise ValueError("retrain needs --if-needed (to train regardless, run `c360ml train`)")
+    outcome = retrain_if_needed(settings, _as_of(args.as_of), args.require_approval or None)
+    if not outcome.fired:
+        console.print(f"no retrain: no trigger fired ({outcome.health})", highlight=False)
+        return
+    console.print(f"retrain: {'; '.join(outcome.fired)}", highlight=False)
+    _print_rows(f"train {settings.model_name}", outcome.summary.rows())
+
+
 def cmd_model(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.model import registry
 
@@ -270,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a passing model waits as challenger for `c360ml model approve`",
     )
     trn.set_defaults(func=cmd_train)
+
+    rtr = sub.add_parser("retrain", help="train and gate a challenger when a trigger fires")
+    rtr.add_argument(
+        "--if-needed",
+        action="store_true",
+        help="only when the champion is too old, drifts, or its realized AUC fell",
+    )
+    rtr.add_argument("--as-of", default=None, help="trained_as_of (default: the data's end)")
+    rtr.add_argument("--require-approval", action="store_true", help="see train")
+    rtr.set_defaults(func=cmd_retrain)
 
     mdl = sub.add_parser("model", help="move the champion alias by hand")
     mdl_sub = mdl.add_subparsers(dest="action", required=True)

@@ -105,6 +105,23 @@ def test_half_the_orders_missing_fails_a_sanity_check(setup, tmp_path):
     assert client.get_model_version_by_alias(settings.model_name, "champion").version == champion
 
 
+def test_retrain_if_needed_trains_without_a_champion_and_then_waits(setup, tmp_path):
+    from c360ml.model.pipeline import retrain_if_needed
+
+    settings, _ = setup
+    fresh = settings.model_copy(update={"mlflow_dir": tmp_path / "mlflow"})
+    first = retrain_if_needed(fresh, require_approval=False)
+    assert first.fired == ["no champion yet"] and first.summary.promoted
+    assert first.summary.trained_as_of == pd.Timestamp("2025-12-31", tz="UTC")
+    second = retrain_if_needed(fresh)
+    assert second.fired == [] and second.summary is None
+    assert "champion 0 days old" in second.health and "no drift measured yet" in second.health
+    stale = fresh.model_copy(
+        update={"watch": fresh.watch.model_copy(update={"max_model_age_days": -1})}
+    )
+    assert retrain_if_needed(stale).fired == ["champion is 0 days old (limit -1)"]
+
+
 def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch):
     """With caps below the lake's size, gold is read for the test sample only, training
     rows come from the (nested) training sample, the test cutoff is labelled exactly as

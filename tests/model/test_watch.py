@@ -48,3 +48,22 @@ def test_due_takes_closed_windows_without_an_outcome():
     ]
     done = pd.DataFrame({"ScoredAsOf": [t], "ModelVersion": ["1"]})
     assert watch.due(scores, done, end, 90)["ScoredAsOf"].tolist() == [t + pd.Timedelta(days=30)]
+
+
+def test_triggers_name_what_fired_and_its_bound():
+    fresh = watch.Health(10, 0.05, {"Days since last order": 0.1}, 0.90, 0.91)
+    assert watch.triggers(fresh, 60, 0.25, 0.05) == []
+    assert "champion 10 days old; score PSI 0.050" in watch.describe_health(fresh)
+    assert watch.triggers(watch.Health(None, None, {}, None, None), 60, 0.25, 0.05) == [
+        "no champion yet"
+    ]
+    old = watch.Health(75, 0.30, {"Days since last order": 0.4, "Spend, all time": 0.1}, 0.80, 0.91)
+    assert watch.triggers(old, 60, 0.25, 0.05) == [
+        "champion is 75 days old (limit 60)",
+        "score PSI 0.300 >= 0.25",
+        "top feature PSI >= 0.25: Days since last order 0.400",
+        "realized ROC AUC 0.800 below test 0.910 - 0.05",
+    ]
+    unmeasured = watch.Health(5, None, {}, None, 0.9)
+    assert watch.triggers(unmeasured, 60, 0.25, 0.05) == []
+    assert "no drift measured yet" in watch.describe_health(unmeasured)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from c360ml.config import Settings
-from c360ml.model import gate, registry, report
+from c360ml.model import drift, gate, registry, report, watch
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle
 from c360ml.model.splits import TRAIN, assign_splits, plan_splits
 from c360ml.model.train import (
@@ -489,3 +489,67 @@ def _keyed(population: pd.DataFrame) -> pd.DataFrame:
 
 def _is(frame: pd.DataFrame, cutoff: pd.Timestamp) -> np.ndarray:
     return (pd.to_datetime(frame[CUTOFF], utc=True) == _utc(cutoff)).to_numpy()
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    """What `retrain --if-needed` found and did."""
+
+    fired: list[str]  # the triggers that fired (empty: nothing was trained)
+    health: str  # the figures looked at
+    summary: TrainSummary | None = None
+
+
+def champion_health(settings: Settings) -> watch.Health:
+    """The champion's age against the lake's data end, and its latest drift and realized
+    figures from gold/score_drift and gold/score_outcomes."""
+    from c360ml.lake import Lake
+    from c360ml.refresh import DRIFT, latest_event_time
+
+    lake = Lake(settings.lake)
+    uri, _ = tracking(settings)
+    client = mlflow.MlflowClient(uri, uri)
+    current = registry.champion_version(client, settings.model_name)
+    if current is None:
+        return watch.Health(None, None, {}, None, None)
+    version = str(current.version)
+    bundle = registry.load_bundle(f"models:/{settings.model_name}/{version}")
+    end = latest_event_time(lake)
+    age = (end.floor("D") - _utc(bundle.trained_as_of).floor("D")).days  # calendar days
+    test_auc = bundle.metadata.get("test_metrics", {}).get("test_roc_auc")
+    score_psi, feature_psi, realized = None, {}, None
+    if lake.exists("gold", DRIFT):
+        table = lake.read_pandas("gold", DRIFT)
+        table = table[table["ModelVersion"] == version]
+        if len(table):
+            latest = table[table["ScoredAsOf"] == table["ScoredAsOf"].max()].set_index("column")
+            score_psi = float(latest.loc[drift.SCORE, "psi"])
+            top = [f for f in bundle.metadata.get("top_features", []) if f in latest.index]
+            feature_psi = {latest.loc[f, "label"]: float(latest.loc[f, "psi"]) for f in top}
+    if lake.exists("gold", watch.OUTCOMES):
+        outcomes = lake.read_pandas("gold", watch.OUTCOMES).dropna(subset=["roc_auc"])
+        outcomes = outcomes[outcomes["ModelVersion"] == version]
+        if len(outcomes):
+            realized = float(outcomes.sort_values("ScoredAsOf")["roc_auc"].iloc[-1])
+    return watch.Health(age, score_psi, feature_psi, realized, test_auc)
+
+
+def retrain_if_needed(
+    settings: Settings, as_of: pd.Timestamp | None = None, require_approval: bool | None = None
+) -> RetrainOutcome:
+    """Train a challenger and run the gate when a trigger fires (`watch.triggers`);
+    `as_of` defaults to the day the lake's data ends."""
+    from c360ml.lake import Lake
+    from c360ml.refresh import latest_event_time
+
+    health = champion_health(settings)
+    w = settings.watch
+    fired = watch.triggers(health, w.max_model_age_days, w.psi_alarm, w.realized_auc_drop)
+    described = watch.describe_health(health)
+    if not fired:
+        log.info("retrain: no trigger fired (%s)", described)
+        return RetrainOutcome([], described)
+    log.info("retrain: %s", "; ".join(fired))
+    as_of = as_of or latest_event_time(Lake(settings.lake)).floor("D")
+    summary = run_training(settings, as_of, require_approval=require_approval)
+    return RetrainOutcome(fired, described, summary)

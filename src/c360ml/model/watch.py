@@ -102,3 +102,56 @@ def due(scores: pd.DataFrame, done: pd.DataFrame, data_end: pd.Timestamp, window
         pairs = pairs.merge(done[KEY], on=KEY, how="left", indicator=True)
         pairs = pairs[pairs["_merge"] == "left_only"].drop(columns="_merge")
     return pairs.sort_values(KEY).reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What `retrain --if-needed` knows about the champion (None: not measured yet)."""
+
+    age_days: float | None  # data end - trained_as_of; None: no champion
+    score_psi: float | None  # latest refresh's PSI of the score
+    feature_psi: dict[str, float]  # latest refresh's PSI of the champion's top features
+    realized_auc: float | None  # latest closed window's realized ROC AUC
+    test_auc: float | None  # the champion's ROC AUC at training
+
+
+def triggers(health: Health, max_age_days: int, psi_alarm: float, auc_drop: float) -> list[str]:
+    """Why a retrain is due (empty: it is not); each reason names its figure and bound."""
+    if health.age_days is None:
+        return ["no champion yet"]
+    out = []
+    if health.age_days > max_age_days:
+        out.append(f"champion is {health.age_days:.0f} days old (limit {max_age_days})")
+    if health.score_psi is not None and health.score_psi >= psi_alarm:
+        out.append(f"score PSI {health.score_psi:.3f} >= {psi_alarm}")
+    drifted = {k: v for k, v in health.feature_psi.items() if v >= psi_alarm}
+    if drifted:
+        named = ", ".join(f"{k} {v:.3f}" for k, v in sorted(drifted.items(), key=lambda i: -i[1]))
+        out.append(f"top feature PSI >= {psi_alarm}: {named}")
+    if (
+        health.realized_auc is not None
+        and health.test_auc is not None
+        and health.realized_auc < health.test_auc - auc_drop
+    ):
+        out.append(
+            f"realized ROC AUC {health.realized_auc:.3f} below test {health.test_auc:.3f} "
+            f"- {auc_drop}"
+        )
+    return out
+
+
+def describe_health(health: Health) -> str:
+    """The figures looked at, for the "nothing fired" line."""
+    if health.age_days is None:
+        return "no champion"
+    parts = [f"champion {health.age_days:.0f} days old"]
+    parts.append(
+        "no drift measured yet" if health.score_psi is None else f"score PSI {health.score_psi:.3f}"
+    )
+    if health.feature_psi:
+        parts.append(f"highest top-feature PSI {max(health.feature_psi.values()):.3f}")
+    if health.realized_auc is not None:
+        parts.append(f"realized ROC AUC {health.realized_auc:.3f} (test {health.test_auc:.3f})")
+    else:
+        parts.append("no closed score window yet")
+    return "; ".join(parts)
