@@ -508,6 +508,8 @@ def champion_health(settings: Settings) -> watch.Health:
 
     lake = Lake(settings.lake)
     uri, _ = tracking(settings)
+    mlflow.set_tracking_uri(uri)  # load_bundle reads through MLflow's current store
+    mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient(uri, uri)
     current = registry.champion_version(client, settings.model_name)
     if current is None:
