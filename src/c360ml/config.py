@@ -85,6 +85,8 @@ class Settings(_Frozen):
     # profiles whose gold rows a refresh reads and featurises at once (bounds its memory)
     refresh_chunk_customers: int = Field(200_000, ge=1)
     refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
+    # how long a build, refresh or generate waits for another one at work on the same lake
+    lease_wait_seconds: float = Field(600.0, ge=0)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
     gate: GateSettings = GateSettings()  # when a new model version may become champion
     watch: WatchSettings = WatchSettings()  # drift alarms and the retraining triggers

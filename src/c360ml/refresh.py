@@ -32,6 +32,7 @@ from deltalake.exceptions import DeltaError
 from c360ml import progress
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.medallion.gold import INPUTS_KEY
 from c360ml.model import scoring
 from c360ml.schemas import ChurnScores, CustomerMeasures
@@ -687,6 +688,7 @@ def last_scored_map(lake: Lake) -> pd.DataFrame | None:
     return lake.read_pandas("gold", "customer_source_map")
 
 
+@writes_lake("refresh")
 def run_refresh(
     settings: Settings,
     as_of: pd.Timestamp | None = None,

@@ -33,6 +33,7 @@ from scipy.sparse.csgraph import connected_components
 
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.medallion.gold import INPUTS_KEY, lake_versions, replace_rows, validate_arrow
 from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql, sql_text
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
@@ -957,6 +958,7 @@ def _state_inputs(lake: Lake, digest: str) -> dict | None:
     return json.loads(metas[-1][INPUTS_KEY])
 
 
+@writes_lake("build unify")
 def build_unify(settings: Settings) -> UnifySummary:
     """silver -> unify: the source map, profiles, redirects and report; only the
     clusters that changes reach are unified again when the state allows it

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.medallion.patch import (
     HISTORY_FEEDS,
     ORDER_FEEDS,
@@ -334,6 +335,7 @@ def patch_gold(
     return written
 
 
+@writes_lake("build gold")
 def build_gold(settings: Settings) -> GoldSummary:
     """Gold from silver and the source map; the order tables patched where they can be
     (see `c360ml.medallion.patch`), the rest rebuilt when their inputs changed."""

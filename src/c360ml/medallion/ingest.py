@@ -32,6 +32,7 @@ from rich.progress import Progress
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, read_model_json
 from c360ml.sources.tables import Column, source_table
 
@@ -139,6 +140,7 @@ def committed_files(lake: Lake, layer: str, *parts: str) -> set[str]:
     return done
 
 
+@writes_lake("ingest")
 def ingest_landing(settings: Settings) -> IngestSummary:
     """Ingest every new landing file/version of every source into bronze.
 

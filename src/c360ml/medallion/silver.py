@@ -29,6 +29,7 @@ from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 
@@ -794,6 +795,7 @@ def build_generic_silver(lake: Lake, settings: Settings) -> SilverResult | None:
     return result
 
 
+@writes_lake("build silver")
 def build_silver(settings: Settings) -> SilverSummary:
     """Every bronze source table -> its silver table (incrementally)."""
     lake = Lake(settings.lake)

@@ -35,6 +35,7 @@ from rich.progress import Progress
 
 from c360ml.config import Settings
 from c360ml.lake import LAYERS, Lake
+from c360ml.lease import writes_lake
 from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.synth import process, records
 from c360ml.synth.params import (
@@ -149,6 +150,7 @@ def _before(table: pa.Table, column: str, cut: int) -> np.ndarray:
     return values < cut
 
 
+@writes_lake("generate")
 def generate_lake(
     settings: Settings,
     customers: int | None = None,
@@ -319,6 +321,7 @@ def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
 # ----------------------------------------------------------------------------- increments
 
 
+@writes_lake("generate --increment")
 def generate_increment(settings: Settings, seed: int | None = None) -> GenerateSummary:
     """Append the next weekly sync: due pending rows, plus deletes of erased persons."""
     meta = read_meta(settings.truth)
