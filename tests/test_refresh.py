@@ -348,6 +348,7 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
     from sklearn.metrics import roc_auc_score
 
     import c360ml.features as ft
+    from c360ml.model import watch
 
     settings, _ = lake
     past = pd.Timestamp("2025-08-31", tz="UTC")
@@ -366,6 +367,10 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
     assert row.customers == len(joined) > 0.9 * len(scored)
     assert row.roc_auc == pytest.approx(roc_auc_score(joined.label, joined.ChurnScore))
     assert row.churn_rate == pytest.approx(joined.label.mean())
+    # What the scores promised when made (no labels), beside what they achieved.
+    assert row.estimated_roc_auc == pytest.approx(
+        watch.estimated_roc_auc(joined.ChurnScore.to_numpy())
+    )
     # A second refresh finds nothing new to judge and leaves the row alone.
     again = next(s for s in run_refresh(settings, as_of=past).steps if s.step == "outcomes")
     assert again.rows == 0 and len(lk.read_pandas("gold", "score_outcomes")) == 1

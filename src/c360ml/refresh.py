@@ -521,7 +521,7 @@ def record_drift(
     inputs or the model changed)."""
     import pyarrow.dataset as ds
 
-    from c360ml.model import drift
+    from c360ml.model import drift, watch
 
     started = time.perf_counter()
     refs = bundle.metadata.get("drift_reference")
@@ -557,7 +557,9 @@ def record_drift(
     replace_as_of(lake, frame, DRIFT, "ScoredAsOf", as_of, inputs)
     flagged = frame[frame["alarm"]]
     score_psi = frame.loc[frame["column"] == drift.SCORE, "psi"].iloc[0]
+    estimate = watch.estimated_roc_auc(scores["ChurnScore"].to_numpy(dtype=np.float64))
     note = (
+        f"estimated ROC AUC {estimate:.3f} (label-free); "
         f"score PSI {score_psi:.3f}; {int((flagged['column'] != drift.SCORE).sum())} of "
         f"{len(bundle.feature_names)} features at PSI >= {alarm}; "
         f"{outside.mean() if len(outside) else 0:.1%} of profiles outside the tested range"

@@ -21,6 +21,7 @@ import plotly.io as pio
 from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.model import report as model_report
+from c360ml.model import watch
 from c360ml.refresh import follow_redirects
 
 log = logging.getLogger(__name__)
@@ -131,16 +132,26 @@ def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str
         fig.update_xaxes(title="predicted churn probability", tickformat=".0%")
         fig.update_yaxes(title="observed churn rate", tickformat=".0%")
         charts.append(("Calibration: predicted against observed churn", fig))
-    outcomes = model.get("outcomes")
-    if outcomes is not None and len(outcomes):
-        o = outcomes.sort_values("ScoredAsOf")
-        fig = go.Figure(
-            go.Scatter(x=o["ScoredAsOf"], y=o["roc_auc"], mode="lines+markers", name="realized")
-        )
+    estimates, outcomes = model.get("estimates"), model.get("outcomes")
+    has_estimates = estimates is not None and len(estimates) > 1
+    if has_estimates or (outcomes is not None and len(outcomes)):
+        fig = go.Figure()
+        if has_estimates:
+            fig.add_scatter(
+                x=estimates.index,
+                y=estimates.to_numpy(),
+                mode="lines+markers",
+                name="estimated when scored (label-free)",
+            )
+        if outcomes is not None and len(outcomes):
+            o = outcomes.sort_values("ScoredAsOf")
+            fig.add_scatter(
+                x=o["ScoredAsOf"], y=o["roc_auc"], mode="lines+markers", name="realized"
+            )
         if "test_roc_auc" in m:
             fig.add_hline(y=m["test_roc_auc"], line_dash="dot", annotation_text="at training")
-        fig.update_yaxes(title="ROC AUC of the scores, once their window closed")
-        charts.append(("How past scores turned out", fig))
+        fig.update_yaxes(title="ROC AUC of the scores of each as_of")
+        charts.append(("How the scores are doing: estimated, then realized", fig))
     if len(factors):
         ordered = factors.iloc[::-1]
         fig = go.Figure(go.Bar(x=ordered["customers"], y=ordered["label"], orientation="h"))
@@ -295,6 +306,12 @@ def build_report(settings: Settings) -> Path:
     model = _model_run(settings)
     if lake.exists("gold", "score_outcomes"):
         model["outcomes"] = lake.read_pandas("gold", "score_outcomes")
+    history = lake.read_pandas("gold", "churn_scores", columns=["ChurnScore", "ScoredAsOf"])
+    model["estimates"] = (
+        history.dropna(subset=["ChurnScore"])
+        .groupby("ScoredAsOf")["ChurnScore"]
+        .apply(lambda p: watch.estimated_roc_auc(p.to_numpy()))
+    )
     metrics, model_label = model["metrics"], model["label"]
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
     charts = [

@@ -47,13 +47,38 @@ def calibration_by_decile(y: np.ndarray, p: np.ndarray) -> list[dict[str, float]
     return out
 
 
+def estimated_roc_auc(p: np.ndarray) -> float:
+    """The ROC AUC the scores should reach if they are calibrated and the relation between
+    score and outcome holds (confidence-based performance estimation, as NannyML's CBPE):
+    each customer counts as churned with weight p and as retained with weight 1 - p, and
+    the AUC of those expected pairs is computed without a single label. It is known the
+    day the scores are made; the realized figure arrives a window later. Where the relation
+    changes (a shock, a campaign), the two part: that gap is what to watch."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[~np.isnan(p)]
+    if len(p) < 2:
+        return float("nan")
+    values, group = np.unique(p, return_inverse=True)  # ties count one half
+    pos = np.bincount(group, weights=p, minlength=len(values))
+    neg = np.bincount(group, weights=1 - p, minlength=len(values))
+    self_pairs = np.bincount(group, weights=p * (1 - p), minlength=len(values))
+    below = np.cumsum(neg) - neg  # retained weight of lower scores
+    ties = 0.5 * (pos * neg - self_pairs)  # pairs within a group of equal scores
+    pairs = pos.sum() * neg.sum() - self_pairs.sum()  # every ordered pair but (i, i)
+    return float((np.sum(pos * below) + ties.sum()) / pairs) if pairs > 0 else float("nan")
+
+
 def outcome_row(
     y: np.ndarray, p: np.ndarray, recency_days: np.ndarray, window_days: int
 ) -> dict[str, object]:
     """The realized figures of one set of scores (pure: numbers in, numbers out)."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
-    row: dict[str, object] = {"customers": int(len(y)), "churn_rate": float(y.mean())}
+    row: dict[str, object] = {
+        "customers": int(len(y)),
+        "churn_rate": float(y.mean()),
+        "estimated_roc_auc": estimated_roc_auc(p),  # what the scores promised, label-free
+    }
     if len(np.unique(y)) < 2:  # every customer churned, or none: no ranking to judge
         nan = float("nan")
         row |= dict.fromkeys(("roc_auc", "pr_auc", "log_loss", "brier", "accuracy"), nan)
