@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -133,6 +134,15 @@ def test_the_whole_loop_from_the_readme(user):
         )
         assert code == 0, out
         assert "segments as of" in out and "journey exports" in out
+        # The segments' control groups (10% of the risk segments) are left out of journeys.
+        from c360ml.lake import Lake
+
+        lake = Lake(home / "data" / "lake")
+        members = lake.read_pandas("gold", "segment_membership")
+        risk = members[members.segment == "high_risk"]
+        assert 0.03 < risk.control.mean() < 0.2
+        journey = pd.read_csv(lake.path("export", "journeys") / "high_risk.csv")
+        assert not set(journey.CustomerId) & set(risk.loc[risk.control, "customer_id"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -352,12 +352,20 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
 
     settings, _ = lake
     past = pd.Timestamp("2025-08-31", tz="UTC")
+    lk = Lake(settings.lake)
+    # A segment's control group at that as_of, as the segment step writes it (every
+    # third profile): its outcome is reported on its own beside everyone's.
+    profiles = lk.read_pandas("gold", "customer_profile")["customer_id"].iloc[::3]
+    held = pd.DataFrame({"segment": "high_risk", "customer_id": profiles.to_numpy()})
+    held = held.assign(as_of=past, control=True)
+    held["as_of"] = held["as_of"].dt.as_unit("us")
+    lk.write(held, "gold", "segment_membership", mode="append")
     summary = run_refresh(settings, as_of=past)
     step = next(s for s in summary.steps if s.step == "outcomes")
-    assert step.rows == 1 and "2025-08-31" in step.note
-    lk = Lake(settings.lake)
-    outcomes = lk.read_pandas("gold", "score_outcomes")
-    row = outcomes.iloc[0]
+    assert step.rows == 2 and "2025-08-31" in step.note and "control" in step.note
+    outcomes = lk.read_pandas("gold", "score_outcomes").set_index("population")
+    control = outcomes.loc["control"]
+    row = outcomes.loc["all"]
     assert pd.Timestamp(row.ScoredAsOf) == past
     scores = lk.read_pandas("gold", "churn_scores")
     scored = scores[(scores.ScoredAsOf == past) & (scores.ScoreStatus == SCORED)]
@@ -367,10 +375,13 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
     assert row.customers == len(joined) > 0.9 * len(scored)
     assert row.roc_auc == pytest.approx(roc_auc_score(joined.label, joined.ChurnScore))
     assert row.churn_rate == pytest.approx(joined.label.mean())
+    in_control = joined[joined.customer_id.isin(set(held.customer_id))]
+    assert control.customers == len(in_control) and 0 < control.customers < row.customers
+    assert control.roc_auc == pytest.approx(roc_auc_score(in_control.label, in_control.ChurnScore))
     # What the scores promised when made (no labels), beside what they achieved.
     assert row.estimated_roc_auc == pytest.approx(
         watch.estimated_roc_auc(joined.ChurnScore.to_numpy())
     )
     # A second refresh finds nothing new to judge and leaves the row alone.
     again = next(s for s in run_refresh(settings, as_of=past).steps if s.step == "outcomes")
-    assert again.rows == 0 and len(lk.read_pandas("gold", "score_outcomes")) == 1
+    assert again.rows == 0 and len(lk.read_pandas("gold", "score_outcomes")) == 2

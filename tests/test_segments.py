@@ -5,7 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c360ml.segments import Segment, SegmentSpec, evaluate_rules, journey_export, movements
+from c360ml.segments import (
+    Segment,
+    SegmentSpec,
+    control_members,
+    evaluate_rules,
+    journey_export,
+    movements,
+)
 
 SPEC = SegmentSpec(
     segments=[
@@ -59,3 +66,26 @@ def test_journey_export_leaves_out_contacts_without_consent():
     export, excluded = journey_export(members, contacts)
     assert export.to_dict("records") == [{"CustomerId": "a", "ContactId": "k1", "Email": "a@x.com"}]
     assert excluded == 2
+
+
+def test_control_groups_are_random_stable_and_sized_by_their_share():
+    spec = SegmentSpec(
+        segments=[
+            Segment(name="risk", rule="true", control_share=0.2),
+            Segment(name="none", rule="true"),
+        ]
+    )
+    ids = [f"c{i}" for i in range(5_000)]
+    t = pd.Timestamp("2025-12-31", tz="UTC")
+    members = pd.DataFrame(
+        {"segment": ["risk"] * 5_000 + ["none"] * 5_000, "customer_id": ids * 2, "as_of": t}
+    )
+    control = control_members(members, spec)
+    risk = control[members["segment"] == "risk"]
+    assert 0.18 < risk.mean() < 0.22 and not control[members["segment"] == "none"].any()
+    assert control.equals(control_members(members, spec))  # a rerun holds out the same
+    later = members.assign(as_of=t + pd.Timedelta(days=1))
+    redrawn = control_members(later, spec)[members["segment"] == "risk"]
+    assert 0.18 < redrawn.mean() < 0.22 and (redrawn != risk).mean() > 0.2  # drawn anew
+    with pytest.raises(ValueError):
+        Segment(name="x", rule="true", control_share=1.0)

@@ -601,6 +601,14 @@ def record_outcomes(settings: Settings) -> StepResult:
         if lake.exists("gold", "customer_id_redirects")
         else pd.DataFrame(columns=["retired_id", "surviving_id"])
     )
+    controls = pd.DataFrame(columns=["customer_id", "as_of"])
+    if lake.exists("gold", "segment_membership"):
+        members = lake.read_pandas("gold", "segment_membership")
+        if "control" in members:
+            held = members[members["control"].fillna(False).astype(bool)]
+            controls = held.assign(customer_id=follow_redirects(held["customer_id"], redirects))[
+                ["customer_id", "as_of"]
+            ]
     matured = []
     for as_of, version in pairs.itertuples(index=False):
         mine = scores[(scores["ScoredAsOf"] == as_of) & (scores["ModelVersion"] == version)]
@@ -617,11 +625,15 @@ def record_outcomes(settings: Settings) -> StepResult:
             how="left",
         )
         matured.append(watch.Matured(pd.Timestamp(as_of), str(version), frame))
+        held_out = controls.loc[controls["as_of"] == as_of, "customer_id"]
+        if len(held_out):
+            control = frame[frame["customer_id"].isin(set(held_out))]
+            matured.append(watch.Matured(pd.Timestamp(as_of), str(version), control, "control"))
     outcomes = watch.realized_outcomes(matured, window)
     lake.write(outcomes, "gold", watch.OUTCOMES, mode="append")
     _log_outcomes(settings, outcomes)
     note = ", ".join(
-        f"{r.ScoredAsOf:%Y-%m-%d} v{r.ModelVersion}: ROC AUC {getattr(r, 'roc_auc', float('nan')):.3f}"
+        f"{r.ScoredAsOf:%Y-%m-%d} v{r.ModelVersion} {r.population}: ROC AUC {r.roc_auc:.3f}"
         for r in outcomes.itertuples()
     )
     return StepResult("outcomes", len(outcomes), note, time.perf_counter() - started)
@@ -634,7 +646,7 @@ def _log_outcomes(settings: Settings, outcomes: pd.DataFrame) -> None:
         import mlflow
 
         client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
-        for r in outcomes.dropna(subset=["roc_auc"]).itertuples():
+        for r in outcomes[outcomes["population"] == "all"].dropna(subset=["roc_auc"]).itertuples():
             run_id = client.get_model_version(settings.model_name, r.ModelVersion).run_id
             step = int(pd.Timestamp(r.ScoredAsOf).timestamp() // 86_400)
             client.log_metric(run_id, "realized_roc_auc", float(r.roc_auc), step=step)

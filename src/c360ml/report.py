@@ -145,9 +145,13 @@ def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str
             )
         if outcomes is not None and len(outcomes):
             o = outcomes.sort_values("ScoredAsOf")
-            fig.add_scatter(
-                x=o["ScoredAsOf"], y=o["roc_auc"], mode="lines+markers", name="realized"
-            )
+            population = o["population"] if "population" in o else pd.Series("all", o.index)
+            for group, name in (("all", "realized"), ("control", "realized, control groups")):
+                part = o[population == group]
+                if len(part):
+                    fig.add_scatter(
+                        x=part["ScoredAsOf"], y=part["roc_auc"], mode="lines+markers", name=name
+                    )
         if "test_roc_auc" in m:
             fig.add_hline(y=m["test_roc_auc"], line_dash="dot", annotation_text="at training")
         fig.update_yaxes(title="ROC AUC of the scores of each as_of")

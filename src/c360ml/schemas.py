@@ -162,6 +162,7 @@ class SegmentMembership(pa.DataFrameModel):
     segment: Series[str]
     customer_id: Series[str]
     as_of: Series[UTC_TS]
+    control: Series[bool]  # held out of the journey at random (the segment's control group)
 
 
 def columns(model: type[pa.DataFrameModel]) -> list[str]:

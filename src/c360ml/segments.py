@@ -19,10 +19,11 @@ from pathlib import Path
 import duckdb
 import httpx
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
+from c360ml.model.splits import customer_bucket
 from c360ml.refresh import StepResult, follow_redirects, gold_inputs, replace_as_of
 from c360ml.schemas import SegmentMembership
 
@@ -39,6 +40,9 @@ class Segment(BaseModel):
     name: str  # snake_case; also the export file name
     description: str = ""  # what the segment is for
     rule: str  # DuckDB SQL predicate over scores, measures and profile attributes
+    # share of members held out of the journey at random, stable per customer and as_of:
+    # what the campaign changed is measured against them
+    control_share: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class SegmentSpec(BaseModel):
@@ -67,6 +71,21 @@ def evaluate_rules(rows: pd.DataFrame, spec: SegmentSpec) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame(columns=["segment", "customer_id"])
     return pd.concat(parts, ignore_index=True)[["segment", "customer_id"]]
+
+
+def control_members(members: pd.DataFrame, spec: SegmentSpec) -> pd.Series:
+    """Which (segment, customer_id, as_of) rows are in their segment's control group: a hash
+    of the three below the segment's control share, so a rerun holds out the same people
+    and a new as_of draws again."""
+    share = members["segment"].map({s.name: s.control_share for s in spec.segments})
+    keys = (
+        members["segment"].astype(str)
+        + "|"
+        + members["customer_id"].astype(str)
+        + "|"
+        + pd.to_datetime(members["as_of"], utc=True).astype(str)
+    )
+    return pd.Series(customer_bucket(keys) < share.fillna(0.0).to_numpy(), index=members.index)
 
 
 def movements(
@@ -205,6 +224,7 @@ def run_segments(
     )
     rows = _profile_rows(lake, answers, as_of)
     members = evaluate_rules(rows, spec).assign(as_of=as_of)
+    members["control"] = control_members(members, spec)
     SegmentMembership.validate(members)
     redirects = _redirects(lake)
     previous = _previous_members(lake, as_of)
@@ -221,8 +241,9 @@ def run_segments(
     folder = lake.path("export", "journeys")
     folder.mkdir(parents=True, exist_ok=True)
     for seg in spec.segments:
+        targeted = (members["segment"] == seg.name) & ~members["control"]
         export, excluded[seg.name] = journey_export(
-            members.loc[members["segment"] == seg.name, ["customer_id"]], contacts
+            members.loc[targeted, ["customer_id"]], contacts
         )
         path = folder / f"{seg.name}.csv"
         export.to_csv(path, index=False)

@@ -8,8 +8,9 @@ goes to gold/score_outcomes; a row is computed once its window has closed and re
 only if it is missing, so a refresh that runs four times a day pays for new windows only.
 
 Campaigns act on high scores: a customer saved by one looks like a wrong prediction, so
-realized figures understate the model where it was acted on (control groups, another
-issue, measure that).
+realized figures understate the model where it was acted on. Segments can hold a random
+control group out of their journeys; their members get a row of their own (population
+"control"), beside the whole scored population ("all").
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class Matured:
     as_of: pd.Timestamp
     model_version: str
     frame: pd.DataFrame  # customer_id, ChurnScore, label, recency_days
+    population: str = "all"  # or "control": the segments' control groups, never targeted
 
 
 def realized_outcomes(matured: list[Matured], window_days: int) -> pd.DataFrame:
@@ -113,7 +115,8 @@ def realized_outcomes(matured: list[Matured], window_days: int) -> pd.DataFrame:
     for m in matured:
         f = m.frame
         row = outcome_row(f["label"], f["ChurnScore"], f["recency_days"], window_days)
-        rows.append({"ScoredAsOf": m.as_of, "ModelVersion": m.model_version, **row})
+        key = {"ScoredAsOf": m.as_of, "ModelVersion": m.model_version}
+        rows.append({**key, "population": m.population, **row})
     return pd.DataFrame(rows)
 
 
