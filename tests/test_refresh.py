@@ -229,6 +229,17 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     settings, first = lake
     lk = Lake(settings.lake)
     before_map = lk.read_pandas("gold", "customer_source_map")
+    # A journey export as the segment step writes it, naming every contact-linked profile.
+    contacts = before_map[before_map.source == "dataverse"]
+    journeys = lk.path("export", "journeys")
+    journeys.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "CustomerId": contacts.customer_id,
+            "ContactId": contacts.source_key,
+            "Email": [f"c{i}@mail.example" for i in range(len(contacts))],
+        }
+    ).to_csv(journeys / "high_risk.csv", index=False)
     generate_increment(settings)
     # A build between two refreshes applies the source's deletes to silver and gold first;
     # the refresh must still find and purge the persons erased since the last refresh.
@@ -260,6 +271,13 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
             if "IsDelete" in frame:
                 frame = frame[~frame.IsDelete.fillna(False).astype(bool)]
             assert not frame.astype(str).isin(texts).any(axis=None), f"{file} holds an erased row"
+    # The journey export lost the erased persons' rows, and only those.
+    journey = pd.read_csv(journeys / "high_risk.csv", dtype=str)
+    assert not (set(journey.CustomerId) | set(journey.ContactId)) & texts
+    assert (
+        len(journey)
+        == (~contacts.customer_id.isin(gone_ids) & ~contacts.source_key.isin(texts)).sum()
+    )
     accounts = {
         k.split("-", 1)[1] for k in gone_keys.source_key if k.startswith(("usrt-", "ussi-"))
     }

@@ -11,7 +11,8 @@ record, under no customer once the account is gone).
 Retention: once anyone is erased, every bronze, silver, gold and state table is vacuumed with
 retention 0 hours, so older versions (which still hold the rows: the ones this purge
 rewrote, and those of tables rebuilt or merged since the last refresh) are removed at
-once; time travel to before an erasure is deliberately impossible. Delete markers (key
+once; time travel to before an erasure is deliberately impossible. The journey exports
+lose the erased customers' rows too. Delete markers (key
 only, no personal data) are kept in bronze so that an older change arriving late cannot
 bring the record back.
 """
@@ -109,8 +110,32 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
         )
     if contacts and lake.exists("silver", "contact"):
         _delete(lake, ("silver", "contact"), "contactid", contacts, result)
+    _purge_exports(lake, customer_ids, contacts, result)
     _vacuum_all(lake)
     return result
+
+
+def _purge_exports(
+    lake: Lake, customer_ids: list[str], contacts: list[str], result: ErasureResult
+) -> None:
+    """The journey exports (CSV handed to Customer Insights - Journeys) lose the erased
+    customers' and contacts' rows at once: the segment step may not run before the next
+    refresh (no endpoint), and until then the files would still name them. Each file is
+    replaced whole (written beside, then renamed). The CI-D snapshot is rewritten by every
+    refresh from the purged scores."""
+    folder = lake.path("export", "journeys")
+    if not folder.exists() or not (customer_ids or contacts):
+        return
+    ids, keys = set(customer_ids), set(contacts)
+    for path in sorted(folder.glob("*.csv")):
+        export = pd.read_csv(path, dtype=str)
+        gone = export.get("CustomerId", pd.Series(dtype=str)).isin(ids)
+        gone |= export.get("ContactId", pd.Series(dtype=str)).isin(keys)
+        if gone.any():
+            tmp = path.with_suffix(".tmp")
+            export.loc[~gone].to_csv(tmp, index=False)
+            tmp.replace(path)
+            result.rows_deleted[f"export/journeys/{path.name}"] = int(gone.sum())
 
 
 def _vacuum_all(lake: Lake) -> None:
