@@ -67,4 +67,4 @@ bench: install
 	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES)
 
 clean:
-	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/serve.log dist
+	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist
