@@ -150,6 +150,22 @@ def test_bad_rows_quarantined_with_file_line_and_reason(settings, landing):
     assert "31/02/2024" in next(r["_raw"] for r in q if r["_line"] == 3)
 
 
+@pytest.mark.parametrize("tail", [[], [None]], ids=["only-bad-lines", "bad-lines-last"])
+def test_lines_of_the_wrong_width_after_the_last_good_one_are_quarantined(settings, landing, tail):
+    """Arrow reports a line of the wrong field count while it parses a block; a block of
+    nothing but such lines yields no batch, and its lines must still reach quarantine."""
+    good = [_cust(1, 1, "C1")] if tail else []
+    rows = [*good, "a,b,c", '"C9",not-a-date,extra']
+    write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": rows})
+    summary = ingest_landing(settings)
+    table = next(t for t in summary.tables if t.table == "custtable")
+    assert (table.rows, table.quarantined) == (len(good), 2)
+    q = Lake(settings.lake).read_pandas("quarantine", "bronze", "d365", "custtable")
+    assert sorted(q._line) == [len(good) + 1, len(good) + 2]
+    assert set(q._raw) == {"a,b,c", '"C9",not-a-date,extra'}
+    assert q._reason.str.startswith("wrong column count").all()
+
+
 def test_crash_between_commits_is_completed_without_duplicates(settings, landing):
     write_sync_folder(
         landing, "d365", "2024-01-05T00.00.00Z", {"custtable": [_cust(1, 1, "C1"), "broken"]}

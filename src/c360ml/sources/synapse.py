@@ -178,6 +178,10 @@ def _read_fast(
         out = _split_rows(text, lines, new_invalid, entity, relname)
         cursor.line += len(text) + len(new_invalid)
         yield out
+    rest = invalid[seen:]  # after the last block with a valid row (or a file of none)
+    if rest:
+        cursor.line += len(rest)
+        yield _split_rows(_empty_text(names), _NO_LINES, rest, entity, relname)
 
 
 _HOOK_LOCK = threading.Lock()
