@@ -22,7 +22,7 @@ from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
 from c360ml.sources.tables import SOURCE_TABLES
 from c360ml.synth import generate_increment
-from tests.conftest import build_all
+from tests.conftest import build_all, write_sync_folder
 
 pytestmark = pytest.mark.slow
 AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
@@ -241,9 +241,25 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
         }
     ).to_csv(journeys / "high_risk.csv", index=False)
     generate_increment(settings)
+    # A rejected line naming a person the increment erases (a sync's malformed contact row
+    # with their contact id and e-mail): quarantined, then purged with them.
+    erased_persons = pd.read_parquet(settings.truth / "erased.parquet").person_id
+    person_keys = pd.read_parquet(settings.truth / "person_keys.parquet")
+    contact = person_keys[
+        person_keys.person_id.isin(erased_persons) & (person_keys.source == "dataverse")
+    ].source_key.iloc[0]
+    email = lk.read_pandas("silver", "contact").set_index("contactid").emailaddress1.get(contact)
+    write_sync_folder(
+        lk.path("landing"),
+        "dataverse",
+        "2026-03-01T00.00.00Z",
+        {"contact": [f'"{contact}",not-a-date,"{email}",extra,fields,,,,'] * 2},
+    )
     # A build between two refreshes applies the source's deletes to silver and gold first;
     # the refresh must still find and purge the persons erased since the last refresh.
     build_all(settings)
+    planted = lk.read_pandas("quarantine", "bronze", "dataverse", "contact")._raw
+    assert planted.str.contains(contact, regex=False).sum() == 2  # the line is in quarantine
     second = run_refresh(settings)
     assert second.as_of > first.as_of
     scores = lk.read_pandas("gold", "churn_scores")
@@ -271,6 +287,12 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
             if "IsDelete" in frame:
                 frame = frame[~frame.IsDelete.fillna(False).astype(bool)]
             assert not frame.astype(str).isin(texts).any(axis=None), f"{file} holds an erased row"
+    # The rejected lines that named an erased person went with them (the rest stayed).
+    rejected = lk.read_pandas("quarantine", "bronze", "dataverse", "contact")
+    assert len(rejected) and not rejected._raw.str.contains(contact, regex=False).any()
+    for file in lk.path("quarantine", "bronze").rglob("*.parquet"):  # older versions too
+        raw = pd.read_parquet(file, columns=["_raw"])._raw
+        assert not raw.str.contains(contact, regex=False).any(), f"{file} names the person"
     # The journey export lost the erased persons' rows, and only those.
     journey = pd.read_csv(journeys / "high_risk.csv", dtype=str)
     assert not (set(journey.CustomerId) | set(journey.ContactId)) & texts

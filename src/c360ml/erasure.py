@@ -4,15 +4,16 @@ A source record is erased when its newest bronze version is a delete (IsDelete) 
 was in the previous source map; a customer_id is erased when all of its records are
 (and no merge redirected it). The refresh then deletes those rows from the bronze
 change feed and silver (the person's customer, party, name, address and e-mail/phone
-rows; the contact), from the history tables keyed by customer_id, and vacuums. Not
-purged: quarantine tables (raw text of rejected lines) and orders (kept, as the business
-record, under no customer once the account is gone).
+rows; the contact), from the history tables keyed by customer_id, from quarantine (a row
+or rejected line with one of the person's identifiers) and the journey exports, and
+vacuums. Not purged: orders (kept, as the business record, under no customer once the
+account is gone).
 
 Retention: once anyone is erased, every bronze, silver, gold and state table is vacuumed with
 retention 0 hours, so older versions (which still hold the rows: the ones this purge
 rewrote, and those of tables rebuilt or merged since the last refresh) are removed at
 once; time travel to before an erasure is deliberately impossible. The journey exports
-lose the erased customers' rows too. Delete markers (key
+lose the erased customers' rows too, and quarantine its rows and lines that name them. Delete markers (key
 only, no personal data) are kept in bronze so that an older change arriving late cannot
 bring the record back.
 """
@@ -96,9 +97,10 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
     if lake.exists(*STATE) and not erased.empty:  # the erased records' rows unify hid
         lake.purge_deleted(*STATE, holding=("source_key", erased["source_key"].tolist()))
     d365 = erased.loc[erased["source"] == "d365", "source_key"].tolist()
+    contacts = erased.loc[erased["source"] == "dataverse", "source_key"].tolist()
+    identifiers = _identifiers(lake, d365, contacts)  # read before their rows go
     if d365:
         _purge_commerce(lake, d365, result)
-    contacts = erased.loc[erased["source"] == "dataverse", "source_key"].tolist()
     if contacts and lake.exists("bronze", "dataverse", "contact"):
         _delete(
             lake,
@@ -111,8 +113,57 @@ def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureR
     if contacts and lake.exists("silver", "contact"):
         _delete(lake, ("silver", "contact"), "contactid", contacts, result)
     _purge_exports(lake, customer_ids, contacts, result)
+    _purge_quarantine(lake, identifiers | set(customer_ids), result)
     _vacuum_all(lake)
     return result
+
+
+def _identifiers(lake: Lake, accounts: list[str], contacts: list[str]) -> set[str]:
+    """The erased records' unique identifiers as they are spelled in a source line: account
+    numbers, contact ids, e-mail addresses and phone numbers (names are shared by other
+    people, so a line is never matched on a name)."""
+    found = {k.split("-", 1)[-1] for k in accounts} | set(contacts)
+    con = duckdb.connect()
+    if contacts and lake.exists("bronze", "dataverse", "contact"):
+        con.register("contact", lake.dataset("bronze", "dataverse", "contact"))
+        con.register("keys", pd.DataFrame({"k": contacts}))
+        rows = con.sql("""SELECT emailaddress1, telephone1, mobilephone FROM contact
+                          WHERE contactid IN (SELECT k FROM keys)""").df()
+        found |= {str(v) for v in rows.to_numpy().ravel() if isinstance(v, str) and v}
+    tables = ("custtable", "dirpartytable", "logisticselectronicaddress")
+    if accounts and all(lake.exists("bronze", "d365", t) for t in tables):
+        for name in tables:
+            con.register(name, lake.dataset("bronze", "d365", name))
+        con.register("keys", pd.DataFrame({"k": accounts}))
+        rows = con.sql("""SELECT e.locator FROM custtable c
+                          JOIN dirpartytable p ON p.recid = c.party
+                          JOIN logisticselectronicaddress e
+                            ON e.recid IN (p.primarycontactemail, p.primarycontactphone)
+                          WHERE CONCAT(c.dataareaid, '-', c.accountnum) IN (SELECT k FROM keys)""").df()
+        found |= {v for v in rows["locator"] if isinstance(v, str) and v}
+    return found
+
+
+def _purge_quarantine(lake: Lake, identifiers: set[str], result: ErasureResult) -> None:
+    """Quarantined rows are personal data too: a rejected source line (kept verbatim) goes
+    when one of its fields is an erased person's identifier, and a quarantined silver or
+    gold row when one of its values is."""
+    if not identifiers:
+        return
+    for parts in lake.tables("quarantine"):
+        frame = lake.read_pandas("quarantine", *parts)
+        if frame.empty:
+            continue
+        if "_raw" in frame:  # a line that could not be parsed: its comma-separated fields
+            fields = frame["_raw"].fillna("").str.split(",")
+            hit = fields.map(lambda f: bool(identifiers & {v.strip().strip('"') for v in f}))
+        else:
+            text = frame.select_dtypes(include=["object", "string"])
+            hit = text.isin(identifiers).any(axis=1)
+        if hit.any():
+            lake.write(frame.loc[~hit.to_numpy()], "quarantine", *parts, mode="overwrite")
+            result.rows_deleted["quarantine/" + "/".join(parts)] = int(hit.sum())
+            log.info("erasure: %d quarantined rows of %s", int(hit.sum()), "/".join(parts))
 
 
 def _purge_exports(
@@ -139,15 +190,16 @@ def _purge_exports(
 
 
 def _vacuum_all(lake: Lake) -> None:
-    """Remove the files no live version needs, in every bronze, silver, gold and state
-    table (unify's state holds source keys; its rows of the erased were purged above).
+    """Remove the files no live version needs, in every bronze, silver, gold, state and
+    quarantine table (unify's state holds source keys; its rows of the erased were purged
+    above).
 
     The person is also in files this purge did not rewrite: older versions of tables that
     were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
     in c360ml reads an older version's data (silver compares bronze file lists from the
     log only), so they go at once.
     """
-    for layer in ("bronze", "silver", "gold", "state"):
+    for layer in ("bronze", "silver", "gold", "state", "quarantine"):
         for parts in lake.tables(layer):
             lake.delta(layer, *parts).vacuum(
                 retention_hours=0, enforce_retention_duration=False, dry_run=False
