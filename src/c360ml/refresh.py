@@ -128,6 +128,13 @@ def churn_score_rows(
     return out[list(ChurnScores.to_schema().columns)]
 
 
+def read_redirects(lake: Lake) -> pd.DataFrame:
+    """gold/customer_id_redirects (retired_id -> surviving_id), empty before any merge."""
+    if lake.exists("gold", "customer_id_redirects"):
+        return lake.read_pandas("gold", "customer_id_redirects")
+    return pd.DataFrame(columns=["retired_id", "surviving_id"])
+
+
 def follow_redirects(ids: pd.Series, redirects: pd.DataFrame) -> pd.Series:
     """Map retired customer_ids to their surviving id (chains followed to the end)."""
     step = dict(zip(redirects["retired_id"], redirects["surviving_id"], strict=True))
@@ -513,12 +520,16 @@ def _entity_doc(entity: str, schema: pa.Schema) -> dict:
 
 
 def record_drift(
-    settings: Settings, as_of: pd.Timestamp, bundle: scoring.ModelBundle, version: str
+    settings: Settings,
+    as_of: pd.Timestamp,
+    bundle: scoring.ModelBundle,
+    version: str,
+    scored: pd.DataFrame,
 ) -> StepResult:
     """PSI of the score and of every feature of this as_of's snapshot against the model's
     test-cutoff reference (`c360ml.model.drift`), and the share of profiles with a value
     outside the tested range: to gold/score_drift (this as_of's rows replaced when the
-    inputs or the model changed)."""
+    inputs or the model changed). `scored`: this as_of's scored rows of churn_scores."""
     import pyarrow.dataset as ds
 
     from c360ml.model import drift, watch
@@ -529,9 +540,7 @@ def record_drift(
         return StepResult("drift", 0, f"model v{version} carries no drift reference")
     lake = Lake(settings.lake)
     features = lake.read_pandas("gold", "customer_features", filter=ds.field(AS_OF) == as_of)
-    scores = _scores_at(lake, as_of)
-    scores = scores[scores["ScoreStatus"] == SCORED]
-    columns = {**{n: features[n] for n in bundle.feature_names}, drift.SCORE: scores["ChurnScore"]}
+    columns = {**{n: features[n] for n in bundle.feature_names}, drift.SCORE: scored["ChurnScore"]}
     alarm = settings.watch.psi_alarm
     rows, outside = [], np.zeros(len(features), dtype=bool)
     for name, values in columns.items():
@@ -550,14 +559,14 @@ def record_drift(
                 "psi": value,
                 "share_outside_range": float(beyond.mean()) if len(beyond) else 0.0,
                 "alarm": bool(value >= alarm),
-            }  # fmt: skip
+            }
         )
     frame = pd.DataFrame(rows)
     inputs = gold_inputs(lake) | {"model_version": version}
     replace_as_of(lake, frame, DRIFT, "ScoredAsOf", as_of, inputs)
     flagged = frame[frame["alarm"]]
     score_psi = frame.loc[frame["column"] == drift.SCORE, "psi"].iloc[0]
-    estimate = watch.estimated_roc_auc(scores["ChurnScore"].to_numpy(dtype=np.float64))
+    estimate = watch.estimated_roc_auc(scored["ChurnScore"].to_numpy(dtype=np.float64))
     note = (
         f"estimated ROC AUC {estimate:.3f} (label-free); "
         f"score PSI {score_psi:.3f}; {int((flagged['column'] != drift.SCORE).sum())} of "
@@ -596,11 +605,7 @@ def record_outcomes(settings: Settings) -> StepResult:
     gold = ft.read_gold(lake)
     labels = ft.compute_labels(gold, cutoffs, cfg)
     recency = ft.compute_rfm(gold, cutoffs)[["customer_id", "cutoff_time", "recency_days"]]
-    redirects = (
-        lake.read_pandas("gold", "customer_id_redirects")
-        if lake.exists("gold", "customer_id_redirects")
-        else pd.DataFrame(columns=["retired_id", "surviving_id"])
-    )
+    redirects = read_redirects(lake)
     controls = pd.DataFrame(columns=["customer_id", "as_of"])
     if lake.exists("gold", "segment_membership"):
         members = lake.read_pandas("gold", "segment_membership")
@@ -660,11 +665,7 @@ def erase(lake: Lake, previous_map: pd.DataFrame) -> StepResult:
 
     started = time.perf_counter()
     erased = erasure.erased_records(lake, previous_map)
-    redirects = (
-        lake.read_pandas("gold", "customer_id_redirects")
-        if lake.exists("gold", "customer_id_redirects")
-        else pd.DataFrame(columns=["retired_id"])
-    )
+    redirects = read_redirects(lake)
     ids = erasure.erased_customers(
         previous_map, lake.read_pandas("gold", "customer_source_map"), redirects, erased
     )
@@ -748,7 +749,7 @@ def run_refresh(
     summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
     summary.outputs["ci-d manifest"] = str(manifest)
     summary.steps.append(record_outcomes(settings))
-    summary.steps.append(record_drift(settings, as_of, bundle, version))
+    summary.steps.append(record_drift(settings, as_of, bundle, version, scored))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:
         summary.steps.append(segments(settings, endpoint, as_of))

@@ -22,7 +22,7 @@ from c360ml.config import Settings
 from c360ml.lake import Lake
 from c360ml.model import report as model_report
 from c360ml.model import watch
-from c360ml.refresh import follow_redirects
+from c360ml.refresh import follow_redirects, read_redirects
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +300,7 @@ def build_report(settings: Settings) -> Path:
         if lake.exists("gold", "segment_membership")
         else pd.DataFrame(columns=["segment", "customer_id", "as_of"])
     )
-    redirects = (
-        lake.read_pandas("gold", "customer_id_redirects")
-        if lake.exists("gold", "customer_id_redirects")
-        else pd.DataFrame(columns=["retired_id", "surviving_id"])
-    )
+    redirects = read_redirects(lake)
     members = members.assign(customer_id=follow_redirects(members["customer_id"], redirects))
     moves = segment_moves(members, redirects)
     model = _model_run(settings)

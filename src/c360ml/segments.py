@@ -24,7 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from c360ml.config import Settings, load_yaml_model
 from c360ml.lake import Lake
 from c360ml.model.splits import customer_bucket
-from c360ml.refresh import StepResult, follow_redirects, gold_inputs, replace_as_of
+from c360ml.refresh import (
+    StepResult,
+    follow_redirects,
+    gold_inputs,
+    read_redirects,
+    replace_as_of,
+)
 from c360ml.schemas import SegmentMembership
 
 log = logging.getLogger(__name__)
@@ -226,7 +232,7 @@ def run_segments(
     members = evaluate_rules(rows, spec).assign(as_of=as_of)
     members["control"] = control_members(members, spec)
     SegmentMembership.validate(members)
-    redirects = _redirects(lake)
+    redirects = read_redirects(lake)
     previous = _previous_members(lake, as_of)
     replace_as_of(
         lake,
@@ -263,12 +269,6 @@ def _profile_rows(lake: Lake, answers: pd.DataFrame, as_of: pd.Timestamp) -> pd.
         ["customer_id", "country", "customer_group", "created_ts"]
     ]
     return rows.merge(profile, on="customer_id", how="left")
-
-
-def _redirects(lake: Lake) -> pd.DataFrame:
-    if lake.exists("gold", "customer_id_redirects"):
-        return lake.read_pandas("gold", "customer_id_redirects")
-    return pd.DataFrame(columns=["retired_id", "surviving_id"])
 
 
 def _previous_members(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:

@@ -20,6 +20,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from c360ml.model.scoring import Thresholds, risk_levels
+
 log = logging.getLogger(__name__)
 
 TIE_TOLERANCE = 0.001  # used by the gate: AUC differences below this are ties
@@ -111,12 +113,13 @@ def cumulative_gains(y: np.ndarray, p: np.ndarray, points: int = 20) -> list[dic
 
 
 def risk_band_rates(
-    y: np.ndarray, p: np.ndarray, medium: float, high: float
+    y: np.ndarray, p: np.ndarray, thresholds: Thresholds | None = None
 ) -> list[dict[str, float | str]]:
-    """Size and realized churn rate per RiskLevel band (Low < medium <= Medium < high <= High)."""
+    """Size and realized churn rate per RiskLevel band (the bands scoring assigns)."""
     y = np.asarray(y).astype(float)
     p = np.asarray(p, dtype=np.float64)
-    bands = {"Low": p < medium, "Medium": (p >= medium) & (p < high), "High": p >= high}
+    levels = risk_levels(p, thresholds or Thresholds())
+    bands = {name: levels == name for name in ("Low", "Medium", "High")}
     return [
         {
             "risk_level": name,

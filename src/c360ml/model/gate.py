@@ -38,7 +38,7 @@ from c360ml.config import GateSettings
 from c360ml.model import evaluate
 from c360ml.model.evaluate import TIE_TOLERANCE, Interval
 from c360ml.model.scoring import CUSTOMER_ID, ModelBundle, score
-from c360ml.model.train import CUSTOMER, CUTOFF, LABEL, TrainResult, fit_recipe
+from c360ml.model.train import CUSTOMER, CUTOFF, LABEL, TrainResult, _utc, fit_recipe
 
 log = logging.getLogger(__name__)
 
@@ -303,11 +303,6 @@ def _aligned(scores: pd.Series, customers: pd.Series) -> np.ndarray:
     if out.isna().any():
         raise ValueError(f"the champion scored {int(out.notna().sum())} of {len(out)} test rows")
     return out.to_numpy(dtype=np.float64)
-
-
-def _utc(ts: pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def card_section(decision: GateDecision) -> str:

@@ -246,9 +246,11 @@ def mark_interrupted(client: MlflowClient, model_name: str) -> list[str]:
     for mv in versions:
         if "gate_decision" in mv.tags:
             continue
-        client.set_model_version_tag(model_name, mv.version, "gate_decision", "interrupted")
-        client.set_model_version_tag(
-            model_name, mv.version, "gate_reason", "the training stopped before the gate ran"
+        _set_tags(
+            client,
+            model_name,
+            mv.version,
+            {"gate_decision": "interrupted", "gate_reason": "the training stopped before the gate"},
         )
         if mv.run_id and client.get_run(mv.run_id).info.status == "RUNNING":
             client.set_terminated(mv.run_id, status="FAILED")

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from c360ml.model import baselines, drift, evaluate
-from c360ml.model.scoring import Calibrator, Thresholds
+from c360ml.model.scoring import Calibrator
 from c360ml.model.splits import (
     TEST,
     TRAIN,
@@ -467,9 +467,7 @@ def train_and_evaluate(
         reliability=evaluate.reliability_curve(y_test, test["model"].to_numpy()),
         gains=evaluate.cumulative_gains(y_test, test["model"].to_numpy()),
         drift_reference=reference,
-        risk_bands=evaluate.risk_band_rates(
-            y_test, test["model"].to_numpy(), Thresholds().medium, Thresholds().high
-        ),
+        risk_bands=evaluate.risk_band_rates(y_test, test["model"].to_numpy()),
         importance=importance,
         shap_sample=(contrib, shap_x),
         split_rows=split_rows,

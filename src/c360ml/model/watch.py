@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 
 from c360ml.model import evaluate
-from c360ml.model.scoring import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +87,7 @@ def outcome_row(
     metrics = evaluate.binary_metrics(y, p)
     rule = evaluate.ci_d_rule_baseline(y, recency_days, window_days)
     grade = evaluate.ci_d_grade(y, p, rule.churn_recall)
-    thresholds = Thresholds()
-    bands = evaluate.risk_band_rates(y, p, thresholds.medium, thresholds.high)
+    bands = evaluate.risk_band_rates(y, p)
     row |= {k: metrics[k] for k in ("roc_auc", "pr_auc", "log_loss", "brier", "accuracy")} | {
         "churn_recall": metrics["churn_recall"],
         "grade": grade.grade,
