@@ -110,7 +110,12 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
 def _as_of(text: str | None):
     import pandas as pd
 
-    return None if text is None else pd.Timestamp(text, tz="UTC")
+    if text is None:
+        return None
+    try:
+        return pd.Timestamp(text, tz="UTC")
+    except ValueError:
+        raise ValueError(f"--as-of {text!r} is not a date (YYYY-MM-DD, UTC)") from None
 
 
 def cmd_measures(args: argparse.Namespace, settings: Settings) -> None:
