@@ -158,6 +158,10 @@ def test_the_whole_loop_from_the_readme(user):
         assert code == 0, (step, out)
         _quiet(out)
 
+    code, out = run("generate", "--increment", "--shock", "2026-01-08:competitor")
+    assert code == 0, out
+    assert "shock competitor from 2026-01-08:" in out and "dropouts brought forward" in out
+
 
 def test_errors_are_one_line_and_tracebacks_need_debug(user, tmp_path):
     run, _, _ = user
@@ -169,6 +173,9 @@ def test_errors_are_one_line_and_tracebacks_need_debug(user, tmp_path):
     assert len(errors) == 1 and "2025-13-45" in errors[0] and "Traceback" not in out
     code, out = run("--debug", "train", "--as-of", "2025-13-45")
     assert code == 2 and "Traceback" in out
+    code, out = run("generate", "--increment", "--shock", "2026-03-01")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "--shock expects DATE:KIND" in errors[0]
     code, out = run("model", "approve", "99")
     assert code == 2 and "has no version 99" in out
     code, out = run("-v", "build", "measures", "--as-of", "2025-03-31")

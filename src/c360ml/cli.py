@@ -48,8 +48,10 @@ def _print_rows(title: str, rows: list[dict]) -> None:
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.synth import generate_increment, generate_lake
 
+    if args.shock is not None and not args.increment:
+        raise ValueError("--shock needs --increment (a regime change applies to later syncs)")
     if args.increment:
-        summary = generate_increment(settings, seed=args.seed)
+        summary = generate_increment(settings, seed=args.seed, shock=args.shock)
     else:
         summary = generate_lake(
             settings,
@@ -61,6 +63,15 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
             fresh=args.fresh,
         )
     _print_rows("generated", summary.rows())
+    if args.shock is not None:
+        from c360ml.synth.generate import read_meta
+
+        shock = read_meta(settings.truth)["shocks"][-1]
+        console.print(
+            f"shock {shock['kind']} from {shock['date']}: {shock['exposed']:,} persons exposed, "
+            f"{shock['dropouts_brought_forward']:,} dropouts brought forward",
+            highlight=False,
+        )
     console.print(f"landing: {settings.lake / 'landing'}  truth: {settings.truth}")
 
 
@@ -262,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--end", default=None, help="last day of history, YYYY-MM-DD")
     gen.add_argument("--format", choices=["csv", "delta"], default="csv", help="export format")
     gen.add_argument("--increment", action="store_true", help="append the next sync folder")
+    gen.add_argument(
+        "--shock",
+        default=None,
+        metavar="DATE:KIND",
+        help="with --increment: a regime change from DATE, e.g. 2026-03-01:competitor",
+    )
     gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
     gen.set_defaults(func=cmd_generate)
 

@@ -38,6 +38,7 @@ from c360ml.lake import LAYERS, Lake
 from c360ml.lease import writes_lake
 from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.synth import process, records
+from c360ml.synth import shock as shock_mod
 from c360ml.synth.params import (
     RECID_BASE,
     GeneratorConfig,
@@ -86,7 +87,9 @@ def _iso(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _config(settings: Settings, customers, seed, start, end, fmt) -> GeneratorConfig:
+def _config(
+    settings: Settings, customers, seed, start, end, fmt, future_days=None
+) -> GeneratorConfig:
     demo = settings.demo
     cfg = GeneratorConfig(
         customers=int(customers if customers is not None else demo.customers),
@@ -94,6 +97,7 @@ def _config(settings: Settings, customers, seed, start, end, fmt) -> GeneratorCo
         start=str(start or demo.start),
         end=str(end or demo.end),
         fmt=fmt,
+        **({} if future_days is None else {"shape": LakeShape(future_days=int(future_days))}),
     )
     if cfg.customers < 1:
         raise ValueError(f"customers must be at least 1, got {cfg.customers}")
@@ -159,9 +163,12 @@ def generate_lake(
     end: str | None = None,
     fmt: str = "csv",
     fresh: bool = False,
+    future_days: int | None = None,
 ) -> GenerateSummary:
-    """Write the initial full export of every source and the truth; None = demo settings."""
-    cfg = _config(settings, customers, seed, start, end, fmt)
+    """Write the initial full export of every source and the truth; None = demo settings.
+    `future_days`: days simulated past `end` for increments (default LakeShape's 182; a
+    simulated year of monthly increments needs more)."""
+    cfg = _config(settings, customers, seed, start, end, fmt, future_days)
     if fresh:
         _clear(settings)
     else:
@@ -322,8 +329,13 @@ def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
 
 
 @writes_lake("generate --increment")
-def generate_increment(settings: Settings, seed: int | None = None) -> GenerateSummary:
-    """Append the next weekly sync: due pending rows, plus deletes of erased persons."""
+def generate_increment(
+    settings: Settings, seed: int | None = None, shock: str | None = None
+) -> GenerateSummary:
+    """Append the next weekly sync: due pending rows, plus deletes of erased persons.
+    `shock` ("DATE:KIND", `synth.shock`): a regime change applied to the simulated future
+    from DATE (not before this increment's first day) before the sync is written."""
+    parsed = shock_mod.parse_shock(shock) if shock is not None else None
     meta = read_meta(settings.truth)
     shape = LakeShape(**meta["shape"])
     k = len(meta["increments"]) + 1
@@ -337,6 +349,9 @@ def generate_increment(settings: Settings, seed: int | None = None) -> GenerateS
         )
     rng = np.random.default_rng([meta["seed"] if seed is None else seed, 1_000_000 + k])
     truth_dir, pend = settings.truth, settings.truth / "_pending"
+    if parsed is not None:
+        entry = shock_mod.apply_shock(truth_dir, meta, *parsed, cut_prev, int(meta["seed"]))
+        meta.setdefault("shocks", []).append(entry | {"increment": k})
     erased = _choose_erased(rng, truth_dir, meta, cut_prev, shape)
     erased_ts = dict(
         zip(

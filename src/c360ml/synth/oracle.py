@@ -5,7 +5,8 @@ P(at least one valid purchase in [t, t + w days) | true parameters, history befo
 without knowing whether i is still alive: as BG/NBD does, P(alive at t | history) comes
 from an exact forward filter over days (two states, alive/dropped; a day with a purchase
 or a support case proves alive; a quiet day has likelihood (1 - p)(1 - q) if alive and 1
-if dropped; the hazard depends only on observable covariates, rebuilt from the history).
+if dropped; the hazard depends only on observable covariates, rebuilt from the history,
+and on the regime changes (`synth.shock`) the increments carried, from their day on).
 P(valid purchase in window | alive at t) is computed by Monte Carlo over the random future
 covariates (support cases, returns still due from recent orders), each path evaluated
 exactly (survival x no-valid-purchase recursion), so few paths suffice.
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from c360ml.synth import process
 from c360ml.synth.generate import read_meta
 from c360ml.synth.params import ProcessParams
+from c360ml.synth.shock import read_shocks
 
 DAY = 86_400
 TRUTH_TABLES = ("persons", "person_keys", "purchases", "cases", "erased")
@@ -125,14 +127,15 @@ def _probability(truth_dir, person_ids, t, window_days, n_sims, seed, omniscient
     seasonality = process.season_for_days(np.datetime64(meta["start"], "D"), meta["n_days"], p)
     pos = pd.Series(np.arange(len(ids)), index=ids)
     hist = _history(truth, pos, start, t_day)
-    alive_prob, cases, rets = _filter(traits, hist, seasonality, t_day, p)
+    shocks = read_shocks(truth_dir, meta, ids)  # regime changes the increments carried
+    alive_prob, cases, rets = _filter(traits, hist, seasonality, t_day, p, shocks)
     if omniscient:
         dropout = persons["dropout_day"].fillna(np.iinfo(np.int32).max).to_numpy()
         alive_prob = (dropout >= t_day).astype(float)
     rng = np.random.default_rng(seed)
     due = _returns_due(rng, traits, hist, t_day, window_days, n_sims, p)
     q = _window_probability(
-        rng, traits, cases, rets, due, seasonality, t_day, window_days, n_sims, p
+        rng, traits, cases, rets, due, seasonality, t_day, window_days, n_sims, p, shocks
     )
     out = alive_prob * q
     out[traits.entry_day >= t_day] = np.nan
@@ -179,7 +182,7 @@ def _by_day(pos: np.ndarray, day: np.ndarray, n_days: int) -> list[np.ndarray]:
     return [pos[order][bounds[d] : bounds[d + 1]] for d in range(n_days)]
 
 
-def _filter(traits, hist, seasonality, t_day, p):
+def _filter(traits, hist, seasonality, t_day, p, shocks=()):
     """Forward filter of P(alive) through day t-1, with the decayed case/return counts."""
     n = len(traits)
     base = process.static_hazard(traits, p)
@@ -193,7 +196,8 @@ def _filter(traits, hist, seasonality, t_day, p):
     cases, rets = np.zeros(n), np.zeros(n)
     for d in range(t_day):
         active = entry < d
-        surv = np.exp(-process.hazard(base, cases, rets, d - entry, p))
+        shocked = base * np.exp(process.shock_log_hazard(list(shocks), d))
+        surv = np.exp(-process.hazard(shocked, cases, rets, d - entry, p))
         prior = alive * surv
         quiet = prior * np.exp(-traits.lam * seasonality[d]) * q_quiet
         post = quiet / (quiet + (1 - prior))
@@ -229,7 +233,9 @@ def _returns_due(rng, traits, hist, t_day, window, n_sims, p):
     return who[j], s, offset[j, s]
 
 
-def _window_probability(rng, traits, cases0, rets0, due, seasonality, t_day, window, n_sims, p):
+def _window_probability(
+    rng, traits, cases0, rets0, due, seasonality, t_day, window, n_sims, p, shocks=()
+):
     """P(valid purchase in the window | alive at t), averaged over sampled futures."""
     n = len(traits)
     base = process.static_hazard(traits, p)[:, None]
@@ -245,7 +251,8 @@ def _window_probability(rng, traits, cases0, rets0, due, seasonality, t_day, win
     dead_quiet = np.zeros((n, n_sims))  # dropped before any valid purchase
     for k in range(window):
         d = t_day + k
-        surv = np.exp(-process.hazard(base, cases, rets, d - entry, p))
+        extra = process.shock_log_hazard([(f, e[:, None]) for f, e in shocks], d)
+        surv = np.exp(-process.hazard(base * np.exp(extra), cases, rets, d - entry, p))
         dead_quiet += alive_quiet * (1 - surv)
         buy = 1 - np.exp(-lam * seasonality[d])
         alive_quiet *= surv * (1 - buy * (1 - c))

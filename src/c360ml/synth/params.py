@@ -129,6 +129,33 @@ class LakeShape:
 
 
 @dataclass(frozen=True)
+class ShockKind:
+    """A regime change an increment can carry (`generate --increment --shock DATE:KIND`).
+
+    From the shock's day on, a person whose home store is in one of `regions` gets an extra
+    log-hazard of dropout of `beta_store * store` (store: the person's share of store
+    orders), so a store-only customer's hazard is multiplied by exp(beta_store) and an
+    online-only one is untouched. The home store is the store of most of the person's POS
+    purchases (walk-ins elsewhere are rare); persons who never buy in a store are not exposed.
+    """
+
+    name: str
+    description: str
+    regions: tuple[str, ...]  # store-name prefixes (STORES' city part)
+    beta_store: float  # extra log-hazard per unit of store preference, from the shock's day
+
+
+SHOCKS: dict[str, ShockKind] = {
+    "competitor": ShockKind(
+        name="competitor",
+        description="a competitor opens: store customers in Houston, New York and Chicago leave",
+        regions=("HOUSTON", "NEWYORK", "CHICAGO"),
+        beta_store=2.5,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """Everything that fixes a generated lake (recorded in generator.json)."""
 

@@ -113,6 +113,17 @@ def hazard(
     )
 
 
+def shock_log_hazard(shocks: list[tuple[int, np.ndarray]], d: int) -> np.ndarray | float:
+    """Extra log-hazard of day d from every regime change begun by then (`synth.shock`):
+    `shocks` holds (first day, extra log-hazard per person). The simulation adds it as a
+    competing risk after the fact; the oracle multiplies the hazard by its exp."""
+    out: np.ndarray | float = 0.0
+    for first_day, extra in shocks:
+        if d >= first_day:
+            out = out + extra
+    return out
+
+
 def cancel_prob(store: np.ndarray, p: ProcessParams) -> np.ndarray:
     """Probability a purchase event ends cancelled or voided (channel mix of the person)."""
     return store * p.void_pos + (1 - store) * p.cancel_sales
