@@ -283,6 +283,8 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     # (time travel) until vacuumed, and those still hold the person.
     for layer in ("bronze", "silver", "gold", "state", "export"):
         for file in lk.path(layer).rglob("*.parquet"):
+            if file.parent.name == "_delta_log":  # checkpoints: tests/test_erasure.py
+                continue
             frame = pd.read_parquet(file)
             if "IsDelete" in frame:
                 frame = frame[~frame.IsDelete.fillna(False).astype(bool)]
@@ -291,6 +293,8 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     rejected = lk.read_pandas("quarantine", "bronze", "dataverse", "contact")
     assert len(rejected) and not rejected._raw.str.contains(contact, regex=False).any()
     for file in lk.path("quarantine", "bronze").rglob("*.parquet"):  # older versions too
+        if file.parent.name == "_delta_log":
+            continue
         raw = pd.read_parquet(file, columns=["_raw"])._raw
         assert not raw.str.contains(contact, regex=False).any(), f"{file} names the person"
     # The journey export lost the erased persons' rows, and only those.

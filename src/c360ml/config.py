@@ -57,6 +57,7 @@ class WatchSettings(_Frozen):
     psi_alarm: float = 0.25  # PSI of the score or a feature at which a refresh flags drift
     max_model_age_days: int = 60  # retrain when the champion's trained_as_of is older
     realized_auc_drop: float = 0.05  # retrain when realized ROC AUC falls this far below test
+    webhook_url: str = ""  # drift alarms and gate decisions POSTed here as JSON; "" = none
 
 
 class Settings(_Frozen):
@@ -87,6 +88,10 @@ class Settings(_Frozen):
     refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
     # how long a build, refresh or generate waits for another one at work on the same lake
     lease_wait_seconds: float = Field(600.0, ge=0)
+    # files no table version of this many hours needs are removed by each refresh (Delta's
+    # default week): readers of a shared lake keep older versions that long; an erasure
+    # removes the files that held an erased person at once
+    retention_hours: int = Field(168, ge=0)
     demo: DemoSettings = DemoSettings()  # the embedded default lake
     gate: GateSettings = GateSettings()  # when a new model version may become champion
     watch: WatchSettings = WatchSettings()  # drift alarms and the retraining triggers

@@ -1,30 +1,43 @@
-"""Erasure: a person deleted at the source leaves no row in any table's files.
+"""Erasure: a person deleted at the source leaves no row in any file of c360ml.
 
 A source record is erased when its newest bronze version is a delete (IsDelete) and it
 was in the previous source map; a customer_id is erased when all of its records are
 (and no merge redirected it). The refresh then deletes those rows from the bronze
 change feed and silver (the person's customer, party, name, address and e-mail/phone
 rows; the contact), from the history tables keyed by customer_id, from quarantine (a row
-or rejected line with one of the person's identifiers) and the journey exports, and
-vacuums. Not purged: orders (kept, as the business record, under no customer once the
-account is gone).
+or rejected line with one of the person's identifiers) and the journey exports.
+Not purged: orders (kept, as the business record, under no customer once the account is
+gone). Delete markers (key only, no personal data) are kept in bronze so that an older
+change arriving late cannot bring the record back.
 
-Retention: once anyone is erased, every bronze, silver, gold and state table is vacuumed with
-retention 0 hours, so older versions (which still hold the rows: the ones this purge
-rewrote, and those of tables rebuilt or merged since the last refresh) are removed at
-once; time travel to before an erasure is deliberately impossible. The journey exports
-lose the erased customers' rows too, and quarantine its rows and lines that name them. Delete markers (key
-only, no personal data) are kept in bronze so that an older change arriving late cannot
-bring the record back.
+An erasure is a recorded job (`state/erasure/job.json`), written before the first row
+goes and removed when the last step is done: a refresh killed anywhere in it finishes
+it on its next run, whatever the source map then says. Each step is idempotent, so a
+rerun redoes at most the step it was killed in. The job names the persons (it must, to
+finish), so it is kept only while pending.
+
+Older versions: the person is also in files no live version uses (the versions this
+purge rewrote, and tables rebuilt or merged since) and in the Delta log (file statistics
+and the purge's own predicates). Only the unreferenced files that hold an erased
+identifier are removed at once; every other file follows the normal retention
+(`retention_hours`, see `vacuum`), so readers of a shared lake keep the versions they
+read. A table whose log names a person loses its history before the erasure (a
+checkpoint of the purged version, then the older log entries), so time travel to
+before an erasure is deliberately impossible.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from c360ml.lake import Lake
 from c360ml.medallion.silver import purge_accounting
@@ -38,6 +51,43 @@ HISTORY = {  # gold tables keyed by a customer id column
     "customer_measures": "customer_id",
     "segment_membership": "customer_id",
 }
+TABLE_LAYERS = ("bronze", "silver", "gold", "state", "quarantine")
+RAW = "_raw"  # quarantine's column of a source line that could not be parsed
+STEPS = ("rows", "exports", "quarantine", "files", "logs")
+
+
+@dataclass
+class Delete:
+    """One table's rows of the erased: `column IN values`. `keep_markers` keeps bronze's
+    delete markers; `hidden_only` rewrites just the files whose deletion vectors hide
+    such rows (the live rows were replaced by a build already)."""
+
+    where: list[str]
+    column: str
+    values: list
+    keep_markers: bool = False
+    hidden_only: bool = False
+
+
+@dataclass
+class ErasureJob:
+    customer_ids: list[str]
+    source_keys: list[list[str]]  # (source, key)
+    identifiers: list[str]  # contact ids, account numbers, e-mails, phones as spelled
+    deletes: list[Delete]
+    done: list[str] = field(default_factory=list)
+
+    @property
+    def unique(self) -> set[str]:
+        """The values that name one person: customer ids, source keys, contact ids,
+        e-mails and phones (a bare account number can be another company's, and names
+        are shared by other people)."""
+        accounts = {k.split("-", 1)[-1] for s, k in self.source_keys if s == "d365"}
+        return (
+            (set(self.identifiers) - accounts)
+            | set(self.customer_ids)
+            | {k for _, k in self.source_keys}
+        )
 
 
 @dataclass
@@ -45,6 +95,9 @@ class ErasureResult:
     source_keys: list[tuple[str, str]] = field(default_factory=list)
     customer_ids: list[str] = field(default_factory=list)
     rows_deleted: dict[str, int] = field(default_factory=dict)
+    files_removed: int = 0
+    histories_forgotten: int = 0
+    resumed: bool = False
 
 
 def erased_records(lake: Lake, previous_map: pd.DataFrame) -> pd.DataFrame:
@@ -83,39 +136,216 @@ def erased_customers(
     return sorted(ids)
 
 
-def purge(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureResult:
-    """Delete the erased rows everywhere they live, then vacuum every table."""
-    result = ErasureResult(list(erased.itertuples(index=False, name=None)), customer_ids)
-    if erased.empty and not customer_ids:
-        return result
-    for table, column in HISTORY.items():
-        if lake.exists("gold", table) and customer_ids:
-            _delete(lake, ("gold", table), column, customer_ids, result)
-    for parts in lake.tables("gold"):  # gold/orders' rows of the erased, replaced by a patch
-        if customer_ids and "customer_id" in lake.schema("gold", *parts).names:
-            lake.purge_deleted("gold", *parts, holding=("customer_id", customer_ids))
-    if lake.exists(*STATE) and not erased.empty:  # the erased records' rows unify hid
-        lake.purge_deleted(*STATE, holding=("source_key", erased["source_key"].tolist()))
+# ---------------------------------------------------------------- the job
+
+
+def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJob:
+    """Everything to delete, looked up while the rows that lead to it are still there
+    (a Commerce account leads to its party, names, addresses and e-mail/phone rows)."""
     d365 = erased.loc[erased["source"] == "d365", "source_key"].tolist()
     contacts = erased.loc[erased["source"] == "dataverse", "source_key"].tolist()
-    identifiers = _identifiers(lake, d365, contacts)  # read before their rows go
-    if d365:
-        _purge_commerce(lake, d365, result)
-    if contacts and lake.exists("bronze", "dataverse", "contact"):
-        _delete(
-            lake,
-            ("bronze", "dataverse", "contact"),
-            "contactid",
-            contacts,
-            result,
-            keep_markers=True,
+    deletes = [
+        Delete(["gold", table], column, customer_ids)
+        for table, column in HISTORY.items()
+        if customer_ids and lake.exists("gold", table)
+    ]
+    deletes += [  # gold/orders' rows of the erased, replaced by a patch
+        Delete(["gold", *parts], "customer_id", customer_ids, hidden_only=True)
+        for parts in lake.tables("gold")
+        if customer_ids and "customer_id" in lake.schema("gold", *parts).names
+    ]
+    if not erased.empty and lake.exists(*STATE):  # the erased records' rows unify hid
+        deletes.append(
+            Delete(list(STATE), "source_key", erased["source_key"].tolist(), hidden_only=True)
         )
-    if contacts and lake.exists("silver", "contact"):
-        _delete(lake, ("silver", "contact"), "contactid", contacts, result)
-    _purge_exports(lake, customer_ids, contacts, result)
-    _purge_quarantine(lake, identifiers | set(customer_ids), result)
-    _vacuum_all(lake)
+    if d365:
+        deletes += _commerce_deletes(lake, d365)
+    for layer, where in (("bronze", ["dataverse", "contact"]), ("silver", ["contact"])):
+        if contacts and lake.exists(layer, *where):
+            deletes.append(Delete([layer, *where], "contactid", contacts, layer == "bronze"))
+    return ErasureJob(
+        customer_ids=list(customer_ids),
+        source_keys=[list(k) for k in erased.itertuples(index=False, name=None)],
+        identifiers=sorted(_identifiers(lake, d365, contacts)),
+        deletes=deletes,
+    )
+
+
+def pending(lake: Lake) -> ErasureJob | None:
+    """The job a killed run left unfinished, if any."""
+    path = _job_path(lake)
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    raw["deletes"] = [Delete(**d) for d in raw["deletes"]]
+    return ErasureJob(**raw)
+
+
+def run(lake: Lake, job: ErasureJob) -> ErasureResult:
+    """Record the job, then do each step not done yet, recording each; remove the job."""
+    result = ErasureResult([tuple(k) for k in job.source_keys], job.customer_ids)
+    _save(lake, job)
+    for step in STEPS:
+        if step not in job.done:
+            _STEP[step](lake, job, result)
+            job.done.append(step)
+            _save(lake, job)
+    _job_path(lake).unlink()
     return result
+
+
+def _job_path(lake: Lake) -> Path:
+    return lake.path("state", "erasure", "job.json")
+
+
+def _save(lake: Lake, job: ErasureJob) -> None:
+    """Written beside, then renamed: a kill leaves the old record or the new one."""
+    path = _job_path(lake)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".tmp")
+    staged.write_text(json.dumps(asdict(job)))
+    staged.replace(path)
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def _delete_rows(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    for d in job.deletes:
+        if not lake.exists(*d.where) or not d.values:
+            continue
+        layer, *parts = d.where
+        if d.hidden_only:
+            lake.purge_deleted(layer, *parts, holding=(d.column, d.values))
+        else:
+            _delete(lake, tuple(d.where), d.column, d.values, result, d.keep_markers)
+
+
+def _purge_exports(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """The journey exports (CSV handed to Customer Insights - Journeys) lose the erased
+    customers' and contacts' rows at once: the segment step may not run before the next
+    refresh (no endpoint), and until then the files would still name them. Each file is
+    replaced whole (written beside, then renamed). The CI-D snapshot is rewritten by every
+    refresh from the purged scores."""
+    folder = lake.path("export", "journeys")
+    if not folder.exists():
+        return
+    ids = set(job.customer_ids)
+    keys = {k for s, k in job.source_keys if s == "dataverse"}
+    for path in sorted(folder.glob("*.csv")):
+        export = pd.read_csv(path, dtype=str)
+        gone = export.get("CustomerId", pd.Series(dtype=str)).isin(ids)
+        gone |= export.get("ContactId", pd.Series(dtype=str)).isin(keys)
+        if gone.any():
+            tmp = path.with_suffix(".tmp")
+            export.loc[~gone].to_csv(tmp, index=False)
+            tmp.replace(path)
+            result.rows_deleted[f"export/journeys/{path.name}"] = int(gone.sum())
+
+
+def _purge_quarantine(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """Quarantined rows are personal data too: a rejected source line (kept verbatim) goes
+    when one of its fields is an erased person's identifier, and a quarantined silver or
+    gold row when one of its values is."""
+    identifiers = set(job.identifiers) | set(job.customer_ids)
+    if not identifiers:
+        return
+    for parts in lake.tables("quarantine"):
+        frame = lake.read_pandas("quarantine", *parts)
+        if frame.empty:
+            continue
+        if RAW in frame:
+            hit = _lines_naming(frame[RAW], identifiers)
+        else:
+            text = frame.select_dtypes(include=["object", "string"])
+            hit = text.isin(identifiers).any(axis=1)
+        if hit.any():
+            lake.write(frame.loc[~hit.to_numpy()], "quarantine", *parts, mode="overwrite")
+            result.rows_deleted["quarantine/" + "/".join(parts)] = int(hit.sum())
+            log.info("erasure: %d quarantined rows of %s", int(hit.sum()), "/".join(parts))
+
+
+def _remove_old_files(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """Delete now the files no live version uses that hold an erased person: one of their
+    unique identifiers in a text column, or a row a delete of the job matched. The other
+    unreferenced files wait for the normal retention."""
+    unique = pa.array(sorted(job.unique), pa.string())
+    by_table = {tuple(d.where): d for d in job.deletes}
+    for layer in TABLE_LAYERS:
+        for parts in lake.tables(layer):
+            table = lake.delta(layer, *parts)
+            root = lake.path(layer, *parts)
+            unused = table.vacuum(
+                retention_hours=0, enforce_retention_duration=False, dry_run=True, full=True
+            )
+            match = by_table.get((layer, *parts))
+            for name in unused:
+                path = root / name
+                if path.suffix == ".parquet" and path.exists() and _holds(path, unique, match):
+                    path.unlink()
+                    result.files_removed += 1
+
+
+def _holds(path: Path, unique: pa.Array, match: Delete | None) -> bool:
+    schema = pq.read_schema(path)
+    text = [f.name for f in schema if _is_text(f.type)]
+    wanted = text + ([match.column] if match and match.column in schema.names else [])
+    data = pq.read_table(path, columns=sorted(set(wanted)))
+    for name in text:
+        if pc.any(pc.is_in(data[name].cast(pa.string()), unique)).as_py():
+            return True
+    if (
+        RAW in data.column_names
+        and _lines_naming(data[RAW].to_pandas(), set(unique.to_pylist())).any()
+    ):
+        return True
+    if match and match.column in data.column_names:
+        column = data[match.column]
+        values = pa.array(match.values).cast(column.type)
+        return bool(pc.any(pc.is_in(column, values)).as_py())
+    return False
+
+
+def _lines_naming(raw: pd.Series, identifiers: set[str]) -> pd.Series:
+    """Which rejected source lines (kept verbatim) have an identifier as one of their
+    comma-separated fields."""
+    fields = raw.fillna("").str.split(",")
+    return fields.map(lambda f: bool(identifiers & {v.strip().strip('"') for v in f}))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    )
+
+
+def _forget_histories(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """Every table whose log names an erased person (in a file's statistics or a purge's
+    predicate) keeps only its current version's log (see `Lake.forget_history`)."""
+    needles = [v.encode() for v in job.unique]
+    for layer in TABLE_LAYERS:
+        for parts in lake.tables(layer):
+            log_dir = lake.path(layer, *parts, "_delta_log")
+            if any(_names(p, needles) for p in log_dir.glob("*.json")):
+                lake.forget_history(layer, *parts)
+                result.histories_forgotten += 1
+
+
+def _names(path: Path, needles: list[bytes]) -> bool:
+    data = path.read_bytes()
+    return any(n in data for n in needles)
+
+
+_STEP = {
+    "rows": _delete_rows,
+    "exports": _purge_exports,
+    "quarantine": _purge_quarantine,
+    "files": _remove_old_files,
+    "logs": _forget_histories,
+}
+
+
+# ---------------------------------------------------------------- helpers
 
 
 def _identifiers(lake: Lake, accounts: list[str], contacts: list[str]) -> set[str]:
@@ -144,70 +374,9 @@ def _identifiers(lake: Lake, accounts: list[str], contacts: list[str]) -> set[st
     return found
 
 
-def _purge_quarantine(lake: Lake, identifiers: set[str], result: ErasureResult) -> None:
-    """Quarantined rows are personal data too: a rejected source line (kept verbatim) goes
-    when one of its fields is an erased person's identifier, and a quarantined silver or
-    gold row when one of its values is."""
-    if not identifiers:
-        return
-    for parts in lake.tables("quarantine"):
-        frame = lake.read_pandas("quarantine", *parts)
-        if frame.empty:
-            continue
-        if "_raw" in frame:  # a line that could not be parsed: its comma-separated fields
-            fields = frame["_raw"].fillna("").str.split(",")
-            hit = fields.map(lambda f: bool(identifiers & {v.strip().strip('"') for v in f}))
-        else:
-            text = frame.select_dtypes(include=["object", "string"])
-            hit = text.isin(identifiers).any(axis=1)
-        if hit.any():
-            lake.write(frame.loc[~hit.to_numpy()], "quarantine", *parts, mode="overwrite")
-            result.rows_deleted["quarantine/" + "/".join(parts)] = int(hit.sum())
-            log.info("erasure: %d quarantined rows of %s", int(hit.sum()), "/".join(parts))
-
-
-def _purge_exports(
-    lake: Lake, customer_ids: list[str], contacts: list[str], result: ErasureResult
-) -> None:
-    """The journey exports (CSV handed to Customer Insights - Journeys) lose the erased
-    customers' and contacts' rows at once: the segment step may not run before the next
-    refresh (no endpoint), and until then the files would still name them. Each file is
-    replaced whole (written beside, then renamed). The CI-D snapshot is rewritten by every
-    refresh from the purged scores."""
-    folder = lake.path("export", "journeys")
-    if not folder.exists() or not (customer_ids or contacts):
-        return
-    ids, keys = set(customer_ids), set(contacts)
-    for path in sorted(folder.glob("*.csv")):
-        export = pd.read_csv(path, dtype=str)
-        gone = export.get("CustomerId", pd.Series(dtype=str)).isin(ids)
-        gone |= export.get("ContactId", pd.Series(dtype=str)).isin(keys)
-        if gone.any():
-            tmp = path.with_suffix(".tmp")
-            export.loc[~gone].to_csv(tmp, index=False)
-            tmp.replace(path)
-            result.rows_deleted[f"export/journeys/{path.name}"] = int(gone.sum())
-
-
-def _vacuum_all(lake: Lake) -> None:
-    """Remove the files no live version needs, in every bronze, silver, gold, state and
-    quarantine table (unify's state holds source keys; its rows of the erased were purged
-    above).
-
-    The person is also in files this purge did not rewrite: older versions of tables that
-    were rebuilt (gold) or merged (silver applied the source's own delete) since. Nothing
-    in c360ml reads an older version's data (silver compares bronze file lists from the
-    log only), so they go at once.
-    """
-    for layer in ("bronze", "silver", "gold", "state", "quarantine"):
-        for parts in lake.tables(layer):
-            lake.delta(layer, *parts).vacuum(
-                retention_hours=0, enforce_retention_duration=False, dry_run=False
-            )
-
-
-def _purge_commerce(lake: Lake, keys: list[str], result: ErasureResult) -> None:
-    """The account's rows and those of its party, names, addresses and e-mail/phone."""
+def _commerce_deletes(lake: Lake, keys: list[str]) -> list[Delete]:
+    """The accounts' rows and those of their party, names, addresses and e-mail/phone,
+    in bronze (delete markers kept) and silver (rows the source sent no delete for)."""
     con = duckdb.connect()
     for name in ("custtable", "dirpartytable"):
         if lake.exists("bronze", "d365", name):
@@ -215,11 +384,11 @@ def _purge_commerce(lake: Lake, keys: list[str], result: ErasureResult) -> None:
     con.register("erased_keys", pd.DataFrame({"k": keys}))
     accounts = con.sql("""SELECT DISTINCT recid, party FROM custtable
                           WHERE CONCAT(dataareaid, '-', accountnum) IN (SELECT k FROM erased_keys)""").df()
-    parties = accounts["party"].dropna().astype("int64").tolist()
+    parties = _ints(accounts["party"])
     refs = con.sql(f"""SELECT DISTINCT primaryaddresslocation, primarycontactemail, primarycontactphone
                        FROM dirpartytable WHERE recid IN ({",".join(map(str, parties)) or "NULL"})""").df()
     plan = {
-        "custtable": ("recid", accounts["recid"].tolist()),
+        "custtable": ("recid", _ints(accounts["recid"])),
         "dirpartytable": ("recid", parties),
         "dirpersonname": ("person", parties),
         "logisticspostaladdress": ("location", _ints(refs["primaryaddresslocation"])),
@@ -229,15 +398,17 @@ def _purge_commerce(lake: Lake, keys: list[str], result: ErasureResult) -> None:
             _ints(refs["primarycontactemail"]) + _ints(refs["primarycontactphone"]),
         ),
     }
+    deletes = []
     for table, (column, values) in plan.items():
         if values and lake.exists("bronze", "d365", table):
-            _delete(lake, ("bronze", "d365", table), column, values, result, keep_markers=True)
-        if values and lake.exists("silver", table):  # rows the source did not send deletes for
-            _delete(lake, ("silver", table), column, values, result)
+            deletes.append(Delete(["bronze", "d365", table], column, values, keep_markers=True))
+        if values and lake.exists("silver", table):
+            deletes.append(Delete(["silver", table], column, values))
+    return deletes
 
 
 def _ints(values: pd.Series) -> list[int]:
-    return values.dropna().astype("int64").tolist()
+    return [int(v) for v in values.dropna().astype("int64")]
 
 
 def _delete(
@@ -263,5 +434,5 @@ def _delete(
         ),
     )
     deleted = int(metrics.get("num_deleted_rows", 0))
-    result.rows_deleted["/".join(where)] = deleted
+    result.rows_deleted["/".join(where)] = result.rows_deleted.get("/".join(where), 0) + deleted
     log.info("erasure: %d rows deleted from %s", deleted, "/".join(where))

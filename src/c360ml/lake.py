@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, TableFeatures, WriterProperties, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from c360ml import deletion_vectors
 
@@ -86,6 +86,14 @@ class Lake:
         if version is None:
             return self.delta(layer, *parts)
         return DeltaTable(str(self.path(layer, *parts)), version=version)
+
+    def files_at(self, layer: str, *parts: str, version: int) -> set[str] | None:
+        """The file URIs of an older version; None when its log is gone (an erasure cuts
+        the history before it, see `forget_history`): the caller falls back to a full read."""
+        try:
+            return set(self.delta_at(layer, *parts, version=version).file_uris())
+        except (DeltaError, OSError):
+            return None
 
     def version(self, layer: str, *parts: str) -> int | None:
         return self.delta(layer, *parts).version() if self.exists(layer, *parts) else None
@@ -264,6 +272,44 @@ class Lake:
             actions += _replace_file(where, uri, live[_relative(where, uri)], rows, schema, now, 0)
         _commit_actions(where, version, "PURGE", actions)
         return len(deleted)
+
+    def forget_history(self, layer: str, *parts: str) -> int:
+        """Make the current version the table's first: what delta-rs' `cleanup_metadata`
+        does once `delta.logRetentionDuration` has passed, at once (for an erasure: older
+        commits name the erased in their file statistics and predicates). A commit with
+        no action but its own info comes first, checkpointed, so the log kept names
+        nobody. Returns the log files deleted."""
+        where = self.path(layer, *parts)
+        version = _latest(where).version()
+        _commit_actions(where, version, "FORGET HISTORY", [])
+        DeltaTable(str(where)).create_checkpoint()
+        gone = [
+            entry
+            for entry in (where / "_delta_log").iterdir()
+            if entry.name[:20].isdigit() and int(entry.name[:20]) <= version
+        ]
+        for entry in gone:
+            entry.unlink()
+        return len(gone)
+
+    def vacuum(self, retention_hours: int, keep: dict[tuple[str, ...], int] | None = None) -> int:
+        """Remove the files of every table that no version of the last `retention_hours`
+        needs (delta-rs' vacuum), except those of the versions in `keep` (table -> version):
+        the normal retention, after which a reader still on an older version loses it.
+        Returns the files removed."""
+        removed = 0
+        for layer in ("bronze", "silver", "gold", "state", "quarantine"):
+            for parts in self.tables(layer):
+                version = (keep or {}).get((layer, *parts))
+                removed += len(
+                    self.delta(layer, *parts).vacuum(
+                        retention_hours=retention_hours,
+                        enforce_retention_duration=False,
+                        dry_run=False,
+                        keep_versions=None if version is None else [version],
+                    )
+                )
+        return removed
 
     def commit_metadata(self, layer: str, *parts: str) -> list[dict[str, str]]:
         """The custom metadata of every commit of a table, oldest first."""

@@ -61,6 +61,7 @@ class StepResult:
     rows: int = 0
     note: str = ""
     seconds: float = 0.0
+    detail: dict | None = None  # drift: what crossed the alarm (`drift.latest_alarms`)
 
 
 @dataclass
@@ -532,6 +533,7 @@ def record_drift(
     inputs or the model changed). `scored`: this as_of's scored rows of churn_scores."""
     import pyarrow.dataset as ds
 
+    from c360ml import webhook
     from c360ml.model import drift, watch
 
     started = time.perf_counter()
@@ -573,9 +575,16 @@ def record_drift(
         f"{len(bundle.feature_names)} features at PSI >= {alarm}; "
         f"{outside.mean() if len(outside) else 0:.1%} of profiles outside the tested range"
     )
+    alarms = drift.latest_alarms(frame)
     if len(flagged):
+        named = [f"{a['label']} {a['psi']:.2f}" for a in alarms["alarms"]]
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        note = f"ALARM (PSI >= {alarm}): {', '.join(named[:5])}{more}; " + note
         log.warning("drift at %s: %s", as_of, ", ".join(flagged["label"].head(5)))
-    return StepResult("drift", len(flagged), note, time.perf_counter() - started)
+        hook = webhook.drift_event(settings.model_name, alarms, alarm)
+        webhook.post_event(settings.watch.webhook_url, hook)
+    seconds = time.perf_counter() - started
+    return StepResult("drift", len(flagged), note, seconds, detail=alarms)
 
 
 def record_outcomes(settings: Settings) -> StepResult:
@@ -659,21 +668,55 @@ def _log_outcomes(settings: Settings, outcomes: pd.DataFrame) -> None:
         log.warning("realized outcomes not logged to MLflow: %s", exc)
 
 
-def erase(lake: Lake, previous_map: pd.DataFrame) -> StepResult:
-    """Purge persons erased at the source since the previous refresh (c360ml.erasure)."""
+def erase(lake: Lake, previous_map: pd.DataFrame | None) -> StepResult:
+    """Purge persons erased at the source since the previous refresh (c360ml.erasure),
+    after finishing an erasure a killed run left pending (whose persons the source map
+    may no longer show)."""
     from c360ml import erasure
 
     started = time.perf_counter()
-    erased = erasure.erased_records(lake, previous_map)
-    redirects = read_redirects(lake)
-    ids = erasure.erased_customers(
-        previous_map, lake.read_pandas("gold", "customer_source_map"), redirects, erased
-    )
-    result = erasure.purge(lake, erased, ids)
+    jobs, resumed = [], erasure.pending(lake)
+    if resumed is not None:
+        log.warning("finishing the erasure a stopped run left (%s)", ", ".join(resumed.done) or "no step done")
+        jobs.append(resumed)
+    if previous_map is not None:
+        erased = erasure.erased_records(lake, previous_map)
+        if resumed is not None:  # found again: the rows it named are gone already
+            done = {tuple(k) for k in resumed.source_keys}
+            erased = erased[[k not in done for k in erased.itertuples(index=False, name=None)]]
+        ids = erasure.erased_customers(
+            previous_map, lake.read_pandas("gold", "customer_source_map"), read_redirects(lake), erased
+        )
+        if len(erased) or ids:
+            jobs.append(erasure.plan(lake, erased, ids))
+    results = [erasure.run(lake, job) for job in jobs]
+    records = sum(len(r.source_keys) for r in results)
+    customers = sum(len(r.customer_ids) for r in results)
+    note = f"{records} source records, {customers} customers erased"
+    if results:
+        note += (
+            f"; {sum(r.files_removed for r in results)} older files holding them removed, "
+            f"{sum(r.histories_forgotten for r in results)} table histories cut"
+        )
     return StepResult(
         "erasure",
-        sum(result.rows_deleted.values()),
-        f"{len(erased)} source records, {len(ids)} customers erased",
+        sum(sum(r.rows_deleted.values()) for r in results),
+        note,
+        time.perf_counter() - started,
+    )
+
+
+def vacuum(lake: Lake, retention_hours: int) -> StepResult:
+    """The normal retention: files no version of the last `retention_hours` needs go,
+    except those of the source map this refresh scored with (the next refresh finds the
+    persons erased since from it, however long it waits)."""
+    started = time.perf_counter()
+    keep = {("gold", "customer_source_map"): lake.version("gold", "customer_source_map")}
+    removed = lake.vacuum(retention_hours, keep={k: v for k, v in keep.items() if v is not None})
+    return StepResult(
+        "vacuum",
+        removed,
+        f"files older than {retention_hours} h that no version needs",
         time.perf_counter() - started,
     )
 
@@ -683,8 +726,9 @@ def last_scored_map(lake: Lake) -> pd.DataFrame | None:
 
     Not the map as this refresh starts: a `c360ml build` since the last refresh would
     already have dropped the erased records from it, and their persons would then never
-    be purged. The version is the one recorded in the last churn_scores commit; its files
-    are still there, since only an erasure vacuums. Without a recorded one (no refresh
+    be purged. The version is the one recorded in the last churn_scores commit; the
+    refresh's vacuum keeps its files, and an erasure cuts only the history before it
+    (a pending one is finished from its own record). Without a recorded one (no refresh
     yet, or an older lake), the current map.
     """
     map_key = "gold/customer_source_map"
@@ -730,8 +774,7 @@ def run_refresh(
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
     timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
-    if previous_map is not None:
-        summary.steps.append(erase(lake, previous_map))
+    summary.steps.append(erase(lake, previous_map))
     as_of = as_of or latest_event_time(lake)
     summary.as_of = as_of
     bundle, version = load_champion(settings)
@@ -750,6 +793,7 @@ def run_refresh(
     summary.outputs["ci-d manifest"] = str(manifest)
     summary.steps.append(record_outcomes(settings))
     summary.steps.append(record_drift(settings, as_of, bundle, version, scored))
+    summary.steps.append(vacuum(lake, settings.retention_hours))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:
         summary.steps.append(segments(settings, endpoint, as_of))

@@ -40,7 +40,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from deltalake.exceptions import DeltaError
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
@@ -150,9 +149,8 @@ def bronze_added(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | Non
         return None
     if before == now:
         return _empty(name)
-    try:
-        old = set(lake.delta_at(*where, version=before).file_uris())
-    except (DeltaError, OSError):
+    old = lake.files_at(*where, version=before)
+    if old is None:
         return None
     current = lake.delta(*where)
     files = [f for f in current.file_uris() if f not in old]
