@@ -7,7 +7,7 @@ schema is the one the model carries. Endpoints:
 
 - POST /predict      {"rows": [...], "explain": ...} -> model info + predictions
 - POST /score-table  CSV or parquet file of feature rows -> CSV, streamed in chunks
-- GET  /metadata     model name, version, features, thresholds, metrics, grade
+- GET  /metadata     model name, version, features, thresholds, metrics, grade, drift alarms
 - BentoML's /livez, /readyz, /metrics stay open; everything else needs a bearer token.
 
 /predict and /metadata are raw routes of a FastAPI app mounted on the service, not
@@ -692,7 +692,21 @@ class RetentionService:
             "default_explain": scoring.DEFAULT_EXPLAIN,
             "test_metrics": meta.get("test_metrics"),
             "grade": meta.get("grade"),
+            "drift": _drift(self.info.get("version")),
         }
+
+
+def _drift(version: str | None) -> dict[str, Any] | None:
+    """What the latest refresh flagged for the served version (`drift.latest_alarms`):
+    None when nothing was measured or the service cannot see the lake. Read per request
+    (the refresh rewrites it up to four times a day; it is one small table)."""
+    from c360ml.model.drift import read_latest_alarms
+
+    try:
+        return read_latest_alarms(SETTINGS, version)
+    except Exception as exc:  # a lake the service cannot read must not fail /metadata
+        log.warning("drift not read for /metadata: %s", exc)
+        return None
 
 
 def _records(scored: pd.DataFrame) -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ import plotly.io as pio
 
 from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.model import drift, watch
 from c360ml.model import report as model_report
-from c360ml.model import watch
 from c360ml.refresh import follow_redirects, read_redirects
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,26 @@ def risk_band_table(scored: pd.DataFrame, model: dict[str, Any]) -> pd.DataFrame
     )
 
 
+def drift_table(alarms: dict[str, Any] | None, psi_alarm: float) -> pd.DataFrame:
+    """What crossed `watch.psi_alarm` at the latest refresh, worst first (one line saying
+    so when nothing did, or when no drift was measured yet)."""
+    if alarms is None:
+        return pd.DataFrame({"drift": ["not measured yet (no refresh with this model)"]})
+    if not alarms["alarms"]:
+        score = alarms["score_psi"]
+        text = f"nothing at PSI >= {psi_alarm} (score PSI {score:.3f})" if score is not None else ""
+        return pd.DataFrame({"drift": [text or f"nothing at PSI >= {psi_alarm}"]})
+    return pd.DataFrame(
+        {
+            "column": [a["label"] for a in alarms["alarms"]],
+            "PSI": [f"{a['psi']:.3f}" for a in alarms["alarms"]],
+            "outside the tested range": [
+                f"{a['share_outside_range']:.1%}" for a in alarms["alarms"]
+            ],
+        }
+    )
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None or value != value else f"{value:.0%}"
 
@@ -313,6 +333,13 @@ def build_report(settings: Settings) -> Path:
         .apply(lambda p: watch.estimated_roc_auc(p.to_numpy()))
     )
     metrics, model_label = model["metrics"], model["label"]
+    scored_by = str(scores["ModelVersion"].dropna().iloc[0]) if len(scored) else None
+    alarms = (
+        drift.latest_alarms(lake.read_pandas("gold", "score_drift"), scored_by)
+        if lake.exists("gold", "score_drift")
+        else None
+    )
+    psi_alarm = settings.watch.psi_alarm
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
     charts = [
         (
@@ -333,6 +360,7 @@ def build_report(settings: Settings) -> Path:
         *[(f"risk-{k}", f"{k} risk", f"{int(v):,}") for k, v in risk.items()],
         ("model", "Model", html.escape(model_label)),
         ("grade", "Grade", html.escape(model["grade"] or "–")),
+        ("drift-alarms", "Drift alarms", "–" if alarms is None else str(len(alarms["alarms"]))),
     ]
     grade = "No champion model: run `c360ml train`."
     if metrics and model["grade"]:
@@ -345,7 +373,14 @@ def build_report(settings: Settings) -> Path:
         "kpis": kpis,
         "grade_sentence": grade,
         "model_charts": model_charts(model, factors),
-        "model_tables": [("Risk bands", "risk-bands", risk_band_table(scored, model))],
+        "model_tables": [
+            ("Risk bands", "risk-bands", risk_band_table(scored, model)),
+            (
+                f"Drift at the latest refresh: PSI at or above {psi_alarm} against the test rows",
+                "drift",
+                drift_table(alarms, psi_alarm),
+            ),
+        ],
         "tables": [
             ("Segments: size and movement since the previous as_of", "segments", moves),
             (

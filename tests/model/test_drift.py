@@ -44,3 +44,26 @@ def test_shares_follow_the_bin_edges_and_the_range():
     assert drift.psi(ref, values) == pytest.approx(
         _psi(ref["shares"], [3 / 8, 2 / 8, 2 / 8, 1 / 8])
     )
+
+
+def test_latest_alarms_name_what_crossed_at_the_last_as_of_worst_first():
+    import pandas as pd
+
+    from c360ml.model.drift import SCORE, latest_alarms
+
+    t1, t2 = pd.Timestamp("2026-01-31", tz="UTC"), pd.Timestamp("2026-02-28", tz="UTC")
+    table = pd.DataFrame(
+        {
+            "ScoredAsOf": [t1, t1, t2, t2, t2, t2],
+            "ModelVersion": ["1", "1", "1", "1", "1", "2"],
+            "column": [SCORE, "a", SCORE, "a", "b", SCORE],
+            "label": [SCORE, "A", SCORE, "A", "B", SCORE],
+            "psi": [0.5, 0.9, 0.1, 0.3, 0.6, 0.0],
+            "share_outside_range": [0.0, 0.1, 0.0, 0.02, 0.2, 0.0],
+            "alarm": [True, True, False, True, True, False],
+        }
+    )
+    got = latest_alarms(table, "1")
+    assert got["ScoredAsOf"] == t2.isoformat() and got["score_psi"] == 0.1
+    assert [a["label"] for a in got["alarms"]] == ["B", "A"]  # t1's alarms are history
+    assert latest_alarms(table, "2")["alarms"] == [] and latest_alarms(table, "9") is None

@@ -67,3 +67,43 @@ def references(x: np.ndarray, names: tuple[str, ...], scores: np.ndarray) -> dic
     out = {name: reference(x[:, j]) for j, name in enumerate(names)}
     out[SCORE] = reference(scores)
     return out
+
+
+def latest_alarms(table, model_version: str | None = None) -> dict[str, object] | None:
+    """What the latest refresh flagged (a gold/score_drift frame in, plain JSON out): the
+    as_of, the model version, the score's PSI and every column at or above the alarm, worst
+    first. None when nothing was measured. For the places people look (the refresh summary,
+    the service's /metadata, the report) and the webhook; no customer data in it."""
+    if table is None or not len(table):
+        return None
+    if model_version is not None:
+        table = table[table["ModelVersion"].astype(str) == str(model_version)]
+        if not len(table):
+            return None
+    rows = table[table["ScoredAsOf"] == table["ScoredAsOf"].max()]
+    score = rows[rows["column"] == SCORE]
+    flagged = rows[rows["alarm"].astype(bool)].sort_values("psi", ascending=False)
+    return {
+        "ScoredAsOf": rows["ScoredAsOf"].iloc[0].isoformat(),
+        "ModelVersion": str(rows["ModelVersion"].iloc[0]),
+        "score_psi": float(score["psi"].iloc[0]) if len(score) else None,
+        "alarms": [
+            {
+                "column": str(r.column),
+                "label": str(r.label),
+                "psi": round(float(r.psi), 4),
+                "share_outside_range": round(float(r.share_outside_range), 4),
+            }
+            for r in flagged.itertuples()
+        ],
+    }
+
+
+def read_latest_alarms(settings, model_version: str | None = None) -> dict[str, object] | None:
+    """latest_alarms of the lake's gold/score_drift (None: no drift measured yet)."""
+    from c360ml.lake import Lake
+
+    lake = Lake(settings.lake)
+    if not lake.exists("gold", "score_drift"):
+        return None
+    return latest_alarms(lake.read_pandas("gold", "score_drift"), model_version)

@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from c360ml import webhook
 from c360ml.config import Settings
 from c360ml.model import drift, gate, registry, report, watch
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle
@@ -340,8 +341,11 @@ def run_training(
     sample_rate: float | None = None,
     config: TrainConfig | None = None,
     require_approval: bool | None = None,
+    triggers: list[str] | None = None,
 ) -> TrainSummary:
-    """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant)."""
+    """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant).
+    The gate's decision goes to the watch webhook, if set, with the `triggers` of a
+    `retrain --if-needed` (None: a plain `train`)."""
     from c360ml import features as ft
     from c360ml.lake import Lake
 
@@ -468,7 +472,7 @@ def run_training(
         require_approval=require_approval,
     )
     lap("log_and_gate_seconds")
-    return summarise(
+    summary = summarise(
         result,
         logged,
         decision,
@@ -479,6 +483,8 @@ def run_training(
         tracking(settings)[0],
         test_sample_rate=test_rate,
     )
+    webhook.post_event(settings.watch.webhook_url, webhook.gate_event(summary, triggers))
+    return summary
 
 
 def _keyed(population: pd.DataFrame) -> pd.DataFrame:
@@ -553,5 +559,5 @@ def retrain_if_needed(
         return RetrainOutcome([], described)
     log.info("retrain: %s", "; ".join(fired))
     as_of = as_of or latest_event_time(Lake(settings.lake)).floor("D")
-    summary = run_training(settings, as_of, require_approval=require_approval)
+    summary = run_training(settings, as_of, require_approval=require_approval, triggers=fired)
     return RetrainOutcome(fired, described, summary)
