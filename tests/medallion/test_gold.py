@@ -376,12 +376,11 @@ def test_duplicates_across_batches_commit_nothing(settings):
     assert sorted(lake.read_pandas("gold", "products")["item_id"]) == ["A", "B"]
 
 
-def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
-    """A second sync: a status change, a new line, a deleted line, a new POS transaction,
-    an account that becomes known and a party that becomes a person. Gold recomputes just those orders
-    (their status history too) and equals a rebuild from scratch."""
+def _second_sync() -> dict[str, list[dict]]:
+    """A status change, a new line, a deleted line, a new POS transaction, an account that
+    becomes known and a party that becomes a person."""
     later = "2024-04-15T00:00:00Z"
-    sync = {
+    return {
         "custtable": [fo(4, accountnum="C9", party=14, custgroup="10", currency="USD")],
         "dirpartytable": [
             fo(13, version=2, modified=later, instancerelationtype=13271, name="Cora"),
@@ -419,7 +418,13 @@ def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
             ),
         ],
     }
-    write_sync_folder(Lake(settings.lake).path("landing"), "d365", "2024-05-01T00.00.00Z", sync)
+
+
+def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
+    """A second sync (`_second_sync`): gold recomputes just the orders it touches (their
+    status history too) and equals a rebuild from scratch."""
+    landing = Lake(settings.lake).path("landing")
+    write_sync_folder(landing, "d365", "2024-05-01T00.00.00Z", _second_sync())
     ingest_landing(settings)
     build_silver(settings)
     build_unify(settings)
@@ -437,6 +442,38 @@ def test_patched_order_tables_equal_a_rebuild(settings, gold, tmp_path):
     assert_gold_equals_a_rebuild(settings, tmp_path)
 
 
+def test_a_build_killed_at_any_commit_is_finished_by_the_next(settings, gold, tmp_path):
+    """A table and its quarantine, and the order tables and their state, are units of
+    work: a patch killed after any of its commits (the lake cut back to that commit) is
+    finished by the next build, which leaves gold, quarantine and state as a build that
+    was not killed. (Before, a kill between gold/orders and its quarantine left the
+    quarantine behind for good: the next build found gold/orders' inputs unchanged.)"""
+    import shutil
+
+    from tests import crash
+
+    landing = Lake(settings.lake).path("landing")
+    write_sync_folder(landing, "d365", "2024-05-01T00.00.00Z", _second_sync())
+    ingest_landing(settings)
+    build_silver(settings)
+    build_unify(settings)
+    before = set(crash.commit_files(settings.lake))
+    build_gold(settings)
+    made = crash.commit_points(settings.lake, before)
+    want = crash.tables(settings.lake)
+    assert any(p.startswith("quarantine/gold/orders/") for p in made)
+    assert any(p.startswith("state/gold/order_accounts/") for p in made)
+    behind = 0  # points whose cut lake differs from the finished one (something to do)
+    for i, point in enumerate(made[:-1]):
+        killed = settings.model_copy(update={"lake_root": tmp_path / f"killed{i}"})
+        shutil.copytree(settings.lake, killed.lake)
+        crash.cut_after(killed.lake, made, point)
+        behind += bool(crash.differences(want, crash.tables(killed.lake)))
+        build_gold(killed)
+        assert crash.differences(want, crash.tables(killed.lake)) == [], f"killed after {point}"
+    assert behind >= len(made) // 2, (behind, made)
+
+
 def test_without_the_change_log_gold_rebuilds(settings, gold):
     """The change log must reach back to the versions gold recorded; else a rebuild."""
     import shutil
@@ -450,7 +487,7 @@ def test_without_the_change_log_gold_rebuilds(settings, gold):
     ingest_landing(settings)
     build_silver(settings)
     shutil.rmtree(lake.path("state", "silver", "salesline_changes"))
-    build_silver(settings)  # nothing new: the log is not started again by itself
+    build_silver(settings)  # nothing new: the log starts again from silver's version now
     written = {t["table"]: t["written"] for t in build_gold(settings).rows()}
     assert written["gold/orders"] == "rebuilt"
     assert gold("gold", "orders").set_index("order_id").loc["SO:usrt-SO3", "net_amount"] == -20

@@ -308,3 +308,56 @@ def test_first_build_resolution_ranks_only_repeated_keys_as_a_window_would():
     )
     assert sorted(got.fetchall()) == sorted(window.fetchall())
     assert sorted(r[0] for r in got.select("tag").fetchall()) == ["k1", "k2v3", "k3b", "k4", "n2"]
+
+
+def _incident(key: str, version: int, created: str | None = "2024-01-01T00:00:00Z", state=0):
+    return {
+        "Id": key,
+        "SinkModifiedOn": f"2024-02-0{version}T00:00:00Z",
+        "versionnumber": version,
+        "IsDelete": "False",
+        "incidentid": key,
+        "customerid": "c1",
+        "title": f"case {key} v{version}",
+        "createdon": created,
+        "statecode": state,
+    }
+
+
+def test_a_merge_killed_at_any_commit_is_finished_by_the_next_build(settings, tmp_path):
+    """A merge is one unit in three commits (change log, silver, quarantine): killed after
+    any of them (the lake cut back to that commit), the next build leaves silver, its
+    quarantine and the change log as a build that was not killed, and the accounting
+    balances. (Before, a kill after silver's commit left the quarantine without the
+    merge's rejects for good, and one after the log's logged the changes twice.)"""
+    import shutil
+
+    from tests import crash
+
+    landing = Lake(settings.lake).path("landing")
+    first = [_incident("i1", 1), _incident("i2", 1)]
+    write_sync_folder(landing, "dataverse", "2024-02-01T00.00.00Z", {"incident": first})
+    _run(settings)
+    second = [
+        _incident("i1", 2),
+        _incident("i3", 2),
+        _incident("i4", 2, created=None),
+        _incident("i2", 2, state=None),
+    ]  # fmt: skip (i2 is rejected now)
+    write_sync_folder(landing, "dataverse", "2024-02-02T00.00.00Z", {"incident": second})
+    ingest_landing(settings)
+    before = set(crash.commit_files(settings.lake))
+    build_silver(settings)
+    made = crash.commit_points(settings.lake, before)
+    layers = ("silver", "quarantine", "state")
+    want = crash.tables(settings.lake, layers)
+    assert len(want["quarantine/silver/incident"]) == 2  # i2, i4
+    assert len(want["state/silver/incident_changes"]) == 4  # i1-i4 at the new version
+    for i, point in enumerate(made[:-1]):
+        killed = settings.model_copy(update={"lake_root": tmp_path / f"killed{i}"})
+        shutil.copytree(settings.lake, killed.lake)
+        crash.cut_after(killed.lake, made, point)
+        result = {r.table: r for r in build_silver(killed).tables}["incident"]
+        assert result.balanced, (point, result)
+        assert crash.differences(want, crash.tables(killed.lake, layers)) == [], point
+        assert crash.accounting(killed.lake) == [], point

@@ -10,6 +10,12 @@ says how the affected orders are found, and when a table is rebuilt instead). Th
 tables are rebuilt. A table is written only when its inputs' versions changed, so a
 build with nothing new adds no Delta versions. Orders and lines that cannot be tied to a
 profile go to `quarantine/gold/<table>` with a reason, never away.
+
+A table and its quarantine are one unit of work, and the order tables and
+`state/gold/order_accounts` another: each commit of a unit records the inputs it was
+made from, and a unit counts as done only when every part records the current ones. A
+build killed between two commits of a unit does it again (a patch again from the inputs
+its last part records: recomputing an order twice gives the same rows).
 """
 
 from __future__ import annotations
@@ -92,21 +98,28 @@ def lake_versions(lake: Lake) -> dict[str, int]:
     return found
 
 
-def inputs_unchanged(lake: Lake, where: tuple[str, ...], inputs: dict) -> bool:
+def _last_record(lake: Lake, where: tuple[str, ...]) -> dict[str, str] | None:
+    """The metadata of a table's last commit that recorded its inputs, if any."""
     if not lake.exists(*where):
-        return False
+        return None
     metas = [m for m in lake.commit_metadata(*where) if INPUTS_KEY in m]
-    return bool(metas) and json.loads(metas[-1][INPUTS_KEY]) == inputs
+    return metas[-1] if metas else None
 
 
-def recorded_inputs(lake: Lake, name: str, digest: str) -> dict[str, int] | None:
-    """The inputs gold/<name> was last built from, if it was built from this SQL."""
-    if not lake.exists("gold", name):
+def inputs_unchanged(lake: Lake, parts: list[tuple[str, ...]], inputs: dict) -> bool:
+    """Whether every part of a unit of work (a gold table and its quarantine) was last
+    written from `inputs`: a build killed between their commits leaves one behind."""
+    records = [_last_record(lake, where) for where in parts]
+    return all(r is not None and json.loads(r[INPUTS_KEY]) == inputs for r in records)
+
+
+def recorded_inputs(lake: Lake, where: tuple[str, ...], digest: str) -> dict[str, int] | None:
+    """The inputs a unit was last completed from, as its last part (`where`) records
+    them, if it was built from this SQL."""
+    record = _last_record(lake, where)
+    if record is None or record.get(SQL_KEY) != digest:
         return None
-    metas = [m for m in lake.commit_metadata("gold", name) if INPUTS_KEY in m]
-    if not metas or metas[-1].get(SQL_KEY) != digest:
-        return None
-    return json.loads(metas[-1][INPUTS_KEY])
+    return json.loads(record[INPUTS_KEY])
 
 
 # pandera dtype (as the gold models declare it) -> the Arrow type of the lake column.
@@ -250,12 +263,16 @@ def _checked(
 
 
 def _write_quarantine(
-    lake: Lake, name: str, schema: pa_arrow.Schema, rejected: list[pa_arrow.Table]
+    lake: Lake,
+    name: str,
+    schema: pa_arrow.Schema,
+    rejected: list[pa_arrow.Table],
+    metadata: dict[str, str],
 ) -> int:
     bad = pa_arrow.concat_tables(
         [schema.empty_table()] + [t.select(schema.names).cast(schema) for t in rejected]
     )
-    lake.write(bad, "quarantine", "gold", name, mode="overwrite")
+    lake.write(bad, "quarantine", "gold", name, mode="overwrite", metadata=metadata)
     return len(bad)
 
 
@@ -271,7 +288,8 @@ def stream_gold(
     """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
 
     With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
-    instead (written after the gold commit). Memory holds one batch, the quarantined rows
+    instead (written after the gold commit, recording the same inputs: the unit is done
+    when it is). Memory holds one batch, the quarantined rows
     and the unique columns, never the table: a check that fails (uniqueness at the end)
     raises inside the stream, so nothing is committed.
     """
@@ -286,13 +304,14 @@ def stream_gold(
             failed.append(exc)  # the writer wraps it; re-raised as it was, below
             raise
 
+    metadata = {INPUTS_KEY: json.dumps(inputs), **(meta or {})}
     try:
         lake.write(
             pa_arrow.RecordBatchReader.from_batches(check.schema, batches()),
             "gold",
             name,
             mode="overwrite",
-            metadata={INPUTS_KEY: json.dumps(inputs), **(meta or {})},
+            metadata=metadata,
         )
     except Exception:
         if failed:
@@ -300,7 +319,7 @@ def stream_gold(
         raise
     if rejected is None:
         return check.rows, 0
-    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected)
+    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected, metadata)
 
 
 def patch_gold(
@@ -316,7 +335,7 @@ def patch_gold(
     """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
     -> one gold commit that deletes the table's rows of those ids by position (deletion
     vectors, `Lake.delete_and_append`) and appends the results; the same in the
-    quarantine for the rejected results.
+    quarantine for the rejected results, with the same `meta` (the unit's inputs).
 
     The results are checked as `stream_gold` checks a whole table; a unique column stays
     unique because every kept row's id is outside `ids` and every result's inside.
@@ -330,7 +349,7 @@ def patch_gold(
     written = {("gold", name): rows}
     if rejected is not None:
         bad = pa_arrow.concat_tables([readers[0].schema.empty_table(), *rejected])
-        replace_rows(lake, ("quarantine", "gold", name), keys, bad, {})
+        replace_rows(lake, ("quarantine", "gold", name), keys, bad, meta)
         written["quarantine", "gold", name] = bad
     return written
 
@@ -370,8 +389,9 @@ def build_gold(settings: Settings) -> GoldSummary:
         used = (["order_accounts"] if name == "orders" else []) + list(sql)
         digest = sql_digest(settings, *(f"gold/{n}" for n in used))
         how = "unchanged"
-        if not inputs_unchanged(lake, ("gold", name), inputs):
-            since = recorded_inputs(lake, name, digest) if patch and not generic else None
+        parts = [("gold", name)] + ([("quarantine", "gold", name)] if quarantine else [])
+        if not inputs_unchanged(lake, parts, inputs):
+            since = recorded_inputs(lake, parts[-1], digest) if patch and not generic else None
             affected = patch(since) if since is not None else None
             if affected is not None and affected.size > max(
                 PATCH_MAX_SHARE * lake.count("gold", name), PATCH_ALWAYS
@@ -507,9 +527,12 @@ def build_gold(settings: Settings) -> GoldSummary:
                 views={f"bronze_d365_{t}": ("bronze", "d365", t) for t in HISTORY_FEEDS}
                 | {"gold_orders": ("gold", "orders")},
             )
-            # Last, so that a build stopped before it recomputes the same accounts' orders.
-            if "orders" in touched or not lake.exists(*STATE):
-                lake.write(accounts, *STATE, mode="overwrite")
+            # Last, so that a build stopped before it recomputes the same accounts'
+            # orders; with the inputs, so that one stopped just before writes it next time
+            # (the order tables then count as done).
+            if not inputs_unchanged(lake, [STATE], inputs):
+                lake.write(accounts, *STATE, mode="overwrite",
+                           metadata={INPUTS_KEY: json.dumps(inputs)})  # fmt: skip
 
     # The cases depend on no order table: they are built alongside the orders (a
     # build is partly single-threaded: at 1M customers an incremental one used 1.6 of

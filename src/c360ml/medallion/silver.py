@@ -6,6 +6,11 @@ since the last build (replaced rows deleted by deletion vectors, new versions ap
 see `_apply`), and a key whose newest version fails validation moves to
 `quarantine/silver/<table>` (also current state), so for every table:
 bronze current-state rows = silver rows + quarantined rows.
+
+A merge is one unit of work in three commits: the change log, silver, its quarantine.
+Silver and the quarantine record the same bronze version, and a merge counts as done
+when the quarantine does; a build killed after silver's commit finishes the quarantine's
+from the same bronze rows, and one killed after the change log's replaces its rows.
 """
 
 from __future__ import annotations
@@ -332,17 +337,22 @@ def split_valid_arrow(
 
 
 def _new_bronze(
-    lake: Lake, table: SourceTable, since: int | None, merged_until: int | None
+    lake: Lake,
+    table: SourceTable,
+    since: int | None,
+    merged_until: int | None,
+    until: int | None = None,
 ) -> tuple[pa_arrow.Table, int]:
-    """Bronze rows not merged yet: in files added after version `since` and, once a
-    watermark is recorded, ingested after `merged_until`.
+    """Bronze rows not merged yet: in files added after version `since` (up to version
+    `until`; None: the latest) and, once a watermark is recorded, ingested after
+    `merged_until`.
 
     Bronze is append-only except for erasures, which rewrite the files that held the
     person's rows. A rewritten file is new to the Delta log, but its other rows were
     merged already; taken again as new, an older version whose delete marker sits in an
     untouched file would be resurrected. The ingest time tells them apart.
     """
-    current = lake.delta("bronze", table.source, table.name)
+    current = lake.delta_at("bronze", table.source, table.name, version=until)
     files = set(current.file_uris())
     if since is not None:
         files -= set(lake.delta_at("bronze", table.source, table.name, version=since).file_uris())
@@ -355,12 +365,66 @@ def _new_bronze(
     return data, current.version()
 
 
-def _last_recorded(lake: Lake, name: str, key: str) -> int | None:
-    """The largest value of an integer `key` in silver's commit metadata, if any."""
-    if not lake.exists("silver", name):
+def _last_recorded(lake: Lake, name: str, key: str, layer: str = "silver") -> int | None:
+    """The largest value of an integer `key` in the commit metadata of silver (or of
+    silver's quarantine, `layer="quarantine"`), if any."""
+    where = ("silver", name) if layer == "silver" else (layer, "silver", name)
+    if not lake.exists(*where):
         return None
-    values = [int(m[key]) for m in lake.commit_metadata("silver", name) if key in m]
+    values = [int(m[key]) for m in lake.commit_metadata(*where) if key in m]
     return max(values) if values else None
+
+
+def _unfinished(lake: Lake, name: str) -> tuple[dict[str, str], int, int | None] | None:
+    """A merge whose silver commit is there and whose quarantine commit is not (a build
+    killed between the two): silver's record of it, and the bronze version and watermark
+    the quarantine records, which the merge started from."""
+    merged = _last_recorded(lake, name, BRONZE_VERSION_KEY)
+    done = _last_recorded(lake, name, BRONZE_VERSION_KEY, layer="quarantine")
+    if merged is None or done is None or merged <= done:
+        return None
+    meta = next(
+        m
+        for m in reversed(lake.commit_metadata("silver", name))
+        if m.get(BRONZE_VERSION_KEY) == str(merged)
+    )
+    keys = (BRONZE_VERSION_KEY, BRONZE_CURRENT_KEY, BRONZE_INGESTED_KEY)
+    watermark = _last_recorded(lake, name, BRONZE_INGESTED_KEY, layer="quarantine")
+    return {k: meta[k] for k in keys if k in meta}, done, watermark
+
+
+def _resolved(
+    raw: pa_arrow.Table, table: SourceTable, rules: Rules
+) -> tuple[pa_arrow.Table, pa_arrow.Table, pa_arrow.Table, pa_arrow.Table]:
+    """New bronze rows -> (resolved batch, valid rows, rejected rows, deleted rows)."""
+    latest = standardise(resolve_changes(trim_strings(raw), table.key), rules)
+    deleted = pc.fill_null(latest["IsDelete"], False)
+    keep = [c for c in latest.column_names if c not in DROPPED]
+    good, bad = split_valid_arrow(latest.filter(pc.invert(deleted)).select(keep), table, rules)
+    return latest, good, bad, latest.filter(deleted).select(keep)
+
+
+def _apply_quarantine(
+    lake: Lake,
+    table: SourceTable,
+    good: pa_arrow.Table,
+    bad: pa_arrow.Table,
+    removed: pa_arrow.Table,
+    meta: dict[str, str],
+    matched: pa_arrow.Table | None,
+) -> None:
+    """A merge's quarantine commit (its last): the rejected rows in, and out the keys
+    that are valid now or deleted."""
+    _apply(
+        lake,
+        ("quarantine", "silver", table.name),
+        table.key,
+        upsert=bad,
+        remove=pa_arrow.concat_tables([removed, good]),
+        schema=silver_arrow_schema(table, quarantine=True),
+        meta=meta,
+        matched=matched,
+    )
 
 
 def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
@@ -375,18 +439,24 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     result = SilverResult(table.name)
     rules = RULES[table.name]
     since = _last_recorded(lake, table.name, BRONZE_VERSION_KEY)
-    merged_until = _last_recorded(lake, table.name, BRONZE_INGESTED_KEY)
-    previous_current = last_bronze_current(lake, table.name)
     if since is None and lake.exists("bronze", table.source, table.name):
         return _first_build(lake, table, rules, result, started)
+    if table.change_key and not lake.exists(*change_log(table.name)):
+        _start_change_log(lake, table)  # (a first build killed before it started it)
+    unfinished = _unfinished(lake, table.name)
+    if unfinished is not None:  # only its quarantine commit is missing: made from the same rows
+        meta, begun, watermark = unfinished
+        raw, _ = _new_bronze(lake, table, begun, watermark, until=int(meta[BRONZE_VERSION_KEY]))
+        latest, good, bad, removed = _resolved(raw, table, rules)
+        matched = _matched(lake, ("quarantine", "silver", table.name), table, latest)
+        _apply_quarantine(lake, table, good, bad, removed, meta, matched)
+    merged_until = _last_recorded(lake, table.name, BRONZE_INGESTED_KEY)
+    previous_current = last_bronze_current(lake, table.name)
     raw, bronze_version = _new_bronze(lake, table, since, merged_until)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
-        latest = standardise(resolve_changes(trim_strings(raw), table.key), rules)
-        deleted = pc.fill_null(latest["IsDelete"], False)
-        keep = [c for c in latest.column_names if c not in DROPPED]
-        good, bad = split_valid_arrow(latest.filter(pc.invert(deleted)).select(keep), table, rules)
-        removed = latest.filter(deleted).select(keep)
+        latest, good, bad, removed = _resolved(raw, table, rules)
+        keep = good.column_names
         where = {
             "silver": ("silver", table.name),
             "quarantine": ("quarantine", "silver", table.name),
@@ -395,7 +465,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
         if since is None or previous_current is None:
             current = bronze_current_rows(lake, table) if since is not None else None
             if current is None:  # first build: the batch is the whole feed
-                current = len(latest) - pc.sum(deleted).as_py()
+                current = len(latest) - len(removed)
         else:
             current = previous_current + _current_delta(table, latest, matched.values())
         meta = {
@@ -404,7 +474,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
             BRONZE_INGESTED_KEY: str(pc.max(raw[INGESTED_AT]).cast(pa_arrow.int64()).as_py()),
         }
         if table.change_key:
-            _log_changes(lake, table, latest, matched["silver"])
+            _log_changes(lake, table, latest, matched["silver"], bronze_version)
         _apply(
             lake,
             where["silver"],
@@ -415,16 +485,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
             meta=meta,
             matched=matched["silver"],
         )
-        _apply(
-            lake,
-            where["quarantine"],
-            table.key,
-            upsert=bad,
-            remove=pa_arrow.concat_tables([removed, good]),
-            schema=silver_arrow_schema(table, quarantine=True),
-            meta=meta,
-            matched=matched["quarantine"],
-        )
+        _apply_quarantine(lake, table, good, bad, removed, meta, matched["quarantine"])
         result.bronze_current = current
     else:
         result.bronze_current = (
@@ -496,6 +557,7 @@ def _first_build(
 
 
 CHANGES_FROM = "c360ml.changes_from"  # the silver version a change log starts after
+LOGGED_KEY = "c360ml.logged_version"  # the silver version a change log commit logs
 
 
 def change_log(name: str) -> tuple[str, ...]:
@@ -514,7 +576,11 @@ def _start_change_log(lake: Lake, table: SourceTable) -> None:
 
 
 def _log_changes(
-    lake: Lake, table: SourceTable, latest: pa_arrow.Table, matched: pa_arrow.Table | None
+    lake: Lake,
+    table: SourceTable,
+    latest: pa_arrow.Table,
+    matched: pa_arrow.Table | None,
+    bronze_version: int,
 ) -> None:
     """Log the change keys a merge of `latest` (the resolved batch) may change, before it
     runs, under the silver version it will make: the batch rows' keys and those of the
@@ -523,9 +589,13 @@ def _log_changes(
 
     Why not Delta's change data feed: with it, delta-rs's merge of the 1M lake's
     salesline took 7.7 GB against 5.7 GB without. Logged before the merge, so a merge
-    that fails leaves a superset, which gold handles (it recomputes more orders).
+    that fails leaves a superset, which gold handles (it recomputes more orders). Each
+    commit records the bronze version of its merge and the silver version it logs: a
+    merge that did not commit after it leaves the log ahead of silver, and its next
+    attempt replaces those rows (appended again, the log would hold them twice).
     """
-    if not lake.exists(*change_log(table.name)):
+    where = change_log(table.name)
+    if not lake.exists(*where):
         _start_change_log(lake, table)
     order = list(table.change_key)
     con = duckdb_connection()
@@ -535,14 +605,29 @@ def _log_changes(
     if matched is not None:
         con.register("replaced", matched.select(order))
         replaced = f"UNION SELECT {cols} FROM replaced"
-    version = lake.version("silver", table.name) + 1
+    last = next((m for m in reversed(lake.commit_metadata(*where)) if LOGGED_KEY in m), None)
+    merged = _last_recorded(lake, table.name, BRONZE_VERSION_KEY)
+    ahead = last is not None and merged is not None and int(last[BRONZE_VERSION_KEY]) > merged
+    # Ahead of silver: the same version as that attempt (silver may have moved since by a
+    # commit of no rows, as delete_and_append's first one on a table, which enables
+    # deletion vectors).
+    version = int(last[LOGGED_KEY]) if ahead else lake.version("silver", table.name) + 1
     rows = con.sql(
         f"""SELECT {cols}, CAST({version} AS BIGINT) AS silver_version FROM (
               SELECT {cols} FROM batch {replaced})
             WHERE {" AND ".join(f'"{c}" IS NOT NULL' for c in order)}"""
     ).to_arrow_table()
+    meta = {LOGGED_KEY: str(version), BRONZE_VERSION_KEY: str(bronze_version)}
+    if not ahead:
+        con.close()
+        lake.write(rows, *where, mode="append", metadata=meta)
+        return
+    register(con, lake, "log", *where, positions=True)
+    stale = con.sql(
+        f"SELECT filename, file_row_number FROM log WHERE silver_version >= {version}"
+    ).to_arrow_table()
     con.close()
-    lake.write(rows, *change_log(table.name), mode="append")
+    lake.delete_and_append(*where, deletes=rows_by_file(stale), rows=rows, metadata=meta)
 
 
 def _resolve_sql(table: SourceTable, feed: str) -> str:
