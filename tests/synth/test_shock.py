@@ -149,3 +149,18 @@ def test_a_shock_cannot_rewrite_what_was_published(tmp_path, capsys):
     code = main(["generate", "--shock", "2026-03-01:competitor"])
     out = capsys.readouterr().out
     assert code == 2 and "error: --shock needs --increment" in out
+
+
+def test_an_increment_erasing_a_contact_only_person(tmp_path):
+    """A person known only to Dataverse has no Commerce account to delete; the increment
+    that erases one must still be written (it stopped with a pandas error before)."""
+    settings = make_settings(tmp_path)
+    generate_lake(settings, customers=1000, seed=42, future_days=120)
+    persons = pd.read_parquet(settings.truth / "persons.parquet").set_index("person_id")
+    for _ in range(15):
+        generate_increment(settings)
+        erased = pd.read_parquet(settings.truth / "erased.parquet").person_id
+        if (persons.kind.reindex(erased) == "contact_only").any():
+            break
+    assert (persons.kind.reindex(erased) == "contact_only").any()
+    assert len(_meta(settings)["increments"]) <= 15

@@ -469,7 +469,9 @@ def _erasure_deletes(rng, truth_dir: Path, pend: Path, erased: pa.Table, erased_
     keys = keys[keys.person_id.isin(erased_ts)]
     out: dict[str, list[pa.Table]] = {}
     acc = keys[keys.source == "d365"].copy()
-    acc[["area", "accountnum"]] = acc.source_key.str.split("-", n=1, expand=True)
+    # list-wise, not expand=True: an erased contact-only person has no account at all
+    split = acc.source_key.str.split("-", n=1)
+    acc["area"], acc["accountnum"] = split.str[0], split.str[1]
     acc["seq"] = acc.accountnum.str[1:].astype(np.int64)
     acc = acc.merge(persons[["person_id", "renamed", "has_phone", "kind"]], on="person_id")
     acc["when"] = acc.person_id.map(erased_ts).astype(np.int64)
