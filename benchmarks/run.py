@@ -1,6 +1,7 @@
 """Benchmarks: `make bench [STAGE=<stage>[,<stage>...]|all] [SIZES=100000,1000000]`.
 
-Stages, in order: generate, medallion, unify, splink, features, train, refresh, serve.
+Stages, in order: generate, medallion, unify, splink, features, train, refresh, serve;
+and crash (a refresh killed at each commit), run only when named.
 Each (stage, size) runs in a fresh subprocess so its peak RSS is its own; lakes are
 generated once per size under benchmarks/cache/<size>/ and reused by later stages.
 Figures are written to benchmarks/results/<stage>.json (serve: serve.json and serve.md)
@@ -327,6 +328,14 @@ def stage_refresh(size: int) -> dict:
     return bench_ml.refresh(ml_settings(size), RESULTS)
 
 
+def stage_crash(size: int) -> dict:
+    """SIGKILL a refresh at each of its commits (bench_crash.py; not part of `all`)."""
+    sys.path.insert(0, str(HERE))
+    from bench_crash import run
+
+    return run(size, CACHE / f"crash-{size}")
+
+
 def one(stage: str, size: int) -> None:
     """Child process: run one stage at one size, print JSON with the peak RSS."""
     started = time.perf_counter()
@@ -411,7 +420,7 @@ def write_readme() -> None:
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
     ]
-    for stage in TABLE_STAGES:
+    for stage in (*TABLE_STAGES, "crash"):
         path = RESULTS / f"{stage}.json"
         if not path.exists():
             continue
