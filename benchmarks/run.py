@@ -435,6 +435,10 @@ def write_readme() -> None:
                 f"{r['wall_s_median']} | {r['peak_rss_mb_max']} | {figures} | "
                 f"`{r.get('command', doc['command'])}` |"
             )
+    if (RESULTS / "lifecycle.md").exists():
+        lines += ["", "## lifecycle (a simulated year: drift, outcomes, retraining)", ""]
+        lines += (RESULTS / "lifecycle.md").read_text().splitlines()[2:]
+        lines += ["", "![lifecycle](lifecycle.png)"]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -459,6 +463,10 @@ def main() -> None:
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
     RESULTS.mkdir(parents=True, exist_ok=True)
     for stage in stages:
+        if stage == "lifecycle":  # only when named, not in "all": a simulated year on the
+            # demo settings whatever SIZES says; writes lifecycle.json/.md/.png itself
+            subprocess.run([sys.executable, str(HERE / "bench_lifecycle.py")], check=True)
+            continue
         if stage == "serve":  # one model, any size: bench_serve writes serve.json/serve.md
             subprocess.run(
                 [sys.executable, str(HERE / "bench_serve.py"), "--out", str(RESULTS)], check=True

@@ -292,6 +292,8 @@ def test_metadata(server, bundle):
     assert meta["thresholds"]["IsChurn"] == 0.5
     assert meta["grade"] in ("A", "B", "C")
     assert meta["churn_definition"]["prediction_window_days"] == 90
+    # the latest refresh's drift alarms for this version, or None where none was measured
+    assert meta["drift"] is None or isinstance(meta["drift"]["alarms"], list)
 
 
 def test_score_table_round_trip_over_several_chunks(server, bundle, request_rows, tmp_path):
