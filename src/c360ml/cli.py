@@ -95,10 +95,13 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
+    from c360ml import erasure
     from c360ml.medallion import build
 
     if args.layer == "measures":
         return cmd_measures(args, settings)
+    if erasure.finish_pending(settings) is not None:
+        print("finished the erasure a stopped refresh left")
     steps: dict[str, Callable] = {
         "silver": build.build_silver,
         "unify": build.build_unify,

@@ -28,9 +28,10 @@ before an erasure is deliberately impossible.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import duckdb
@@ -39,7 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from c360ml.config import Settings
 from c360ml.lake import Lake
+from c360ml.lease import writes_lake
 from c360ml.medallion.silver import purge_accounting
 from c360ml.unify import STATE
 
@@ -52,6 +55,11 @@ HISTORY = {  # gold tables keyed by a customer id column
     "segment_membership": "customer_id",
 }
 TABLE_LAYERS = ("bronze", "silver", "gold", "state", "quarantine")
+# A delete marker keeps its place in the change feed (so an older change arriving late
+# cannot bring the record back) under a one-way pseudonym of its key instead of the key:
+# `erased_records` hashes the plain keys alike to find a record that came back.
+PSEUDONYM = "concat('erased:', encode(sha256({0}), 'hex'))"  # Delta's SQL (DataFusion)
+ERASED_KEY = "CASE WHEN starts_with({0}, 'erased:') THEN {0} ELSE 'erased:' || sha256({0}) END"
 RAW = "_raw"  # quarantine's column of a source line that could not be parsed
 STEPS = ("rows", "exports", "quarantine", "files", "logs")
 
@@ -59,14 +67,16 @@ STEPS = ("rows", "exports", "quarantine", "files", "logs")
 @dataclass
 class Delete:
     """One table's rows of the erased: `column IN values`. `keep_markers` keeps bronze's
-    delete markers; `hidden_only` rewrites just the files whose deletion vectors hide
-    such rows (the live rows were replaced by a build already)."""
+    delete markers, with their `pseudonymise` column replaced by a pseudonym (see
+    `PSEUDONYM`); `hidden_only` rewrites just the files whose deletion vectors hide such
+    rows (the live rows were replaced by a build already)."""
 
     where: list[str]
     column: str
     values: list
     keep_markers: bool = False
     hidden_only: bool = False
+    pseudonymise: str = ""
 
 
 @dataclass
@@ -101,20 +111,21 @@ class ErasureResult:
 
 
 def erased_records(lake: Lake, previous_map: pd.DataFrame) -> pd.DataFrame:
-    """(source, source_key) of previously mapped records whose newest version is a delete."""
+    """(source, source_key) of previously mapped records whose newest version is a delete
+    (a marker an earlier erasure pseudonymised included: a record that came back)."""
     con = duckdb.connect()
     parts = []
     if lake.exists("bronze", "d365", "custtable"):
         con.register("cust", lake.dataset("bronze", "d365", "custtable"))
-        parts.append("""SELECT 'd365' AS source, CONCAT(dataareaid, '-', accountnum) AS source_key,
-                               IsDelete FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY recid
-                               ORDER BY versionnumber DESC, SinkModifiedOn DESC) AS rn FROM cust)
-                        WHERE rn = 1 AND accountnum IS NOT NULL""")
+        parts.append("""SELECT 'd365' AS source, CONCAT(any_value(dataareaid), '-', any_value(accountnum)
+                               FILTER (WHERE NOT starts_with(accountnum, 'erased:'))) AS source_key,
+                               arg_max(IsDelete, (versionnumber, SinkModifiedOn)) AS IsDelete
+                        FROM cust WHERE accountnum IS NOT NULL GROUP BY recid""")
     if lake.exists("bronze", "dataverse", "contact"):
         con.register("contact", lake.dataset("bronze", "dataverse", "contact"))
-        parts.append("""SELECT 'dataverse', contactid, IsDelete FROM (SELECT *, ROW_NUMBER() OVER
-                        (PARTITION BY contactid ORDER BY versionnumber DESC, SinkModifiedOn DESC)
-                        AS rn FROM contact) WHERE rn = 1""")
+        parts.append(f"""SELECT 'dataverse', any_value(contactid) FILTER (WHERE NOT starts_with(
+                                contactid, 'erased:')), arg_max(IsDelete, (versionnumber, SinkModifiedOn))
+                         FROM contact GROUP BY {ERASED_KEY.format("contactid")}""")
     if not parts:
         return pd.DataFrame(columns=["source", "source_key"])
     latest = con.sql(" UNION ALL ".join(parts)).df()
@@ -160,9 +171,9 @@ def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJo
         )
     if d365:
         deletes += _commerce_deletes(lake, d365)
-    for layer, where in (("bronze", ["dataverse", "contact"]), ("silver", ["contact"])):
-        if contacts and lake.exists(layer, *where):
-            deletes.append(Delete([layer, *where], "contactid", contacts, layer == "bronze"))
+    if contacts:  # the contact, and the support cases they raised (their correspondence)
+        deletes += _source_deletes(lake, "dataverse", "contact", "contactid", contacts, "contactid")
+        deletes += _source_deletes(lake, "dataverse", "incident", "customerid", contacts)
     return ErasureJob(
         customer_ids=list(customer_ids),
         source_keys=[list(k) for k in erased.itertuples(index=False, name=None)],
@@ -179,6 +190,19 @@ def pending(lake: Lake) -> ErasureJob | None:
     raw = json.loads(path.read_text())
     raw["deletes"] = [Delete(**d) for d in raw["deletes"]]
     return ErasureJob(**raw)
+
+
+@writes_lake("erasure")
+def finish_pending(settings: Settings) -> ErasureResult | None:
+    """Finish the erasure a stopped run left, before a build or refresh reads the lake
+    (silver's accounting balances again only once its last delete is done)."""
+    lake = Lake(settings.lake)
+    job = pending(lake)
+    if job is None:
+        return None
+    done = ", ".join(job.done) or "nothing"
+    log.warning("finishing the erasure a stopped run left (done: %s)", done)
+    return replace(run(lake, job), resumed=True)
 
 
 def run(lake: Lake, job: ErasureJob) -> ErasureResult:
@@ -218,7 +242,9 @@ def _delete_rows(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
         if d.hidden_only:
             lake.purge_deleted(layer, *parts, holding=(d.column, d.values))
         else:
-            _delete(lake, tuple(d.where), d.column, d.values, result, d.keep_markers)
+            _delete(
+                lake, tuple(d.where), d.column, d.values, result, d.keep_markers, d.pseudonymise
+            )
 
 
 def _purge_exports(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
@@ -400,11 +426,53 @@ def _commerce_deletes(lake: Lake, keys: list[str]) -> list[Delete]:
     }
     deletes = []
     for table, (column, values) in plan.items():
-        if values and lake.exists("bronze", "d365", table):
-            deletes.append(Delete(["bronze", "d365", table], column, values, keep_markers=True))
-        if values and lake.exists("silver", table):
-            deletes.append(Delete(["silver", table], column, values))
+        marker = "accountnum" if table == "custtable" else ""
+        deletes += _source_deletes(lake, "d365", table, column, values, marker)
     return deletes
+
+
+def _source_deletes(
+    lake: Lake, source: str, table: str, column: str, values: list, pseudonymise: str = ""
+) -> list[Delete]:
+    """A source table's rows of the erased in bronze (delete markers kept), silver (rows
+    the source sent no delete for) and silver's quarantine, in that order: silver's
+    accounting is recounted from bronze once bronze has lost them."""
+    where = (["bronze", source, table], ["silver", table], ["quarantine", "silver", table])
+    return [
+        Delete(w, column, values, w[0] == "bronze", pseudonymise=pseudonymise * (w[0] == "bronze"))
+        for w in where
+        if values and lake.exists(*w)
+    ]
+
+
+def _pseudonymise_markers(
+    lake: Lake, where: tuple[str, ...], column: str, values: list, pseudonymise: str
+) -> None:
+    """Append a copy of the erased records' delete markers that keeps only what orders the
+    change feed (record id, company, version, ingest columns) and the pseudonym of
+    `pseudonymise`; the caller then deletes the originals. Appended first, so a kill in
+    between leaves the marker twice (harmless), never not at all."""
+    con = duckdb.connect()
+    con.register("feed", lake.dataset(*where))
+    con.register("erased_keys", pa.table({"k": values}))
+    rows = con.sql(f"""SELECT * FROM feed WHERE {column} IN (SELECT k FROM erased_keys)
+                       AND IsDelete AND NOT starts_with({pseudonymise}, 'erased:')""").fetch_arrow_table()
+    rows = rows.cast(lake.schema(*where))
+    if not len(rows):
+        return
+    hashed = [
+        "erased:" + hashlib.sha256(v.encode()).hexdigest() for v in rows[pseudonymise].to_pylist()
+    ]
+    ordering = {column, "recid", "dataareaid", "versionnumber", "SinkModifiedOn", "IsDelete"}
+    columns = [
+        pa.array(hashed, rows.schema.field(name).type)
+        if name == pseudonymise
+        else rows[name]
+        if name in ordering or name.startswith("_")
+        else pa.nulls(len(rows), rows.schema.field(name).type)
+        for name in rows.column_names
+    ]
+    lake.write(pa.Table.from_arrays(columns, schema=rows.schema), *where, mode="append")
 
 
 def _ints(values: pd.Series) -> list[int]:
@@ -418,10 +486,17 @@ def _delete(
     values: list,
     result: ErasureResult,
     keep_markers: bool = False,
+    pseudonymise: str = "",
 ) -> None:
     quoted = ", ".join(f"'{v}'" if isinstance(v, str) else str(int(v)) for v in values)
     predicate = f"{column} IN ({quoted})"
-    if keep_markers:  # a delete marker carries the key only: keep it, drop the data
+    if pseudonymise:  # the markers go too, kept under their pseudonym
+        _pseudonymise_markers(lake, where, column, values, pseudonymise)
+        predicate += (
+            f" AND NOT (COALESCE(IsDelete, FALSE) AND starts_with(COALESCE({pseudonymise}, ''),"
+            " 'erased:'))"
+        )
+    elif keep_markers:  # a delete marker carries the key only: keep it, drop the data
         predicate += " AND (IsDelete IS NULL OR NOT IsDelete)"
     # Rows a silver merge replaced are hidden by deletion vectors but still in their files
     # (the person's older versions among them): rewritten without them first.
@@ -429,9 +504,7 @@ def _delete(
     table = lake.delta(*where)
     metrics = table.delete(
         predicate,
-        commit_properties=(
-            purge_accounting(lake, where[1], column, values) if where[0] == "silver" else None
-        ),
+        commit_properties=purge_accounting(lake, where[1]) if where[0] == "silver" else None,
     )
     deleted = int(metrics.get("num_deleted_rows", 0))
     result.rows_deleted["/".join(where)] = result.rows_deleted.get("/".join(where), 0) + deleted

@@ -278,10 +278,13 @@ class Lake:
         does once `delta.logRetentionDuration` has passed, at once (for an erasure: older
         commits name the erased in their file statistics and predicates). A commit with
         no action but its own info comes first, checkpointed, so the log kept names
-        nobody. Returns the log files deleted."""
+        nobody; it carries the custom metadata of the commits it replaces (what ingest,
+        silver and gold read back, see `commit_metadata`: file names, versions, counts,
+        never a row's value). Returns the log files deleted."""
         where = self.path(layer, *parts)
         version = _latest(where).version()
-        _commit_actions(where, version, "FORGET HISTORY", [])
+        carried = {HISTORY_KEY: json.dumps(self.commit_metadata(layer, *parts))}
+        _commit_actions(where, version, "FORGET HISTORY", [], carried)
         DeltaTable(str(where)).create_checkpoint()
         gone = [
             entry
@@ -312,11 +315,17 @@ class Lake:
         return removed
 
     def commit_metadata(self, layer: str, *parts: str) -> list[dict[str, str]]:
-        """The custom metadata of every commit of a table, oldest first."""
-        history = self.delta(layer, *parts).history()
-        return [{k: v for k, v in h.items() if isinstance(v, str)} for h in reversed(history)]
+        """The custom metadata of every commit of a table, oldest first (those of commits
+        an erasure cut from the log included, see `forget_history`)."""
+        found: list[dict[str, str]] = []
+        for h in reversed(self.delta(layer, *parts).history()):
+            meta = {k: v for k, v in h.items() if isinstance(v, str)}
+            found += json.loads(meta.pop(HISTORY_KEY, "[]"))
+            found.append(meta)
+        return found
 
 
+HISTORY_KEY = "c360ml.forgotten_commits"  # custom metadata of commits cut from the log
 CHECKPOINT_INTERVAL = 100  # delta-rs' default: a checkpoint every 100 versions
 # A file whose vector deletes more than this share of its rows is rewritten instead: reads
 # of a masked file load it whole, so what they skip stays bounded (at ~1% of rows changed
@@ -451,13 +460,15 @@ def _has_dvs(table: DeltaTable) -> bool:
 
 def _file_schema(table: DeltaTable) -> pa.Schema:
     """The Arrow schema the table's files are written with (its newest file's), with
-    delta-rs' string_view as string (Arrow's filter has no string_view kernel)."""
+    delta-rs' string_view as string (Arrow's filter has no string_view kernel), and the
+    columns the newest file lacks (a file rewritten from one older than a column) from
+    the table's own schema."""
+    logical = pa.schema(table.schema().to_arrow())
     files = table.file_uris()
-    if not files:
-        return pa.schema(table.schema().to_arrow())
-    schema = pq.read_schema(max(files, key=os.path.getmtime))
+    newest = pq.read_schema(max(files, key=os.path.getmtime)) if files else logical
     views = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
-    return pa.schema([f.with_type(views.get(f.type, f.type)) for f in schema])
+    fields = [newest.field(f.name) if f.name in newest.names else f for f in logical]
+    return pa.schema([f.with_type(views.get(f.type, f.type)) for f in fields])
 
 
 def _masked_file(

@@ -29,8 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake.exceptions import DeltaError
 
-from c360ml import progress
+from c360ml import erasure, progress
 from c360ml.config import Settings
+from c360ml.erasure import ErasureResult
 from c360ml.lake import Lake
 from c360ml.lease import writes_lake
 from c360ml.medallion.gold import INPUTS_KEY
@@ -668,42 +669,37 @@ def _log_outcomes(settings: Settings, outcomes: pd.DataFrame) -> None:
         log.warning("realized outcomes not logged to MLflow: %s", exc)
 
 
-def erase(lake: Lake, previous_map: pd.DataFrame | None) -> StepResult:
-    """Purge persons erased at the source since the previous refresh (c360ml.erasure),
-    after finishing an erasure a killed run left pending (whose persons the source map
-    may no longer show)."""
-    from c360ml import erasure
+def erase(
+    lake: Lake, previous_map: pd.DataFrame | None, resumed: ErasureResult | None = None
+) -> StepResult:
+    """Purge persons erased at the source since the previous refresh (c360ml.erasure);
+    `resumed` is the erasure a stopped run left, finished as this refresh started (its
+    records are found again: the source map it was found from may be the same)."""
 
     started = time.perf_counter()
-    jobs, resumed = [], erasure.pending(lake)
-    if resumed is not None:
-        log.warning("finishing the erasure a stopped run left (%s)", ", ".join(resumed.done) or "no step done")
-        jobs.append(resumed)
+    results = [] if resumed is None else [resumed]
     if previous_map is not None:
         erased = erasure.erased_records(lake, previous_map)
-        if resumed is not None:  # found again: the rows it named are gone already
-            done = {tuple(k) for k in resumed.source_keys}
-            erased = erased[[k not in done for k in erased.itertuples(index=False, name=None)]]
-        ids = erasure.erased_customers(
-            previous_map, lake.read_pandas("gold", "customer_source_map"), read_redirects(lake), erased
-        )
+        if resumed is not None:
+            done = set(resumed.source_keys)
+            keys = erased.itertuples(index=False, name=None)
+            erased = erased.loc[np.array([k not in done for k in keys], dtype=bool)]
+        current = lake.read_pandas("gold", "customer_source_map")
+        ids = erasure.erased_customers(previous_map, current, read_redirects(lake), erased)
         if len(erased) or ids:
-            jobs.append(erasure.plan(lake, erased, ids))
-    results = [erasure.run(lake, job) for job in jobs]
-    records = sum(len(r.source_keys) for r in results)
-    customers = sum(len(r.customer_ids) for r in results)
-    note = f"{records} source records, {customers} customers erased"
+            results.append(erasure.run(lake, erasure.plan(lake, erased, ids)))
+    note = (
+        f"{sum(len(r.source_keys) for r in results)} source records, "
+        f"{sum(len(r.customer_ids) for r in results)} customers erased"
+    )
     if results:
         note += (
             f"; {sum(r.files_removed for r in results)} older files holding them removed, "
             f"{sum(r.histories_forgotten for r in results)} table histories cut"
+            + ("; an erasure a stopped run left was finished first" if resumed else "")
         )
-    return StepResult(
-        "erasure",
-        sum(sum(r.rows_deleted.values()) for r in results),
-        note,
-        time.perf_counter() - started,
-    )
+    rows = sum(sum(r.rows_deleted.values()) for r in results)
+    return StepResult("erasure", rows, note, time.perf_counter() - started)
 
 
 def vacuum(lake: Lake, retention_hours: int) -> StepResult:
@@ -770,11 +766,12 @@ def run_refresh(
 
     lake = Lake(settings.lake)
     previous_map = last_scored_map(lake)
+    resumed = erasure.finish_pending(settings)
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
     timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
-    summary.steps.append(erase(lake, previous_map))
+    summary.steps.append(erase(lake, previous_map, resumed))
     as_of = as_of or latest_event_time(lake)
     summary.as_of = as_of
     bundle, version = load_champion(settings)

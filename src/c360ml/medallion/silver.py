@@ -30,6 +30,7 @@ import pyarrow as pa_arrow
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties
+from deltalake.exceptions import DeltaError
 from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
@@ -354,8 +355,10 @@ def _new_bronze(
     """
     current = lake.delta_at("bronze", table.source, table.name, version=until)
     files = set(current.file_uris())
-    if since is not None:
-        files -= set(lake.delta_at("bronze", table.source, table.name, version=since).file_uris())
+    merged = (
+        None if since is None else lake.files_at("bronze", table.source, table.name, version=since)
+    )
+    files -= merged or set()  # history cut by an erasure: the ingest time alone decides
     unmerged = None
     if merged_until is not None:
         unmerged = pc.field(INGESTED_AT) > pc.scalar(pa_arrow.scalar(merged_until, INGESTED_TYPE))
@@ -810,16 +813,17 @@ def _apply(
     )
 
 
-def purge_accounting(lake: Lake, name: str, column: str, values: list) -> CommitProperties | None:
-    """Commit metadata for deleting the silver rows whose `column` is in `values` (an
-    erasure, whose bronze rows go too): the bronze current-state count less those rows,
-    so the next build's accounting still balances. None when nothing is recorded yet."""
-    recorded = last_bronze_current(lake, name)
-    if recorded is None:
+def purge_accounting(lake: Lake, name: str) -> CommitProperties | None:
+    """Commit metadata for an erasure's delete of silver rows, made after it deleted the
+    same person's bronze rows: the bronze current-state count recounted, so the next
+    build's accounting balances once the quarantined rows are gone too, and a rerun of a
+    killed erasure records the same count again. None when nothing is recorded yet."""
+    if last_bronze_current(lake, name) is None:
         return None
-    current = lake.read("silver", name, columns=[column])[column]
-    purged = pc.sum(pc.is_in(current, value_set=pa_arrow.array(values).cast(current.type)))
-    return CommitProperties(custom_metadata={BRONZE_CURRENT_KEY: str(recorded - purged.as_py())})
+    table = next(t for t in SOURCE_TABLES.values() if t.name == name)
+    return CommitProperties(
+        custom_metadata={BRONZE_CURRENT_KEY: str(bronze_current_rows(lake, table))}
+    )
 
 
 def _count(lake: Lake, *parts: str) -> int:
@@ -911,6 +915,9 @@ def _pending_rows(lake: Lake, table: SourceTable) -> int | None:
     if since is None:
         return None
     where = ("bronze", table.source, table.name)
-    old = pa_arrow.table(lake.delta_at(*where, version=since).get_add_actions())["path"]
+    try:
+        old = pa_arrow.table(lake.delta_at(*where, version=since).get_add_actions())["path"]
+    except (DeltaError, OSError):  # history cut by an erasure: no estimate
+        return None
     now = pa_arrow.table(lake.delta(*where).get_add_actions(flatten=True))
     return pc.sum(now["num_records"].filter(pc.invert(pc.is_in(now["path"], old)))).as_py() or 0

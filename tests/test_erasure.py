@@ -1,0 +1,214 @@
+"""Erasure that survives kills and leaves nothing behind (#24's acceptance).
+
+A small lake is scored once (its score history, journey export, logs, MLflow and
+BentoML stores all name the persons); an increment erases some of them; the refresh
+that erases them is SIGKILLed twice, in the purge of the rows and while the table
+histories are cut, and run again to the end. Then every byte c360ml wrote (lake data
+and Delta logs, state, quarantine, exports, reports, logs, the MLflow and BentoML
+stores) is searched for the erased persons' unique identifiers. Not searched: the
+landing folder (the source's own export, which Synapse Link owns) and the generator's
+truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from c360ml.config import load_settings
+from c360ml.lake import Lake
+from c360ml.refresh import read_redirects
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("erasure")
+    data = home / "data"
+    config = {
+        "root": str(REPO),
+        "lake_root": str(data / "lake"),
+        "truth_root": str(data / "truth"),
+        "reports_dir": str(data / "reports"),
+        "mlflow_dir": str(data / "mlflow"),
+        "log_dir": str(data / "logs"),
+    }
+    (home / "c360ml.yaml").write_text(yaml.safe_dump(config))
+    return home
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360ML_", "MLFLOW_"))}
+    return env | {"BENTOML_HOME": str(home / "data" / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+
+
+def _cli(home: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "c360ml.cli", *args],
+        cwd=home,
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def _refresh_killed_when(home: Path, ready, what: str) -> None:
+    """Start `c360ml refresh`, SIGKILL its process group once `ready()` holds."""
+    output = home / "killed_refresh.out"
+    with output.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "c360ml.cli", "refresh"],
+            cwd=home,
+            env=_env(home),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 600
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    code = proc.wait()
+    assert code == -signal.SIGKILL, f"no kill at {what}: exit {code}\n{output.read_text()[-2000:]}"
+
+
+def _commit_after(log_dir: Path, moment: float) -> bool:
+    return any(p.stat().st_mtime >= moment for p in log_dir.glob("*.json"))
+
+
+def _job(lake: Lake) -> dict | None:
+    try:
+        return json.loads(lake.path("state", "erasure", "job.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _identifiers(lake: Lake, settings) -> tuple[set[str], set[str]]:
+    """The unique identifiers of the persons the increment erases (customer ids, source
+    keys, contact ids, e-mails, phones as stored), read before the refresh that erases
+    them, less any value another person also has; and the customer ids of the rest."""
+    erased = set(pd.read_parquet(settings.truth / "erased.parquet").person_id)
+    keys = pd.read_parquet(settings.truth / "person_keys.parquet")
+    keys = keys[keys.source.isin(["d365", "dataverse"])]
+    source_map = lake.read_pandas("gold", "customer_source_map").merge(
+        keys, on=["source", "source_key"]
+    )
+    per_person = source_map.groupby("customer_id").person_id.agg(set)
+    values: dict[str, set] = {}  # identifier -> persons
+
+    def note(value, person) -> None:
+        if isinstance(value, str) and value:
+            values.setdefault(value, set()).add(person)
+
+    for row in keys.itertuples():
+        note(row.source_key, row.person_id)
+    for customer, persons in per_person.items():
+        for person in persons:
+            note(customer, person)
+    contacts = lake.read_pandas("silver", "contact").merge(
+        keys.rename(columns={"source_key": "contactid"}), on="contactid"
+    )
+    for column in ("emailaddress1", "telephone1", "mobilephone"):
+        for value, person in zip(contacts[column], contacts.person_id, strict=True):
+            note(value, person)
+    raw = lake.read_pandas("bronze", "dataverse", "contact")
+    raw = raw.merge(keys.rename(columns={"source_key": "contactid"}), on="contactid")
+    for column in ("emailaddress1", "telephone1", "mobilephone"):
+        for value, person in zip(raw[column], raw.person_id, strict=True):
+            note(value, person)
+    unique = {v for v, persons in values.items() if persons <= erased}
+    kept_ids = {c for c, persons in per_person.items() if not persons & erased}
+    return unique, kept_ids
+
+
+def _found(root: Path, needles: set[str], skip: tuple[Path, ...]) -> dict[str, list[str]]:
+    """Every file below `root` that contains a needle: Parquet files read (their pages
+    are compressed) down to every value, nested ones (checkpoints) included; any other
+    file as bytes (JSON logs, CSV, HTML, SQLite, model files, text logs)."""
+    hits: dict[str, list[str]] = {}
+    encoded = {n: n.encode() for n in needles}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if any(path.is_relative_to(s) for s in skip):
+            continue
+        if path.suffix == ".parquet":
+            text = json.dumps(pq.read_table(path).to_pylist(), default=str)
+            found = [n for n in needles if n in text]
+        else:
+            data = path.read_bytes()
+            found = [n for n, b in encoded.items() if b in data]
+        if found:
+            hits[str(path.relative_to(root))] = sorted(found)[:3]
+    return hits
+
+
+def test_erasure_killed_twice_leaves_no_identifier_anywhere(home):
+    from c360ml.model.pipeline import run_training
+    from c360ml.model.train import TrainConfig
+
+    _cli(home, "generate", "--customers", "600", "--seed", "5", "--fresh")
+    _cli(home, "build", "all")
+    settings = load_settings(home / "c360ml.yaml")
+    config = TrainConfig(nthread=2, max_trees=30, early_stopping_rounds=10, bootstrap_resamples=20)
+    assert run_training(settings, AS_OF, config=config).promoted
+    _cli(home, "refresh")
+    lake = Lake(settings.lake)
+    # The segment workflow's journey export and BentoML's copy of the champion, as a
+    # deployment has them.
+    source_map = lake.read_pandas("gold", "customer_source_map")
+    contacts = source_map[source_map.source == "dataverse"]
+    journeys = lake.path("export", "journeys")
+    journeys.mkdir(parents=True)
+    contacts.rename(columns={"customer_id": "CustomerId", "source_key": "ContactId"})[
+        ["CustomerId", "ContactId"]
+    ].to_csv(journeys / "high_risk.csv", index=False)
+    subprocess.run(
+        [sys.executable, "-c", "from c360ml.config import load_settings; "
+         "from c360ml.model.packaging import import_champion; import_champion(load_settings())"],
+        cwd=home, env=_env(home), check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+
+    _cli(home, "generate", "--increment")
+    needles, kept_ids = _identifiers(lake, settings)
+    assert any(n.startswith("C") and len(n) == 17 for n in needles), "nobody we scored erased"
+    data = home / "data"
+    skip = (lake.path("landing"), settings.truth)
+    assert _found(data, needles, skip), "the identifiers are not where the scan looks"
+
+    # Killed in the purge of the rows (the first commit after the job was recorded) ...
+    scores_log = lake.path("gold", "churn_scores", "_delta_log")
+    job_file = lake.path("state", "erasure", "job.json")
+    _refresh_killed_when(
+        home,
+        lambda: job_file.exists() and _commit_after(scores_log, job_file.stat().st_mtime),
+        "the erasure's first delete",
+    )
+    assert _job(lake) is not None and "rows" not in _job(lake)["done"]
+    # ... then, rerun, while the table histories are cut (its last step) ...
+    _refresh_killed_when(
+        home, lambda: "files" in ((_job(lake) or {}).get("done") or []), "the history step"
+    )
+    assert _job(lake) is not None, "killed too late: the erasure had finished"
+    # ... then run to the end: the job finishes, and nobody is left anywhere.
+    out = _cli(home, "refresh")
+    assert not job_file.exists(), out
+    assert _found(data, needles, skip) == {}
+    # Only the erased went: every other customer is still scored.
+    scores = lake.read_pandas("gold", "churn_scores")
+    assert kept_ids <= set(scores.CustomerId) | set(read_redirects(lake).retired_id)
