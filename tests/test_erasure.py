@@ -212,3 +212,39 @@ def test_erasure_killed_twice_leaves_no_identifier_anywhere(home):
     # Only the erased went: every other customer is still scored.
     scores = lake.read_pandas("gold", "churn_scores")
     assert kept_ids <= set(scores.CustomerId) | set(read_redirects(lake).retired_id)
+
+
+def test_a_pseudonymised_marker_still_erases_a_record_that_comes_back(tmp_path):
+    """After an erasure bronze keeps the delete marker under `erased:<sha256 of the key>`.
+    A marker alone names nobody and erases nothing again; an older change of the same
+    record arriving late is found by the same hash, and erased again under its own key."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from c360ml.erasure import erased_records
+
+    lake = Lake(tmp_path)
+    ts = pd.Timestamp("2026-01-01", tz="UTC")
+
+    def rows(keys, versions, deletes):
+        return pa.table(
+            {
+                "contactid": keys,
+                "versionnumber": pa.array(versions, pa.int64()),
+                "SinkModifiedOn": pa.array([ts] * len(keys), pa.timestamp("us", tz="UTC")),
+                "IsDelete": deletes,
+            }
+        )
+
+    pseudonym = "erased:" + hashlib.sha256(b"c1").hexdigest()
+    lake.write(
+        rows([pseudonym, "c2", "c2"], [5, 1, 2], [True, False, True]),
+        "bronze",
+        "dataverse",
+        "contact",
+    )
+    previous = pd.DataFrame({"source": ["dataverse"] * 2, "source_key": ["c1", "c2"]})
+    assert erased_records(lake, previous).source_key.tolist() == ["c2"]
+    lake.write(rows(["c1"], [3], [False]), "bronze", "dataverse", "contact")  # came back
+    assert sorted(erased_records(lake, previous).source_key) == ["c1", "c2"]

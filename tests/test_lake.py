@@ -184,3 +184,31 @@ def test_a_lake_reached_through_a_symbolic_link_is_patched(tmp_path):
         "gold", "t", deletes={uri: np.array([0])}, rows=pa.table({"k": [10], "v": ["y"]})
     )
     assert sorted(lake.read("gold", "t")["k"].to_pylist()) == list(range(1, 11))
+
+
+def test_a_forgotten_history_names_nobody_and_keeps_what_stages_read_back(tmp_path):
+    """After `forget_history` (an erasure's last step) no log file holds a value the older
+    commits held, the current version reads as before, an older one is gone (files_at
+    says so instead of raising), and the custom metadata ingest, silver and gold read
+    back from every commit is still there, in order."""
+    lake = Lake(tmp_path)
+    lake.write(
+        pa.table({"k": ["alice@x.example", "bob@y.example"]}), "gold", "t", metadata={"m": "1"}
+    )
+    lake.write(
+        pa.table({"k": ["bob@y.example"]}), "gold", "t", mode="overwrite", metadata={"m": "2"}
+    )
+    log_dir = lake.path("gold", "t", "_delta_log")
+    assert any(b"alice@x.example" in p.read_bytes() for p in log_dir.glob("*.json"))  # stats
+
+    lake.forget_history("gold", "t")
+
+    assert not any(b"alice@x.example" in p.read_bytes() for p in log_dir.iterdir() if p.is_file())
+    assert lake.read("gold", "t")["k"].to_pylist() == ["bob@y.example"]
+    assert lake.files_at("gold", "t", version=0) is None
+    assert lake.files_at("gold", "t", version=2) == set(lake.delta("gold", "t").file_uris())
+    assert [m.get("m") for m in lake.commit_metadata("gold", "t")][:2] == ["1", "2"]
+    lake.write(pa.table({"k": ["carol@z.example"]}), "gold", "t", metadata={"m": "3"})
+    lake.forget_history("gold", "t")  # twice: the metadata carried is carried again
+    assert [m["m"] for m in lake.commit_metadata("gold", "t") if "m" in m] == ["1", "2", "3"]
+    assert sorted(lake.read("gold", "t")["k"].to_pylist()) == ["bob@y.example", "carol@z.example"]

@@ -123,8 +123,9 @@ def erased_records(lake: Lake, previous_map: pd.DataFrame) -> pd.DataFrame:
                         FROM cust WHERE accountnum IS NOT NULL GROUP BY recid""")
     if lake.exists("bronze", "dataverse", "contact"):
         con.register("contact", lake.dataset("bronze", "dataverse", "contact"))
-        parts.append(f"""SELECT 'dataverse', any_value(contactid) FILTER (WHERE NOT starts_with(
-                                contactid, 'erased:')), arg_max(IsDelete, (versionnumber, SinkModifiedOn))
+        parts.append(f"""SELECT 'dataverse' AS source, any_value(contactid) FILTER (WHERE NOT
+                                starts_with(contactid, 'erased:')) AS source_key,
+                                arg_max(IsDelete, (versionnumber, SinkModifiedOn)) AS IsDelete
                          FROM contact GROUP BY {ERASED_KEY.format("contactid")}""")
     if not parts:
         return pd.DataFrame(columns=["source", "source_key"])
