@@ -4,11 +4,12 @@ A source record is erased when its newest bronze version is a delete (IsDelete) 
 was in the previous source map; a customer_id is erased when all of its records are
 (and no merge redirected it). The refresh then deletes those rows from the bronze
 change feed and silver (the person's customer, party, name, address and e-mail/phone
-rows; the contact), from the history tables keyed by customer_id, from quarantine (a row
-or rejected line with one of the person's identifiers) and the journey exports.
-Not purged: orders (kept, as the business record, under no customer once the account is
-gone). Delete markers (key only, no personal data) are kept in bronze so that an older
-change arriving late cannot bring the record back.
+rows; the contact and the support cases they raised), from the history tables keyed by
+customer_id, from quarantine (a row or rejected line with one of the person's
+identifiers) and the journey exports. Not purged: orders (kept, as the business record,
+under no customer once the account is gone). Delete markers are kept in bronze under a
+pseudonym of their key (see `PSEUDONYM`) so that an older change arriving late cannot
+bring the record back.
 
 An erasure is a recorded job (`state/erasure/job.json`), written before the first row
 goes and removed when the last step is done: a refresh killed anywhere in it finishes
