@@ -13,6 +13,33 @@ from c360ml.config import Settings
 from c360ml.sources.tables import Column, source_table
 
 
+def user_project(home: Path) -> dict[str, str]:
+    """A project folder as a user has one: its c360ml.yaml (every output under data/, the
+    repo's specs, SQL and service); returns the environment `c360ml` runs in there."""
+    import yaml
+
+    data = home / "data"
+    config = {
+        "root": str(Path(__file__).resolve().parents[1]),
+        "lake_root": str(data / "lake"),
+        "truth_root": str(data / "truth"),
+        "reports_dir": str(data / "reports"),
+        "mlflow_dir": str(data / "mlflow"),
+        "log_dir": str(data / "logs"),
+    }
+    (home / "c360ml.yaml").write_text(yaml.safe_dump(config))
+    return user_env(home)
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """This environment without c360ml's and MLflow's variables, BentoML's store under
+    the project's data/."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360ML_", "MLFLOW_"))}
+    return env | {"BENTOML_HOME": str(home / "data" / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+
+
 def make_settings(tmp_path: Path) -> Settings:
     """Settings whose every path lives under tmp_path (the repo's specs are still used)."""
     repo = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
+from tests.conftest import user_project
 from tests.service.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -27,18 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def user(tmp_path_factory):
     """A project folder with its c360ml.yaml, and a way to run `c360ml` in it."""
     home = tmp_path_factory.mktemp("cli")
-    data = home / "data"
-    config = {
-        "root": str(REPO),  # the repo's specs, SQL and service; every output under data/
-        "lake_root": str(data / "lake"),
-        "truth_root": str(data / "truth"),
-        "reports_dir": str(data / "reports"),
-        "mlflow_dir": str(data / "mlflow"),
-        "log_dir": str(data / "logs"),
-    }
-    (home / "c360ml.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360ML_", "MLFLOW_"))}
-    env |= {"BENTOML_HOME": str(data / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    env = user_project(home)
 
     def run(*args: str, extra: dict | None = None, timeout: float = 600):
         done = subprocess.run(

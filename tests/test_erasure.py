@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from c360ml.config import load_settings
 from c360ml.lake import Lake
 from c360ml.refresh import read_redirects
+from tests.conftest import user_env, user_project
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -37,29 +37,15 @@ AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("erasure")
-    data = home / "data"
-    config = {
-        "root": str(REPO),
-        "lake_root": str(data / "lake"),
-        "truth_root": str(data / "truth"),
-        "reports_dir": str(data / "reports"),
-        "mlflow_dir": str(data / "mlflow"),
-        "log_dir": str(data / "logs"),
-    }
-    (home / "c360ml.yaml").write_text(yaml.safe_dump(config))
+    user_project(home)
     return home
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("C360ML_", "MLFLOW_"))}
-    return env | {"BENTOML_HOME": str(home / "data" / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
 
 
 def _cli(home: Path, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "c360ml.cli", *args],
         cwd=home,
-        env=_env(home),
+        env=user_env(home),
         capture_output=True,
         text=True,
         timeout=900,
@@ -75,7 +61,7 @@ def _refresh_killed_when(home: Path, ready, what: str) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "c360ml.cli", "refresh"],
             cwd=home,
-            env=_env(home),
+            env=user_env(home),
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -181,7 +167,7 @@ def test_erasure_killed_twice_leaves_no_identifier_anywhere(home):
     subprocess.run(
         [sys.executable, "-c", "from c360ml.config import load_settings; "
          "from c360ml.model.packaging import import_champion; import_champion(load_settings())"],
-        cwd=home, env=_env(home), check=True, capture_output=True, timeout=300,
+        cwd=home, env=user_env(home), check=True, capture_output=True, timeout=300,
     )  # fmt: skip
 
     _cli(home, "generate", "--increment")
