@@ -69,7 +69,8 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
         shock = read_meta(settings.truth)["shocks"][-1]
         console.print(
             f"shock {shock['kind']} from {shock['date']}: {shock['exposed']:,} persons exposed, "
-            f"{shock['dropouts_brought_forward']:,} dropouts brought forward",
+            f"{shock['dropouts_brought_forward']:,} dropouts brought forward, "
+            f"{shock.get('purchases_skipped', 0):,} orders not placed",
             highlight=False,
         )
     console.print(f"landing: {settings.lake / 'landing'}  truth: {settings.truth}")
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shock",
         default=None,
         metavar="DATE:KIND",
-        help="with --increment: a regime change from DATE, e.g. 2026-03-01:competitor",
+        help="with --increment: a regime change from DATE, e.g. 2026-03-01:competitor "
+        "(kinds: competitor, recession; see c360ml.synth.params.SHOCKS)",
     )
     gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
     gen.set_defaults(func=cmd_generate)

@@ -130,6 +130,89 @@ def test_the_oracle_knows_the_shock(pair):
     assert abs(realised_drop - expected_drop) < 0.03
 
 
+@pytest.fixture(scope="module")
+def recession(pair, tmp_path_factory):
+    """The same seed as `pair`, a recession from the shock day instead of a competitor."""
+    shocked = _lake(tmp_path_factory.mktemp("recession"), f"{SHOCK}:recession")
+    return shocked, oracle.load_truth(shocked.truth, include_pending=True)
+
+
+def test_a_recession_reaches_everyone_from_its_day_and_not_before(pair, recession):
+    """Everyone is exposed; before the day nothing differs; from it, dropouts only come
+    sooner, and orders that would not be returned thin out by about the declared factor
+    while every returned order (and its return) is still there."""
+    (_, _, (tb, _)), (shocked, ts) = pair, recession
+    kind, entry = SHOCKS["recession"], _meta(shocked)["shocks"][0]
+    day = entry["day"]
+    assert entry["kind"] == "recession" and entry["regions"] is None
+    assert entry["purchase_factor"] == kind.purchase_factor < 1 < kind.hazard_factor
+    exposure = pd.read_parquet(shocked.truth / "shocks.parquet")
+    assert len(exposure) == entry["exposed"] == len(tb["persons"])
+    assert np.allclose(exposure.log_hazard, np.log(kind.hazard_factor))
+    db = tb["persons"].set_index("person_id").dropout_day.fillna(np.inf)
+    ds = ts["persons"].set_index("person_id").dropout_day.fillna(np.inf)
+    assert (ds <= db).all() and (ds[db < day] == db[db < day]).all()
+    assert (ds < db).sum() == entry["dropouts_brought_forward"] > 30
+    pb, ps = tb["purchases"], ts["purchases"]
+    cols = ["person_id", "order_id", "ts", "net_amount", "is_return"]
+    key = ["order_id"]
+    assert (
+        ps[ps.ts < T][cols]
+        .sort_values(key)
+        .reset_index(drop=True)
+        .equals(pb[pb.ts < T][cols].sort_values(key).reset_index(drop=True))
+    )
+    # Orders after the day by persons alive in both lakes over the next 180 days.
+    stay = db.index[(ds >= day + 180).to_numpy()]
+    window = (T, T + pd.Timedelta(days=180))
+
+    def orders(frame) -> pd.DataFrame:
+        hit = frame.ts.between(*window, inclusive="left") & ~frame.is_return
+        return frame[hit & frame.person_id.isin(stay)]
+
+    returned = set(pb.origin_order_id[pb.is_return].dropna())
+    before, after = orders(pb), orders(ps)
+    kept = before.order_id.isin(returned)
+    assert kept.sum() > 50 and before.order_id[kept].isin(after.order_id).all()
+    assert set(after.order_id) <= set(before.order_id)  # thinned, never invented
+    others = before[~kept]
+    share = others.order_id.isin(after.order_id).mean()
+    sd = np.sqrt(kind.purchase_factor * (1 - kind.purchase_factor) / len(others))
+    assert len(others) > 2000 and abs(share - kind.purchase_factor) < 4 * sd, share
+    assert entry["purchases_skipped"] > 0
+    # what went is gone from the source rows too
+    gone = set(pb.order_id[pb.ts >= T]) - set(ps.order_id)
+    ids = {o.split("-", 1)[1] if o.startswith("SO:") else o[4:] for o in gone}
+    pending = shocked.truth / "_pending"
+    for name, column in (("salestable", "salesid"), ("retailtransactiontable", "transactionid")):
+        left = set(pd.read_parquet(pending / f"{name}.parquet", columns=[column])[column])
+        assert not left & ids, name
+
+
+def test_the_oracle_knows_the_recession(pair, recession):
+    """The oracle that knows the recession expects fewer purchases from everyone in the
+    next 90 days, and the drop it expects is the drop that happened (the same persons, the
+    same history, the shock the only difference)."""
+    (base, _, (tb, _)), (shocked, ts) = pair, recession
+    vb, vs = oracle.valid_purchases(tb["purchases"]), oracle.valid_purchases(ts["purchases"])
+    recent = vb[(vb.ts < T) & (vb.ts >= T - pd.Timedelta(days=90))].person_id.unique()
+    ids = np.sort(recent)
+    knows = oracle.oracle_purchase_probability(shocked.truth, ids, T, 90)
+    blind = oracle.oracle_purchase_probability(base.truth, ids, T, 90)
+    assert len(ids) > 800 and (knows < blind).all()
+
+    def bought(v) -> np.ndarray:
+        window = v[(v.ts >= T) & (v.ts < T + pd.Timedelta(days=90))]
+        return np.isin(ids, window.person_id.unique())
+
+    realised_drop = bought(vb).mean() - bought(vs).mean()
+    expected_drop = blind.mean() - knows.mean()
+    assert expected_drop > 0.03 and realised_drop > 0.03
+    assert abs(realised_drop - expected_drop) < 0.025, (realised_drop, expected_drop)
+    # calibrated where it counts: the recession lake's outcomes against its oracle
+    assert abs(bought(vs).mean() - knows.mean()) < 0.025
+
+
 @pytest.mark.parametrize(
     "text", ["2026-03-01", "2026-02-30:competitor", "2026-03-01:meteor", "competitor:2026-03-01"]
 )
@@ -145,7 +228,7 @@ def test_a_shock_cannot_rewrite_what_was_published(tmp_path, capsys):
     with pytest.raises(ValueError, match="before this increment's first day 2026-01-08"):
         generate_increment(settings, shock="2026-01-05:competitor")
     assert len(_meta(settings)["increments"]) == 1 and "shocks" not in _meta(settings)
-    assert set(SHOCKS) == {"competitor"}
+    assert set(SHOCKS) == {"competitor", "recession"}
     code = main(["generate", "--shock", "2026-03-01:competitor"])
     out = capsys.readouterr().out
     assert code == 2 and "error: --shock needs --increment" in out

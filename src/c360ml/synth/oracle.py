@@ -6,7 +6,9 @@ without knowing whether i is still alive: as BG/NBD does, P(alive at t | history
 from an exact forward filter over days (two states, alive/dropped; a day with a purchase
 or a support case proves alive; a quiet day has likelihood (1 - p)(1 - q) if alive and 1
 if dropped; the hazard depends only on observable covariates, rebuilt from the history,
-and on the regime changes (`synth.shock`) the increments carried, from their day on).
+and on the regime changes (`synth.shock`) the increments carried, from their day on: their
+extra hazard, and for a kind that thins purchases, a day's order seen with probability
+b (1 - (1 - f)(1 - (1 - c) r)) and a valid purchase with probability b (1 - c)(r + (1 - r) f)).
 P(valid purchase in window | alive at t) is computed by Monte Carlo over the random future
 covariates (support cases, returns still due from recent orders), each path evaluated
 exactly (survival x no-valid-purchase recursion), so few paths suffice.
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 from c360ml.synth import process
 from c360ml.synth.generate import read_meta
 from c360ml.synth.params import ProcessParams
-from c360ml.synth.shock import read_shocks
+from c360ml.synth.shock import read_purchase_factors, read_shocks
 
 DAY = 86_400
 TRUTH_TABLES = ("persons", "person_keys", "purchases", "cases", "erased")
@@ -128,14 +130,15 @@ def _probability(truth_dir, person_ids, t, window_days, n_sims, seed, omniscient
     pos = pd.Series(np.arange(len(ids)), index=ids)
     hist = _history(truth, pos, start, t_day)
     shocks = read_shocks(truth_dir, meta, ids)  # regime changes the increments carried
-    alive_prob, cases, rets = _filter(traits, hist, seasonality, t_day, p, shocks)
+    factors = read_purchase_factors(truth_dir, meta, ids)
+    alive_prob, cases, rets = _filter(traits, hist, seasonality, t_day, p, shocks, factors)
     if omniscient:
         dropout = persons["dropout_day"].fillna(np.iinfo(np.int32).max).to_numpy()
         alive_prob = (dropout >= t_day).astype(float)
     rng = np.random.default_rng(seed)
     due = _returns_due(rng, traits, hist, t_day, window_days, n_sims, p)
     q = _window_probability(
-        rng, traits, cases, rets, due, seasonality, t_day, window_days, n_sims, p, shocks
+        rng, traits, cases, rets, due, seasonality, t_day, window_days, n_sims, p, shocks, factors
     )
     out = alive_prob * q
     out[traits.entry_day >= t_day] = np.nan
@@ -182,7 +185,7 @@ def _by_day(pos: np.ndarray, day: np.ndarray, n_days: int) -> list[np.ndarray]:
     return [pos[order][bounds[d] : bounds[d + 1]] for d in range(n_days)]
 
 
-def _filter(traits, hist, seasonality, t_day, p, shocks=()):
+def _filter(traits, hist, seasonality, t_day, p, shocks=(), factors=()):
     """Forward filter of P(alive) through day t-1, with the decayed case/return counts."""
     n = len(traits)
     base = process.static_hazard(traits, p)
@@ -192,6 +195,8 @@ def _filter(traits, hist, seasonality, t_day, p, shocks=()):
     cases_by = _by_day(hist["case_pos"], hist["case_day"], t_day)
     rets_by = _by_day(hist["ret_pos"], hist["ret_day"], t_day)
     q_quiet = np.exp(-traits.case_rate)
+    # an order is kept by a thinning shock if it is returned ((1 - c) r) or drawn to stay (f)
+    returned = (1 - process.cancel_prob(traits.store, p)) * traits.return_prob
     alive = np.ones(n)
     cases, rets = np.zeros(n), np.zeros(n)
     for d in range(t_day):
@@ -199,7 +204,9 @@ def _filter(traits, hist, seasonality, t_day, p, shocks=()):
         shocked = base * np.exp(process.shock_log_hazard(list(shocks), d))
         surv = np.exp(-process.hazard(shocked, cases, rets, d - entry, p))
         prior = alive * surv
-        quiet = prior * np.exp(-traits.lam * seasonality[d]) * q_quiet
+        f = process.shock_purchase_factor(list(factors), d)
+        seen_order = (1 - np.exp(-traits.lam * seasonality[d])) * (1 - (1 - f) * (1 - returned))
+        quiet = prior * (1 - seen_order) * q_quiet
         post = quiet / (quiet + (1 - prior))
         seen = np.zeros(n, dtype=bool)
         seen[buys[d]] = True
@@ -234,13 +241,14 @@ def _returns_due(rng, traits, hist, t_day, window, n_sims, p):
 
 
 def _window_probability(
-    rng, traits, cases0, rets0, due, seasonality, t_day, window, n_sims, p, shocks=()
+    rng, traits, cases0, rets0, due, seasonality, t_day, window, n_sims, p, shocks=(), factors=()
 ):
     """P(valid purchase in the window | alive at t), averaged over sampled futures."""
     n = len(traits)
     base = process.static_hazard(traits, p)[:, None]
     entry = traits.entry_day.astype(np.int64)[:, None]
     c = process.cancel_prob(traits.store, p)[:, None]
+    r = traits.return_prob[:, None]
     lam = traits.lam[:, None]
     q = 1 - np.exp(-traits.case_rate)[:, None]
     gc, gr = np.exp(-1 / p.case_decay_days), np.exp(-1 / p.return_decay_days)
@@ -255,7 +263,8 @@ def _window_probability(
         surv = np.exp(-process.hazard(base * np.exp(extra), cases, rets, d - entry, p))
         dead_quiet += alive_quiet * (1 - surv)
         buy = 1 - np.exp(-lam * seasonality[d])
-        alive_quiet *= surv * (1 - buy * (1 - c))
+        f = process.shock_purchase_factor([(g, e[:, None]) for g, e in factors], d)
+        alive_quiet *= surv * (1 - buy * (1 - c) * (r + (1 - r) * f))
         cases *= gc
         rets *= gr
         cases += rng.random((n, n_sims)) < q

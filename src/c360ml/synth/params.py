@@ -132,25 +132,55 @@ class LakeShape:
 class ShockKind:
     """A regime change an increment can carry (`generate --increment --shock DATE:KIND`).
 
-    From the shock's day on, a person whose home store is in one of `regions` gets an extra
-    log-hazard of dropout of `beta_store * store` (store: the person's share of store
-    orders), so a store-only customer's hazard is multiplied by exp(beta_store) and an
-    online-only one is untouched. The home store is the store of most of the person's POS
-    purchases (walk-ins elsewhere are rare); persons who never buy in a store are not exposed.
+    From the shock's day on, an exposed person's daily dropout hazard is multiplied by
+    exp(log(hazard_factor) + beta_store * store) (store: the person's share of store
+    orders), and each of its orders that will not be returned goes ahead only with
+    probability `purchase_factor` (`synth.shock` says why returned orders are kept).
+
+    Exposed: with `regions`, a person whose home store is in one of them (the store of most
+    of its POS purchases; persons who never buy in a store are not exposed); with regions
+    None, every person.
     """
 
     name: str
     description: str
-    regions: tuple[str, ...]  # store-name prefixes (STORES' city part)
-    beta_store: float  # extra log-hazard per unit of store preference, from the shock's day
+    regions: tuple[str, ...] | None  # store-name prefixes (STORES' city part); None: everyone
+    beta_store: float = 0.0  # extra log-hazard per unit of store preference, from the day
+    hazard_factor: float = 1.0  # dropout hazard multiplier of every exposed person
+    purchase_factor: float = 1.0  # share of the not-returned orders that still happen
 
 
 SHOCKS: dict[str, ShockKind] = {
+    # A competitor opens stores in three cities: a store-only customer there has its hazard
+    # multiplied by exp(2.5) = 12, an online-only one is untouched. Local by design: it
+    # reaches the store customers of three of the ten stores' cities only.
     "competitor": ShockKind(
         name="competitor",
         description="a competitor opens: store customers in Houston, New York and Chicago leave",
         regions=("HOUSTON", "NEWYORK", "CHICAGO"),
         beta_store=2.5,
+    ),
+    # A recession: every customer, whatever the channel or city, buys less and leaves sooner.
+    # The story behind the two numbers, fixed before any simulated year was run with them
+    # (round figures chosen from the story, not fitted to any source or to an outcome):
+    # - purchase_factor 0.8: households cut discretionary spending first; in the 2008-09
+    #   recession US retail sales fell by roughly a tenth from peak to trough and
+    #   discretionary categories (apparel, electronics, home) by more. A general-merchandise
+    #   retailer seeing a fifth of the orders its customers would have kept not happen is
+    #   in that range. (Orders a customer returns still happen, so the order rate falls to
+    #   r + 0.8 (1 - r) of what it was, r the person's return probability, mean 1/13:
+    #   about 18% fewer orders.)
+    # - hazard_factor 1.5: money-tight customers trade down to discounters and stop
+    #   coming back; half again the daily hazard of leaving (a customer who would have
+    #   stayed two years on average now stays about 16 months) is a marked but not
+    #   catastrophic loss of loyalty, the size a retention team is asked to explain.
+    "recession": ShockKind(
+        name="recession",
+        description="a recession: every customer buys a fifth less of what it keeps and "
+        "leaves half again as readily",
+        regions=None,
+        hazard_factor=1.5,
+        purchase_factor=0.8,
     ),
 }
 

@@ -124,6 +124,16 @@ def shock_log_hazard(shocks: list[tuple[int, np.ndarray]], d: int) -> np.ndarray
     return out
 
 
+def shock_purchase_factor(factors: list[tuple[int, np.ndarray]], d: int) -> np.ndarray | float:
+    """Share of a person's not-returned orders still placed on day d, from every regime
+    change begun by then (`synth.shock`: (first day, factor per person)); 1.0 without."""
+    out: np.ndarray | float = 1.0
+    for first_day, factor in factors:
+        if d >= first_day:
+            out = out * factor
+    return out
+
+
 def cancel_prob(store: np.ndarray, p: ProcessParams) -> np.ndarray:
     """Probability a purchase event ends cancelled or voided (channel mix of the person)."""
     return store * p.void_pos + (1 - store) * p.cancel_sales

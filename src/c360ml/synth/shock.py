@@ -12,6 +12,19 @@ rebuilt from the truth, as the oracle does), and where it comes first, the perso
 purchases and support cases from that day on are withdrawn (returns of earlier orders still
 happen), from the truth and from every pending source row they made. The oracle reads the
 shocks from generator.json and truth/shocks.parquet and multiplies the hazard by exp(e).
+
+A kind with a purchase_factor f < 1 (a recession) also thins the parked future: from D on,
+each pending order of an exposed person that is not returned (and is not the first order,
+which opens the account) is withdrawn with probability 1 - f, with its source rows. Why
+returned orders are kept: a return raises the dropout hazard (beta_return), so withdrawing
+one would change the person's covariate path, and with it the dropout law the competing
+risk above is drawn on; keeping them leaves every path (cases, returns) as simulated, so
+both constructions stay exact and commute. Under that law a day's order event is still
+seen with probability b k, k = 1 - (1 - f)(1 - (1 - c) r), and is a valid purchase with
+probability b (1 - c)(r + (1 - r) f) (b: the day's order probability, c: cancellation, r:
+the return probability), which is what the oracle uses. One approximation: an order whose
+return would fall past the simulated horizon is not known to be returned, so it is thinned
+like the rest; that touches only orders of the horizon's last 30 days.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DAY = 86_400
 SHOCKS_FILE = "shocks.parquet"  # truth: person_id, shock, first_day, log_hazard (exposed only)
+THIN_SEED = 3_000_000  # rng stream of a shock's purchase thinning (dropouts: 2_000_000)
 _FORM = re.compile(r"^(\d{4}-\d{2}-\d{2}):([a-z_]+)$")
 # pending source tables that hold an order's or a case's rows, and the column naming it
 _ORDER_TABLES = {
@@ -105,6 +119,24 @@ def read_shocks(truth: Path, meta: dict, person_ids: np.ndarray) -> list[tuple[i
     return out
 
 
+def read_purchase_factors(
+    truth: Path, meta: dict, person_ids: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """(first day, purchase_factor per person of `person_ids`) of every applied shock that
+    thins purchases (1.0 for persons it does not expose)."""
+    path = Path(truth) / SHOCKS_FILE
+    thinning = [s for s in meta.get("shocks", []) if s.get("purchase_factor", 1.0) != 1.0]
+    if not thinning or not path.exists():
+        return []
+    rows = pq.read_table(path, columns=["person_id", "shock"]).to_pandas()
+    out = []
+    for shock in thinning:
+        mine = rows.person_id[rows.shock == shock["n"]]
+        hit = np.isin(np.asarray(person_ids, dtype=np.int64), mine.to_numpy())
+        out.append((int(shock["day"]), np.where(hit, float(shock["purchase_factor"]), 1.0)))
+    return out
+
+
 def apply_shock(
     truth: Path, meta: dict, date: str, kind: ShockKind, not_before: int, seed: int
 ) -> dict:
@@ -132,9 +164,13 @@ def apply_shock(
         ["person_id", "order_id", "ts", "channel", "is_return", "origin_order_id"],
     )
     cases = _read(truth, "cases", ["person_id", "incident_id", "ts"])
-    region = home_regions(purchases).reindex(persons.person_id)
-    exposed = region.isin(kind.regions).to_numpy()
-    extra_all = np.where(exposed, kind.beta_store * persons.store.to_numpy(), 0.0)
+    if kind.regions is None:
+        exposed = np.ones(len(persons), dtype=bool)
+    else:
+        region = home_regions(purchases).reindex(persons.person_id)
+        exposed = region.isin(kind.regions).to_numpy()
+    log_hazard = np.log(kind.hazard_factor) + kind.beta_store * persons.store.to_numpy()
+    extra_all = np.where(exposed, log_hazard, 0.0)
     # the second dropout risk along each exposed person's simulated path
     orig = persons.dropout_day.fillna(process.NEVER).to_numpy(dtype=np.int64)
     cand = np.flatnonzero(exposed & (orig > day))
@@ -147,6 +183,12 @@ def apply_shock(
     changed = new_drop < orig[cand]
     drop = pd.Series(new_drop[changed], index=ids[changed])
     removed = _withdraw(truth, drop, start)
+    skipped = 0
+    if kind.purchase_factor != 1.0:
+        who = persons.person_id[exposed]
+        entry_day = persons.set_index("person_id").entry_day
+        rng = np.random.default_rng([seed, THIN_SEED + k])
+        skipped = _thin(truth, who, entry_day, day, kind.purchase_factor, start, rng)
     if len(drop):
         at = persons.person_id.map(drop)
         hit = at.notna().to_numpy()
@@ -173,11 +215,14 @@ def apply_shock(
         "day": int(day),
         "kind": kind.name,
         "description": kind.description,
-        "regions": list(kind.regions),
+        "regions": None if kind.regions is None else list(kind.regions),
         "beta_store": kind.beta_store,
+        "hazard_factor": kind.hazard_factor,
+        "purchase_factor": kind.purchase_factor,
         "exposed": int(exposed.sum()),
         "dropouts_brought_forward": int(len(drop)),
         **removed,
+        "purchases_skipped": int(skipped),
     }
     log.info("shock %s from %s: %s", kind.name, date, entry)
     return entry
@@ -250,21 +295,69 @@ def _withdraw(truth: Path, drop: pd.Series, start: int) -> dict[str, int]:
     gone_cases = (_days(cf.ts, start) >= cf.person_id.map(drop)).to_numpy()
     pq.write_table(case_table.filter(pa.array(~gone_cases)), pend / "cases.parquet")
     counts["cases_withdrawn"] = int(gone_cases.sum())
+    _remove_source_rows(pend, gone_orders, set(cf.incident_id[gone_cases]))
+    return counts
+
+
+def _thin(
+    truth: Path,
+    exposed: pd.Series,
+    entry_day: pd.Series,
+    day: int,
+    factor: float,
+    start: int,
+    rng: np.random.Generator,
+) -> int:
+    """Withdraw each pending order of an exposed person from `day` on with probability
+    1 - factor, unless it is returned or opens the account; returns how many went."""
+    pend = truth / "_pending"
+    purchases = pq.read_table(pend / "purchases.parquet")
+    frame = purchases.select(["person_id", "order_id", "ts", "is_return", "origin_order_id"])
+    frame = frame.to_pandas()
+    returned = set(frame.origin_order_id[frame.is_return].dropna())
+    published = truth / "purchases.parquet"
+    if published.exists():  # a return already published names an order not yet (late rows)
+        old = pq.read_table(published, columns=["is_return", "origin_order_id"]).to_pandas()
+        returned |= set(old.origin_order_id[old.is_return].dropna())
+    d = _days(frame.ts, start)
+    candidate = (
+        ~frame.is_return.to_numpy()
+        & (d >= day)
+        & frame.person_id.isin(exposed).to_numpy()
+        & (d != frame.person_id.map(entry_day).to_numpy())  # the account-opening order
+        & ~frame.order_id.isin(returned).to_numpy()
+    )
+    gone = candidate & (rng.random(len(frame)) >= factor)
+    if not gone.any():
+        return 0
+    pq.write_table(purchases.filter(pa.array(~gone)), pend / "purchases.parquet")
+    _remove_source_rows(pend, set(frame.order_id[gone].dropna()), set())
+    return int(gone.sum())
+
+
+def _remove_source_rows(pend: Path, gone_orders: set[str], gone_cases: set[str]) -> None:
+    """Delete the pending source rows of withdrawn orders (SO:/POS: ids) and cases."""
     source_ids = {
         "salesid": {o.split("-", 1)[1] for o in gone_orders if o.startswith("SO:")},
         "transactionid": {o[4:] for o in gone_orders if o.startswith("POS:")},
-        "incidentid": set(cf.incident_id[gone_cases]),
+        "incidentid": gone_cases,
     }
     for name, column in [*_ORDER_TABLES.items(), ("incident", "incidentid")]:
         path = pend / f"{name}.parquet"
-        if not path.exists():
+        if not path.exists() or not source_ids[column]:
             continue
         rows = pq.read_table(path)
         hit = pc.is_in(rows.column(column), value_set=pa.array(sorted(source_ids[column])))
         hit = pc.fill_null(hit, False)
         if pc.any(hit).as_py():
             pq.write_table(rows.filter(pc.invert(hit)), path)
-    return counts
 
 
-__all__ = ["SHOCKS_FILE", "apply_shock", "home_regions", "parse_shock", "read_shocks"]
+__all__ = [
+    "SHOCKS_FILE",
+    "apply_shock",
+    "home_regions",
+    "parse_shock",
+    "read_purchase_factors",
+    "read_shocks",
+]
