@@ -561,7 +561,7 @@ def record_drift(
                 "label": label,
                 "psi": value,
                 "share_outside_range": float(beyond.mean()) if len(beyond) else 0.0,
-                "alarm": bool(value >= alarm),
+                "alarm": drift.alarming(name, value, alarm),
             }
         )
     frame = pd.DataFrame(rows)

@@ -67,3 +67,52 @@ def test_latest_alarms_name_what_crossed_at_the_last_as_of_worst_first():
     assert got["ScoredAsOf"] == t2.isoformat() and got["score_psi"] == 0.1
     assert [a["label"] for a in got["alarms"]] == ["B", "A"]  # t1's alarms are history
     assert latest_alarms(table, "2")["alarms"] == [] and latest_alarms(table, "9") is None
+
+
+def test_calendar_scaled_features_are_named_by_what_they_measure():
+    """The first event's age and the account's age over all history grow with the
+    calendar; recency (MIN), windowed versions and counts do not."""
+    ageing = [
+        "MAX(orders.TIME_SINCE(order_ts, unit=days))",
+        "MAX(support_cases.TIME_SINCE(created_ts, unit=days))",
+        "TIME_SINCE(created_ts, unit=days)",
+    ]
+    bounded = [
+        "MIN(orders.TIME_SINCE(order_ts, unit=days))",
+        "MAX(orders.TIME_SINCE(order_ts, unit=days))_90d",
+        "COUNT(orders)_30d",
+        "MAX(orders.net_amount)",
+        drift.SCORE,
+    ]
+    assert [drift.calendar_scaled(n) for n in ageing] == [True] * 3
+    assert [drift.calendar_scaled(n) for n in bounded] == [False] * 5
+
+
+def test_ageing_alone_drifts_a_first_order_age_but_does_not_alarm():
+    """A lake that starts on day 0 and a steady business: customers enter at a constant
+    rate and leave at a constant hazard; 'days since the first order the lake holds' is
+    measured at the reference (day 1000) and a year later (a customer from before the
+    lake shows its first order there after a wait). Nothing about the customers
+    changed, yet the PSI passes the alarm (the lake's first-day customers pile up at its
+    age and move with it): so the column is kept out of the alarm, while the same figure
+    under any other name still counts. (The price: a real change of such a column, e.g. a
+    wave of new customers, does not alarm through it; recency and the counts still see it.)"""
+    rng = np.random.default_rng(1)
+
+    def ages(t: int) -> np.ndarray:
+        entry = rng.uniform(-2000, t, 60_000)  # customers since well before the lake
+        leave = entry + rng.exponential(700, len(entry))
+        first = np.where(entry < 0, rng.exponential(90, len(entry)), entry)  # in the lake
+        alive = (entry < t) & (leave > t) & (first < t)
+        return t - first[alive]
+
+    ref = drift.reference(ages(1000))
+    later = ages(1365)
+    value = drift.psi(ref, later)
+    assert value > 0.25, value  # ageing alone
+    assert drift.psi(ref, ages(1000)) < 0.01  # the same day again: no drift
+    assert not drift.alarming("MAX(orders.TIME_SINCE(order_ts, unit=days))", value, 0.25)
+    assert not drift.alarming("TIME_SINCE(created_ts, unit=days)", value, 0.25)
+    assert drift.alarming("MIN(orders.TIME_SINCE(order_ts, unit=days))", value, 0.25)
+    assert drift.alarming("COUNT(orders)_30d", value, 0.25)
+    assert not drift.alarming("COUNT(orders)_30d", 0.24, 0.25)

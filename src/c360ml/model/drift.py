@@ -6,15 +6,47 @@ for any single value holding POINT_MASS of the rows (a feature that is 0 for mos
 would otherwise fall into one decile and hide every change), and a bin for missing values.
 Each refresh compares the current snapshot with them by the population stability index,
 and counts the profiles with a value outside the range seen in testing.
+
+Calendar-scaled features do not raise the alarm. "Days since the first order" (Featuretools'
+MAX over TIME_SINCE of an event time, all history) and "days since the account was
+created" grow by one every day a customer stays, so against a reference taken at the test
+cutoff their PSI rises with the calendar alone: in a year without any shock (the control
+run in benchmarks/results/lifecycle.md) the first-order age is the most drifted top-10
+feature every month and climbs steadily, and in the lake more so, as "first order" means
+the first one the lake holds: every customer older than the lake piles up at the lake's
+age, a point mass that moves a day per day. That is ageing, not a changed population; it is
+what `max_model_age_days` is for, and an alarm on it would retrain on a timer of its own.
+Their PSI and their share outside the tested range are still recorded and shown;
+`alarming` only keeps them out of the alarm and the retraining trigger. Recency (MIN over
+TIME_SINCE) and windowed versions (`_30d`, ...) are bounded by the window or the active
+population and stay in.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
 POINT_MASS = 0.05  # a value holding this share of the reference rows gets a bin of its own
 FLOOR = 1e-4  # share given to an empty bin (PSI is infinite otherwise)
 SCORE = "ChurnScore"  # the reference entry of the model's own output
+# Featuretools names of the time since a customer's first event over all history, and of
+# the time since its own creation: `MAX(orders.TIME_SINCE(order_ts, unit=days))`,
+# `TIME_SINCE(created_ts, unit=days)`
+_CALENDAR = re.compile(r"^(MAX\(\w+\.TIME_SINCE\([^()]*\)\)|TIME_SINCE\([^()]*\))$")
+
+
+def calendar_scaled(name: str) -> bool:
+    """True for a feature that grows by one every day a customer stays (see the module
+    doc): the age of the first event or of the account, over all history."""
+    return bool(_CALENDAR.match(name))
+
+
+def alarming(name: str, value: float, threshold: float) -> bool:
+    """Whether a column's PSI raises the drift alarm: at or above the threshold, unless
+    the column is calendar-scaled (its PSI measures elapsed time, not a changed population)."""
+    return bool(value >= threshold) and not calendar_scaled(name)
 
 
 def reference(values: np.ndarray) -> dict[str, object]:

@@ -533,6 +533,7 @@ def champion_health(settings: Settings) -> watch.Health:
             latest = table[table["ScoredAsOf"] == table["ScoredAsOf"].max()].set_index("column")
             score_psi = float(latest.loc[drift.SCORE, "psi"])
             top = [f for f in bundle.metadata.get("top_features", []) if f in latest.index]
+            top = [f for f in top if not drift.calendar_scaled(f)]  # ageing is not drift
             feature_psi = {latest.loc[f, "label"]: float(latest.loc[f, "psi"]) for f in top}
     if lake.exists("gold", watch.OUTCOMES):
         outcomes = lake.read_pandas("gold", watch.OUTCOMES).dropna(subset=["roc_auc"])
