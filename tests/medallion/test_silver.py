@@ -258,7 +258,7 @@ def test_bronze_rewritten_by_an_erasure_is_not_new_again(settings):
     assert sorted(_silver(settings, "contact").index) == ["c1"]
     # the erasure's bronze rewrite (c360ml.erasure deletes c1's rows from both layers)
     lake.delta("bronze", "dataverse", "contact").delete("contactid = 'c1'")
-    accounting = purge_accounting(lake, "contact", "contactid", ["c1"])
+    accounting = purge_accounting(lake, "contact")
     lake.delta("silver", "contact").delete("contactid = 'c1'", commit_properties=accounting)
     write_sync_folder(
         landing, "dataverse", "2024-01-07T00.00.00Z", {"contact": [_contact("c3", 1)]}
