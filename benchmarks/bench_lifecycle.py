@@ -1,18 +1,27 @@
 """A simulated year of operation: does the model notice a regime change and recover?
 
-`make bench STAGE=lifecycle` (or `python benchmarks/bench_lifecycle.py`): the demo lake
-(20,000 customers, seed 42, history to 2025-12-31, champion trained as of that day), then
-12 months of weekly increments (a month = the weekly syncs whose cut falls in it), a
-competitor opening at the start of month 3 (`generate --increment --shock`), and each
-month `refresh` then `retrain --if-needed`, with `max_model_age_days` above a year so only
-drift and realized performance can trigger. Per month: the label-free estimate of ROC AUC,
+`make bench STAGE=lifecycle` (or `python benchmarks/bench_lifecycle.py`): three years side
+by side, each on the demo lake (20,000 customers, seed 42, history to 2025-12-31, champion
+trained as of that day), then 12 months of weekly increments (a month = the weekly syncs
+whose cut falls in it), each month `refresh` then `retrain --if-needed`, with
+`max_model_age_days` above a year so only drift and realized performance can trigger:
+"competitor" (a competitor opens at the start of month 3, `generate --increment --shock`),
+"recession" (a recession from the same day) and "control" (no shock: what the calendar
+alone does). `--runs recession` runs one of them; the combined files are rewritten from
+whatever runs' files exist. Per month: the label-free estimate of ROC AUC,
 the realized ROC AUC once the 90-day window has closed, the score PSI, the highest PSI of a
 top-10 feature, the trigger that fired and the gate's decision. For every as_of scored by a
 retrained champion whose window closed, the old (initial) champion and the one that scored
 it are both scored on the same customers' stored features and judged on the same labels.
 
-Writes lifecycle.json, lifecycle.md and lifecycle.png (matplotlib) to benchmarks/results/.
-The lake, MLflow store and logs live under benchmarks/cache/lifecycle/ (ignored).
+Per month it also counts, from the generator's truth, how many scored customers the shock
+exposes and how many of the scored have dropped out since it (the oracle's knowledge, not
+the model's). Calendar-scaled features (`drift.calendar_scaled`) are reported apart: their
+PSI measures elapsed time and does not trigger.
+
+Writes lifecycle_<run>.json/.md/.png per run and the combined lifecycle.json, lifecycle.md
+and lifecycle.png (matplotlib) to benchmarks/results/, and the README's section. Each run's
+lake, MLflow store and logs live under benchmarks/cache/lifecycle/<run>/ (ignored).
 """
 
 from __future__ import annotations
@@ -92,7 +101,9 @@ def _month_figures(settings, as_of: pd.Timestamp, top: list[str]) -> dict:
     rows = rows[rows["ScoredAsOf"] == as_of].set_index("column")
     scores = lake.read_pandas("gold", "churn_scores")
     scores = scores[(scores["ScoredAsOf"] == as_of) & (scores["ScoreStatus"] == SCORED)]
-    feature_psi = rows.loc[[f for f in top if f in rows.index], "psi"]
+    present = [f for f in top if f in rows.index]
+    feature_psi = rows.loc[[f for f in present if not drift.calendar_scaled(f)], "psi"]
+    ageing = rows.loc[[f for f in present if drift.calendar_scaled(f)], "psi"]
     return {
         "model_version": str(scores["ModelVersion"].iloc[0]),
         "scored": int(len(scores)),
@@ -101,7 +112,46 @@ def _month_figures(settings, as_of: pd.Timestamp, top: list[str]) -> dict:
         "score_psi": round(float(rows.loc[drift.SCORE, "psi"]), 4),
         "max_top_feature_psi": round(float(feature_psi.max()), 4) if len(feature_psi) else None,
         "top_feature_max": str(feature_psi.idxmax()) if len(feature_psi) else None,
+        "max_calendar_psi": round(float(ageing.max()), 4) if len(ageing) else None,
+        "calendar_feature_max": str(ageing.idxmax()) if len(ageing) else None,
         "features_at_alarm": int(rows["alarm"].sum() - int(rows.loc[drift.SCORE, "alarm"])),
+    }
+
+
+def _exposure(settings, as_of: pd.Timestamp, shock_day: int | None) -> dict:
+    """The truth behind this as_of's scored customers: how many the shocks expose, and how
+    many of them (and of the rest) have dropped out since the shock day (their purchases
+    stop; the model sees only the silence)."""
+    from c360ml.lake import Lake
+    from c360ml.refresh import SCORED
+    from c360ml.synth.generate import read_meta
+    from c360ml.synth.shock import SHOCKS_FILE
+
+    if shock_day is None:
+        return {}
+    lake, truth = Lake(settings.lake), settings.truth
+    scores = lake.read_pandas("gold", "churn_scores")
+    scored = scores[(scores["ScoredAsOf"] == as_of) & (scores["ScoreStatus"] == SCORED)]
+    source_map = lake.read_pandas("gold", "customer_source_map")
+    keys = pd.read_parquet(truth / "person_keys.parquet")
+    persons = source_map.merge(keys, on=["source", "source_key"])
+    persons = persons.drop_duplicates("customer_id").set_index("customer_id")["person_id"]
+    ids = persons.reindex(scored["CustomerId"]).dropna().astype("int64").to_numpy()
+    exposed = np.isin(ids, pd.read_parquet(truth / SHOCKS_FILE).person_id.to_numpy())
+    meta = read_meta(truth)
+    truth_persons = pd.read_parquet(truth / "persons.parquet").set_index("person_id")
+    dropout = truth_persons["dropout_day"].reindex(ids).to_numpy(dtype=np.float64)
+    day = (int(as_of.timestamp()) - int(meta["start_epoch"])) // 86_400
+    gone = (dropout >= shock_day) & (dropout < day)
+
+    def rate(mask: np.ndarray) -> float | None:
+        return round(float(gone[mask].mean()), 4) if mask.any() else None
+
+    return {
+        "scored_exposed": int(exposed.sum()),
+        "scored_exposed_share": round(float(exposed.mean()), 4),
+        "dropped_since_shock_exposed": rate(exposed),
+        "dropped_since_shock_unexposed": rate(~exposed),
     }
 
 
@@ -157,6 +207,7 @@ def run(
     from c360ml.model.pipeline import retrain_if_needed, run_training
     from c360ml.refresh import run_refresh
     from c360ml.synth import generate_lake
+    from c360ml.synth.generate import read_meta
 
     started = time.perf_counter()
     shutil.rmtree(base, ignore_errors=True)
@@ -184,12 +235,18 @@ def run(
         as_of = summary.as_of
         bundle = registry.load_bundle(f"models:/{settings.model_name}@champion")
         top = list(bundle.metadata.get("top_features", []))
+        active = bool(applied and shock and as_of >= shock_date)
+        shock_day = None
+        if active:
+            start = int(read_meta(settings.truth)["start_epoch"])
+            shock_day = (int(shock_date.timestamp()) - start) // 86_400
         row = {
             "month": m,
             "as_of": str(as_of),
-            "shock_active": bool(applied and shock and as_of >= shock_date),
+            "shock_active": active,
             "refresh_s": round(refresh_s, 1),
             **_month_figures(settings, as_of, top),
+            **_exposure(settings, as_of, shock_day),
         }
         t0 = time.perf_counter()
         outcome = retrain_if_needed(settings)
@@ -238,8 +295,10 @@ def run(
         "customers": customers,
         "seed": seed,
         "months": months,
+        "run": kind if shock else "control",
         "shock": shock,
         "shock_month": shock_month,
+        "shock_entry": (read_meta(settings.truth).get("shocks") or [None])[0],
         "watch": settings.watch.model_dump(),
         "initial_champion": initial,
         "champions": champions,
@@ -259,8 +318,6 @@ def _fmt(value, digits: int = 3) -> str:
 def expected_shape(doc: dict) -> list[str]:
     """#29's expected shape, checked against the figures (not assumed)."""
     rows, alarm = doc["months_detail"], doc["watch"]["psi_alarm"]
-    after = [r for r in rows if r["shock_active"]][:2]
-    psi = [max(r["score_psi"], r["max_top_feature_psi"] or 0) for r in after]
     fired = [r["month"] for r in rows if r["triggers"]]
     promoted = [r["month"] for r in rows if r.get("retrain", {}).get("promoted")]
     wins = [p for p in doc["old_vs_new"] if p.get("new_roc_auc") and p.get("old_roc_auc")]
@@ -270,33 +327,37 @@ def expected_shape(doc: dict) -> list[str]:
         for r in rows
         if r["realized_roc_auc"] is not None
     ]
-    return [
-        "Expected shape (#29), as measured:",
-        "",
-        f"- drift alarm within two refreshes of the shock: "
-        f"{'yes' if psi and max(psi) >= alarm else 'no'} (largest score or top-10 feature PSI "
-        f"in them {max(psi) if psi else float('nan'):.3f}, alarm {alarm})",
+    worst = max(drops) if drops else float("nan")
+    margin = doc["watch"]["realized_auc_drop"]
+    out = ["Expected shape (#29), as measured:", ""]
+    if doc["shock"]:
+        after = [r for r in rows if r["shock_active"]][:2]
+        psi = [max(r["score_psi"], r["max_top_feature_psi"] or 0) for r in after]
+        out.append(
+            f"- drift alarm within two refreshes of the shock: "
+            f"{'yes' if psi and max(psi) >= alarm else 'no'} (largest score or top-10 "
+            f"feature PSI in them {max(psi) if psi else float('nan'):.3f}, alarm {alarm})"
+        )
+    else:
+        out.append("- no shock (control): any trigger here is a false alarm")
+    out += [
         f"- a trigger fired in month(s): {fired or 'none'}; largest realized ROC AUC drop "
-        f"below the champion's test figure {max(drops) if drops else float('nan'):.3f} "
-        f"(margin {doc['watch']['realized_auc_drop']})",
+        f"below the scoring champion's test figure {worst:.3f} (margin {margin})",
         f"- a retrain promoted in month(s): {promoted or 'none'}",
-        f"- new champion beats the old on post-shock windows: {better} of {len(wins)}",
+        f"- new champion beats the old on windows closed after the retrain: {better} of "
+        f"{len(wins)}",
     ]
+    return out
 
 
-def markdown(doc: dict) -> str:
-    """The per-month table and the old-vs-new comparison."""
+def month_table(doc: dict) -> list[str]:
+    """One row per month: the model's figures, the triggers and the gate, and the truth."""
     lines = [
-        f"# Lifecycle: a simulated year ({doc['date']})",
-        "",
-        f"`{doc['command']}`: {doc['customers']:,} customers, seed {doc['seed']}, "
-        f"{doc['months']} monthly refreshes, shock `{doc['shock']}` (month "
-        f"{doc['shock_month'] or 'none'}), watch settings {json.dumps(doc['watch'])}; "
-        f"{doc['wall_s'] / 60:.0f} min, peak RSS {doc['peak_rss_mb']:.0f} MB.",
-        "",
-        "| month | as_of | model | est. ROC AUC | realized ROC AUC | score PSI | top-10 "
-        "feature PSI (max) | trigger | gate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| month | as_of | model | mean score | realized churn rate | est. ROC AUC "
+        "| realized ROC AUC | score PSI "
+        "| top-10 feature PSI (max, can alarm) | calendar-scaled PSI | trigger | gate "
+        "| scored exposed | dropped since shock: exposed / rest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["months_detail"]:
         gate = "–"
@@ -306,41 +367,69 @@ def markdown(doc: dict) -> str:
             gate = f"v{rt['version']} {verdict}: {rt['gate']}"
         trig = "; ".join(r["triggers"]) or "none"
         shock = " (shock)" if r["shock_active"] else ""
+        exposed = "–"
+        if r.get("scored_exposed") is not None:
+            exposed = f"{r['scored_exposed']:,} ({r['scored_exposed_share']:.0%})"
+        dropped = "–"
+        if r.get("dropped_since_shock_exposed") is not None:
+            dropped = (
+                f"{_fmt(r['dropped_since_shock_exposed'])} / "
+                f"{_fmt(r['dropped_since_shock_unexposed'])}"
+            )
         lines.append(
             f"| {r['month']}{shock} | {r['as_of'][:10]} | v{r['model_version']} | "
-            f"{_fmt(r['estimated_roc_auc'])} | {_fmt(r['realized_roc_auc'])} | "
-            f"{_fmt(r['score_psi'])} | {_fmt(r['max_top_feature_psi'])} "
-            f"({r['top_feature_max'] or '–'}) | {trig} | {gate} |"
+            f"{_fmt(r['mean_score'])} | {_fmt(r.get('realized_churn_rate'))} | "
+            f"{_fmt(r['estimated_roc_auc'])} | "
+            f"{_fmt(r['realized_roc_auc'])} | {_fmt(r['score_psi'])} | "
+            f"{_fmt(r['max_top_feature_psi'])} ({r['top_feature_max'] or '–'}) | "
+            f"{_fmt(r.get('max_calendar_psi'))} | {trig} | {gate} | {exposed} | {dropped} |"
         )
-    lines += ["", *expected_shape(doc)]
-    lines += ["", "Old (initial) vs new champion on the same customers, windows closed:", ""]
-    if doc["old_vs_new"]:
-        lines += [
-            "| month | ScoredAsOf | customers | churn rate | old | ROC AUC old | new | "
-            "ROC AUC new |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for p in doc["old_vs_new"]:
-            lines.append(
-                f"| {p['month']} | {p['ScoredAsOf'][:10]} | {p['customers']:,} | "
-                f"{_fmt(p['churn_rate'])} | v{p['old']} | {_fmt(p['old_roc_auc'])} | "
-                f"v{p['new']} | {_fmt(p['new_roc_auc'])} |"
-            )
-    else:
-        lines.append("none: no retrained champion scored an as_of whose window closed.")
+    return lines
+
+
+def old_vs_new(doc: dict) -> list[str]:
+    lines = ["Old (initial) vs new champion on the same customers, windows closed:", ""]
+    if not doc["old_vs_new"]:
+        return [*lines, "none: no retrained champion scored an as_of whose window closed."]
+    lines += [
+        "| month | ScoredAsOf | customers | churn rate | old | ROC AUC old | new | ROC AUC new |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in doc["old_vs_new"]:
+        lines.append(
+            f"| {p['month']} | {p['ScoredAsOf'][:10]} | {p['customers']:,} | "
+            f"{_fmt(p['churn_rate'])} | v{p['old']} | {_fmt(p['old_roc_auc'])} | "
+            f"v{p['new']} | {_fmt(p['new_roc_auc'])} |"
+        )
+    return lines
+
+
+def _header(doc: dict) -> str:
+    entry = doc.get("shock_entry") or {}
+    what = f"shock `{doc['shock']}` (month {doc['shock_month']})" if doc["shock"] else "no shock"
+    if entry:
+        what += (
+            f": {entry['description']}; {entry['exposed']:,} persons exposed, "
+            f"{entry['dropouts_brought_forward']:,} dropouts brought forward, "
+            f"{entry.get('purchases_skipped', 0):,} orders not placed over the simulated future"
+        )
+    return (
+        f"`{doc['command']}`: {doc['customers']:,} customers, seed {doc['seed']}, "
+        f"{doc['months']} monthly refreshes, {what}; watch settings {json.dumps(doc['watch'])}; "
+        f"{doc['wall_s'] / 60:.0f} min, peak RSS {doc['peak_rss_mb']:.0f} MB."
+    )
+
+
+def markdown(doc: dict) -> str:
+    """One run: the per-month table, the expected shape and the old-vs-new comparison."""
+    lines = [f"# Lifecycle, {doc['run']}: a simulated year ({doc['date']})", "", _header(doc)]
+    lines += ["", *month_table(doc), "", *expected_shape(doc), "", *old_vs_new(doc)]
     return "\n".join(lines) + "\n"
 
 
-def chart(doc: dict, path: Path) -> None:
-    """ROC AUC (estimated, realized, champion's test) and score PSI per month."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _panels(doc: dict, top, bottom) -> None:
     rows = doc["months_detail"]
     x = [r["month"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     top.plot(x, [r["estimated_roc_auc"] for r in rows], "o--", label="estimated (label-free)")
     real = [np.nan if r["realized_roc_auc"] is None else r["realized_roc_auc"] for r in rows]
     top.plot(x, real, "s-", label="realized")
@@ -351,14 +440,21 @@ def chart(doc: dict, path: Path) -> None:
     if doc["old_vs_new"]:
         top.plot([], [], "x", color="crimson", label="initial champion, same customers")
     top.set_ylabel("ROC AUC")
-    top.legend(fontsize=8, loc="lower left")
+    top.legend(fontsize=7, loc="lower left")
     bottom.bar(x, [r["score_psi"] for r in rows], color="steelblue", label="score PSI")
     bottom.plot(
         x,
         [r["max_top_feature_psi"] or 0 for r in rows],
         "d-",
         color="darkorange",
-        label="max top-10 feature PSI",
+        label="max top-10 feature PSI (can alarm)",
+    )
+    bottom.plot(
+        x,
+        [r.get("max_calendar_psi") or np.nan for r in rows],
+        ".:",
+        color="grey",
+        label="calendar-scaled top feature PSI (no alarm)",
     )
     bottom.axhline(doc["watch"]["psi_alarm"], color="red", lw=1, ls=":", label="psi_alarm")
     for r in rows:
@@ -371,12 +467,99 @@ def chart(doc: dict, path: Path) -> None:
             ax.axvline(doc["shock_month"] - 0.5, color="black", lw=1.5, ls="--")
     bottom.set_ylabel("PSI vs the test rows")
     bottom.set_xlabel("month (shock: dashed; retrain promoted: green, refused: grey)")
-    bottom.legend(fontsize=8, loc="upper left")
+    bottom.legend(fontsize=7, loc="upper left")
     bottom.set_xticks(x)
-    fig.suptitle(f"A simulated year, {doc['customers']:,} customers, shock {doc['shock']}")
+    top.set_title(f"{doc['run']}: {doc['shock'] or 'no shock'}", fontsize=9)
+
+
+def chart(docs: list[dict], path: Path) -> None:
+    """ROC AUC (estimated, realized, champion's test) and PSI per month, one column a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(docs), figsize=(6 * len(docs), 6.5), squeeze=False)
+    for k, doc in enumerate(docs):
+        _panels(doc, axes[0, k], axes[1, k])
+        axes[0, k].sharey(axes[0, 0])
+        axes[1, k].sharey(axes[1, 0])
+    fig.suptitle(f"A simulated year, {docs[0]['customers']:,} customers, monthly refreshes")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+RUNS = ("competitor", "recession", "control")  # the order of the combined files
+
+
+def summary_table(docs: list[dict]) -> list[str]:
+    """The runs side by side: what the monitoring saw, what fired, what the gate did."""
+    lines = [
+        "| run | largest score PSI (month) | largest top-10 feature PSI that can alarm "
+        "| largest realized ROC AUC drop below test | triggers fired (months) "
+        "| retrains promoted | new beats old on closed windows |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for doc in docs:
+        rows = doc["months_detail"]
+        top_score = max(rows, key=lambda r: r["score_psi"])
+        top_feat = max(rows, key=lambda r: r["max_top_feature_psi"] or 0)
+        drops = [
+            (doc["champions"][r["model_version"]]["test_roc_auc"] - r["realized_roc_auc"], r)
+            for r in rows
+            if r["realized_roc_auc"] is not None
+        ]
+        worst = max(drops, key=lambda d: d[0]) if drops else None
+        fired = [r["month"] for r in rows if r["triggers"]]
+        promoted = [r["month"] for r in rows if r.get("retrain", {}).get("promoted")]
+        wins = [p for p in doc["old_vs_new"] if p.get("new_roc_auc") and p.get("old_roc_auc")]
+        better = sum(p["new_roc_auc"] > p["old_roc_auc"] for p in wins)
+        lines.append(
+            f"| {doc['run']} | {top_score['score_psi']:.3f} ({top_score['month']}) | "
+            f"{_fmt(top_feat['max_top_feature_psi'])} ({top_feat['month']}, "
+            f"{top_feat['top_feature_max']}) | "
+            + (f"{worst[0]:.3f} (month {worst[1]['month']})" if worst else "–")
+            + f" | {fired or 'none'} | {promoted or 'none'} | {better} of {len(wins)} |"
+        )
+    return lines
+
+
+def combine(out: Path, findings: Path | None = None) -> None:
+    """lifecycle.json/.md/.png from the runs' files present in `out`, and the README."""
+    docs = [
+        json.loads((out / f"lifecycle_{name}.json").read_text())
+        for name in RUNS
+        if (out / f"lifecycle_{name}.json").exists()
+    ]
+    if not docs:
+        return
+    (out / "lifecycle.json").write_text(
+        json.dumps({"runs": {d["run"]: d for d in docs}}, indent=1, default=str)
+    )
+    lines = [
+        f"# Lifecycle: a simulated year, {len(docs)} run(s) side by side",
+        "",
+        "`make bench STAGE=lifecycle` (`python benchmarks/bench_lifecycle.py`; one run: "
+        "`--runs recession`). Each run: the demo lake, the champion trained as of "
+        "2025-12-31, 12 months of weekly increments, each month `refresh` then "
+        "`retrain --if-needed`. Per run: `lifecycle_<run>.json/.md/.png`.",
+        "",
+        *summary_table(docs),
+    ]
+    notes = out / "lifecycle_findings.md"
+    if notes.exists():  # the written analysis of these figures (by hand, not generated)
+        lines += ["", *notes.read_text().splitlines()]
+    for doc in docs:
+        lines += ["", f"### {doc['run']}", "", _header(doc), "", *month_table(doc)]
+        lines += ["", *expected_shape(doc), "", *old_vs_new(doc)]
+    (out / "lifecycle.md").write_text("\n".join(lines) + "\n")
+    chart(docs, out / "lifecycle.png")
+    if out.resolve() == RESULTS.resolve():
+        sys.path.insert(0, str(HERE))
+        from run import write_readme
+
+        write_readme()
 
 
 def main() -> None:
@@ -384,20 +567,31 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--months", type=int, default=12)
-    parser.add_argument("--shock-month", type=int, default=3, help="0: no shock (a control)")
-    parser.add_argument("--name", default="lifecycle", help="output file stem")
+    parser.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="comma-separated: competitor, recession (shock kinds) and/or control (none)",
+    )
+    parser.add_argument("--shock-month", type=int, default=3, help="month the shock starts")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--base", type=Path, default=CACHE)
+    parser.add_argument("--combine-only", action="store_true", help="rewrite combined files")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    doc = run(args.base, args.customers, args.seed, args.months, args.shock_month)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.name != "lifecycle":
-        doc["command"] = "python " + " ".join(sys.argv)
-    (args.out / f"{args.name}.json").write_text(json.dumps(doc, indent=1, default=str))
-    (args.out / f"{args.name}.md").write_text(markdown(doc))
-    chart(doc, args.out / f"{args.name}.png")
-    say(f"wrote {args.out / args.name}.json, .md, .png")
+    for name in [] if args.combine_only else args.runs.split(","):
+        if name not in RUNS:
+            raise SystemExit(f"--runs: unknown run {name!r} (one of {', '.join(RUNS)})")
+        kind, month = ("competitor", 0) if name == "control" else (name, args.shock_month)
+        doc = run(args.base / name, args.customers, args.seed, args.months, month, kind)
+        doc["command"] = "python benchmarks/bench_lifecycle.py --runs " + name
+        stem = args.out / f"lifecycle_{name}"
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(doc))
+        chart([doc], stem.with_suffix(".png"))
+        say(f"wrote {stem}.json, .md, .png")
+    combine(args.out)
+    say(f"wrote {args.out / 'lifecycle'}.json, .md, .png")
 
 
 if __name__ == "__main__":
