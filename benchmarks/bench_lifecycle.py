@@ -427,9 +427,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _panels(doc: dict, top, bottom) -> None:
+def _panels(doc: dict, top, bottom, level) -> None:
     rows = doc["months_detail"]
     x = [r["month"] for r in rows]
+    level.plot(x, [r["mean_score"] for r in rows], "o--", label="mean ChurnScore (at as_of)")
+    churn = [np.nan if r["realized_churn_rate"] is None else r["realized_churn_rate"] for r in rows]
+    level.plot(x, churn, "s-", label="realized churn rate (window closed)")
+    level.set_ylabel("share")
+    level.legend(fontsize=7, loc="lower left")
     top.plot(x, [r["estimated_roc_auc"] for r in rows], "o--", label="estimated (label-free)")
     real = [np.nan if r["realized_roc_auc"] is None else r["realized_roc_auc"] for r in rows]
     top.plot(x, real, "s-", label="realized")
@@ -460,30 +465,31 @@ def _panels(doc: dict, top, bottom) -> None:
     for r in rows:
         if r.get("retrain"):
             colour = "green" if r["retrain"]["promoted"] else "grey"
-            for ax in (top, bottom):
+            for ax in (top, bottom, level):
                 ax.axvline(r["month"], color=colour, lw=1, alpha=0.5)
-    for ax in (top, bottom):
+    for ax in (top, bottom, level):
         if doc["shock"]:
             ax.axvline(doc["shock_month"] - 0.5, color="black", lw=1.5, ls="--")
     bottom.set_ylabel("PSI vs the test rows")
-    bottom.set_xlabel("month (shock: dashed; retrain promoted: green, refused: grey)")
+    level.set_xlabel("month (shock: dashed; retrain promoted: green, refused: grey)")
     bottom.legend(fontsize=7, loc="upper left")
-    bottom.set_xticks(x)
+    level.set_xticks(x)
     top.set_title(f"{doc['run']}: {doc['shock'] or 'no shock'}", fontsize=9)
 
 
 def chart(docs: list[dict], path: Path) -> None:
-    """ROC AUC (estimated, realized, champion's test) and PSI per month, one column a run."""
+    """Per month, one column a run: ROC AUC (estimated, realized, champion's test), PSI, and
+    the mean score beside the realized churn rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(docs), figsize=(6 * len(docs), 6.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(docs), figsize=(6 * len(docs), 9), squeeze=False, sharex=True)
     for k, doc in enumerate(docs):
-        _panels(doc, axes[0, k], axes[1, k])
-        axes[0, k].sharey(axes[0, 0])
-        axes[1, k].sharey(axes[1, 0])
+        _panels(doc, axes[0, k], axes[1, k], axes[2, k])
+        for row in range(3):
+            axes[row, k].sharey(axes[row, 0])
     fig.suptitle(f"A simulated year, {docs[0]['customers']:,} customers, monthly refreshes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -579,6 +585,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in RUNS if args.combine_only else []:  # rewrite each run's md/png from its json
+        stem = args.out / f"lifecycle_{name}"
+        if stem.with_suffix(".json").exists():
+            doc = json.loads(stem.with_suffix(".json").read_text())
+            stem.with_suffix(".md").write_text(markdown(doc))
+            chart([doc], stem.with_suffix(".png"))
     for name in [] if args.combine_only else args.runs.split(","):
         if name not in RUNS:
             raise SystemExit(f"--runs: unknown run {name!r} (one of {', '.join(RUNS)})")
