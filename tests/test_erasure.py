@@ -31,7 +31,6 @@ from tests.conftest import user_env, user_project
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-AS_OF = pd.Timestamp("2025-12-31", tz="UTC")
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +144,21 @@ def _found(root: Path, needles: set[str], skip: tuple[Path, ...]) -> dict[str, l
 
 
 def test_erasure_killed_twice_leaves_no_identifier_anywhere(home):
-    from c360ml.model.pipeline import run_training
-    from c360ml.model.train import TrainConfig
-
     _cli(home, "generate", "--customers", "600", "--seed", "5", "--fresh")
     _cli(home, "build", "all")
-    settings = load_settings(home / "c360ml.yaml")
-    config = TrainConfig(nthread=2, max_trees=30, early_stopping_rounds=10, bootstrap_resamples=20)
-    assert run_training(settings, AS_OF, config=config).promoted
+    settings = load_settings(home / "c360ml.yaml", environ={})  # as the CLI sees it
+    # A small champion, trained in a process of its own as `c360ml train` would (MLflow's
+    # tracking and registry URIs are process-wide: this one's may point at another store).
+    train = (
+        "import pandas as pd; from c360ml.config import load_settings; "
+        "from c360ml.model.pipeline import run_training; from c360ml.model.train import "
+        "TrainConfig; config = TrainConfig(nthread=2, max_trees=30, early_stopping_rounds=10, "
+        "bootstrap_resamples=20); assert run_training(load_settings(), "
+        "pd.Timestamp('2025-12-31', tz='UTC'), config=config).promoted"
+    )
+    subprocess.run(
+        [sys.executable, "-c", train], cwd=home, env=user_env(home), check=True, timeout=600
+    )
     _cli(home, "refresh")
     lake = Lake(settings.lake)
     # The segment workflow's journey export and BentoML's copy of the champion, as a

@@ -165,7 +165,9 @@ def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJo
     deletes += [  # gold/orders' rows of the erased, replaced by a patch
         Delete(["gold", *parts], "customer_id", customer_ids, hidden_only=True)
         for parts in lake.tables("gold")
-        if customer_ids and "customer_id" in lake.schema("gold", *parts).names
+        if customer_ids
+        and parts[0] not in HISTORY
+        and "customer_id" in lake.schema("gold", *parts).names
     ]
     if not erased.empty and lake.exists(*STATE):  # the erased records' rows unify hid
         deletes.append(
