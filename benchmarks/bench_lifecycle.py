@@ -184,6 +184,8 @@ def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None
             continue
         p = scoring.score(bundle, request, explain="none")["ChurnScore"].to_numpy()
         out[f"{name}_roc_auc"] = round(float(roc_auc_score(joined["label"], p)), 4)
+        out[f"{name}_brier"] = round(float(np.mean((p - joined["label"].to_numpy()) ** 2)), 4)
+        out[f"{name}_mean_score"] = round(float(p.mean()), 4)
     out["churn_rate"] = round(float(joined["label"].mean()), 4)
     return out
 
@@ -387,20 +389,42 @@ def month_table(doc: dict) -> list[str]:
     return lines
 
 
-def old_vs_new(doc: dict) -> list[str]:
-    lines = ["Old (initial) vs new champion on the same customers, windows closed:", ""]
-    if not doc["old_vs_new"]:
-        return [*lines, "none: no retrained champion scored an as_of whose window closed."]
-    lines += [
-        "| month | ScoredAsOf | customers | churn rate | old | ROC AUC old | new | ROC AUC new |",
-        "|---|---|---|---|---|---|---|---|",
+def _pairs_table(pairs: list[dict]) -> list[str]:
+    lines = [
+        "| month | ScoredAsOf | customers | churn rate | old | ROC AUC old | Brier old "
+        "| mean score old | new | ROC AUC new | Brier new | mean score new |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for p in doc["old_vs_new"]:
+    for p in pairs:
         lines.append(
             f"| {p['month']} | {p['ScoredAsOf'][:10]} | {p['customers']:,} | "
             f"{_fmt(p['churn_rate'])} | v{p['old']} | {_fmt(p['old_roc_auc'])} | "
-            f"v{p['new']} | {_fmt(p['new_roc_auc'])} |"
+            f"{_fmt(p.get('old_brier'))} | {_fmt(p.get('old_mean_score'))} | v{p['new']} | "
+            f"{_fmt(p['new_roc_auc'])} | {_fmt(p.get('new_brier'))} | "
+            f"{_fmt(p.get('new_mean_score'))} |"
         )
+    return lines
+
+
+def old_vs_new(doc: dict) -> list[str]:
+    lines = ["Old (initial) vs new champion on the same customers, windows closed:", ""]
+    if not doc["old_vs_new"]:
+        lines.append("none: no retrained champion scored an as_of whose window closed.")
+    else:
+        lines += _pairs_table(doc["old_vs_new"])
+    w = doc.get("what_if")
+    if w:
+        verdict = "promoted" if w["promoted"] else "refused"
+        lines += [
+            "",
+            f"What if a trigger had fired in month {w['month']} (as_of {w['as_of'][:10]}, "
+            f"{w['why']}): `run_training` as of that day on the same lake made v{w['version']} "
+            f"(test ROC AUC {w['test_roc_auc']:.3f}; the gate {verdict} it: {w['gate']}; "
+            f"{w['seconds'] / 60:.0f} min). Initial and this model on the same customers of "
+            "every later as_of whose window closed:",
+            "",
+            *_pairs_table(w["old_vs_new"]),
+        ]
     return lines
 
 
@@ -568,6 +592,46 @@ def combine(out: Path, findings: Path | None = None) -> None:
         write_readme()
 
 
+def what_if(base: Path, out: Path, name: str, month: int) -> None:
+    """A finished run, replayed from its cache: train a challenger as of month `month`'s
+    as_of (nothing after it is read) and score every later as_of whose window closed with
+    it and with the initial champion, on the same customers and labels. Which month: the
+    issue expects the alarm within two refreshes of the shock, so the shock month + 2 is
+    when a retrain would have happened at the latest; the control gets the same month, so
+    what plain retraining on fresher data gains is measured beside what the shock adds."""
+    import mlflow
+
+    from c360ml.model.pipeline import run_training
+
+    settings = lifecycle_settings(base / name)
+    path = out / f"lifecycle_{name}.json"
+    doc = json.loads(path.read_text())
+    rows = doc["months_detail"]
+    as_of = pd.Timestamp(rows[month - 1]["as_of"])
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    t0 = time.perf_counter()
+    summary = run_training(settings, as_of)
+    pairs = []
+    for r in rows[month:]:
+        ts = pd.Timestamp(r["as_of"])
+        pair = _both_ways(settings, ts, doc["initial_champion"], summary.model_version)
+        if pair is not None:
+            pairs.append(pair | {"month": r["month"]})
+    doc["what_if"] = {
+        "month": month,
+        "as_of": str(as_of),
+        "why": "the shock month + 2" if doc["shock"] else "the same month as the shock runs",
+        "version": summary.model_version,
+        "promoted": bool(summary.promoted),
+        "gate": summary.gate_reason,
+        "test_roc_auc": round(float(summary.roc_auc), 4),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "old_vs_new": pairs,
+    }
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    say(f"what-if {name} month {month}: v{summary.model_version}, {len(pairs)} windows")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=20_000)
@@ -582,6 +646,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--base", type=Path, default=CACHE)
     parser.add_argument("--combine-only", action="store_true", help="rewrite combined files")
+    parser.add_argument(
+        "--what-if",
+        action="store_true",
+        help="after the runs: on each finished run of --runs (its cache), a challenger "
+        "trained at the shock month + 2 against the initial champion on later windows",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -602,6 +672,11 @@ def main() -> None:
         stem.with_suffix(".md").write_text(markdown(doc))
         chart([doc], stem.with_suffix(".png"))
         say(f"wrote {stem}.json, .md, .png")
+    for name in args.runs.split(",") if args.what_if else []:
+        what_if(args.base, args.out, name, args.shock_month + 2)
+        stem = args.out / f"lifecycle_{name}"
+        doc = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(markdown(doc))
     combine(args.out)
     say(f"wrote {args.out / 'lifecycle'}.json, .md, .png")
 

@@ -465,7 +465,9 @@ def main() -> None:
     for stage in stages:
         if stage == "lifecycle":  # only when named, not in "all": a simulated year on the
             # demo settings whatever SIZES says; writes lifecycle.json/.md/.png itself
-            subprocess.run([sys.executable, str(HERE / "bench_lifecycle.py")], check=True)
+            subprocess.run(
+                [sys.executable, str(HERE / "bench_lifecycle.py"), "--what-if"], check=True
+            )
             continue
         if stage == "serve":  # one model, any size: bench_serve writes serve.json/serve.md
             subprocess.run(
