@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 STAGE ?= all
 SIZES ?= 100000,1000000
 
-.PHONY: install demo test lint bench clean serve bento mlflow-ui browser
+.PHONY: install demo test test-fast lint bench clean serve bento mlflow-ui browser
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ browser:
 
 test: install lint browser
 	$(BIN)/pytest -q
+
+# While developing: the suite without the end-to-end runs over generated lakes (CI runs all).
+test-fast: install lint
+	$(BIN)/pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,bench]'
