@@ -43,6 +43,7 @@ from featuretools.feature_base import AggregationFeature
 from featuretools.primitives.utils import get_aggregation_primitives, get_transform_primitives
 
 from c360ml import progress
+from c360ml.features import custom
 from c360ml.features.aggregates import (
     IS_PURCHASE,
     LINE_ID,
@@ -307,16 +308,24 @@ def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
             f"{spec.max_features}; narrow the primitives or windows"
         )
     names = [f.get_name() for f in features]
-    log.info("derived %d features from %s", len(names), spec_path)
+    sql = custom.load_sql_features(spec_path)  # a user's SQL features, after the DFS ones
+    clash = sorted({f.name for f in sql} & set(names))
+    if clash:
+        raise ValueError(f"{spec_path}: sql feature name(s) {clash} are DFS feature names")
+    log.info("derived %d features (+%d SQL) from %s", len(names), len(sql), spec_path)
+    meta = {
+        "spec": str(spec_path),
+        "featuretools_version": ft.__version__,
+        "windows_days": spec.windows_days,
+    }
+    if sql:
+        meta[custom.META_KEY] = custom.to_meta(sql)
+    names += [f.name for f in sql]
     return FeatureSet(
         names=names,
         dtypes=dict.fromkeys(names, MATRIX_DTYPE),
         definitions_json=_without_id_values(ft.save_features(features)),
-        meta={
-            "spec": str(spec_path),
-            "featuretools_version": ft.__version__,
-            "windows_days": spec.windows_days,
-        },
+        meta=meta,
     )
 
 
@@ -474,13 +483,31 @@ def _to_float32(col: pd.Series) -> np.ndarray:
 
 
 def _load(fs: FeatureSet) -> list:
+    """The Featuretools features of fs (its SQL features are computed apart)."""
     with _quiet():
         loaded = ft.load_features(fs.definitions_json)
     by_name = {f.get_name(): f for f in loaded}
-    missing = [n for n in fs.names if n not in by_name]
+    sql = {f.name for f in custom.definitions(fs.meta)}
+    missing = [n for n in fs.names if n not in by_name and n not in sql]
     if missing:
         raise ValueError(f"feature definitions lack {missing[:5]}")
-    return [by_name[n] for n in fs.names]
+    return [by_name[n] for n in fs.names if n not in sql]
+
+
+def _with_sql(
+    matrix: pd.DataFrame,
+    frames: dict,
+    ids: pd.Index,
+    t: pd.Timestamp,
+    fs: FeatureSet,
+    current: GoldTables,
+) -> pd.DataFrame:
+    """The Featuretools matrix with fs's SQL features (c360ml.features.custom) beside it."""
+    sql = custom.definitions(fs.meta)
+    if not sql:
+        return matrix
+    extra = custom.compute_sql_features(frames, ids, t, sql, current)
+    return pd.concat([matrix, extra.set_axis(matrix.index)], axis=1)
 
 
 def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp, pd.Index]]:
@@ -506,8 +533,10 @@ def calculate_features(
     groups = list(_population_groups(population))
     with progress.track("features per cutoff", len(groups)) as advance:
         for t, ids in groups:
-            frames = activity_frames(view_as_of(restrict_to_customers(gold, ids), t))
+            mine = restrict_to_customers(gold, ids)
+            frames = activity_frames(view_as_of(mine, t))
             (matrix,) = _matrices(frames, t, [(ids, features)], engine)
+            matrix = _with_sql(matrix, frames, ids, t, fs, mine)
             parts.append(_feature_part(matrix, ids, t, fs))
             log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
             advance()
@@ -583,7 +612,8 @@ def calculate_snapshot(
     features = None
     if fs is not None:
         ids = requests[-1][0]
-        features = _feature_part(next(matrices), ids, as_of, fs)
+        matrix = _with_sql(next(matrices), frames, ids, as_of, fs, gold)
+        features = _feature_part(matrix, ids, as_of, fs)
         features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
     return measure_matrix, features
 

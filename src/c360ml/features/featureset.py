@@ -75,13 +75,17 @@ class FeatureSet:
         if unknown:
             raise ValueError(f"not in the feature set: {sorted(unknown)[:5]}")
         kept = [n for n in self.names if n in wanted]
+        sql = {d["name"] for d in self.meta.get("sql_features", [])}  # c360ml.features.custom
         definitions = json.loads(self.definitions_json)
-        definitions["feature_list"] = [f"{TARGET_DATAFRAME}: {n}" for n in kept]
+        definitions["feature_list"] = [f"{TARGET_DATAFRAME}: {n}" for n in kept if n not in sql]
+        meta = dict(self.meta)
+        if sql:
+            meta["sql_features"] = [d for d in meta["sql_features"] if d["name"] in wanted]
         return FeatureSet(
             names=kept,
             dtypes={n: self.dtypes[n] for n in kept},
             definitions_json=json.dumps(definitions),
-            meta=dict(self.meta),
+            meta=meta,
         )
 
 

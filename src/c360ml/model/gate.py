@@ -15,7 +15,8 @@ Then it is compared with the champion on one of two paths:
   artifact and the challenger (fitted before its refit) are scored on that cutoff.
 - **recipe**: the labels overlap (a monthly retrain, or the same as_of): the champion's
   artifact has seen the outcomes it would be judged on. The champion's *recipe* (its
-  hyperparameters, tree count, calibrator kind and carried feature definitions) is refitted
+  hyperparameters, tree count, calibrator kind and carried feature definitions; for a user's
+  estimator, a clone with its parameters) is refitted
   on the challenger's training cutoffs and both are scored on the challenger's test cutoff.
   This compares recipes on the same data; it cannot see data that is bad for both, which is
   what the sanity checks are for.
@@ -38,7 +39,15 @@ from c360ml.config import GateSettings
 from c360ml.model import evaluate
 from c360ml.model.evaluate import TIE_TOLERANCE, Interval
 from c360ml.model.scoring import CUSTOMER_ID, ModelBundle, score
-from c360ml.model.train import CUSTOMER, CUTOFF, LABEL, TrainResult, _utc, fit_recipe
+from c360ml.model.train import (
+    CUSTOMER,
+    CUTOFF,
+    LABEL,
+    TrainResult,
+    _utc,
+    fit_estimator_recipe,
+    fit_recipe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,9 +287,19 @@ def judge(
         else:
             meta = champion.metadata
             kind = champion.calibrator.kind if champion.calibrator else None
-            recipe = fit_recipe(
-                rows, champion.feature_names, result.plan, meta["params"], meta["n_trees"], kind
-            )
+            if champion.estimator is not None:  # a user's estimator: a clone of it
+                recipe = fit_estimator_recipe(
+                    rows,
+                    champion.feature_names,
+                    result.plan,
+                    champion.estimator,
+                    kind,
+                    result.config.nthread,
+                )
+            else:
+                recipe = fit_recipe(
+                    rows, champion.feature_names, result.plan, meta["params"], meta["n_trees"], kind
+                )
             theirs = _aligned(recipe, test[CUSTOMER])
     except (ValueError, KeyError) as exc:
         log.warning("gate: champion v%s cannot be measured: %s", champion_version, exc)

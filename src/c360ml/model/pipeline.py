@@ -31,6 +31,7 @@ from c360ml.model.train import (
     TrainConfig,
     TrainResult,
     eval_sample_rate_for,
+    evaluate_estimator,
     require_optuna,
     sample_customers,
     sample_population,
@@ -334,18 +335,64 @@ def oracle_churn_probability(
         return None
 
 
-def run_training(
+@dataclass
+class TrainingData:
+    """Everything `c360ml train` computes before it fits a model: the churn definition, the
+    customer samples, gold (for the sample), labels, the out-of-time plan, the candidate and
+    selected features, the labelled matrix, the RFM baseline's inputs and (generated lakes
+    only) the oracle. `prepare_training` builds it; the built-in recipe and a user's
+    estimator (c360ml.api) are both fitted on it, so they are measured on the same rows."""
+
+    as_of: pd.Timestamp  # the trained_as_of (UTC)
+    cfg: Any  # c360ml.features.ChurnConfig
+    config: TrainConfig
+    cutoffs: list[pd.Timestamp]
+    candidate_customers: int  # customers with an order in the training span
+    sample_rate: float  # customers sampled at the train/validation cutoffs
+    test_sample_rate: float  # customers sampled at the test cutoff
+    gold: Any  # c360ml.features.GoldTables of the sampled customers
+    plan: Any  # c360ml.model.splits.SplitPlan
+    candidates: Any  # FeatureSet before selection
+    features: Any  # FeatureSet after selection (travels with the model)
+    dropped: list[dict]  # features dropped by selection, with reasons
+    matrix: pd.DataFrame  # customer_id, cutoff_time, label, every candidate feature
+    rfm: pd.DataFrame  # recency/frequency/monetary per (customer_id, cutoff_time)
+    oracle: pd.Series | None  # true churn probability of test customers (generated lakes)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def window_days(self) -> int:
+        return self.cfg.prediction_window_days
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(self.features.names)
+
+    def model_matrix(self) -> pd.DataFrame:
+        """customer_id, cutoff_time, label and the selected features: what is fitted."""
+        return self.matrix[[CUSTOMER, CUTOFF, LABEL, *self.features.names]]
+
+    def split_of(self) -> pd.Series:
+        """Each matrix row's split by its cutoff: "train", "validation", "test" or "unused"
+        (the cutoffs whose label windows would overlap the test window)."""
+        return assign_splits(self.matrix, self.plan)
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """The model matrix rows of one split ("train", "validation" or "test")."""
+        splits = self.split_of()
+        if split not in set(splits):
+            raise ValueError(f"no split {split!r}; expected train, validation or test")
+        return self.model_matrix().loc[(splits == split).to_numpy()].reset_index(drop=True)
+
+
+def prepare_training(
     settings: Settings,
     as_of: pd.Timestamp,
-    tune: int = 0,
     sample_rate: float | None = None,
     config: TrainConfig | None = None,
-    require_approval: bool | None = None,
-    triggers: list[str] | None = None,
-) -> TrainSummary:
-    """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant).
-    The gate's decision goes to the watch webhook, if set, with the `triggers` of a
-    `retrain --if-needed` (None: a plain `train`)."""
+    tune: int = 0,
+) -> TrainingData:
+    """Labels, the split plan and the feature matrix for `as_of` (a UTC instant)."""
     from c360ml import features as ft
     from c360ml.lake import Lake
 
@@ -402,23 +449,108 @@ def run_training(
 
     test_customers = matrix.loc[_is(matrix, plan.test_cutoff), CUSTOMER]
     oracle = oracle_churn_probability(settings, test_customers, plan.test_cutoff, window)
-    result = train_and_evaluate(
-        matrix[[CUSTOMER, CUTOFF, LABEL, *fs.names]],
-        fs.names,
-        rfm,
-        window,
-        config,
+    return TrainingData(
+        as_of=as_of,
+        cfg=cfg,
+        config=config,
+        cutoffs=cutoffs,
+        candidate_customers=len(ordering),
+        sample_rate=rate,
+        test_sample_rate=test_rate,
+        gold=gold,
+        plan=plan,
+        candidates=candidates,
+        features=fs,
+        dropped=dropped,
+        matrix=matrix,
+        rfm=rfm,
         oracle=oracle,
+        seconds=seconds,
+    )
+
+
+def fit_builtin(data: TrainingData, tune: int = 0) -> TrainResult:
+    """The built-in recipe (XGBoost, early stopping, calibrator choice) on `data`."""
+    started = time.perf_counter()
+    result = train_and_evaluate(
+        data.model_matrix(),
+        data.feature_names,
+        data.rfm,
+        data.window_days,
+        data.config,
+        oracle=data.oracle,
         n_trials=tune,
     )
-    if oracle is not None:
-        result.test["oracle"] = result.test[CUSTOMER].map(oracle)
-    lap("train_seconds")
-    seconds |= {f"train.{k}": v for k, v in result.seconds.items()}
+    return _with_oracle(data, result, started)
 
-    bundle = registry.build_bundle(
-        result, fs.dtypes, fs.to_json(), cfg.to_dict(), as_of, test_sample_rate=test_rate
+
+def fit_estimator(data: TrainingData, estimator: Any) -> TrainResult:
+    """A user's scikit-learn-compatible classifier on `data`, measured as the built-in is."""
+    started = time.perf_counter()
+    result = evaluate_estimator(
+        data.model_matrix(),
+        data.feature_names,
+        data.rfm,
+        data.window_days,
+        estimator,
+        data.config,
+        oracle=data.oracle,
     )
+    return _with_oracle(data, result, started)
+
+
+def _with_oracle(data: TrainingData, result: TrainResult, started: float) -> TrainResult:
+    if data.oracle is not None:
+        result.test["oracle"] = result.test[CUSTOMER].map(data.oracle)
+    result.seconds["train_seconds"] = time.perf_counter() - started
+    return result
+
+
+def card_context(settings: Settings, data: TrainingData, code: str) -> report.CardContext:
+    """The model card's facts that the result does not hold."""
+    return report.CardContext(
+        model_name=settings.model_name,
+        trained_as_of=data.as_of,
+        window_days=data.window_days,
+        lookback_days=data.cfg.active_lookback_days,
+        cutoff_spacing_days=data.cfg.cutoff_spacing_days,
+        sample_rate=data.sample_rate,
+        test_sample_rate=data.test_sample_rate,
+        candidate_customers=data.candidate_customers,
+        population_rows=len(data.matrix),
+        n_candidate_features=len(data.candidates.names),
+        dropped_features=len(data.dropped),
+        code_version=code,
+    )
+
+
+def bundle_of(data: TrainingData, result: TrainResult) -> ModelBundle:
+    """What travels with the model (registry.build_bundle on this data's features)."""
+    fs = data.features
+    return registry.build_bundle(
+        result,
+        fs.dtypes,
+        fs.to_json(),
+        data.cfg.to_dict(),
+        data.as_of,
+        test_sample_rate=data.test_sample_rate,
+    )
+
+
+def register_training(
+    settings: Settings,
+    data: TrainingData,
+    result: TrainResult,
+    tune: int = 0,
+    require_approval: bool | None = None,
+    triggers: list[str] | None = None,
+) -> TrainSummary:
+    """Bundle, log, register and gate a fitted result; post the decision to the webhook."""
+    from c360ml import features as ft
+
+    started = time.perf_counter()
+    bundle = bundle_of(data, result)
+    matrix, gold = data.matrix, data.gold
 
     def champion_rows(champion: ModelBundle) -> pd.DataFrame:
         """The champion's features on every labelled row: reused or recomputed."""
@@ -432,59 +564,70 @@ def run_training(
         computed[CUTOFF] = pd.to_datetime(computed[CUTOFF], utc=True).dt.as_unit("us")
         return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
 
+    config = data.config
     params = {
-        "trained_as_of": str(as_of),
-        **{f"churn_{k}": v for k, v in cfg.to_dict().items()},
-        "sample_rate": rate,
-        "test_sample_rate": test_rate,
-        "sample_candidate_customers": len(ordering),
+        "trained_as_of": str(data.as_of),
+        **{f"churn_{k}": v for k, v in data.cfg.to_dict().items()},
+        "sample_rate": data.sample_rate,
+        "test_sample_rate": data.test_sample_rate,
+        "sample_candidate_customers": data.candidate_customers,
         "max_train_customers": config.max_train_customers,
         "max_test_customers": config.max_test_customers,
         "tune_trials": tune,
-        "split_mode": plan.mode,
-        "n_candidate_features": len(candidates.names),
-        "n_features": len(fs.names),
+        "split_mode": data.plan.mode,
+        "n_candidate_features": len(data.candidates.names),
+        "n_features": len(data.features.names),
         "explain_default": DEFAULT_EXPLAIN,
     }
-    card = report.CardContext(
-        model_name=settings.model_name,
-        trained_as_of=as_of,
-        window_days=window,
-        lookback_days=cfg.active_lookback_days,
-        cutoff_spacing_days=cfg.cutoff_spacing_days,
-        sample_rate=rate,
-        test_sample_rate=test_rate,
-        candidate_customers=len(ordering),
-        population_rows=len(matrix),
-        n_candidate_features=len(candidates.names),
-        dropped_features=len(dropped),
-        code_version=str(bundle.metadata.get("git_sha", bundle.metadata["package_version"])),
-    )
+    code = str(bundle.metadata.get("git_sha", bundle.metadata["package_version"]))
     logged, decision = log_and_gate(
         result,
         bundle,
         settings,
         params,
-        card,
+        card_context(settings, data, code),
         champion_rows,
-        extra_artifacts={"dropped_features.json": dropped},
-        oracle=oracle,
+        extra_artifacts={"dropped_features.json": data.dropped},
+        oracle=data.oracle,
         require_approval=require_approval,
     )
-    lap("log_and_gate_seconds")
+    seconds = dict(data.seconds)
+    seconds["train_seconds"] = result.seconds.get("train_seconds", 0.0)
+    seconds |= {f"train.{k}": v for k, v in result.seconds.items() if k != "train_seconds"}
+    seconds["log_and_gate_seconds"] = time.perf_counter() - started
     summary = summarise(
         result,
         logged,
         decision,
         settings.model_name,
-        as_of,
-        rate,
+        data.as_of,
+        data.sample_rate,
         seconds,
         tracking(settings)[0],
-        test_sample_rate=test_rate,
+        test_sample_rate=data.test_sample_rate,
     )
     webhook.post_event(settings.watch.webhook_url, webhook.gate_event(summary, triggers))
     return summary
+
+
+def run_training(
+    settings: Settings,
+    as_of: pd.Timestamp,
+    tune: int = 0,
+    sample_rate: float | None = None,
+    config: TrainConfig | None = None,
+    require_approval: bool | None = None,
+    triggers: list[str] | None = None,
+) -> TrainSummary:
+    """Train, evaluate, register and gate the churn model for `as_of` (a UTC instant).
+    The gate's decision goes to the watch webhook, if set, with the `triggers` of a
+    `retrain --if-needed` (None: a plain `train`).
+
+    Three steps, which `c360ml.api.Project` also calls one by one: `prepare_training`,
+    `fit_builtin`, `register_training`."""
+    data = prepare_training(settings, as_of, sample_rate, config, tune)
+    result = fit_builtin(data, tune)
+    return register_training(settings, data, result, tune, require_approval, triggers)
 
 
 def _keyed(population: pd.DataFrame) -> pd.DataFrame:

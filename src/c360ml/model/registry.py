@@ -100,6 +100,7 @@ def build_bundle(
     )
     return ModelBundle(
         booster=result.booster,
+        estimator=result.estimator,
         feature_names=result.feature_names,
         feature_dtypes={n: str(feature_dtypes.get(n, "float32")) for n in result.feature_names},
         thresholds=Thresholds(),
@@ -119,9 +120,18 @@ def build_bundle(
             "top_features": [r["feature"] for r in result.importance[:10]],
             "n_trees": result.n_trees,
             "params": result.params,
+            "model_kind": result.model_kind,
+            "explanations": explanations(result),
             **code_version(),
         },
     )
+
+
+def explanations(result: TrainResult) -> str:
+    """What InfluentialFactors the model gives (said on the version, the card and scores)."""
+    if result.estimator is None:
+        return "signed SHAP contributions of the XGBoost booster (top 5)"
+    return f"none: {result.model_kind} has no per-customer contributions"
 
 
 @dataclass(frozen=True)
@@ -147,7 +157,8 @@ def log_training(
     if run is None:
         raise RuntimeError("log_training needs an active MLflow run")
     mlflow.log_params({k: _param(v) for k, v in params.items()})
-    mlflow.log_params({f"xgb_{k}": _param(v) for k, v in result.params.items()})
+    prefix = "xgb" if result.estimator is None else "estimator"
+    mlflow.log_params({f"{prefix}_{k}": _param(v) for k, v in result.params.items()})
     mlflow.log_params({"n_trees": result.n_trees, "calibrator": result.calibration["chosen"]})
     mlflow.log_metrics({k: float(v) for k, v in result.metrics.items() if np.isfinite(v)})
     mlflow.set_tags(
@@ -158,6 +169,8 @@ def log_training(
             "refit_insample_test_* = registered (refit) model on the test cutoff, in sample",
             "grade": result.grade.grade,
             "grade_reason": result.grade.reason(),
+            "model_kind": result.model_kind,
+            "explanations": explanations(result),
             "trained_as_of": bundle.metadata["trained_as_of"],
             **{k: v for k, v in bundle.metadata.items() if k in ("git_sha", "package_version")},
         }
@@ -191,7 +204,7 @@ def log_training(
             signature=signature,
             input_example=example,
             registered_model_name=model_name,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(result.estimator is not None),
         )
     version_ = str(info.registered_model_version)
     client = MlflowClient()
@@ -199,6 +212,7 @@ def log_training(
     for key, value in {
         "trained_as_of": bundle.metadata["trained_as_of"],
         "grade": result.grade.grade,
+        "model_kind": result.model_kind,
         "evaluation": "optimistic" if result.optimistic else "out_of_time",
         "test_roc_auc": f"{result.metrics['test_roc_auc']:.4f}",
         "test_pr_auc": f"{result.metrics['test_pr_auc']:.4f}",
@@ -213,10 +227,12 @@ def _param(value: Any) -> str:
     return text[:5000]
 
 
-def _requirements() -> list[str]:
-    """Pinned runtime requirements of the pyfunc (c360ml itself must be installed too)."""
+def _requirements(estimator: bool = False) -> list[str]:
+    """Pinned runtime requirements of the pyfunc (c360ml itself must be installed too; a
+    user's estimator also needs its own package, which scikit-learn stands for here)."""
     reqs = []
-    for dist in ("xgboost-cpu", "pandas", "numpy", "pandera", "mlflow"):
+    dists = ("xgboost-cpu", "pandas", "numpy", "pandera", "mlflow")
+    for dist in (*dists, "scikit-learn") if estimator else dists:
         try:
             reqs.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:

@@ -129,14 +129,18 @@ def plot_score_distribution(test: pd.DataFrame, path: Path) -> Path:
 def write_plots(result: TrainResult, folder: Path, oracle: pd.Series | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     contrib, x = result.shap_sample
-    return [
+    plots = [
         plot_roc(result.test, folder / "roc.png", oracle),
         plot_pr(result.test, folder / "pr.png", oracle),
         plot_calibration(result.reliability, folder / "calibration.png"),
         plot_lift(result.test, folder / "lift.png"),
-        plot_shap_summary(contrib, x, result.feature_names, folder / "shap_summary.png"),
         plot_score_distribution(result.test, folder / "score_distribution.png"),
     ]
+    if len(contrib):  # a user's estimator has no contributions to plot
+        plots.insert(
+            4, plot_shap_summary(contrib, x, result.feature_names, folder / "shap_summary.png")
+        )
+    return plots
 
 
 def _curves(test: pd.DataFrame, oracle: pd.Series | None) -> dict[str, str]:
@@ -255,6 +259,20 @@ def grade_sentence(m: dict[str, float], grade: str) -> str:
     )
 
 
+def _model_line(result: TrainResult) -> str:
+    if result.estimator is None:
+        return (
+            f"XGBoost (hist), {result.n_trees} trees, max depth {result.params['max_depth']}, "
+            f"learning rate {result.params['eta']:.3f}."
+        )
+    shown = ", ".join(f"{k}={v}" for k, v in result.params.items() if k != "estimator")
+    return (
+        f"A user's estimator, `{result.params.get('estimator', result.model_kind)}` ({shown}), "
+        "evaluated by c360ml's splits, baselines and grade. InfluentialFactors: none (it has "
+        "no per-customer contributions; scores carry an empty list)."
+    )
+
+
 def model_card(result: TrainResult, ctx: CardContext) -> str:
     """The model card (markdown): what the model predicts, on what, how well, and limits."""
     m = result.metrics
@@ -294,6 +312,9 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
         f"mean |SHAP| {r['mean_abs_shap']:.3f})"
         for r in result.importance[:10]
     )
+    if not result.importance:
+        top = f"(none: {result.model_kind} has no per-customer contributions)"
+    trees = f" and {result.n_trees} trees" if result.estimator is None else ""
     cal = result.calibration
     cal_text = ", ".join(
         f"{k} {v:.4f}" for k, v in cal.items() if k in ("none", "platt", "isotonic")
@@ -330,8 +351,8 @@ Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grad
 - Training cutoffs: {", ".join(plan.to_dict()["train_cutoffs"])}
 - Validation: {plan.to_dict()["validation_cutoff"]} (early stopping, calibration choice)
 - Test: {plan.test_cutoff.date()} (reported metrics, grade, champion gate)
-- After evaluation the booster was **refitted on all cutoffs** with the same settings and
-  {result.n_trees} trees. All metrics below are measured on the **pre-refit** model; the
+- After evaluation the model was **refitted on all cutoffs** with the same settings{trees}.
+  All metrics below are measured on the **pre-refit** model; the
   refitted model's test-cutoff ROC AUC {_f(m["refit_insample_test_roc_auc"])} is in sample
   (it saw those labels) and is not a measurement.
 
@@ -384,8 +405,7 @@ if it lowers validation log loss). Reliability curve: `plots/calibration.png`.
 
 ## Model
 
-XGBoost (hist), {result.n_trees} trees, max depth {result.params["max_depth"]}, learning
-rate {result.params["eta"]:.3f}. Code version {ctx.code_version}.
+{_model_line(result)} Code version {ctx.code_version}.
 
 ## Limitations
 

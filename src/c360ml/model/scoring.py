@@ -5,6 +5,9 @@ customer gets the same ChurnScore, RiskLevel and InfluentialFactors whichever wa
 asked. The service imports this module, `c360ml.schemas` and `c360ml.config` only, so
 nothing here imports mlflow, featuretools or scikit-learn: a bundle is a plain folder
 (booster JSON + small JSON files) and the calibrator is stored as numbers, not a pickle.
+The one exception is a version trained with a user's own estimator (`c360ml.open(...)
+.evaluate`): its bundle holds the pickled estimator, which imports its own package when
+loaded, and scores without InfluentialFactors (it has no per-customer contributions).
 
 Explanations (InfluentialFactors) are signed SHAP contributions in log-odds units of the
 uncalibrated booster; with the bias term they sum to the booster's margin. "exact" is
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +48,9 @@ F32_MAX = float(np.finfo(np.float32).max)
 SCORE_CHUNK_ROWS = 100_000  # bounds the contribution matrix (rows x features float32)
 
 BOOSTER_FILE = "booster.json"
+# A user's scikit-learn-compatible estimator (c360ml.open(...).evaluate): pickled, as MLflow's
+# sklearn flavour stores it; only a bundle that carries one imports the estimator's package.
+ESTIMATOR_FILE = "estimator.pkl"
 FEATURES_FILE = "features.json"  # names + dtypes: all that scoring and the request schema need
 FEATURE_SET_FILE = "feature_set.json"  # FeatureSet.to_json(): definitions to recompute them
 METADATA_FILE = "bundle.json"  # thresholds, churn config, trained_as_of, versions, metrics
@@ -111,9 +118,15 @@ class Calibrator:
 
 @dataclass
 class ModelBundle:
-    """Everything scoring needs, loadable from a local folder without mlflow."""
+    """Everything scoring needs, loadable from a local folder without mlflow.
 
-    booster: xgb.Booster
+    The model is the built-in XGBoost `booster` or, for a version trained with a user's own
+    estimator, `estimator` (anything with `predict_proba`) and no booster. Both score
+    through `score`; only a booster has per-customer contributions (`explains`), so an
+    estimator's InfluentialFactors are always empty.
+    """
+
+    booster: xgb.Booster | None
     feature_names: tuple[str, ...]
     feature_dtypes: dict[str, str]
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -123,11 +136,24 @@ class ModelBundle:
     nthread: int | None = None  # XGBoost threads (load's argument); None: all cores
     # name -> label, unit, description (`c360ml.glossary`), fixed when the model was trained
     feature_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    estimator: Any = None  # a user's fitted estimator (predict_proba) instead of a booster
 
     def __post_init__(self) -> None:
+        if (self.booster is None) == (self.estimator is None):
+            raise ValueError("a model bundle holds either a booster or an estimator")
         missing = [n for n in self.feature_names if n not in self.feature_labels]
         if missing:  # bundles saved before labels were carried
             self.feature_labels = {**self.feature_labels, **glossary.describe_all(missing)}
+
+    @property
+    def explains(self) -> bool:
+        """Whether the model has per-customer contributions (InfluentialFactors)."""
+        return self.booster is not None
+
+    @property
+    def model_kind(self) -> str:
+        """ "xgboost" for the built-in booster, else the estimator's class name."""
+        return "xgboost" if self.booster is not None else type(self.estimator).__name__
 
     @property
     def trained_as_of(self) -> pd.Timestamp | None:
@@ -137,7 +163,10 @@ class ModelBundle:
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.booster.save_model(str(folder / BOOSTER_FILE))
+        if self.booster is not None:
+            self.booster.save_model(str(folder / BOOSTER_FILE))
+        else:
+            (folder / ESTIMATOR_FILE).write_bytes(pickle.dumps(self.estimator))
         features = {
             "names": list(self.feature_names),
             "dtypes": self.feature_dtypes,
@@ -155,12 +184,19 @@ class ModelBundle:
     @classmethod
     def load(cls, folder: Path, nthread: int | None = None) -> ModelBundle:
         folder = Path(folder)
-        if not (folder / BOOSTER_FILE).exists():
-            raise FileNotFoundError(f"no model bundle in {folder} (missing {BOOSTER_FILE})")
-        booster = xgb.Booster()
-        booster.load_model(str(folder / BOOSTER_FILE))
-        if nthread:
-            booster.set_param({"nthread": nthread})
+        booster, estimator = None, None
+        if (folder / BOOSTER_FILE).exists():
+            booster = xgb.Booster()
+            booster.load_model(str(folder / BOOSTER_FILE))
+            if nthread:
+                booster.set_param({"nthread": nthread})
+        elif (folder / ESTIMATOR_FILE).exists():
+            # Only bundles the project itself registered are loaded (MLflow or BentoML store).
+            estimator = pickle.loads((folder / ESTIMATOR_FILE).read_bytes())  # noqa: S301
+        else:
+            raise FileNotFoundError(
+                f"no model bundle in {folder} (missing {BOOSTER_FILE} or {ESTIMATOR_FILE})"
+            )
         features = json.loads((folder / FEATURES_FILE).read_text())
         meta = json.loads((folder / METADATA_FILE).read_text())
         fs_path = folder / FEATURE_SET_FILE
@@ -175,6 +211,7 @@ class ModelBundle:
             metadata=meta,
             nthread=nthread,
             feature_labels=features.get("labels", {}),
+            estimator=estimator,
         )
 
 
@@ -273,19 +310,35 @@ def feature_matrix(bundle: ModelBundle, frame: pd.DataFrame) -> np.ndarray:
 
 def margins(bundle: ModelBundle, x: np.ndarray) -> np.ndarray:
     """Raw log-odds of the booster (what the contributions add up to)."""
+    if bundle.booster is None:
+        raise ValueError(f"a {bundle.model_kind} model has no booster margins")
     return bundle.booster.inplace_predict(x, predict_type="margin").astype(np.float64)
 
 
 def probabilities(bundle: ModelBundle, x: np.ndarray) -> np.ndarray:
-    """ChurnScore: sigmoid of the margin, then the calibrator if the model carries one."""
-    p = 1.0 / (1.0 + np.exp(-margins(bundle, x)))
+    """ChurnScore: sigmoid of the margin (or the estimator's probability of class 1), then
+    the calibrator if the model carries one."""
+    if bundle.booster is None:
+        p = positive_proba(bundle.estimator, x)
+    else:
+        p = 1.0 / (1.0 + np.exp(-margins(bundle, x)))
     return bundle.calibrator.apply(p) if bundle.calibrator else p
+
+
+def positive_proba(estimator: Any, x: np.ndarray) -> np.ndarray:
+    """P(churned) from a scikit-learn-style classifier: the predict_proba column of class 1."""
+    classes = list(getattr(estimator, "classes_", [0, 1]))
+    if 1 not in classes:
+        raise ValueError(f"the estimator was not fitted on label 1 (classes {classes})")
+    return np.asarray(estimator.predict_proba(x), dtype=np.float64)[:, classes.index(1)]
 
 
 def contributions(bundle: ModelBundle, x: np.ndarray, method: Explain) -> np.ndarray:
     """Signed per-feature contributions + bias (last column); rows sum to the margin."""
     if method == "none":
         raise ValueError("contributions need explain='exact' or 'approx'")
+    if bundle.booster is None:
+        raise ValueError(f"a {bundle.model_kind} model has no per-customer contributions")
     # The DMatrix gets the booster's thread count: with the default (all cores) its
     # OpenMP region waits for a busy core, 0.1 ms becoming 5-15 ms per call under load.
     dm = xgb.DMatrix(x, missing=np.nan, nthread=bundle.nthread)
@@ -336,7 +389,9 @@ def score(
 ) -> pd.DataFrame:
     """Score a frame of CustomerId + feature columns; one output row per input row.
 
-    Never samples: every row in is a row out, in the same order.
+    Never samples: every row in is a row out, in the same order. A model without
+    contributions (`bundle.explains` False) returns empty InfluentialFactors whatever
+    `explain` asks.
     """
     if explain not in ("exact", "approx", "none"):
         raise ValueError(f"explain must be 'exact', 'approx' or 'none', not {explain!r}")
@@ -344,7 +399,7 @@ def score(
         frame = validate_request(bundle, frame)
     x = feature_matrix(bundle, frame)
     scores = probabilities(bundle, x)
-    if explain == "none":
+    if explain == "none" or not bundle.explains:
         factors: list[list] = [[] for _ in range(len(x))]
     else:
         factors = []

@@ -28,9 +28,10 @@ from pydantic import BaseModel, ConfigDict
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
+from threadpoolctl import threadpool_limits
 
 from c360ml.model import baselines, drift, evaluate
-from c360ml.model.scoring import Calibrator
+from c360ml.model.scoring import Calibrator, positive_proba
 from c360ml.model.splits import (
     TEST,
     TRAIN,
@@ -263,8 +264,8 @@ class TrainResult:
     feature_names: tuple[str, ...]
     params: dict[str, Any]
     n_trees: int
-    booster: xgb.Booster  # refit on all cutoffs: the registered model
-    prerefit_booster: xgb.Booster  # fitted on train only: the measured model
+    booster: xgb.Booster | None  # refit on all cutoffs: the registered model (None: estimator)
+    prerefit_booster: xgb.Booster | None  # fitted on train only: the measured model
     calibrator: Calibrator | None
     calibration: dict[str, Any]
     test: pd.DataFrame  # test rows: customer_id, label, score columns (never logged)
@@ -282,10 +283,18 @@ class TrainResult:
     config: TrainConfig = field(default_factory=TrainConfig)
     tuning_trials: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # A user's estimator (`evaluate_estimator`) in place of the booster: refit and pre-refit.
+    estimator: Any = None
+    prerefit_estimator: Any = None
 
     @property
     def optimistic(self) -> bool:
         return self.plan.optimistic
+
+    @property
+    def model_kind(self) -> str:
+        """ "xgboost" for the built-in recipe, else the estimator's class name."""
+        return "xgboost" if self.estimator is None else type(self.estimator).__name__
 
 
 def _utc(ts: pd.Timestamp) -> pd.Timestamp:
@@ -359,21 +368,7 @@ def train_and_evaluate(
         timings[name] = now - clock[0]
         clock[0] = now
 
-    cutoffs = sorted(pd.to_datetime(matrix[CUTOFF], utc=True).unique())
-    plan = plan_splits(list(cutoffs), window_days)
-    if plan.optimistic:
-        log.warning("evaluation is optimistic: %s", plan.reason)
-    split = assign_splits(matrix, plan).to_numpy()
-    x = matrix.loc[:, list(names)].to_numpy(dtype=np.float32, na_value=np.nan)
-    y = matrix[LABEL].to_numpy().astype(np.int8)
-    masks = {s: split == s for s in (TRAIN, VALIDATION, TEST)}
-    split_rows = {s: int(m.sum()) for s, m in masks.items()}
-    for s, n in split_rows.items():
-        if n == 0 or len(np.unique(y[masks[s]])) < 2:
-            raise ValueError(
-                f"the {s} split has {n} rows and needs both churned and retained customers "
-                f"({plan.reason})"
-            )
+    plan, split, x, y, masks, split_rows = _split_arrays(matrix, names, window_days)
 
     dtrain = xgb.QuantileDMatrix(
         x[masks[TRAIN]], y[masks[TRAIN]], max_bin=config.max_bin, nthread=config.nthread
@@ -391,13 +386,116 @@ def train_and_evaluate(
     def raw_p(booster: xgb.Booster, rows: np.ndarray) -> np.ndarray:
         return booster.inplace_predict(x[rows]).astype(np.float64)
 
-    val_p = raw_p(prerefit, masks[VALIDATION])
+    measured = _measure(
+        matrix, rfm, y, masks, window_days, config, oracle, lambda rows: raw_p(prerefit, rows)
+    )
+    measured.calibration["validation_log_loss_early_stopping"] = val_loss
+    lap("evaluate_seconds")
+
+    # Refit on every cutoff with the chosen settings and tree count.
+    refit_rows = refit_mask(pd.Series(split))
+    dall = xgb.QuantileDMatrix(
+        x[refit_rows], y[refit_rows], max_bin=config.max_bin, nthread=config.nthread
+    )
+    booster = xgb.train(params, dall, num_boost_round=n_trees)
+    _add_refit(measured, measured.served(raw_p(booster, masks[TEST])))
+    lap("refit_seconds")
+
+    # What the served model's inputs and outputs looked like out of sample: drift's baseline.
+    test = measured.test
+    reference = drift.references(x[masks[TEST]], names, test["refit"].to_numpy())
+    contrib, shap_x, importance = _shap_summary(booster, x[masks[TEST]], names, config.seed)
+    lap("shap_seconds")
+    return measured.result(
+        plan=plan,
+        feature_names=names,
+        params=params,
+        n_trees=n_trees,
+        booster=booster,
+        prerefit_booster=prerefit,
+        drift_reference=reference,
+        importance=importance,
+        shap_sample=(contrib, shap_x),
+        split_rows=split_rows,
+        input_example=input_example(x[masks[TRAIN]], names),
+        tuning_trials=trials,
+        seconds=timings,
+        config=config,
+    )
+
+
+@dataclass
+class _Measured:
+    """The test-cutoff evaluation of a pre-refit model, shared by the built-in recipe and a
+    user's estimator so that both are measured by the very same code."""
+
+    calibrator: Calibrator | None
+    calibration: dict[str, Any]
+    test: pd.DataFrame
+    metrics: dict[str, float]
+    rule: evaluate.RuleBaseline
+    grade: evaluate.Grade
+
+    def served(self, p: np.ndarray) -> np.ndarray:
+        return self.calibrator.apply(p) if self.calibrator else p
+
+    def result(self, **rest: Any) -> TrainResult:
+        y_test, p = self.test[LABEL].to_numpy(), self.test["model"].to_numpy()
+        return TrainResult(
+            calibrator=self.calibrator,
+            calibration=self.calibration,
+            test=self.test,
+            metrics=self.metrics,
+            grade=self.grade,
+            rule=self.rule,
+            reliability=evaluate.reliability_curve(y_test, p),
+            gains=evaluate.cumulative_gains(y_test, p),
+            risk_bands=evaluate.risk_band_rates(y_test, p),
+            **rest,
+        )
+
+
+def _split_arrays(
+    matrix: pd.DataFrame, names: tuple[str, ...], window_days: int
+) -> tuple[SplitPlan, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """The out-of-time plan, each row's split, X (float32, NaN kept), y and the row masks;
+    every split must hold both classes."""
+    cutoffs = sorted(pd.to_datetime(matrix[CUTOFF], utc=True).unique())
+    plan = plan_splits(list(cutoffs), window_days)
+    if plan.optimistic:
+        log.warning("evaluation is optimistic: %s", plan.reason)
+    split = assign_splits(matrix, plan).to_numpy()
+    x = matrix.loc[:, list(names)].to_numpy(dtype=np.float32, na_value=np.nan)
+    y = matrix[LABEL].to_numpy().astype(np.int8)
+    masks = {s: split == s for s in (TRAIN, VALIDATION, TEST)}
+    split_rows = {s: int(m.sum()) for s, m in masks.items()}
+    for s, n in split_rows.items():
+        if n == 0 or len(np.unique(y[masks[s]])) < 2:
+            raise ValueError(
+                f"the {s} split has {n} rows and needs both churned and retained customers "
+                f"({plan.reason})"
+            )
+    return plan, split, x, y, masks, split_rows
+
+
+def _measure(
+    matrix: pd.DataFrame,
+    rfm: pd.DataFrame,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+    window_days: int,
+    config: TrainConfig,
+    oracle: pd.Series | None,
+    raw_p: Any,
+) -> _Measured:
+    """Calibrator choice on the validation cutoff, then metrics, baselines, intervals and the
+    CI-D grade on the test cutoff; `raw_p(rows)` is the pre-refit model's raw probability."""
+    val_p = raw_p(masks[VALIDATION])
     val_customers = matrix.loc[masks[VALIDATION], CUSTOMER]
     calibrator, calibration = choose_calibrator(val_p, y[masks[VALIDATION]], val_customers)
-    calibration["validation_log_loss_early_stopping"] = val_loss
 
-    def served_p(booster: xgb.Booster, rows: np.ndarray) -> np.ndarray:
-        p = raw_p(booster, rows)
+    def served_p(rows: np.ndarray) -> np.ndarray:
+        p = raw_p(rows)
         return calibrator.apply(p) if calibrator else p
 
     # Baselines: RFM logistic fitted on the training split only, scored on test.
@@ -408,8 +506,8 @@ def train_and_evaluate(
         {
             CUSTOMER: matrix.loc[masks[TEST], CUSTOMER].to_numpy(),
             LABEL: y_test,
-            "model": served_p(prerefit, masks[TEST]),
-            "model_raw": raw_p(prerefit, masks[TEST]),
+            "model": served_p(masks[TEST]),
+            "model_raw": raw_p(masks[TEST]),
             "rfm_logistic": rfm_model.predict(test_rfm),
             "recency": baselines.recency_score(test_rfm),
         }
@@ -434,48 +532,154 @@ def train_and_evaluate(
         "grade_improvement": grade.improvement,
         "validation_log_loss_raw": calibration["none"],
     }
-    lap("evaluate_seconds")
+    return _Measured(calibrator, calibration, test, metrics, rule, grade)
 
-    # Refit on every cutoff with the chosen settings and tree count.
-    refit_rows = refit_mask(pd.Series(split))
-    dall = xgb.QuantileDMatrix(
-        x[refit_rows], y[refit_rows], max_bin=config.max_bin, nthread=config.nthread
+
+def _add_refit(measured: _Measured, refit_p: np.ndarray) -> None:
+    """The registered (refit) model's test-cutoff scores: in sample, reported beside."""
+    measured.test["refit"] = refit_p
+    refit = evaluate.binary_metrics(measured.test[LABEL].to_numpy(), refit_p)
+    measured.metrics |= {f"refit_insample_test_{k}": v for k, v in refit.items() if k != "rows"}
+
+
+def check_estimator(estimator: Any) -> None:
+    """A user's estimator must look like a scikit-learn classifier; says what is missing."""
+    missing = [m for m in ("fit", "predict_proba", "get_params") if not hasattr(estimator, m)]
+    if missing:
+        raise ValueError(
+            f"{type(estimator).__name__} is not a scikit-learn-compatible classifier "
+            f"(no {', '.join(missing)})"
+        )
+
+
+def _fit_estimator(estimator: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    """A fresh clone of `estimator` fitted on (x, y); a missing-value refusal is explained."""
+    from sklearn.base import clone
+
+    try:
+        return clone(estimator).fit(x, y)
+    except ValueError as exc:
+        if "NaN" in str(exc):
+            raise ValueError(
+                f"{type(estimator).__name__} cannot take missing feature values (features "
+                "are NaN where a customer has no such events); use an estimator that "
+                "accepts NaN or a Pipeline with a SimpleImputer"
+            ) from exc
+        raise
+
+
+def estimator_params(estimator: Any) -> dict[str, Any]:
+    """The estimator's class and shallow parameters, as loggable strings."""
+    params = {"estimator": f"{type(estimator).__module__}.{type(estimator).__name__}"}
+    for key, value in estimator.get_params(deep=False).items():
+        params[key] = value if isinstance(value, int | float | str | bool | None) else repr(value)
+    return params
+
+
+def evaluate_estimator(
+    matrix: pd.DataFrame,
+    feature_names: tuple[str, ...] | list[str],
+    rfm: pd.DataFrame,
+    window_days: int,
+    estimator: Any,
+    config: TrainConfig | None = None,
+    oracle: pd.Series | None = None,
+) -> TrainResult:
+    """`train_and_evaluate` for a user's scikit-learn-compatible classifier.
+
+    The same splits, calibrator choice, metrics, intervals, baselines and grade: a clone is
+    fitted on the training cutoffs (it gets no validation set: early stopping, if any, is
+    its own business), measured on the test cutoff, then a clone is refitted on every
+    cutoff and registered. No per-customer contributions (importance stays empty).
+    """
+    check_estimator(estimator)
+    config = config or TrainConfig()
+    names = tuple(feature_names)
+    rfm = align_rfm(matrix, rfm)
+    _check_inputs(matrix, rfm, names)
+    # The booster's thread budget (config.nthread) for the estimator's OpenMP/BLAS pools too:
+    # on 2 shared cores an unlimited pool spins against other jobs (scikit-learn's
+    # HistGradientBoosting fit measured 40 s with 2 threads under load, 3 s with 1).
+    with threadpool_limits(limits=config.nthread):
+        return _evaluate_estimator(matrix, names, rfm, window_days, estimator, config, oracle)
+
+
+def _evaluate_estimator(
+    matrix: pd.DataFrame,
+    names: tuple[str, ...],
+    rfm: pd.DataFrame,
+    window_days: int,
+    estimator: Any,
+    config: TrainConfig,
+    oracle: pd.Series | None,
+) -> TrainResult:
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
+    plan, split, x, y, masks, split_rows = _split_arrays(matrix, names, window_days)
+    prerefit = _fit_estimator(estimator, x[masks[TRAIN]], y[masks[TRAIN]])
+    lap("fit_seconds")
+    measured = _measure(
+        matrix,
+        rfm,
+        y,
+        masks,
+        window_days,
+        config,
+        oracle,
+        lambda rows: positive_proba(prerefit, x[rows]),
     )
-    booster = xgb.train(params, dall, num_boost_round=n_trees)
-    test["refit"] = served_p(booster, masks[TEST])
-    refit = evaluate.binary_metrics(y_test, test["refit"].to_numpy())
-    metrics |= {f"refit_insample_test_{k}": v for k, v in refit.items() if k != "rows"}
+    lap("evaluate_seconds")
+    refit_rows = refit_mask(pd.Series(split))
+    model = _fit_estimator(estimator, x[refit_rows], y[refit_rows])
+    _add_refit(measured, measured.served(positive_proba(model, x[masks[TEST]])))
     lap("refit_seconds")
-
-    # What the served model's inputs and outputs looked like out of sample: drift's baseline.
-    reference = drift.references(x[masks[TEST]], names, test["refit"].to_numpy())
-    contrib, shap_x, importance = _shap_summary(booster, x[masks[TEST]], names, config.seed)
-    lap("shap_seconds")
-    return TrainResult(
+    reference = drift.references(x[masks[TEST]], names, measured.test["refit"].to_numpy())
+    empty = np.zeros((0, len(names)), dtype=np.float32)
+    return measured.result(
         plan=plan,
         feature_names=names,
-        params=params,
-        n_trees=n_trees,
-        booster=booster,
-        prerefit_booster=prerefit,
-        calibrator=calibrator,
-        calibration=calibration,
-        test=test,
-        metrics=metrics,
-        grade=grade,
-        rule=rule,
-        reliability=evaluate.reliability_curve(y_test, test["model"].to_numpy()),
-        gains=evaluate.cumulative_gains(y_test, test["model"].to_numpy()),
+        params=estimator_params(estimator),
+        n_trees=0,
+        booster=None,
+        prerefit_booster=None,
         drift_reference=reference,
-        risk_bands=evaluate.risk_band_rates(y_test, test["model"].to_numpy()),
-        importance=importance,
-        shap_sample=(contrib, shap_x),
+        importance=[],
+        shap_sample=(empty, empty),
         split_rows=split_rows,
         input_example=input_example(x[masks[TRAIN]], names),
-        tuning_trials=trials,
         seconds=timings,
         config=config,
+        estimator=model,
+        prerefit_estimator=prerefit,
     )
+
+
+def fit_estimator_recipe(
+    matrix: pd.DataFrame,
+    feature_names: tuple[str, ...],
+    plan: SplitPlan,
+    estimator: Any,
+    calibrator_kind: str | None,
+    nthread: int = 2,
+) -> pd.Series:
+    """`fit_recipe` for a champion that is a user's estimator: a clone of it (same class and
+    parameters) fitted on the training cutoffs, its calibrator kind on the validation one."""
+    split = assign_splits(matrix, plan).to_numpy()
+    x = matrix.loc[:, list(feature_names)].to_numpy(dtype=np.float32, na_value=np.nan)
+    y = matrix[LABEL].to_numpy().astype(np.int8)
+    train, val, test = (split == s for s in (TRAIN, VALIDATION, TEST))
+    with threadpool_limits(limits=nthread):
+        model = _fit_estimator(estimator, x[train], y[train])
+    p = positive_proba(model, x[test])
+    if calibrator_kind not in (None, "none"):
+        p = fit_calibrator(calibrator_kind, positive_proba(model, x[val]), y[val]).apply(p)
+    return pd.Series(p, index=matrix.loc[test, CUSTOMER].to_numpy())
 
 
 def fit_recipe(
