@@ -96,13 +96,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
-    from c360ml import erasure
+    from c360ml import erasure, lease
     from c360ml.medallion import build
 
     if args.layer == "measures":
         return cmd_measures(args, settings)
-    if erasure.finish_pending(settings) is not None:
-        print("finished the erasure a stopped refresh left")
     steps: dict[str, Callable] = {
         "silver": build.build_silver,
         "unify": build.build_unify,
@@ -111,7 +109,13 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     order = ["ingest", "silver", "unify", "gold"] if args.layer == "all" else [args.layer]
     if args.layer == "gold":
         order = ["unify", "gold"]  # gold is keyed by unify's ids: unify always runs first
-    with progress.track(f"build {args.layer}", len(order)) as advance:
+    # One lease for all the steps: a refresh must not slip in between two of them.
+    with (
+        lease.exclusive(settings.lake, f"build {args.layer}", settings.lease_wait_seconds),
+        progress.track(f"build {args.layer}", len(order)) as advance,
+    ):
+        if erasure.finish_pending(settings) is not None:
+            print("finished the erasure a stopped refresh left")
         for step in order:
             started = time.perf_counter()
             if step == "ingest":
