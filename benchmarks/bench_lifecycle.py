@@ -156,37 +156,56 @@ def _exposure(settings, as_of: pd.Timestamp, shock_day: int | None) -> dict:
 
 
 def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None:
-    """Old and new champion scored on the same customers' stored features at as_of and
-    judged on the same realized labels (None: the window has not closed)."""
+    """Old and new champion scored on the same customers at as_of and judged on the same
+    realized labels (None: the window has not closed). The features are the stored
+    snapshot when it holds both models' features; otherwise both models' features are
+    recomputed from the lake's as-of view at as_of (the same data vintage for both, so a
+    late-arriving row cannot favour one), for the customers the snapshot holds."""
     import pyarrow.dataset as ds
     from sklearn.metrics import roc_auc_score
 
     import c360ml.features as ft
+    from c360ml.features import FeatureSet
     from c360ml.lake import Lake
     from c360ml.model import registry, scoring
-    from c360ml.refresh import latest_event_time
+    from c360ml.refresh import latest_event_time, snapshot_profiles
 
     lake = Lake(settings.lake)
     cfg = ft.load_churn_config(settings.path(settings.feature_spec))
     if as_of + pd.Timedelta(days=cfg.prediction_window_days) > latest_event_time(lake):
         return None
-    features = lake.read_pandas("gold", "customer_features", filter=ds.field("as_of") == as_of)
+    stored = lake.read_pandas("gold", "customer_features", filter=ds.field("as_of") == as_of)
     labels = ft.compute_labels(ft.read_gold(lake), [as_of], cfg)
-    joined = features.merge(labels[["customer_id", "label"]], on="customer_id")
-    request = joined.drop(columns=["as_of", "label"]).rename(columns={"customer_id": "CustomerId"})
-    out = {"ScoredAsOf": str(as_of), "customers": int(len(joined)), "old": old, "new": new}
-    for name, version in (("old", old), ("new", new)):
-        bundle = registry.load_bundle(f"models:/{settings.model_name}/{version}")
-        missing = set(bundle.feature_names) - set(request.columns)
-        if missing:
-            out[f"{name}_roc_auc"] = None
-            out[f"{name}_note"] = f"features not in the snapshot: {sorted(missing)[:3]}"
-            continue
+    labels = labels[labels["customer_id"].isin(stored["customer_id"])][["customer_id", "label"]]
+    bundles = {
+        name: registry.load_bundle(f"models:/{settings.model_name}/{version}")
+        for name, version in (("old", old), ("new", new))
+    }
+    needed = {f for b in bundles.values() for f in b.feature_names}
+    recompute = bool(needed - set(stored.columns))
+    out = {"ScoredAsOf": str(as_of), "old": old, "new": new}
+    out["features"] = "recomputed at as_of" if recompute else "stored snapshot"
+    frames = {}
+    for name, bundle in bundles.items():
+        if recompute:
+            fs = FeatureSet.from_json(bundle.feature_set_json)
+            frame = snapshot_profiles(settings, as_of, False, fs).features
+        else:
+            frame = stored
+        frames[name] = frame.merge(labels, on="customer_id")
+    customers = set(frames["old"]["customer_id"]) & set(frames["new"]["customer_id"])
+    for name, bundle in bundles.items():
+        joined = frames[name][frames[name]["customer_id"].isin(customers)]
+        joined = joined.sort_values("customer_id")
+        request = joined.drop(columns=["as_of", "label"], errors="ignore")
+        request = request.rename(columns={"customer_id": "CustomerId"})
         p = scoring.score(bundle, request, explain="none")["ChurnScore"].to_numpy()
-        out[f"{name}_roc_auc"] = round(float(roc_auc_score(joined["label"], p)), 4)
-        out[f"{name}_brier"] = round(float(np.mean((p - joined["label"].to_numpy()) ** 2)), 4)
+        y = joined["label"].to_numpy()
+        out[f"{name}_roc_auc"] = round(float(roc_auc_score(y, p)), 4)
+        out[f"{name}_brier"] = round(float(np.mean((p - y) ** 2)), 4)
         out[f"{name}_mean_score"] = round(float(p.mean()), 4)
-    out["churn_rate"] = round(float(joined["label"].mean()), 4)
+        out["customers"] = int(len(joined))
+        out["churn_rate"] = round(float(y.mean()), 4)
     return out
 
 
@@ -581,7 +600,7 @@ def combine(out: Path, findings: Path | None = None) -> None:
     if notes.exists():  # the written analysis of these figures (by hand, not generated)
         lines += ["", *notes.read_text().splitlines()]
     for doc in docs:
-        lines += ["", f"### {doc['run']}", "", _header(doc), "", *month_table(doc)]
+        lines += ["", f"## {doc['run']}", "", _header(doc), "", *month_table(doc)]
         lines += ["", *expected_shape(doc), "", *old_vs_new(doc)]
     (out / "lifecycle.md").write_text("\n".join(lines) + "\n")
     chart(docs, out / "lifecycle.png")
