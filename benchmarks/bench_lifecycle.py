@@ -528,11 +528,11 @@ def chart(docs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, len(docs), figsize=(6 * len(docs), 9), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        3, len(docs), figsize=(6 * len(docs), 9), squeeze=False, sharex=True, sharey="row"
+    )
     for k, doc in enumerate(docs):
         _panels(doc, axes[0, k], axes[1, k], axes[2, k])
-        for row in range(3):
-            axes[row, k].sharey(axes[row, 0])
     fig.suptitle(f"A simulated year, {docs[0]['customers']:,} customers, monthly refreshes")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
