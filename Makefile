@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 STAGE ?= all
 SIZES ?= 100000,1000000
 
-.PHONY: install demo test test-fast lint bench clean serve bento mlflow-ui browser
+.PHONY: install demo test test-fast docs lint bench clean serve bento mlflow-ui browser
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,13 @@ bento: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# The API reference, from the docstrings (pydoc: no extra dependency).
+DOCS_DIR ?= data/docs
+docs: install
+	mkdir -p $(DOCS_DIR)
+	cd $(DOCS_DIR) && $(CURDIR)/$(BIN)/python -m pydoc -w c360ml c360ml.api
+	@echo "API reference: $(abspath $(DOCS_DIR))/c360ml.api.html"
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks pipelines service

@@ -238,3 +238,17 @@ def test_every_public_name_has_a_docstring():
                 if callable(target) and not inspect.getdoc(target):
                     missing.append(f"{name}.{member}")
     assert missing == []
+
+
+def test_make_docs_writes_the_reference_of_every_public_name(tmp_path):
+    """The README's `make docs`, as a user runs it: one HTML page naming the API."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["make", "docs", f"DOCS_DIR={tmp_path}"], cwd=repo, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    page = (tmp_path / "c360ml.api.html").read_text()
+    assert all(f"{name}" in page for name in ("open", "Project", "evaluate", "training_data"))
