@@ -327,6 +327,18 @@ def align_rfm(matrix: pd.DataFrame, rfm: pd.DataFrame) -> pd.DataFrame:
     return left.merge(right[cols], on=key, how="left", validate="one_to_one")
 
 
+class Laps(dict[str, float]):
+    """Seconds per named stage, each counted from the end of the one before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self[name], self._last = now - self._last, now
+
+
 def input_example(train_x: np.ndarray, names: tuple[str, ...]) -> pd.DataFrame:
     """Two made-up rows for the signature: per-feature medians and quartiles of the training
     rows (aggregates, so no customer's own values) under placeholder CustomerIds.
@@ -360,13 +372,7 @@ def train_and_evaluate(
     names = tuple(feature_names)
     rfm = align_rfm(matrix, rfm)
     _check_inputs(matrix, rfm, names)
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = now - clock[0]
-        clock[0] = now
+    timings = lap = Laps()
 
     plan, split, x, y, masks, split_rows = _split_arrays(matrix, names, window_days)
 
@@ -419,7 +425,7 @@ def train_and_evaluate(
         split_rows=split_rows,
         input_example=input_example(x[masks[TRAIN]], names),
         tuning_trials=trials,
-        seconds=timings,
+        seconds=dict(timings),
         config=config,
     )
 
@@ -613,13 +619,7 @@ def _evaluate_estimator(
     config: TrainConfig,
     oracle: pd.Series | None,
 ) -> TrainResult:
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = now - clock[0]
-        clock[0] = now
+    timings = lap = Laps()
 
     plan, split, x, y, masks, split_rows = _split_arrays(matrix, names, window_days)
     prerefit = _fit_estimator(estimator, x[masks[TRAIN]], y[masks[TRAIN]])
@@ -653,7 +653,7 @@ def _evaluate_estimator(
         shap_sample=(empty, empty),
         split_rows=split_rows,
         input_example=input_example(x[masks[TRAIN]], names),
-        seconds=timings,
+        seconds=dict(timings),
         config=config,
         estimator=model,
         prerefit_estimator=prerefit,
