@@ -6,13 +6,11 @@ copies never rots; the asserts read its outputs."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "retention_notebook.ipynb"
-BUDGET_SECONDS = 240  # ~2 minutes on an idle machine; the 2 cores are shared with other jobs
 
 
 def _text(cell: dict) -> str:
@@ -26,7 +24,7 @@ def _text(cell: dict) -> str:
 
 @pytest.mark.slow
 def test_the_notebook_runs_and_registers_a_challenger_through_the_gate(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat
     from nbclient import NotebookClient
 
     home = tmp_path / "project"
@@ -36,11 +34,9 @@ def test_the_notebook_runs_and_registers_a_challenger_through_the_gate(tmp_path,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    started = time.perf_counter()
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
-    seconds = time.perf_counter() - started
     cells = [c for c in nb.cells if c.cell_type == "code"]
     text = "\n".join(_text(c) for c in cells)
     assert "Evaluation(HistGradientBoostingClassifier: grade" in text
@@ -54,4 +50,3 @@ def test_the_notebook_runs_and_registers_a_challenger_through_the_gate(tmp_path,
     assert "no per-customer contributions" in text
     versions = json.dumps([_text(c) for c in cells if "project.versions()" in c.source])
     assert "HistGradientBoostingClassifier" in versions
-    assert seconds < BUDGET_SECONDS, f"the notebook took {seconds:.0f} s"
