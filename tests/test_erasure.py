@@ -240,3 +240,22 @@ def test_a_pseudonymised_marker_still_erases_a_record_that_comes_back(tmp_path):
     assert erased_records(lake, previous).source_key.tolist() == ["c2"]
     lake.write(rows(["c1"], [3], [False]), "bronze", "dataverse", "contact")  # came back
     assert sorted(erased_records(lake, previous).source_key) == ["c1", "c2"]
+
+
+def test_a_file_a_killed_write_left_is_removed_not_read(tmp_path):
+    """A kill can leave a 0-byte or truncated Parquet file that no version refers to; the
+    erasure's file step removes it instead of failing to read it (the crash benchmark
+    found a rerun stopping on "Parquet file size is 0 bytes")."""
+    import pyarrow as pa
+
+    from c360ml.erasure import Delete, ErasureJob, run
+
+    lake = Lake(tmp_path)
+    lake.write(pa.table({"customer_id": ["C1", "C2"]}), "gold", "customer_measures")
+    orphans = [lake.path("gold", "customer_measures", f"part-{i}.parquet") for i in (0, 1)]
+    orphans[0].write_bytes(b"")
+    orphans[1].write_bytes(b"PAR1 cut short")
+    job = ErasureJob(["C1"], [], [], [Delete(["gold", "customer_measures"], "customer_id", ["C1"])])
+    result = run(lake, job)
+    assert not any(p.exists() for p in orphans) and result.files_removed >= 2
+    assert lake.read_pandas("gold", "customer_measures").customer_id.tolist() == ["C2"]

@@ -317,7 +317,13 @@ def _remove_old_files(lake: Lake, job: ErasureJob, result: ErasureResult) -> Non
 
 
 def _holds(path: Path, unique: pa.Array, match: Delete | None) -> bool:
-    schema = pq.read_schema(path)
+    """Whether an unreferenced file may hold an erased person. One that is no readable
+    Parquet (a write a kill cut short: no version refers to it) is garbage that may hold
+    anyone: it counts as holding."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError):
+        return True
     text = [f.name for f in schema if _is_text(f.type)]
     wanted = text + ([match.column] if match and match.column in schema.names else [])
     data = pq.read_table(path, columns=sorted(set(wanted)))
