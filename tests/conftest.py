@@ -49,6 +49,7 @@ def make_settings(tmp_path: Path) -> Settings:
         truth_root=tmp_path / "truth",
         reports_dir=tmp_path / "reports",
         mlflow_dir=tmp_path / "mlflow",
+        log_dir=tmp_path / "logs",
     )
 
 

@@ -23,8 +23,8 @@ import pandas as pd
 import yaml
 
 from c360ml.config import Settings
+from tests.conftest import make_settings
 
-REPO = Path(__file__).resolve().parents[1]
 COMPARED = ("gold", "quarantine", "state")  # the layers that must equal a run not killed
 # Columns that differ between two runs that were not killed either: when a row was
 # written (wall clock), and ingest's batch of it (one per run).
@@ -36,16 +36,7 @@ DECIMALS = 9  # floats compared rounded to 1e-9: a refresh's sums may differ in 
 UNIFY_STATE, PAIR_COUNTS = "state/unify/records", ("within_", "across_")
 
 
-def settings_of(project: Path) -> Settings:
-    """Settings of a project folder: every output under it, the repo's specs and SQL."""
-    return Settings(
-        root=REPO,
-        lake_root=project / "lake",
-        truth_root=project / "truth",
-        reports_dir=project / "reports",
-        mlflow_dir=project / "mlflow",
-        log_dir=project / "logs",
-    )
+settings_of = make_settings  # a project folder: every output under it, the repo's specs
 
 
 def write_config(project: Path) -> None:

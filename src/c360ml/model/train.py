@@ -604,8 +604,7 @@ def evaluate_estimator(
     rfm = align_rfm(matrix, rfm)
     _check_inputs(matrix, rfm, names)
     # The booster's thread budget (config.nthread) for the estimator's OpenMP/BLAS pools too:
-    # on 2 shared cores an unlimited pool spins against other jobs (scikit-learn's
-    # HistGradientBoosting fit measured 40 s with 2 threads under load, 3 s with 1).
+    # an unlimited pool oversubscribes cores that other jobs share.
     with threadpool_limits(limits=config.nthread):
         return _evaluate_estimator(matrix, names, rfm, window_days, estimator, config, oracle)
 
