@@ -92,7 +92,7 @@ def _advance_month(settings, month_end: pd.Timestamp, shock: str | None, applied
 
 def _month_figures(settings, as_of: pd.Timestamp, top: list[str]) -> dict:
     """The drift and the label-free estimate this refresh recorded for its as_of."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.model import drift, watch
     from c360ml.refresh import DRIFT, SCORED
 
@@ -122,7 +122,7 @@ def _exposure(settings, as_of: pd.Timestamp, shock_day: int | None) -> dict:
     """The truth behind this as_of's scored customers: how many the shocks expose, and how
     many of them (and of the rest) have dropped out since the shock day (their purchases
     stop; the model sees only the silence)."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.refresh import SCORED
     from c360ml.synth.generate import read_meta
     from c360ml.synth.shock import SHOCKS_FILE
@@ -166,7 +166,7 @@ def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None
 
     import c360ml.features as ft
     from c360ml.features import FeatureSet
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.model import registry, scoring
     from c360ml.refresh import latest_event_time, snapshot_profiles
 
@@ -223,7 +223,7 @@ def run(
 
     import mlflow
 
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.model import registry, watch
     from c360ml.model.pipeline import retrain_if_needed, run_training
     from c360ml.refresh import run_refresh

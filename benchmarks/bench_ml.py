@@ -20,7 +20,7 @@ def features(settings, out_dir: Path) -> dict:
     from bench_features import run
 
     from c360ml.features import read_gold
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
 
     gold = read_gold(Lake(settings.lake))
     return {"runs": run(gold, AS_OF, out_dir, repeats=1)}
@@ -59,7 +59,7 @@ def refresh(settings, out_dir: Path) -> dict:
     The increment is generated before the clock starts; the scores, snapshot and measures
     tables are dropped first, so the step really re-scores every profile.
     """
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.refresh import run_refresh
     from c360ml.report import build_report
     from c360ml.synth import generate_increment

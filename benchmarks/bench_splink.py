@@ -1,6 +1,6 @@
 """Splink 5.0 (DuckDB backend) as the probabilistic-linkage peer of c360ml's unify.
 
-Same input as ours: the records of `c360ml.unify.read_records` after `prepare_records`
+Same input as ours: the records of `c360ml.medallion.unify.read_records` after `prepare_records`
 (the same normalised e-mail, phone, names, postal code). Identifier values that our
 junk guard excludes (shared by more than `junk_max_records` records: a store's phone, a
 placeholder e-mail) are set to null here too; otherwise a block on phone would compare
@@ -23,7 +23,7 @@ THRESHOLD = 0.9  # match probability: a stated choice (90%), not tuned to the tr
 
 
 def splink_input(records: pd.DataFrame, junk_max: int, junk_fields: list[str]) -> pd.DataFrame:
-    from c360ml.unify import _fold, junk_values
+    from c360ml.medallion.unify import _fold, junk_values
 
     frame = pd.DataFrame(
         {

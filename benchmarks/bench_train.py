@@ -122,7 +122,7 @@ def main() -> None:
 
         from c360ml.features import GoldTables
         from c360ml.features.gold import GOLD_TABLES
-        from c360ml.lake import Lake
+        from c360ml.storage.lake import Lake
 
         sys.path.insert(0, str(HERE))
         from bench_features import make_synthetic_gold

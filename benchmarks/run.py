@@ -100,7 +100,7 @@ def timed_build(settings) -> dict:
 
 def stage_medallion(size: int) -> dict:
     """Full bronze -> gold build, then a ~1% increment and the incremental refresh."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.synth import generate_increment
 
     settings = work_settings(size)
@@ -167,7 +167,7 @@ def labels_quality(labels: np.ndarray, truth: np.ndarray) -> dict:
     combinatorics over cluster/person intersections (records without a truth are out)."""
     import pandas as pd
 
-    from c360ml.unify import pair_quality
+    from c360ml.medallion.unify import pair_quality
 
     known = truth >= 0
     frame = pd.DataFrame({"customer_id": labels[known], "person_id": truth[known]})
@@ -184,8 +184,8 @@ def stage_unify(size: int) -> dict:
     of the clusters of the rules up to it), and the cluster-size histogram."""
     import pandas as pd
 
-    from c360ml.lake import Lake
-    from c360ml.unify import (
+    from c360ml.storage.lake import Lake
+    from c360ml.medallion.unify import (
         build_unify,
         cluster,
         load_rules,
@@ -206,7 +206,7 @@ def stage_unify(size: int) -> dict:
     unify_rss = round(peak_rss_mb(), 1)
     source_map = lake.read_pandas("gold", "customer_source_map")
     keys = pd.read_parquet(settings.truth / "person_keys.parquet")
-    from c360ml.unify import pair_quality
+    from c360ml.medallion.unify import pair_quality
 
     overall = pair_quality(source_map, keys[keys["source"] != "generic"])
     # Per rule, on the same records and rules (the pure functions build_unify runs).
@@ -253,8 +253,8 @@ def stage_splink(size: int) -> dict:
     sys.path.insert(0, str(HERE))
     from bench_splink import run_splink
 
-    from c360ml.lake import Lake
-    from c360ml.unify import load_rules, prepare_records, read_records
+    from c360ml.storage.lake import Lake
+    from c360ml.medallion.unify import load_rules, prepare_records, read_records
 
     settings = silver_settings(size)
     lake = Lake(settings.lake)
@@ -283,7 +283,7 @@ def ml_settings(size: int):
     """A lake built bronze -> gold once per size (benchmarks/cache/<size>/ml), for the stages
     after gold. The build runs in its own process (`--build-ml SIZE`), so neither its time
     nor its memory is part of the calling stage's figures."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
 
     _, settings = _ml_paths(size)
     if not Lake(settings.lake).exists("gold", "orders"):

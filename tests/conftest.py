@@ -171,7 +171,7 @@ def assert_gold_equals_a_rebuild(settings: Settings, folder: Path) -> None:
 
     import pandas as pd
 
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.medallion.build import build_gold
 
     fresh = settings.model_copy(update={"lake_root": folder / "rebuilt"})

@@ -176,7 +176,7 @@ def cut_after(lake: Path, made: list[str], point: str) -> None:
 def tables(lake: Path, layers: tuple[str, ...] = COMPARED) -> dict[str, pd.DataFrame]:
     """Every Delta table of the compared layers, normalised for comparison: run-specific
     columns dropped, floats rounded, rows sorted."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
 
     lk = Lake(lake)
     out = {}
@@ -214,7 +214,7 @@ def differences(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> list[
 def accounting(lake: Path) -> list[str]:
     """Silver tables where bronze current-state rows != silver + quarantine rows (the
     invariant `SilverResult.balanced` checks as a build goes), counted from the lake."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.medallion.silver import bronze_current_rows
     from c360ml.sources.tables import SOURCE_TABLES
 

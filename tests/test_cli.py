@@ -124,7 +124,7 @@ def test_the_whole_loop_from_the_readme(user):
         assert code == 0, out
         assert "segments as of" in out and "journey exports" in out
         # The segments' control groups (10% of the risk segments) are left out of journeys.
-        from c360ml.lake import Lake
+        from c360ml.storage.lake import Lake
 
         lake = Lake(home / "data" / "lake")
         members = lake.read_pandas("gold", "segment_membership")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_silver
 from c360ml.synth import generate_increment
-from c360ml.unify import pair_quality
+from c360ml.medallion.unify import pair_quality
 from tests.conftest import assert_gold_equals_a_rebuild, build_all, generated_lake
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_unify_stopped_half_way_is_followed_by_a_whole_unify(lake, monkeypatch):
     """A unify that stops after writing the map but before the profiles: the next one
     does not trust the state (which the map no longer matches) and unifies everything,
     so map and profiles hold the same customers again."""
-    import c360ml.unify as unify
+    import c360ml.medallion.unify as unify
     from c360ml.medallion.ingest import ingest_landing
 
     generate_increment(lake)

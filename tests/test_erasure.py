@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from c360ml.config import load_settings
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.refresh import read_redirects
 from tests.conftest import user_env, user_project
 
@@ -214,7 +214,7 @@ def test_a_pseudonymised_marker_still_erases_a_record_that_comes_back(tmp_path):
 
     import pyarrow as pa
 
-    from c360ml.erasure import erased_records
+    from c360ml.medallion.erasure import erased_records
 
     lake = Lake(tmp_path)
     ts = pd.Timestamp("2026-01-01", tz="UTC")
@@ -248,7 +248,7 @@ def test_a_file_a_killed_write_left_is_removed_not_read(tmp_path):
     found a rerun stopping on "Parquet file size is 0 bytes")."""
     import pyarrow as pa
 
-    from c360ml.erasure import Delete, ErasureJob, run
+    from c360ml.medallion.erasure import Delete, ErasureJob, run
 
     lake = Lake(tmp_path)
     lake.write(pa.table({"customer_id": ["C1", "C2"]}), "gold", "customer_measures")

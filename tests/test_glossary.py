@@ -16,7 +16,7 @@ GOLDEN = Path(__file__).with_name("golden_feature_labels.json")
 def default_names(tmp_path_factory) -> list[str]:
     """The candidate features the default spec derives on a generated lake."""
     import c360ml.features as ft
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from tests.conftest import generated_lake
 
     settings = generated_lake(tmp_path_factory.mktemp("glossary"), customers=300, seed=1)

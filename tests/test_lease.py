@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from c360ml.lease import exclusive
+from c360ml.storage.lease import exclusive
 from tests.conftest import make_settings
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from c360ml.lease import exclusive
+from c360ml.storage.lease import exclusive
 with exclusive(Path(sys.argv[1]), "refresh", 0):
     Path(sys.argv[2]).write_text("held")
     time.sleep(float(sys.argv[3]))

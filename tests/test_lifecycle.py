@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from c360ml.config import WatchSettings
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.model import watch
 from c360ml.model.pipeline import retrain_if_needed, run_training
 from c360ml.refresh import SCORED, run_refresh

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_silver
 from c360ml.medallion.silver import bronze_current_rows
 from c360ml.model import scoring

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from rapidfuzz import fuzz
 
-from c360ml.unify import (
+from c360ml.medallion.unify import (
     assign_ids,
     cluster,
     load_rules,
@@ -361,7 +361,7 @@ def test_chunked_fuzzy_matching_equals_brute_force(rule):
 
 
 def test_sorted_words_make_ratio_equal_token_sort_ratio():
-    from c360ml.unify import _sorted_words
+    from c360ml.medallion.unify import _sorted_words
 
     names = np.array(["ann  lee smith", "smith ann lee", None, "lee ann", "bob o neil"], object)
     words = _sorted_words(names)

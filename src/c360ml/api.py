@@ -179,7 +179,7 @@ class Project:
     def table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         """A lake table as pandas, by its path under the lake root ("gold/orders",
         "silver/sales_table"); deletion vectors and erasures are honoured."""
-        from c360ml.lake import Lake
+        from c360ml.storage.lake import Lake
 
         parts = [p for p in name.strip("/").split("/") if p]
         lake = Lake(self.settings.lake)
@@ -216,8 +216,8 @@ class Project:
         is named. Returns a `c360ml.features.custom.LeakageReport`."""
         from c360ml.features import read_gold
         from c360ml.features.custom import check_leakage
-        from c360ml.lake import Lake
         from c360ml.refresh import latest_event_time
+        from c360ml.storage.lake import Lake
 
         settings = self._with_spec(features)
         lake = Lake(settings.lake)
@@ -362,9 +362,9 @@ class Project:
         A model without contributions (a user's estimator) gives InfluentialFactors None,
         and `frame.attrs["explanations"]` says why."""
         from c360ml import features as ft
-        from c360ml.lake import Lake
         from c360ml.model import scoring
         from c360ml.refresh import latest_event_time
+        from c360ml.storage.lake import Lake
 
         bundle, used = self.model(version)
         if bundle.feature_set_json is None:

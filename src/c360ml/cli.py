@@ -96,8 +96,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
-    from c360ml import erasure, lease
-    from c360ml.medallion import build
+    from c360ml.medallion import build, erasure
+    from c360ml.storage import lease
 
     if args.layer == "measures":
         return cmd_measures(args, settings)

@@ -29,14 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake.exceptions import DeltaError
 
-from c360ml import erasure, progress
+from c360ml import progress
 from c360ml.config import Settings
-from c360ml.erasure import ErasureResult
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
-from c360ml.medallion.gold import INPUTS_KEY
+from c360ml.medallion import erasure
+from c360ml.medallion.erasure import ErasureResult
 from c360ml.model import scoring
 from c360ml.schemas import ChurnScores, CustomerMeasures
+from c360ml.storage.inputs import last_record, stamp, versions
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 if TYPE_CHECKING:
     from c360ml.features import FeatureSet
@@ -165,7 +166,7 @@ def replace_as_of(
     if same_inputs(lake, table, as_of, inputs):
         return False
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = {INPUTS_KEY: json.dumps({**inputs, "as_of": str(as_of)})}
+    meta = stamp({**inputs, "as_of": str(as_of)})
     if not lake.exists("gold", table):
         lake.write(arrow, "gold", table, mode="overwrite", metadata=meta)
         return True
@@ -183,14 +184,9 @@ def replace_as_of(
 
 
 def same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bool:
-    if not lake.exists("gold", table):
-        return False
-    for meta in reversed(lake.commit_metadata("gold", table)):
-        if INPUTS_KEY in meta:
-            recorded = json.loads(meta[INPUTS_KEY])
-            if recorded.get("as_of") == str(as_of):
-                return {k: v for k, v in recorded.items() if k != "as_of"} == inputs
-    return False
+    """Whether `table`'s rows of `as_of` were last written from `inputs`."""
+    record = last_record(lake, ("gold", table), lambda r: r.get("as_of") == str(as_of))
+    return record is not None and {k: v for k, v in record[0].items() if k != "as_of"} == inputs
 
 
 REFRESH_OUTPUTS = (
@@ -205,11 +201,7 @@ REFRESH_OUTPUTS = (
 
 def gold_inputs(lake: Lake) -> dict[str, int]:
     """Versions of the gold tables the refresh reads: "same inputs" means these."""
-    return {
-        f"gold/{p[-1]}": lake.version("gold", *p)
-        for p in lake.tables("gold")
-        if p[-1] not in REFRESH_OUTPUTS
-    }
+    return versions(lake, "gold", exclude=REFRESH_OUTPUTS)
 
 
 @dataclass
@@ -672,7 +664,7 @@ def _log_outcomes(settings: Settings, outcomes: pd.DataFrame) -> None:
 def erase(
     lake: Lake, previous_map: pd.DataFrame | None, resumed: ErasureResult | None = None
 ) -> StepResult:
-    """Purge persons erased at the source since the previous refresh (c360ml.erasure);
+    """Purge persons erased at the source since the previous refresh (c360ml.medallion.erasure);
     `resumed` is the erasure a stopped run left, finished as this refresh started (its
     records are found again: the source map it was found from may be the same)."""
 
@@ -730,16 +722,13 @@ def last_scored_map(lake: Lake) -> pd.DataFrame | None:
     map_key = "gold/customer_source_map"
     if not lake.exists("gold", "customer_source_map"):
         return None
-    if lake.exists("gold", "churn_scores"):
-        for meta in reversed(lake.commit_metadata("gold", "churn_scores")):
-            version = json.loads(meta.get(INPUTS_KEY, "{}")).get(map_key)
-            if version is None:
-                continue
-            try:
-                return lake.read_pandas("gold", "customer_source_map", version=int(version))
-            except (OSError, DeltaError) as exc:  # its files removed by hand
-                log.warning("source map v%s of the last refresh unreadable: %s", version, exc)
-            break
+    record = last_record(lake, ("gold", "churn_scores"), lambda r: map_key in r)
+    if record is not None:
+        version = record[0][map_key]
+        try:
+            return lake.read_pandas("gold", "customer_source_map", version=int(version))
+        except (OSError, DeltaError) as exc:  # its files removed by hand
+            log.warning("source map v%s of the last refresh unreadable: %s", version, exc)
     return lake.read_pandas("gold", "customer_source_map")
 
 

@@ -22,7 +22,6 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from c360ml.config import Settings, load_yaml_model
-from c360ml.lake import Lake
 from c360ml.model.splits import customer_bucket
 from c360ml.refresh import (
     StepResult,
@@ -32,6 +31,7 @@ from c360ml.refresh import (
     replace_as_of,
 )
 from c360ml.schemas import SegmentMembership
+from c360ml.storage.lake import Lake
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from c360ml.features import (
     read_gold,
 )
 from c360ml.features.dfs import _aggregate, _load
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from tests.conftest import generated_lake
 
 from .tiny_gold import DAY, MEASURES, SPEC, T

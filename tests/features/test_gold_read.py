@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from c360ml.features import compute_labels, read_gold, read_ordering_customers
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from tests.conftest import write_gold
 
 from .tiny_gold import CFG, DAY, T, make_gold

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from c360ml import features as ft
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.synth.oracle import oracle_purchase_probability, valid_purchases
 
 log = logging.getLogger(__name__)

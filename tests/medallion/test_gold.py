@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_gold, build_silver, build_unify
 from c360ml.medallion.ingest import ingest_landing
 from tests.conftest import assert_gold_equals_a_rebuild, write_sync_folder

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.ingest import IngestError, ingest_landing
 from c360ml.sources import synapse
 from c360ml.sources.tables import source_table

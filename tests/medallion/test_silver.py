@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.ingest import ingest_landing
 from c360ml.medallion.silver import build_silver, normalise_phone, purge_accounting
 from tests.conftest import write_sync_folder
@@ -256,7 +256,7 @@ def test_bronze_rewritten_by_an_erasure_is_not_new_again(settings):
     )
     _run(settings)
     assert sorted(_silver(settings, "contact").index) == ["c1"]
-    # the erasure's bronze rewrite (c360ml.erasure deletes c1's rows from both layers)
+    # the erasure's bronze rewrite (c360ml.medallion.erasure deletes c1's rows from both layers)
     lake.delta("bronze", "dataverse", "contact").delete("contactid = 'c1'")
     accounting = purge_accounting(lake, "contact")
     lake.delta("silver", "contact").delete("contactid = 'c1'", commit_properties=accounting)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.medallion.sql import duckdb_connection, register
 
 

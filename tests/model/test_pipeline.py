@@ -16,7 +16,7 @@ import yaml
 
 import c360ml.features as ft
 from c360ml.config import Settings
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 from c360ml.model.pipeline import run_training
 from c360ml.model.scoring import score
 from c360ml.model.splits import customer_bucket
@@ -206,7 +206,7 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
     import sys
     import types
 
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
     from c360ml.model.pipeline import oracle_churn_probability
 
     settings = Settings(root=tmp_path, lake_root=tmp_path / "lake", truth_root=tmp_path / "truth")

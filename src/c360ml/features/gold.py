@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from c360ml.features.spec import to_utc
-from c360ml.lake import Lake
 from c360ml.schemas import (
     CustomerProfile,
     OrderLines,
@@ -34,6 +33,7 @@ from c360ml.schemas import (
     SupportCases,
     columns,
 )
+from c360ml.storage.lake import Lake
 
 log = logging.getLogger(__name__)
 

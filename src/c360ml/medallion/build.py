@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
 from c360ml.medallion.gold import build_gold
 from c360ml.medallion.silver import build_silver
-from c360ml.unify import build_unify
+from c360ml.medallion.unify import build_unify
+from c360ml.storage.lake import Lake
 
 __all__ = ["build_gold", "build_silver", "build_unify", "describe_layer"]
 

@@ -20,7 +20,6 @@ its last part records: recomputing an order twice gives the same rows).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -33,8 +32,6 @@ import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
 from c360ml.medallion.patch import (
     HISTORY_FEEDS,
     ORDER_FEEDS,
@@ -63,10 +60,12 @@ from c360ml.schemas import (
     StatusHistory,
     SupportCases,
 )
+from c360ml.storage.inputs import last_record, stamp, unchanged, versions
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 
-INPUTS_KEY = "c360ml.inputs"
 # A patch of more than this share of a table's rows (and more than PATCH_ALWAYS orders)
 # rebuilds the table instead: it would cost as much and hold more.
 PATCH_MAX_SHARE, PATCH_ALWAYS = 0.3, 100_000
@@ -89,37 +88,18 @@ class GoldSummary:
 
 def lake_versions(lake: Lake) -> dict[str, int]:
     """Versions of every bronze/silver table and the source map: what gold is built from."""
-    found = {
-        f"{layer}/{'/'.join(p)}": lake.version(layer, *p)
-        for layer in ("bronze", "silver")
-        for p in lake.tables(layer)
-    }
+    found = versions(lake, "bronze") | versions(lake, "silver")
     found["gold/customer_source_map"] = lake.version("gold", "customer_source_map")
     return found
-
-
-def _last_record(lake: Lake, where: tuple[str, ...]) -> dict[str, str] | None:
-    """The metadata of a table's last commit that recorded its inputs, if any."""
-    if not lake.exists(*where):
-        return None
-    metas = [m for m in lake.commit_metadata(*where) if INPUTS_KEY in m]
-    return metas[-1] if metas else None
-
-
-def inputs_unchanged(lake: Lake, parts: list[tuple[str, ...]], inputs: dict) -> bool:
-    """Whether every part of a unit of work (a gold table and its quarantine) was last
-    written from `inputs`: a build killed between their commits leaves one behind."""
-    records = [_last_record(lake, where) for where in parts]
-    return all(r is not None and json.loads(r[INPUTS_KEY]) == inputs for r in records)
 
 
 def recorded_inputs(lake: Lake, where: tuple[str, ...], digest: str) -> dict[str, int] | None:
     """The inputs a unit was last completed from, as its last part (`where`) records
     them, if it was built from this SQL."""
-    record = _last_record(lake, where)
-    if record is None or record.get(SQL_KEY) != digest:
+    record = last_record(lake, where)
+    if record is None or record[1].get(SQL_KEY) != digest:
         return None
-    return json.loads(record[INPUTS_KEY])
+    return record[0]
 
 
 # pandera dtype (as the gold models declare it) -> the Arrow type of the lake column.
@@ -304,7 +284,7 @@ def stream_gold(
             failed.append(exc)  # the writer wraps it; re-raised as it was, below
             raise
 
-    metadata = {INPUTS_KEY: json.dumps(inputs), **(meta or {})}
+    metadata = stamp(inputs, **(meta or {}))
     try:
         lake.write(
             pa_arrow.RecordBatchReader.from_batches(check.schema, batches()),
@@ -390,7 +370,7 @@ def build_gold(settings: Settings) -> GoldSummary:
         digest = sql_digest(settings, *(f"gold/{n}" for n in used))
         how = "unchanged"
         parts = [("gold", name)] + ([("quarantine", "gold", name)] if quarantine else [])
-        if not inputs_unchanged(lake, parts, inputs):
+        if not unchanged(lake, parts, inputs):
             since = recorded_inputs(lake, parts[-1], digest) if patch and not generic else None
             affected = patch(since) if since is not None else None
             if affected is not None and affected.size > max(
@@ -411,7 +391,7 @@ def build_gold(settings: Settings) -> GoldSummary:
                     register_all_orders(scoped)
                 restrict(scoped, lake, views, affected, patched)
                 readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
-                meta[INPUTS_KEY] = json.dumps(inputs)
+                meta.update(stamp(inputs))
                 ids = affected.ids()
                 written = patch_gold(lake, name, readers, model, meta, quarantine, key, ids)
                 patched.update({where: (ids, rows) for where, rows in written.items()})
@@ -530,9 +510,9 @@ def build_gold(settings: Settings) -> GoldSummary:
             # Last, so that a build stopped before it recomputes the same accounts'
             # orders; with the inputs, so that one stopped just before writes it next time
             # (the order tables then count as done).
-            if not inputs_unchanged(lake, [STATE], inputs):
+            if not unchanged(lake, [STATE], inputs):
                 lake.write(accounts, *STATE, mode="overwrite",
-                           metadata={INPUTS_KEY: json.dumps(inputs)})  # fmt: skip
+                           metadata=stamp(inputs))  # fmt: skip
 
     # The cases depend on no order table: they are built alongside the orders (a
     # build is partly single-threaded: at 1M customers an incremental one used 1.6 of

@@ -31,10 +31,10 @@ import yaml
 from rich.progress import Progress
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
 from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, read_model_json
 from c360ml.sources.tables import Column, source_table
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
 from c360ml.medallion.silver import CHANGES_FROM, change_log
 from c360ml.medallion.sql import duckdb_connection, register, render
 from c360ml.sources.tables import SOURCE_TABLES
+from c360ml.storage.lake import Lake
 
 STATE = ("state", "gold", "order_accounts")
 SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table was built from

@@ -34,10 +34,10 @@ from deltalake.exceptions import DeltaError
 from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
 from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
+from c360ml.storage.lake import Lake
 
 STREAM_ROWS = 500_000  # rows per record batch of a streamed result
 MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8 GB)
@@ -85,7 +85,7 @@ def register(
     written at other schema versions are read by column name. A table with no files is
     registered from its Arrow schema. The rows a file's deletion vector deletes are
     anti-joined away by (filename, file_row_number), in those files only; with
-    `positions` every row keeps both columns (what `c360ml.lake.Lake.delete_and_append`
+    `positions` every row keeps both columns (what `c360ml.storage.lake.Lake.delete_and_append`
     takes).
     """
     files, deleted = lake.live_files(layer, *parts)

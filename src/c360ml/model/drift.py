@@ -133,7 +133,7 @@ def latest_alarms(table, model_version: str | None = None) -> dict[str, object] 
 
 def read_latest_alarms(settings, model_version: str | None = None) -> dict[str, object] | None:
     """latest_alarms of the lake's gold/score_drift (None: no drift measured yet)."""
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
     if not lake.exists("gold", "score_drift"):

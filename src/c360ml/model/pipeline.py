@@ -294,7 +294,7 @@ def oracle_churn_probability(
         import pyarrow as pa
         import pyarrow.dataset as ds
 
-        from c360ml.lake import Lake
+        from c360ml.storage.lake import Lake
         from c360ml.synth.oracle import oracle_purchase_probability
 
         # Only the test customers' rows of the map and of the truth are read.
@@ -394,7 +394,7 @@ def prepare_training(
 ) -> TrainingData:
     """Labels, the split plan and the feature matrix for `as_of` (a UTC instant)."""
     from c360ml import features as ft
-    from c360ml.lake import Lake
+    from c360ml.storage.lake import Lake
 
     if tune < 0:
         raise ValueError(f"--tune takes a number of Optuna trials >= 0, not {tune}")
@@ -652,8 +652,8 @@ class RetrainOutcome:
 def champion_health(settings: Settings) -> watch.Health:
     """The champion's age against the lake's data end, and its latest drift and realized
     figures from gold/score_drift and gold/score_outcomes."""
-    from c360ml.lake import Lake
     from c360ml.refresh import DRIFT, latest_event_time
+    from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
     uri, _ = tracking(settings)
@@ -691,8 +691,8 @@ def retrain_if_needed(
 ) -> RetrainOutcome:
     """Train a challenger and run the gate when a trigger fires (`watch.triggers`);
     `as_of` defaults to the day the lake's data ends."""
-    from c360ml.lake import Lake
     from c360ml.refresh import latest_event_time
+    from c360ml.storage.lake import Lake
 
     health = champion_health(settings)
     w = settings.watch

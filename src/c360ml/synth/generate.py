@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from c360ml.config import Settings
-from c360ml.lake import LAYERS, Lake
-from c360ml.lease import writes_lake
 from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
+from c360ml.storage.lake import LAYERS, Lake
+from c360ml.storage.lease import writes_lake
 from c360ml.synth import process, records
 from c360ml.synth import shock as shock_mod
 from c360ml.synth.params import (

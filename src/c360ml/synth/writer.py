@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from c360ml.lake import Lake
 from c360ml.sources.tables import SourceTable, source_table
+from c360ml.storage.lake import Lake
 from c360ml.synth.records import HIDDEN
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ backstamp), `gold/customer_profile`, `gold/customer_id_redirects`, `gold/unify_r
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -32,11 +31,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from c360ml.config import Settings, load_yaml_model
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
-from c360ml.medallion.gold import INPUTS_KEY, lake_versions, replace_rows, validate_arrow
+from c360ml.medallion.gold import lake_versions, replace_rows, validate_arrow
 from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql, sql_text
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
+from c360ml.storage.inputs import last_record, stamp
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 
@@ -950,12 +950,8 @@ def read_records(lake: Lake, settings: Settings) -> pa.Table:
 
 def _state_inputs(lake: Lake, digest: str) -> dict | None:
     """The inputs the state was last written for, if it was made with these rules."""
-    if not lake.exists(*STATE):
-        return None
-    metas = [m for m in lake.commit_metadata(*STATE) if STATE_KEY in m]
-    if not metas or metas[-1][STATE_KEY] != digest:
-        return None
-    return json.loads(metas[-1][INPUTS_KEY])
+    record = last_record(lake, STATE)
+    return record[0] if record is not None and record[1].get(STATE_KEY) == digest else None
 
 
 @writes_lake("build unify")
@@ -996,7 +992,7 @@ def build_unify(settings: Settings) -> UnifySummary:
         unified = unify_all(table, rules, previous, today)
     records = len(table)
     del table
-    _write(lake, unified, {INPUTS_KEY: json.dumps(inputs)}, digest)
+    _write(lake, unified, stamp(inputs), digest)
     return UnifySummary(
         unified.report,
         customers=lake.count("gold", "customer_profile"),
@@ -1026,7 +1022,9 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
     }
     state = pa.Table.from_pandas(unified.state, preserve_index=False)
     if lake.exists(*STATE):
-        lake.delete_and_append(*STATE, deletes={}, metadata={STATE_KEY: "being rewritten"})
+        # Recorded inputs of none: the state reads as stale until its rewrite commits.
+        being_rewritten = stamp({}, **{STATE_KEY: "being rewritten"})
+        lake.delete_and_append(*STATE, deletes={}, metadata=being_rewritten)
     for name, rows in tables.items():
         if unified.retired is None:
             lake.write(rows, "gold", name, mode="overwrite", metadata=meta)

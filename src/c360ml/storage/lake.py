@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, TableFeatures, WriterProperties, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
-from c360ml import deletion_vectors
+from c360ml.storage import deletion_vectors
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Lake:
         version.
 
         Why not delta-rs' merge: it rewrites every file holding a changed row, and a
-        refresh's changes lie in every file (see `c360ml.deletion_vectors`). The commit
+        refresh's changes lie in every file (see `c360ml.storage.deletion_vectors`). The commit
         is written as delta-rs writes its own: the next version's JSON, created only if
         absent, so a concurrent writer fails instead of being overwritten.
         """

@@ -42,10 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from c360ml.config import Settings
-from c360ml.lake import Lake
-from c360ml.lease import writes_lake
 from c360ml.medallion.silver import purge_accounting
-from c360ml.unify import STATE
+from c360ml.medallion.unify import STATE
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 

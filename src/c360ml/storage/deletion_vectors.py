@@ -4,7 +4,7 @@ Why: delta-rs (1.6) reads deletion vectors and keeps them through its own merges
 deletes, optimize and vacuum, but writes none: every row-level change rewrites whole
 files. A 1% refresh changes rows in every file of the big silver and gold tables (status
 changes, erased and re-linked customers lie everywhere), so each one rewrote the table.
-`c360ml.lake` writes these descriptors in its own commits (merge on read); any Delta
+`c360ml.storage.lake` writes these descriptors in its own commits (merge on read); any Delta
 reader (delta-rs' DataFusion scan, Spark, DuckDB's delta extension) applies them.
 
 Format (Delta PROTOCOL.md, "Deletion Vector Format"): the magic number 1681511377, then
