@@ -31,7 +31,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from c360ml.config import Settings, load_yaml_model
-from c360ml.medallion.gold import lake_versions, replace_rows, validate_arrow
+from c360ml.medallion.checks import validate_arrow
+from c360ml.medallion.gold import lake_versions, replace_rows
 from c360ml.medallion.sql import connect, duckdb_connection, register, run_sql, sql_text
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
 from c360ml.storage.inputs import last_record, stamp
