@@ -7,22 +7,35 @@ change. The defaults work with no file at all.
 Precedence (last wins): field defaults < `c360ml.yaml` (or the file named by
 `C360ML_CONFIG`) < environment variables `C360ML_<FIELD>` (nested fields joined with
 `__`, e.g. `C360ML_DEMO__CUSTOMERS=500`; lists as JSON, e.g. `C360ML_SOURCES='["generic"]'`).
-`MLFLOW_TRACKING_URI` also overrides the
-tracking URI, as MLflow users expect.
+`MLFLOW_TRACKING_URI` also overrides the tracking URI, as MLflow users expect.
+
+`load_settings` layers the file and the environment with pydantic-settings (its
+environment source, with the prefix and nested delimiter above). `Settings` itself is a
+plain model: built directly (tests, benchmarks, `c360ml.open(Settings(...))`) it holds what
+it is given and reads no environment, so a variable left in a shell cannot redirect it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 CONFIG_FILE_NAME = "c360ml.yaml"
 ENV_PREFIX = "C360ML_"
+NESTED_DELIMITER = "__"  # C360ML_GATE__REQUIRE_APPROVAL=true sets gate.require_approval
 # C360ML_* variables that are not settings: secrets and switches read where they are used.
 NOT_SETTINGS = {"CONFIG", "API_TOKENS", "API_TOKEN", "DEV_NO_AUTH"}
 
@@ -137,56 +150,116 @@ def load_yaml_model(path: Path, model: type[ModelT], what: str) -> ModelT:
         raise ValueError(f"{path}: invalid {what}: {one_line(exc)}") from exc
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """Turn C360ML_A__B=v into {"a": {"b": "v"}}; pydantic converts the strings."""
-    out: dict[str, Any] = {}
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX) :] in NOT_SETTINGS:
-            continue
-        parts = key[len(ENV_PREFIX) :].lower().split("__")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+class SettingsSourceError(ValueError):
+    """A settings file or variable that cannot be read; the message names it."""
+
+
+class _Environment(EnvSettingsSource):
+    """`C360ML_<FIELD>` variables of one mapping (the process environment unless a caller
+    gives another), nested fields joined by `__`, complex values (lists, models) as JSON.
+
+    Two rules pydantic-settings does not have: `MLFLOW_TRACKING_URI` wins over
+    `C360ML_MLFLOW_TRACKING_URI` (MLflow users expect it to), and a `C360ML_` variable that
+    names no setting is refused, not ignored (a typo must not leave a default in force)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+        self.env_vars = {name.lower(): value for name, value in environ.items()}
+
+    def prepare_field_value(self, field_name: str, field: Any, value: Any, complex_: bool) -> Any:
         try:
-            node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value  # lists as JSON
+            return super().prepare_field_value(field_name, field, value, complex_)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"environment variable {key} is not valid JSON: {exc}") from None
-    if environ.get("MLFLOW_TRACKING_URI"):
-        out["mlflow_tracking_uri"] = environ["MLFLOW_TRACKING_URI"]
-    return out
+            name = f"{self.env_prefix}{field_name}".upper()
+            raise SettingsSourceError(
+                f"environment variable {name} is not valid JSON: {exc}"
+            ) from None
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            data = super().__call__()
+        except SettingsError as exc:  # pydantic-settings' wrapper hides the variable's name
+            if isinstance(exc.__cause__, SettingsSourceError):
+                raise exc.__cause__ from None
+            raise SettingsSourceError(str(exc)) from exc
+        prefix = self.env_prefix.lower()
+        for name, value in self.env_vars.items():
+            key = name[len(prefix) :]
+            head = key.split(self.env_nested_delimiter)[0]
+            if (
+                name.startswith(prefix)
+                and head not in self.settings_cls.model_fields
+                and key.upper() not in NOT_SETTINGS
+            ):
+                data.setdefault(head, value)  # validation refuses it, naming it
+        if self.environ.get("MLFLOW_TRACKING_URI"):
+            data["mlflow_tracking_uri"] = self.environ["MLFLOW_TRACKING_URI"]
+        return data
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+class _YamlFile(PydanticBaseSettingsSource):
+    """The settings file: a mapping at the top; `root` defaults to the file's folder, so
+    that relative paths in it mean the same from any working directory."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # the file is read whole, in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        if self.path is None:
+            return {}
+        try:
+            values = yaml.safe_load(self.path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsSourceError(f"cannot read settings file {self.path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise SettingsSourceError(f"settings file {self.path} must hold a mapping at the top")
+        return {"root": str(self.path.resolve().parent), **values}
 
 
-def load_settings(
-    config_file: Path | None = None, environ: dict[str, str] | None = None
-) -> Settings:
-    """Build the settings tree; a malformed file or unknown field names the file and key."""
-    environ = dict(os.environ) if environ is None else environ
+class _Layered(BaseSettings, Settings):
+    """Settings read from sources; `load_settings` subclasses it per call with that call's
+    file and environment (pydantic-settings asks a classmethod for the sources)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=NESTED_DELIMITER, frozen=True, extra="forbid"
+    )
+
+
+def _settings_file(config_file: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The file named by the caller, else by C360ML_CONFIG, else c360ml.yaml here, if any."""
     if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
         config_file = Path(environ[ENV_PREFIX + "CONFIG"])
     if config_file is None and (Path.cwd() / CONFIG_FILE_NAME).exists():
         config_file = Path.cwd() / CONFIG_FILE_NAME
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            values = yaml.safe_load(config_file.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"cannot read settings file {config_file}: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ValueError(f"settings file {config_file} must hold a mapping at the top")
-        values.setdefault("root", str(config_file.resolve().parent))
-    values = _merge(values, _env_overrides(environ))
+    return config_file
+
+
+def load_settings(
+    config_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings tree; a malformed file or unknown field names the file and key.
+
+    `environ` stands in for the process environment (tests, and `c360ml.open`, which drops
+    MLFLOW_TRACKING_URI). Precedence as in the module docstring."""
+    environ = dict(os.environ) if environ is None else environ
+    config_file = _settings_file(config_file, environ)
+
+    class Loaded(_Layered):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], **_: PydanticBaseSettingsSource
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # first wins: the environment over the file over the field defaults
+            return (_Environment(settings_cls, environ), _YamlFile(settings_cls, config_file))
+
     try:
-        return Settings(**values)
-    except Exception as exc:
+        loaded = Loaded()
+    except ValidationError as exc:
         where = config_file or "environment"
         raise ValueError(f"invalid settings in {where}: {one_line(exc)}") from exc
+    return Settings(**dict(loaded))
