@@ -535,7 +535,7 @@ def py_spy_profile(server: Server, bodies: Path, conns: int, seconds: float, lua
 
 def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
     """In-process cost (ms per call) of each step a /predict call takes, for one row and
-    for 1,000 rows, without HTTP: the functions service.py runs (typed decode, block,
+    for 1,000 rows, without HTTP: the functions the service runs (typed decode, block,
     scoring on one XGBoost thread as the API process does, reply), the pandera path that
     rows which do not decode take, the hop of small requests to the inner scorer, and
     BentoML's pydantic IO that /predict no longer goes through."""
@@ -550,8 +550,9 @@ def step_breakdown(bundle, request: pd.DataFrame, repeats: int = 200) -> dict:
         rows: list[dict[str, Any]]
         explain: str = "approx"
 
-    sys.path.insert(0, str(ROOT))  # the service folder is not an installed package
-    from service.service import _frame, _records, plain_matrix, request_decoder
+    from c360ml.serving import feature_frame as _frame
+    from c360ml.serving import plain_matrix, request_decoder
+    from c360ml.serving import records as _records
 
     decoder = request_decoder(bundle.feature_names)
     local = dataclasses.replace(bundle, booster=bundle.booster.copy(), nthread=1)

@@ -297,7 +297,7 @@ def test_metadata(server, bundle):
 
 
 def test_score_table_round_trip_over_several_chunks(server, bundle, request_rows, tmp_path):
-    from service.service import TABLE_CHUNK_ROWS
+    from c360ml.serving import TABLE_CHUNK_ROWS
 
     url, _ = server
     n = TABLE_CHUNK_ROWS + 1234
