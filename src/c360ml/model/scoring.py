@@ -2,7 +2,7 @@
 
 The MLflow pyfunc, the batch refresh and the BentoML service all call `score`, so a
 customer gets the same ChurnScore, RiskLevel and InfluentialFactors whichever way it is
-asked. The service imports this module, `c360ml.schemas` and `c360ml.config` only, so
+asked. The service imports this module (through `c360ml.serving`) and `c360ml.config`, so
 nothing here imports mlflow, featuretools or scikit-learn: a bundle is a plain folder
 (booster JSON + small JSON files) and the calibrator is stored as numbers, not a pickle.
 The one exception is a version trained with a user's own estimator (`c360ml.open(...)
@@ -12,9 +12,9 @@ loaded, and scores without InfluentialFactors (it has no per-customer contributi
 Explanations (InfluentialFactors) are signed SHAP contributions in log-odds units of the
 uncalibrated booster; with the bias term they sum to the booster's margin. "exact" is
 TreeSHAP (xgboost pred_contribs), "approx" is Saabas (approx_contribs=True), "none" skips
-them. The default is "approx": on 2 cores a depth-4, 300-tree booster explains ~150,000
-rows/s with Saabas against ~5,000 rows/s with TreeSHAP, and a 1M-customer refresh must fit
-in ~10 minutes together with ingest and features (measured by benchmarks/bench_train.py).
+them. The default is "approx": Saabas explains rows many times faster than TreeSHAP, and a
+refresh of a million customers must fit its time budget together with ingest and features
+(benchmarks/bench_train.py measures it).
 """
 
 from __future__ import annotations
@@ -340,7 +340,8 @@ def contributions(bundle: ModelBundle, x: np.ndarray, method: Explain) -> np.nda
     if bundle.booster is None:
         raise ValueError(f"a {bundle.model_kind} model has no per-customer contributions")
     # The DMatrix gets the booster's thread count: with the default (all cores) its
-    # OpenMP region waits for a busy core, 0.1 ms becoming 5-15 ms per call under load.
+    # OpenMP region waits for a busy core, which multiplied a small call's time under load
+    # (benchmarks/results/serve.md).
     dm = xgb.DMatrix(x, missing=np.nan, nthread=bundle.nthread)
     return bundle.booster.predict(dm, pred_contribs=True, approx_contribs=method == "approx")
 
