@@ -12,6 +12,8 @@ import pandera.pandas as pa
 from pandera.typing import Series
 
 UTC_TS = pd.DatetimeTZDtype("us", "UTC")
+# The column of every quarantine table (bronze, silver, gold) saying why the row is there.
+QUARANTINE_REASON = "quarantine_reason"
 
 
 class _Gold(pa.DataFrameModel):

@@ -15,10 +15,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from c360ml.storage.lake import Lake
+from c360ml.medallion.checks import OLD_REASON
 from c360ml.medallion.ingest import IngestError, ingest_landing
+from c360ml.schemas import QUARANTINE_REASON
 from c360ml.sources import synapse
 from c360ml.sources.tables import source_table
+from c360ml.storage.lake import Lake
 from tests.conftest import write_sync_folder
 
 SYNC = "2024-01-05T00.00.00Z"
@@ -142,12 +144,36 @@ def test_bad_rows_quarantined_with_file_line_and_reason(settings, landing):
     summary = ingest_landing(settings)
     assert summary.tables[0].rows == 2 and summary.tables[0].quarantined == 3
     q = Lake(settings.lake).read("quarantine", "bronze", "d365", "custtable").to_pylist()
-    by_line = {r["_line"]: r["_reason"] for r in q}
+    by_line = {r["_line"]: r[QUARANTINE_REASON] for r in q}
     assert by_line[2].startswith("wrong column count: expected 15, got 3")
     assert by_line[3] == "column createddatetime: not a valid dateTime"
     assert by_line[4] == "column recid: not a valid int64"
     assert all(r["_source_file"].endswith("custtable/2024.csv") for r in q)
     assert "31/02/2024" in next(r["_raw"] for r in q if r["_line"] == 3)
+
+
+def test_quarantine_written_before_the_reason_was_renamed_takes_new_rows(settings, landing):
+    """A lake from before #23 has `_reason` in its quarantine tables; an append must keep
+    a table's schema, so the next ingest renames the column (same rows) and appends."""
+    lake = Lake(settings.lake)
+    write_sync_folder(landing, "d365", SYNC, {"custtable": [_cust(1, 1, "C1"), "a,b,c"]})
+    ingest_landing(settings)
+    where = ("quarantine", "bronze", "d365", "custtable")
+    old = lake.read(*where)
+    old = old.rename_columns(
+        [OLD_REASON if n == QUARANTINE_REASON else n for n in old.column_names]
+    )
+    lake.write(old, *where, mode="overwrite")
+    bad = dict(_cust(2, 1, "C2"), recid="x2")
+    write_sync_folder(landing, "d365", "2024-01-06T00.00.00Z", {"custtable": [bad]})
+    summary = ingest_landing(settings)
+    assert next(t for t in summary.tables if t.table == "custtable").quarantined == 1
+    q = lake.read(*where)
+    assert OLD_REASON not in q.column_names
+    assert sorted(q[QUARANTINE_REASON].to_pylist()) == [
+        "column recid: not a valid int64",
+        "wrong column count: expected 15, got 3",
+    ]
 
 
 @pytest.mark.parametrize("tail", [[], [None]], ids=["only-bad-lines", "bad-lines-last"])
@@ -163,7 +189,7 @@ def test_lines_of_the_wrong_width_after_the_last_good_one_are_quarantined(settin
     q = Lake(settings.lake).read_pandas("quarantine", "bronze", "d365", "custtable")
     assert sorted(q._line) == [len(good) + 1, len(good) + 2]
     assert set(q._raw) == {"a,b,c", '"C9",not-a-date,extra'}
-    assert q._reason.str.startswith("wrong column count").all()
+    assert q.quarantine_reason.str.startswith("wrong column count").all()
 
 
 def test_crash_between_commits_is_completed_without_duplicates(settings, landing):
@@ -235,7 +261,7 @@ def test_generic_csv_mapping(settings, landing):
     summary = ingest_landing(settings)
     assert (summary.tables[0].rows, summary.tables[0].quarantined) == (1, 1)
     q = Lake(settings.lake).read("quarantine", "bronze", "generic", "transactions").to_pylist()
-    assert q[0]["_line"] == 3 and q[0]["_reason"] == "column amount: not a valid decimal"
+    assert q[0]["_line"] == 3 and q[0][QUARANTINE_REASON] == "column amount: not a valid decimal"
     assert ingest_landing(settings).total_rows == 0
 
 
@@ -258,7 +284,7 @@ def test_generic_csv_with_bytes_not_utf8_and_an_empty_file(settings, landing):
     bronze = lake.read("bronze", "generic", "transactions").sort_by("customer_id")
     assert bronze["customer_id"].to_pylist() == ["c1", "c4"]
     q = lake.read("quarantine", "bronze", "generic", "transactions").sort_by("_line").to_pylist()
-    assert [(r["_line"], r["_reason"]) for r in q] == [
+    assert [(r["_line"], r[QUARANTINE_REASON]) for r in q] == [
         (3, "not UTF-8 text: byte 0xff at position 2"),
         (4, "column amount: not a valid decimal"),
     ]
@@ -319,7 +345,7 @@ def test_a_line_longer_than_a_block_does_not_stop_the_sync(settings, landing):
     assert bronze["custgroup"].to_pylist() == ["10", big, "10"]
     assert bronze["accountnum"].to_pylist() == ["C1", "C2", "C3"]
     q = lake.read("quarantine", "bronze", "d365", "custtable").to_pylist()
-    assert [(r["_source_file"], r["_line"], r["_reason"]) for r in q] == [
+    assert [(r["_source_file"], r["_line"], r[QUARANTINE_REASON]) for r in q] == [
         (CUST_FILE, 2, "wrong column count: expected 15, got 1")
     ]
     assert q[0]["_raw"] == big
@@ -380,10 +406,12 @@ def test_bytes_that_are_not_utf8_quarantine_their_line_only(settings, landing):
     assert sorted(q) == [("2023.csv", 2), ("2024.csv", 2), ("2024.csv", 4)]
     assert q["2024.csv", 2]["_source_file"] == CUST_FILE
     position = bad_value.index(b"\xff") + 1
-    assert q["2024.csv", 2]["_reason"] == f"not UTF-8 text: byte 0xff at position {position}"
+    assert (
+        q["2024.csv", 2][QUARANTINE_REASON] == f"not UTF-8 text: byte 0xff at position {position}"
+    )
     assert "C\\xff2" in q["2024.csv", 2]["_raw"]  # the bad byte escaped, the rest as written
-    assert q["2024.csv", 4]["_reason"] == "wrong column count: expected 15, got 2"
-    assert q["2023.csv", 2]["_reason"] == "not UTF-8 text: byte 0xfe at position 1"
+    assert q["2024.csv", 4][QUARANTINE_REASON] == "wrong column count: expected 15, got 2"
+    assert q["2023.csv", 2][QUARANTINE_REASON] == "not UTF-8 text: byte 0xfe at position 1"
     assert q["2023.csv", 2]["_raw"] == '\\xfe\x00\\x81,"binary,junk'
     files = [folder / "custtable" / f for f in ("2024.csv", "2023.csv")]
     assert len(bronze) + len(q) == _non_empty_lines(*files) == 7
@@ -417,7 +445,7 @@ def test_a_file_failing_late_is_read_on_from_the_first_line_not_yielded(
     assert max(len(g or "") for g in bronze["custgroup"].to_pylist()) == 20_000
     q = lake.read("quarantine", "bronze", "d365", "custtable").sort_by("_line").to_pylist()
     position = rows[299].index(b"\xe9") + 1
-    assert [(r["_line"], r["_reason"]) for r in q] == [
+    assert [(r["_line"], r[QUARANTINE_REASON]) for r in q] == [
         (100, "wrong column count: expected 15, got 3"),
         (150, "column recid: not a valid int64"),
         (300, f"not UTF-8 text: byte 0xe9 at position {position}"),
@@ -479,7 +507,7 @@ def test_the_careful_reader_reads_a_file_as_the_block_reader_does(tmp_path, monk
         b = pa.concat_tables([part[i] for part in careful]).sort_by(key)
         assert a.equals(b)
     quarantined = pa.concat_tables([part[1] for part in careful])
-    assert set(quarantined["_reason"].to_pylist()) == {
+    assert set(quarantined[QUARANTINE_REASON].to_pylist()) == {
         "wrong column count: expected 3, got 2",
         "column at: not a valid dateTime",
     }

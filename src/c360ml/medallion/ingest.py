@@ -31,6 +31,7 @@ import yaml
 from rich.progress import Progress
 
 from c360ml.config import Settings
+from c360ml.medallion.checks import REASON, upgrade_quarantine
 from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, read_model_json
 from c360ml.sources.tables import Column, source_table
 from c360ml.storage.lake import Lake
@@ -329,6 +330,7 @@ def ingest_entity(
         pass
     if todo_q:
         q = _quarantine_lineage(quarantined, batch_id, at)
+        upgrade_quarantine(lake, "quarantine", "bronze", source, entity.name)  # (before #23)
         lake.write(
             q, "quarantine", "bronze", source, entity.name, metadata=_meta(batch_id, todo_q, rel)
         )
@@ -341,7 +343,7 @@ def ingest_entity(
                 len(q),
                 q["_source_file"][0],
                 q["_line"][0],
-                q["_reason"][0],
+                q[REASON][0],
             )
     result.seconds = time.perf_counter() - started
     return result
@@ -485,6 +487,7 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
         )
     meta = {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in todo))}
     q = _quarantine_lineage(bad_parts, batch_id, at)
+    upgrade_quarantine(lake, "quarantine", "bronze", "generic", "transactions")  # (before #23)
     lake.write(q, "quarantine", "bronze", "generic", "transactions", metadata=meta)
     typed = (
         pa.concat_tables(typed_parts)

@@ -31,10 +31,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import CommitProperties
 from deltalake.exceptions import DeltaError
-from pandera.errors import SchemaErrors
 
 from c360ml.config import Settings
+from c360ml.medallion.checks import (
+    REASON,
+    SqlChecks,
+    ordered,
+    split_failed,
+    sql_checks,
+    upgrade_quarantine,
+)
 from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
+from c360ml.schemas import UTC_TS
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
@@ -54,7 +62,6 @@ STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change fe
 PARALLEL_MERGES, PARALLEL_ROWS = 2, 2_000_000
 ACTION = "_action"
 ROW = "_row"  # a merge source row's position
-REASON = "_reason"
 # Synapse system columns that carry no meaning once the feed is resolved.
 DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", INGESTED_AT)
 PHONE_TYPE, EMAIL_TYPE = 1, 2  # LogisticsElectronicAddress.Type
@@ -68,7 +75,9 @@ COUNTRIES = {  # alpha-3 (F&O) and common names -> ISO 3166-1 alpha-2
 
 @dataclass(frozen=True)
 class Rules:
-    """Standardisation and validation of one silver table (declared once, below)."""
+    """Standardisation and validation of one silver table, declared once (below) in a
+    few words: `silver_schema` turns them and the source declaration into the table's
+    pandera schema, which is all the pipeline reads (`SILVER_SCHEMAS`)."""
 
     required: tuple[str, ...] = ()  # must be non-null
     emails: tuple[str, ...] = ()  # trimmed, lower-cased
@@ -201,8 +210,9 @@ def trim_strings(table: pa_arrow.Table) -> pa_arrow.Table:
     return out
 
 
-def standardise(table: pa_arrow.Table, rules: Rules) -> pa_arrow.Table:
-    """Lower-case e-mails, E.164 phones, alpha-2 countries (strings are already trimmed).
+def standardise(table: pa_arrow.Table, schema: pa.DataFrameSchema) -> pa_arrow.Table:
+    """Lower-case e-mails, E.164 phones, alpha-2 countries (strings are already trimmed),
+    as the schema's metadata says (see `silver_schema`).
 
     In Arrow: only the declared columns are touched, so a table without such rules
     passes through unchanged (no copy, no pandas round trip).
@@ -214,16 +224,18 @@ def standardise(table: pa_arrow.Table, rules: Rules) -> pa_arrow.Table:
         i = out.schema.get_field_index(name)
         out = out.set_column(i, out.schema.field(i), values)
 
-    for col in rules.emails:
-        put(col, pc.utf8_lower(out[col]))
-    for col in rules.phones:
-        put(col, normalise_phones_arrow(out[col]))
-    for col in rules.countries:
-        upper = pc.utf8_upper(out[col])
-        keys = pa_arrow.array(list(COUNTRIES), pa_arrow.string())
-        mapped = pc.take(pa_arrow.array(list(COUNTRIES.values())), pc.index_in(upper, keys))
-        put(col, pc.coalesce(mapped, upper))
-    if rules.locator:
+    for col, column in schema.columns.items():
+        kind = (column.metadata or {}).get(STANDARDISE)
+        if kind == "email":
+            put(col, pc.utf8_lower(out[col]))
+        elif kind == "phone":
+            put(col, normalise_phones_arrow(out[col]))
+        elif kind == "country":
+            upper = pc.utf8_upper(out[col])
+            keys = pa_arrow.array(list(COUNTRIES), pa_arrow.string())
+            mapped = pc.take(pa_arrow.array(list(COUNTRIES.values())), pc.index_in(upper, keys))
+            put(col, pc.coalesce(mapped, upper))
+    if (schema.metadata or {}).get(STANDARDISE) == "locator":
         kind = out["type"]
         locator = out["locator"].combine_chunks()
         email = pc.fill_null(pc.equal(kind, EMAIL_TYPE), False)
@@ -252,86 +264,57 @@ def resolve_changes(table: pa_arrow.Table, key: tuple[str, ...]) -> pa_arrow.Tab
     ).to_arrow_table()
 
 
+STANDARDISE = "standardise"  # schema metadata: how a column (or the table) is standardised
+# Arrow type of a source column -> its pandera dtype (pandas' nullable ones: a column with
+# nulls in pandas is still its type, so pandera in the tests checks the same values).
+PANDERA_DTYPES = {
+    pa_arrow.string(): str,
+    pa_arrow.int64(): pd.Int64Dtype(),
+    pa_arrow.float64(): "float64",
+    pa_arrow.bool_(): pd.BooleanDtype(),
+    INGESTED_TYPE: UTC_TS,
+}
+
+
 def silver_schema(table: SourceTable, rules: Rules) -> pa.DataFrameSchema:
-    """The pandera schema of a silver table, built from the source declaration + rules."""
-    checks = []
-    for a, b in rules.ordered:
-        checks.append(
-            pa.Check(
-                lambda df, a=a, b=b: df[a].isna() | df[b].isna() | (df[a] <= df[b]),
-                name=f"{a} <= {b}",
-            )
-        )
+    """The pandera schema of a silver table, built from the source declaration + rules:
+    each column's dtype and nullability (keys and required columns are not null), its
+    checks, how it is standardised (column metadata `standardise`: email, phone,
+    country; table metadata `standardise: locator`), and the frame's ordered pairs."""
+    kinds = {
+        **{c: "email" for c in rules.emails},
+        **{c: "phone" for c in rules.phones},
+        **{c: "country" for c in rules.countries},
+    }
     columns = {}
     for col in table.columns:
         if col.name in DROPPED:
             continue
-        col_checks = [pa.Check.ge(0)] if col.name in rules.non_negative else []
-        required = col.name in rules.required or col.name in table.key
-        columns[col.name] = pa.Column(nullable=not required, checks=col_checks)
-    return pa.DataFrameSchema(columns, checks=checks, name=table.name)
-
-
-def split_valid(
-    frame: pd.DataFrame, schema: pa.DataFrameSchema
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(valid rows, rejected rows with `_reason` naming the failed column and check)."""
-    try:
-        schema.validate(frame, lazy=True)
-        return frame, frame.iloc[0:0].assign(**{REASON: pd.Series(dtype=str)})
-    except SchemaErrors as err:
-        cases = err.failure_cases
-    rowwise = cases[cases["index"].notna()].copy()
-    if len(rowwise) < len(cases):
-        raise ValueError(
-            f"silver/{schema.name}: schema-level failure:\n{cases[cases['index'].isna()]}"
+        columns[col.name] = pa.Column(
+            PANDERA_DTYPES[col.arrow_type],
+            nullable=not (col.name in rules.required or col.name in table.key),
+            checks=[pa.Check.ge(0)] if col.name in rules.non_negative else [],
+            metadata={STANDARDISE: kinds[col.name]} if col.name in kinds else None,
         )
-    rowwise["reason"] = (
-        rowwise["column"].fillna("row").astype(str) + ": " + rowwise["check"].astype(str)
+    return pa.DataFrameSchema(
+        columns,
+        checks=[ordered(a, b) for a, b in rules.ordered],
+        coerce=True,
+        name=table.name,
+        metadata={STANDARDISE: "locator"} if rules.locator else None,
     )
-    reasons = rowwise.groupby("index")["reason"].first()
-    bad = frame.index.isin(reasons.index)
-    rejected = frame[bad].assign(**{REASON: reasons.reindex(frame.index[bad]).to_numpy()})
-    return frame[~bad], rejected
 
 
-def failed_checks(table: pa_arrow.Table, source: SourceTable, rules: Rules) -> pa_arrow.Array:
-    """Per row, the first failed check of the same declaration `silver_schema` builds
-    (null = valid), vectorised in Arrow: what pandera would reject, at Arrow speed on
-    20M-row fact tables. Reasons read as pandera's: "<column>: <check>"."""
-    reason = pa_arrow.nulls(len(table), pa_arrow.string())
-
-    def fail(mask, text: str) -> None:
-        nonlocal reason
-        mask = pc.fill_null(mask, False)
-        reason = pc.if_else(pc.and_(mask, pc.is_null(reason)), text, reason)
-
-    for col in source.columns:
-        if col.name in DROPPED:
-            continue
-        if col.name in rules.required or col.name in source.key:
-            fail(pc.is_null(table[col.name]), f"{col.name}: not_nullable")
-        if col.name in rules.non_negative:
-            fail(pc.less(table[col.name], 0), f"{col.name}: greater_than_or_equal_to(0)")
-    for a, b in rules.ordered:
-        fail(pc.greater(table[a], table[b]), f"row: {a} <= {b}")
-    return reason
+SILVER_SCHEMAS = {t.name: silver_schema(t, RULES[t.name]) for t in SOURCE_TABLES.values()}
+SILVER_CHECKS: dict[str, SqlChecks] = {n: sql_checks(s) for n, s in SILVER_SCHEMAS.items()}
 
 
 def split_valid_arrow(
-    table: pa_arrow.Table, source: SourceTable, rules: Rules
+    table: pa_arrow.Table, schema: pa.DataFrameSchema
 ) -> tuple[pa_arrow.Table, pa_arrow.Table]:
-    """(valid rows, rejected rows with `_reason`), as split_valid does with pandera.
-    A batch without a rejected row is passed on as it is: a filter copies every column
-    (0.24 s per million rows: 3 s of a 12M-row table's first build)."""
-    reason = failed_checks(table, source, rules)
-    bad = pc.is_valid(reason)
-    if not pc.any(bad).as_py():  # (an empty slice would keep the batch's buffers alive)
-        return table, table.schema.append(pa_arrow.field(REASON, pa_arrow.string())).empty_table()
-    return (
-        table.filter(pc.invert(bad)),
-        table.filter(bad).append_column(REASON, reason.filter(bad)),
-    )
+    """(valid rows, rejected rows with `quarantine_reason`): the schema's SQL checks, run
+    by DuckDB over the batch (`c360ml.medallion.checks`)."""
+    return split_failed(table, SILVER_CHECKS[schema.name])
 
 
 # ---------------------------------------------------------------- lake edges
@@ -397,13 +380,13 @@ def _unfinished(lake: Lake, name: str) -> tuple[dict[str, str], int, int | None]
 
 
 def _resolved(
-    raw: pa_arrow.Table, table: SourceTable, rules: Rules
+    raw: pa_arrow.Table, table: SourceTable, schema: pa.DataFrameSchema
 ) -> tuple[pa_arrow.Table, pa_arrow.Table, pa_arrow.Table, pa_arrow.Table]:
     """New bronze rows -> (resolved batch, valid rows, rejected rows, deleted rows)."""
-    latest = standardise(resolve_changes(trim_strings(raw), table.key), rules)
+    latest = standardise(resolve_changes(trim_strings(raw), table.key), schema)
     deleted = pc.fill_null(latest["IsDelete"], False)
     keep = [c for c in latest.column_names if c not in DROPPED]
-    good, bad = split_valid_arrow(latest.filter(pc.invert(deleted)).select(keep), table, rules)
+    good, bad = split_valid_arrow(latest.filter(pc.invert(deleted)).select(keep), schema)
     return latest, good, bad, latest.filter(deleted).select(keep)
 
 
@@ -433,24 +416,26 @@ def _apply_quarantine(
 def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     """Merge the bronze rows added since the last build into silver (and its quarantine).
 
-    All in Arrow: resolve (DuckDB), standardise and check (Arrow compute), merge (Delta).
+    All in Arrow: resolve (DuckDB), standardise (Arrow compute), check (the schema's SQL
+    checks in DuckDB), merge (Delta).
     The accounting's left side (bronze current-state rows) is carried in the commit
     metadata and moved by each batch, counted independently of the merge (see
     `_current_delta`), so a build does not re-read the whole change feed.
     """
     started = time.perf_counter()
     result = SilverResult(table.name)
-    rules = RULES[table.name]
+    schema = SILVER_SCHEMAS[table.name]
     since = _last_recorded(lake, table.name, BRONZE_VERSION_KEY)
     if since is None and lake.exists("bronze", table.source, table.name):
-        return _first_build(lake, table, rules, result, started)
+        return _first_build(lake, table, schema, result, started)
+    upgrade_quarantine(lake, "quarantine", "silver", table.name)  # (a lake from before #23)
     if table.change_key and not lake.exists(*change_log(table.name)):
         _start_change_log(lake, table)  # (a first build killed before it started it)
     unfinished = _unfinished(lake, table.name)
     if unfinished is not None:  # only its quarantine commit is missing: made from the same rows
         meta, begun, watermark = unfinished
         raw, _ = _new_bronze(lake, table, begun, watermark, until=int(meta[BRONZE_VERSION_KEY]))
-        latest, good, bad, removed = _resolved(raw, table, rules)
+        latest, good, bad, removed = _resolved(raw, table, schema)
         matched = _matched(lake, ("quarantine", "silver", table.name), table, latest)
         _apply_quarantine(lake, table, good, bad, removed, meta, matched)
     merged_until = _last_recorded(lake, table.name, BRONZE_INGESTED_KEY)
@@ -458,7 +443,7 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
     raw, bronze_version = _new_bronze(lake, table, since, merged_until)
     if since != bronze_version and len(raw):
         result.new_bronze_rows = len(raw)
-        latest, good, bad, removed = _resolved(raw, table, rules)
+        latest, good, bad, removed = _resolved(raw, table, schema)
         keep = good.column_names
         where = {
             "silver": ("silver", table.name),
@@ -501,7 +486,11 @@ def build_silver_table(lake: Lake, table: SourceTable) -> SilverResult:
 
 
 def _first_build(
-    lake: Lake, table: SourceTable, rules: Rules, result: SilverResult, started: float
+    lake: Lake,
+    table: SourceTable,
+    declared: pa.DataFrameSchema,
+    result: SilverResult,
+    started: float,
 ) -> SilverResult:
     """The first build of a silver table: the whole change feed, streamed.
 
@@ -536,8 +525,8 @@ def _first_build(
         for batch in con.sql(live).to_arrow_reader(STREAM_ROWS):
             rows = pa_arrow.Table.from_batches([batch])
             result.bronze_current += len(rows)
-            latest = standardise(trim_strings(rows), rules)
-            good, bad = split_valid_arrow(latest, table, rules)
+            latest = standardise(trim_strings(rows), declared)
+            good, bad = split_valid_arrow(latest, declared)
             rejected.append(bad.cast(q_schema))
             yield from good.cast(schema).to_batches()
 

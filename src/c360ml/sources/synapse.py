@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from c360ml.schemas import QUARANTINE_REASON
 from c360ml.sources.tables import CDM_TO_ARROW, Column
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ QUARANTINE_SCHEMA = pa.schema(
     [
         ("_source_file", pa.string()),
         ("_line", pa.int64()),
-        ("_reason", pa.string()),
+        (QUARANTINE_REASON, pa.string()),
         ("_raw", pa.string()),
     ]
 )
@@ -443,7 +444,7 @@ def _split_rows(
                     {
                         "_source_file": [relname] * len(invalid),
                         "_line": [n for n, _, _ in invalid],
-                        "_reason": [r for _, r, _ in invalid],
+                        QUARANTINE_REASON: [r for _, r, _ in invalid],
                         "_raw": [t for _, _, t in invalid],
                     },
                     schema=QUARANTINE_SCHEMA,
@@ -475,7 +476,7 @@ def _quarantine_rows(relname: str, lines: pa.Array, reasons: pa.Array, text: pa.
         {
             "_source_file": pa.array([relname] * len(lines), pa.string()),
             "_line": lines,
-            "_reason": reasons,
+            QUARANTINE_REASON: reasons,
             "_raw": raw,
         },
         schema=QUARANTINE_SCHEMA,
