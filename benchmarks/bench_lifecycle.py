@@ -92,9 +92,10 @@ def _advance_month(settings, month_end: pd.Timestamp, shock: str | None, applied
 
 def _month_figures(settings, as_of: pd.Timestamp, top: list[str]) -> dict:
     """The drift and the label-free estimate this refresh recorded for its as_of."""
-    from c360ml.storage.lake import Lake
     from c360ml.model import drift, watch
-    from c360ml.refresh import DRIFT, SCORED
+    from c360ml.refresh import SCORED
+    from c360ml.steps import DRIFT
+    from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
     rows = lake.read_pandas("gold", DRIFT)
@@ -122,8 +123,8 @@ def _exposure(settings, as_of: pd.Timestamp, shock_day: int | None) -> dict:
     """The truth behind this as_of's scored customers: how many the shocks expose, and how
     many of them (and of the rest) have dropped out since the shock day (their purchases
     stop; the model sees only the silence)."""
-    from c360ml.storage.lake import Lake
     from c360ml.refresh import SCORED
+    from c360ml.storage.lake import Lake
     from c360ml.synth.generate import read_meta
     from c360ml.synth.shock import SHOCKS_FILE
 
@@ -166,9 +167,9 @@ def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None
 
     import c360ml.features as ft
     from c360ml.features import FeatureSet
-    from c360ml.storage.lake import Lake
     from c360ml.model import registry, scoring
     from c360ml.refresh import latest_event_time, snapshot_profiles
+    from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
     cfg = ft.load_churn_config(settings.path(settings.feature_spec))
@@ -223,10 +224,10 @@ def run(
 
     import mlflow
 
-    from c360ml.storage.lake import Lake
     from c360ml.model import registry, watch
     from c360ml.model.pipeline import retrain_if_needed, run_training
     from c360ml.refresh import run_refresh
+    from c360ml.storage.lake import Lake
     from c360ml.synth import generate_lake
     from c360ml.synth.generate import read_meta
 

@@ -59,9 +59,9 @@ def refresh(settings, out_dir: Path) -> dict:
     The increment is generated before the clock starts; the scores, snapshot and measures
     tables are dropped first, so the step really re-scores every profile.
     """
-    from c360ml.storage.lake import Lake
     from c360ml.refresh import run_refresh
     from c360ml.report import build_report
+    from c360ml.storage.lake import Lake
     from c360ml.synth import generate_increment
 
     lake = Lake(settings.lake)

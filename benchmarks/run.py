@@ -1,7 +1,8 @@
 """Benchmarks: `make bench [STAGE=<stage>[,<stage>...]|all] [SIZES=100000,1000000]`.
 
 Stages, in order: generate, medallion, unify, splink, features, train, refresh, serve;
-and crash (a refresh killed at each commit), run only when named.
+and crash (a refresh killed at each commit) and checks (silver's row checks before and
+after #23; its size is rows, not customers), run only when named.
 Each (stage, size) runs in a fresh subprocess so its peak RSS is its own; lakes are
 generated once per size under benchmarks/cache/<size>/ and reused by later stages.
 Figures are written to benchmarks/results/<stage>.json (serve: serve.json and serve.md)
@@ -184,7 +185,6 @@ def stage_unify(size: int) -> dict:
     of the clusters of the rules up to it), and the cluster-size histogram."""
     import pandas as pd
 
-    from c360ml.storage.lake import Lake
     from c360ml.medallion.unify import (
         build_unify,
         cluster,
@@ -193,6 +193,7 @@ def stage_unify(size: int) -> dict:
         prepare_records,
         read_records,
     )
+    from c360ml.storage.lake import Lake
 
     settings = silver_settings(size)
     lake = Lake(settings.lake)
@@ -253,8 +254,8 @@ def stage_splink(size: int) -> dict:
     sys.path.insert(0, str(HERE))
     from bench_splink import run_splink
 
-    from c360ml.storage.lake import Lake
     from c360ml.medallion.unify import load_rules, prepare_records, read_records
+    from c360ml.storage.lake import Lake
 
     settings = silver_settings(size)
     lake = Lake(settings.lake)
@@ -334,6 +335,14 @@ def stage_crash(size: int) -> dict:
     from bench_crash import run
 
     return run(size, CACHE / f"crash-{size}")
+
+
+def stage_checks(size: int) -> dict:
+    """Silver's row checks on `size` generated rows, before and after #23 (bench_checks.py)."""
+    sys.path.insert(0, str(HERE))
+    from bench_checks import run
+
+    return run(size)
 
 
 def one(stage: str, size: int) -> None:

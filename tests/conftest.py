@@ -171,8 +171,8 @@ def assert_gold_equals_a_rebuild(settings: Settings, folder: Path) -> None:
 
     import pandas as pd
 
-    from c360ml.storage.lake import Lake
     from c360ml.medallion.build import build_gold
+    from c360ml.storage.lake import Lake
 
     fresh = settings.model_copy(update={"lake_root": folder / "rebuilt"})
     shutil.copytree(settings.lake, fresh.lake)

@@ -214,9 +214,9 @@ def differences(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> list[
 def accounting(lake: Path) -> list[str]:
     """Silver tables where bronze current-state rows != silver + quarantine rows (the
     invariant `SilverResult.balanced` checks as a build goes), counted from the lake."""
-    from c360ml.storage.lake import Lake
     from c360ml.medallion.silver import bronze_current_rows
     from c360ml.sources.tables import SOURCE_TABLES
+    from c360ml.storage.lake import Lake
 
     lk = Lake(lake)
     broken = []

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_silver
-from c360ml.synth import generate_increment
 from c360ml.medallion.unify import pair_quality
+from c360ml.storage.lake import Lake
+from c360ml.synth import generate_increment
 from tests.conftest import assert_gold_equals_a_rebuild, build_all, generated_lake
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from c360ml.config import load_settings
+from c360ml.medallion.unify import read_redirects
 from c360ml.storage.lake import Lake
-from c360ml.refresh import read_redirects
 from tests.conftest import user_env, user_project
 
 pytestmark = pytest.mark.slow

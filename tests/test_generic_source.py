@@ -10,9 +10,9 @@ import pytest
 
 from c360ml import features as ft
 from c360ml.config import Settings
-from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_gold, build_silver, build_unify
 from c360ml.medallion.ingest import ingest_landing
+from c360ml.storage.lake import Lake
 
 DAY = pd.Timedelta(days=1)
 

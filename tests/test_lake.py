@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import QueryBuilder
 
-from c360ml.storage.lake import REWRITE_SHARE, SMALL_FILES_MAX, Lake, _commit_json
 from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
+from c360ml.storage.lake import REWRITE_SHARE, SMALL_FILES_MAX, Lake, _commit_json
 
 N = 200_000
 

@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 
 from c360ml.config import WatchSettings
-from c360ml.storage.lake import Lake
 from c360ml.model import watch
 from c360ml.model.pipeline import retrain_if_needed, run_training
 from c360ml.refresh import SCORED, run_refresh
 from c360ml.report import build_report
+from c360ml.storage.lake import Lake
 from c360ml.synth import generate_increment, generate_lake
 from c360ml.synth.generate import read_meta
 from tests.conftest import build_all, make_settings

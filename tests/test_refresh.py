@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_silver
 from c360ml.medallion.silver import bronze_current_rows
 from c360ml.model import scoring
 from c360ml.model.train import TrainConfig
 from c360ml.refresh import SCORED, load_champion, run_refresh
 from c360ml.sources.tables import SOURCE_TABLES
+from c360ml.storage.lake import Lake
 from c360ml.synth import generate_increment
 from tests.conftest import build_all, write_sync_folder
 

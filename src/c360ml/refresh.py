@@ -33,9 +33,11 @@ from c360ml import progress
 from c360ml.config import Settings
 from c360ml.medallion import erasure
 from c360ml.medallion.erasure import ErasureResult
+from c360ml.medallion.unify import follow_redirects, read_redirects
 from c360ml.model import scoring
 from c360ml.schemas import ChurnScores, CustomerMeasures
-from c360ml.storage.inputs import last_record, stamp, versions
+from c360ml.steps import DRIFT, StepResult, gold_inputs, replace_as_of, same_inputs
+from c360ml.storage.inputs import last_record
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
 
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AS_OF = "as_of"
-DRIFT = "score_drift"  # gold table: PSI per feature and of the score, per as_of
 SCORED, INACTIVE, INSUFFICIENT = "scored", "inactive", "insufficient_history"
 CDM_FORMATS = {
     "string": "String",
@@ -55,15 +56,6 @@ CDM_FORMATS = {
     "int64": "Int64",
     "timestamp[us, tz=UTC]": "DateTimeOffset",
 }
-
-
-@dataclass
-class StepResult:
-    step: str
-    rows: int = 0
-    note: str = ""
-    seconds: float = 0.0
-    detail: dict | None = None  # drift: what crossed the alarm (`drift.latest_alarms`)
 
 
 @dataclass
@@ -131,77 +123,7 @@ def churn_score_rows(
     return out[list(ChurnScores.to_schema().columns)]
 
 
-def read_redirects(lake: Lake) -> pd.DataFrame:
-    """gold/customer_id_redirects (retired_id -> surviving_id), empty before any merge."""
-    if lake.exists("gold", "customer_id_redirects"):
-        return lake.read_pandas("gold", "customer_id_redirects")
-    return pd.DataFrame(columns=["retired_id", "surviving_id"])
-
-
-def follow_redirects(ids: pd.Series, redirects: pd.DataFrame) -> pd.Series:
-    """Map retired customer_ids to their surviving id (chains followed to the end)."""
-    step = dict(zip(redirects["retired_id"], redirects["surviving_id"], strict=True))
-    out = ids.copy()
-    for _ in range(len(step) + 1):
-        moved = out.map(step)
-        if moved.isna().all():
-            break
-        out = moved.fillna(out)
-    return out
-
-
-def score_history(scores: pd.DataFrame, redirects: pd.DataFrame, customer_id: str) -> pd.DataFrame:
-    """A customer's scores over time, including those recorded under ids merged into it."""
-    current = follow_redirects(scores["CustomerId"], redirects)
-    return scores[current == customer_id].sort_values("ScoredAsOf")
-
-
 # ---------------------------------------------------------------- lake edges
-
-
-def replace_as_of(
-    lake: Lake, frame: pd.DataFrame, table: str, column: str, as_of: pd.Timestamp, inputs: dict
-) -> bool:
-    """Replace one as_of's rows in one commit; skip when the same inputs made them."""
-    if same_inputs(lake, table, as_of, inputs):
-        return False
-    arrow = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = stamp({**inputs, "as_of": str(as_of)})
-    if not lake.exists("gold", table):
-        lake.write(arrow, "gold", table, mode="overwrite", metadata=meta)
-        return True
-    from deltalake import CommitProperties, write_deltalake
-
-    write_deltalake(
-        str(lake.path("gold", table)),
-        arrow,
-        mode="overwrite",
-        schema_mode="merge",
-        predicate=f"{column} = '{as_of.isoformat()}'",
-        commit_properties=CommitProperties(custom_metadata=meta),
-    )
-    return True
-
-
-def same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bool:
-    """Whether `table`'s rows of `as_of` were last written from `inputs`."""
-    record = last_record(lake, ("gold", table), lambda r: r.get("as_of") == str(as_of))
-    return record is not None and {k: v for k, v in record[0].items() if k != "as_of"} == inputs
-
-
-REFRESH_OUTPUTS = (
-    "customer_measures",
-    "customer_features",
-    "churn_scores",
-    "segment_membership",
-    "score_outcomes",
-    DRIFT,
-)
-
-
-def gold_inputs(lake: Lake) -> dict[str, int]:
-    """Versions of the gold tables the refresh reads: "same inputs" means these."""
-    return versions(lake, "gold", exclude=REFRESH_OUTPUTS)
 
 
 @dataclass

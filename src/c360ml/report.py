@@ -19,9 +19,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from c360ml.config import Settings
+from c360ml.medallion.unify import follow_redirects, read_redirects
 from c360ml.model import drift, watch
 from c360ml.model import report as model_report
-from c360ml.refresh import follow_redirects, read_redirects
 from c360ml.storage.lake import Lake
 
 log = logging.getLogger(__name__)

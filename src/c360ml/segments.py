@@ -22,15 +22,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from c360ml.config import Settings, load_yaml_model
+from c360ml.medallion.unify import follow_redirects, read_redirects
 from c360ml.model.splits import customer_bucket
-from c360ml.refresh import (
-    StepResult,
-    follow_redirects,
-    gold_inputs,
-    read_redirects,
-    replace_as_of,
-)
 from c360ml.schemas import SegmentMembership
+from c360ml.steps import StepResult, gold_inputs, replace_as_of
 from c360ml.storage.lake import Lake
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from c360ml.storage.lake import Lake
 from c360ml.medallion.build import build_gold, build_silver, build_unify
 from c360ml.medallion.ingest import ingest_landing
+from c360ml.storage.lake import Lake
 from tests.conftest import assert_gold_equals_a_rebuild, write_sync_folder
 
 T0 = "2024-01-10T10:00:00Z"
@@ -361,8 +361,10 @@ def test_duplicates_across_batches_commit_nothing(settings):
     fails the write, and the table keeps its last good version."""
     import pyarrow as pa
 
-    from c360ml.medallion.gold import stream_gold
-    from c360ml.schemas import Products
+    from c360ml.medallion.declarations import gold_tables
+    from c360ml.medallion.gold import write_gold
+
+    products = gold_tables()["products"]
 
     lake = Lake(settings.lake)
 
@@ -370,9 +372,9 @@ def test_duplicates_across_batches_commit_nothing(settings):
         batches = [pa.record_batch({"item_id": [i], "name": ["n"], "category": ["c"]}) for i in ids]
         return pa.RecordBatchReader.from_batches(batches[0].schema, batches)
 
-    assert stream_gold(lake, "products", [reader("A", "B")], Products, {}, False) == (2, 0)
+    assert write_gold(lake, products, [reader("A", "B")], {}) == (2, 0)
     with pytest.raises(ValueError, match=r"gold/products.*\n.*item_id: field_uniqueness"):
-        stream_gold(lake, "products", [reader("C"), reader("D", "C")], Products, {}, False)
+        write_gold(lake, products, [reader("C"), reader("D", "C")], {})
     assert sorted(lake.read_pandas("gold", "products")["item_id"]) == ["A", "B"]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from c360ml.storage.lake import Lake
 from c360ml.medallion.sql import duckdb_connection, register
+from c360ml.storage.lake import Lake
 
 
 def test_view_reads_live_files_only_by_column_name_and_empty_tables(tmp_path):

@@ -16,11 +16,11 @@ import yaml
 
 import c360ml.features as ft
 from c360ml.config import Settings
-from c360ml.storage.lake import Lake
 from c360ml.model.pipeline import run_training
 from c360ml.model.scoring import score
 from c360ml.model.splits import customer_bucket
 from c360ml.model.train import TrainConfig
+from c360ml.storage.lake import Lake
 from tests.conftest import generated_lake, write_gold
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,8 +206,8 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
     import sys
     import types
 
-    from c360ml.storage.lake import Lake
     from c360ml.model.pipeline import oracle_churn_probability
+    from c360ml.storage.lake import Lake
 
     settings = Settings(root=tmp_path, lake_root=tmp_path / "lake", truth_root=tmp_path / "truth")
     settings.truth.mkdir(parents=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from c360ml.storage.lake import Lake
 from c360ml.sources.tables import SOURCE_TABLES
+from c360ml.storage.lake import Lake
 from c360ml.synth import generate_increment, generate_lake
 from tests.synth.conftest import make_settings
 

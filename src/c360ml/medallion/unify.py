@@ -914,6 +914,25 @@ def _changed_report(
     return report_frame(totals, np.bincount(sizes_now))
 
 
+def read_redirects(lake: Lake) -> pd.DataFrame:
+    """gold/customer_id_redirects (retired_id -> surviving_id), empty before any merge."""
+    if lake.exists("gold", "customer_id_redirects"):
+        return lake.read_pandas("gold", "customer_id_redirects")
+    return pd.DataFrame(columns=["retired_id", "surviving_id"])
+
+
+def follow_redirects(ids: pd.Series, redirects: pd.DataFrame) -> pd.Series:
+    """Map retired customer_ids to their surviving id (chains followed to the end)."""
+    step = dict(zip(redirects["retired_id"], redirects["surviving_id"], strict=True))
+    out = ids.copy()
+    for _ in range(len(step) + 1):
+        moved = out.map(step)
+        if moved.isna().all():
+            break
+        out = moved.fillna(out)
+    return out
+
+
 # ---------------------------------------------------------------- lake edges
 
 

@@ -652,7 +652,8 @@ class RetrainOutcome:
 def champion_health(settings: Settings) -> watch.Health:
     """The champion's age against the lake's data end, and its latest drift and realized
     figures from gold/score_drift and gold/score_outcomes."""
-    from c360ml.refresh import DRIFT, latest_event_time
+    from c360ml.refresh import latest_event_time
+    from c360ml.steps import DRIFT
     from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
