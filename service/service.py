@@ -329,9 +329,9 @@ class RetentionService:
         ctx: bentoml.Context,
         explain: Literal["exact", "approx", "none"] = "none",
     ) -> Generator[str, None, None]:
-        """CI-D's custom-model path: a CSV or parquet table in, one CSV out, streamed.
-        The first chunk and the ids are checked before the answer starts, so that a bad
-        table is a 400 and not a broken stream."""
+        """CI-D's custom-model path: a CSV or parquet table in, one CSV out, streamed."""
+        # (This docstring is the route's OpenAPI description.) The first chunk and the ids
+        # are checked before the answer starts: a bad table is a 400, not a broken stream.
         ctx.response.headers.update(serving.CONTRACT)
         chunks = serving.table_chunks(Path(table))
         with _as_invalid_argument():
