@@ -3,13 +3,15 @@
 Featuretools names a feature by its expression (`MIN(orders.TIME_SINCE(order_ts,
 unit=days))`), which a marketer reading InfluentialFactors in the CDP cannot use. Those
 names follow one grammar, `AGG(table[.inner] [WHERE column = value])[_<N>d]`, over the gold
-tables, whose columns c360ml fixes; so a label is composed from the parts and a vocabulary
-of the gold tables' nouns below ("Days since last order", "Spend in store, all time").
+tables, whose columns c360ml fixes; so a label is composed from the parts, the gold
+tables' nouns (declared with them, `c360ml.medallion.declarations`) and a vocabulary of
+their columns below ("Days since last order", "Spend in store, all time").
 A feature outside the vocabulary (a user's own primitive) keeps its expression as label, and
 a test holds the default spec's labels against a reviewed list.
 
-Pure Python on purpose: the model bundle carries the labels, and scoring (service included)
-formats values with `format_value` without importing featuretools.
+Without featuretools on purpose (it imports only the gold declarations): the model bundle
+carries the labels, and scoring (service included) formats values with `format_value`
+without importing featuretools.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+
+from c360ml.medallion.declarations import entities
 
 COUNT, AMOUNT, DAYS, NUMBER = "count", "amount", "days", "number"  # units
 
@@ -31,13 +35,8 @@ class FeatureLabel:
         return asdict(self)
 
 
-# Gold tables: (singular, plural).
-TABLES = {
-    "orders": ("order", "orders"),
-    "order_lines": ("order line", "order lines"),
-    "support_cases": ("support case", "support cases"),
-    "customers": ("customer", "customers"),
-}
+# Feature-stage tables: (singular, plural), as the gold declarations name them.
+TABLES = {name: t.noun for name, t in entities().items() if t.noun}
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,9 @@
+-- Generic transactions as order lines, tied to the orders as order_lines.sql ties them.
+WITH all_orders AS (  -- every order with its quarantine reason (null when in gold/orders)
+    SELECT order_id, CAST(NULL AS STRING) AS quarantine_reason FROM gold_orders
+    UNION ALL
+    SELECT order_id, quarantine_reason FROM quarantine_orders
+)
 SELECT CONCAT('GEN:', t.order_id) AS order_id,
        CAST(ROW_NUMBER() OVER (PARTITION BY t.order_id ORDER BY t.ts, t.product_id) AS BIGINT) AS line,
        COALESCE(t.product_id, 'unknown') AS item_id, CAST(NULL AS STRING) AS category,

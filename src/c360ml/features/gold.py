@@ -24,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from c360ml.features.spec import to_utc
+from c360ml.medallion.declarations import entities
 from c360ml.schemas import (
     CustomerProfile,
     OrderLines,
     Orders,
-    Products,
     StatusHistory,
     SupportCases,
     columns,
@@ -37,16 +37,9 @@ from c360ml.storage.lake import Lake
 
 log = logging.getLogger(__name__)
 
-# Gold table name per GoldTables field, and its contract.
-GOLD_TABLES = {
-    "customers": ("customer_profile", CustomerProfile),
-    "orders": ("orders", Orders),
-    "order_lines": ("order_lines", OrderLines),
-    "products": ("products", Products),
-    "support_cases": ("support_cases", SupportCases),
-    "order_status": ("order_status_history", StatusHistory),
-    "case_status": ("case_status_history", StatusHistory),
-}
+# Gold table name per GoldTables field, and its contract: the declared gold tables that
+# name a feature-stage entity (`c360ml.medallion.declarations`).
+GOLD_TABLES = {entity: (t.name, t.schema) for entity, t in entities().items()}
 # Profile columns that cannot change after creation; everything else in the profile is
 # mutable and only usable through a valid-from/valid-to history.
 IMMUTABLE_PROFILE_COLUMNS = [CustomerProfile.customer_id, CustomerProfile.created_ts]

@@ -1,48 +1,50 @@
-"""Gold: the unified profile, activity and supporting tables, keyed by customer_id.
+"""Gold: the activity and supporting tables, keyed by customer_id, made by DuckDB.
 
-Gold is computed from silver by the SQL in `pipelines/sql/gold/`, each query's result
-streamed batch by batch into its Delta commit (memory holds a batch, not a 20M-row
-table). The order tables (orders, order lines, order status history) are patched on a
-refresh: only the orders that the refresh's changes touch are recomputed, by the same SQL
-over inputs restricted to them, the replaced rows deleted by deletion vectors and the
-other rows kept where they are (`c360ml.medallion.patch`
-says how the affected orders are found, and when a table is rebuilt instead). The small
-tables are rebuilt. A table is written only when its inputs' versions changed, so a
-build with nothing new adds no Delta versions. Orders and lines that cannot be tied to a
-profile go to `quarantine/gold/<table>` with a reason, never away.
+What gold holds is declared in `c360ml.medallion.declarations` (`GOLD_MODELS`: each
+table's SQL files in `pipelines/sql/gold/`, key, contract, what it reads and how its
+affected rows are found); this module runs those declarations. `materialise` makes one
+model, fully or as a patch; `build_gold` makes them all.
 
-A table and its quarantine are one unit of work, and the order tables and
-`state/gold/order_accounts` another: each commit of a unit records the inputs it was
-made from, and a unit counts as done only when every part records the current ones. A
-build killed between two commits of a unit does it again (a patch again from the inputs
-its last part records: recomputing an order twice gives the same rows).
+Each query's result is streamed batch by batch into its Delta commit (memory holds a
+batch, not a 20M-row table). A model with a patch rule is patched on a refresh: only the
+rows that the refresh's changes touch are recomputed, by the same SQL over inputs
+restricted to them, the replaced rows deleted by deletion vectors and the other rows
+kept where they are (`c360ml.medallion.patch` says how the affected rows are found, and
+when a table is rebuilt instead). The others are rebuilt. A table is written only when
+its inputs' versions changed, so a build with nothing new adds no Delta versions. Rows
+that cannot be tied to a profile go to `quarantine/gold/<table>` with a reason, never
+away.
+
+A table and its quarantine are one unit of work, and the models that read one another
+with the helpers they read (the order tables and `state/gold/order_accounts`) another:
+each commit of a unit records the inputs it was made from, and a unit counts as done
+only when every part records the current ones. A build killed between two commits of a
+unit does it again (a patch again from the inputs its last part records: recomputing a
+row twice gives the same rows).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import duckdb
-import pandera.pandas as pa
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
 
 from c360ml.config import Settings
+from c360ml.medallion import declarations
 from c360ml.medallion.checks import ArrowCheck
+from c360ml.medallion.declarations import HELPERS, SOURCES, UNLOGGED_SOURCES, GoldModel, Helper
 from c360ml.medallion.patch import (
-    HISTORY_FEEDS,
-    ORDER_FEEDS,
+    CHANGES,
     SQL_KEY,
-    STATE,
     Affected,
-    affected_orders,
-    case_history_entities,
-    history_entities,
-    line_orders,
+    AffectedCases,
+    Recomputed,
     restrict,
     sql_digest,
 )
@@ -54,37 +56,40 @@ from c360ml.medallion.sql import (
     run_sql,
     sql_text,
 )
-from c360ml.schemas import (
-    OrderLines,
-    Orders,
-    Products,
-    StatusHistory,
-    SupportCases,
-)
 from c360ml.storage.inputs import last_record, stamp, unchanged, versions
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 
-# A patch of more than this share of a table's rows (and more than PATCH_ALWAYS orders)
-# rebuilds the table instead: it would cost as much and hold more.
+# A patch of more than this share of a table's rows (and more than PATCH_ALWAYS rows'
+# keys) rebuilds the table instead: it would cost as much and hold more.
 PATCH_MAX_SHARE, PATCH_ALWAYS = 0.3, 100_000
 REASON = "quarantine_reason"
-# The SQL files (pipelines/sql/gold) of the order tables and of the case tables, and the
-# gold tables in the order a build reports them.
-ORDER_SQL = ("order_accounts", "orders", "generic_orders", "order_lines",
-             "generic_order_lines", "products", "order_status_history")  # fmt: skip
-CASE_SQL = ("support_cases", "case_status_history")
-GOLD_TABLES = tuple(f"gold/{n}" for n in ORDER_SQL[1:] + CASE_SQL if "generic" not in n)
+
+
+@dataclass(frozen=True)
+class GoldResult:
+    """What a build did to one gold table: a row of the summary the CLI prints."""
+
+    table: str  # gold/<name>
+    rows: int
+    quarantined: int
+    note: str
+    written: str  # unchanged | rebuilt | patched (<n> <noun>)
+    seconds: float
 
 
 @dataclass
 class GoldSummary:
-    tables: list[dict] = field(default_factory=list)
+    results: list[GoldResult] = field(default_factory=list)
+
+    @property
+    def tables(self) -> list[dict]:
+        return self.rows()
 
     def rows(self) -> list[dict]:
-        return self.tables
+        return [asdict(r) for r in self.results]
 
 
 def lake_versions(lake: Lake) -> dict[str, int]:
@@ -155,25 +160,22 @@ def _write_quarantine(
     return len(bad)
 
 
-def stream_gold(
+def write_gold(
     lake: Lake,
-    name: str,
+    model: GoldModel,
     readers: list[pa_arrow.RecordBatchReader],
-    model: type[pa.DataFrameModel],
-    inputs: dict,
-    quarantine: bool,
-    meta: dict[str, str] | None = None,
+    metadata: dict[str, str],
 ) -> tuple[int, int]:
     """Query results -> one gold commit, batch by batch; (rows, quarantined rows).
 
-    With `quarantine`, rows with a `quarantine_reason` go to `quarantine/gold/<name>`
-    instead (written after the gold commit, recording the same inputs: the unit is done
-    when it is). Memory holds one batch, the quarantined rows
+    With `model.quarantine`, rows with a `quarantine_reason` go to
+    `quarantine/gold/<name>` instead (written after the gold commit, with the same
+    metadata: the unit is done when it is). Memory holds one batch, the quarantined rows
     and the unique columns, never the table: a check that fails (uniqueness at the end)
     raises inside the stream, so nothing is committed.
     """
-    check = ArrowCheck(model, f"gold/{name}")
-    rejected: list[pa_arrow.Table] | None = [] if quarantine else None
+    check = ArrowCheck(model.schema, f"gold/{model.name}")
+    rejected: list[pa_arrow.Table] | None = [] if model.quarantine else None
     failed: list[ValueError] = []
 
     def batches():
@@ -183,12 +185,11 @@ def stream_gold(
             failed.append(exc)  # the writer wraps it; re-raised as it was, below
             raise
 
-    metadata = stamp(inputs, **(meta or {}))
     try:
         lake.write(
             pa_arrow.RecordBatchReader.from_batches(check.schema, batches()),
             "gold",
-            name,
+            model.name,
             mode="overwrite",
             metadata=metadata,
         )
@@ -198,228 +199,255 @@ def stream_gold(
         raise
     if rejected is None:
         return check.rows, 0
-    return check.rows, _write_quarantine(lake, name, readers[0].schema, rejected, metadata)
+    return check.rows, _write_quarantine(lake, model.name, readers[0].schema, rejected, metadata)
 
 
 def patch_gold(
     lake: Lake,
-    name: str,
+    model: GoldModel,
     readers: list[pa_arrow.RecordBatchReader],
-    model: type[pa.DataFrameModel],
-    meta: dict[str, str],
-    quarantine: bool,
-    key: str,
+    metadata: dict[str, str],
     ids: pa_arrow.Array,
 ) -> dict[tuple[str, ...], pa_arrow.Table]:
-    """Query results for the affected ids (`key` in `ids`; see `c360ml.medallion.patch`)
-    -> one gold commit that deletes the table's rows of those ids by position (deletion
-    vectors, `Lake.delete_and_append`) and appends the results; the same in the
-    quarantine for the rejected results, with the same `meta` (the unit's inputs).
+    """Query results for the affected ids (`model.key` in `ids`) -> one gold commit that
+    deletes the table's rows of those ids by position (deletion vectors,
+    `Lake.delete_and_append`) and appends the results; the same in the quarantine for
+    the rejected results, with the same metadata (the unit's inputs).
 
-    The results are checked as `stream_gold` checks a whole table; a unique column stays
+    The results are checked as `write_gold` checks a whole table; a unique column stays
     unique because every kept row's id is outside `ids` and every result's inside.
     Returns the rows written, per table: those tables' rows of `ids` now.
     """
-    check = ArrowCheck(model, f"gold/{name}")
-    rejected: list[pa_arrow.Table] | None = [] if quarantine else None
+    name = model.name
+    check = ArrowCheck(model.schema, f"gold/{name}")
+    rejected: list[pa_arrow.Table] | None = [] if model.quarantine else None
     rows = pa_arrow.Table.from_batches(list(_checked(readers, check, rejected)), check.schema)
-    keys = pa_arrow.table({key: ids})
-    replace_rows(lake, ("gold", name), keys, rows, meta)
+    keys = pa_arrow.table({model.key: ids})
+    replace_rows(lake, ("gold", name), keys, rows, metadata)
     written = {("gold", name): rows}
     if rejected is not None:
         bad = pa_arrow.concat_tables([readers[0].schema.empty_table(), *rejected])
-        replace_rows(lake, ("quarantine", "gold", name), keys, bad, meta)
+        replace_rows(lake, ("quarantine", "gold", name), keys, bad, metadata)
         written["quarantine", "gold", name] = bad
     return written
 
 
+def _files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
+    """The SQL files of the sources present (a model's, or a helper's)."""
+    return [file for source, file in sql.items() if source in sources]
+
+
+@dataclass
+class GoldBuild:
+    """What one unit's models share while a build makes them: the inputs, the sources
+    present, a DuckDB connection with the lake views and helpers registered (each model
+    re-registers its own output for those after it), and what was recomputed."""
+
+    settings: Settings
+    lake: Lake
+    inputs: dict[str, int]
+    sources: frozenset[str]
+    con: duckdb.DuckDBPyConnection
+    helpers: dict[str, pa_arrow.Table] = field(default_factory=dict)
+    # Models written by this build: the inputs they were last built from, and the rows
+    # they recomputed (None: rebuilt).
+    recomputed: Recomputed = field(default_factory=dict)
+    # Tables patched by this build: the ids recomputed and the rows written for them.
+    patched: dict[tuple[str, ...], tuple[pa_arrow.Array, pa_arrow.Table]] = field(
+        default_factory=dict
+    )
+
+    @property
+    def patchable(self) -> bool:
+        """A source without a change log means nothing says what changed."""
+        return not self.sources & set(UNLOGGED_SOURCES)
+
+    def lake_table(self, view: str) -> tuple[str, ...] | None:
+        """The lake table a view of `GoldModel.reads` names; None for a helper or a table
+        not in the lake."""
+        layer, _, rest = view.partition("_")
+        if layer == "quarantine":
+            where = ("quarantine", "gold", rest)
+        elif layer == "bronze":
+            found = [p for p in self.lake.tables("bronze") if "_".join(p) == rest]
+            where = ("bronze", *found[0]) if found else ("bronze", rest)
+        elif layer in ("silver", "gold"):
+            where = (layer, rest)
+        else:
+            return None
+        return where if self.lake.exists(*where) else None
+
+
+def _affected(
+    build: GoldBuild, model: GoldModel, digest: str
+) -> tuple[dict | None, Affected | AffectedCases | None]:
+    """(the inputs the model's unit last recorded, the rows to recompute since then), or
+    None for the rows when the model is rebuilt: no rule, a first build, other SQL, a
+    source without a change log, a rule that cannot tell, or too many rows."""
+    lake = build.lake
+    last = ("quarantine", "gold", model.name) if model.quarantine else ("gold", model.name)
+    patchable = model.changes is not None and build.patchable
+    since = recorded_inputs(lake, last, digest) if patchable else None
+    if since is None:
+        return since, None
+    affected = CHANGES[model.changes](lake, build.con, since, build.recomputed)
+    if affected is not None and affected.size > max(
+        PATCH_MAX_SHARE * lake.count("gold", model.name), PATCH_ALWAYS
+    ):
+        affected = None  # much changes: a rebuild costs no more, holds less
+    return since, affected
+
+
+def _patch(
+    build: GoldBuild,
+    model: GoldModel,
+    files: list[str],
+    affected: Affected | AffectedCases,
+    meta: dict[str, str],
+) -> None:
+    """The affected rows recomputed by the model's SQL over its reads restricted to them
+    (`restrict`) on a connection of their own, and written in their place."""
+    settings, lake = build.settings, build.lake
+    scoped = connect(lake, [sql_text(settings, f"gold/{f}") for f in files])
+    for helper, rows in build.helpers.items():
+        if helper in model.reads:
+            scoped.register(helper, rows)
+    views = {v: where for v in model.reads if (where := build.lake_table(v)) is not None}
+    restrict(scoped, lake, views, affected, build.patched)
+    readers = [run_sql(scoped, settings, f"gold/{f}", stream=True) for f in files]
+    meta = {**meta, **stamp(build.inputs)}
+    ids = affected.ids()
+    written = patch_gold(lake, model, readers, meta, ids)
+    build.patched.update({where: (ids, rows) for where, rows in written.items()})
+    scoped.close()
+
+
+def materialise(build: GoldBuild, model: GoldModel) -> GoldResult | None:
+    """Make one gold model: nothing when its unit's parts record the current inputs, a
+    patch when its rule finds the affected rows, else a rebuild; then register it (and
+    its quarantine) for the models after it. None when no source of it is in the lake.
+
+    Its commits record the inputs and the digest of its SQL (with the helpers it
+    reads): other SQL or settings rebuild it."""
+    files = _files(model.sql, build.sources)
+    if not files:
+        return None
+    started = time.perf_counter()
+    settings, lake, name = build.settings, build.lake, model.name
+    parts = [("gold", name)] + ([("quarantine", "gold", name)] if model.quarantine else [])
+    how = "unchanged"
+    if not unchanged(lake, parts, build.inputs):
+        helpers = [f for h in HELPERS if h.name in model.reads for f in h.sql.values()]
+        digest = sql_digest(settings, *(f"gold/{f}" for f in [*helpers, *files]))
+        since, affected = _affected(build, model, digest)
+        build.recomputed[name] = (since, affected)
+        meta = {SQL_KEY: digest}
+        if affected is None:
+            readers = [run_sql(build.con, settings, f"gold/{f}", stream=True) for f in files]
+            write_gold(lake, model, readers, stamp(build.inputs, **meta))
+            how = "rebuilt"
+        else:
+            _patch(build, model, files, affected, meta)
+            how = f"patched ({affected.size} {affected.noun})"
+    register(build.con, lake, f"gold_{name}", "gold", name)
+    if model.quarantine:
+        register(build.con, lake, f"quarantine_{name}", "quarantine", "gold", name)
+    note = ""
+    if model.null_note is not None:
+        column, meaning = model.null_note
+        nulls = lake.dataset("gold", name).count_rows(filter=pc.field(column).is_null())
+        note = f"{nulls} {meaning}"
+    return GoldResult(
+        table=f"gold/{name}",
+        rows=lake.count("gold", name),
+        quarantined=lake.count("quarantine", "gold", name) if model.quarantine else 0,
+        note=note,
+        written=how,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def units(
+    models: tuple[GoldModel, ...], helpers: tuple[Helper, ...]
+) -> list[tuple[list[GoldModel], list[Helper]]]:
+    """The models grouped with those whose output they read (`gold_<name>`,
+    `quarantine_<name>`) and with the helpers they read, in declaration order; a model
+    that reads a later one is refused. Units read nothing of one another."""
+    names = [m.name for m in models]
+    groups: list[set[str]] = []
+    for i, model in enumerate(models):
+        links = {model.name} | {h.name for h in helpers if h.name in model.reads}
+        for view in model.reads:
+            layer, _, table = view.partition("_")
+            if layer in ("gold", "quarantine") and table in names:
+                if names.index(table) >= i:
+                    raise ValueError(f"gold/{model.name} reads {view}, declared after it")
+                links.add(table)
+        joined = [g for g in groups if g & links]
+        groups = [g for g in groups if not g & links] + [links.union(*joined)]
+    groups.sort(key=lambda g: min(names.index(n) for n in g if n in names))
+    return [
+        ([m for m in models if m.name in g], [h for h in helpers if h.name in g]) for g in groups
+    ]
+
+
+def make_unit(
+    settings: Settings,
+    lake: Lake,
+    inputs: dict[str, int],
+    sources: frozenset[str],
+    models: list[GoldModel],
+    helpers: list[Helper],
+) -> list[GoldResult]:
+    """One unit's helpers run and registered, its models made in order, then the helpers'
+    state written: last, so that a build stopped before it finds the same affected rows
+    again; with the inputs, so that one stopped just before writes it next time (the
+    unit's models then count as done)."""
+    texts = [sql_text(settings, f"gold/{f}") for x in (*helpers, *models) for f in x.sql.values()]
+    build = GoldBuild(settings, lake, inputs, sources, connect(lake, texts))
+    try:
+        for helper in helpers:
+            files = _files(helper.sql, sources)
+            if files:
+                rows = pa_arrow.concat_tables(
+                    [run_sql(build.con, settings, f"gold/{f}") for f in files]
+                )
+                build.con.register(helper.name, rows)
+                build.helpers[helper.name] = rows
+        results = [r for m in models if (r := materialise(build, m)) is not None]
+        for helper in helpers:
+            if helper.name in build.helpers and not unchanged(lake, [helper.state], inputs):
+                rows = build.helpers[helper.name]
+                lake.write(rows, *helper.state, mode="overwrite", metadata=stamp(inputs))
+    finally:
+        build.con.close()
+    return results
+
+
 @writes_lake("build gold")
 def build_gold(settings: Settings) -> GoldSummary:
-    """Gold from silver and the source map; the order tables patched where they can be
-    (see `c360ml.medallion.patch`), the rest rebuilt when their inputs changed."""
+    """Every declared gold model made from silver and the source map (`materialise`).
+    Units that read nothing of one another are made alongside: a build is partly
+    single-threaded, and the cases need no order table."""
     lake = Lake(settings.lake)
     if not lake.exists("gold", "customer_source_map"):
         raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
+    models = declarations.GOLD_MODELS  # read now: a test may declare one more
+    unknown = sorted({m.changes for m in models if m.changes} - set(CHANGES))
+    if unknown:
+        raise ValueError(f"no patch rule named {unknown} (c360ml.medallion.patch.CHANGES)")
     # customer_profile and the source map are unify's outputs; gold builds the rest.
     inputs = lake_versions(lake)
-    con = connect(lake, [sql_text(settings, f"gold/{n}") for n in ORDER_SQL])
-    summary = GoldSummary()
-    d365 = lake.exists("silver", "custtable")
-    generic = lake.exists("silver", "generic_transactions")
-    accounts = None
-    if d365:
-        accounts = run_sql(con, settings, "gold/order_accounts")
-        con.register("order_accounts", accounts)
-    # Tables written by this build: the inputs they were built from last, and the orders
-    # they recomputed (None: rebuilt).
-    touched: dict[str, tuple[dict | None, Affected | None]] = {}
-    # Tables patched by this build: the ids recomputed and the rows written for them.
-    patched: dict[tuple[str, ...], tuple[pa_arrow.Array, pa_arrow.Table]] = {}
-
-    def put(
-        name, model, *sql, quarantine=False, note=lambda: "", patch=None, key="", views=None,
-        con=con,
-    ):  # fmt: skip
-        """Run the SQL files (their rows unioned) into gold/<name>, unless its inputs
-        are unchanged; then register the table (in `con`) for the queries after it. With
-        `patch` (recorded inputs -> affected orders, or None), only those are recomputed,
-        over the lake `views` restricted to them, and the other rows (by `key`) are kept."""
-        started = time.perf_counter()
-        used = (["order_accounts"] if name == "orders" else []) + list(sql)
-        digest = sql_digest(settings, *(f"gold/{n}" for n in used))
-        how = "unchanged"
-        parts = [("gold", name)] + ([("quarantine", "gold", name)] if quarantine else [])
-        if not unchanged(lake, parts, inputs):
-            since = recorded_inputs(lake, parts[-1], digest) if patch and not generic else None
-            affected = patch(since) if since is not None else None
-            if affected is not None and affected.size > max(
-                PATCH_MAX_SHARE * lake.count("gold", name), PATCH_ALWAYS
-            ):
-                affected = None  # much changes: a rebuild costs no more, holds less
-            touched[name] = (since, affected)
-            meta = {SQL_KEY: digest}
-            if affected is None:
-                readers = [run_sql(con, settings, f"gold/{n}", stream=True) for n in sql]
-                stream_gold(lake, name, readers, model, inputs, quarantine, meta)
-                how = "rebuilt"
-            else:
-                needs = [sql_text(settings, f"gold/{n}") for n in sql] + ["gold_orders"]
-                scoped = connect(lake, needs)  # lines' `all_orders` reads gold_orders
-                scoped.register("order_accounts", accounts)
-                if name == "order_lines":
-                    register_all_orders(scoped)
-                restrict(scoped, lake, views, affected, patched)
-                readers = [run_sql(scoped, settings, f"gold/{n}", stream=True) for n in sql]
-                meta.update(stamp(inputs))
-                ids = affected.ids()
-                written = patch_gold(lake, name, readers, model, meta, quarantine, key, ids)
-                patched.update({where: (ids, rows) for where, rows in written.items()})
-                scoped.close()
-                how = f"patched ({affected.size} {affected.noun})"
-        register(con, lake, f"gold_{name}", "gold", name)
-        if quarantine:
-            register(con, lake, f"quarantine_{name}", "quarantine", "gold", name)
-        summary.tables.append(
-            {
-                "table": f"gold/{name}",
-                "rows": lake.count("gold", name),
-                "quarantined": (lake.count("quarantine", "gold", name) if quarantine else 0),
-                "note": note(),
-                "written": how,
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-        )
-
-    def register_all_orders(c: duckdb.DuckDBPyConnection) -> None:
-        """Every order with its quarantine reason (null when in gold): what lines are
-        tied to."""
-        register(c, lake, "quarantine_orders", "quarantine", "gold", "orders")
-        c.execute(
-            "CREATE OR REPLACE TEMP VIEW all_orders AS "
-            "SELECT order_id, CAST(NULL AS VARCHAR) AS quarantine_reason FROM gold_orders "
-            "UNION ALL SELECT order_id, quarantine_reason FROM quarantine_orders"
-        )
-
-    def variants(*names: str) -> list[str]:
-        """The d365 and/or generic variants of one gold table."""
-        return [n for n, on in zip(names, (d365, generic), strict=True) if on]
-
-    def orders_changed(since: dict[str, int]) -> Affected | None:
-        """The orders gold/orders recomputed in this build from the same versions (if it
-        was rebuilt, or from other versions: not known), else those it would have."""
-        if "orders" not in touched:
-            return affected_orders(lake, con, since)
-        orders_since, orders = touched["orders"]
-        return orders if orders_since == since else None
-
-    def lines_changes(since: dict[str, int]) -> Affected | None:
-        orders = orders_changed(since)
-        return line_orders(lake, since, orders) if orders is not None else None
-
-    def history_changes(since: dict[str, int]) -> Affected | None:
-        orders = orders_changed(since)
-        return history_entities(lake, since, orders) if orders is not None else None
-
-    def cases() -> None:
-        """The support cases and their status history, on a connection of their own."""
-        own = connect(lake, [sql_text(settings, f"gold/{n}") for n in CASE_SQL])
-        put(
-            "support_cases",
-            SupportCases,
-            "support_cases",
-            note=lambda: "{} unlinked (no profile)".format(
-                lake.dataset("gold", "support_cases").count_rows(
-                    filter=pc.field("customer_id").is_null()
-                )
-            ),
-            con=own,
-        )
-        put(
-            "case_status_history",
-            StatusHistory,
-            "case_status_history",
-            patch=lambda since: case_history_entities(lake, since),
-            key="entity_id",
-            views={
-                "bronze_dataverse_incident": ("bronze", "dataverse", "incident"),
-                "gold_support_cases": ("gold", "support_cases"),
-            },
-            con=own,
-        )
-        own.close()
-
-    def order_tables() -> None:
-        """The orders, their lines, the products and the orders' status history."""
-        put(
-            "orders",
-            Orders,
-            *variants("orders", "generic_orders"),
-            quarantine=True,
-            patch=lambda since: affected_orders(lake, con, since),
-            key="order_id",
-            views={f"silver_{t}": ("silver", t) for t in ORDER_FEEDS},
-        )
-        register_all_orders(con)
-        put(
-            "order_lines",
-            OrderLines,
-            *variants("order_lines", "generic_order_lines"),
-            quarantine=True,
-            patch=lines_changes,
-            key="order_id",
-            views={
-                f"silver_{t}": ("silver", t) for t in ("salesline", "retailtransactionsalestrans")
-            }
-            | {
-                "gold_orders": ("gold", "orders"),
-                "quarantine_orders": ("quarantine", "gold", "orders"),
-            },
-        )
-        if d365:
-            put("products", Products, "products")
-            put(
-                "order_status_history",
-                StatusHistory,
-                "order_status_history",
-                patch=history_changes,
-                key="entity_id",
-                views={f"bronze_d365_{t}": ("bronze", "d365", t) for t in HISTORY_FEEDS}
-                | {"gold_orders": ("gold", "orders")},
-            )
-            # Last, so that a build stopped before it recomputes the same accounts'
-            # orders; with the inputs, so that one stopped just before writes it next time
-            # (the order tables then count as done).
-            if not unchanged(lake, [STATE], inputs):
-                lake.write(accounts, *STATE, mode="overwrite",
-                           metadata=stamp(inputs))  # fmt: skip
-
-    # The cases depend on no order table: they are built alongside the orders (a
-    # build is partly single-threaded: at 1M customers an incremental one used 1.6 of
-    # the 2 cores).
+    sources = frozenset(s for s, table in SOURCES.items() if lake.exists("silver", table))
+    work = [
+        (ms, hs) for ms, hs in units(models, HELPERS) if any(_files(m.sql, sources) for m in ms)
+    ]
+    results: list[GoldResult] = []
     with ThreadPoolExecutor(1) as pool:
-        case_tables = pool.submit(cases) if lake.exists("silver", "incident") else None
-        order_tables()
-        if case_tables is not None:
-            case_tables.result()
-    summary.tables.sort(key=lambda t: GOLD_TABLES.index(t["table"]))
-    return summary
+        others = [pool.submit(make_unit, settings, lake, inputs, sources, *u) for u in work[1:]]
+        if work:
+            results += make_unit(settings, lake, inputs, sources, *work[0])
+        for other in others:
+            results += other.result()
+    order = [f"gold/{m.name}" for m in models]
+    return GoldSummary(sorted(results, key=lambda r: order.index(r.table)))

@@ -29,11 +29,16 @@ recomputed rows are unique among themselves.
 A build falls back to a rebuild when it cannot know what changed: a first build, a
 table without its recorded versions or digest (SQL and settings), no state, a change
 log that starts later, or the generic source (no log: it is rebuilt, cheaply).
+
+A gold model names its rule (`GoldModel.changes`); `CHANGES` holds DuckDB's rules by
+name. A rule takes the lake, the unit's connection (full views and helpers), the inputs
+the table recorded and what the models before it in this build recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -42,12 +47,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from c360ml.config import Settings
+from c360ml.medallion.declarations import HELPERS
 from c360ml.medallion.silver import CHANGES_FROM, change_log
 from c360ml.medallion.sql import duckdb_connection, register, render
 from c360ml.sources.tables import SOURCE_TABLES
 from c360ml.storage.lake import Lake
 
-STATE = ("state", "gold", "order_accounts")
+# What orders.sql joined per Commerce account at the last build (the helper's state).
+STATE = next(h.state for h in HELPERS if h.name == "order_accounts")
 SQL_KEY = "c360ml.sql"  # digest of the SQL (with settings filled in) a table was built from
 # Silver tables whose changes silver logs (their `change_key` names the order or case).
 FEEDS = {t.name: t for t in SOURCE_TABLES.values() if t.change_key}
@@ -239,11 +246,12 @@ def restrict(
     """Replace lake views (name -> (layer, parts...)) by their rows of the affected orders
     or cases: the SQL files then compute just those. A view with the gold id (gold and
     its quarantine) is restricted by it, others by the first key columns they have
-    (sales or POS orders, incidents).
+    (sales or POS orders, incidents); a view with none of them is a lookup (the
+    products for the lines, the source map) and is left whole.
 
     `patched`: tables this build patched, with the ids it recomputed and the rows it
     wrote for them. A table patched for all the affected ids holds, for those ids, just
-    the rows written: they are taken instead of a scan (gold/orders' 12M ids cost 0.6 s).
+    the rows written: they are taken instead of a scan of the whole table.
     """
     keys, ids = affected.keys(), affected.ids()
     for i, table in enumerate(keys):
@@ -259,14 +267,62 @@ def restrict(
             con.register(f"{view}__rows", rows.filter(pc.is_in(rows[affected.gold_key], ids)))
             con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {view}__rows")
             continue
-        register(con, lake, f"{view}__all", *where)
-        columns = set(con.sql(f"SELECT * FROM {view}__all LIMIT 0").columns)
+        columns = set(lake.schema(*where).names)
         if affected.gold_key in columns:
             on, against = (affected.gold_key,), "affected_ids"
         else:
-            i = next(i for i, t in enumerate(keys) if set(t.column_names) <= columns)
+            i = next((i for i, t in enumerate(keys) if set(t.column_names) <= columns), None)
+            if i is None:
+                register(con, lake, view, *where)  # a lookup: whole
+                continue
             on, against = keys[i].column_names, f"affected_{i}"
+        register(con, lake, f"{view}__all", *where)
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {view}__all "
             f"SEMI JOIN {against} USING ({', '.join(on)})"
         )
+
+
+Recomputed = dict[str, tuple[dict | None, "Affected | AffectedCases | None"]]
+
+
+def _orders_recomputed(
+    lake: Lake, con: duckdb.DuckDBPyConnection, since: dict[str, int], recomputed: Recomputed
+) -> Affected | None:
+    """The orders gold/orders recomputed in this build from the same versions (if it
+    was rebuilt, or from other versions: not known), else those it would have."""
+    if "orders" not in recomputed:
+        return affected_orders(lake, con, since)
+    orders_since, orders = recomputed["orders"]
+    return orders if orders_since == since else None  # type: ignore[return-value]
+
+
+def _changed_orders(lake, con, since, recomputed) -> Affected | None:
+    return affected_orders(lake, con, since)
+
+
+def _changed_lines(lake, con, since, recomputed) -> Affected | None:
+    orders = _orders_recomputed(lake, con, since, recomputed)
+    return line_orders(lake, since, orders) if orders is not None else None
+
+
+def _changed_order_history(lake, con, since, recomputed) -> Affected | None:
+    orders = _orders_recomputed(lake, con, since, recomputed)
+    return history_entities(lake, since, orders) if orders is not None else None
+
+
+def _changed_case_history(lake, con, since, recomputed) -> AffectedCases | None:
+    return case_history_entities(lake, since)
+
+
+Rule = Callable[
+    [Lake, duckdb.DuckDBPyConnection, dict[str, int], Recomputed],
+    "Affected | AffectedCases | None",
+]
+# Rule name (`GoldModel.changes`) -> the rows to recompute, or None (rebuild).
+CHANGES: dict[str, Rule] = {
+    "orders": _changed_orders,  # orders whose gold row may differ
+    "order_lines": _changed_lines,  # orders whose lines may differ
+    "order_history": _changed_order_history,  # orders whose status history may differ
+    "case_history": _changed_case_history,  # cases whose status history may differ
+}
