@@ -356,10 +356,17 @@ def failures(table: pa_arrow.Table, checks: SqlChecks) -> tuple[np.ndarray, pa_a
     con = duckdb_connection()
     con.register("checked", view)
     reason = checks.reason_sql(rows)
-    found = con.sql(
-        f"""SELECT {ROW}, reason FROM (SELECT {ROW}, {reason} AS reason FROM checked)
-            WHERE reason IS NOT NULL ORDER BY {ROW}"""
-    ).to_arrow_table()
+    # The filter first, so that a row that passes is given no CASE (half the time of a
+    # CASE over every row, filtered after), unless a uniqueness window is among the
+    # checks (a WHERE cannot hold a window).
+    failing = " OR ".join(f"({r.fails})" for r in rows)
+    query = (
+        f"SELECT {ROW}, reason FROM (SELECT {ROW}, {reason} AS reason FROM checked) "
+        "WHERE reason IS NOT NULL"
+        if checks.unique
+        else f"SELECT {ROW}, {reason} AS reason FROM checked WHERE {failing}"
+    )
+    found = con.sql(f"{query} ORDER BY {ROW}").to_arrow_table()
     con.close()
     return found[ROW].to_numpy(), found["reason"].combine_chunks().cast(pa_arrow.string())
 
