@@ -163,7 +163,7 @@ def read_ordering_customers(lake: Lake, start: pd.Timestamp, end: pd.Timestamp) 
 def epoch_ns(s: pd.Series) -> np.ndarray:
     """int64 nanoseconds since the epoch (UTC); NaT -> int64 min.
 
-    Through `.array.asi8`: `to_numpy()` on tz-aware data boxes every value (~2 us each).
+    Through `.array.asi8`: `to_numpy()` on tz-aware data boxes every value (a Timestamp each).
     """
     return pd.to_datetime(s, utc=True).dt.as_unit("ns").array.asi8.copy()
 

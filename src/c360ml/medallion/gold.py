@@ -56,6 +56,7 @@ from c360ml.medallion.sql import (
     run_sql,
     sql_text,
 )
+from c360ml.schemas import QUARANTINE_REASON
 from c360ml.storage.inputs import last_record, stamp, unchanged, versions
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 # A patch of more than this share of a table's rows (and more than PATCH_ALWAYS rows'
 # keys) rebuilds the table instead: it would cost as much and hold more.
 PATCH_MAX_SHARE, PATCH_ALWAYS = 0.3, 100_000
-REASON = "quarantine_reason"
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,13 @@ class GoldResult:
 
 @dataclass
 class GoldSummary:
+    """What a gold build did, one result per table in declaration order."""
+
     results: list[GoldResult] = field(default_factory=list)
 
     @property
     def tables(self) -> list[dict]:
+        """The rows, as callers that sum a build's rows read them."""
         return self.rows()
 
     def rows(self) -> list[dict]:
@@ -139,7 +142,7 @@ def _checked(
         for batch in reader:
             rows = pa_arrow.Table.from_batches([batch])
             if rejected is not None:
-                bad = pc.is_valid(rows[REASON])
+                bad = pc.is_valid(rows[QUARANTINE_REASON])
                 rejected.append(rows.filter(bad))
                 rows = rows.filter(pc.invert(bad))
             yield from check(rows).to_batches()
@@ -349,6 +352,7 @@ def materialise(build: GoldBuild, model: GoldModel) -> GoldResult | None:
         else:
             _patch(build, model, files, affected, meta)
             how = f"patched ({affected.size} {affected.noun})"
+        log.info("gold/%s %s", name, how)
     register(build.con, lake, f"gold_{name}", "gold", name)
     if model.quarantine:
         register(build.con, lake, f"quarantine_{name}", "quarantine", "gold", name)
