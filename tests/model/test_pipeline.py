@@ -52,6 +52,8 @@ def test_run_training_registers_and_gates(setup):
     rows = first.rows()
     assert all(set(r) == {"item", "value"} and isinstance(r["value"], str) for r in rows)
     assert any(r["item"] == "grade" for r in rows)
+    # The generated lake supplies its oracle (reference.json): the headroom is reported.
+    assert 0.5 < first.oracle_roc_auc <= 1 and first.headroom_closed is not None
 
     # A retrain one month later: the champion saw part of the new test window's labels, so
     # the recipes are compared on the new data (not refused as "not comparable").
@@ -202,12 +204,13 @@ def test_tuning_needs_optuna_before_any_work(setup):
 
 def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
     """Truth persons -> gold customers; a customer merged from two persons churns only if
-    neither buys, so its churn probability is the product of their no-purchase chances."""
-    import sys
-    import types
+    neither buys, so its churn probability is the product of their no-purchase chances.
+    Training finds the oracle through the manifest the generator writes, not an import."""
+    import json
 
-    from c360ml.model.pipeline import oracle_churn_probability
+    from c360ml.model.reference import reference_churn_probability
     from c360ml.storage.lake import Lake
+    from c360ml.synth import oracle
 
     settings = Settings(root=tmp_path, lake_root=tmp_path / "lake", truth_root=tmp_path / "truth")
     settings.truth.mkdir(parents=True)
@@ -225,25 +228,25 @@ def test_oracle_maps_customers_to_persons(tmp_path, monkeypatch):
         probability = {"p1": 0.2, "p2": 0.5, "p3": 0.6}
         return pd.Series({p: probability[p] for p in person_ids})
 
-    fake = types.ModuleType("c360ml.synth.oracle")
-    fake.oracle_purchase_probability = fake_oracle
-    monkeypatch.setitem(sys.modules, "c360ml.synth.oracle", fake)
+    monkeypatch.setattr(oracle, "oracle_purchase_probability", fake_oracle)
     cutoff = pd.Timestamp("2025-10-02", tz="UTC")
-    churn = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
+    # Without a manifest there is no reference (real data).
+    assert reference_churn_probability(settings, pd.Series(["A"]), cutoff, 90) is None
+    manifest = {"churn_probability": "c360ml.synth.oracle:churn_probability"}
+    (settings.truth / "reference.json").write_text(json.dumps(manifest))
+    churn = reference_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
     assert calls == [(["p1", "p2", "p3"], cutoff, 90, 0)]
     assert churn["A"] == pytest.approx(0.8)
     assert churn["B"] == pytest.approx(0.5 * 0.4)
     # Simulated in chunks of persons (bounded memory), each with its own seed.
-    from c360ml.model import pipeline
-
-    monkeypatch.setattr(pipeline, "ORACLE_CHUNK_PERSONS", 2)
+    monkeypatch.setattr(oracle, "CHUNK_PERSONS", 2)
     calls.clear()
-    chunked = oracle_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
+    chunked = reference_churn_probability(settings, pd.Series(["A", "B"]), cutoff, 90)
     assert [c[3] for c in calls] == [0, 1] and sum(len(c[0]) for c in calls) == 3
     pd.testing.assert_series_equal(chunked.sort_index(), churn.sort_index())
-    # Without a truth folder there is no oracle (real data).
-    empty = Settings(root=tmp_path, truth_root=tmp_path / "none")
-    assert oracle_churn_probability(empty, pd.Series(["A"]), cutoff, 90) is None
+    # A manifest naming what cannot be imported leaves the figures out, not the run.
+    (settings.truth / "reference.json").write_text(json.dumps({"churn_probability": "no.such:f"}))
+    assert reference_churn_probability(settings, pd.Series(["A"]), cutoff, 90) is None
 
 
 def test_cli_train_awaiting_approval_then_approve(setup, tmp_path):

@@ -22,6 +22,7 @@ import pandas as pd
 from c360ml import webhook
 from c360ml.config import Settings
 from c360ml.model import drift, gate, registry, report, watch
+from c360ml.model.reference import reference_churn_probability
 from c360ml.model.scoring import DEFAULT_EXPLAIN, ModelBundle
 from c360ml.model.splits import TRAIN, assign_splits, plan_splits
 from c360ml.model.train import (
@@ -40,7 +41,6 @@ from c360ml.model.train import (
 )
 
 log = logging.getLogger(__name__)
-ORACLE_CHUNK_PERSONS = 10_000  # persons simulated at once by the oracle (~1 GB of paths)
 
 
 @dataclass(frozen=True)
@@ -274,67 +274,6 @@ def _utc(ts: pd.Timestamp | str) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def oracle_churn_probability(
-    settings: Settings,
-    customer_ids: pd.Series,
-    test_cutoff: pd.Timestamp,
-    window_days: int,
-) -> pd.Series | None:
-    """True churn probability per test customer, when the generator's truth exists.
-
-    Maps customer_id -> person_id through gold/customer_source_map and the truth's
-    person_keys.parquet; a customer merged from several persons churns only if none of
-    them buys, so its probability is the product of the persons' no-purchase chances.
-    Optional: any problem is logged and the oracle figures are left out.
-    """
-    keys_path = settings.truth / "person_keys.parquet"
-    if not keys_path.exists():
-        return None
-    try:
-        import pyarrow as pa
-        import pyarrow.dataset as ds
-
-        from c360ml.storage.lake import Lake
-        from c360ml.synth.oracle import oracle_purchase_probability
-
-        # Only the test customers' rows of the map and of the truth are read.
-        source_map = Lake(settings.lake).read_pandas(
-            "gold",
-            "customer_source_map",
-            columns=["source", "source_key", "customer_id"],
-            filter=ds.field(CUSTOMER).isin(pa.array(customer_ids.astype(str).unique())),
-        )
-        keys = pd.read_parquet(
-            keys_path,
-            columns=["person_id", "source", "source_key"],
-            filters=[("source_key", "in", source_map["source_key"].unique().tolist())],
-        )
-        link = source_map.merge(keys, on=["source", "source_key"])[[CUSTOMER, "person_id"]]
-        link = link.drop_duplicates()
-        persons = link["person_id"].drop_duplicates().to_numpy()
-        parts = []
-        # The Monte Carlo holds ~0.1 MB per person: chunks bound it at any test size.
-        for k, start in enumerate(range(0, len(persons), ORACLE_CHUNK_PERSONS)):
-            chunk = persons[start : start + ORACLE_CHUNK_PERSONS]
-            part = oracle_purchase_probability(
-                settings.truth, chunk, test_cutoff, window_days, seed=k
-            )
-            if not isinstance(part, pd.Series):
-                part = pd.Series(np.asarray(part, dtype=np.float64), index=chunk)
-            parts.append(part)
-        p = pd.concat(parts) if parts else pd.Series(dtype=np.float64)
-        no_purchase = np.log(np.clip(1.0 - link["person_id"].map(p).astype(float), 1e-12, 1))
-        churn = np.exp(no_purchase.groupby(link[CUSTOMER].to_numpy()).sum(min_count=1))
-        covered = int(churn.notna().sum())
-        log.info(
-            "oracle: churn probability for %d of %d test customers", covered, len(customer_ids)
-        )
-        return churn.dropna()
-    except (ImportError, OSError, KeyError, ValueError, TypeError) as exc:
-        log.warning("oracle metrics skipped: %s", exc)
-        return None
-
-
 @dataclass
 class TrainingData:
     """Everything `c360ml train` computes before it fits a model: the churn definition, the
@@ -448,7 +387,7 @@ def prepare_training(
     lap("features_seconds")
 
     test_customers = matrix.loc[_is(matrix, plan.test_cutoff), CUSTOMER]
-    oracle = oracle_churn_probability(settings, test_customers, plan.test_cutoff, window)
+    oracle = reference_churn_probability(settings, test_customers, plan.test_cutoff, window)
     return TrainingData(
         as_of=as_of,
         cfg=cfg,

@@ -281,6 +281,9 @@ def generate_lake(
 def _write_meta(truth: Path, meta: dict) -> None:
     truth.mkdir(parents=True, exist_ok=True)
     (truth / "generator.json").write_text(json.dumps(meta, indent=2))
+    # The reference training compares its test figures with (c360ml.model.reference).
+    reference = {"churn_probability": "c360ml.synth.oracle:churn_probability"}
+    (truth / "reference.json").write_text(json.dumps(reference))
 
 
 def read_meta(truth: Path) -> dict:

@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from c360ml.storage.lake import Lake
 from c360ml.synth import process
 from c360ml.synth.generate import read_meta
 from c360ml.synth.params import ProcessParams
@@ -80,6 +82,50 @@ def oracle_purchase_probability(
 ) -> np.ndarray:
     """P(valid purchase in the window | parameters, observable history) per person id."""
     return _probability(truth_dir, person_ids, t, window_days, n_sims, seed, omniscient=False)
+
+
+CHUNK_PERSONS = 10_000  # persons simulated at once (bounds the Monte Carlo's paths)
+
+
+def churn_probability(
+    truth_dir: Path, lake_root: Path, customer_ids: pd.Series, cutoff, window_days: int
+) -> pd.Series | None:
+    """True churn probability per gold customer: the reference training compares its
+    test figures with (`c360ml.model.reference`; the generator names this function).
+
+    Maps customer_id -> person_id through gold/customer_source_map and the truth's
+    person_keys.parquet; a customer merged from several persons churns only if none of
+    them buys, so its probability is the product of the persons' no-purchase chances.
+    """
+    keys_path = Path(truth_dir) / "person_keys.parquet"
+    if not keys_path.exists():
+        return None
+    # Only the test customers' rows of the map and of the truth are read.
+    source_map = Lake(lake_root).read_pandas(
+        "gold",
+        "customer_source_map",
+        columns=["source", "source_key", "customer_id"],
+        filter=ds.field("customer_id").isin(pa.array(customer_ids.astype(str).unique())),
+    )
+    keys = pd.read_parquet(
+        keys_path,
+        columns=["person_id", "source", "source_key"],
+        filters=[("source_key", "in", source_map["source_key"].unique().tolist())],
+    )
+    link = source_map.merge(keys, on=["source", "source_key"])[["customer_id", "person_id"]]
+    link = link.drop_duplicates()
+    persons = link["person_id"].drop_duplicates().to_numpy()
+    parts = []
+    for k, start in enumerate(range(0, len(persons), CHUNK_PERSONS)):
+        chunk = persons[start : start + CHUNK_PERSONS]
+        part = oracle_purchase_probability(truth_dir, chunk, cutoff, window_days, seed=k)
+        if not isinstance(part, pd.Series):
+            part = pd.Series(np.asarray(part, dtype=np.float64), index=chunk)
+        parts.append(part)
+    p = pd.concat(parts) if parts else pd.Series(dtype=np.float64)
+    no_purchase = np.log(np.clip(1.0 - link["person_id"].map(p).astype(float), 1e-12, 1))
+    churn = np.exp(no_purchase.groupby(link["customer_id"].to_numpy()).sum(min_count=1))
+    return churn.dropna()
 
 
 def omniscient_purchase_probability(
