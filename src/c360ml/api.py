@@ -48,6 +48,7 @@ import yaml
 
 from c360ml.config import Settings, load_settings
 from c360ml.model.train import TrainConfig, TrainResult
+from c360ml.timestamps import utc
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class Project:
         lake = Lake(settings.lake)
         if cutoff is None:
             cutoff = latest_event_time(lake).floor("D") - pd.Timedelta(days=90)
-        t = _utc(cutoff)
+        t = utc(cutoff)
         orders = lake.read_pandas("gold", "orders", columns=["customer_id", "order_ts"])
         before = orders[pd.to_datetime(orders["order_ts"], utc=True) <= t]["customer_id"]
         customers = pd.Index(before.drop_duplicates().sort_values().head(max_customers))
@@ -251,7 +252,7 @@ class Project:
         if features is not None and load_sql_features(settings.path(settings.feature_spec)):
             report = self.check_features(features)
             report.raise_if_leaky()
-        return prepare_training(settings, _utc(as_of), sample_rate, config)
+        return prepare_training(settings, utc(as_of), sample_rate, config)
 
     # ------------------------------------------------------------ models
 
@@ -370,7 +371,7 @@ class Project:
         if bundle.feature_set_json is None:
             raise ValueError(f"model version {used} carries no feature definitions")
         lake = Lake(self.settings.lake)
-        t = _utc(as_of) if as_of is not None else latest_event_time(lake).floor("D")
+        t = utc(as_of) if as_of is not None else latest_event_time(lake).floor("D")
         wanted = None if customer_ids is None else pd.Index(customer_ids).astype(str)
         gold = ft.read_gold(lake, customers=wanted)
         if wanted is None:
@@ -405,11 +406,6 @@ def _code_version() -> str:
 
     info = code_version()
     return info.get("git_sha", info["package_version"])
-
-
-def _utc(ts: str | pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 __all__ = ["Evaluation", "Project", "mlflow_store", "open"]

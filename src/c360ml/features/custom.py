@@ -40,8 +40,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from c360ml.features.gold import GoldTables, restrict_to_customers, standardise_gold, view_as_of
-from c360ml.features.spec import to_utc
 from c360ml.schemas import CustomerProfile, OrderLines, Orders, StatusHistory
+from c360ml.timestamps import utc
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def compute_sql_features(
             con.register(name, frame)
         con.execute("SET enable_external_access = false")
         con.execute("SET TimeZone = 'UTC'")
-        cutoff = to_utc(t).tz_convert(None).to_pydatetime()
+        cutoff = utc(t).tz_convert(None).to_pydatetime()
         for f in features:
             sql = (
                 f"SELECT src.{CUSTOMER_ID} AS customer_id, ({f.expression}) AS value "
@@ -242,7 +242,7 @@ def future_changes(gold: GoldTables, t: pd.Timestamp) -> dict[str, GoldTables]:
     event and status change undone, and profile attributes edited (their values at t are
     unknown, so a feature must not read them). The check is empirical: a feature that
     depends on later data only through values none of these changes produce can pass."""
-    t = to_utc(t)
+    t = utc(t)
     gold = standardise_gold(gold)
     customers = gold.customers[CUSTOMER_ID]
     stamp = t + pd.Timedelta(days=1)
@@ -314,7 +314,7 @@ def check_leakage(
     the cost: Featuretools runs once per change."""
     from c360ml.features.dfs import calculate_features, derive_feature_set
 
-    t = to_utc(cutoff)
+    t = utc(cutoff)
     gold = standardise_gold(gold)
     if customers is None:
         before = gold.orders[gold.orders[Orders.order_ts] <= t][Orders.customer_id]

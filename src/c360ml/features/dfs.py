@@ -54,8 +54,9 @@ from c360ml.features.aggregates import (
 )
 from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
 from c360ml.features.gold import GoldTables, restrict_to_customers, standardise_gold, view_as_of
-from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec, to_utc
+from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec
 from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
+from c360ml.timestamps import utc, utc_column
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list)
     """Featuretools' matrix of `features` for `ids` at t, indexed by customer_id."""
     if not len(ids):  # e.g. a chunk with no active profile: Featuretools needs a cutoff row
         return pd.DataFrame(index=ids, columns=[f.get_name() for f in features], dtype="float64")
-    cutoff = pd.DataFrame({CUSTOMER_ID: ids.to_numpy(), "time": to_utc(t)})
+    cutoff = pd.DataFrame({CUSTOMER_ID: ids.to_numpy(), "time": utc(t)})
     with _quiet():
         matrix = ft.calculate_feature_matrix(
             features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
@@ -516,7 +517,7 @@ def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp,
         raise ValueError(f"population lacks column(s) {sorted(missing)}")
     times = pd.to_datetime(population[CUTOFF_TIME], utc=True)
     for t, rows in population.groupby(times, sort=True)[CUSTOMER_ID]:
-        yield to_utc(t), pd.Index(rows.unique())
+        yield utc(t), pd.Index(rows.unique())
 
 
 def calculate_features(
@@ -543,7 +544,7 @@ def calculate_features(
     result = pd.concat(parts, ignore_index=True)
     result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
     keys = population[[CUSTOMER_ID, CUTOFF_TIME]].copy()
-    keys[CUTOFF_TIME] = pd.to_datetime(keys[CUTOFF_TIME], utc=True).dt.as_unit("us")
+    keys[CUTOFF_TIME] = utc_column(keys[CUTOFF_TIME])
     return keys.merge(result, on=[CUSTOMER_ID, CUTOFF_TIME], how="left", validate="m:1")
 
 
@@ -598,7 +599,7 @@ def calculate_snapshot(
     `feature_ids` (a test checks).
     """
     gold = standardise_gold(gold)
-    as_of = to_utc(as_of)
+    as_of = utc(as_of)
     frames = activity_frames(view_as_of(gold, as_of))
     requests = []
     if measures:

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 
 from c360ml.features.gold import GoldTables, StatusTimeline, epoch_ns
-from c360ml.features.spec import ChurnConfig, to_utc
+from c360ml.features.spec import ChurnConfig
 from c360ml.schemas import CustomerProfile, Orders
+from c360ml.timestamps import utc
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class _OrderIndex:
 
 
 def _cutoffs(cutoffs: Sequence[pd.Timestamp]) -> list[pd.Timestamp]:
-    out = sorted({to_utc(t) for t in cutoffs})
+    out = sorted({utc(t) for t in cutoffs})
     if not out:
         raise ValueError("at least one cutoff time is needed")
     return out
@@ -140,7 +141,7 @@ def buyers_and_active(
     the cost): customers with >= 1 purchase at or before t (compute_rfm's rows), and the
     active ones (active_population's). Both sorted customer_id."""
     index = _OrderIndex.build(gold)
-    t = to_utc(t)
+    t = utc(t)
     buyers = np.flatnonzero(index.buyers(None, t, status_time=t))
     return index.customers[buyers], index.customers[_population(index, t, cfg)]
 

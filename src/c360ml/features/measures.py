@@ -15,8 +15,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from c360ml.features.spec import to_utc
 from c360ml.schemas import CustomerProfile
+from c360ml.timestamps import utc
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def measures_frame(matrix: pd.DataFrame, measures: list[Measure], as_of) -> pd.D
     Numeric measures are float64 (counts included, so a window with no rows is 0.0 and
     a mean over no rows is NaN); categorical ones (e.g. mode) are strings.
     """
-    as_of = to_utc(as_of)
+    as_of = utc(as_of)
     out = pd.DataFrame({CustomerProfile.customer_id: matrix.index.to_numpy()})
     out[AS_OF] = pd.Series(as_of, index=out.index).dt.as_unit("us")
     for m in measures:

@@ -15,6 +15,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from c360ml.timestamps import utc
+
 
 @dataclass(frozen=True)
 class ChurnConfig:
@@ -112,18 +114,15 @@ def load_dfs_spec(path: Path) -> DfsSpec:
         raise ValueError(f"invalid dfs spec in {path}: {exc}") from exc
 
 
-def to_utc(t: pd.Timestamp | str) -> pd.Timestamp:
-    """A UTC instant; naive input is taken to be UTC already (the lake's convention)."""
-    ts = pd.Timestamp(t)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 def training_cutoffs(cfg: ChurnConfig, as_of: pd.Timestamp) -> list[pd.Timestamp]:
     """Ascending UTC cutoffs whose label windows all end at or before `as_of`.
 
     The last cutoff is `as_of - window`, so training for as_of never needs a label from
     after as_of; earlier ones step back by the spacing.
     """
-    last = to_utc(as_of) - cfg.window
+    last = utc(as_of) - cfg.window
     step = pd.Timedelta(days=cfg.cutoff_spacing_days)
     return [last - step * k for k in range(cfg.cutoff_count - 1, -1, -1)]
+
+
+to_utc = utc  # the name features/gold.py still imports

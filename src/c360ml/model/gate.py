@@ -44,10 +44,10 @@ from c360ml.model.train import (
     CUTOFF,
     LABEL,
     TrainResult,
-    _utc,
     fit_estimator_recipe,
     fit_recipe,
 )
+from c360ml.timestamps import utc
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +275,10 @@ def judge(
     y = test[LABEL].to_numpy()
     test_cutoff = pd.Timestamp(result.plan.test_cutoff)
     trained = champion.trained_as_of
-    path = FRESH_WINDOW if trained is None or _utc(trained) <= _utc(test_cutoff) else RECIPE
+    path = FRESH_WINDOW if trained is None or utc(trained) <= utc(test_cutoff) else RECIPE
     try:
         rows = champion_rows(champion)
-        at_test = pd.to_datetime(rows[CUTOFF], utc=True) == _utc(test_cutoff)
+        at_test = pd.to_datetime(rows[CUTOFF], utc=True) == utc(test_cutoff)
         request = rows.loc[at_test.to_numpy(), [CUSTOMER, *champion.feature_names]]
         scored = score(champion, request.rename(columns={CUSTOMER: CUSTOMER_ID}), explain="none")
         artifact = _aligned(scored.set_index(CUSTOMER_ID)["ChurnScore"], test[CUSTOMER])

@@ -39,6 +39,7 @@ from c360ml.model.train import (
     sample_rate_for,
     train_and_evaluate,
 )
+from c360ml.timestamps import utc, utc_column
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +270,6 @@ def log_and_gate(
 # ---------------------------------------------------------------- the features wiring
 
 
-def _utc(ts: pd.Timestamp | str) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
 @dataclass
 class TrainingData:
     """Everything `c360ml train` computes before it fits a model: the churn definition, the
@@ -340,7 +336,7 @@ def prepare_training(
     if tune > 0:
         require_optuna()  # fail before an hour of feature work, not after
     config = config or TrainConfig()
-    as_of = _utc(as_of)
+    as_of = utc(as_of)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -500,7 +496,7 @@ def register_training(
             raise ValueError("the champion carries no feature definitions")
         champion_fs = ft.FeatureSet.from_json(champion.feature_set_json)
         computed = ft.calculate_features(gold, matrix[[CUSTOMER, CUTOFF]], champion_fs)
-        computed[CUTOFF] = pd.to_datetime(computed[CUTOFF], utc=True).dt.as_unit("us")
+        computed[CUTOFF] = utc_column(computed[CUTOFF])
         return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
 
     config = data.config
@@ -571,12 +567,12 @@ def run_training(
 
 def _keyed(population: pd.DataFrame) -> pd.DataFrame:
     out = population[[CUSTOMER, CUTOFF, LABEL]].copy()
-    out[CUTOFF] = pd.to_datetime(out[CUTOFF], utc=True).dt.as_unit("us")
+    out[CUTOFF] = utc_column(out[CUTOFF])
     return out
 
 
 def _is(frame: pd.DataFrame, cutoff: pd.Timestamp) -> np.ndarray:
-    return (pd.to_datetime(frame[CUTOFF], utc=True) == _utc(cutoff)).to_numpy()
+    return (pd.to_datetime(frame[CUTOFF], utc=True) == utc(cutoff)).to_numpy()
 
 
 @dataclass(frozen=True)
@@ -606,7 +602,7 @@ def champion_health(settings: Settings) -> watch.Health:
     version = str(current.version)
     bundle = registry.load_bundle(f"models:/{settings.model_name}/{version}")
     end = latest_event_time(lake)
-    age = (end.floor("D") - _utc(bundle.trained_as_of).floor("D")).days  # calendar days
+    age = (end.floor("D") - utc(bundle.trained_as_of).floor("D")).days  # calendar days
     test_auc = bundle.metadata.get("test_metrics", {}).get("test_roc_auc")
     score_psi, feature_psi, realized = None, {}, None
     if lake.exists("gold", DRIFT):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from c360ml.timestamps import utc
+
 TRAIN, VALIDATION, TEST, UNUSED = "train", "validation", "test", "unused"
 HOLDOUT_SHARE = 0.2  # customers held out when a split must be made by customer, not time
 
@@ -126,13 +128,13 @@ def assign_splits(
 ) -> pd.Series:
     """Split name per row (train / validation / test / unused), aligned to `rows`."""
     cut = pd.to_datetime(rows[cutoff_col], utc=True)
-    test_cut = _utc(plan.test_cutoff)
+    test_cut = utc(plan.test_cutoff)
     out = np.full(len(rows), UNUSED, dtype=object)
-    in_train = cut.isin([_utc(c) for c in plan.train_cutoffs]).to_numpy()
+    in_train = cut.isin([utc(c) for c in plan.train_cutoffs]).to_numpy()
     bucket = customer_bucket(rows[customer_col]) if plan.validation_cutoff is None else None
     if plan.validation_cutoff is not None:
         out[in_train] = TRAIN
-        out[(cut == _utc(plan.validation_cutoff)).to_numpy()] = VALIDATION
+        out[(cut == utc(plan.validation_cutoff)).to_numpy()] = VALIDATION
     else:
         out[in_train] = np.where(bucket[in_train] < HOLDOUT_SHARE, VALIDATION, TRAIN)
     is_test = (cut == test_cut).to_numpy()
@@ -148,8 +150,3 @@ def assign_splits(
 def refit_mask(split: pd.Series) -> np.ndarray:
     """Rows the final model is refitted on: every labelled cutoff (all used splits)."""
     return (split != UNUSED).to_numpy()
-
-
-def _utc(ts: pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")

@@ -42,6 +42,7 @@ from c360ml.model.splits import (
     plan_splits,
     refit_mask,
 )
+from c360ml.timestamps import utc, utc_column
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def sample_population(
     keep = bucket < rate
     if keep_cutoff is not None:
         cut = pd.to_datetime(population[CUTOFF], utc=True)
-        keep |= (cut == _utc(keep_cutoff)).to_numpy() & (bucket < keep_rate)
+        keep |= (cut == utc(keep_cutoff)).to_numpy() & (bucket < keep_rate)
     return population.loc[keep]
 
 
@@ -297,16 +298,6 @@ class TrainResult:
         return "xgboost" if self.estimator is None else type(self.estimator).__name__
 
 
-def _utc(ts: pd.Timestamp) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
-
-
-def _utc_column(values: pd.Series) -> pd.Series:
-    """UTC nanosecond timestamps, so us- and ns-resolution frames join exactly."""
-    return pd.to_datetime(values, utc=True).dt.as_unit("ns")
-
-
 def _check_inputs(matrix: pd.DataFrame, rfm: pd.DataFrame, names: tuple[str, ...]) -> None:
     missing = [c for c in (CUSTOMER, CUTOFF, LABEL, *names) if c not in matrix.columns]
     if missing:
@@ -321,8 +312,8 @@ def _check_inputs(matrix: pd.DataFrame, rfm: pd.DataFrame, names: tuple[str, ...
 def align_rfm(matrix: pd.DataFrame, rfm: pd.DataFrame) -> pd.DataFrame:
     """RFM rows in the matrix's row order (left join on customer and cutoff)."""
     key = [CUSTOMER, CUTOFF]
-    left = matrix[key].assign(**{CUTOFF: _utc_column(matrix[CUTOFF])})
-    right = rfm.assign(**{CUTOFF: _utc_column(rfm[CUTOFF])})
+    left = matrix[key].assign(**{CUTOFF: utc_column(matrix[CUTOFF], "ns")})
+    right = rfm.assign(**{CUTOFF: utc_column(rfm[CUTOFF], "ns")})
     cols = [*key, *baselines.RFM_COLUMNS]
     return left.merge(right[cols], on=key, how="left", validate="one_to_one")
 
