@@ -334,8 +334,8 @@ def _without_id_values(definitions_json: str) -> str:
     """Feature definitions without the category values of the EntitySet's id columns.
 
     Featuretools saves every categorical column's categories with the definitions: for
-    the ids, every customer, order and case id the features were derived on (15 MB at
-    20k customers), which would make each model artifact a copy of the lake's ids, kept
+    the ids, every customer, order and case id the features were derived on (megabytes
+    at a few thousand customers), which would make each model artifact a copy of the lake's ids, kept
     after a person's erasure. No feature reads them (a where-clause carries its own
     value), so they are emptied; the low-cardinality categories stay.
     """

@@ -112,8 +112,7 @@ def _fold(text: pd.Series) -> pd.Series:
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
     """Add the normalised match fields; `record` is a dense 0..n-1 index.
 
-    In Arrow, not pandas' per-value string methods: for the 1.78M records at 1M
-    customers 2.5 s, against 4.9 s.
+    In Arrow, not pandas' per-value string methods, which take twice as long at scale.
     """
     out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
     out["record"] = np.arange(len(out))
@@ -143,7 +142,7 @@ def _series(values: pa.Array) -> pd.Series:
 
 def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
     """Values of a field shared by more records than max_records (a shared store phone).
-    Counted by Arrow: 0.4 s for 1.78M e-mails, where pandas' value_counts took 0.8 s."""
+    Counted by Arrow, twice as fast as pandas' value_counts on millions of e-mails."""
     counts = pc.value_counts(pa.array(records[f"m_{name}"].to_numpy(), pa.string()))
     many = pc.greater(counts.field("counts"), max_records)
     return set(counts.field("values").filter(many).drop_null().to_pylist())
@@ -229,9 +228,9 @@ def fuzzy_matches(
 
     The cheap tests first: the veto, then for `ratio` the lengths (ratio, a normalised
     Indel similarity, is at most 200 * min(a, b) / (a + b) for lengths a and b), so that
-    only pairs that can match are scored. At 1M customers the postal-code rule's 89.2M
-    candidate pairs leave 12.2M after the veto and 8.0M after the lengths (758k match):
-    its scoring took 12 s of a 52 s unify before.
+    only pairs that can match are scored: on a large lake the veto and the lengths leave
+    a fraction of a broad rule's candidate pairs, and scoring them was the largest part
+    of a unify before.
     """
     if veto_codes:
         veto = np.ones(len(left), dtype=bool)
@@ -352,9 +351,8 @@ def match_rule(
 
 # ---------------------------------------------------------------- what a build keeps
 
-# Why unify again only what changed: at 1M customers a whole unify (1.78M records: read,
-# prepare, match, cluster, ids, merge, write) took 30-35 s of a 60 s incremental build,
-# for a 1% increment. Whether two records are linked depends on little beyond the two:
+# Why unify again only what changed: a whole unify (read, prepare, match, cluster, ids,
+# merge, write every record) was half of an incremental build for a 1% increment. Whether two records are linked depends on little beyond the two:
 # their blocks (one per rule), the junk status of their identifiers and, for fuzzy
 # rules, their block's size. So `state/unify/records` keeps per record a hash of the
 # record as read, of its block key under each rule and of its junk and veto fields, and
@@ -387,8 +385,7 @@ def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
     keys |= {f"hash_{name}": [f"m_{name}"] for name in hashed}
     used = sorted({c for cols in keys.values() for c in cols})
     # Hashed by DuckDB, shifted into int64 (Delta has no unsigned type) so never negative,
-    # null when a field is missing:
-    # 1.1 s for 1.78M records, where pandas' hash_pandas_object took 4.6 s.
+    # null when a field is missing; several times faster than pandas' hash_pandas_object.
     con = duckdb_connection()
     columns = {c: pa.array(records[c].to_numpy(), pa.string()) for c in used}
     con.register("fields_", pa.table(columns | {"i": np.arange(len(records))}))
@@ -451,7 +448,8 @@ def assign_ids(
     Records are ordered by (created_ts, missing last; source; source_key) throughout.
     `taken`: which of some ids are in use beyond `previous` (when only some clusters are
     unified again), so that a new id is none of them.
-    The ranking runs in DuckDB: pandas' sorts and joins of 2M key strings took 15 s.
+    The ranking runs in DuckDB: pandas' sorts and joins of millions of key strings were
+    the slowest part of a unify.
     """
     con = duckdb_connection()
     frame = records[["source", "source_key", "created_ts"]].assign(cluster=labels)
@@ -520,8 +518,8 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
     Each attribute is the first non-null value in the policy's order: most recently
     modified first (records without a modified time last), or by source priority, then
     most recent. Two integer sorts of all records (numpy lexsort over the id codes and
-    the keys), then per attribute the first present value of each customer: 5.4 s for
-    1.8M records, where pandas' sorts and group-bys of the attributes took 8.4-9.6 s.
+    the keys), then per attribute the first present value of each customer: faster than
+    pandas' sorts and group-bys per attribute.
     """
     attributes = list(dict.fromkeys([*policy.most_recent, *policy.by_source_priority]))
     codes, uniques = pd.factorize(ids, sort=False)

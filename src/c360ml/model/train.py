@@ -8,10 +8,10 @@ baselines, bootstrap intervals and the CI-D grade on the test cutoff from the mo
 before the refit; then a refit on every cutoff with the chosen settings, whose test-cutoff
 predictions are reported beside (in sample, so not a measurement).
 
-Model size: depth <= 4 (tuning may go to 5) and <= 300 trees at learning rate 0.05. On 2
-cores that explains ~5,000 rows/s with TreeSHAP and ~150,000 rows/s with Saabas, so a
-1M-customer refresh scores and explains in well under a minute with the default
-("approx") and in ~3-4 minutes with "exact"; depth 6 would be 6x slower.
+Model size: depth <= 4 (tuning may go to 5) and <= 300 trees at learning rate 0.05. The
+cost of explaining every profile grows with depth (TreeSHAP exponentially), and a
+refresh explains every profile; the default ("approx", Saabas) is far cheaper than
+"exact" (benchmarks/results/ has the figures).
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ class TrainConfig(BaseModel):
     max_bin: int = 256  # hist bins
     nthread: int = 2  # the machine has 2 cores shared with other jobs
     seed: int = 0  # booster, bootstrap and tuning seed
-    bootstrap_resamples: int = 200  # paired bootstrap resamples (~30 s at 500k test rows)
-    # Customer caps on a training run: memory scales with them, not with the lake (the 100k
-    # lake, 68k customers with orders x 12 cutoffs, all read: peak 5.0 GB; gold and features
-    # cost ~45 KB per customer read). Above a cap, a stable hash sample of customers is read
+    bootstrap_resamples: int = 200  # paired bootstrap resamples (cost grows with test rows)
+    # Customer caps on a training run: memory scales with them, not with the lake (gold
+    # and features cost tens of KB per customer read). Above a cap, a stable hash sample of customers is read
     # from gold; the training sample lies inside the test sample, so every trained customer
     # is also scored at the test cutoff. The test cutoff is one of ~8 cutoffs used, so a
     # larger test sample costs little beyond its gold read and halves the metric variance.

@@ -38,10 +38,9 @@ log = logging.getLogger(__name__)
 
 LAYERS = ("landing", "bronze", "silver", "gold", "quarantine", "export", "state")
 # Rows per Parquet row group. DuckDB scans a file's row groups in parallel, and the
-# writers' default (1,048,576) left a 1M-row table in one: at 1M customers unify's query
-# over the silver customer tables took 2.5 s that way, 2.1 s with row groups of this
-# size. Smaller ones read a little faster (1.9 s at 131,072) but delta-rs wrote a 5.3M-row
-# table 50% slower with them; at this size it writes as fast as with the default.
+# writers' default (1,048,576) leaves a 1M-row table in one, read by one core. Smaller
+# row groups read a little faster still, but delta-rs writes slower with them; at this
+# size it writes as fast as with the default.
 ROW_GROUP = 524_288
 
 
@@ -382,8 +381,8 @@ _LOADED = threading.local()  # .tables: path -> (identity, table), per thread (s
 def _latest(where: Path) -> DeltaTable:
     """The table at `where`, brought up to its latest version.
 
-    Loaded once (per thread) and then updated with the commits since (0.5 ms against
-    3-5 ms a load; an incremental build at 1M customers asked for tables ~500 times).
+    Loaded once (per thread) and then updated with the commits since: an update costs a
+    fraction of a load, and a build asks for tables hundreds of times.
     The first commit file's identity tells a table removed and written again (whose
     versions restart) from the one loaded. Per thread, as delta-rs refuses a table object
     used by two threads at once (one updating it while the other reads it)."""
@@ -410,9 +409,9 @@ _DELETED_CACHE_SIZE = 256  # tables x versions; a version's vectors never change
 def _deleted(table: DeltaTable) -> dict[str, np.ndarray]:
     """File URI (as `file_uris` spells it) -> deleted row positions, for files with a DV.
 
-    Cached per table version: delta-rs expands each vector into a whole-file mask (35 ms
-    a call at 1M), and a build registers every table in each of its DuckDB connections
-    (165 times in an incremental gold build: 4 s of its 24)."""
+    Cached per table version: delta-rs expands each vector into a whole-file mask, and a
+    build registers every table in each of its DuckDB connections (over a hundred times
+    in an incremental gold build)."""
     if not _has_dvs(table):
         return {}
     # The version's commit file identifies it: a table removed and written again reaches
