@@ -308,6 +308,38 @@ def _model_run(settings: Settings) -> dict[str, Any]:
         return empty
 
 
+def _model_view(settings: Settings, lake: Lake) -> dict[str, Any]:
+    """The champion's run, with its realized outcomes and the label-free estimates of
+    its AUC per scored as_of (the trend the report draws)."""
+    model = _model_run(settings)
+    if lake.exists("gold", "score_outcomes"):
+        model["outcomes"] = lake.read_pandas("gold", "score_outcomes")
+    history = lake.read_pandas("gold", "churn_scores", columns=["ChurnScore", "ScoredAsOf"])
+    model["estimates"] = (
+        history.dropna(subset=["ChurnScore"])
+        .groupby("ScoredAsOf")["ChurnScore"]
+        .apply(lambda p: watch.estimated_roc_auc(p.to_numpy()))
+    )
+    return model
+
+
+def _charts(lake: Lake, risk: pd.Series, scored: pd.DataFrame) -> list[tuple[str, go.Figure]]:
+    """The risk bands, the score histogram and the first numeric measures."""
+    charts = [
+        (
+            "Churn-risk distribution (scored profiles)",
+            go.Figure(go.Bar(x=risk.index.tolist(), y=risk.to_numpy().tolist())),
+        ),
+        ("ChurnScore histogram", go.Figure(go.Histogram(x=scored["ChurnScore"], nbinsx=40))),
+    ]
+    if lake.exists("gold", "customer_measures"):
+        measures = latest(lake.read_pandas("gold", "customer_measures"), "as_of")
+        for col in [c for c in measures.columns if c not in ("customer_id", "as_of")][:4]:
+            if pd.api.types.is_numeric_dtype(measures[col]):
+                charts.append((f"Measure: {col}", go.Figure(go.Histogram(x=measures[col]))))
+    return charts
+
+
 def build_report(settings: Settings) -> Path:
     lake = Lake(settings.lake)
     profiles = lake.read_pandas("gold", "customer_profile")
@@ -323,15 +355,7 @@ def build_report(settings: Settings) -> Path:
     redirects = read_redirects(lake)
     members = members.assign(customer_id=follow_redirects(members["customer_id"], redirects))
     moves = segment_moves(members, redirects)
-    model = _model_run(settings)
-    if lake.exists("gold", "score_outcomes"):
-        model["outcomes"] = lake.read_pandas("gold", "score_outcomes")
-    history = lake.read_pandas("gold", "churn_scores", columns=["ChurnScore", "ScoredAsOf"])
-    model["estimates"] = (
-        history.dropna(subset=["ChurnScore"])
-        .groupby("ScoredAsOf")["ChurnScore"]
-        .apply(lambda p: watch.estimated_roc_auc(p.to_numpy()))
-    )
+    model = _model_view(settings, lake)
     metrics, model_label = model["metrics"], model["label"]
     scored_by = str(scores["ModelVersion"].dropna().iloc[0]) if len(scored) else None
     alarms = (
@@ -341,18 +365,7 @@ def build_report(settings: Settings) -> Path:
     )
     psi_alarm = settings.watch.psi_alarm
     sources = profiles["sources"].value_counts().rename_axis("sources").reset_index(name="profiles")
-    charts = [
-        (
-            "Churn-risk distribution (scored profiles)",
-            go.Figure(go.Bar(x=risk.index.tolist(), y=risk.to_numpy().tolist())),
-        ),
-        ("ChurnScore histogram", go.Figure(go.Histogram(x=scored["ChurnScore"], nbinsx=40))),
-    ]
-    if lake.exists("gold", "customer_measures"):
-        measures = latest(lake.read_pandas("gold", "customer_measures"), "as_of")
-        for col in [c for c in measures.columns if c not in ("customer_id", "as_of")][:4]:
-            if pd.api.types.is_numeric_dtype(measures[col]):
-                charts.append((f"Measure: {col}", go.Figure(go.Histogram(x=measures[col]))))
+    charts = _charts(lake, risk, scored)
     factors = top_factors(scored)
     kpis = [
         ("profile-count", "Profiles", f"{len(profiles):,}"),

@@ -275,6 +275,13 @@ def _model_line(result: TrainResult) -> str:
 
 def model_card(result: TrainResult, ctx: CardContext) -> str:
     """The model card (markdown): what the model predicts, on what, how well, and limits."""
+    return "".join(
+        (_card_definition(result, ctx), _card_evaluation(result, ctx), _card_use(result, ctx))
+    )
+
+
+def _card_definition(result: TrainResult, ctx: CardContext) -> str:
+    """What is predicted, on which population, and how the data was split."""
     m = result.metrics
     plan = result.plan
     g = result.grade
@@ -283,42 +290,7 @@ def model_card(result: TrainResult, ctx: CardContext) -> str:
         if plan.optimistic
         else f"\nEvaluation is {plan.reason}.\n"
     )
-    table = [
-        "| metric | model (pre-refit) | RFM logistic | recency | CI-D rule | oracle |",
-        "|---|---|---|---|---|---|",
-    ]
-    table += ["| " + " | ".join(row.values()) + " |" for row in metric_rows(m)]
-    oracle_lines = ""
-    if "oracle_roc_auc" in m:
-        oracle_lines = (
-            f"- model AUC / oracle AUC: {_ci(m, 'test_roc_auc_over_oracle')}\n"
-            f"- headroom closed, (AUC_model − AUC_RFM) / (AUC_oracle − AUC_RFM): "
-            f"{_ci(m, 'test_roc_auc_headroom_closed')}\n"
-        )
-    oracle_grade = ""
-    if "oracle_grade" in m:
-        oracle_grade = (
-            f" The oracle (the true churn probability) has churn-class accuracy "
-            f"{_f(m['oracle_churn_recall'])} at 0.5 and would itself be graded "
-            f"**{'ABC'[int(m['oracle_grade'])]}** against this rule: the grade's ceiling here."
-        )
-    spans = "\n".join(
-        f"| {int(r['span_days'])} | {_f(r['churn_recall'])} | {_f(r['accuracy'])} | "
-        f"{_f(r['predicted_churn_share'])} |"
-        for r in result.rule.by_span
-    )
-    top = "\n".join(
-        f"{r['rank']}. {glossary.describe(r['feature']).label} (`{r['feature']}`, "
-        f"mean |SHAP| {r['mean_abs_shap']:.3f})"
-        for r in result.importance[:10]
-    )
-    if not result.importance:
-        top = f"(none: {result.model_kind} has no per-customer contributions)"
     trees = f" and {result.n_trees} trees" if result.estimator is None else ""
-    cal = result.calibration
-    cal_text = ", ".join(
-        f"{k} {v:.4f}" for k, v in cal.items() if k in ("none", "platt", "isotonic")
-    )
     return f"""# Model card: {ctx.model_name} version {ctx.model_version}
 
 Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grade
@@ -356,7 +328,45 @@ Churn model trained as of **{ctx.trained_as_of.date()}** (`trained_as_of`). Grad
   refitted model's test-cutoff ROC AUC {_f(m["refit_insample_test_roc_auc"])} is in sample
   (it saw those labels) and is not a measurement.
 
-## Features
+"""
+
+
+def _card_evaluation(result: TrainResult, ctx: CardContext) -> str:
+    """Features, test metrics against the baselines and the oracle, and the CI-D grade."""
+    m = result.metrics
+    g = result.grade
+    table = [
+        "| metric | model (pre-refit) | RFM logistic | recency | CI-D rule | oracle |",
+        "|---|---|---|---|---|---|",
+    ]
+    table += ["| " + " | ".join(row.values()) + " |" for row in metric_rows(m)]
+    oracle_lines = ""
+    if "oracle_roc_auc" in m:
+        oracle_lines = (
+            f"- model AUC / oracle AUC: {_ci(m, 'test_roc_auc_over_oracle')}\n"
+            f"- headroom closed, (AUC_model − AUC_RFM) / (AUC_oracle − AUC_RFM): "
+            f"{_ci(m, 'test_roc_auc_headroom_closed')}\n"
+        )
+    oracle_grade = ""
+    if "oracle_grade" in m:
+        oracle_grade = (
+            f" The oracle (the true churn probability) has churn-class accuracy "
+            f"{_f(m['oracle_churn_recall'])} at 0.5 and would itself be graded "
+            f"**{'ABC'[int(m['oracle_grade'])]}** against this rule: the grade's ceiling here."
+        )
+    spans = "\n".join(
+        f"| {int(r['span_days'])} | {_f(r['churn_recall'])} | {_f(r['accuracy'])} | "
+        f"{_f(r['predicted_churn_share'])} |"
+        for r in result.rule.by_span
+    )
+    top = "\n".join(
+        f"{r['rank']}. {glossary.describe(r['feature']).label} (`{r['feature']}`, "
+        f"mean |SHAP| {r['mean_abs_shap']:.3f})"
+        for r in result.importance[:10]
+    )
+    if not result.importance:
+        top = f"(none: {result.model_kind} has no per-customer contributions)"
+    return f"""## Features
 
 {ctx.n_candidate_features} candidate features, {ctx.dropped_features} dropped by selection,
 {len(result.feature_names)} used. Most influential (mean |SHAP| on a test sample):
@@ -394,7 +404,16 @@ churn-class accuracy of 1 and would be graded A. The champion gate asks more (be
 |---|---|---|---|
 {spans}
 
-## Champion gate
+"""
+
+
+def _card_use(result: TrainResult, ctx: CardContext) -> str:
+    """The gate's decision, calibration, the model itself and its limitations."""
+    cal = result.calibration
+    cal_text = ", ".join(
+        f"{k} {v:.4f}" for k, v in cal.items() if k in ("none", "platt", "isotonic")
+    )
+    return f"""## Champion gate
 
 {ctx.gate}
 
