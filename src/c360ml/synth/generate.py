@@ -154,6 +154,92 @@ def _before(table: pa.Table, column: str, cut: int) -> np.ndarray:
     return values < cut
 
 
+@dataclass(frozen=True)
+class _Timeline:
+    """Where the initial run's days fall: history up to `end`, then the future simulated
+    for increments; `cut0` is midnight after `end`, the initial sync's cut-off."""
+
+    start_epoch: int
+    hist_days: int
+    n_days: int  # history + future
+    cut0: int
+    total: int  # persons simulated: the customers plus those who enter in the future
+
+
+def _timeline(cfg: GeneratorConfig) -> _Timeline:
+    """The persons entering in the future keep the history's entry rate (per day)."""
+    shape = cfg.shape
+    start_epoch = _epoch(cfg.start)
+    hist_days = (_epoch(cfg.end) - start_epoch) // DAY + 1
+    n_future = int(
+        round(cfg.customers * (1 - shape.pre_start_share) * shape.future_days / hist_days)
+    )
+    return _Timeline(
+        start_epoch=start_epoch,
+        hist_days=hist_days,
+        n_days=hist_days + shape.future_days,
+        cut0=start_epoch + hist_days * DAY,
+        total=cfg.customers + n_future,
+    )
+
+
+class _InitialExport:
+    """Where the initial run's rows go: rows due before cut0 to the sync (CSV folders or
+    Delta tables), the generic CSV and the truth; later rows wait in truth/_pending for
+    the increments that publish them."""
+
+    def __init__(self, settings: Settings, cfg: GeneratorConfig, cut0: int, stamp: str):
+        shape = cfg.shape
+        landing = settings.lake / "landing"
+        dirt = Dirt(shape.duplicate_share, shape.malformed_share)
+        self.cut0 = cut0
+        self.syncs = {s: CsvSync(landing / s / stamp, s, _iso(cut0 + HOUR), dirt) for s in SOURCES}
+        self.delta = DeltaExport(Lake(settings.lake)) if cfg.fmt == "delta" else None
+        self.generic = GenericCsv(landing / "generic" / "transactions.csv")
+        self.truth = _TruthWriter(settings.truth)
+        self.pending = _TruthWriter(settings.truth / "_pending")
+        self.stats = {"persons": 0, "purchases": 0, "sales_lines": 0}
+
+    def publish(self, source: str, name: str, rows: pa.Table, rng: np.random.Generator) -> None:
+        """One source table's change rows: the due ones to the sync, the rest pending."""
+        due = _before(rows, "_emit", self.cut0)
+        now, later = rows.filter(pa.array(due)), rows.filter(pa.array(~due))
+        if self.delta is not None:
+            self.delta.append(source, name, now)
+            self.syncs[source].note_table(name)
+        else:
+            self.syncs[source].append(name, now, rng)
+        self.pending.write(name, later)
+        if name in ("salesline", "retailtransactionsalestrans"):
+            self.stats["sales_lines"] += now.num_rows
+
+    def write_block(self, block: records.Block, rng: np.random.Generator, n_persons: int) -> None:
+        """Every table and truth frame of one person block (`rng`: the block's stream,
+        which the CSV dirt draws continue)."""
+        for source, names in SOURCES.items():
+            for name in names:
+                if name in block.tables:
+                    self.publish(source, name, block.tables[name], rng)
+        gen = block.tables["generic"]
+        self.generic.append(gen.filter(pa.array(_before(gen, "_emit", self.cut0))))
+        for name in ("persons", "person_keys"):
+            self.truth.write(name, block.truth[name])
+        for name in ("purchases", "cases"):
+            frame = block.truth[name]
+            due = _before(frame, "ts", self.cut0)
+            self.truth.write(name, frame.filter(pa.array(due)))
+            self.pending.write(name, frame.filter(pa.array(~due)))
+            self.stats["purchases"] += int(due.sum()) if name == "purchases" else 0
+        self.stats["persons"] += n_persons
+
+    def close(self) -> None:
+        self.truth.close()
+        self.pending.close()
+        for sync in self.syncs.values():
+            if self.delta is None:
+                sync.finish()
+
+
 @writes_lake("generate")
 def generate_lake(
     settings: Settings,
@@ -173,109 +259,89 @@ def generate_lake(
         _clear(settings)
     else:
         _refuse_existing(settings)
-    p, shape = cfg.process, cfg.shape
-    start_epoch = _epoch(cfg.start)
-    hist_days = (_epoch(cfg.end) - start_epoch) // DAY + 1
-    n_days = hist_days + shape.future_days
-    cut0 = start_epoch + hist_days * DAY
-    n_future = int(
-        round(cfg.customers * (1 - shape.pre_start_share) * shape.future_days / hist_days)
-    )
-    total = cfg.customers + n_future
+    tl = _timeline(cfg)
     ctx = records.Context(
-        start_epoch=start_epoch,
-        n_days=n_days,
-        p=p,
-        shape=shape,
-        catalogue=records.make_catalogue(np.random.default_rng([cfg.seed, 7]), shape),
+        start_epoch=tl.start_epoch,
+        n_days=tl.n_days,
+        p=cfg.process,
+        shape=cfg.shape,
+        catalogue=records.make_catalogue(np.random.default_rng([cfg.seed, 7]), cfg.shape),
     )
-    seas = process.season_for_days(np.datetime64(cfg.start, "D"), n_days, p)
     landing = settings.lake / "landing"
-    stamp = _stamp(cut0 + HOUR)
-    dirt = Dirt(shape.duplicate_share, shape.malformed_share)
-    syncs = {s: CsvSync(landing / s / stamp, s, _iso(cut0 + HOUR), dirt) for s in SOURCES}
-    delta = DeltaExport(Lake(settings.lake)) if cfg.fmt == "delta" else None
-    generic = GenericCsv(landing / "generic" / "transactions.csv")
-    truth = _TruthWriter(settings.truth)
-    pending = _TruthWriter(settings.truth / "_pending")
+    stamp = _stamp(tl.cut0 + HOUR)
+    export = _InitialExport(settings, cfg, tl.cut0, stamp)
     counters = records.Counters()
-    stats = {"persons": 0, "purchases": 0, "sales_lines": 0}
+    inventtable = records.inventtable_rows(ctx)
+    export.publish("d365", "inventtable", inventtable, np.random.default_rng([cfg.seed, 8]))
+    _generate_blocks(cfg, tl, ctx, export, counters)
+    export.close()
+    _write_meta(settings.truth, _initial_meta(cfg, tl, stamp, counters, export))
+    log.info("generated %d persons into %s", tl.total, landing)
+    return _summary(landing, settings.truth, stamp, export.syncs, export.delta, export.generic)
 
-    def publish(source: str, name: str, rows: pa.Table, rng: np.random.Generator) -> None:
-        due = _before(rows, "_emit", cut0)
-        now, later = rows.filter(pa.array(due)), rows.filter(pa.array(~due))
-        if delta is not None:
-            delta.append(source, name, now)
-            syncs[source].note_table(name)
-        else:
-            syncs[source].append(name, now, rng)
-        pending.write(name, later)
-        if name in ("salesline", "retailtransactionsalestrans"):
-            stats["sales_lines"] += now.num_rows
 
-    publish(
-        "d365", "inventtable", records.inventtable_rows(ctx), np.random.default_rng([cfg.seed, 8])
-    )
-    blocks = list(range(0, total, BLOCK))
+def _generate_blocks(
+    cfg: GeneratorConfig,
+    tl: _Timeline,
+    ctx: records.Context,
+    export: _InitialExport,
+    counters: records.Counters,
+) -> None:
+    """Simulate and write the persons block by block.
+
+    Each block has its own rng stream ([seed, block]) and fixed size, so a person's
+    records do not depend on how many persons come after it.
+    """
+    p, shape = cfg.process, cfg.shape
+    seas = process.season_for_days(np.datetime64(cfg.start, "D"), tl.n_days, p)
+    blocks = list(range(0, tl.total, BLOCK))
     with Progress(transient=True) as bar:
-        task = bar.add_task("generating persons", total=total)
+        task = bar.add_task("generating persons", total=tl.total)
         for b, lo in enumerate(blocks):
             rng = np.random.default_rng([cfg.seed, b])
-            ids = np.arange(lo, min(lo + BLOCK, total))
-            traits = process.draw_traits(rng, ids, cfg.customers, hist_days, n_days, p, shape)
+            ids = np.arange(lo, min(lo + BLOCK, tl.total))
+            traits = process.draw_traits(rng, ids, cfg.customers, tl.hist_days, tl.n_days, p, shape)
             sim = process.simulate(rng, traits, seas, p)
             block = records.build_block(rng, traits, sim, ctx, counters)
-            for source, names in SOURCES.items():
-                for name in names:
-                    if name in block.tables:
-                        publish(source, name, block.tables[name], rng)
-            gen = block.tables["generic"]
-            generic.append(gen.filter(pa.array(_before(gen, "_emit", cut0))))
-            for name in ("persons", "person_keys"):
-                truth.write(name, block.truth[name])
-            for name in ("purchases", "cases"):
-                frame = block.truth[name]
-                due = _before(frame, "ts", cut0)
-                truth.write(name, frame.filter(pa.array(due)))
-                pending.write(name, frame.filter(pa.array(~due)))
-                stats["purchases"] += int(due.sum()) if name == "purchases" else 0
-            stats["persons"] += len(ids)
+            export.write_block(block, rng, len(ids))
             bar.advance(task, len(ids))
             log.debug("block %d/%d done", b + 1, len(blocks))
-    truth.close()
-    pending.close()
-    for sync in syncs.values():
-        if delta is None:
-            sync.finish()
-    meta = {
+
+
+def _initial_meta(
+    cfg: GeneratorConfig,
+    tl: _Timeline,
+    stamp: str,
+    counters: records.Counters,
+    export: _InitialExport,
+) -> dict:
+    """generator.json of the initial run: what increments and the oracle need to continue
+    (seed, time origin, parameters, counters) and what was written."""
+    syncs = export.syncs.values()
+    return {
         "seed": cfg.seed,
         "customers": cfg.customers,
-        "persons_total": total,
+        "persons_total": tl.total,
         "start": cfg.start,
         "end": cfg.end,
         "format": cfg.fmt,
         "block_size": BLOCK,
-        "start_epoch": start_epoch,
-        "n_days": n_days,
-        "hist_days": hist_days,
-        "cuts": [cut0],
+        "start_epoch": tl.start_epoch,
+        "n_days": tl.n_days,
+        "hist_days": tl.hist_days,
+        "cuts": [tl.cut0],
         "syncs": [stamp],
-        "params": p.to_dict(),
-        "shape": asdict(shape),
+        "params": cfg.process.to_dict(),
+        "shape": asdict(cfg.shape),
         "channels": channel_mapping(),
         "counters": asdict(counters),
-        "stats": stats,
+        "stats": export.stats,
         "increments": [],
-        "malformed": {
-            s.source: {k: dict(c) for k, c in s.malformed.items()} for s in syncs.values()
-        },
-        "duplicates": {s.source: dict(s.duplicates) for s in syncs.values()},
-        "rows": {s.source: dict(s.rows) for s in syncs.values()},
-        "generic_rows": generic.rows,
+        "malformed": {s.source: {k: dict(c) for k, c in s.malformed.items()} for s in syncs},
+        "duplicates": {s.source: dict(s.duplicates) for s in syncs},
+        "rows": {s.source: dict(s.rows) for s in syncs},
+        "generic_rows": export.generic.rows,
     }
-    _write_meta(settings.truth, meta)
-    log.info("generated %d persons into %s", total, landing)
-    return _summary(landing, settings.truth, stamp, syncs, delta, generic)
 
 
 def _write_meta(truth: Path, meta: dict) -> None:

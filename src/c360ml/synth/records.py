@@ -386,37 +386,103 @@ def draw_accounts(
     )
 
 
+@dataclass(frozen=True)
+class _AccountHistory:
+    """Which accounts change after creation, and when (one draw per account).
+
+    Drawn together up front so every table of the party model sees the same rename,
+    move and update of an account: the old and new rows must agree across tables.
+    """
+
+    u: np.ndarray  # (6, m) uniforms: phone, rename, move, update, staff group, VIP/alias
+    org: np.ndarray
+    has_phone: np.ndarray
+    renamed: np.ndarray
+    moved: np.ndarray
+    updated: np.ndarray
+    t_rename: np.ndarray
+    t_move: np.ndarray
+    t_update: np.ndarray
+
+
+def _account_history(
+    rng: np.random.Generator, t: Traits, acc: Accounts, sh: LakeShape
+) -> _AccountHistory:
+    m = len(acc.pos)
+    org = t.kind[acc.pos] == KIND_ORGANISATION
+    created = acc.created
+    u = rng.random((6, m))
+    t_rename = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
+    t_move = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
+    t_update = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
+    return _AccountHistory(
+        u=u,
+        org=org,
+        has_phone=u[0] >= sh.no_phone_share,
+        renamed=~org & (u[1] < sh.rename_share),
+        moved=u[2] < sh.move_share,
+        updated=u[3] < sh.custtable_update_share,
+        t_rename=t_rename,
+        t_move=t_move,
+        t_update=t_update,
+    )
+
+
+class _AccountRows:
+    """Change rows of the per-account F&O tables, collected table by table.
+
+    Every row belongs to one account: its legal entity and person follow from the
+    account's position, so callers name only the accounts (`idx`) a version applies to.
+    """
+
+    def __init__(self, rng: np.random.Generator, t: Traits, acc: Accounts):
+        self.rng = rng
+        self.acc = acc
+        self.who = t.person_id[acc.pos]
+        self.out: dict[str, list[pa.Table]] = {}
+
+    def add(self, name, cols, recid, created, modified, idx, **kw) -> None:
+        c = _take(cols, idx)
+        area = self.acc.dataareaid.take(pa.array(idx, type=pa.int64()))
+        self.out.setdefault(name, []).append(
+            fo_frame(
+                name,
+                c,
+                recid[idx],
+                created[idx],
+                modified[idx],
+                area,
+                self.who[idx],
+                self.rng,
+                **kw,
+            )
+        )
+
+    def tables(self) -> dict[str, pa.Table]:
+        return {name: _concat(frames) for name, frames in self.out.items()}
+
+
 def customer_tables(
     rng: np.random.Generator, t: Traits, people: People, acc: Accounts, ctx: Context
 ) -> tuple[dict[str, pa.Table], dict[str, np.ndarray]]:
     """CustTable, the party model and its address/contact-information history."""
-    sh = ctx.shape
-    m = len(acc.pos)
-    who = t.person_id[acc.pos]
-    org = t.kind[acc.pos] == KIND_ORGANISATION
-    created = acc.created
-    rec1 = RECID_BASE + acc.seq
-    rec2 = RECID_BASE + 2 * acc.seq
-    u = rng.random((6, m))
-    has_phone = u[0] >= sh.no_phone_share
-    renamed = ~org & (u[1] < sh.rename_share)
-    moved = u[2] < sh.move_share
-    updated = u[3] < sh.custtable_update_share
-    t_rename = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
-    t_move = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
-    t_update = created + rng.integers(30, 900, m) * DAY + rng.integers(0, DAY, m)
+    h = _account_history(rng, t, acc, ctx.shape)
     tk = {k: _take({k: val}, acc.pos)[k] for k, val in vars(people).items()}
-    out: dict[str, list[pa.Table]] = {}
+    rows = _AccountRows(rng, t, acc)
+    _custtable_rows(rows, acc, h)
+    _party_rows(rows, rng, acc, h, tk)
+    _location_rows(rows, acc)
+    _postal_address_rows(rows, rng, acc, h, tk)
+    _electronic_address_rows(rows, rng, acc, h, tk)
+    flags = {"renamed": h.renamed, "moved": h.moved, "has_phone": h.has_phone}
+    return rows.tables(), flags
 
-    def add(name, cols, recid, cr, mod, idx, **kw):
-        c = _take(cols, idx)
-        area = acc.dataareaid.take(pa.array(idx, type=pa.int64()))
-        out.setdefault(name, []).append(
-            fo_frame(name, c, recid[idx], cr[idx], mod[idx], area, who[idx], rng, **kw)
-        )
 
-    allx = np.arange(m)
-    group = np.where(org, "WHOLESALE", np.where(u[4] < 0.01, "STAFF", "RETAIL"))
+def _custtable_rows(rows: _AccountRows, acc: Accounts, h: _AccountHistory) -> None:
+    """Each account as created, and a later group/blocked change for a few (VIP or blocked)."""
+    m = len(acc.pos)
+    rec1 = RECID_BASE + acc.seq
+    group = np.where(h.org, "WHOLESALE", np.where(h.u[4] < 0.01, "STAFF", "RETAIL"))
     cust = {
         "accountnum": acc.accountnum,
         "party": rec1,
@@ -424,33 +490,43 @@ def customer_tables(
         "currency": "USD",
         "blocked": np.zeros(m, dtype=np.int64),
     }
-    add("custtable", cust, rec1, created, created, allx)
-    upd = np.flatnonzero(updated)
+    rows.add("custtable", cust, rec1, acc.created, acc.created, np.arange(m))
     cust_upd = dict(
         cust,
-        custgroup=v.where(u[5] < 0.5, pa.scalar("VIP"), cust["custgroup"]),
-        blocked=(u[5] >= 0.5).astype(np.int64),
+        custgroup=v.where(h.u[5] < 0.5, pa.scalar("VIP"), cust["custgroup"]),
+        blocked=(h.u[5] >= 0.5).astype(np.int64),
     )
-    add("custtable", cust_upd, rec1, created, t_update, upd)
+    rows.add("custtable", cust_upd, rec1, acc.created, h.t_update, np.flatnonzero(h.updated))
 
+
+def _party_rows(
+    rows: _AccountRows, rng: np.random.Generator, acc: Accounts, h: _AccountHistory, tk: dict
+) -> None:
+    """DirPartyTable and DirPersonName: a rename closes the old name and opens a new one.
+
+    Organisations have a party but no person name, and are never renamed.
+    """
+    m = len(acc.pos)
+    created, t_rename = acc.created, h.t_rename
+    rec1 = RECID_BASE + acc.seq
+    rec2 = RECID_BASE + 2 * acc.seq
     new_last = v.take(v.LAST_NAMES, rng.integers(0, len(v.LAST_NAMES), m))
     party = {
         "partynumber": v.padded("P", acc.seq, 9),
         "name": tk["name"],
-        "namealias": v.null_where(u[5] < 0.01, tk["last"]),
+        "namealias": v.null_where(h.u[5] < 0.01, tk["last"]),
         "knownas": None,
         "languageid": "en-us",
-        "instancerelationtype": np.where(org, 2077, 13271),
+        "instancerelationtype": np.where(h.org, 2077, 13271),
         "primaryaddresslocation": rec2,
         "primarycontactemail": rec2,
-        "primarycontactphone": np.where(has_phone, rec2 + 1, 0),
+        "primarycontactphone": np.where(h.has_phone, rec2 + 1, 0),
     }
-    add("dirpartytable", party, rec1, created, created, allx)
-    ren = np.flatnonzero(renamed)
+    rows.add("dirpartytable", party, rec1, created, created, np.arange(m))
+    ren = np.flatnonzero(h.renamed)
     party_ren = dict(party, name=v.join(tk["first"], " ", new_last), namealias=new_last)
-    add("dirpartytable", party_ren, rec1, created, t_rename, ren)
+    rows.add("dirpartytable", party_ren, rec1, created, t_rename, ren)
 
-    per = np.flatnonzero(~org)
     pname = {
         "person": rec1,
         "firstname": tk["first"],
@@ -459,24 +535,38 @@ def customer_tables(
         "validfrom": created,
         "validto": np.full(m, FO_MAX_EPOCH),
     }
-    add("dirpersonname", pname, rec2, created, created, per)
-    add("dirpersonname", dict(pname, validto=t_rename), rec2, created, t_rename, ren)
+    rows.add("dirpersonname", pname, rec2, created, created, np.flatnonzero(~h.org))
+    rows.add("dirpersonname", dict(pname, validto=t_rename), rec2, created, t_rename, ren)
     pname_new = dict(pname, lastname=new_last, validfrom=t_rename)
-    add("dirpersonname", pname_new, rec2 + 1, t_rename, t_rename, ren)
+    rows.add("dirpersonname", pname_new, rec2 + 1, t_rename, t_rename, ren)
 
+
+def _location_rows(rows: _AccountRows, acc: Accounts) -> None:
+    """Two LogisticsLocations per account: the home (postal) and the contact location."""
+    m = len(acc.pos)
+    rec2 = RECID_BASE + 2 * acc.seq
+    allx = np.arange(m)
     loc = {
         "locationid": v.padded("L", 2 * acc.seq, 10),
         "description": "Home",
         "ispostaladdress": np.ones(m, dtype=np.int64),
     }
-    add("logisticslocation", loc, rec2, created, created, allx)
+    rows.add("logisticslocation", loc, rec2, acc.created, acc.created, allx)
     loc2 = {
         "locationid": v.padded("L", 2 * acc.seq + 1, 10),
         "description": "Contact",
         "ispostaladdress": np.zeros(m, dtype=np.int64),
     }
-    add("logisticslocation", loc2, rec2 + 1, created, created, allx)
+    rows.add("logisticslocation", loc2, rec2 + 1, acc.created, acc.created, allx)
 
+
+def _postal_address_rows(
+    rows: _AccountRows, rng: np.random.Generator, acc: Accounts, h: _AccountHistory, tk: dict
+) -> None:
+    """The home address; a move closes it (validto) and opens the new address's record."""
+    m = len(acc.pos)
+    created, t_move = acc.created, h.t_move
+    rec2 = RECID_BASE + 2 * acc.seq
     city = tk["city"]
     addr = {
         "location": rec2,
@@ -490,9 +580,9 @@ def customer_tables(
         "validfrom": created,
         "validto": np.full(m, FO_MAX_EPOCH),
     }
-    add("logisticspostaladdress", addr, rec2, created, created, allx)
-    mv = np.flatnonzero(moved)
-    add("logisticspostaladdress", dict(addr, validto=t_move), rec2, created, t_move, mv)
+    rows.add("logisticspostaladdress", addr, rec2, created, created, np.arange(m))
+    mv = np.flatnonzero(h.moved)
+    rows.add("logisticspostaladdress", dict(addr, validto=t_move), rec2, created, t_move, mv)
     new_city = rng.integers(0, len(v.CITIES), m)
     addr_new = dict(
         addr,
@@ -504,8 +594,15 @@ def customer_tables(
         zipcode=v.join(v.take([c[3] for c in v.CITIES], new_city), "001"),
         validfrom=t_move,
     )
-    add("logisticspostaladdress", addr_new, rec2 + 1, t_move, t_move, mv)
+    rows.add("logisticspostaladdress", addr_new, rec2 + 1, t_move, t_move, mv)
 
+
+def _electronic_address_rows(
+    rows: _AccountRows, rng: np.random.Generator, acc: Accounts, h: _AccountHistory, tk: dict
+) -> None:
+    """E-mail (every account, a few in mixed case) and phone (unless the account has none)."""
+    m = len(acc.pos)
+    rec2 = RECID_BASE + 2 * acc.seq
     mixed = rng.random(m) < 0.03
     email = v.where(mixed, pc.utf8_capitalize(tk["email"]), tk["email"])
     phone = v.phone_formats(tk["area"], tk["phone_line"], np.where(rng.random(m) < 0.8, 0, 1))
@@ -516,7 +613,7 @@ def customer_tables(
         "isprimary": np.ones(m, dtype=np.int64),
         "ismobilephone": np.zeros(m, dtype=np.int64),
     }
-    add("logisticselectronicaddress", el, rec2, created, created, allx)
+    rows.add("logisticselectronicaddress", el, rec2, acc.created, acc.created, np.arange(m))
     ph = {
         "locator": phone,
         "type": np.full(m, 1),
@@ -524,10 +621,8 @@ def customer_tables(
         "isprimary": np.ones(m, dtype=np.int64),
         "ismobilephone": (rng.random(m) < 0.6).astype(np.int64),
     }
-    add("logisticselectronicaddress", ph, rec2 + 1, created, created, np.flatnonzero(has_phone))
-    tables = {name: _concat(frames) for name, frames in out.items()}
-    flags = {"renamed": renamed, "moved": moved, "has_phone": has_phone}
-    return tables, flags
+    has_phone = np.flatnonzero(h.has_phone)
+    rows.add("logisticselectronicaddress", ph, rec2 + 1, acc.created, acc.created, has_phone)
 
 
 # ----------------------------------------------------------------------------- orders
@@ -631,6 +726,26 @@ def _renumber(order: np.ndarray) -> np.ndarray:
     return np.arange(len(order)) - np.repeat(starts, counts) + 1
 
 
+@dataclass(frozen=True)
+class _SalesOrders:
+    """The sales-channel (online, call centre) orders of a block, as SalesTable headers.
+
+    Their lines need the header's ids, times and cancellation: a cancelled order can take
+    its lines with it, so the lines are built from this rather than from `Orders` alone.
+    """
+
+    sel: np.ndarray  # positions in Orders
+    head: dict  # SalesTable columns of the first version
+    ts: np.ndarray
+    area: pa.Array
+    who: np.ndarray
+    is_ret: np.ndarray
+    cancelled: np.ndarray
+    at_once: np.ndarray  # cancelled when placed (no later status change)
+    t2: np.ndarray  # time of the later status change
+    drop_lines: np.ndarray  # uniform deciding whether a later cancellation deletes lines
+
+
 def sales_tables(
     rng: np.random.Generator,
     t: Traits,
@@ -641,12 +756,35 @@ def sales_tables(
     counters: Counters,
 ) -> tuple[dict[str, pa.Table], pa.Array]:
     """SalesTable (with status changes and later cancellations) and SalesLine rows."""
-    late = ctx.shape.late_share
     sel = np.flatnonzero(o.channel != CH_STORE)
-    n_all = len(o.ts)
-    order_no = np.full(n_all, -1)
+    order_no = np.full(len(o.ts), -1)
     order_no[sel] = counters.take("order", len(sel))
     salesid_all = v.padded("SO-", np.maximum(order_no, 0), 9)
+    orders, salestable = _sales_headers(rng, t, o, acc, ctx, counters, sel, order_no, salesid_all)
+    salesline = _sales_lines(rng, orders, o, lines, ctx, counters)
+    order_ids = v.null_where(
+        order_no < 0, v.join("SO:", acc.dataareaid.take(pa.array(o.account)), "-", salesid_all)
+    )
+    return {"salestable": salestable, "salesline": salesline}, order_ids
+
+
+def _sales_headers(
+    rng: np.random.Generator,
+    t: Traits,
+    o: Orders,
+    acc: Accounts,
+    ctx: Context,
+    counters: Counters,
+    sel: np.ndarray,
+    order_no: np.ndarray,
+    salesid_all: pa.Array,
+) -> tuple[_SalesOrders, pa.Table]:
+    """SalesTable rows: each order as placed, then its invoice/delivery or cancellation.
+
+    A return is created invoiced and an order cancelled at once has no second version;
+    every other order changes status a few days later (cancellations sooner).
+    """
+    late = ctx.shape.late_share
     who = t.person_id[o.person[sel]]
     area = acc.dataareaid.take(pa.array(o.account[sel]))
     ts = o.ts[sel]
@@ -689,17 +827,29 @@ def sales_tables(
             late_share=late,
         )
     )
-    salestable = _concat(frames)
+    orders = _SalesOrders(sel, head, ts, area, who, is_ret, cancelled, at_once, t2, u[2])
+    return orders, _concat(frames)
 
-    # lines of sales-channel orders
-    pos_in_sel = np.full(n_all, -1)
-    pos_in_sel[sel] = np.arange(m)
+
+def _sales_lines(
+    rng: np.random.Generator,
+    s: _SalesOrders,
+    o: Orders,
+    lines: Lines,
+    ctx: Context,
+    counters: Counters,
+) -> pa.Table:
+    """SalesLine rows of the sales-channel orders, the deletes of cancelled orders' lines
+    and orphan lines (whose header never arrives), as a real export has them."""
+    late = ctx.shape.late_share
+    pos_in_sel = np.full(len(o.ts), -1)
+    pos_in_sel[s.sel] = np.arange(len(s.sel))
     li = np.flatnonzero(pos_in_sel[lines.order] >= 0)
     lo = pos_in_sel[lines.order[li]]
     nl = len(li)
     lrec = RECID_BASE + counters.take("line", nl)
     lcols = {
-        "salesid": head["salesid"].take(pa.array(lo)),
+        "salesid": s.head["salesid"].take(pa.array(lo)),
         "linenum": lines.linenum[li].astype(float),
         "itemid": ctx.catalogue.item_id.take(pa.array(lines.item[li])),
         "salesqty": lines.qty[li],
@@ -709,33 +859,22 @@ def sales_tables(
         "costprice": np.round(lines.price[li] * 0.6, 2),
         "currencycode": "USD",
         "salesstatus": np.ones(nl, dtype=np.int64),
-        "returnstatus": np.where(is_ret[lo], 4, 0),
+        "returnstatus": np.where(s.is_ret[lo], 4, 0),
     }
-    lts = ts[lo]
-    lframes = [
-        fo_frame(
-            "salesline",
-            lcols,
-            lrec,
-            lts,
-            lts,
-            area.take(pa.array(lo)),
-            who[lo],
-            rng,
-            late_share=late,
-        )
-    ]
+    lts = s.ts[lo]
+    area = s.area.take(pa.array(lo))
+    frames = [fo_frame("salesline", lcols, lrec, lts, lts, area, s.who[lo], rng, late_share=late)]
     # half of the later-cancelled orders also lose their lines (delete rows)
-    gone = np.flatnonzero(cancelled[lo] & ~at_once[lo] & (u[2][lo] < 0.5))
-    lframes.append(
+    gone = np.flatnonzero(s.cancelled[lo] & ~s.at_once[lo] & (s.drop_lines[lo] < 0.5))
+    frames.append(
         fo_frame(
             "salesline",
             _take(lcols, gone),
             lrec[gone],
             lts[gone],
-            t2[lo][gone] + 60,
-            area.take(pa.array(lo[gone])),
-            who[lo][gone],
+            s.t2[lo][gone] + 60,
+            s.area.take(pa.array(lo[gone])),
+            s.who[lo][gone],
             rng,
             is_delete=True,
         )
@@ -743,22 +882,44 @@ def sales_tables(
     # orphan lines: a header that never arrives
     orph = np.flatnonzero(rng.random(nl) < ctx.shape.orphan_line_share)
     ocols = dict(_take(lcols, orph), salesid=v.padded("SO-X", counters.take("order", len(orph)), 8))
-    lframes.append(
+    frames.append(
         fo_frame(
             "salesline",
             ocols,
             RECID_BASE + counters.take("line", len(orph)),
             lts[orph],
             lts[orph],
-            area.take(pa.array(lo[orph])),
+            s.area.take(pa.array(lo[orph])),
             np.full(len(orph), -1),
             rng,
         )
     )
-    order_ids = v.null_where(
-        order_no < 0, v.join("SO:", acc.dataareaid.take(pa.array(o.account)), "-", salesid_all)
-    )
-    return {"salestable": salestable, "salesline": _concat(lframes)}, order_ids
+    return _concat(frames)
+
+
+@dataclass(frozen=True)
+class _PosTransactions:
+    """The POS transactions of a block: the persons' store orders, then anonymous walk-ins.
+
+    Transactions 0..len(sel)-1 are the store orders `sel` (positions in Orders), the
+    `n_anon` after them belong to nobody (no account, legal entity usrt).
+    """
+
+    sel: np.ndarray
+    n_anon: int
+    pos_of: np.ndarray  # per order: its transaction, -1 if not a store order
+    orig: np.ndarray  # per transaction: the returned transaction, -1 if not a return
+    is_ret: np.ndarray
+    seq: np.ndarray
+    store: np.ndarray
+    store_s: pa.Array
+    term_s: pa.Array
+    txid: pa.Array
+    ts: np.ndarray
+    voided: np.ndarray
+    custaccount: pa.Array
+    area: pa.Array
+    who: np.ndarray
 
 
 def pos_tables(
@@ -771,7 +932,32 @@ def pos_tables(
     counters: Counters,
 ) -> tuple[dict[str, pa.Table], pa.Array]:
     """POS transactions (store sales, store returns, anonymous walk-ins) and their lines."""
-    late = ctx.shape.late_share
+    tx = _pos_transactions(rng, t, o, acc, ctx, counters)
+    tl = _pos_lines(rng, tx, lines, ctx)
+    header = _pos_header_rows(rng, tx, tl, ctx)
+    body = _pos_line_rows(rng, tx, tl, ctx, counters)
+    n_all = len(o.ts)
+    order_ids = pa.nulls(n_all, pa.string())
+    if len(tx.sel):
+        full = np.full(n_all, 0)
+        full[tx.sel] = np.arange(len(tx.sel))
+        order_ids = v.null_where(tx.pos_of < 0, v.join("POS:", tx.txid.take(pa.array(full))))
+    return {"retailtransactiontable": header, "retailtransactionsalestrans": body}, order_ids
+
+
+def _pos_transactions(
+    rng: np.random.Generator,
+    t: Traits,
+    o: Orders,
+    acc: Accounts,
+    ctx: Context,
+    counters: Counters,
+) -> _PosTransactions:
+    """Store, terminal, id, time and account of every POS transaction.
+
+    A person shops at a home store, sometimes at another one; a return goes back to the
+    store of its sale. Walk-ins fall anywhere in the time range of the block's orders.
+    """
     n_all = len(o.ts)
     sel = np.flatnonzero(o.channel == CH_STORE)
     # a few anonymous walk-ins: extra transactions of nobody, same time range
@@ -791,96 +977,124 @@ def pos_tables(
     seq = counters.take("pos", m)
     store_s = v.take(STORES, store)
     term_s = v.padded("T", terminal, 2)
-    txid = v.join(store_s, "-", term_s, "-", v.padded("", seq, 9))
     span = max(1, int(o.ts.max() - ctx.start_epoch) // DAY + 1) if n_all else 1
     anon_ts = (
         ctx.start_epoch + rng.integers(0, span, n_anon) * DAY + rng.integers(1, DAY - 1, n_anon)
     )
-    ts = np.r_[o.ts[sel], anon_ts]
     voided = np.r_[o.cancelled[sel], rng.random(n_anon) < ctx.p.void_pos]
     acct = np.r_[o.account[sel], np.zeros(n_anon, dtype=np.int64)]
+    anon = np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)]
     custaccount = v.null_where(
-        np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)],
-        acc.accountnum.take(pa.array(acct)) if len(acc.pos) else pa.nulls(m, pa.string()),
+        anon, acc.accountnum.take(pa.array(acct)) if len(acc.pos) else pa.nulls(m, pa.string())
     )
     area = v.where(
-        np.r_[np.zeros(len(sel), bool), np.ones(n_anon, bool)],
+        anon,
         pa.scalar("usrt"),
         acc.dataareaid.take(pa.array(acct)) if len(acc.pos) else pa.repeat("usrt", m),
     )
-    who = np.r_[t.person_id[o.person[sel]], np.full(n_anon, -1)]
+    return _PosTransactions(
+        sel=sel,
+        n_anon=n_anon,
+        pos_of=pos_of,
+        orig=orig,
+        is_ret=is_ret,
+        seq=seq,
+        store=store,
+        store_s=store_s,
+        term_s=term_s,
+        txid=v.join(store_s, "-", term_s, "-", v.padded("", seq, 9)),
+        ts=np.r_[o.ts[sel], anon_ts],
+        voided=voided,
+        custaccount=custaccount,
+        area=area,
+        who=np.r_[t.person_id[o.person[sel]], np.full(n_anon, -1)],
+    )
 
-    # lines: the person's lines, plus 1-3 lines per anonymous transaction
-    li = np.flatnonzero(pos_of[lines.order] >= 0)
-    lo = pos_of[lines.order[li]]
-    ka = rng.integers(1, 4, n_anon)
-    ao = len(sel) + np.repeat(np.arange(n_anon), ka)
+
+def _pos_lines(rng: np.random.Generator, tx: _PosTransactions, lines: Lines, ctx: Context) -> Lines:
+    """The lines of the POS transactions (`order` = transaction): the persons' store-order
+    lines, then 1-3 single-unit, undiscounted lines per walk-in."""
+    li = np.flatnonzero(tx.pos_of[lines.order] >= 0)
+    ka = rng.integers(1, 4, tx.n_anon)
+    ao = len(tx.sel) + np.repeat(np.arange(tx.n_anon), ka)
     a_item = ctx.catalogue.sample(rng, len(ao))
-    lo = np.r_[lo, ao]
-    item = np.r_[lines.item[li], a_item]
-    qty = np.r_[lines.qty[li], np.ones(len(ao))]
-    price = np.r_[lines.price[li], ctx.catalogue.price[a_item]]
-    disc = np.r_[lines.disc[li], np.zeros(len(ao))]
-    amount = np.r_[lines.amount[li], ctx.catalogue.price[a_item]]
-    linenum = np.r_[lines.linenum[li], _renumber(ao)]
-    gross = np.round(np.bincount(lo, qty * price, minlength=m), 2)
-    discamt = np.round(np.bincount(lo, disc, minlength=m), 2)
-    day0 = (ts - ctx.start_epoch) // DAY
-    loyalty = v.null_where(rng.random(m) < 0.6, v.padded("LC", seq, 10))
+    return Lines(
+        order=np.r_[tx.pos_of[lines.order[li]], ao],
+        linenum=np.r_[lines.linenum[li], _renumber(ao)],
+        item=np.r_[lines.item[li], a_item],
+        qty=np.r_[lines.qty[li], np.ones(len(ao))],
+        price=np.r_[lines.price[li], ctx.catalogue.price[a_item]],
+        disc=np.r_[lines.disc[li], np.zeros(len(ao))],
+        amount=np.r_[lines.amount[li], ctx.catalogue.price[a_item]],
+    )
+
+
+def _pos_header_rows(
+    rng: np.random.Generator, tx: _PosTransactions, tl: Lines, ctx: Context
+) -> pa.Table:
+    """RetailTransactionTable rows, with totals summed from the transaction's lines."""
+    m = len(tx.ts)
+    lo = tl.order
+    gross = np.round(np.bincount(lo, tl.qty * tl.price, minlength=m), 2)
+    discamt = np.round(np.bincount(lo, tl.disc, minlength=m), 2)
+    day0 = (tx.ts - ctx.start_epoch) // DAY
+    loyalty = v.null_where(rng.random(m) < 0.6, v.padded("LC", tx.seq, 10))
     head = {
-        "transactionid": txid,
-        "store": store_s,
-        "terminal": term_s,
-        "channel": STORE_CHANNEL_BASE + store,
-        "custaccount": custaccount,
+        "transactionid": tx.txid,
+        "store": tx.store_s,
+        "terminal": tx.term_s,
+        "channel": STORE_CHANNEL_BASE + tx.store,
+        "custaccount": tx.custaccount,
         "transdate": ctx.start_epoch + day0 * DAY,
-        "transtime": (ts - ctx.start_epoch) % DAY,
+        "transtime": (tx.ts - ctx.start_epoch) % DAY,
         "type": np.full(m, 2),
-        "entrystatus": voided.astype(np.int64),
+        "entrystatus": tx.voided.astype(np.int64),
         "grossamount": gross,
         "netamount": np.round(gross - discamt, 2),
         "discamount": discamt,
-        "numberofitems": np.bincount(lo, qty, minlength=m),
+        "numberofitems": np.bincount(lo, tl.qty, minlength=m),
         "currency": "USD",
         "loyaltycardid": loyalty,
     }
-    recid = RECID_BASE + seq
-    header = fo_frame(
-        "retailtransactiontable", head, recid, ts, ts, area, who, rng, late_share=late
+    recid = RECID_BASE + tx.seq
+    late = ctx.shape.late_share
+    return fo_frame(
+        "retailtransactiontable", head, recid, tx.ts, tx.ts, tx.area, tx.who, rng, late_share=late
     )
-    ret_tx = v.null_where(~is_ret[lo], txid.take(pa.array(np.maximum(orig[lo], 0))))
+
+
+def _pos_line_rows(
+    rng: np.random.Generator, tx: _PosTransactions, tl: Lines, ctx: Context, counters: Counters
+) -> pa.Table:
+    """RetailTransactionSalesTrans rows; a return line names the returned transaction."""
+    lo = tl.order
+    ret_tx = v.null_where(~tx.is_ret[lo], tx.txid.take(pa.array(np.maximum(tx.orig[lo], 0))))
     lcols = {
-        "transactionid": txid.take(pa.array(lo)),
-        "linenum": linenum.astype(float),
-        "itemid": ctx.catalogue.item_id.take(pa.array(item)),
-        "qty": qty,
-        "price": price,
-        "netamount": amount,
-        "discamount": disc,
+        "transactionid": tx.txid.take(pa.array(lo)),
+        "linenum": tl.linenum.astype(float),
+        "itemid": ctx.catalogue.item_id.take(pa.array(tl.item)),
+        "qty": tl.qty,
+        "price": tl.price,
+        "netamount": tl.amount,
+        "discamount": tl.disc,
         "returnnosale": np.zeros(len(lo), dtype=np.int64),
         "returntransactionid": ret_tx,
-        "transactionstatus": voided[lo].astype(np.int64),
-        "store": store_s.take(pa.array(lo)),
-        "terminal": term_s.take(pa.array(lo)),
+        "transactionstatus": tx.voided[lo].astype(np.int64),
+        "store": tx.store_s.take(pa.array(lo)),
+        "terminal": tx.term_s.take(pa.array(lo)),
     }
     lrec = RECID_BASE + counters.take("pos_line", len(lo))
-    body = fo_frame(
+    return fo_frame(
         "retailtransactionsalestrans",
         lcols,
         lrec,
-        ts[lo],
-        ts[lo],
-        area.take(pa.array(lo)),
-        who[lo],
+        tx.ts[lo],
+        tx.ts[lo],
+        tx.area.take(pa.array(lo)),
+        tx.who[lo],
         rng,
-        late_share=late,
+        late_share=ctx.shape.late_share,
     )
-    order_ids = pa.nulls(n_all, pa.string())
-    if len(sel):
-        full = np.full(n_all, 0)
-        full[sel] = np.arange(len(sel))
-        order_ids = v.null_where(pos_of < 0, v.join("POS:", txid.take(pa.array(full))))
-    return {"retailtransactiontable": header, "retailtransactionsalestrans": body}, order_ids
 
 
 # ----------------------------------------------------------------------------- dataverse
