@@ -88,6 +88,25 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def shared_lake(tmp_path_factory) -> Settings:
+    """One generated lake (1,500 persons, built through gold) for every test of a run
+    that only reads it; `own_outputs` gives a test its own MLflow store, reports and
+    logs beside it. A test that writes to the lake generates its own."""
+    return generated_lake(tmp_path_factory.mktemp("shared_lake"), customers=1500, seed=7)
+
+
+def own_outputs(settings: Settings, folder: Path) -> Settings:
+    """`settings` with the outputs a test writes (MLflow, reports, logs) under `folder`."""
+    return settings.model_copy(
+        update={
+            "mlflow_dir": folder / "mlflow",
+            "reports_dir": folder / "reports",
+            "log_dir": folder / "logs",
+        }
+    )
+
+
 def write_sync_folder(
     landing: Path,
     source: str,

@@ -20,7 +20,7 @@ from c360ml.model import baselines
 from c360ml.model.pipeline import run_training
 from c360ml.model.scoring import ModelBundle, score
 from c360ml.model.train import TrainConfig
-from tests.conftest import generated_lake
+from tests.conftest import own_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 AS_OF = "2025-12-31"
@@ -28,11 +28,11 @@ CONFIG = TrainConfig(nthread=1, bootstrap_resamples=40)
 
 
 @pytest.fixture(scope="module")
-def lake(tmp_path_factory):
-    """A generated lake of 1,500 persons and 7 monthly cutoffs (the fewest for an honest
-    out-of-time split), its own MLflow store."""
+def lake(tmp_path_factory, shared_lake):
+    """The shared generated lake of 1,500 persons, 7 monthly cutoffs (the fewest for an
+    honest out-of-time split), its own MLflow store."""
     tmp = tmp_path_factory.mktemp("api")
-    settings = generated_lake(tmp, customers=1500, seed=7)
+    settings = own_outputs(shared_lake, tmp)
     spec = yaml.safe_load((ROOT / "features" / "retention.yaml").read_text())
     spec["churn"]["cutoff_count"] = 7
     (tmp / "retention.yaml").write_text(yaml.safe_dump(spec))

@@ -13,13 +13,12 @@ GOLDEN = Path(__file__).with_name("golden_feature_labels.json")
 
 
 @pytest.fixture(scope="module")
-def default_names(tmp_path_factory) -> list[str]:
+def default_names(shared_lake) -> list[str]:
     """The candidate features the default spec derives on a generated lake."""
     import c360ml.features as ft
     from c360ml.storage.lake import Lake
-    from tests.conftest import generated_lake
 
-    settings = generated_lake(tmp_path_factory.mktemp("glossary"), customers=300, seed=1)
+    settings = shared_lake
     gold = ft.read_gold(Lake(settings.lake))
     return list(ft.derive_feature_set(gold, settings.path(settings.feature_spec)).names)
 

@@ -21,7 +21,6 @@ from c360ml.features import (
 )
 from c360ml.features.dfs import _aggregate, _load
 from c360ml.storage.lake import Lake
-from tests.conftest import generated_lake
 
 from .tiny_gold import DAY, MEASURES, SPEC, T
 
@@ -70,9 +69,8 @@ def test_a_feature_duckdb_cannot_express_is_left_to_featuretools(gold, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory):
-    settings = generated_lake(tmp_path_factory.mktemp("engines"), customers=1500, seed=11)
-    gold = read_gold(Lake(settings.lake))
+def generated(shared_lake):
+    gold = read_gold(Lake(shared_lake.lake))
     return gold, derive_feature_set(gold, SPEC)
 
 
