@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from c360ml.features.spec import to_utc
 from c360ml.medallion.declarations import entities
 from c360ml.schemas import (
     CustomerProfile,
@@ -34,6 +33,7 @@ from c360ml.schemas import (
     columns,
 )
 from c360ml.storage.lake import Lake
+from c360ml.timestamps import utc, utc_column
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def _utc(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     """Timestamps as datetime64[us, UTC] so comparisons with a UTC cutoff are exact."""
     out = frame.copy()
     for col in cols:
-        s = pd.to_datetime(out[col], utc=True)
-        out[col] = s.dt.as_unit("us")
+        out[col] = utc_column(out[col])
     return out
 
 
@@ -149,7 +148,7 @@ def read_ordering_customers(lake: Lake, start: pd.Timestamp, end: pd.Timestamp) 
         raise FileNotFoundError(f"no gold/orders table in {lake.root}; build gold first")
     ts_type = lake.schema("gold", "orders").field(Orders.order_ts).type
     ts = ds.field(Orders.order_ts)
-    window = (ts > pa.scalar(to_utc(start), ts_type)) & (ts <= pa.scalar(to_utc(end), ts_type))
+    window = (ts > pa.scalar(utc(start), ts_type)) & (ts <= pa.scalar(utc(end), ts_type))
     batches = lake.batches("gold", "orders", columns=[Orders.customer_id], filter=window)
     uniques = [pc.unique(batch.column(0)) for batch in batches]
     if not uniques:
@@ -231,14 +230,14 @@ class StatusTimeline:
     def cancelled_at(self, t: pd.Timestamp, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """is_cancelled at t of entities lo..hi-1 (entity order of the constructor)."""
         hi = self.n if hi is None else hi
-        rows, valid = self._rows(to_utc(t).value, lo, hi)
+        rows, valid = self._rows(utc(t).value, lo, hi)
         out = self._fb_cancelled[lo:hi].copy()
         out[self._idx[rows][valid] - lo] = self._cancelled[rows][valid]
         return out
 
     def status_at(self, t: pd.Timestamp) -> tuple[pd.Series, np.ndarray]:
         """(status strings, is_cancelled) of every entity at t."""
-        rows, valid = self._rows(to_utc(t).value, 0, self.n)
+        rows, valid = self._rows(utc(t).value, 0, self.n)
         codes = self._fb_status.copy()
         cancelled = self._fb_cancelled.copy()
         codes[self._idx[rows][valid]] = self._status[rows][valid]
@@ -286,7 +285,7 @@ def view_as_of(gold: GoldTables, t: pd.Timestamp) -> GoldTables:
     the status histories are cut to what was known at t. Products carry no history and
     are passed through.
     """
-    t = to_utc(t)
+    t = utc(t)
     orders = gold.orders[gold.orders[Orders.order_ts] <= t]
     orders = _with_status_at(orders, Orders.order_id, gold.order_status, t)
     lines = gold.order_lines[gold.order_lines[OrderLines.order_id].isin(orders[Orders.order_id])]
