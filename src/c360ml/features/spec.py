@@ -123,6 +123,3 @@ def training_cutoffs(cfg: ChurnConfig, as_of: pd.Timestamp) -> list[pd.Timestamp
     last = utc(as_of) - cfg.window
     step = pd.Timedelta(days=cfg.cutoff_spacing_days)
     return [last - step * k for k in range(cfg.cutoff_count - 1, -1, -1)]
-
-
-to_utc = utc  # the name features/gold.py still imports
