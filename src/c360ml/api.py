@@ -214,9 +214,9 @@ class Project:
         """The leakage tests on a feature spec (yours merged over the project's): every
         feature is computed at `cutoff` (default: 90 days before the lake's last event) on
         the lake and on versions of it changed only after the cutoff; a feature that moves
-        is named. Returns a `c360ml.features.custom.LeakageReport`."""
+        is named. Returns a `c360ml.features.leakage.LeakageReport`."""
         from c360ml.features import read_gold
-        from c360ml.features.custom import check_leakage
+        from c360ml.features.leakage import check_leakage
         from c360ml.refresh import latest_event_time
         from c360ml.storage.lake import Lake
 

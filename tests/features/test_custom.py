@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from c360ml.features import calculate_features, derive_feature_set
-from c360ml.features.custom import check_leakage, load_sql_features
+from c360ml.features.custom import load_sql_features
+from c360ml.features.leakage import check_leakage
 
 from .tiny_gold import SPEC, T
 
