@@ -356,9 +356,8 @@ def failures(table: pa_arrow.Table, checks: SqlChecks) -> tuple[np.ndarray, pa_a
     con = duckdb_connection()
     con.register("checked", view)
     reason = checks.reason_sql(rows)
-    # The filter first, so that a row that passes is given no CASE (half the time of a
-    # CASE over every row, filtered after), unless a uniqueness window is among the
-    # checks (a WHERE cannot hold a window).
+    # The filter first, so that a row that passes (most do) is given no CASE, unless a
+    # uniqueness window is among the checks (a WHERE cannot hold a window).
     failing = " OR ".join(f"({r.fails})" for r in rows)
     query = (
         f"SELECT {ROW}, reason FROM (SELECT {ROW}, {reason} AS reason FROM checked) "

@@ -56,9 +56,9 @@ INGESTED_AT = "_ingested_at"  # bronze lineage: when ingest wrote the row
 INGESTED_TYPE = pa_arrow.timestamp("us", tz="UTC")
 STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
 # Merges of small batches run two at a time: a merge is partly single-threaded (its
-# commit, the Parquet write, Arrow's standardisation), and at 1M customers the 13 merges
-# of a 1% increment took 5-6 s one at a time. Big batches and first builds run alone:
-# two big ones at once took the 1M build's peak from 7.4 to 10.2 GB (the target is 8).
+# commit, the Parquet write, Arrow's standardisation), so one at a time leaves a core
+# idle. Big batches and first builds run alone: two big ones at once took the 1M build's
+# peak memory past the 8 GB target (measured at 1M customers).
 PARALLEL_MERGES, PARALLEL_ROWS = 2, 2_000_000
 ACTION = "_action"
 ROW = "_row"  # a merge source row's position
@@ -66,6 +66,7 @@ ROW = "_row"  # a merge source row's position
 DROPPED = ("Id", "SinkCreatedOn", "sysrowversion", "IsDelete", INGESTED_AT)
 PHONE_TYPE, EMAIL_TYPE = 1, 2  # LogisticsElectronicAddress.Type
 DEFAULT_PHONE_REGION = "US"  # numbers written without a country code are read as this region
+STANDARDISE = "standardise"  # schema metadata: how a column (or the table) is standardised
 COUNTRIES = {  # alpha-3 (F&O) and common names -> ISO 3166-1 alpha-2
     "USA": "US", "UNITED STATES": "US", "US": "US", "CAN": "CA", "CANADA": "CA", "CA": "CA",
     "GBR": "GB", "UNITED KINGDOM": "GB", "UK": "GB", "GB": "GB", "DEU": "DE", "GERMANY": "DE",
@@ -240,7 +241,7 @@ def standardise(table: pa_arrow.Table, schema: pa.DataFrameSchema) -> pa_arrow.T
         locator = out["locator"].combine_chunks()
         email = pc.fill_null(pc.equal(kind, EMAIL_TYPE), False)
         # Only the phone rows go to the phone parser: the e-mails' ~1M distinct values
-        # would each miss its fast path (10 s of a 15 s table at 1M customers).
+        # would each miss its fast path (most of the table's time at 1M customers).
         phone = pc.fill_null(pc.equal(kind, PHONE_TYPE), False).combine_chunks()
         phones = normalise_phones_arrow(locator.filter(phone))
         put("locator", pc.if_else(email, pc.utf8_lower(locator),
@@ -264,7 +265,6 @@ def resolve_changes(table: pa_arrow.Table, key: tuple[str, ...]) -> pa_arrow.Tab
     ).to_arrow_table()
 
 
-STANDARDISE = "standardise"  # schema metadata: how a column (or the table) is standardised
 # Arrow type of a source column -> its pandera dtype (pandas' nullable ones: a column with
 # nulls in pandas is still its type, so pandera in the tests checks the same values).
 PANDERA_DTYPES = {
@@ -499,7 +499,7 @@ def _first_build(
     streamed into the new Delta table, so a 20M-row feed never sits in memory whole.
 
     The accounting's left side (keys whose newest version is not a delete) is counted
-    on the resolved stream, not by a second aggregate over the feed (4 s per 11M rows);
+    on the resolved stream, not by a second aggregate over the whole feed;
     it is known only once the stream has been written, so the bronze version and that
     count are recorded in a commit after the data (a crash before it leaves silver
     without a recorded version, and the next build starts over).
@@ -580,7 +580,7 @@ def _log_changes(
     row's key).
 
     Why not Delta's change data feed: with it, delta-rs's merge of the 1M lake's
-    salesline took 7.7 GB against 5.7 GB without. Logged before the merge, so a merge
+    salesline took a third more memory. Logged before the merge, so a merge
     that fails leaves a superset, which gold handles (it recomputes more orders). Each
     commit records the bronze version of its merge and the silver version it logs: a
     merge that did not commit after it leaves the log ahead of silver, and its next
@@ -627,11 +627,11 @@ def _resolve_sql(table: SourceTable, feed: str) -> str:
     `feed` is a view with each row's position (`register(..., positions=True)`).
 
     Most keys of a feed have one row (an initial export holds each row once), so only
-    the rows of keys seen more than once are ranked: over the 1M lake's 11.6M-row
-    salesline feed, a window over every row took 12.9 s, grouping the keys alone and
-    ranking the 0.4M rows of repeated keys 7.5 s. The ranking sees only the key, the
-    order and each row's position, and the winners are then fetched by position: a
-    window carrying all ~40 columns took 28 s of CPU over salestable's 12M repeated rows.
+    the rows of keys seen more than once are ranked (in the 1M lake's salesline feed,
+    a few percent of its rows): a window over every row costs far more than grouping
+    the keys and ranking those. The ranking sees only the key, the order and each row's
+    position, and the winners are then fetched by position: a window carrying all ~40
+    columns is several times the CPU over salestable's many repeated rows.
     Null keys are one group, as in PARTITION BY. `f` is not materialised (it is the whole
     feed), `d` and `w` are (they are small, or narrow).
     """
@@ -679,7 +679,7 @@ def _matched(
     """The rows of a current-state table (silver or its quarantine) whose key the batch
     holds, with what a merge uses of them: key, version, change key and position (None:
     no table yet). One scan serves the accounting, the change log and the merge, which
-    scanned the table each (at 1M customers a scan of salesline's keys took 0.3 s)."""
+    scanned the table each (a scan of salesline's keys per merge, at 1M customers)."""
     if not lake.exists(*where):
         return None
     con = duckdb_connection()
