@@ -168,7 +168,8 @@ def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None
     import c360ml.features as ft
     from c360ml.features import FeatureSet
     from c360ml.model import registry, scoring
-    from c360ml.refresh import latest_event_time, snapshot_profiles
+    from c360ml.refresh import snapshot_profiles
+    from c360ml.steps import latest_event_time
     from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)

@@ -217,7 +217,7 @@ class Project:
         is named. Returns a `c360ml.features.leakage.LeakageReport`."""
         from c360ml.features import read_gold
         from c360ml.features.leakage import check_leakage
-        from c360ml.refresh import latest_event_time
+        from c360ml.steps import latest_event_time
         from c360ml.storage.lake import Lake
 
         settings = self._with_spec(features)
@@ -364,7 +364,7 @@ class Project:
         and `frame.attrs["explanations"]` says why."""
         from c360ml import features as ft
         from c360ml.model import scoring
-        from c360ml.refresh import latest_event_time
+        from c360ml.steps import latest_event_time
         from c360ml.storage.lake import Lake
 
         bundle, used = self.model(version)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake.exceptions import DeltaError
 
@@ -36,7 +35,14 @@ from c360ml.medallion.erasure import ErasureResult
 from c360ml.medallion.unify import follow_redirects, read_redirects
 from c360ml.model import scoring
 from c360ml.schemas import ChurnScores, CustomerMeasures
-from c360ml.steps import DRIFT, StepResult, gold_inputs, replace_as_of, same_inputs
+from c360ml.steps import (
+    DRIFT,
+    StepResult,
+    gold_inputs,
+    latest_event_time,
+    replace_as_of,
+    same_inputs,
+)
 from c360ml.storage.inputs import last_record
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
@@ -74,20 +80,6 @@ class RefreshSummary:
 
 
 # ---------------------------------------------------------------- pure stages
-
-
-def latest_event_time(lake: Lake) -> pd.Timestamp:
-    """The default as_of: the latest event time in gold (orders and cases); reads only
-    the two timestamp columns."""
-    times = [
-        pc.max(lake.read("gold", table, columns=[column])[column]).as_py()
-        for table, column in (("orders", "order_ts"), ("support_cases", "created_ts"))
-        if lake.exists("gold", table)
-    ]
-    times = [t for t in times if t is not None]
-    if not times:
-        raise ValueError(f"no orders or support cases in {lake.path('gold')}: nothing to refresh")
-    return pd.Timestamp(max(times)).tz_convert("UTC")
 
 
 def score_statuses(profiles: pd.Series, active: pd.Series, buyers: pd.Series) -> pd.Series:

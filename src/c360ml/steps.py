@@ -1,5 +1,6 @@
-"""What the jobs that score (refresh, segments) share: the record of a step, the gold
-tables they write, and how they write one as_of of such a table.
+"""What the jobs that score (refresh, segments, training) share: the record of a step,
+the gold tables they write, how they write one as_of of such a table, and the default
+as_of (the latest event in gold).
 
 A job's output is partitioned by as_of and stamped with the versions of the gold tables
 it read (`gold_inputs`): the same as_of from the same inputs is written once, so a
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from c360ml.storage.inputs import last_record, stamp, versions
 from c360ml.storage.lake import Lake
@@ -73,3 +75,17 @@ def same_inputs(lake: Lake, table: str, as_of: pd.Timestamp, inputs: dict) -> bo
     """Whether `table`'s rows of `as_of` were last written from `inputs`."""
     record = last_record(lake, ("gold", table), lambda r: r.get("as_of") == str(as_of))
     return record is not None and {k: v for k, v in record[0].items() if k != "as_of"} == inputs
+
+
+def latest_event_time(lake: Lake) -> pd.Timestamp:
+    """The default as_of: the latest event time in gold (orders and cases); reads only
+    the two timestamp columns."""
+    times = [
+        pc.max(lake.read("gold", table, columns=[column])[column]).as_py()
+        for table, column in (("orders", "order_ts"), ("support_cases", "created_ts"))
+        if lake.exists("gold", table)
+    ]
+    times = [t for t in times if t is not None]
+    if not times:
+        raise ValueError(f"no orders or support cases in {lake.path('gold')}: nothing to refresh")
+    return pd.Timestamp(max(times)).tz_convert("UTC")

@@ -587,8 +587,7 @@ class RetrainOutcome:
 def champion_health(settings: Settings) -> watch.Health:
     """The champion's age against the lake's data end, and its latest drift and realized
     figures from gold/score_drift and gold/score_outcomes."""
-    from c360ml.refresh import latest_event_time
-    from c360ml.steps import DRIFT
+    from c360ml.steps import DRIFT, latest_event_time
     from c360ml.storage.lake import Lake
 
     lake = Lake(settings.lake)
@@ -627,7 +626,7 @@ def retrain_if_needed(
 ) -> RetrainOutcome:
     """Train a challenger and run the gate when a trigger fires (`watch.triggers`);
     `as_of` defaults to the day the lake's data ends."""
-    from c360ml.refresh import latest_event_time
+    from c360ml.steps import latest_event_time
     from c360ml.storage.lake import Lake
 
     health = champion_health(settings)
