@@ -3,9 +3,9 @@
 Why: every feature DFS derives here is one aggregation of a customer's rows (optionally
 windowed, filtered by a where-clause, or stacked over a per-order aggregation).
 Featuretools computes each (window, where) group with its own pandas group-by and merges
-it into a frame that is copied each time; at 1M profiles that made the refresh's snapshot
-403-409 s of 645-661 s. As one SQL scan per table the snapshot takes 210-220 s, most of
-it reading gold (`benchmarks/results/refresh.json`).
+it into a frame that is copied each time, which made it most of a large refresh. As one
+SQL scan per table it costs about half, most of it reading gold
+(`benchmarks/results/refresh.json`).
 
 The definitions stay Featuretools': `c360ml.features.dfs` (the one module importing it)
 turns each saved feature into an `Aggregate` here, and computes anything it cannot turn

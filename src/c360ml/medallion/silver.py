@@ -57,8 +57,8 @@ INGESTED_TYPE = pa_arrow.timestamp("us", tz="UTC")
 STREAM_ROWS = 1_000_000  # rows per batch when a first build streams a change feed
 # Merges of small batches run two at a time: a merge is partly single-threaded (its
 # commit, the Parquet write, Arrow's standardisation), so one at a time leaves a core
-# idle. Big batches and first builds run alone: two big ones at once took the 1M build's
-# peak memory past the 8 GB target (measured at 1M customers).
+# idle. Big batches and first builds run alone: two big ones at once took a large build's
+# peak memory past its target.
 PARALLEL_MERGES, PARALLEL_ROWS = 2, 2_000_000
 ACTION = "_action"
 ROW = "_row"  # a merge source row's position

@@ -507,7 +507,7 @@ def _cast_column(values: pa.Array, cdm: str) -> tuple[pa.Array, pa.Array | None]
     failed (None: none did).
 
     A few dirty values in a 200k-row block should not send the whole column down the
-    careful path (a regex per value, 3x slower): slices that cast strictly are kept,
+    careful path (a regex per value, several times slower): slices that cast strictly are kept,
     and only the failing slices are split further, down to STRICT_SLICE values.
     """
     fast = _cast_strict(values, cdm)
