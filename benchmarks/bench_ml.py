@@ -76,7 +76,7 @@ def refresh(settings, out_dir: Path) -> dict:
     return {
         "refresh_s": round(time.perf_counter() - started, 1),
         "increment_landing_rows": increment_rows,
-        "steps_s": {s.step: round(s.seconds, 1) for s in summary.steps},
+        "steps_s": {s.step: round(s.seconds, 1) for s in summary.items},
         "profiles": summary.status_counts,
         "risk": summary.risk_counts,
     }

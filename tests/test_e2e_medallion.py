@@ -75,7 +75,7 @@ def test_increment_applies_changes_and_erasure(lake):
     summary = generate_increment(lake)
     assert summary.rows()
     build_all(lake)
-    for result in build_silver(lake).tables:
+    for result in build_silver(lake).items:
         assert result.balanced, result
     erased = truth(lake, "erased")
     assert len(erased) >= 1

@@ -92,7 +92,7 @@ def test_default_mapping_reads_a_file_with_only_the_required_columns(settings, c
     _generic_lake(settings, {"tx.csv": frame})
     with caplog.at_level("INFO", logger="c360ml.medallion.ingest"):
         summary = ingest_landing(settings)
-    assert (summary.total_rows, summary.tables[0].quarantined) == (len(frame), 0)
+    assert (summary.total_rows, summary.items[0].quarantined) == (len(frame), 0)
     for name in ("order_id", "product_id", "is_return"):
         assert f"no '{name}' column ({name}): null in bronze" in caplog.text
     build_silver(settings)

@@ -135,7 +135,7 @@ def test_drift_alarms_reach_the_summary_the_report_and_the_webhook(year):
     )
     before = len(receiver.received)
     summary = run_refresh(touchy, as_of=months[-1][0].as_of)
-    step = next(s for s in summary.steps if s.step == "drift")
+    step = next(s for s in summary.items if s.step == "drift")
     assert step.note.startswith("ALARM (PSI >= 0.0): ") and step.rows == len(step.detail["alarms"])
     [(_, _, event)] = receiver.received[before:]
     assert event["event"] == "drift_alarm" and event["alarms"] == step.detail["alarms"]

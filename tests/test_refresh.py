@@ -76,7 +76,7 @@ def test_each_refresh_measures_drift_against_the_models_test_rows(lake):
 
     """Before the erasure tests, which purge erased customers from the score history."""
     settings, first = lake
-    step = next(s for s in first.steps if s.step == "drift")
+    step = next(s for s in first.items if s.step == "drift")
     assert "score PSI" in step.note and "outside the tested range" in step.note
     lk = Lake(settings.lake)
     table = lk.read_pandas("gold", "score_drift")
@@ -320,7 +320,7 @@ def test_increment_scores_new_as_of_keeps_history_and_erases(lake):
     assert not set(snapshot.CustomerId) & gone_ids
     # The purge changed bronze and silver: the next build's accounting still balances
     # (build_silver raises if bronze current-state rows != silver + quarantined rows).
-    assert all(t.balanced for t in build_silver(settings).tables)
+    assert all(t.balanced for t in build_silver(settings).items)
     for (_, name), table in SOURCE_TABLES.items():  # and against bronze itself, recounted
         if lk.exists("silver", name):
             kept = [("silver", name), ("quarantine", "silver", name)]
@@ -409,7 +409,7 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
     held["as_of"] = held["as_of"].dt.as_unit("us")
     lk.write(held, "gold", "segment_membership", mode="append")
     summary = run_refresh(settings, as_of=past)
-    step = next(s for s in summary.steps if s.step == "outcomes")
+    step = next(s for s in summary.items if s.step == "outcomes")
     assert step.rows == 2 and "2025-08-31" in step.note and "control" in step.note
     outcomes = lk.read_pandas("gold", "score_outcomes").set_index("population")
     control = outcomes.loc["control"]
@@ -431,5 +431,5 @@ def test_past_scores_get_their_realized_outcome_once_the_window_closed(lake):
         watch.estimated_roc_auc(joined.ChurnScore.to_numpy())
     )
     # A second refresh finds nothing new to judge and leaves the row alone.
-    again = next(s for s in run_refresh(settings, as_of=past).steps if s.step == "outcomes")
+    again = next(s for s in run_refresh(settings, as_of=past).items if s.step == "outcomes")
     assert again.rows == 0 and len(lk.read_pandas("gold", "score_outcomes")) == 2

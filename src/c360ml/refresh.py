@@ -46,6 +46,7 @@ from c360ml.steps import (
 from c360ml.storage.inputs import last_record
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.summary import Summary
 
 if TYPE_CHECKING:
     from c360ml.features import FeatureSet
@@ -64,19 +65,12 @@ CDM_FORMATS = {
 }
 
 
-@dataclass
-class RefreshSummary:
+@dataclass(kw_only=True)
+class RefreshSummary(Summary[StepResult]):
     as_of: pd.Timestamp | None = None
-    steps: list[StepResult] = field(default_factory=list)
     risk_counts: dict[str, int] = field(default_factory=dict)
     status_counts: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
-
-    def rows(self) -> list[dict]:
-        return [
-            {"step": s.step, "rows": s.rows, "note": s.note, "seconds": round(s.seconds, 2)}
-            for s in self.steps
-        ]
 
 
 # ---------------------------------------------------------------- pure stages
@@ -664,41 +658,41 @@ def run_refresh(
     def timed(name: str, fn: Callable[[], Any], rows: Callable[[Any], int]) -> Any:
         started = time.perf_counter()
         result = fn()
-        summary.steps.append(StepResult(name, rows(result), "", time.perf_counter() - started))
+        summary.items.append(StepResult(name, rows(result), "", time.perf_counter() - started))
         return result
 
     lake = Lake(settings.lake)
     previous_map = last_scored_map(lake)
     resumed = erasure.finish_pending(settings)
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
-    timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.tables))
+    timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.items))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
-    timed("gold", lambda: build_gold(settings), lambda r: sum(t["rows"] for t in r.tables))
-    summary.steps.append(erase(lake, previous_map, resumed))
+    timed("gold", lambda: build_gold(settings), lambda r: sum(t.rows for t in r.items))
+    summary.items.append(erase(lake, previous_map, resumed))
     as_of = as_of or latest_event_time(lake)
     summary.as_of = as_of
     bundle, version = load_champion(settings)
     steps, scores = measures_and_scores(settings, as_of, bundle, version, explain)
-    summary.steps.extend(steps)
+    summary.items.extend(steps)
     scored = scores[scores["ScoreStatus"] == SCORED]
     summary.risk_counts = scored["RiskLevel"].value_counts().to_dict()
     summary.status_counts = scores["ScoreStatus"].value_counts().to_dict()
     started = time.perf_counter()
     latest = scores.drop(columns=["ScoredAt"])
     manifest = export_cid_snapshot(settings, latest, bundle)
-    summary.steps.append(
+    summary.items.append(
         StepResult("CI-D export", len(latest), str(manifest.name), time.perf_counter() - started)
     )
     summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
     summary.outputs["ci-d manifest"] = str(manifest)
-    summary.steps.append(record_outcomes(settings))
-    summary.steps.append(record_drift(settings, as_of, bundle, version, scored))
-    summary.steps.append(vacuum(lake, settings.retention_hours))
+    summary.items.append(record_outcomes(settings))
+    summary.items.append(record_drift(settings, as_of, bundle, version, scored))
+    summary.items.append(vacuum(lake, settings.retention_hours))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:
-        summary.steps.append(segments(settings, endpoint, as_of))
+        summary.items.append(segments(settings, endpoint, as_of))
     else:
-        summary.steps.append(
+        summary.items.append(
             StepResult(
                 "segments",
                 0,
@@ -709,5 +703,5 @@ def run_refresh(
         started = time.perf_counter()
         path = report(settings)
         summary.outputs["report"] = str(path)
-        summary.steps.append(StepResult("report", 0, str(path), time.perf_counter() - started))
+        summary.items.append(StepResult("report", 0, str(path), time.perf_counter() - started))
     return summary

@@ -31,6 +31,15 @@ class StepResult:
     seconds: float = 0.0
     detail: dict | None = None  # drift: what crossed the alarm (`drift.latest_alarms`)
 
+    def row(self) -> dict:
+        """The printed step: the detail is for the report and the webhook, not the table."""
+        return {
+            "step": self.step,
+            "rows": self.rows,
+            "note": self.note,
+            "seconds": round(self.seconds, 2),
+        }
+
 
 REFRESH_OUTPUTS = (
     "customer_measures",

@@ -343,7 +343,7 @@ def test_generic_csv_source_reaches_the_same_gold_tables(settings):
         "b,2024-01-15T10:00:00Z,7,o3,p1,false\n"
     )
     ingest_landing(settings)
-    silver = {r.table: r for r in build_silver(settings).tables}["generic_transactions"]
+    silver = {r.table: r for r in build_silver(settings).items}["generic_transactions"]
     assert (silver.silver_rows, silver.duplicates) == (4, 1)
     build_unify(settings)
     build_gold(settings)

@@ -142,7 +142,7 @@ def test_bad_rows_quarantined_with_file_line_and_reason(settings, landing):
         {"custtable": [good, "a,b,c", bad_date, bad_num, _cust(4, 1, "C4")]},
     )
     summary = ingest_landing(settings)
-    assert summary.tables[0].rows == 2 and summary.tables[0].quarantined == 3
+    assert summary.items[0].rows == 2 and summary.items[0].quarantined == 3
     q = Lake(settings.lake).read("quarantine", "bronze", "d365", "custtable").to_pylist()
     by_line = {r["_line"]: r[QUARANTINE_REASON] for r in q}
     assert by_line[2].startswith("wrong column count: expected 15, got 3")
@@ -167,7 +167,7 @@ def test_quarantine_written_before_the_reason_was_renamed_takes_new_rows(setting
     bad = dict(_cust(2, 1, "C2"), recid="x2")
     write_sync_folder(landing, "d365", "2024-01-06T00.00.00Z", {"custtable": [bad]})
     summary = ingest_landing(settings)
-    assert next(t for t in summary.tables if t.table == "custtable").quarantined == 1
+    assert next(t for t in summary.items if t.table == "custtable").quarantined == 1
     q = lake.read(*where)
     assert OLD_REASON not in q.column_names
     assert sorted(q[QUARANTINE_REASON].to_pylist()) == [
@@ -184,7 +184,7 @@ def test_lines_of_the_wrong_width_after_the_last_good_one_are_quarantined(settin
     rows = [*good, "a,b,c", '"C9",not-a-date,extra']
     write_sync_folder(landing, "d365", "2024-01-05T00.00.00Z", {"custtable": rows})
     summary = ingest_landing(settings)
-    table = next(t for t in summary.tables if t.table == "custtable")
+    table = next(t for t in summary.items if t.table == "custtable")
     assert (table.rows, table.quarantined) == (len(good), 2)
     q = Lake(settings.lake).read_pandas("quarantine", "bronze", "d365", "custtable")
     assert sorted(q._line) == [len(good) + 1, len(good) + 2]
@@ -259,7 +259,7 @@ def test_generic_csv_mapping(settings, landing):
         "c1,2024-01-02T10:00:00Z,oops,o2,p1,false\n"
     )
     summary = ingest_landing(settings)
-    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (1, 1)
+    assert (summary.items[0].rows, summary.items[0].quarantined) == (1, 1)
     q = Lake(settings.lake).read("quarantine", "bronze", "generic", "transactions").to_pylist()
     assert q[0]["_line"] == 3 and q[0][QUARANTINE_REASON] == "column amount: not a valid decimal"
     assert ingest_landing(settings).total_rows == 0
@@ -279,7 +279,7 @@ def test_generic_csv_with_bytes_not_utf8_and_an_empty_file(settings, landing):
     )
     (landing / "generic" / "empty.csv").write_bytes(b"")
     summary = ingest_landing(settings)
-    assert (summary.tables[0].files, summary.tables[0].rows) == (2, 2)
+    assert (summary.items[0].files, summary.items[0].rows) == (2, 2)
     lake = Lake(settings.lake)
     bronze = lake.read("bronze", "generic", "transactions").sort_by("customer_id")
     assert bronze["customer_id"].to_pylist() == ["c1", "c4"]
@@ -336,7 +336,7 @@ def test_a_line_longer_than_a_block_does_not_stop_the_sync(settings, landing):
     folder = write_sync_folder(
         landing, "d365", SYNC, {"custtable": rows, "dirpartytable": [_party(1), _party(2)]}
     )
-    summary = {t.table: t for t in ingest_landing(settings).tables}
+    summary = {t.table: t for t in ingest_landing(settings).items}
     assert (summary["custtable"].rows, summary["custtable"].quarantined) == (3, 1)
     assert (summary["dirpartytable"].rows, summary["dirpartytable"].quarantined) == (2, 0)
     lake = Lake(settings.lake)
@@ -365,7 +365,7 @@ def test_an_empty_file_holds_no_rows_and_stops_nothing(settings, landing, caplog
     _add_partition(folder, "custtable", "2023", b"")
     assert (folder / "dirpartytable" / "2024.csv").stat().st_size == 0
     caplog.set_level(logging.INFO, logger="c360ml")
-    summary = {t.table: t for t in ingest_landing(settings).tables}
+    summary = {t.table: t for t in ingest_landing(settings).items}
     c, p = summary["custtable"], summary["dirpartytable"]
     assert (c.files, c.rows, c.quarantined) == (2, 2, 0)
     assert (p.files, p.rows, p.quarantined) == (1, 0, 0)
@@ -395,7 +395,7 @@ def test_bytes_that_are_not_utf8_quarantine_their_line_only(settings, landing):
     )
     other = [_line(_cust(5, 1, "C5")), junk, _line(_cust(6, 1, "C6")), b""]
     _add_partition(folder, "custtable", "2023", b"\n".join(other))
-    summary = {t.table: t for t in ingest_landing(settings).tables}
+    summary = {t.table: t for t in ingest_landing(settings).items}
     assert (summary["custtable"].rows, summary["custtable"].quarantined) == (4, 3)
     assert summary["dirpartytable"].rows == 1
     lake = Lake(settings.lake)
@@ -434,7 +434,7 @@ def test_a_file_failing_late_is_read_on_from_the_first_line_not_yielded(
     folder = write_sync_folder(landing, "d365", SYNC, {"custtable": rows})
     caplog.set_level(logging.INFO, logger="c360ml")
     summary = ingest_landing(settings)
-    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (397, 3)
+    assert (summary.items[0].rows, summary.items[0].quarantined) == (397, 3)
     resumed = int(re.search(r"the careful reader reads on from line (\d+)", caplog.text).group(1))
     assert 100 < resumed <= 250  # blocks were yielded before the reader stopped
     lake = Lake(settings.lake)
@@ -461,7 +461,7 @@ def test_a_quoted_line_break_across_blocks_is_one_value(settings, landing, monke
     rows = [_cust(i, 1, f"C{i}", group=g) for i, g in enumerate(groups, start=1)]
     write_sync_folder(landing, "d365", SYNC, {"custtable": rows})
     summary = ingest_landing(settings)
-    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (200, 0)
+    assert (summary.items[0].rows, summary.items[0].quarantined) == (200, 0)
     bronze = Lake(settings.lake).read("bronze", "d365", "custtable").sort_by("recid")
     assert bronze["custgroup"].to_pylist() == groups
 
@@ -537,7 +537,7 @@ def test_an_attribute_added_to_model_json_is_a_new_column(settings, landing):
         landing, "d365", "2024-01-06T00.00.00Z", {"custtable": later}, {"custtable": attrs}
     )
     summary = ingest_landing(settings)
-    assert (summary.tables[0].rows, summary.tables[0].quarantined) == (2, 0)
+    assert (summary.items[0].rows, summary.items[0].quarantined) == (2, 0)
     lake = Lake(settings.lake)
     bronze = lake.read("bronze", "d365", "custtable").sort_by(
         [("recid", "ascending"), ("versionnumber", "ascending")]

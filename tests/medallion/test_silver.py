@@ -43,7 +43,7 @@ def _silver(settings, table):
 
 def _run(settings):
     ingest_landing(settings)
-    return {r.table: r for r in build_silver(settings).tables}
+    return {r.table: r for r in build_silver(settings).items}
 
 
 def test_latest_version_wins_delete_removes_duplicates_collapse(settings):
@@ -355,7 +355,7 @@ def test_a_merge_killed_at_any_commit_is_finished_by_the_next_build(settings, tm
         killed = settings.model_copy(update={"lake_root": tmp_path / f"killed{i}"})
         shutil.copytree(settings.lake, killed.lake)
         crash.cut_after(killed.lake, made, point)
-        result = {r.table: r for r in build_silver(killed).tables}["incident"]
+        result = {r.table: r for r in build_silver(killed).items}["incident"]
         assert result.balanced, (point, result)
         assert crash.differences(want, crash.tables(killed.lake, layers)) == [], point
         assert crash.accounting(killed.lake) == [], point

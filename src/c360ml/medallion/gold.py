@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa_arrow
@@ -60,6 +60,7 @@ from c360ml.schemas import QUARANTINE_REASON
 from c360ml.storage.inputs import last_record, stamp, unchanged, versions
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,9 @@ class GoldResult:
     seconds: float
 
 
-@dataclass
-class GoldSummary:
+@dataclass(kw_only=True)
+class GoldSummary(Summary[GoldResult]):
     """What a gold build did, one result per table in declaration order."""
-
-    results: list[GoldResult] = field(default_factory=list)
-
-    @property
-    def tables(self) -> list[dict]:
-        """The rows, as callers that sum a build's rows read them."""
-        return self.rows()
-
-    def rows(self) -> list[dict]:
-        return [asdict(r) for r in self.results]
 
 
 def lake_versions(lake: Lake) -> dict[str, int]:
@@ -454,4 +445,4 @@ def build_gold(settings: Settings) -> GoldSummary:
         for other in others:
             results += other.result()
     order = [f"gold/{m.name}" for m in models]
-    return GoldSummary(sorted(results, key=lambda r: order.index(r.table)))
+    return GoldSummary(items=sorted(results, key=lambda r: order.index(r.table)))

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, rea
 from c360ml.sources.tables import Column, source_table
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -77,33 +78,23 @@ class TableIngest:
     error: str = ""  # why the table stopped (it is not ingested from that sync on)
 
 
-@dataclass
-class IngestSummary:
-    tables: list[TableIngest] = field(default_factory=list)
-
+@dataclass(kw_only=True)
+class IngestSummary(Summary[TableIngest]):
     def rows(self) -> list[dict]:
-        errors = any(t.error for t in self.tables)
-        return [
-            {
-                "source": t.source,
-                "table": t.table,
-                "batches": t.batches,
-                "files": t.files,
-                "rows": t.rows,
-                "quarantined": t.quarantined,
-                "seconds": round(t.seconds, 2),
-                **({"error": t.error} if errors else {}),
-            }
-            for t in self.tables
-        ]
+        """The error column only when a table stopped (most runs have none)."""
+        rows = super().rows()
+        if not any(t.error for t in self.items):
+            for row in rows:
+                del row["error"]
+        return rows
 
     @property
     def total_rows(self) -> int:
-        return sum(t.rows for t in self.tables)
+        return sum(t.rows for t in self.items)
 
     @property
     def errors(self) -> list[str]:
-        return [t.error for t in self.tables if t.error]
+        return [t.error for t in self.items if t.error]
 
 
 class SchemaChangeError(ValueError):
@@ -115,7 +106,7 @@ class IngestError(ValueError):
 
     def __init__(self, summary: IngestSummary) -> None:
         self.summary = summary
-        done = [t for t in summary.tables if not t.error]
+        done = [t for t in summary.items if not t.error]
         rows = sum(t.rows for t in done)
         quarantined = sum(t.quarantined for t in done)
         super().__init__(
@@ -256,7 +247,7 @@ def entities_order(entities: list[Entity], result: TableIngest) -> int:
 
 
 def _merge(summary: IngestSummary, result: TableIngest) -> None:
-    for t in summary.tables:
+    for t in summary.items:
         if (t.source, t.table) == (result.source, result.table):
             t.batches += result.batches
             t.files += result.files
@@ -265,7 +256,7 @@ def _merge(summary: IngestSummary, result: TableIngest) -> None:
             t.seconds += result.seconds
             t.error = t.error or result.error
             return
-    summary.tables.append(result)
+    summary.items.append(result)
 
 
 def _with_lineage(table: pa.Table, source_file: str, batch_id: str, at: pa.Scalar) -> pa.Table:

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -46,6 +46,7 @@ from c360ml.schemas import UTC_TS
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +127,22 @@ class SilverResult:
     def balanced(self) -> bool:
         return self.bronze_current == self.silver_rows + self.quarantined + self.duplicates
 
+    def row(self) -> dict:
+        return {
+            "table": self.table,
+            "new bronze rows": self.new_bronze_rows,
+            "bronze current": self.bronze_current,
+            "silver": self.silver_rows,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "balanced": "yes" if self.balanced else "NO",
+            "seconds": round(self.seconds, 2),
+        }
 
-@dataclass
-class SilverSummary:
-    tables: list[SilverResult] = field(default_factory=list)
 
-    def rows(self) -> list[dict]:
-        return [
-            {
-                "table": r.table,
-                "new bronze rows": r.new_bronze_rows,
-                "bronze current": r.bronze_current,
-                "silver": r.silver_rows,
-                "quarantined": r.quarantined,
-                "duplicates": r.duplicates,
-                "balanced": "yes" if r.balanced else "NO",
-                "seconds": round(r.seconds, 2),
-            }
-            for r in self.tables
-        ]
+@dataclass(kw_only=True)
+class SilverSummary(Summary[SilverResult]):
+    pass
 
 
 # ---------------------------------------------------------------- pure stages
@@ -880,7 +878,7 @@ def build_silver(settings: Settings) -> SilverSummary:
     summary = SilverSummary()
     generic = build_generic_silver(lake, settings)
     if generic is not None:
-        summary.tables.append(generic)
+        summary.items.append(generic)
     tables = [
         t for (source, name), t in SOURCE_TABLES.items() if lake.exists("bronze", source, name)
     ]
@@ -893,7 +891,7 @@ def build_silver(settings: Settings) -> SilverSummary:
         result = merged.get(table.name) or build_silver_table(lake, table)
         if not result.balanced:
             raise RuntimeError(f"silver/{table.name}: accounting broken: {result}")
-        summary.tables.append(result)
+        summary.items.append(result)
     return summary
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from c360ml.config import Settings
 from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.storage.lake import LAYERS, Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.summary import Summary
 from c360ml.synth import process, records
 from c360ml.synth import shock as shock_mod
 from c360ml.synth.params import (
@@ -62,17 +63,13 @@ SOURCES = {"d365": [t.name for t in D365_TABLES], "dataverse": [t.name for t in 
 TRUTH_FILES = ("persons", "person_keys", "purchases", "cases")
 
 
-@dataclass
-class GenerateSummary:
+@dataclass(kw_only=True)
+class GenerateSummary(Summary[dict]):
     """What a generate run wrote, per table (printed by the CLI)."""
 
     landing: Path
     truth: Path
     sync: str  # folder timestamp of the sync written
-    tables: list[dict] = field(default_factory=list)
-
-    def rows(self) -> list[dict]:
-        return [dict(r) for r in self.tables]
 
 
 def _epoch(date: str) -> int:
@@ -370,7 +367,7 @@ def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
                 rows, files = sync.rows.get(name, 0), sync.files(name)
                 bad = sum(sync.malformed.get(name, {}).values())
                 dup = sync.duplicates.get(name, 0)
-            summary.tables.append(
+            summary.items.append(
                 {
                     "source": source,
                     "table": name,
@@ -381,7 +378,7 @@ def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
                 }
             )
     if generic is not None:
-        summary.tables.append(
+        summary.items.append(
             {
                 "source": "generic",
                 "table": "transactions",
