@@ -11,7 +11,7 @@ predictions are reported beside (in sample, so not a measurement).
 Model size: depth <= 4 (tuning may go to 5) and <= 300 trees at learning rate 0.05. The
 cost of explaining every profile grows with depth (TreeSHAP exponentially), and a
 refresh explains every profile; the default ("approx", Saabas) is far cheaper than
-"exact" (benchmarks/results/ has the figures).
+"exact" (`benchmarks/results/serve.md` has both, per request size).
 """
 
 from __future__ import annotations
