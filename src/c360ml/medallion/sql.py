@@ -33,9 +33,8 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     system temp folder, not the working directory), results streamed without keeping
     insertion order (every query's result is written as a set).
 
-    A cursor of one in-memory database per process: opening a database costs 28 ms, a
-    cursor 0.3 ms, and an incremental build opens about 70 (1.3 s of silver's 9 s at 1M
-    customers). A cursor keeps its own registered tables, temporary tables and views, so
+    A cursor of one in-memory database per process: opening a database costs a hundred
+    times what a cursor does, and an incremental build opens dozens. A cursor keeps its own registered tables, temporary tables and views, so
     callers (and threads, a cursor each) share nothing; which is why every view here is
     TEMP."""
     with _opening:
@@ -80,8 +79,8 @@ def register(
     """The live rows of a lake table as a view, read by DuckDB's own Parquet reader.
 
     Why not the Arrow dataset (zero copy, as before): DuckDB reads Parquet on every core
-    and reads only the columns a query uses, with the files' statistics for planning;
-    at 1M customers gold/orders' query took 8.9 s this way, 13.1 s over Arrow. Files
+    and reads only the columns a query uses, with the files' statistics for planning
+    (gold's largest queries run markedly faster this way). Files
     written at other schema versions are read by column name. A table with no files is
     registered from its Arrow schema. The rows a file's deletion vector deletes are
     anti-joined away by (filename, file_row_number), in those files only; with
