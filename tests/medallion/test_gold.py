@@ -251,14 +251,19 @@ DATAVERSE = {
 }
 
 
-@pytest.fixture
-def gold(settings):
+def through_unify(settings) -> None:
+    """The first sync of D365 and DATAVERSE landed and built up to unify (gold's inputs)."""
     landing = Lake(settings.lake).path("landing")
     write_sync_folder(landing, "d365", "2024-04-01T00.00.00Z", D365)
     write_sync_folder(landing, "dataverse", "2024-04-01T00.00.00Z", DATAVERSE)
     ingest_landing(settings)
     build_silver(settings)
     build_unify(settings)
+
+
+@pytest.fixture
+def gold(settings):
+    through_unify(settings)
     build_gold(settings)
     lake = Lake(settings.lake)
     return lambda *parts: lake.read_pandas(*parts)

@@ -19,7 +19,7 @@ from c360ml.medallion.declarations import GOLD_MODELS, HELPERS, GoldModel
 from c360ml.medallion.ingest import ingest_landing
 from c360ml.storage.lake import Lake
 from tests.conftest import write_sync_folder
-from tests.medallion.test_gold import D365, DATAVERSE, _second_sync
+from tests.medallion.test_gold import _second_sync, through_unify
 
 
 class OrderSizes(pa.DataFrameModel):
@@ -62,12 +62,7 @@ def declared(settings, monkeypatch, tmp_path):
     (sql / "gold" / "order_sizes.sql").write_text(ORDER_SIZES_SQL)
     monkeypatch.setattr(declarations, "GOLD_MODELS", (*GOLD_MODELS, ORDER_SIZES))
     settings = settings.model_copy(update={"sql_dir": sql})
-    landing = Lake(settings.lake).path("landing")
-    write_sync_folder(landing, "d365", "2024-04-01T00.00.00Z", D365)
-    write_sync_folder(landing, "dataverse", "2024-04-01T00.00.00Z", DATAVERSE)
-    ingest_landing(settings)
-    build_silver(settings)
-    build_unify(settings)
+    through_unify(settings)
     return settings
 
 
