@@ -1,12 +1,13 @@
 -- Lines of both order kinds; `quarantine_reason` set for orphan lines and for lines of
--- orders that gold/orders quarantined (gold.py splits on it).
+-- orders that gold/orders quarantined (gold.py splits on it). A nullable part of a key
+-- is COALESCEd to '' (as orders.sql does): DuckDB's CONCAT skips a NULL, Spark's returns NULL.
 WITH all_orders AS (  -- every order with its quarantine reason (null when in gold/orders)
     SELECT order_id, CAST(NULL AS STRING) AS quarantine_reason FROM gold_orders
     UNION ALL
     SELECT order_id, quarantine_reason FROM quarantine_orders
 ),
 lines AS (
-    SELECT CONCAT('SO:', l.dataareaid, '-', l.salesid) AS order_id, CAST(l.linenum AS BIGINT) AS line,
+    SELECT CONCAT('SO:', COALESCE(l.dataareaid, ''), '-', l.salesid) AS order_id, CAST(l.linenum AS BIGINT) AS line,
            l.itemid AS item_id, l.salesqty AS qty, l.salesprice AS unit_price,
            l.lineamount AS net_amount, l.salesqty < 0 AS is_return
     FROM silver_salesline l

@@ -1,7 +1,8 @@
 -- Every order from both Commerce paths, before the known-customer split (gold.py keeps
 -- rows with a customer_id and quarantines the rest with `quarantine_reason`).
 -- Sales orders: totals from their lines; POS: the transaction header's own totals.
--- `order_accounts` is order_accounts.sql's result.
+-- `order_accounts` is order_accounts.sql's result. A nullable part of a key is
+-- COALESCEd to '': DuckDB's CONCAT skips a NULL, Spark's returns NULL.
 WITH line_totals AS (
     SELECT dataareaid, salesid,
            SUM(salesqty * salesprice) AS gross_amount, SUM(COALESCE(linedisc, 0)) AS discount_amount,
@@ -9,8 +10,8 @@ WITH line_totals AS (
     FROM silver_salesline GROUP BY dataareaid, salesid
 ),
 raw_orders AS (
-    SELECT CONCAT('SO:', s.dataareaid, '-', s.salesid) AS order_id,
-           CONCAT(s.dataareaid, '-', s.custaccount) AS account_key,
+    SELECT CONCAT('SO:', COALESCE(s.dataareaid, ''), '-', s.salesid) AS order_id,
+           CONCAT(COALESCE(s.dataareaid, ''), '-', s.custaccount) AS account_key,
            s.createddatetime AS order_ts,
            CASE WHEN s.retailchanneltable IN (${call_center_channels}) THEN 'call-center'
                 ELSE 'online' END AS channel,
@@ -28,7 +29,7 @@ raw_orders AS (
     LEFT JOIN line_totals l ON l.dataareaid = s.dataareaid AND l.salesid = s.salesid
     UNION ALL
     SELECT CONCAT('POS:', t.transactionid) AS order_id,
-           CASE WHEN t.custaccount IS NULL THEN NULL ELSE CONCAT(t.dataareaid, '-', t.custaccount) END,
+           CASE WHEN t.custaccount IS NULL THEN NULL ELSE CONCAT(COALESCE(t.dataareaid, ''), '-', t.custaccount) END,
            t.createddatetime, 'store', t.store, t.currency,
            t.grossamount, COALESCE(t.discamount, 0), t.netamount, COALESCE(t.numberofitems, 0),
            t.netamount < 0,
