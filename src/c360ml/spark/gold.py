@@ -1,0 +1,233 @@
+"""Gold on Spark: the gold declarations (`c360ml.medallion.declarations`) made by Spark SQL.
+
+The same models, SQL files and checks as the DuckDB engine (`c360ml.medallion.gold`),
+run on a SparkSession (`c360ml.spark.session`) over the same Delta tables: each
+declared read is a temp view (a lake table read by Spark's Delta reader, an earlier
+model's output as it was written, a helper's query), a model is the union of its SQL
+files of the sources present, its rows with a `quarantine_reason` go to
+`quarantine/gold/<name>`, the others are checked against the model's pandera schema by
+its SQL checks in Spark's dialect (`c360ml.medallion.checks`) and written as a Delta
+table by Spark. Nothing is collected to the driver but the checks' counts.
+
+What this engine does not do yet (DuckDB's gold does): patches (every model is rebuilt),
+skipping a model whose inputs did not change, and recording the inputs in the commits
+(so a later DuckDB build rebuilds what Spark wrote, once). A failing check raises
+before its model's table is written; the tables of earlier models stay written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import TYPE_CHECKING
+
+from c360ml.config import Settings
+from c360ml.medallion import declarations
+from c360ml.medallion.checks import REASON, ident, sql_checks
+from c360ml.medallion.declarations import HELPERS, SOURCES, GoldModel, Helper
+from c360ml.medallion.gold import GoldResult, GoldSummary
+from c360ml.medallion.sql import sql_text
+from c360ml.storage.lake import Lake
+from c360ml.storage.lease import writes_lake
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+RESULT = "c360ml_result_{}"  # the temp view of a model's query while it is checked and split
+
+
+def lake_table(lake: Lake, view: str) -> tuple[str, ...] | None:
+    """The lake table a view of `GoldModel.reads` names (`<layer>_<table>`, bronze as
+    `bronze_<source>_<table>`, `quarantine_<name>` for quarantine/gold/<name>); None for
+    a helper or a table not in the lake."""
+    layer, _, rest = view.partition("_")
+    if layer == "quarantine":
+        where: tuple[str, ...] = ("quarantine", "gold", rest)
+    elif layer == "bronze":
+        found = [p for p in lake.tables("bronze") if "_".join(p) == rest]
+        where = ("bronze", *found[0]) if found else ("bronze", rest)
+    elif layer in ("silver", "gold"):
+        where = (layer, rest)
+    else:
+        return None
+    return where if lake.exists(*where) else None
+
+
+def read_delta(spark: SparkSession, lake: Lake, *where: str) -> DataFrame:
+    """A lake table as Spark's Delta reader sees it (deletion vectors applied)."""
+    return spark.read.format("delta").load(str(lake.path(*where)))
+
+
+def nullable(frame: DataFrame) -> DataFrame:
+    """The frame with every column nullable, as the DuckDB engine's tables declare them
+    (the checks say which may hold a null). Spark derives NOT NULL for expressions such
+    as a CASE with an ELSE, and its Delta writer records that in the table's schema,
+    which would refuse a null in that column for good. `NULLIF(c, NULL)` is `c` (a
+    comparison with NULL is never true) of the same type, and nullable; Sail's writer
+    ignores a nullable schema given by `DataFrame.to`."""
+    return frame.selectExpr(
+        *(f"NULLIF({ident(c, 'spark')}, NULL) AS {ident(c, 'spark')}" for c in frame.columns)
+    )
+
+
+def write_delta(frame: DataFrame, lake: Lake, *where: str) -> None:
+    """One overwrite commit of a lake table by Spark, every column nullable, the table's
+    schema replaced (as the DuckDB engine's overwrite replaces it)."""
+    path = lake.path(*where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = nullable(frame).write.format("delta").mode("overwrite")
+    writer.option("overwriteSchema", "true").save(str(path))
+
+
+def _files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
+    """The SQL files of the sources present (a model's, or a helper's)."""
+    return [file for source, file in sql.items() if source in sources]
+
+
+@dataclass
+class SparkGold:
+    """What the models of one Spark gold build share: the session, the lake, the sources
+    present and the views registered so far."""
+
+    settings: Settings
+    lake: Lake
+    spark: SparkSession
+    sources: frozenset[str]
+    views: set[str] = field(default_factory=set)
+
+    def register(self, view: str, where: tuple[str, ...]) -> None:
+        read_delta(self.spark, self.lake, *where).createOrReplaceTempView(view)
+        self.views.add(view)
+
+    def register_reads(self, reads: tuple[str, ...]) -> None:
+        """The lake tables among `reads` not registered yet (helpers and the models of
+        this build are registered when they are made)."""
+        for view in reads:
+            if view not in self.views and (where := lake_table(self.lake, view)) is not None:
+                self.register(view, where)
+
+    def query(self, files: list[str]) -> DataFrame:
+        """The union of the SQL files' results, by column name (as DuckDB unions them)."""
+        frames = [self.spark.sql(sql_text(self.settings, f"gold/{f}")) for f in files]
+        return reduce(lambda a, b: a.unionByName(b), frames)
+
+
+def check_gold(spark: SparkSession, model: GoldModel, view: str) -> None:
+    """The model's pandera checks over `view` in Spark SQL: ValueError naming every failed
+    check and how many rows fail it, as the DuckDB engine's `ArrowCheck` names them.
+    Only counts come back to the driver."""
+    checks = sql_checks(model.schema, "spark")
+    where = f"gold/{model.name}"
+    columns = set(spark.table(view).columns)
+    missing = [c for c in checks.dtypes if c not in columns]
+    problems = [f"{c}: column missing" for c in missing]
+    rows = tuple(c for c in checks.rows if not set(c.columns) & set(missing))
+    if rows:
+        counts = spark.sql(checks.counts_sql(view, rows)).first()
+        problems += [f"{c.reason} fails {n} rows" for c, n in zip(rows, counts, strict=True) if n]
+    for column in checks.unique:
+        if column not in missing:
+            duplicated = spark.sql(checks.duplicates_sql(view, column)).first()[0]
+            if duplicated:
+                problems.append(f"{column}: field_uniqueness ({duplicated} duplicated values)")
+    if problems:
+        raise ValueError(f"{where} fails its schema:\n" + "\n".join(problems[:20]))
+
+
+def materialise(build: SparkGold, model: GoldModel) -> GoldResult | None:
+    """Make one gold model on Spark (a full rebuild) and register its output (and its
+    quarantine) as views for the models after it; None when no source of it is in the
+    lake. The model's rows are checked before anything is written."""
+    files = _files(model.sql, build.sources)
+    if not files:
+        return None
+    started = time.perf_counter()
+    spark, lake, name = build.spark, build.lake, model.name
+    build.register_reads(model.reads)
+    result = RESULT.format(name)
+    build.query(files).createOrReplaceTempView(result)
+    checks = sql_checks(model.schema, "spark")
+    reason = checks.q(REASON)
+    valid = f"(SELECT * FROM {result} WHERE {reason} IS NULL)" if model.quarantine else result
+    checked = f"{result}_valid"
+    spark.sql(f"SELECT * FROM {valid}").createOrReplaceTempView(checked)
+    check_gold(spark, model, checked)
+    write_delta(spark.sql(f"SELECT {checks.cast_sql()} FROM {checked}"), lake, "gold", name)
+    if model.quarantine:
+        rejected = spark.sql(f"SELECT * FROM {result} WHERE {reason} IS NOT NULL")
+        write_delta(rejected, lake, "quarantine", "gold", name)
+        build.register(f"quarantine_{name}", ("quarantine", "gold", name))
+    build.register(f"gold_{name}", ("gold", name))
+    log.info("gold/%s rebuilt on Spark", name)
+    return _result(build, model, started)
+
+
+def _result(build: SparkGold, model: GoldModel, started: float) -> GoldResult:
+    """The summary row of a model just written, counted by Spark."""
+    spark, name = build.spark, model.name
+    note, rows = "", None
+    if model.null_note is not None:
+        column, meaning = model.null_note
+        q = sql_checks(model.schema, "spark").q(column)
+        rows, nulls = spark.sql(f"SELECT COUNT(*), COUNT_IF({q} IS NULL) FROM gold_{name}").first()
+        note = f"{nulls} {meaning}"
+    if rows is None:
+        rows = spark.table(f"gold_{name}").count()
+    quarantined = spark.table(f"quarantine_{name}").count() if model.quarantine else 0
+    return GoldResult(
+        table=f"gold/{name}",
+        rows=rows,
+        quarantined=quarantined,
+        note=note,
+        written="rebuilt",
+        seconds=round(time.perf_counter() - started, 2),
+    )
+
+
+def run_helpers(build: SparkGold, helpers: tuple[Helper, ...]) -> list[Helper]:
+    """The helpers of the sources present registered as views of their queries; the ones
+    registered."""
+    made = []
+    for helper in helpers:
+        files = _files(helper.sql, build.sources)
+        if files:
+            for file in files:
+                build.register_reads(_views_named(build, file))
+            build.query(files).createOrReplaceTempView(helper.name)
+            build.views.add(helper.name)
+            made.append(helper)
+    return made
+
+
+def _views_named(build: SparkGold, file: str) -> tuple[str, ...]:
+    """The lake views a helper's SQL file names (a helper declares no reads)."""
+    words = set(re.findall(r"\w+", sql_text(build.settings, f"gold/{file}")))
+    return tuple(w for w in words if w.startswith(("bronze_", "silver_", "gold_")))
+
+
+def make_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
+    """Every declared gold model rebuilt on Spark, in declaration order (a model reads
+    only models before it), then the helpers' state (`state/gold/order_accounts`)."""
+    lake = Lake(settings.lake)
+    if not lake.exists("gold", "customer_source_map"):
+        raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
+    models = declarations.GOLD_MODELS  # read now: a test may declare one more
+    sources = frozenset(s for s, table in SOURCES.items() if lake.exists("silver", table))
+    build = SparkGold(settings, lake, spark, sources)
+    helpers = run_helpers(build, HELPERS)
+    results = [r for m in models if (r := materialise(build, m)) is not None]
+    for helper in helpers:
+        write_delta(spark.table(helper.name), lake, *helper.state)
+    return GoldSummary(items=results)
+
+
+@writes_lake("build gold")
+def build_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
+    """`make_gold` under the lake's lease (one writer per lake)."""
+    return make_gold(settings, spark)
