@@ -101,10 +101,12 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
 
     if args.layer == "measures":
         return cmd_measures(args, settings)
+    if args.engine:
+        settings = settings.model_copy(update={"engine": args.engine})
     steps: dict[str, Callable] = {
         "silver": build.build_silver,
         "unify": build.build_unify,
-        "gold": build.build_gold,
+        "gold": _spark_gold if settings.engine == "spark" else build.build_gold,
     }
     order = ["ingest", "silver", "unify", "gold"] if args.layer == "all" else [args.layer]
     if args.layer == "gold":
@@ -124,6 +126,15 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
                 summary = steps[step](settings)
                 _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
             advance()
+
+
+def _spark_gold(settings: Settings):
+    """Gold built on Spark (`spark_remote`, or the active session); the other layers stay
+    on DuckDB for now."""
+    from c360ml.spark import spark_session
+    from c360ml.spark.gold import build_gold
+
+    return build_gold(settings, spark_session(settings.spark_remote or None))
 
 
 def _as_of(text: str | None):
@@ -297,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     bld = sub.add_parser("build", help="build lake layers")
     bld.add_argument("layer", choices=["silver", "unify", "gold", "all", "measures"])
     bld.add_argument("--as-of", default=None, help="measures: UTC date (default: latest event)")
+    bld.add_argument(
+        "--engine",
+        choices=["duckdb", "spark"],
+        default=None,
+        help="what builds gold (default: the engine setting); silver and unify run on DuckDB",
+    )
     bld.set_defaults(func=cmd_build)
 
     trn = sub.add_parser("train", help="train, evaluate, register and gate the churn model")

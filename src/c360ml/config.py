@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -91,6 +91,8 @@ class Settings(_Frozen):
     sql_dir: Path = Path("pipelines/sql")  # silver/gold SQL run by DuckDB (and Spark)
     generic_mapping: Path = Path("pipelines/generic.yaml")  # column mapping of generic sources
     sources: tuple[str, ...] = ("d365", "dataverse")  # landing sources ingested; add "generic"
+    engine: Literal["duckdb", "spark"] = "duckdb"  # what builds gold: DuckDB here, or Spark
+    spark_remote: str = ""  # Spark Connect URL (sc://host:port); empty = the active SparkSession
     call_center_channels: tuple[int, ...] = (
         5637145326,
     )  # RetailChannelTable recids of call centers

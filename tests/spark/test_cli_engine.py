@@ -1,0 +1,27 @@
+"""`c360ml build gold --engine spark`: gold built by Spark (Sail here) from the command line."""
+
+from __future__ import annotations
+
+import os
+
+from c360ml.cli import main
+from c360ml.storage.lake import Lake
+from tests.conftest import generated_lake, user_project
+
+
+def test_build_gold_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_remote, capsys):
+    generated_lake(tmp_path / "data", customers=300, seed=3)  # built by DuckDB
+    user_project(tmp_path)  # its c360ml.yaml: every output under tmp_path/data
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("C360ML_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", sail_remote)
+    assert main(["build", "gold", "--engine", "spark"]) == 0
+    lake = Lake(tmp_path / "data" / "lake")
+    assert lake.delta("gold", "orders").history(1)[0]["engineInfo"].startswith("sail")
+    assert "gold/orders" in capsys.readouterr().out
+
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", "sc://127.0.0.1:1")
+    assert main(["build", "gold", "--engine", "spark"]) == 2
+    said = capsys.readouterr().out
+    assert "error: Spark Connect at 127.0.0.1:1 is not reachable" in said
