@@ -208,3 +208,21 @@ def test_a_file_without_a_required_column_is_one_error_naming_file_and_column(se
     assert str(folder / "b.csv") in str(err.value)
     # Nothing of the batch is committed, not even the good file.
     assert not Lake(settings.lake).exists("bronze", "generic", "transactions")
+
+
+def test_a_lake_with_commerce_and_generic_transactions_builds_gold_from_both(tmp_path):
+    """Each gold table with a file per source unions the sources present: the generic
+    query runs on the connection after the Commerce one, not beside it."""
+    from c360ml.synth import generate_lake
+    from tests.conftest import build_all, make_settings
+
+    settings = make_settings(tmp_path).model_copy(
+        update={"sources": ("d365", "dataverse", "generic")}
+    )
+    generate_lake(settings, customers=200, seed=3)
+    build_all(settings)
+    orders = Lake(settings.lake).read_pandas("gold", "orders", columns=["order_id"])
+    kinds = set(orders["order_id"].str.split(":").str[0])
+    assert {"SO", "POS", "GEN"} <= kinds, kinds
+    lines = Lake(settings.lake).read_pandas("gold", "order_lines", columns=["order_id"])
+    assert lines["order_id"].str.startswith("GEN:").any()

@@ -22,10 +22,9 @@ from c360ml.synth import generate_lake
 from tests.conftest import build_all, make_settings
 
 CUSTOMERS, SEED = 1200, 11
-# The Commerce and Dataverse lake runs every SQL file but the generic ones; a generic-only
-# lake runs those. (A lake with both Commerce and generic transactions fails on the DuckDB
-# engine today: its two streamed queries of a model share one DuckDB cursor.)
-LAKES = {"d365+dataverse": ("d365", "dataverse"), "generic": ("generic",)}
+# The lake with every source runs every SQL file (a model's per-source files unioned);
+# the generic-only lake runs the generic files alone.
+LAKES = {"all sources": ("d365", "dataverse", "generic"), "generic": ("generic",)}
 
 
 def _outputs() -> list[tuple[str, ...]]:

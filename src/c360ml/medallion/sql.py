@@ -154,21 +154,25 @@ def run_sql(
 ) -> pa.Table | pa.RecordBatchReader:
     """Run pipelines/sql/<name>.sql; its result as an Arrow table, or with `stream` as a
     reader of record batches (for results too large to hold). `select`: a projection
-    (DuckDB's) of the result, computed in the same query."""
+    (DuckDB's) of the result, computed in the same query.
+
+    A streamed query starts when its first batch is read, not here: a connection holds
+    one open result at a time, and a table made of several files (one per source) reads
+    them one after another from the same connection."""
     path = settings.path(settings.sql_dir) / f"{name}.sql"
     text = sql_text(settings, name)
+    query = f"SELECT {select} FROM ({text})" if select else text
     try:
-        relation = con.sql(f"SELECT {select} FROM ({text})" if select else text)
         if not stream:
-            return relation.to_arrow_table()
-        reader = relation.to_arrow_reader(STREAM_ROWS)
+            return con.sql(query).to_arrow_table()
+        schema = con.sql(query).limit(0).to_arrow_table().schema
     except duckdb.Error as exc:
         raise ValueError(f"{path}: {exc}") from exc
 
     def batches():  # a query can also fail while it streams: name the file then too
         try:
-            yield from reader
+            yield from con.sql(query).to_arrow_reader(STREAM_ROWS)
         except duckdb.Error as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
-    return pa.RecordBatchReader.from_batches(reader.schema, batches())
+    return pa.RecordBatchReader.from_batches(schema, batches())
