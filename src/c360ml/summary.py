@@ -10,15 +10,9 @@ the printed names differ from the field names.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
-
-
-class Printable(Protocol):
-    """Anything the CLI prints as a summary table."""
-
-    def rows(self) -> list[dict]: ...
 
 
 def _row(record: Any) -> dict:
