@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandera.pandas as pa
 
 from c360ml import schemas
+
+if TYPE_CHECKING:
+    from c360ml.storage.lake import Lake
 
 # Which silver table's presence says a source is in the lake. A model's SQL files are
 # per source; the files of the sources present run (their rows unioned).
@@ -223,3 +227,20 @@ def gold_tables() -> dict[str, GoldTable]:
 def entities() -> dict[str, GoldTable]:
     """The tables the feature stage reads, by its name for each."""
     return {t.entity: t for t in gold_tables().values() if t.entity}
+
+
+def lake_table(lake: Lake, view: str) -> tuple[str, ...] | None:
+    """The lake table a view of `GoldModel.reads` names (`<layer>_<table>`, bronze as
+    `bronze_<source>_<table>`, `quarantine_<name>` for quarantine/gold/<name>); None for
+    a helper or a table not in the lake. Every engine resolves reads this way."""
+    layer, _, rest = view.partition("_")
+    if layer == "quarantine":
+        where: tuple[str, ...] = ("quarantine", "gold", rest)
+    elif layer == "bronze":
+        found = [p for p in lake.tables("bronze") if "_".join(p) == rest]
+        where = ("bronze", *found[0]) if found else ("bronze", rest)
+    elif layer in ("silver", "gold"):
+        where = (layer, rest)
+    else:
+        return None
+    return where if lake.exists(*where) else None

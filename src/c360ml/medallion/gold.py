@@ -38,7 +38,14 @@ import pyarrow.compute as pc
 from c360ml.config import Settings
 from c360ml.medallion import declarations
 from c360ml.medallion.checks import ArrowCheck
-from c360ml.medallion.declarations import HELPERS, SOURCES, UNLOGGED_SOURCES, GoldModel, Helper
+from c360ml.medallion.declarations import (
+    HELPERS,
+    SOURCES,
+    UNLOGGED_SOURCES,
+    GoldModel,
+    Helper,
+    lake_table,
+)
 from c360ml.medallion.patch import (
     CHANGES,
     SQL_KEY,
@@ -256,21 +263,6 @@ class GoldBuild:
         """A source without a change log means nothing says what changed."""
         return not self.sources & set(UNLOGGED_SOURCES)
 
-    def lake_table(self, view: str) -> tuple[str, ...] | None:
-        """The lake table a view of `GoldModel.reads` names; None for a helper or a table
-        not in the lake."""
-        layer, _, rest = view.partition("_")
-        if layer == "quarantine":
-            where = ("quarantine", "gold", rest)
-        elif layer == "bronze":
-            found = [p for p in self.lake.tables("bronze") if "_".join(p) == rest]
-            where = ("bronze", *found[0]) if found else ("bronze", rest)
-        elif layer in ("silver", "gold"):
-            where = (layer, rest)
-        else:
-            return None
-        return where if self.lake.exists(*where) else None
-
 
 def _affected(
     build: GoldBuild, model: GoldModel, digest: str
@@ -306,7 +298,7 @@ def _patch(
     for helper, rows in build.helpers.items():
         if helper in model.reads:
             scoped.register(helper, rows)
-    views = {v: where for v in model.reads if (where := build.lake_table(v)) is not None}
+    views = {v: where for v in model.reads if (where := lake_table(build.lake, v)) is not None}
     restrict(scoped, lake, views, affected, build.patched)
     readers = [run_sql(scoped, settings, f"gold/{f}", stream=True) for f in files]
     meta = {**meta, **stamp(build.inputs)}
