@@ -3,6 +3,8 @@ delta-rs' own reader (an independent decoder of the format) included."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -212,3 +214,19 @@ def test_a_forgotten_history_names_nobody_and_keeps_what_stages_read_back(tmp_pa
     lake.forget_history("gold", "t")  # twice: the metadata carried is carried again
     assert [m["m"] for m in lake.commit_metadata("gold", "t") if "m" in m] == ["1", "2", "3"]
     assert sorted(lake.read("gold", "t")["k"].to_pylist()) == ["bob@y.example", "carol@z.example"]
+
+
+def test_a_spark_writers_user_metadata_is_read_back_as_custom_metadata(tmp_path):
+    """Spark's writers record one string, `userMetadata`, in the commit info: a JSON
+    object of strings there (what c360ml's Spark engine writes) reads back as custom
+    metadata keys, as delta-rs' own keys do; any other string adds no key. (delta-rs
+    writes the same commit info field here: the shape Sail's and Delta's JVM writer give.)"""
+    lake = Lake(tmp_path)
+    recorded = {"c360ml.inputs": '{"silver/x": 3}', "c360ml.sql": "abc"}
+    lake.write(pa.table({"k": [1]}), "gold", "t", metadata={"userMetadata": json.dumps(recorded)})
+    lake.write(pa.table({"k": [2]}), "gold", "t", metadata={"userMetadata": "a note"})
+    lake.write(pa.table({"k": [3]}), "gold", "t", metadata={"userMetadata": '{"n": 1}'})
+    first, second, third = lake.commit_metadata("gold", "t")
+    assert {k: first[k] for k in recorded} == recorded
+    assert second["userMetadata"] == "a note" and not set(recorded) & set(second)
+    assert "n" not in third  # not a string: not custom metadata

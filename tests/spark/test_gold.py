@@ -27,7 +27,7 @@ CUSTOMERS, SEED = 1200, 11
 LAKES = {"all sources": ("d365", "dataverse", "generic"), "generic": ("generic",)}
 
 
-def _outputs() -> list[tuple[str, ...]]:
+def outputs() -> list[tuple[str, ...]]:
     """Every table a gold build writes: the models, their quarantine, the helpers' state."""
     found: list[tuple[str, ...]] = []
     for model in GOLD_MODELS:
@@ -49,7 +49,7 @@ def lakes(request, tmp_path_factory, spark):
     build_all(duck)  # DuckDB, through gold
     settings = make_settings(base / "spark").model_copy(update={"sources": sources})
     shutil.copytree(duck.lake, settings.lake)
-    for where in _outputs():
+    for where in outputs():
         if Lake(duck.lake).exists(*where):
             shutil.rmtree(Lake(settings.lake).path(*where))
     started = time.perf_counter()
@@ -67,9 +67,9 @@ def _sorted(table: pa.Table) -> pd.DataFrame:
     return frame.sort_values(by, na_position="first", kind="stable").reset_index(drop=True)
 
 
-@pytest.mark.parametrize("where", _outputs(), ids="/".join)
-def test_spark_gold_equals_duckdb_gold(lakes, where):
-    duck, spark_lake, _, _ = lakes
+def assert_same_table(duck: Lake, spark_lake: Lake, where: tuple[str, ...]) -> None:
+    """The table in both lakes (or in neither), with the same columns, types, logical
+    schema and rows (sorted; floats within 1e-9 relative)."""
     if not duck.exists(*where):  # no source of it in this lake
         assert not spark_lake.exists(*where)
         return
@@ -83,6 +83,12 @@ def test_spark_gold_equals_duckdb_gold(lakes, where):
     pd.testing.assert_frame_equal(
         _sorted(got), _sorted(expected), check_exact=False, rtol=1e-9, atol=0
     )
+
+
+@pytest.mark.parametrize("where", outputs(), ids="/".join)
+def test_spark_gold_equals_duckdb_gold(lakes, where):
+    duck, spark_lake, _, _ = lakes
+    assert_same_table(duck, spark_lake, where)
 
 
 def test_summary_counts_what_was_written(lakes):

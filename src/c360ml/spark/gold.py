@@ -9,14 +9,26 @@ files of the sources present, its rows with a `quarantine_reason` go to
 its SQL checks in Spark's dialect (`c360ml.medallion.checks`) and written as a Delta
 table by Spark. Nothing is collected to the driver but the checks' counts.
 
-What this engine does not do yet (DuckDB's gold does): patches (every model is rebuilt),
-skipping a model whose inputs did not change, and recording the inputs in the commits
-(so a later DuckDB build rebuilds what Spark wrote, once). A failing check raises
-before its model's table is written; the tables of earlier models stay written.
+Across builds it behaves as the DuckDB engine: each commit of a model, its quarantine
+and the helpers' state records the inputs it was made from and (a model's) the digest
+of its SQL, in the keys DuckDB records (`c360ml.storage.inputs.stamp`, `SQL_KEY`), so a
+model whose parts record the current inputs is not written again, whichever engine
+wrote it, and DuckDB patches a table Spark wrote as one it wrote itself. Spark's Delta
+writers record custom metadata as one string (`.option("userMetadata", ...)`, Sail's
+and Delta's on the JVM alike): it holds the same keys as a JSON object, in the write's
+own commit (`Lake.commit_metadata` reads them back).
+
+Not yet (DuckDB does): patches. Where DuckDB patches, Spark rebuilds; the tables are
+equal. A failure stops the build at that model: a failing check or SQL error raises
+before its table is written (`SparkBuildError`: one line naming the model and file),
+the tables of the models before it are written whole (each write is one Delta commit),
+and the helpers' state (written last, from which DuckDB's next patch finds what
+changed) is not.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -28,10 +40,12 @@ from typing import TYPE_CHECKING
 from c360ml.config import Settings
 from c360ml.medallion import declarations
 from c360ml.medallion.checks import REASON, ident, sql_checks
-from c360ml.medallion.declarations import HELPERS, SOURCES, GoldModel, Helper
-from c360ml.medallion.gold import GoldResult, GoldSummary
+from c360ml.medallion.declarations import HELPERS, SOURCES, GoldModel, Helper, lake_table
+from c360ml.medallion.gold import GoldResult, GoldSummary, lake_versions
+from c360ml.medallion.patch import SQL_KEY, sql_digest
 from c360ml.medallion.sql import sql_text
-from c360ml.storage.lake import Lake
+from c360ml.storage.inputs import stamp, unchanged
+from c360ml.storage.lake import USER_METADATA, Lake
 from c360ml.storage.lease import writes_lake
 
 if TYPE_CHECKING:
@@ -42,21 +56,21 @@ log = logging.getLogger(__name__)
 RESULT = "c360ml_result_{}"  # the temp view of a model's query while it is checked and split
 
 
-def lake_table(lake: Lake, view: str) -> tuple[str, ...] | None:
-    """The lake table a view of `GoldModel.reads` names (`<layer>_<table>`, bronze as
-    `bronze_<source>_<table>`, `quarantine_<name>` for quarantine/gold/<name>); None for
-    a helper or a table not in the lake."""
-    layer, _, rest = view.partition("_")
-    if layer == "quarantine":
-        where: tuple[str, ...] = ("quarantine", "gold", rest)
-    elif layer == "bronze":
-        found = [p for p in lake.tables("bronze") if "_".join(p) == rest]
-        where = ("bronze", *found[0]) if found else ("bronze", rest)
-    elif layer in ("silver", "gold"):
-        where = (layer, rest)
-    else:
-        return None
-    return where if lake.exists(*where) else None
+class SparkBuildError(RuntimeError):
+    """Spark refused or failed a model's work: the message is the one line a user is
+    shown (the model, the SQL file when one is to blame, Spark's first line)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _spark_errors() -> tuple[type[BaseException], ...]:
+    """What a Spark Connect or classic session raises for a query or a write."""
+    from pyspark.errors import PySparkException
+
+    return (PySparkException,)
 
 
 def read_delta(spark: SparkSession, lake: Lake, *where: str) -> DataFrame:
@@ -76,13 +90,20 @@ def nullable(frame: DataFrame) -> DataFrame:
     )
 
 
-def write_delta(frame: DataFrame, lake: Lake, *where: str) -> None:
+def write_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, str]) -> None:
     """One overwrite commit of a lake table by Spark, every column nullable, the table's
-    schema replaced (as the DuckDB engine's overwrite replaces it)."""
+    schema replaced (as the DuckDB engine's overwrite replaces it), `metadata` recorded
+    in that commit (as a JSON object in its `userMetadata`). SparkBuildError when Spark
+    fails it: a Delta write commits whole or not at all, so the table is as it was."""
     path = lake.path(*where)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = nullable(frame).write.format("delta").mode("overwrite")
-    writer.option("overwriteSchema", "true").save(str(path))
+    writer = writer.option("overwriteSchema", "true")
+    try:
+        writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
+    except _spark_errors() as exc:
+        table = "/".join(where)
+        raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
 
 
 def _files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
@@ -99,6 +120,7 @@ class SparkGold:
     lake: Lake
     spark: SparkSession
     sources: frozenset[str]
+    inputs: dict[str, int] = field(default_factory=dict)  # what this build is made from
     views: set[str] = field(default_factory=set)
 
     def register(self, view: str, where: tuple[str, ...]) -> None:
@@ -112,9 +134,20 @@ class SparkGold:
             if view not in self.views and (where := lake_table(self.lake, view)) is not None:
                 self.register(view, where)
 
-    def query(self, files: list[str]) -> DataFrame:
-        """The union of the SQL files' results, by column name (as DuckDB unions them)."""
-        frames = [self.spark.sql(sql_text(self.settings, f"gold/{f}")) for f in files]
+    def query(self, name: str, files: list[str]) -> DataFrame:
+        """The union of the SQL files' results, by column name (as DuckDB unions them).
+        Each file is analysed on its own first (its columns asked for): a SQL error is a
+        SparkBuildError naming the model or helper (`name`) and the file."""
+        frames = []
+        for file in files:
+            try:
+                frame = self.spark.sql(sql_text(self.settings, f"gold/{file}"))
+                frame.columns  # noqa: B018 (analysed now: the error names this file)
+            except _spark_errors() as exc:
+                raise SparkBuildError(
+                    f"{name}: gold/{file}.sql fails on Spark: {_first_line(exc)}"
+                ) from exc
+            frames.append(frame)
         return reduce(lambda a, b: a.unionByName(b), frames)
 
 
@@ -140,36 +173,59 @@ def check_gold(spark: SparkSession, model: GoldModel, view: str) -> None:
         raise ValueError(f"{where} fails its schema:\n" + "\n".join(problems[:20]))
 
 
+def sql_digest_of(settings: Settings, model: GoldModel, files: list[str]) -> str:
+    """The digest of a model's SQL (with the helpers it reads) that its commits record:
+    as `c360ml.medallion.gold.materialise` computes it, so that either engine's next
+    build reads the other's record."""
+    helpers = [f for h in HELPERS if h.name in model.reads for f in h.sql.values()]
+    return sql_digest(settings, *(f"gold/{f}" for f in [*helpers, *files]))
+
+
 def materialise(build: SparkGold, model: GoldModel) -> GoldResult | None:
-    """Make one gold model on Spark (a full rebuild) and register its output (and its
-    quarantine) as views for the models after it; None when no source of it is in the
-    lake. The model's rows are checked before anything is written."""
+    """Make one gold model on Spark: nothing when its parts (the table and its
+    quarantine) record the current inputs, else a full rebuild, checked before anything
+    is written; then register its output (and its quarantine) as views for the models
+    after it. None when no source of it is in the lake."""
     files = _files(model.sql, build.sources)
     if not files:
         return None
     started = time.perf_counter()
+    lake, name = build.lake, model.name
+    parts = [("gold", name)] + ([("quarantine", "gold", name)] if model.quarantine else [])
+    how = "unchanged"
+    if not unchanged(lake, parts, build.inputs):
+        meta = stamp(build.inputs, **{SQL_KEY: sql_digest_of(build.settings, model, files)})
+        _rebuild(build, model, files, meta)
+        how = "rebuilt"
+        log.info("gold/%s rebuilt on Spark", name)
+    if model.quarantine:
+        build.register(f"quarantine_{name}", ("quarantine", "gold", name))
+    build.register(f"gold_{name}", ("gold", name))
+    return _result(build, model, started, how)
+
+
+def _rebuild(build: SparkGold, model: GoldModel, files: list[str], meta: dict[str, str]) -> None:
+    """The model's rows checked, then written: the table, then its quarantine (its
+    unit's last part, as DuckDB writes them), both commits recording `meta`."""
     spark, lake, name = build.spark, build.lake, model.name
     build.register_reads(model.reads)
     result = RESULT.format(name)
-    build.query(files).createOrReplaceTempView(result)
+    build.query(f"gold/{name}", files).createOrReplaceTempView(result)
     checks = sql_checks(model.schema, "spark")
     reason = checks.q(REASON)
     valid = f"(SELECT * FROM {result} WHERE {reason} IS NULL)" if model.quarantine else result
     checked = f"{result}_valid"
     spark.sql(f"SELECT * FROM {valid}").createOrReplaceTempView(checked)
     check_gold(spark, model, checked)
-    write_delta(spark.sql(f"SELECT {checks.cast_sql()} FROM {checked}"), lake, "gold", name)
+    rows = spark.sql(f"SELECT {checks.cast_sql()} FROM {checked}")
+    write_delta(rows, lake, "gold", name, metadata=meta)
     if model.quarantine:
         rejected = spark.sql(f"SELECT * FROM {result} WHERE {reason} IS NOT NULL")
-        write_delta(rejected, lake, "quarantine", "gold", name)
-        build.register(f"quarantine_{name}", ("quarantine", "gold", name))
-    build.register(f"gold_{name}", ("gold", name))
-    log.info("gold/%s rebuilt on Spark", name)
-    return _result(build, model, started)
+        write_delta(rejected, lake, "quarantine", "gold", name, metadata=meta)
 
 
-def _result(build: SparkGold, model: GoldModel, started: float) -> GoldResult:
-    """The summary row of a model just written, counted by Spark."""
+def _result(build: SparkGold, model: GoldModel, started: float, how: str) -> GoldResult:
+    """The summary row of a model (`how`: rebuilt or unchanged), counted by Spark."""
     spark, name = build.spark, model.name
     note, rows = "", None
     if model.null_note is not None:
@@ -185,7 +241,7 @@ def _result(build: SparkGold, model: GoldModel, started: float) -> GoldResult:
         rows=rows,
         quarantined=quarantined,
         note=note,
-        written="rebuilt",
+        written=how,
         seconds=round(time.perf_counter() - started, 2),
     )
 
@@ -199,7 +255,7 @@ def run_helpers(build: SparkGold, helpers: tuple[Helper, ...]) -> list[Helper]:
         if files:
             for file in files:
                 build.register_reads(_views_named(build, file))
-            build.query(files).createOrReplaceTempView(helper.name)
+            build.query(helper.name, files).createOrReplaceTempView(helper.name)
             build.views.add(helper.name)
             made.append(helper)
     return made
@@ -212,18 +268,22 @@ def _views_named(build: SparkGold, file: str) -> tuple[str, ...]:
 
 
 def make_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
-    """Every declared gold model rebuilt on Spark, in declaration order (a model reads
-    only models before it), then the helpers' state (`state/gold/order_accounts`)."""
+    """Every declared gold model made on Spark (`materialise`), in declaration order (a
+    model reads only models before it), then the helpers' state
+    (`state/gold/order_accounts`), unless it records the current inputs: last, so that a
+    build stopped before it leaves DuckDB's next patch the changes to find again."""
     lake = Lake(settings.lake)
     if not lake.exists("gold", "customer_source_map"):
         raise FileNotFoundError("gold/customer_source_map missing: run `c360ml build unify` first")
     models = declarations.GOLD_MODELS  # read now: a test may declare one more
     sources = frozenset(s for s, table in SOURCES.items() if lake.exists("silver", table))
-    build = SparkGold(settings, lake, spark, sources)
+    inputs = lake_versions(lake)
+    build = SparkGold(settings, lake, spark, sources, inputs)
     helpers = run_helpers(build, HELPERS)
     results = [r for m in models if (r := materialise(build, m)) is not None]
     for helper in helpers:
-        write_delta(spark.table(helper.name), lake, *helper.state)
+        if not unchanged(lake, [helper.state], inputs):
+            write_delta(spark.table(helper.name), lake, *helper.state, metadata=stamp(inputs))
     return GoldSummary(items=results)
 
 

@@ -320,8 +320,25 @@ class Lake:
         for h in reversed(self.delta(layer, *parts).history()):
             meta = {k: v for k, v in h.items() if isinstance(v, str)}
             found += json.loads(meta.pop(HISTORY_KEY, "[]"))
-            found.append(meta)
+            found.append(meta | user_metadata(meta.get(USER_METADATA)))
         return found
+
+
+USER_METADATA = "userMetadata"  # the commit info field Spark's writers fill (see below)
+
+
+def user_metadata(text: str | None) -> dict[str, str]:
+    """Custom metadata a Spark writer recorded: Delta's `userMetadata` holds one string
+    (Spark's `.option("userMetadata", ...)`, Sail's and Delta's on the JVM alike), which
+    c360ml's Spark engine fills with a JSON object of strings, so that one commit records
+    what delta-rs records in the commit info's own keys. Any other string: nothing."""
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, str)}
 
 
 HISTORY_KEY = "c360ml.forgotten_commits"  # custom metadata of commits cut from the log
