@@ -13,6 +13,8 @@ export BENTOML_HOME ?= $(CURDIR)/data/bentoml
 export BENTOML_DO_NOT_TRACK ?= True
 STAGE ?= all
 SIZES ?= 100000,1000000
+# bench ENGINE=spark: the medallion stage builds gold with DuckDB and Spark (Sail) side by side
+ENGINE ?= duckdb
 
 .PHONY: install demo test test-fast docs lint bench clean serve bento mlflow-ui browser
 
@@ -75,7 +77,7 @@ test-fast: install lint
 
 bench: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,bench]'
-	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES)
+	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE)
 
 clean:
 	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist
