@@ -80,9 +80,13 @@ def spark_session(remote: str | None = None) -> SparkSession:
 def _active(spark_cls: type[SparkSession]) -> SparkSession | None:
     """The process's active session: a classic one (not in a Connect-only install, where
     asking for it would look for a JVM), else a Spark Connect one."""
-    from pyspark.util import is_remote_only
-
-    if not is_remote_only():
+    try:
+        from pyspark.util import is_remote_only
+    except ImportError:  # pyspark < 4 (Synapse's 3.4, Fabric's 3.5): no Connect-only install
+        remote_only = False
+    else:
+        remote_only = is_remote_only()
+    if not remote_only:
         active = spark_cls.getActiveSession()
         if active is not None:
             return active
