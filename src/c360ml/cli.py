@@ -284,7 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="debug logging, and tracebacks on errors"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _lake_commands(sub)
+    _model_commands(sub)
+    _job_commands(sub)
+    return parser
 
+
+def _lake_commands(sub: argparse._SubParsersAction) -> None:
+    """generate, ingest, build: the lake and its layers."""
     gen = sub.add_parser("generate", help="write a synthetic Dynamics 365 + Dataverse lake")
     gen.add_argument("--customers", type=int, default=None, help="persons (default: demo size)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (default: demo seed)")
@@ -316,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bld.set_defaults(func=cmd_build)
 
+
+def _model_commands(sub: argparse._SubParsersAction) -> None:
+    """train, retrain, model, serve: the model and its champion."""
     trn = sub.add_parser("train", help="train, evaluate, register and gate the churn model")
     trn.add_argument("--as-of", required=True, help="trained_as_of, a UTC date YYYY-MM-DD")
     trn.add_argument("--tune", type=int, default=0, help="Optuna trials (off by default)")
@@ -360,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dev", action="store_true", help="no authentication (development only)")
     srv.set_defaults(func=cmd_serve)
 
+
+def _job_commands(sub: argparse._SubParsersAction) -> None:
+    """refresh, segments, report, describe: what runs on the lake and the model."""
     ref = sub.add_parser("refresh", help="ingest, rebuild, re-score every profile, export")
     ref.add_argument("--as-of", default=None, help="UTC instant (default: latest event time)")
     ref.add_argument("--endpoint", default=None, help="scoring service URL for segments")
@@ -378,7 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
     dsc = sub.add_parser("describe", help="show the tables and columns of a layer")
     dsc.add_argument("layer", choices=["bronze", "silver", "gold"])
     dsc.set_defaults(func=cmd_describe)
-    return parser
 
 
 class _Bars:
