@@ -331,3 +331,17 @@ def test_no_personal_data_in_logged_artifacts(store, small_config, tmp_path):
                                                     dst_path=str(tmp_path / "dl")))  # fmt: skip
     assert any(root.rglob("model_card.md")) and any(root.rglob("booster.json"))
     assert _scan(root, needles) == []
+
+
+def test_mlflow_probing_for_spark_does_not_end_a_python_c_process():
+    """With pyspark's Connect client installed (the spark extra), MLflow's "is this a
+    Databricks cluster?" probe imported it in a `python -c` process, which pyspark takes
+    for a doctest run and exits (status 255). c360ml.model imports it safely first."""
+    import subprocess
+    import sys
+
+    probe = "from mlflow.utils.databricks_utils import is_in_cluster; print(is_in_cluster())"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import c360ml.model; {probe}"], capture_output=True, text=True
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr[-500:]
