@@ -335,9 +335,9 @@ def _without_id_values(definitions_json: str) -> str:
 
     Featuretools saves every categorical column's categories with the definitions: for
     the ids, every customer, order and case id the features were derived on (megabytes
-    at a few thousand customers), which would make each model artifact a copy of the lake's ids, kept
-    after a person's erasure. No feature reads them (a where-clause carries its own
-    value), so they are emptied; the low-cardinality categories stay.
+    at a few thousand customers), which would make each model artifact a copy of the
+    lake's ids, kept after a person's erasure. No feature reads them (a where-clause
+    carries its own value), so they are emptied; the low-cardinality categories stay.
     """
     definitions = json.loads(definitions_json)
     for name, frame in definitions["entityset"]["dataframes"].items():

@@ -80,6 +80,13 @@ class GoldModel(GoldTable):
     quarantine: bool = False  # rows with a quarantine_reason go to quarantine/gold/<name>
     null_note: tuple[str, str] | None = None  # (column, meaning): its nulls counted in the summary
 
+    @property
+    def parts(self) -> list[tuple[str, ...]]:
+        """The lake tables of its unit of work: the table, then its quarantine (the last
+        part written, whose commit says the unit is done)."""
+        quarantine = [("quarantine", "gold", self.name)] if self.quarantine else []
+        return [("gold", self.name), *quarantine]
+
 
 @dataclass(frozen=True)
 class Helper:
@@ -244,3 +251,8 @@ def lake_table(lake: Lake, view: str) -> tuple[str, ...] | None:
     else:
         return None
     return where if lake.exists(*where) else None
+
+
+def source_files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
+    """The SQL files of the sources present (a model's, or a helper's)."""
+    return [file for source, file in sql.items() if source in sources]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -45,6 +45,7 @@ from c360ml.medallion.declarations import (
     GoldModel,
     Helper,
     lake_table,
+    source_files,
 )
 from c360ml.medallion.patch import (
     CHANGES,
@@ -233,11 +234,6 @@ def patch_gold(
     return written
 
 
-def _files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
-    """The SQL files of the sources present (a model's, or a helper's)."""
-    return [file for source, file in sql.items() if source in sources]
-
-
 @dataclass
 class GoldBuild:
     """What one unit's models share while a build makes them: the inputs, the sources
@@ -271,7 +267,7 @@ def _affected(
     None for the rows when the model is rebuilt: no rule, a first build, other SQL, a
     source without a change log, a rule that cannot tell, or too many rows."""
     lake = build.lake
-    last = ("quarantine", "gold", model.name) if model.quarantine else ("gold", model.name)
+    last = model.parts[-1]
     patchable = model.changes is not None and build.patchable
     since = recorded_inputs(lake, last, digest) if patchable else None
     if since is None:
@@ -308,6 +304,13 @@ def _patch(
     scoped.close()
 
 
+def model_digest(settings: Settings, model: GoldModel, files: list[str]) -> str:
+    """The digest of a model's SQL files and of the helpers' it reads, as every engine
+    records it: other SQL or settings rebuild the model."""
+    helpers = [f for h in HELPERS if h.name in model.reads for f in h.sql.values()]
+    return sql_digest(settings, *(f"gold/{f}" for f in [*helpers, *files]))
+
+
 def materialise(build: GoldBuild, model: GoldModel) -> GoldResult | None:
     """Make one gold model: nothing when its unit's parts record the current inputs, a
     patch when its rule finds the affected rows, else a rebuild; then register it (and
@@ -315,16 +318,14 @@ def materialise(build: GoldBuild, model: GoldModel) -> GoldResult | None:
 
     Its commits record the inputs and the digest of its SQL (with the helpers it
     reads): other SQL or settings rebuild it."""
-    files = _files(model.sql, build.sources)
+    files = source_files(model.sql, build.sources)
     if not files:
         return None
     started = time.perf_counter()
     settings, lake, name = build.settings, build.lake, model.name
-    parts = [("gold", name)] + ([("quarantine", "gold", name)] if model.quarantine else [])
     how = "unchanged"
-    if not unchanged(lake, parts, build.inputs):
-        helpers = [f for h in HELPERS if h.name in model.reads for f in h.sql.values()]
-        digest = sql_digest(settings, *(f"gold/{f}" for f in [*helpers, *files]))
+    if not unchanged(lake, model.parts, build.inputs):
+        digest = model_digest(settings, model, files)
         since, affected = _affected(build, model, digest)
         build.recomputed[name] = (since, affected)
         meta = {SQL_KEY: digest}
@@ -394,7 +395,7 @@ def make_unit(
     build = GoldBuild(settings, lake, inputs, sources, connect(lake, texts))
     try:
         for helper in helpers:
-            files = _files(helper.sql, sources)
+            files = source_files(helper.sql, sources)
             if files:
                 rows = pa_arrow.concat_tables(
                     [run_sql(build.con, settings, f"gold/{f}") for f in files]
@@ -427,7 +428,9 @@ def build_gold(settings: Settings) -> GoldSummary:
     inputs = lake_versions(lake)
     sources = frozenset(s for s, table in SOURCES.items() if lake.exists("silver", table))
     work = [
-        (ms, hs) for ms, hs in units(models, HELPERS) if any(_files(m.sql, sources) for m in ms)
+        (ms, hs)
+        for ms, hs in units(models, HELPERS)
+        if any(source_files(m.sql, sources) for m in ms)
     ]
     results: list[GoldResult] = []
     with ThreadPoolExecutor(1) as pool:

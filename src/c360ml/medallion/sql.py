@@ -34,9 +34,9 @@ def duckdb_connection() -> duckdb.DuckDBPyConnection:
     insertion order (every query's result is written as a set).
 
     A cursor of one in-memory database per process: opening a database costs a hundred
-    times what a cursor does, and an incremental build opens dozens. A cursor keeps its own registered tables, temporary tables and views, so
-    callers (and threads, a cursor each) share nothing; which is why every view here is
-    TEMP."""
+    times what a cursor does, and an incremental build opens dozens. A cursor keeps its
+    own registered tables, temporary tables and views, so callers (and threads, a cursor
+    each) share nothing; which is why every view here is TEMP."""
     with _opening:
         if not _database:
             database = duckdb.connect()

@@ -352,12 +352,13 @@ def match_rule(
 # ---------------------------------------------------------------- what a build keeps
 
 # Why unify again only what changed: a whole unify (read, prepare, match, cluster, ids,
-# merge, write every record) was half of an incremental build for a 1% increment. Whether two records are linked depends on little beyond the two:
-# their blocks (one per rule), the junk status of their identifiers and, for fuzzy
-# rules, their block's size. So `state/unify/records` keeps per record a hash of the
-# record as read, of its block key under each rule and of its junk and veto fields, and
-# its fuzzy fields' text; the next build compares the records with it and unifies again
-# only the clusters the changes can reach (`unify_changes`).
+# merge, write every record) was half of an incremental build for a 1% increment.
+# Whether two records are linked depends on little beyond the two: their blocks (one per
+# rule), the junk status of their identifiers and, for fuzzy rules, their block's size.
+# So `state/unify/records` keeps per record a hash of the record as read, of its block
+# key under each rule and of its junk and veto fields, and its fuzzy fields' text; the
+# next build compares the records with it and unifies again only the clusters the
+# changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
 STATE_FORMAT = 4

@@ -19,10 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def import_spark_connect_safely() -> None:
-    if "pyspark.sql.connect" in sys.modules or importlib.util.find_spec("pyspark") is None:
-        return
     main = sys.modules["__main__"]
     if getattr(main, "__spec__", None) is not None or hasattr(main, "__file__"):
+        return  # a program or a module: the CLI, the service, pytest
+    if "pyspark.sql.connect" in sys.modules or importlib.util.find_spec("pyspark") is None:
         return
     main.__file__ = "<string>"
     try:

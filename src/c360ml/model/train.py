@@ -67,11 +67,12 @@ class TrainConfig(BaseModel):
     nthread: int = 2  # the machine has 2 cores shared with other jobs
     seed: int = 0  # booster, bootstrap and tuning seed
     bootstrap_resamples: int = 200  # paired bootstrap resamples (cost grows with test rows)
-    # Customer caps on a training run: memory scales with them, not with the lake (gold
-    # and features cost tens of KB per customer read). Above a cap, a stable hash sample of customers is read
-    # from gold; the training sample lies inside the test sample, so every trained customer
-    # is also scored at the test cutoff. The test cutoff is one of ~8 cutoffs used, so a
-    # larger test sample costs little beyond its gold read and halves the metric variance.
+    # Customer caps on a training run: memory scales with them, not with the lake (gold and
+    # features cost tens of KB per customer read). Above a cap, a stable hash sample of
+    # customers is read from gold; the training sample lies inside the test sample, so every
+    # trained customer is also scored at the test cutoff. The test cutoff is one of ~8
+    # cutoffs used, so a larger test sample costs little beyond its gold read and halves the
+    # metric variance.
     max_train_customers: int = 100_000  # customers at the train/validation cutoffs
     max_test_customers: int = 200_000  # customers at the test cutoff (>= the training sample)
     max_tuned_depth: int = 5  # Optuna may not pick deeper trees (scoring budget)

@@ -32,7 +32,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import TYPE_CHECKING
@@ -40,9 +39,16 @@ from typing import TYPE_CHECKING
 from c360ml.config import Settings
 from c360ml.medallion import declarations
 from c360ml.medallion.checks import REASON, ident, sql_checks
-from c360ml.medallion.declarations import HELPERS, SOURCES, GoldModel, Helper, lake_table
-from c360ml.medallion.gold import GoldResult, GoldSummary, lake_versions
-from c360ml.medallion.patch import SQL_KEY, sql_digest
+from c360ml.medallion.declarations import (
+    HELPERS,
+    SOURCES,
+    GoldModel,
+    Helper,
+    lake_table,
+    source_files,
+)
+from c360ml.medallion.gold import GoldResult, GoldSummary, lake_versions, model_digest
+from c360ml.medallion.patch import SQL_KEY
 from c360ml.medallion.sql import sql_text
 from c360ml.storage.inputs import stamp, unchanged
 from c360ml.storage.lake import USER_METADATA, Lake
@@ -104,11 +110,6 @@ def write_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, s
     except _spark_errors() as exc:
         table = "/".join(where)
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
-
-
-def _files(sql: Mapping[str, str], sources: frozenset[str]) -> list[str]:
-    """The SQL files of the sources present (a model's, or a helper's)."""
-    return [file for source, file in sql.items() if source in sources]
 
 
 @dataclass
@@ -173,28 +174,19 @@ def check_gold(spark: SparkSession, model: GoldModel, view: str) -> None:
         raise ValueError(f"{where} fails its schema:\n" + "\n".join(problems[:20]))
 
 
-def sql_digest_of(settings: Settings, model: GoldModel, files: list[str]) -> str:
-    """The digest of a model's SQL (with the helpers it reads) that its commits record:
-    as `c360ml.medallion.gold.materialise` computes it, so that either engine's next
-    build reads the other's record."""
-    helpers = [f for h in HELPERS if h.name in model.reads for f in h.sql.values()]
-    return sql_digest(settings, *(f"gold/{f}" for f in [*helpers, *files]))
-
-
 def materialise(build: SparkGold, model: GoldModel) -> GoldResult | None:
     """Make one gold model on Spark: nothing when its parts (the table and its
     quarantine) record the current inputs, else a full rebuild, checked before anything
     is written; then register its output (and its quarantine) as views for the models
     after it. None when no source of it is in the lake."""
-    files = _files(model.sql, build.sources)
+    files = source_files(model.sql, build.sources)
     if not files:
         return None
     started = time.perf_counter()
     lake, name = build.lake, model.name
-    parts = [("gold", name)] + ([("quarantine", "gold", name)] if model.quarantine else [])
     how = "unchanged"
-    if not unchanged(lake, parts, build.inputs):
-        meta = stamp(build.inputs, **{SQL_KEY: sql_digest_of(build.settings, model, files)})
+    if not unchanged(lake, model.parts, build.inputs):
+        meta = stamp(build.inputs, **{SQL_KEY: model_digest(build.settings, model, files)})
         _rebuild(build, model, files, meta)
         how = "rebuilt"
         log.info("gold/%s rebuilt on Spark", name)
@@ -251,7 +243,7 @@ def run_helpers(build: SparkGold, helpers: tuple[Helper, ...]) -> list[Helper]:
     registered."""
     made = []
     for helper in helpers:
-        files = _files(helper.sql, build.sources)
+        files = source_files(helper.sql, build.sources)
         if files:
             for file in files:
                 build.register_reads(_views_named(build, file))
