@@ -101,12 +101,10 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
 
     if args.layer == "measures":
         return cmd_measures(args, settings)
-    if args.engine:
-        settings = settings.model_copy(update={"engine": args.engine})
     steps: dict[str, Callable] = {
         "silver": build.build_silver,
         "unify": build.build_unify,
-        "gold": _spark_gold if settings.engine == "spark" else build.build_gold,
+        "gold": build.build_gold,
     }
     order = ["ingest", "silver", "unify", "gold"] if args.layer == "all" else [args.layer]
     if args.layer == "gold":
@@ -126,15 +124,6 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
                 summary = steps[step](settings)
                 _print_rows(f"{step} ({time.perf_counter() - started:.1f}s)", summary.rows())
             advance()
-
-
-def _spark_gold(settings: Settings):
-    """Gold built on Spark (`spark_remote`, or the active session); the other layers stay
-    on DuckDB for now."""
-    from c360ml.spark import spark_session
-    from c360ml.spark.gold import build_gold
-
-    return build_gold(settings, spark_session(settings.spark_remote or None))
 
 
 def _as_of(text: str | None):
@@ -315,13 +304,18 @@ def _lake_commands(sub: argparse._SubParsersAction) -> None:
     bld = sub.add_parser("build", help="build lake layers")
     bld.add_argument("layer", choices=["silver", "unify", "gold", "all", "measures"])
     bld.add_argument("--as-of", default=None, help="measures: UTC date (default: latest event)")
-    bld.add_argument(
+    _engine_option(bld)
+    bld.set_defaults(func=cmd_build)
+
+
+def _engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--engine",
         choices=["duckdb", "spark"],
         default=None,
-        help="what builds gold (default: the engine setting); silver and unify run on DuckDB",
+        help="what builds the lake layers (default: the engine setting; see the README's "
+        "'Running on Spark' for the layers Spark builds)",
     )
-    bld.set_defaults(func=cmd_build)
 
 
 def _model_commands(sub: argparse._SubParsersAction) -> None:
@@ -377,6 +371,7 @@ def _job_commands(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--as-of", default=None, help="UTC instant (default: latest event time)")
     ref.add_argument("--endpoint", default=None, help="scoring service URL for segments")
     ref.add_argument("--explain", choices=["exact", "approx", "none"], default="approx")
+    _engine_option(ref)
     ref.set_defaults(func=cmd_refresh)
 
     seg = sub.add_parser("segments", help="segment workflow through the scoring service")
@@ -457,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = None
     try:
         settings = load_settings()
+        if getattr(args, "engine", None):
+            settings = settings.model_copy(update={"engine": args.engine})
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
         # What packages print to stderr themselves (MLflow's registration notes, say) goes

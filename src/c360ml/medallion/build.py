@@ -1,15 +1,45 @@
-"""The build steps the CLI runs, in order: silver -> unify -> gold; and `describe`."""
+"""The build steps the CLI and the refresh run, in order: silver -> unify -> gold, each on
+the engine the settings name (`engine`: DuckDB in this process, or Spark); and `describe`.
+
+A layer the Spark engine does not build yet runs on DuckDB: both engines read and write
+the same Delta tables and record the same inputs, so either continues the other's work.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from c360ml.config import Settings
+from c360ml.medallion import gold, silver, unify
 from c360ml.medallion.declarations import gold_tables
-from c360ml.medallion.gold import build_gold
-from c360ml.medallion.silver import build_silver
-from c360ml.medallion.unify import build_unify
 from c360ml.storage.lake import Lake
 
 __all__ = ["build_gold", "build_silver", "build_unify", "describe_layer"]
+
+# The layers the Spark engine builds: c360ml.spark.<module>.build_<layer>(settings, spark).
+SPARK_LAYERS = ("gold",)
+
+
+def _on_engine(layer: str, settings: Settings, embedded) -> Any:
+    if settings.engine != "spark" or layer not in SPARK_LAYERS:
+        return embedded(settings)
+    from c360ml.spark import spark_session
+
+    module = importlib.import_module(f"c360ml.spark.{layer}")
+    return getattr(module, f"build_{layer}")(settings, spark_session(settings.spark_remote or None))
+
+
+def build_silver(settings: Settings) -> silver.SilverSummary:
+    return _on_engine("silver", settings, silver.build_silver)
+
+
+def build_unify(settings: Settings) -> unify.UnifySummary:
+    return _on_engine("unify", settings, unify.build_unify)
+
+
+def build_gold(settings: Settings) -> gold.GoldSummary:
+    return _on_engine("gold", settings, gold.build_gold)
 
 
 def describe_layer(settings: Settings, layer: str) -> dict[str, list[dict]]:
