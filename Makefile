@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,spark]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev]'
 	touch $@
 
 demo: install

@@ -303,7 +303,7 @@ def run(size: int, repeats: int = 3) -> dict:
         "size": size,
         "repeats": repeats,
         **code,
-        "versions": {p: version(p) for p in ("pysail", "pyspark-client", "duckdb", "deltalake")},
+        "versions": {p: version(p) for p in ("pysail", "pyspark", "duckdb", "deltalake")},
         "before_gold_duckdb_s": before_gold,
         "gold_tables": {t: {"rows": n, "quarantined": q} for t, (n, q) in _rows(runs[0]).items()},
         **summary,

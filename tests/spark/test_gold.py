@@ -58,7 +58,7 @@ def lakes(request, tmp_path_factory, spark):
     return Lake(duck.lake), Lake(settings.lake), summary, seconds
 
 
-def _sorted(table: pa.Table) -> pd.DataFrame:
+def sorted_frame(table: pa.Table) -> pd.DataFrame:
     """Rows sorted by every column, the float columns last (a float may differ in its
     last bits between engines: it must not decide the order)."""
     frame = table.to_pandas()
@@ -81,7 +81,7 @@ def assert_same_table(duck: Lake, spark_lake: Lake, where: tuple[str, ...]) -> N
     assert logical[0].equals(logical[1])
     assert len(got) == len(expected) > 0 or where[0] == "quarantine"
     pd.testing.assert_frame_equal(
-        _sorted(got), _sorted(expected), check_exact=False, rtol=1e-9, atol=0
+        sorted_frame(got), sorted_frame(expected), check_exact=False, rtol=1e-9, atol=0
     )
 
 

@@ -34,7 +34,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from c360ml.config import Settings
 from c360ml.medallion import declarations
@@ -112,6 +112,32 @@ def write_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, s
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
 
 
+class SparkTables(Protocol):
+    """How Spark reads and writes the lake's tables: Delta (`DELTA`), what every platform
+    c360ml runs on reads and writes. The tests of the classic session on Apache Spark's
+    own local mode, which has no Delta here (its jars cannot be fetched), hand the same
+    tables over as parquet through this seam."""
+
+    def read(self, spark: SparkSession, lake: Lake, where: tuple[str, ...]) -> DataFrame: ...
+
+    def write(
+        self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
+    ) -> None: ...
+
+
+class DeltaTables:
+    def read(self, spark: SparkSession, lake: Lake, where: tuple[str, ...]) -> DataFrame:
+        return read_delta(spark, lake, *where)
+
+    def write(
+        self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
+    ) -> None:
+        write_delta(frame, lake, *where, metadata=metadata)
+
+
+DELTA = DeltaTables()
+
+
 @dataclass
 class SparkGold:
     """What the models of one Spark gold build share: the session, the lake, the sources
@@ -123,9 +149,10 @@ class SparkGold:
     sources: frozenset[str]
     inputs: dict[str, int] = field(default_factory=dict)  # what this build is made from
     views: set[str] = field(default_factory=set)
+    tables: SparkTables = DELTA
 
     def register(self, view: str, where: tuple[str, ...]) -> None:
-        read_delta(self.spark, self.lake, *where).createOrReplaceTempView(view)
+        self.tables.read(self.spark, self.lake, where).createOrReplaceTempView(view)
         self.views.add(view)
 
     def register_reads(self, reads: tuple[str, ...]) -> None:
@@ -210,10 +237,10 @@ def _rebuild(build: SparkGold, model: GoldModel, files: list[str], meta: dict[st
     spark.sql(f"SELECT * FROM {valid}").createOrReplaceTempView(checked)
     check_gold(spark, model, checked)
     rows = spark.sql(f"SELECT {checks.cast_sql()} FROM {checked}")
-    write_delta(rows, lake, "gold", name, metadata=meta)
+    build.tables.write(rows, lake, ("gold", name), meta)
     if model.quarantine:
         rejected = spark.sql(f"SELECT * FROM {result} WHERE {reason} IS NOT NULL")
-        write_delta(rejected, lake, "quarantine", "gold", name, metadata=meta)
+        build.tables.write(rejected, lake, ("quarantine", "gold", name), meta)
 
 
 def _result(build: SparkGold, model: GoldModel, started: float, how: str) -> GoldResult:
@@ -259,7 +286,7 @@ def _views_named(build: SparkGold, file: str) -> tuple[str, ...]:
     return tuple(w for w in words if w.startswith(("bronze_", "silver_", "gold_")))
 
 
-def make_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
+def make_gold(settings: Settings, spark: SparkSession, tables: SparkTables = DELTA) -> GoldSummary:
     """Every declared gold model made on Spark (`materialise`), in declaration order (a
     model reads only models before it), then the helpers' state
     (`state/gold/order_accounts`), unless it records the current inputs: last, so that a
@@ -270,16 +297,16 @@ def make_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
     models = declarations.GOLD_MODELS  # read now: a test may declare one more
     sources = frozenset(s for s, table in SOURCES.items() if lake.exists("silver", table))
     inputs = lake_versions(lake)
-    build = SparkGold(settings, lake, spark, sources, inputs)
+    build = SparkGold(settings, lake, spark, sources, inputs, tables=tables)
     helpers = run_helpers(build, HELPERS)
     results = [r for m in models if (r := materialise(build, m)) is not None]
     for helper in helpers:
         if not unchanged(lake, [helper.state], inputs):
-            write_delta(spark.table(helper.name), lake, *helper.state, metadata=stamp(inputs))
+            tables.write(spark.table(helper.name), lake, helper.state, stamp(inputs))
     return GoldSummary(items=results)
 
 
 @writes_lake("build gold")
-def build_gold(settings: Settings, spark: SparkSession) -> GoldSummary:
+def build_gold(settings: Settings, spark: SparkSession, tables: SparkTables = DELTA) -> GoldSummary:
     """`make_gold` under the lake's lease (one writer per lake)."""
-    return make_gold(settings, spark)
+    return make_gold(settings, spark, tables)
