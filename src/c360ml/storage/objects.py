@@ -1,0 +1,331 @@
+"""The files of the lake that are not Delta tables' data: small objects and commits.
+
+Why its own module: c360ml writes some files itself, beside what delta-rs writes (its own
+Delta commits, JSON state, the lease), and reads landing files as streams. On a local disk
+those are files; on Azure storage, blobs reached through obstore. `LakeStore` is one small
+interface over both, addressed by keys relative to the lake root ("gold/t/_delta_log/..."):
+read, write, list, delete, a streamed read, and `create`, the atomic put-if-absent that a
+Delta commit needs (`os.link` on a local disk; `put(mode="create")` on object storage, where
+a rename or link does not exist). Errors name the object's URI, never a credential.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from c360ml.storage.location import (
+    AzureCredentials,
+    LakeLocation,
+    obstore_keys,
+    parse_location,
+    redact,
+)
+
+CHUNK = 8 * 2**20  # bytes per chunk of a streamed read
+
+
+class ObjectChangedError(OSError):
+    """A conditional write found the object changed since it was read (a lease renewed or
+    taken over by another holder)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What tells one version of an object from another: its size and an identity that
+    changes with each write (a blob's ETag; a file's inode and modification time)."""
+
+    key: str
+    size: int
+    identity: str
+
+
+class LakeStore:
+    """Keys under a lake root, on local disk or object storage (see the module docstring)."""
+
+    location: LakeLocation
+
+    def uri(self, key: str = "") -> str:
+        return self.location.uri(*([key] if key else []))
+
+    # The primitives each store implements.
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write (or replace) a whole object, atomically: a reader sees the old or the new."""
+        raise NotImplementedError
+
+    def create(self, key: str, data: bytes) -> None:
+        """Write an object only if absent; FileExistsError (naming it) when it exists."""
+        raise NotImplementedError
+
+    def head(self, key: str) -> ObjectInfo | None:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key below `prefix` (a folder), recursively, sorted."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove an object; one that is gone already is no error."""
+        raise NotImplementedError
+
+    def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        """The object's bytes in chunks, never held whole (landing CSVs are large)."""
+        raise NotImplementedError
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem for Parquet and CSV readers, and the path of the lake root
+        in it (join keys to it with `arrow_path`)."""
+        raise NotImplementedError
+
+    # Shared helpers.
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def arrow_path(self, key: str) -> str:
+        base = self.filesystem()[1]
+        return f"{base.rstrip('/')}/{key}" if base else key
+
+    def open_input(self, key: str) -> pa.NativeFile:
+        """A seekable pyarrow file (Parquet footers, CSV readers that stream)."""
+        fs, _ = self.filesystem()
+        return fs.open_input_file(self.arrow_path(key))
+
+
+class LocalStore(LakeStore):
+    """The embedded default: files under a local folder, written as c360ml always did."""
+
+    def __init__(self, location: LakeLocation) -> None:
+        self.location = location
+        self.root = Path(location.path)
+
+    def _file(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._file(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(f".{target.name}.{uuid.uuid4()}.tmp")
+        staged.write_bytes(data)
+        os.replace(staged, target)
+
+    def create(self, key: str, data: bytes) -> None:
+        """Staged under a unique name, then linked to its key: `os.link` fails if the key
+        exists, so of two writers exactly one publishes, and a reader never sees it half
+        written."""
+        target = self._file(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(f".{target.name}.{uuid.uuid4()}.tmp")
+        staged.write_bytes(data)
+        try:
+            os.link(staged, target)
+        except FileExistsError:
+            raise FileExistsError(f"{target} exists already") from None
+        finally:
+            staged.unlink()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            found = self._file(key).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, found.st_size, f"{found.st_ino}:{found.st_mtime_ns}")
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._file(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def delete(self, key: str) -> None:
+        self._file(key).unlink(missing_ok=True)
+
+    def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        with open(self._file(key), "rb") as handle:
+            while block := handle.read(chunk):
+                yield block
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        return pafs.LocalFileSystem(), str(self.root)
+
+
+class AzureLakeStore(LakeStore):
+    """Blobs under a container's path, through obstore (object_store, the store delta-rs
+    uses too, configured from the same credentials)."""
+
+    def __init__(self, location: LakeLocation, credentials: AzureCredentials | None = None):
+        self.location = location
+        self.credentials = (credentials or AzureCredentials.from_env()).with_account(
+            location.account
+        )
+
+    def __repr__(self) -> str:
+        return f"AzureLakeStore({self.location.uri()!r}, {self.credentials.kind})"
+
+    @cached_property
+    def _store(self) -> Any:
+        from obstore.store import AzureStore
+
+        with self._errors(""):
+            return AzureStore(
+                self.location.container,
+                prefix=self.location.path or None,
+                config=obstore_keys(self.credentials.obstore_config()),
+                client_options={"allow_http": True} if _plain_http(self.credentials) else None,
+            )
+
+    def storage_options(self) -> dict[str, str]:
+        """delta-rs' storage_options for this lake (secrets included: never log them)."""
+        options = self.credentials.storage_options()
+        if _plain_http(self.credentials):
+            options["allow_http"] = "true"
+        return options
+
+    @contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """obstore's errors as Python's, in one line naming the object's URI, without any
+        secret (a SAS token rides in the request URLs that obstore's messages quote)."""
+        from obstore import exceptions as oe
+
+        try:
+            yield
+        except oe.BaseError as exc:
+            raise _translate(exc, self.uri(key), self.credentials) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        import obstore
+
+        with self._errors(key):
+            return bytes(obstore.get(self._store, key).bytes())
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        import obstore
+
+        with self._errors(key):
+            obstore.put(self._store, key, data, mode="overwrite")
+
+    def create(self, key: str, data: bytes) -> None:
+        import obstore
+
+        with self._errors(key):
+            obstore.put(self._store, key, data, mode="create")
+
+    def replace(self, key: str, data: bytes, identity: str) -> str:
+        """Overwrite the object only if it is still the version `identity` names (its
+        ETag); ObjectChangedError otherwise. Returns the new version's identity."""
+        import obstore
+
+        with self._errors(key):
+            done = obstore.put(self._store, key, data, mode={"e_tag": identity})
+        return done["e_tag"] or ""
+
+    def create_tagged(self, key: str, data: bytes) -> str:
+        """`create`, returning the new object's identity (for a later `replace`)."""
+        import obstore
+
+        with self._errors(key):
+            done = obstore.put(self._store, key, data, mode="create")
+        return done["e_tag"] or ""
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and the identity of the version read, from one request."""
+        import obstore
+
+        with self._errors(key):
+            got = obstore.get(self._store, key)
+            return bytes(got.bytes()), got.meta["e_tag"] or ""
+
+    def head(self, key: str) -> ObjectInfo | None:
+        import obstore
+
+        try:
+            with self._errors(key):
+                meta = obstore.head(self._store, key)
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, meta["size"], meta["e_tag"] or str(meta["last_modified"]))
+
+    def list(self, prefix: str = "") -> list[str]:
+        import obstore
+
+        with self._errors(prefix):
+            stream = obstore.list(self._store, prefix=prefix.rstrip("/") + "/" if prefix else None)
+            return sorted(meta["path"] for chunk in stream for meta in chunk)
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        try:
+            with self._errors(key):
+                obstore.delete(self._store, key)
+        except FileNotFoundError:
+            pass
+
+    def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        import obstore
+
+        with self._errors(key):
+            got = obstore.get(self._store, key)
+            for block in got.stream(min_chunk_size=chunk):
+                yield bytes(block)
+
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        return self._arrow_fs, ""
+
+    @cached_property
+    def _arrow_fs(self) -> pafs.FileSystem:
+        """delta-rs' own pyarrow filesystem on the lake root (the object store its tables
+        are read through, with the same storage options)."""
+        from deltalake.fs import DeltaStorageHandler
+
+        return pafs.PyFileSystem(DeltaStorageHandler(self.uri(), self.storage_options()))
+
+
+def _plain_http(credentials: AzureCredentials) -> bool:
+    return credentials.use_emulator or credentials.endpoint.startswith("http://")
+
+
+def _translate(exc: Exception, uri: str, credentials: AzureCredentials) -> OSError:
+    from obstore import exceptions as oe
+
+    text = redact(str(exc), credentials.secrets())
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    if "ContainerNotFound" in text:
+        return FileNotFoundError(f"{uri}: the container does not exist")
+    if isinstance(exc, oe.NotFoundError):
+        return FileNotFoundError(f"{uri}: no such object")
+    if isinstance(exc, oe.AlreadyExistsError):
+        return FileExistsError(f"{uri} exists already")
+    if isinstance(exc, oe.PreconditionError):
+        return ObjectChangedError(f"{uri} was changed by another writer")
+    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError) or (
+        "AuthenticationFailed" in text or "AuthorizationFailure" in text
+    ):
+        return PermissionError(f"{uri}: access denied with the {credentials.kind} credential")
+    return OSError(f"{uri}: {detail}")
+
+
+def open_store(root: str | os.PathLike[str] | LakeLocation) -> LakeStore:
+    """The store of a lake root (see `c360ml.storage.location.parse_location`)."""
+    location = parse_location(root)
+    return AzureLakeStore(location) if location.remote else LocalStore(location)
