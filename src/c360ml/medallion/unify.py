@@ -110,12 +110,19 @@ def _fold(text: pd.Series) -> pd.Series:
 
 
 def prepare_records(records: pd.DataFrame) -> pd.DataFrame:
-    """Add the normalised match fields; `record` is a dense 0..n-1 index.
+    """Add the normalised match fields; `record` is a dense 0..n-1 index."""
+    out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
+    out["record"] = np.arange(len(out))
+    return match_fields(out)
+
+
+def match_fields(out: pd.DataFrame) -> pd.DataFrame:
+    """`out` (a frame of records, changed in place and returned) with the normalised match
+    fields `m_<field>` of `MATCH_FIELDS`. Row by row, so any batch of records gives the
+    same values (the Spark engine runs it on its workers, batch by batch).
 
     In Arrow, not pandas' per-value string methods, which take twice as long at scale.
     """
-    out = records.reset_index(drop=True)  # a new frame: the caller's is not changed
-    out["record"] = np.arange(len(out))
     first, last = _fold(out["first_name"]), _fold(out["last_name"])
     out["m_last_name"] = last
     first, last = _arrow(first), _arrow(last)
@@ -253,6 +260,20 @@ def fuzzy_matches(
     return left[hit], right[hit]
 
 
+def fuzzy_pair_mask(rule: MatchRule, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Whether each pair (left[k], right[k]) of fuzzy field values (`m_<field>`, none
+    missing) matches under a fuzzy rule, as `match_rule` scores it (the veto is the
+    caller's): the pairs of an incremental unify (`_fuzzy_partners`) and of the Spark
+    engine's blocks (a pandas UDF) are scored by this one function."""
+    m = len(left)
+    values = np.concatenate([np.asarray(left, dtype=object), np.asarray(right, dtype=object)])
+    at = np.arange(m)
+    _, hit = fuzzy_matches(rule, fuzzy_values(rule, values), [], at, m + at)
+    mask = np.zeros(m, dtype=bool)
+    mask[hit - m] = True
+    return mask
+
+
 def _stars(block: np.ndarray, ids: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, ...]:
     """Pairs linking the records `ids` of each block (`block` sorted): each source's
     records to its first one, then each source's first to the block's first. The
@@ -361,6 +382,9 @@ def match_rule(
 # changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
+# The Spark engine's state holds the records' keys only (its hashes are not DuckDB's):
+# current for a skip, never compared with by `unify_changes` (see `recorded_state`).
+KEYS_ONLY = ":keys"
 STATE_FORMAT = 4
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
@@ -518,7 +542,7 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
 
     Each attribute is the first non-null value in the policy's order: most recently
     modified first (records without a modified time last), or by source priority, then
-    most recent. Two integer sorts of all records (numpy lexsort over the id codes and
+    most recent (then by source_key). Two integer sorts of all records (numpy lexsort over the id codes and
     the keys), then per attribute the first present value of each customer: faster than
     pandas' sorts and group-bys per attribute.
     """
@@ -530,9 +554,13 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
     rank = records["source"].map({src: i for i, src in enumerate(ordered)}).to_numpy(np.int64)
     modified = pd.to_datetime(records["modified_ts"], utc=True)
     newest = np.where(modified.isna(), np.iinfo(np.int64).max, -modified.to_numpy(np.int64))
+    # Ties (one source's records modified at the same instant) broken by source_key, not
+    # by the records' order, which no engine promises: the profile is the same whichever
+    # engine reads the records, in whatever order, in one batch or in several.
+    key = pc.rank(_arrow(records["source_key"]), "ascending", tiebreaker="first").to_numpy()
     orders = {
-        "recent": np.lexsort((rank, newest, codes)),  # last key sorts first
-        "priority": np.lexsort((newest, rank, codes)),
+        "recent": np.lexsort((key, rank, newest, codes)),  # last key sorts first
+        "priority": np.lexsort((key, newest, rank, codes)),
     }
     merged = pd.DataFrame(index=pd.RangeIndex(n))
     for attr in attributes:
@@ -704,12 +732,10 @@ def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: Unif
               {f" AND NOT COALESCE({' AND '.join(differ)}, FALSE)" if differ else ""}
               {"".join(f" AND f.hash_{g} NOT IN (SELECT v FROM junk_is_{g})" for g in guarded)}"""
     ).to_arrow_table()
-    m = len(candidates)
-    values = np.concatenate(
-        [candidates[side].to_numpy(zero_copy_only=False) for side in ("l", "r")]
+    hit = fuzzy_pair_mask(
+        rule, *(candidates[side].to_numpy(zero_copy_only=False) for side in ("l", "r"))
     )
-    _, right = fuzzy_matches(rule, fuzzy_values(rule, values), [], np.arange(m), m + np.arange(m))
-    return candidates.select(["source", "source_key"]).take(right - m)
+    return candidates.select(["source", "source_key"]).filter(pa.array(hit))
 
 
 def unify_changes(
@@ -967,10 +993,40 @@ def read_records(lake: Lake, settings: Settings) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _state_inputs(lake: Lake, digest: str) -> dict | None:
-    """The inputs the state was last written for, if it was made with these rules."""
+def recorded_state(lake: Lake, digest: str, comparable: bool = True) -> dict | None:
+    """The inputs the state was last written for, if it was made with these rules; with
+    `comparable`, only a state `unify_changes` can compare records with (DuckDB's: the
+    Spark engine's holds keys only, see KEYS_ONLY)."""
     record = last_record(lake, STATE)
-    return record[0] if record is not None and record[1].get(STATE_KEY) == digest else None
+    made = record[1].get(STATE_KEY) if record is not None else None
+    if made == digest or (not comparable and made == digest + KEYS_ONLY):
+        return record[0]
+    return None
+
+
+def current_summary(lake: Lake, digest: str, inputs: dict, started: float) -> UnifySummary | None:
+    """The summary of the last unify when it was made (by either engine) from `inputs`
+    with these rules: nothing is to be done. None when a unify is due."""
+    if recorded_state(lake, digest, comparable=False) != inputs:
+        return None
+    if not lake.exists("gold", "customer_source_map"):
+        return None
+    return UnifySummary(
+        lake.read_pandas("gold", "unify_report"),
+        lake.count("gold", "customer_profile"),
+        lake.count("gold", "customer_source_map"),
+        0,
+        time.perf_counter() - started,
+    )
+
+
+def mark_state_rewriting(lake: Lake) -> None:
+    """An empty commit of the state recording no inputs, before the outputs are written:
+    the state reads as stale until its rewrite commits (the last write of a unify), so a
+    unify stopped half way is followed by a whole unify, whichever engine runs it."""
+    if lake.exists(*STATE):
+        being_rewritten = stamp({}, **{STATE_KEY: "being rewritten"})
+        lake.delete_and_append(*STATE, deletes={}, metadata=being_rewritten)
 
 
 @writes_lake("build unify")
@@ -984,15 +1040,10 @@ def build_unify(settings: Settings) -> UnifySummary:
     digest = state_digest(rules)
     inputs = lake_versions(lake)
     inputs.pop("gold/customer_source_map", None)  # our own output
-    recorded = _state_inputs(lake, digest)
-    if recorded == inputs and lake.exists("gold", "customer_source_map"):
-        return UnifySummary(
-            lake.read_pandas("gold", "unify_report"),
-            lake.count("gold", "customer_profile"),
-            lake.count("gold", "customer_source_map"),
-            0,
-            time.perf_counter() - started,
-        )
+    done = current_summary(lake, digest, inputs, started)
+    if done is not None:
+        return done
+    recorded = recorded_state(lake, digest)
     table = read_records(lake, settings)
     today = pd.Timestamp.now(tz="UTC").floor("us")
     unified = None
@@ -1040,10 +1091,7 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
         ),
     }
     state = pa.Table.from_pandas(unified.state, preserve_index=False)
-    if lake.exists(*STATE):
-        # Recorded inputs of none: the state reads as stale until its rewrite commits.
-        being_rewritten = stamp({}, **{STATE_KEY: "being rewritten"})
-        lake.delete_and_append(*STATE, deletes={}, metadata=being_rewritten)
+    mark_state_rewriting(lake)
     for name, rows in tables.items():
         if unified.retired is None:
             lake.write(rows, "gold", name, mode="overwrite", metadata=meta)
