@@ -1,18 +1,18 @@
-"""Gold on Spark beside gold on DuckDB, on the same lake (`make bench STAGE=medallion
-ENGINE=spark SIZES=...`).
+"""The medallion layers on Spark beside DuckDB, from the same bronze (`make bench
+STAGE=medallion ENGINE=spark SIZES=...`).
 
 Per size: the cached landing (generated first if missing) is copied to
-benchmarks/cache/<size>/spark/ and ingested, and silver and unify are built there once by
-DuckDB (the only engine for them today). Then gold is built from that same silver and
-source map by both engines, interleaved so that other load on the machine falls on both
-alike: one untimed warm-up of each, then duckdb, spark, duckdb, spark, ... `repeats`
-times. Before every build the gold models, their quarantine and `state/gold` are
-removed, so that each build is a full one (the DuckDB engine would otherwise skip the
-models whose inputs did not change; every table is checked to have been "rebuilt").
+benchmarks/cache/<size>/spark/ and ingested once by DuckDB (ingest is not Spark work).
+Every build then starts from a hard-linked copy of that bronze-only lake and makes
+silver, unify and gold with one engine (a layer the Spark engine does not build yet runs
+on DuckDB: the JSON's `on_spark` names the layers Spark built), interleaved so that other
+load on the machine falls on both alike: one untimed warm-up of each, then duckdb,
+spark, duckdb, spark, ... `repeats` times. The engines must write the same row counts
+in every layer (checked).
 
-Each build runs in a fresh child process (`--gold ENGINE LAKE [REMOTE]`), so its peak
+Each build runs in a fresh child process (`--build ENGINE LAKE [REMOTE]`), so its peak
 RSS (VmHWM) is its own: for DuckDB the process that runs the whole build, for Spark the
-Python client (the driver side of Spark Connect). Sail, the Spark Connect server, runs in
+Python client (the driver: c360ml's side of Spark Connect). Sail, the Spark Connect server, runs in
 local mode as a separate child process of this benchmark (pysail's SparkConnectServer on
 127.0.0.1, as the test fixture starts it), one server for all the Spark builds, stopped
 at the end; its peak RSS per build is read from /proc after resetting its high-water
@@ -113,10 +113,14 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
+LAYERS = ("silver", "unify", "gold")
+
+
 def prepare(size: int) -> tuple[Path, dict, dict]:
-    """A lake with bronze, silver and unify built by DuckDB, from the cached landing of
-    `size` customers (generated first when missing); the seconds of each step; what code
-    the children run (`code_under`)."""
+    """A lake with bronze only (landing ingested by DuckDB: ingest is not Spark work),
+    from the cached landing of `size` customers (generated first when missing): every
+    build starts from a hard-linked copy of it. The ingest's seconds; what code the
+    children run (`code_under`)."""
     cached = CACHE / str(size)
     if not (cached / "lake" / "landing").exists():
         sys.path.insert(0, str(HERE))
@@ -126,84 +130,85 @@ def prepare(size: int) -> tuple[Path, dict, dict]:
         measure(size, cached)
     work = cached / "spark"
     shutil.rmtree(work, ignore_errors=True)
-    (work / "lake").mkdir(parents=True)
-    subprocess.run(["cp", "-al", str(cached / "lake" / "landing"), str(work / "lake")], check=True)
+    (work / "bronze" / "lake").mkdir(parents=True)
+    subprocess.run(
+        ["cp", "-al", str(cached / "lake" / "landing"), str(work / "bronze" / "lake")], check=True
+    )
     shutil.copytree(cached / "truth", work / "truth")
     env, code = code_under(work)
     os.environ.update(env)  # for every child from here on
     done = subprocess.run(
-        [sys.executable, __file__, "--prepare", str(work / "lake")],
+        [sys.executable, __file__, "--prepare", str(work / "bronze" / "lake")],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
     )
-    return work / "lake", json.loads(done.stdout.strip().splitlines()[-1]), code
+    return work / "bronze" / "lake", json.loads(done.stdout.strip().splitlines()[-1]), code
 
 
 def prepare_child(lake_root: Path) -> None:
-    """Child process of `prepare`: ingest, silver and unify on DuckDB."""
-    from c360ml.medallion.build import build_silver, build_unify
+    """Child process of `prepare`: landing -> bronze."""
     from c360ml.medallion.ingest import ingest_landing
 
-    settings = settings_at(lake_root)
-    seconds = {}
-    for name, step in (
-        ("ingest", ingest_landing),
-        ("silver", build_silver),
-        ("unify", build_unify),
-    ):
-        started = time.perf_counter()
-        step(settings)
-        seconds[name] = round(time.perf_counter() - started, 2)
-        print(f"  {name} (duckdb): {seconds[name]} s", file=sys.stderr, flush=True)
-    print(json.dumps(seconds))
+    started = time.perf_counter()
+    ingest_landing(settings_at(lake_root))
+    seconds = round(time.perf_counter() - started, 2)
+    print(f"  ingest (duckdb): {seconds} s", file=sys.stderr, flush=True)
+    print(json.dumps({"ingest": seconds}))
 
 
-def clear_gold(lake_root: Path) -> None:
-    """Remove what a gold build writes (its models, their quarantine, its helpers' state),
-    keeping unify's outputs, so that the next build is a full one."""
-    from c360ml.medallion.declarations import GOLD_MODELS, HELPERS
-
-    for model in GOLD_MODELS:
-        shutil.rmtree(lake_root / "gold" / model.name, ignore_errors=True)
-        shutil.rmtree(lake_root / "quarantine" / "gold" / model.name, ignore_errors=True)
-    for helper in HELPERS:
-        shutil.rmtree(lake_root.joinpath(*helper.state), ignore_errors=True)
+def fresh_copy(bronze: Path, run: Path) -> Path:
+    """A lake of bronze only for one build: hard links (Delta never rewrites a file and
+    c360ml replaces its state files by rename, so the copy's writes leave `bronze` as it
+    was)."""
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    subprocess.run(["cp", "-al", str(bronze), str(run)], check=True)
+    return run / bronze.name
 
 
-def gold_child(engine: str, lake_root: Path, remote: str = "") -> None:
-    """Child process: one full gold build by `engine`; prints its figures as JSON."""
+def build_child(engine: str, lake_root: Path, remote: str = "") -> None:
+    """Child process: silver, unify and gold built by `engine` (each layer on Spark when
+    the Spark engine builds it, `medallion.build.SPARK_LAYERS`, else DuckDB); prints the
+    figures as JSON."""
+    from c360ml.medallion import build
+
     settings = settings_at(lake_root, engine=engine, spark_remote=remote)
     session_s = 0.0
     if engine == "spark":
         from c360ml.spark import spark_session
-        from c360ml.spark.gold import build_gold
 
         started = time.perf_counter()
         spark = spark_session(settings.spark_remote)
         session_s = time.perf_counter() - started
+    seconds, counts = {}, {}
+    for layer in LAYERS:
         started = time.perf_counter()
-        summary = build_gold(settings, spark)
-        seconds = time.perf_counter() - started
+        summary = getattr(build, f"build_{layer}")(settings)
+        seconds[layer] = round(time.perf_counter() - started, 2)
+        counts[layer] = summary.rows()
+    if engine == "spark":
         spark.stop()
-    else:
-        from c360ml.medallion.build import build_gold
-
-        started = time.perf_counter()
-        summary = build_gold(settings)
-        seconds = time.perf_counter() - started
-    tables = {
-        r.table: {"rows": r.rows, "quarantined": r.quarantined, "written": r.written}
-        for r in summary.items
-    }
     figures = {
         "engine": engine,
-        "gold_s": round(seconds, 2),
+        "on_spark": [x for x in LAYERS if engine == "spark" and x in build.SPARK_LAYERS],
+        "seconds": seconds,
+        "total_s": round(sum(seconds.values()), 2),
         "session_s": round(session_s, 2),
         "peak_rss_mb": round(status_mb("self", "VmHWM"), 1),
-        "tables": tables,
+        "counts": _counts(counts),
     }
-    print("RESULT " + json.dumps(figures))
+    print("RESULT " + json.dumps(figures, default=str))
+
+
+def _counts(rows: dict[str, list[dict]]) -> dict:
+    """What each layer wrote, without its timings (to compare the engines' outputs)."""
+    return {
+        layer: [
+            {k: v for k, v in row.items() if k not in ("seconds", "written")} for row in layer_rows
+        ]
+        for layer, layer_rows in rows.items()
+    }
 
 
 class Sail:
@@ -227,9 +232,9 @@ class Sail:
             self.proc.wait()
 
 
-def one_build(engine: str, lake_root: Path, sail: Sail) -> dict:
-    clear_gold(lake_root)
-    args = [sys.executable, __file__, "--gold", engine, str(lake_root)]
+def one_build(engine: str, bronze: Path, sail: Sail) -> dict:
+    lake_root = fresh_copy(bronze, bronze.parent.parent / "run")
+    args = [sys.executable, __file__, "--build", engine, str(lake_root)]
     server_reset = False
     if engine == "spark":
         args.append(sail.remote)
@@ -240,7 +245,7 @@ def one_build(engine: str, lake_root: Path, sail: Sail) -> dict:
     done = subprocess.run(args, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"gold on {engine} failed")
+        raise SystemExit(f"the build on {engine} failed")
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
     result["process_wall_s"] = round(wall, 2)
@@ -249,14 +254,8 @@ def one_build(engine: str, lake_root: Path, sail: Sail) -> dict:
         result["server_rss_before_mb"] = round(server_before, 1)
         result["server_peak_rss_mb"] = round(status_mb(sail.proc.pid, "VmHWM"), 1)
         result["server_peak_reset"] = server_reset
-    not_rebuilt = {
-        t: v["written"] for t, v in result["tables"].items() if v["written"] != "rebuilt"
-    }
-    if not_rebuilt:
-        raise SystemExit(f"gold on {engine}: not a full build: {not_rebuilt}")
     print(
-        f"  gold ({engine}): {result['gold_s']} s, client/process peak "
-        f"{result['peak_rss_mb']:.0f} MB"
+        f"  {engine}: {result['seconds']}, driver peak {result['peak_rss_mb']:.0f} MB"
         + (f", Sail peak {result['server_peak_rss_mb']:.0f} MB" if engine == "spark" else ""),
         file=sys.stderr,
         flush=True,
@@ -264,62 +263,55 @@ def one_build(engine: str, lake_root: Path, sail: Sail) -> dict:
     return result
 
 
-def _rows(result: dict) -> dict:
-    return {t: (v["rows"], v["quarantined"]) for t, v in result["tables"].items()}
-
-
 def run(size: int, repeats: int = 3) -> dict:
-    """Gold by DuckDB and by Spark (Sail, local mode) on the same silver and source map."""
-    lake_root, before_gold, code = prepare(size)
+    """silver -> unify -> gold by DuckDB and by Spark (Sail, local mode), each build from
+    the same bronze: one untimed warm-up of each, then interleaved."""
+    bronze, before, code = prepare(size)
     sail = Sail()
     try:
-        warm = [one_build(e, lake_root, sail) for e in ("duckdb", "spark")]
-        runs = [one_build(e, lake_root, sail) for _ in range(repeats) for e in ("duckdb", "spark")]
+        warm = [one_build(e, bronze, sail) for e in ("duckdb", "spark")]
+        runs = [one_build(e, bronze, sail) for _ in range(repeats) for e in ("duckdb", "spark")]
     finally:
         sail.stop()
-    by = {e: [r for r in runs if r["engine"] == e] for e in ("duckdb", "spark")}
-    counts = {_json_rows(r) for r in (*warm, *runs)}
+    counts = {json.dumps(r["counts"], sort_keys=True) for r in (*warm, *runs)}
     if len(counts) != 1:
-        raise SystemExit(f"the engines' gold row counts differ: {counts}")
+        raise SystemExit(f"the engines wrote different row counts: {counts}")
+    by = {e: [r for r in runs if r["engine"] == e] for e in ("duckdb", "spark")}
 
-    def median(engine: str, key: str) -> float:
-        return round(statistics.median(r[key] for r in by[engine]), 2)
+    def median(engine: str, layer: str) -> float:
+        return round(statistics.median(r["seconds"][layer] for r in by[engine]), 2)
 
     summary = {
-        "duckdb": {
-            "gold_s_median": median("duckdb", "gold_s"),
-            "gold_s_runs": [r["gold_s"] for r in by["duckdb"]],
-            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in by["duckdb"]),
-        },
-        "spark": {
-            "gold_s_median": median("spark", "gold_s"),
-            "gold_s_runs": [r["gold_s"] for r in by["spark"]],
-            "session_s_median": median("spark", "session_s"),
-            "client_peak_rss_mb_max": max(r["peak_rss_mb"] for r in by["spark"]),
-            "server_peak_rss_mb_max": max(r["server_peak_rss_mb"] for r in by["spark"]),
-        },
+        e: {
+            "seconds_median": {x: median(e, x) for x in LAYERS},
+            "total_s_median": round(statistics.median(r["total_s"] for r in by[e]), 2),
+            "total_s_runs": [r["total_s"] for r in by[e]],
+            "driver_peak_rss_mb_max": max(r["peak_rss_mb"] for r in by[e]),
+        }
+        for e in by
     }
+    summary["spark"]["on_spark"] = by["spark"][0]["on_spark"]
+    summary["spark"]["session_s_median"] = round(
+        statistics.median(r["session_s"] for r in by["spark"]), 2
+    )
+    summary["spark"]["server_peak_rss_mb_max"] = max(r["server_peak_rss_mb"] for r in by["spark"])
     return {
         "size": size,
         "repeats": repeats,
         **code,
         "versions": {p: version(p) for p in ("pysail", "pyspark", "duckdb", "deltalake")},
-        "before_gold_duckdb_s": before_gold,
-        "gold_tables": {t: {"rows": n, "quarantined": q} for t, (n, q) in _rows(runs[0]).items()},
+        "before_duckdb_s": before,
+        "counts": runs[0]["counts"],
         **summary,
         "warm_up": warm,
         "runs": runs,
     }
 
 
-def _json_rows(result: dict) -> str:
-    return json.dumps(_rows(result), sort_keys=True)
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "--prepare":
         prepare_child(Path(sys.argv[2]))
-    elif sys.argv[1] == "--gold":
-        gold_child(sys.argv[2], Path(sys.argv[3]), *(sys.argv[4:5]))
+    elif sys.argv[1] == "--build":
+        build_child(sys.argv[2], Path(sys.argv[3]), *(sys.argv[4:5]))
     else:
         raise SystemExit("internal entry points only: run benchmarks/run.py")
