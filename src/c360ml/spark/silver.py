@@ -1,0 +1,316 @@
+"""Silver on Spark: bronze's change feeds resolved into the current state of each source
+table, standardised, checked and split into silver and its quarantine, by Spark.
+
+The same declarations as the DuckDB engine (`c360ml.medallion.silver`): the resolution
+(`latest_sql`: newest version per trimmed key), the checks of each table's pandera schema
+in Spark's dialect (`c360ml.medallion.checks`), the change log's rows (`logged_sql`) and
+the generic source's canonical view and SQL file. The per-row Python work (every string
+trimmed, e-mails, phones and countries standardised) runs on the executors in
+`mapInArrow`, around the same pure functions DuckDB's path calls (`trim_strings`,
+`standardise`, with `normalise_phones_arrow`); nothing comes back to the driver but counts.
+
+Incremental, as a rebuild: where the DuckDB engine merges the new bronze rows into silver
+with deletion vectors, Spark rebuilds a table whose bronze has new rows from its whole
+change feed, one overwrite commit of silver and one of its quarantine (a MERGE with
+deletion vectors is what Sail does not write). The tables are equal: the newest version
+of each key is the same whichever way it is found (a late, older version loses both
+ways). Each commit records what DuckDB's records (the bronze version, the bronze
+current-state count, the ingest watermark), and the change log gets the rows DuckDB's
+merge would log, so either engine continues the other's work; a table whose bronze has
+no new rows is not written.
+
+A failure raises `SparkBuildError` (one line naming the table) and stops the build at
+that table: the tables before it are written whole, its silver and quarantine are as
+they were (each write is one Delta commit; its change log may be ahead of silver, a
+superset that the next merge, on either engine, replaces).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from c360ml.config import Settings
+from c360ml.medallion.checks import REASON, ident, sql_checks, upgrade_quarantine
+from c360ml.medallion.silver import (
+    BRONZE_CURRENT_KEY,
+    BRONZE_INGESTED_KEY,
+    BRONZE_VERSION_KEY,
+    INGESTED_AT,
+    LOGGED_KEY,
+    SILVER_SCHEMAS,
+    SilverResult,
+    SilverSummary,
+    _count,
+    _last_recorded,
+    _start_change_log,
+    change_log,
+    generic_canonical_sql,
+    key_exprs,
+    last_bronze_current,
+    latest_sql,
+    live,
+    log_version,
+    logged_sql,
+    silver_arrow_schema,
+    standardise,
+    trim_strings,
+)
+from c360ml.medallion.sql import sql_text
+from c360ml.sources.tables import SOURCE_TABLES, SourceTable
+from c360ml.spark.gold import (
+    SparkBuildError,
+    _first_line,
+    _spark_errors,
+    read_delta,
+    write_delta,
+)
+from c360ml.storage.lake import USER_METADATA, Lake
+from c360ml.storage.lease import writes_lake
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+GENERIC = ("bronze", "generic", "transactions")
+# Arrow type of a silver column -> its Spark SQL type (mapInArrow's declared output).
+SPARK_TYPES = {
+    pa.string(): "STRING",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMP",
+}
+
+
+def _q(name: str) -> str:
+    return ident(name, "spark")
+
+
+def spark_ddl(schema: pa.Schema) -> str:
+    """An Arrow schema as the DDL string Spark takes for mapInArrow's output."""
+    return ", ".join(f"{_q(f.name)} {SPARK_TYPES[f.type]}" for f in schema)
+
+
+def source_table(name: str) -> SourceTable:
+    return next(t for t in SOURCE_TABLES.values() if t.name == name)
+
+
+def standardise_batches(name: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow's function, on the executors: each batch of table `name`'s resolved rows
+    typed as silver declares them (Spark may hand strings over as large or view strings),
+    trimmed and standardised by the functions DuckDB's path calls. A module function,
+    so it is pickled by reference: the workers import c360ml."""
+    schema = silver_arrow_schema(source_table(name))
+    declared = SILVER_SCHEMAS[name]
+    for batch in batches:
+        rows = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+        yield from standardise(trim_strings(rows), declared).cast(schema).to_batches()
+
+
+@contextmanager
+def _spark_step(where: str) -> Iterator[None]:
+    """A Spark error inside becomes one SparkBuildError line naming `where`."""
+    try:
+        yield
+    except SparkBuildError:
+        raise
+    except _spark_errors() as exc:
+        raise SparkBuildError(f"{where}: Spark failed: {_first_line(exc)}") from exc
+
+
+def _feed_counts(spark: SparkSession, feed: str, watermark: int | None) -> tuple[int, int | None]:
+    """(bronze rows ingested after the watermark (every row without one), the newest
+    ingest time in microseconds): one aggregate, two numbers to the driver."""
+    after = "TRUE" if watermark is None else f"{_q(INGESTED_AT)} > TIMESTAMP_MICROS({watermark})"
+    new, newest = spark.sql(
+        f"SELECT COUNT_IF({after}), UNIX_MICROS(MAX({_q(INGESTED_AT)})) FROM {feed}"
+    ).first()
+    return int(new), None if newest is None else int(newest)
+
+
+def checked_view(spark: SparkSession, table: SourceTable, feed: str) -> str:
+    """The current rows of the feed (the newest version of each key, delete markers
+    dropped), standardised on the executors and each given its `quarantine_reason` (null:
+    valid) by the schema's checks in Spark SQL: a temp view, cached (silver, the
+    quarantine and the count read it)."""
+    schema = silver_arrow_schema(table)
+    columns = ", ".join(_q(c) for c in schema.names)
+    resolved = latest_sql(table, feed, [*schema.names, "IsDelete"], "spark")
+    current = spark.sql(f"SELECT {columns} FROM ({resolved}) latest WHERE {live('spark')}")
+    standardised = current.mapInArrow(partial(standardise_batches, table.name), spark_ddl(schema))
+    view = f"c360ml_silver_{table.name}"
+    standardised.createOrReplaceTempView(f"{view}_standardised")
+    checks = sql_checks(SILVER_SCHEMAS[table.name], "spark")
+    spark.sql(checks.checked_sql(f"{view}_standardised")).cache().createOrReplaceTempView(view)
+    return view
+
+
+def _log_changes(
+    spark: SparkSession,
+    lake: Lake,
+    table: SourceTable,
+    feed: str,
+    watermark: int | None,
+    bronze_version: int,
+) -> None:
+    """The change log's rows of this rebuild, as DuckDB's merge of the same new bronze
+    rows logs them (`c360ml.medallion.silver._log_changes`): the change keys of the
+    resolved new rows and of the silver rows of their keys, logged before silver is
+    written. A log ahead of silver (a merge that did not commit) loses that merge's rows
+    first (Delta DELETE), as DuckDB's replaces them."""
+    where = change_log(table.name)
+    if not lake.exists(*where):
+        _start_change_log(lake, table)
+    after = "" if watermark is None else f"WHERE {_q(INGESTED_AT)} > TIMESTAMP_MICROS({watermark})"
+    spark.sql(f"SELECT * FROM {feed} {after}").createOrReplaceTempView(f"{feed}_new")
+    keys = key_exprs(table, "spark")
+    named = [*(f"{e} AS _k{i}" for i, e in enumerate(keys))]
+    # Trimmed as `trim_strings` trims them in DuckDB's batch (blank: null).
+    changed = [f"NULLIF(TRIM({_q(c)}), '') AS {_q(c)}" for c in table.change_key]
+    resolved = latest_sql(table, f"{feed}_new", [*table.key, *table.change_key], "spark")
+    spark.sql(f"SELECT {', '.join(named + changed)} FROM ({resolved}) r").createOrReplaceTempView(
+        f"{feed}_batch"
+    )
+    replaced = None
+    if lake.exists("silver", table.name):
+        read_delta(spark, lake, "silver", table.name).createOrReplaceTempView(f"{feed}_silver")
+        on = " AND ".join(f"s.{_q(k)} = b._k{i}" for i, k in enumerate(table.key))
+        spark.sql(
+            f"SELECT s.* FROM {feed}_silver s LEFT SEMI JOIN {feed}_batch b ON {on}"
+        ).createOrReplaceTempView(f"{feed}_replaced")
+        replaced = f"{feed}_replaced"
+    version, ahead = log_version(lake, table)
+    rows = spark.sql(logged_sql(table, f"{feed}_batch", replaced, version, "spark"))
+    path = str(lake.path(*where))
+    if ahead:
+        spark.sql(f"DELETE FROM delta.`{path}` WHERE silver_version >= {version}")
+    meta = {LOGGED_KEY: str(version), BRONZE_VERSION_KEY: str(bronze_version)}
+    try:
+        rows.write.format("delta").mode("append").option(USER_METADATA, json.dumps(meta)).save(path)
+    except _spark_errors() as exc:
+        raise SparkBuildError(
+            f"{'/'.join(where)}: Spark failed to write it: {_first_line(exc)}"
+        ) from exc
+
+
+def _rebuild(
+    spark: SparkSession, lake: Lake, table: SourceTable, view: str, meta: dict[str, str]
+) -> None:
+    """Silver then its quarantine, each one overwrite commit recording `meta` (the
+    quarantine's is a merge's last: DuckDB finds a merge done when it is there)."""
+    names = ", ".join(_q(c) for c in silver_arrow_schema(table).names)
+    reason = _q(REASON)
+    valid = spark.sql(f"SELECT {names} FROM {view} WHERE {reason} IS NULL")
+    write_delta(valid, lake, "silver", table.name, metadata=meta)
+    rejected = spark.sql(f"SELECT {names}, {reason} FROM {view} WHERE {reason} IS NOT NULL")
+    write_delta(rejected, lake, "quarantine", "silver", table.name, metadata=meta)
+
+
+def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> SilverResult:
+    """One source table's silver and quarantine: nothing written when bronze has no rows
+    newer than silver's last build and that build finished (its quarantine records the
+    same bronze version as silver); else rebuilt from the whole change feed."""
+    started = time.perf_counter()
+    result = SilverResult(table.name)
+    name = table.name
+    upgrade_quarantine(lake, "quarantine", "silver", name)  # (a lake from before #23)
+    bronze_version = lake.version("bronze", table.source, name)
+    since = _last_recorded(lake, name, BRONZE_VERSION_KEY)
+    finished = since is not None and since == _last_recorded(
+        lake, name, BRONZE_VERSION_KEY, layer="quarantine"
+    )
+    watermark = None if since is None else _last_recorded(lake, name, BRONZE_INGESTED_KEY)
+    feed = f"c360ml_bronze_{name}"
+    read_delta(spark, lake, "bronze", table.source, name).createOrReplaceTempView(feed)
+    new, newest = 0, None
+    if not (finished and since == bronze_version):
+        new, newest = _feed_counts(spark, feed, watermark)
+    if finished and new == 0:
+        if table.change_key and not lake.exists(*change_log(name)):
+            _start_change_log(lake, table)  # (a first build killed before it started it)
+        result.bronze_current = last_bronze_current(lake, name) or 0
+    else:
+        result.new_bronze_rows = new
+        view = checked_view(spark, table, feed)
+        result.bronze_current = spark.table(view).count()
+        meta = {
+            BRONZE_VERSION_KEY: str(bronze_version),
+            BRONZE_CURRENT_KEY: str(result.bronze_current),
+        }
+        if newest is not None:
+            meta[BRONZE_INGESTED_KEY] = str(newest)
+        if table.change_key and since is not None and new:
+            _log_changes(spark, lake, table, feed, watermark, bronze_version)
+        _rebuild(spark, lake, table, view, meta)
+        if table.change_key and since is None:
+            _start_change_log(lake, table)
+        log.info("silver/%s rebuilt on Spark", name)
+    result.silver_rows = _count(lake, "silver", name)
+    result.quarantined = _count(lake, "quarantine", "silver", name)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def build_generic_silver(
+    spark: SparkSession, lake: Lake, settings: Settings
+) -> SilverResult | None:
+    """Generic transactions: the canonical view (`generic_canonical_sql`, Spark's dialect)
+    and the same SQL file as DuckDB, rebuilt when bronze has moved."""
+    from c360ml.medallion.ingest import load_generic_mapping
+
+    if not lake.exists(*GENERIC):
+        return None
+    started = time.perf_counter()
+    result = SilverResult("generic_transactions")
+    bronze_version = lake.version(*GENERIC)
+    read_delta(spark, lake, *GENERIC).createOrReplaceTempView("c360ml_generic_bronze")
+    result.bronze_current = spark.table("c360ml_generic_bronze").count()
+    if _last_recorded(lake, "generic_transactions", BRONZE_VERSION_KEY) != bronze_version:
+        mapping = load_generic_mapping(settings.path(settings.generic_mapping))["columns"]
+        canonical = generic_canonical_sql(mapping, "c360ml_generic_bronze", "spark")
+        spark.sql(canonical).createOrReplaceTempView("generic_canonical")
+        rows = spark.sql(sql_text(settings, "silver/generic_transactions"))
+        meta = {BRONZE_VERSION_KEY: str(bronze_version)}
+        write_delta(rows, lake, "silver", "generic_transactions", metadata=meta)
+    result.silver_rows = _count(lake, "silver", "generic_transactions")
+    result.duplicates = result.bronze_current - result.silver_rows
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def make_silver(settings: Settings, spark: SparkSession) -> SilverSummary:
+    """Every bronze source table's silver made on Spark, the generic source first, then
+    the declared source tables in order (as the DuckDB engine lists them)."""
+    lake = Lake(settings.lake)
+    summary = SilverSummary()
+    with _spark_step("silver/generic_transactions"):
+        generic = build_generic_silver(spark, lake, settings)
+    if generic is not None:
+        summary.items.append(generic)
+    for (source, name), table in SOURCE_TABLES.items():
+        if not lake.exists("bronze", source, name):
+            continue
+        with _spark_step(f"silver/{name}"):
+            result = build_silver_table(spark, lake, table)
+        if not result.balanced:
+            raise RuntimeError(f"silver/{name}: accounting broken: {result}")
+        summary.items.append(result)
+    return summary
+
+
+@writes_lake("build silver")
+def build_silver(settings: Settings, spark: SparkSession) -> SilverSummary:
+    """`make_silver` under the lake's lease (one writer per lake)."""
+    return make_silver(settings, spark)
+
+
+__all__ = ["build_silver", "make_silver", "standardise_batches"]
