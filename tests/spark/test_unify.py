@@ -1,0 +1,279 @@
+"""Unify on Spark (Sail) equals unify on DuckDB: the source map, the profiles, the
+redirects and the report, row for row after sorting, after a first build and after an
+increment with erasures (which DuckDB unifies incrementally); either engine skips the
+other's unchanged work; a Spark failure mid-build leaves every table as it was."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components as scipy_components
+
+from c360ml.config import Settings
+from c360ml.medallion.build import build_silver
+from c360ml.medallion.gold import lake_versions
+from c360ml.medallion.ingest import ingest_landing
+from c360ml.medallion.unify import KEYS_ONLY, STATE, STATE_KEY, load_rules, state_digest
+from c360ml.medallion.unify import build_unify as duckdb_unify
+from c360ml.spark.gold import SparkBuildError
+from c360ml.spark.unify import SCRATCH, connected_components
+from c360ml.spark.unify import build_unify as spark_unify
+from c360ml.storage.inputs import last_record
+from c360ml.storage.lake import Lake
+from c360ml.synth import generate_increment, generate_lake
+from tests.conftest import make_settings
+from tests.spark.test_gold import assert_same_table
+
+CUSTOMERS, SEED = 1500, 7
+TABLES = [("gold", "customer_source_map"), ("gold", "customer_profile"), ("gold", "unify_report")]
+REDIRECTS = ("gold", "customer_id_redirects")
+WRITTEN = [*TABLES, REDIRECTS, STATE]  # every table a unify may write
+
+
+def _copy(settings: Settings, folder: Path) -> Settings:
+    """A copy of the lake and the generator's truth, with settings pointing at them."""
+    copied = settings.model_copy(
+        update={"lake_root": folder / "lake", "truth_root": folder / "truth"}
+    )
+    shutil.copytree(settings.lake, copied.lake)
+    shutil.copytree(settings.truth, copied.truth)
+    return copied
+
+
+def _versions(settings: Settings) -> dict[tuple[str, ...], int | None]:
+    lake = Lake(settings.lake)
+    return {where: lake.version(*where) if lake.exists(*where) else None for where in WRITTEN}
+
+
+def assert_same_unify(duck: Settings, on_spark: Settings) -> None:
+    """The map, profiles and report equal (`assert_same_table`); the redirects equal but
+    for the instant each engine wrote its own (`redirected_at`)."""
+    for where in TABLES:
+        assert_same_table(Lake(duck.lake), Lake(on_spark.lake), where)
+    lakes = [Lake(s.lake) for s in (duck, on_spark)]
+    assert lakes[0].exists(*REDIRECTS) == lakes[1].exists(*REDIRECTS)
+    if lakes[0].exists(*REDIRECTS):
+        frames = [lake.read_pandas(*REDIRECTS) for lake in lakes]
+        assert frames[1]["redirected_at"].notna().all()
+        kept = ["retired_id", "surviving_id", "reason"]
+        expected, got = (f[kept].sort_values(kept).reset_index(drop=True) for f in frames)
+        pd.testing.assert_frame_equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def silver(tmp_path_factory) -> Settings:
+    """A generated lake (Commerce, Dataverse and generic sources) through silver."""
+    settings = make_settings(tmp_path_factory.mktemp("spark_unify") / "base")
+    generate_lake(settings, customers=CUSTOMERS, seed=SEED)
+    ingest_landing(settings)
+    build_silver(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def first(silver, tmp_path_factory, spark):
+    """(DuckDB's copy, Spark's copy, Spark's summary): the first unify of each engine."""
+    folder = tmp_path_factory.mktemp("spark_unify_first")
+    duck, on_spark = _copy(silver, folder / "duckdb"), _copy(silver, folder / "spark")
+    duckdb_unify(duck)
+    return duck, on_spark, spark_unify(on_spark, spark)
+
+
+def _merge_and_split(settings: Settings, previous: pd.DataFrame) -> dict[str, str]:
+    """Changes to silver/contact that the stable-id rules must resolve: a contact-only
+    customer given the e-mail of another (a merge: one id kept, one redirected), and the
+    contact of a customer of one Commerce account and one contact given a name and
+    e-mail of its own and no phone (a split). Returns the contacts' keys."""
+    lake = Lake(settings.lake)
+    table = lake.read("silver", "contact")
+    contacts = table.to_pandas()
+    size = previous.groupby("customer_id")["source"].transform("size")
+    dataverse = previous["source"] == "dataverse"
+    alone = set(previous.loc[(size == 1) & dataverse, "source_key"])
+    paired = set(previous.loc[(size == 2) & dataverse, "source_key"])
+    emails = contacts["emailaddress1"].str.strip().str.lower()
+    once = contacts[emails.map(emails.value_counts()).eq(1)]
+    a, b = once.loc[once["contactid"].isin(alone), "contactid"].iloc[:2]
+    split = once.loc[once["contactid"].isin(paired), "contactid"].iloc[0]
+    given = contacts.loc[contacts["contactid"] == a, "emailaddress1"].iloc[0]
+    contacts.loc[contacts["contactid"] == b, "emailaddress1"] = given
+    row = contacts["contactid"] == split
+    own = ["Zed", "Qvist", "Zed Qvist", "zed.qvist@example.invalid"]
+    contacts.loc[row, ["firstname", "lastname", "fullname", "emailaddress1"]] = own
+    contacts.loc[row, ["telephone1", "mobilephone"]] = None
+    changed = pa.Table.from_pandas(contacts, schema=table.schema, preserve_index=False)
+    lake.write(changed, "silver", "contact", mode="overwrite")
+    partner = previous.loc[previous["source_key"] == split, "customer_id"].iloc[0]
+    account = previous.loc[(previous["customer_id"] == partner) & ~dataverse, "source_key"]
+    return {"kept": a, "merged": b, "split": split, "account": account.iloc[0]}
+
+
+@pytest.fixture(scope="module")
+def increment(first, tmp_path_factory) -> tuple[Settings, dict[str, str]]:
+    """DuckDB's first unify, then the next increment (new, changed and deleted rows;
+    persons erased at the source) through silver, and a merge and a split made by hand
+    (`_merge_and_split`, whose keys are returned too): unify is behind."""
+    settings = _copy(first[0], tmp_path_factory.mktemp("spark_unify_increment"))
+    previous = Lake(settings.lake).read_pandas("gold", "customer_source_map")
+    generate_increment(settings)
+    ingest_landing(settings)
+    build_silver(settings)
+    assert len(pd.read_parquet(settings.truth / "erased.parquet")), "the increment erased nobody"
+    return settings, _merge_and_split(settings, previous)
+
+
+@pytest.fixture(scope="module")
+def after(increment, tmp_path_factory, spark):
+    """(DuckDB's copy, Spark's copy, DuckDB's summary, Spark's summary): the increment
+    unified by each engine, DuckDB incrementally, Spark wholly."""
+    folder = tmp_path_factory.mktemp("spark_unify_after")
+    settings = increment[0]
+    duck, on_spark = _copy(settings, folder / "duckdb"), _copy(settings, folder / "spark")
+    return duck, on_spark, duckdb_unify(duck), spark_unify(on_spark, spark)
+
+
+def test_first_unify_equals_duckdb(first):
+    duck, on_spark, summary = first
+    assert_same_unify(duck, on_spark)
+    lake = Lake(on_spark.lake)
+    assert summary.records == lake.count("gold", "customer_source_map") == summary.unified
+    assert summary.customers == lake.count("gold", "customer_profile") < summary.records
+    report = summary.report
+    assert report[report["section"] == "rule"]["count"].sum() > 0
+    assert not lake.path(*SCRATCH).exists()
+
+
+def test_after_an_increment_with_erasures_spark_equals_duckdb(first, increment, after):
+    duck, on_spark, by_duckdb, by_spark = after
+    ids = Lake(on_spark.lake).read_pandas("gold", "customer_source_map")
+    ids = dict(zip(ids["source_key"], ids["customer_id"], strict=True))
+    keys = increment[1]
+    assert ids[keys["kept"]] == ids[keys["merged"]] and ids[keys["split"]] != ids[keys["account"]]
+    assert by_duckdb.unified < by_spark.unified == by_spark.records  # DuckDB: the changes only
+    assert by_spark.redirects == by_duckdb.redirects > 0
+    before = set(Lake(first[0].lake).read_pandas("gold", "customer_source_map").customer_id)
+    now = set(Lake(on_spark.lake).read_pandas("gold", "customer_source_map").customer_id)
+    assert before - now, "no customer left the source map"
+    assert_same_unify(duck, on_spark)
+
+
+def test_both_engines_record_the_same_inputs(after):
+    """The map and profile commits record the inputs as DuckDB's do; the state records
+    them with the rules' digest, marked as the Spark engine's (keys only)."""
+    duck, on_spark, _, _ = after
+    inputs = lake_versions(Lake(on_spark.lake))
+    inputs.pop("gold/customer_source_map")
+    for where in TABLES[:2]:
+        records = [last_record(Lake(s.lake), where) for s in (duck, on_spark)]
+        assert records[0][0] == records[1][0] == inputs, where
+    digest = state_digest(load_rules(on_spark.path(on_spark.unify_rules)))
+    inputs_, meta = last_record(Lake(on_spark.lake), STATE)
+    assert inputs_ == inputs and meta[STATE_KEY] == digest + KEYS_ONLY
+    state = Lake(on_spark.lake).read_pandas(*STATE)
+    assert list(state.columns) == ["source", "source_key"]
+    assert len(state) == Lake(on_spark.lake).count("gold", "customer_source_map")
+
+
+def test_an_unchanged_unify_of_either_engine_writes_nothing(after, spark):
+    """Spark after Spark, DuckDB after Spark, Spark after DuckDB: no new Delta version of
+    any table a unify writes, and the last report returned."""
+    duck, on_spark, _, _ = after
+    for settings, unify in (
+        (on_spark, lambda s: spark_unify(s, spark)),
+        (on_spark, duckdb_unify),
+        (duck, lambda s: spark_unify(s, spark)),
+    ):
+        before = _versions(settings)
+        summary = unify(settings)
+        assert summary.unified == 0 and summary.redirects == 0
+        assert _versions(settings) == before
+        expected = Lake(settings.lake).read_pandas("gold", "unify_report")
+        pd.testing.assert_frame_equal(summary.report, expected)
+
+
+def test_duckdb_after_a_spark_unify_unifies_everything_and_agrees(after, tmp_path):
+    """The Spark engine's state holds no hashes: after a change, DuckDB's next unify is a
+    whole one (not one comparing with that state), equal to what Spark wrote."""
+    _, on_spark, _, _ = after
+    settings = _copy(on_spark, tmp_path / "copy")
+    lake = Lake(settings.lake)
+    before = lake.read_pandas("gold", "customer_source_map")
+    # A new version of an input with the same rows: the inputs changed, the records not.
+    lake.write(lake.read("silver", "contact"), "silver", "contact", mode="overwrite")
+    summary = duckdb_unify(settings)
+    assert summary.unified == summary.records == len(before)
+    for where in TABLES:
+        assert_same_table(Lake(on_spark.lake), lake, where)
+
+
+def test_a_spark_failure_mid_build_leaves_every_table_as_it_was(increment, after, spark, tmp_path):
+    """A worker failure while the profiles are merged (a merge attribute the records do
+    not have), after records, matches, clusters and ids were computed: one line naming
+    the step, no table written, the scratch removed. The rerun with the rules mended
+    completes and equals DuckDB's unify."""
+    settings = _copy(increment[0], tmp_path / "copy")
+    rules = yaml.safe_load(settings.path(settings.unify_rules).read_text())
+    rules["merge"]["most_recent"].append("no_such_attribute")
+    (tmp_path / "unify.yaml").write_text(yaml.safe_dump(rules))
+    broken = settings.model_copy(update={"unify_rules": tmp_path / "unify.yaml"})
+    before = _versions(settings)
+
+    with pytest.raises(SparkBuildError) as failed:
+        spark_unify(broken, spark)
+
+    said = str(failed.value)
+    assert "\n" not in said
+    assert said.startswith("unify: merging profiles failed on Spark (no table written): ")
+    assert _versions(settings) == before
+    assert not Lake(settings.lake).path(*SCRATCH).exists()
+    spark_unify(settings, spark)
+    assert_same_unify(after[0], settings)
+
+
+def _graph_labels(n: int, edges: list[tuple[int, int]]) -> np.ndarray:
+    """The smallest node of each node's component, by scipy (the DuckDB engine's)."""
+    left, right = (np.array([e[i] for e in edges], dtype=np.int64) for i in (0, 1))
+    graph = coo_matrix((np.ones(len(edges)), (left, right)), shape=(n, n))
+    components = scipy_components(graph, directed=False)[1]
+    smallest = pd.Series(np.arange(n)).groupby(components).transform("min")
+    return smallest.to_numpy()
+
+
+def test_connected_components_of_chains_stars_and_isolated_nodes(spark, tmp_path):
+    """A long chain whose ids zigzag (the smallest in the middle), stars whose centre is
+    not their smallest node, a cycle, self-loops, a duplicated edge and nodes without
+    edges: every node labelled with its component's smallest id, as scipy finds it; the
+    same for a random sparse graph."""
+
+    def keep(frame, name):
+        frame.write.mode("overwrite").parquet(str(tmp_path / name))
+        (tmp_path / name).mkdir(exist_ok=True)
+        return spark.read.schema(frame.schema).parquet(str(tmp_path / name))
+
+    chain = [40, 12, 33, 7, 28, 3, 19, 45, 2, 30, 41, 15, 22, 9, 36]
+    edges = list(zip(chain, chain[1:], strict=False))
+    edges += [(50, s) for s in (51, 55, 48, 60)] + [(70, 71), (71, 70), (70, 70), (80, 80)]
+    edges += [(61, 62), (62, 63), (63, 61)]
+    n = 100
+    rng = np.random.default_rng(3)
+    random_edges = [tuple(int(v) for v in rng.integers(n, 400, 2)) for _ in range(250)]
+    found = {}
+    for case, (graph, size) in {"hand-made": (edges, n), "random": (random_edges, 400)}.items():
+        frame = spark.createDataFrame(pd.DataFrame(graph, columns=["src", "dst"]))
+        nodes = spark.range(size).select("id")
+        got = connected_components(frame, keep, nodes).toPandas().sort_values("id")
+        assert got["id"].tolist() == list(range(size)), case
+        assert got["label"].tolist() == _graph_labels(size, graph).tolist(), case
+        found[case] = dict(zip(got["id"], got["label"], strict=True))
+    hand = found["hand-made"]
+    assert {hand[v] for v in chain} == {2}
+    assert {hand[v] for v in (50, 51, 55, 48, 60)} == {48}
+    assert hand[71] == hand[70] == 70 and hand[80] == 80 and hand[5] == 5
+    assert {hand[v] for v in (61, 62, 63)} == {61}
