@@ -18,7 +18,7 @@ from c360ml.storage.lake import Lake
 __all__ = ["build_gold", "build_silver", "build_unify", "describe_layer"]
 
 # The layers the Spark engine builds: c360ml.spark.<module>.build_<layer>(settings, spark).
-SPARK_LAYERS = ("silver", "gold")
+SPARK_LAYERS = ("silver", "unify", "gold")
 
 
 def _on_engine(layer: str, settings: Settings, embedded) -> Any:
