@@ -300,3 +300,31 @@ def test_a_failure_mid_build_is_one_line_and_a_rerun_completes_it(
     spark_silver(settings, spark)
     for where in outputs():
         assert_same_table(Lake(incremented["duckdb"].lake), lake, where)
+
+
+def test_spark_replaces_the_change_log_rows_of_a_merge_duckdb_did_not_finish(
+    base, first, incremented, spark, tmp_path
+):
+    """A DuckDB merge of salesline killed after its change log commit (the log ahead of
+    silver): Spark's build replaces those rows (Delta DELETE, then its own), so the log
+    holds DuckDB's keys once each, under the silver version Spark made."""
+    from c360ml.medallion import silver as duck
+
+    settings = _copy(first[0], tmp_path / "lake")
+    _new_bronze(base, settings)
+    lake, table = Lake(settings.lake), SOURCE_TABLES[("d365", "salesline")]
+    since = duck._last_recorded(lake, table.name, duck.BRONZE_VERSION_KEY)
+    watermark = duck._last_recorded(lake, table.name, duck.BRONZE_INGESTED_KEY)
+    raw, version = duck._new_bronze(lake, table, since, watermark)
+    latest, _, _, _ = duck._resolved(raw, table, duck.SILVER_SCHEMAS[table.name])
+    matched = duck._matched(lake, ("silver", table.name), table, latest)
+    duck._log_changes(lake, table, latest, matched, version)
+    assert duck.log_version(lake, table)[1], "the log is not ahead of silver"
+
+    spark_silver(settings, spark)
+
+    expected = _log_keys(Lake(incremented["duckdb"].lake), table.name)
+    pd.testing.assert_frame_equal(_log_keys(lake, table.name), expected)
+    logged = lake.read_pandas(*change_log(table.name)).silver_version
+    assert set(logged) == {lake.version("silver", table.name)}
+    assert_same_table(Lake(incremented["duckdb"].lake), lake, ("silver", table.name))
