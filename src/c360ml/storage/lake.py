@@ -38,7 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, TableFeatures, WriterProperties, write_deltalake
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from c360ml.storage import deletion_vectors
 from c360ml.storage.location import LakeLocation, parse_location, redact
@@ -334,10 +334,7 @@ class Lake:
         where = self._where(layer, *parts)
         table = self.delta(layer, *parts)
         if not _has_dvs(table):
-            with where.errors():
-                table.alter.add_feature(
-                    TableFeatures.DeletionVectors, allow_protocol_versions_increase=True
-                )
+            _enable_deletion_vectors(table, where)
             table = self.delta(layer, *parts)
         version, schema, now = table.version(), _file_schema(table, where), _now()
         live, old = _live_adds(where, version), _deleted(table, where)
@@ -634,6 +631,19 @@ def _split(table: DeltaTable, where: _Where) -> tuple[ds.Dataset, list]:
     return ds.dataset([p for _, p in clean], schema=schema, format="parquet", filesystem=fs), masked
 
 
+def _enable_deletion_vectors(table: DeltaTable, where: _Where) -> None:
+    """Add the deletionVectors feature; a writer that lost the race to add it finds it
+    added (the same protocol change) and goes on."""
+    try:
+        with where.errors():
+            table.alter.add_feature(
+                TableFeatures.DeletionVectors, allow_protocol_versions_increase=True
+            )
+    except CommitFailedError:
+        if not _has_dvs(where.table()):
+            raise
+
+
 def _has_dvs(table: DeltaTable) -> bool:
     return "deletionVectors" in (table.protocol().reader_features or [])
 
@@ -645,7 +655,11 @@ def _file_schema(table: DeltaTable, where: _Where) -> pa.Schema:
     the table's own schema."""
     logical = pa.schema(table.schema().to_arrow())
     files = table.file_uris()
-    newest = pq.read_schema(*_open(where, _newest(where, table, files))) if files else logical
+    if files:
+        path, fs = _open(where, _newest(where, table, files))
+        newest = pq.read_schema(path, filesystem=fs)
+    else:
+        newest = logical
     views = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
     fields = [newest.field(f.name) if f.name in newest.names else f for f in logical]
     return pa.schema([f.with_type(views.get(f.type, f.type)) for f in fields])

@@ -209,7 +209,7 @@ class AzureLakeStore(LakeStore):
 
         try:
             yield
-        except oe.BaseError as exc:
+        except (oe.BaseError, OSError) as exc:  # obstore raises some as Python's own
             raise _translate(exc, self.uri(key), self.credentials) from None
 
     def read_bytes(self, key: str) -> bytes:
@@ -312,13 +312,13 @@ def _translate(exc: Exception, uri: str, credentials: AzureCredentials) -> OSErr
     detail = text.splitlines()[0] if text else type(exc).__name__
     if "ContainerNotFound" in text:
         return FileNotFoundError(f"{uri}: the container does not exist")
-    if isinstance(exc, oe.NotFoundError):
+    if isinstance(exc, oe.NotFoundError | FileNotFoundError):
         return FileNotFoundError(f"{uri}: no such object")
-    if isinstance(exc, oe.AlreadyExistsError):
+    if isinstance(exc, oe.AlreadyExistsError | FileExistsError):
         return FileExistsError(f"{uri} exists already")
     if isinstance(exc, oe.PreconditionError):
         return ObjectChangedError(f"{uri} was changed by another writer")
-    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError) or (
+    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError | PermissionError) or (
         "AuthenticationFailed" in text or "AuthorizationFailure" in text
     ):
         return PermissionError(f"{uri}: access denied with the {credentials.kind} credential")
