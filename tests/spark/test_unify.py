@@ -20,10 +20,17 @@ from c360ml.config import Settings
 from c360ml.medallion.build import build_silver
 from c360ml.medallion.gold import lake_versions
 from c360ml.medallion.ingest import ingest_landing
-from c360ml.medallion.unify import KEYS_ONLY, STATE, STATE_KEY, load_rules, state_digest
+from c360ml.medallion.unify import (
+    KEYS_ONLY,
+    STATE,
+    STATE_KEY,
+    load_rules,
+    new_id,
+    state_digest,
+)
 from c360ml.medallion.unify import build_unify as duckdb_unify
 from c360ml.spark.gold import SparkBuildError
-from c360ml.spark.unify import SCRATCH, connected_components
+from c360ml.spark.unify import SCRATCH, SparkUnify, _found, connected_components
 from c360ml.spark.unify import build_unify as spark_unify
 from c360ml.storage.inputs import last_record
 from c360ml.storage.lake import Lake
@@ -277,3 +284,18 @@ def test_connected_components_of_chains_stars_and_isolated_nodes(spark, tmp_path
     assert {hand[v] for v in (50, 51, 55, 48, 60)} == {48}
     assert hand[71] == hand[70] == 70 and hand[80] == 80 and hand[5] == 5
     assert {hand[v] for v in (61, 62, 63)} == {61}
+
+
+def test_a_new_id_in_use_as_an_old_one_is_salted(spark, silver, tmp_path):
+    """A cluster founded by a record whose `new_id` (and its first salt) is an old id
+    still owned (a split after a merge can do it) gets the next salt, as `assign_ids`
+    salts it; a founder without a clash keeps the unsalted id."""
+    rules = load_rules(silver.path(silver.unify_rules))
+    run = SparkUnify(silver, Lake(silver.lake), spark, rules, tmp_path / "scratch")
+    taken = [new_id("d365", "a"), new_id("d365", "a", 1)]
+    spark.createDataFrame(pd.DataFrame({"old_id": taken})).createOrReplaceTempView("u_owner")
+    founders = pd.DataFrame(
+        {"cluster": [1, 2], "source": ["d365", "dataverse"], "source_key": ["a", "b"]}
+    )
+    got = _found(run, spark.createDataFrame(founders)).toPandas().sort_values("cluster")
+    assert got["id"].tolist() == [new_id("d365", "a", 2), new_id("dataverse", "b")]

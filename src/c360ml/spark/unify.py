@@ -37,6 +37,7 @@ redirects, report, state), so a build stopped among them is followed by a whole 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -165,7 +166,7 @@ def read_records(run: SparkUnify) -> DataFrame:
     frames = []
     for name in names:
         text = sql_text(run.settings, name)
-        for word in {w for w in text.replace("\n", " ").split() if w.startswith("silver_")}:
+        for word in {w for w in re.findall(r"\w+", text) if w.startswith("silver_")}:
             if (where := lake_table(lake, word)) is not None:
                 read_delta(run.spark, lake, *where).createOrReplaceTempView(word)
         try:
@@ -216,7 +217,7 @@ def exact_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int]:
     across sources, as DuckDB's `_stars` counts them (a star per source, then one linking
     the sources' stars): records minus (block, source) groups; groups minus blocks."""
     keys = ", ".join(f"m_{f}" for f in rule.exact)
-    usable = run.view(run.spark.sql(_usable(run, rule)), f"u_usable_{rule.name}")
+    run.view(run.spark.sql(_usable(run, rule)), f"u_usable_{rule.name}")
     links = run.spark.sql(
         f"""SELECT id AS src, MIN(id) OVER (PARTITION BY {keys}) AS dst
             FROM u_usable_{rule.name}"""
@@ -225,7 +226,6 @@ def exact_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int]:
         f"""SELECT COUNT(*), COUNT(DISTINCT {keys}, source), COUNT(DISTINCT {keys})
             FROM u_usable_{rule.name}"""
     )
-    del usable
     return links, int(records - groups), int(groups - blocks)
 
 
@@ -302,11 +302,14 @@ def match(run: SparkUnify) -> tuple[DataFrame, list[RuleTotals]]:
 
 
 def connected_components(
-    edges: DataFrame, keep: Callable[[DataFrame, str], DataFrame], max_rounds: int = MAX_ROUNDS
+    edges: DataFrame,
+    keep: Callable[[DataFrame, str], DataFrame],
+    nodes: DataFrame | None = None,
+    max_rounds: int = MAX_ROUNDS,
 ) -> DataFrame:
-    """(id, label) for every node of `edges` (src, dst: longs, undirected): label is the
-    smallest id of its connected component. Isolated nodes are not in `edges`: they are
-    their own component (the caller's to add).
+    """(id, label) for every node of `edges` (src, dst: longs, undirected) and of `nodes`
+    (id), if given: label is the smallest id of its connected component (a node without
+    edges is its own).
 
     Min-label propagation with pointer jumping: each round a node takes the smallest
     label among its own and its neighbours', then the label of that label (a node whose
@@ -345,7 +348,10 @@ def connected_components(
         labels = kept
         if not changed:
             log.info("unify on Spark: clusters found in %d rounds", round_)
-            return labels
+            if nodes is None:
+                return labels
+            alone = nodes.select("id").join(labels, "id", "left_anti")
+            return labels.unionByName(alone.select("id", sf.col("id").alias("label")))
     raise SparkBuildError(
         f"unify: connected components did not settle in {max_rounds} rounds (no table written)"
     )
@@ -411,11 +417,10 @@ def assign_customer_ids(run: SparkUnify, labels: DataFrame, today: pd.Timestamp)
     _previous(run)
     run.view(labels, "u_labels")
     ranked = spark.sql(
-        """SELECT x.id, x.source, x.source_key, COALESCE(c.label, x.id) AS cluster,
-                  p.customer_id AS old_id,
+        """SELECT x.id, x.source, x.source_key, c.label AS cluster, p.customer_id AS old_id,
                   named_struct('late', x.created_ts IS NULL, 'ts', x.created_ts,
                                'source', x.source, 'key', x.source_key) AS age
-           FROM u_records x LEFT JOIN u_labels c ON c.id = x.id
+           FROM u_records x JOIN u_labels c ON c.id = x.id
            LEFT JOIN u_previous p ON p.source = x.source AND p.source_key = x.source_key"""
     )
     run.view(run.keep(ranked, "ranked"), "u_ranked")
@@ -533,6 +538,10 @@ def _append_delta(frame: DataFrame, lake: Lake, *where: str) -> None:
 
 @dataclass
 class _Outputs:
+    """What `unify` computed: the checked map and profiles (read from scratch), the
+    report, and counts."""
+
+    tables: dict[str, DataFrame]
     report: pd.DataFrame
     records: int
     redirects: int
@@ -546,16 +555,16 @@ def unify(run: SparkUnify, today: pd.Timestamp) -> _Outputs:
         count = records.count()
     links, totals = match(run)
     with _step("clustering"):
-        labels = connected_components(links, run.keep)
+        labels = connected_components(links, run.keep, run.spark.table("u_records"))
     with _step("assigning customer ids"):
         assign_customer_ids(run, labels, today)
         redirects = run.spark.table("u_redirects").count()
     with _step("merging profiles"):
         merge_customer_profiles(run, count)
         report = unify_report(run, totals)
-        for name, view in (("customer_source_map", "u_map"), ("customer_profile", "u_profile")):
-            _checked(run, name, view)
-    return _Outputs(report, count, redirects)
+        views = {"customer_source_map": "u_map", "customer_profile": "u_profile"}
+        tables = {name: _checked(run, name, view) for name, view in views.items()}
+    return _Outputs(tables, report, count, redirects)
 
 
 def write_outputs(run: SparkUnify, done: _Outputs, inputs: dict, digest: str) -> None:
@@ -564,11 +573,12 @@ def write_outputs(run: SparkUnify, done: _Outputs, inputs: dict, digest: str) ->
     state (the records' keys, recording the inputs and the rules) last."""
     spark, lake, meta = run.spark, run.lake, stamp(inputs)
     mark_state_rewriting(lake)
-    for name, view in (("customer_source_map", "u_map"), ("customer_profile", "u_profile")):
-        write_delta(_checked(run, name, view), lake, "gold", name, metadata=meta)
+    for name, rows in done.tables.items():
+        write_delta(rows, lake, "gold", name, metadata=meta)
     if done.redirects:
         cast = ", ".join(columns(CustomerIdRedirects))
-        _append_delta(spark.sql(f"SELECT {cast} FROM u_redirects"), lake, "gold", "customer_id_redirects")  # fmt: skip
+        redirects = spark.sql(f"SELECT {cast} FROM u_redirects")
+        _append_delta(redirects, lake, "gold", "customer_id_redirects")
     write_delta(spark.createDataFrame(done.report), lake, "gold", "unify_report", metadata={})
     keys = spark.sql("SELECT source, source_key FROM u_records")
     state = stamp(inputs, **{STATE_KEY: digest + KEYS_ONLY})
