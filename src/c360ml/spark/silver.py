@@ -76,7 +76,7 @@ from c360ml.storage.lake import USER_METADATA, Lake
 from c360ml.storage.lease import writes_lake
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -137,21 +137,29 @@ def _feed_counts(spark: SparkSession, feed: str, watermark: int | None) -> tuple
     return int(new), None if newest is None else int(newest)
 
 
-def checked_view(spark: SparkSession, table: SourceTable, feed: str) -> str:
-    """The current rows of the feed (the newest version of each key, delete markers
-    dropped), standardised on the executors and each given its `quarantine_reason` (null:
-    valid) by the schema's checks in Spark SQL: a temp view, cached (silver, the
-    quarantine and the count read it)."""
+def current_sql(table: SourceTable, feed: str) -> str:
+    """The current rows of view `feed` (the newest version of each key, delete markers
+    dropped), with silver's columns, as bronze holds them."""
     schema = silver_arrow_schema(table)
     columns = ", ".join(_q(c) for c in schema.names)
     resolved = latest_sql(table, feed, [*schema.names, "IsDelete"], "spark")
-    current = spark.sql(f"SELECT {columns} FROM ({resolved}) latest WHERE {live('spark')}")
-    standardised = current.mapInArrow(partial(standardise_batches, table.name), spark_ddl(schema))
+    return f"SELECT {columns} FROM ({resolved}) latest WHERE {live('spark')}"
+
+
+def checked(spark: SparkSession, table: SourceTable, feed: str) -> DataFrame:
+    """The current rows of the feed standardised on the executors, each given its
+    `quarantine_reason` (null: valid) by the schema's checks in Spark SQL, as a temp view
+    named `c360ml_silver_<table>`. Cached, as silver and its quarantine both read it: on
+    Spark the Python work runs once; Sail takes `cache` as a no-op and runs it for each."""
+    standardised = spark.sql(current_sql(table, feed)).mapInArrow(
+        partial(standardise_batches, table.name), spark_ddl(silver_arrow_schema(table))
+    )
     view = f"c360ml_silver_{table.name}"
     standardised.createOrReplaceTempView(f"{view}_standardised")
     checks = sql_checks(SILVER_SCHEMAS[table.name], "spark")
-    spark.sql(checks.checked_sql(f"{view}_standardised")).cache().createOrReplaceTempView(view)
-    return view
+    frame = spark.sql(checks.checked_sql(f"{view}_standardised")).cache()
+    frame.createOrReplaceTempView(view)
+    return frame
 
 
 def _log_changes(
@@ -240,8 +248,12 @@ def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> S
         result.bronze_current = last_bronze_current(lake, name) or 0
     else:
         result.new_bronze_rows = new
-        view = checked_view(spark, table, feed)
-        result.bronze_current = spark.table(view).count()
+        # The accounting's left side, counted before the Python work and the checks
+        # (which the written tables' counts must then balance).
+        result.bronze_current = spark.sql(
+            f"SELECT COUNT(*) FROM ({current_sql(table, feed)}) live_rows"
+        ).first()[0]
+        frame = checked(spark, table, feed)
         meta = {
             BRONZE_VERSION_KEY: str(bronze_version),
             BRONZE_CURRENT_KEY: str(result.bronze_current),
@@ -250,7 +262,8 @@ def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> S
             meta[BRONZE_INGESTED_KEY] = str(newest)
         if table.change_key and since is not None and new:
             _log_changes(spark, lake, table, feed, watermark, bronze_version)
-        _rebuild(spark, lake, table, view, meta)
+        _rebuild(spark, lake, table, f"c360ml_silver_{name}", meta)
+        frame.unpersist()
         if table.change_key and since is None:
             _start_change_log(lake, table)
         log.info("silver/%s rebuilt on Spark", name)
