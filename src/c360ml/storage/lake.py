@@ -41,8 +41,16 @@ from deltalake import CommitProperties, DeltaTable, TableFeatures, WriterPropert
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from c360ml.storage import deletion_vectors
-from c360ml.storage.location import LakeLocation, parse_location, redact
-from c360ml.storage.objects import AzureLakeStore, LakeStore, LocalStore, open_store
+from c360ml.storage.location import LakeLocation, parse_location
+from c360ml.storage.objects import (
+    AzureLakeStore,
+    ContainerNotFoundError,
+    LakeStore,
+    LocalStore,
+    first_line,
+    known_error,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +104,25 @@ class _Where:
 
     @contextmanager
     def errors(self) -> Iterator[None]:
-        """delta-rs' errors on object storage without a secret (their messages quote request
-        URLs, where a SAS token rides)."""
+        """delta-rs' errors on object storage in one line naming the table's URI, without a
+        secret (their messages run over many lines and quote request URLs, where a SAS
+        token rides); a refused credential or a missing container as such."""
         if not self.remote or not isinstance(self.store, AzureLakeStore):
             yield
             return
-        secrets = self.store.credentials.secrets()
+        credentials = self.store.credentials
         try:
             yield
         except (DeltaError, OSError) as exc:
-            text = redact(str(exc), secrets)
-            if text == str(exc):
-                raise
-            raise type(exc)(f"{self.uri}: {text.splitlines()[0]}") from None
+            found = known_error(exc, self.uri, credentials)
+            if found is not None:
+                raise found from None
+            line = f"{self.uri}: {first_line(exc, credentials)}"
+            try:
+                again = type(exc)(line)
+            except TypeError:  # an error type that takes other arguments
+                again = RuntimeError(line)
+            raise again from None
 
 
 def _as_where(root: Path | _Where) -> _Where:
@@ -209,6 +223,8 @@ class Lake:
         try:
             with where.errors():
                 return _latest(where)
+        except ContainerNotFoundError:
+            raise
         except (TableNotFoundError, FileNotFoundError) as exc:
             raise FileNotFoundError(f"no Delta table at {where.uri}") from exc
 
@@ -279,6 +295,8 @@ class Lake:
         """A JSON file of the lake, or None when it does not exist."""
         try:
             return json.loads(self.store.read_text(self.key(layer, *parts)))
+        except ContainerNotFoundError:
+            raise
         except FileNotFoundError:
             return None
 

@@ -34,6 +34,10 @@ from c360ml.storage.location import (
 CHUNK = 8 * 2**20  # bytes per chunk of a streamed read
 
 
+class ContainerNotFoundError(FileNotFoundError):
+    """The lake's container does not exist (not an object missing in it)."""
+
+
 class ObjectChangedError(OSError):
     """A conditional write found the object changed since it was read (a lease renewed or
     taken over by another holder)."""
@@ -261,6 +265,8 @@ class AzureLakeStore(LakeStore):
         try:
             with self._errors(key):
                 meta = obstore.head(self._store, key)
+        except ContainerNotFoundError:
+            raise
         except FileNotFoundError:
             return None
         return ObjectInfo(key, meta["size"], meta["e_tag"] or str(meta["last_modified"]))
@@ -278,6 +284,8 @@ class AzureLakeStore(LakeStore):
         try:
             with self._errors(key):
                 obstore.delete(self._store, key)
+        except ContainerNotFoundError:
+            raise
         except FileNotFoundError:
             pass
 
@@ -305,24 +313,50 @@ def _plain_http(credentials: AzureCredentials) -> bool:
     return credentials.use_emulator or credentials.endpoint.startswith("http://")
 
 
+AUTH_FAILURES = (
+    "AuthorizationFailure",
+    "AuthenticationFailed",
+    "AuthorizationPermissionMismatch",
+    "lacked the necessary privileges",
+    "403 Forbidden",
+    "401 Unauthorized",
+)
+
+
+def known_error(exc: Exception, uri: str, credentials: AzureCredentials) -> Exception | None:
+    """The error a user can act on, in one line naming `uri`, for what any storage library
+    (obstore, delta-rs) reports of Azure: a missing container, a refused credential;
+    None for anything else."""
+    from obstore import exceptions as oe
+
+    text = str(exc)
+    if "ContainerNotFound" in text:
+        return ContainerNotFoundError(f"{uri}: the container does not exist")
+    denied = oe.PermissionDeniedError | oe.UnauthenticatedError | PermissionError
+    if isinstance(exc, denied) or any(marker in text for marker in AUTH_FAILURES):
+        return PermissionError(f"{uri}: access denied with the {credentials.kind} credential")
+    return None
+
+
+def first_line(exc: Exception, credentials: AzureCredentials) -> str:
+    """The first line of an error's text, without any secret."""
+    text = redact(str(exc), credentials.secrets())
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
 def _translate(exc: Exception, uri: str, credentials: AzureCredentials) -> OSError:
     from obstore import exceptions as oe
 
-    text = redact(str(exc), credentials.secrets())
-    detail = text.splitlines()[0] if text else type(exc).__name__
-    if "ContainerNotFound" in text:
-        return FileNotFoundError(f"{uri}: the container does not exist")
+    found = known_error(exc, uri, credentials)
+    if isinstance(found, OSError):
+        return found
     if isinstance(exc, oe.NotFoundError | FileNotFoundError):
         return FileNotFoundError(f"{uri}: no such object")
     if isinstance(exc, oe.AlreadyExistsError | FileExistsError):
         return FileExistsError(f"{uri} exists already")
     if isinstance(exc, oe.PreconditionError):
         return ObjectChangedError(f"{uri} was changed by another writer")
-    if isinstance(exc, oe.PermissionDeniedError | oe.UnauthenticatedError | PermissionError) or (
-        "AuthenticationFailed" in text or "AuthorizationFailure" in text
-    ):
-        return PermissionError(f"{uri}: access denied with the {credentials.kind} credential")
-    return OSError(f"{uri}: {detail}")
+    return OSError(f"{uri}: {first_line(exc, credentials)}")
 
 
 def open_store(root: str | os.PathLike[str] | LakeLocation) -> LakeStore:
