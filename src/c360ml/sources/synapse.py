@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -94,7 +95,11 @@ def read_model_json(folder: Path) -> dict[str, Entity]:
 
 def _entity_files(folder: Path, name: str, partitions: list) -> list[Path]:
     """Partition locations from model.json, else the CSVs in the entity's folder."""
-    files = [folder / p["location"] for p in partitions if isinstance(p, dict) and "location" in p]
+    files = [
+        partition_path(folder, p["location"])
+        for p in partitions
+        if isinstance(p, dict) and "location" in p
+    ]
     if not files:
         files = sorted((folder / name).glob("*.csv"))
     missing = [f for f in files if not f.exists()]
@@ -103,6 +108,30 @@ def _entity_files(folder: Path, name: str, partitions: list) -> list[Path]:
             f"{folder / 'model.json'}: entity {name!r} lists missing file {missing[0]}"
         )
     return files
+
+
+def partition_path(folder: Path, location: str) -> Path:
+    """The file a model.json partition `location` names, in the sync folder `folder`.
+
+    The generator writes locations relative to the folder; Synapse Link writes absolute
+    ones (`https://<account>.dfs.core.windows.net/<container>/.../<sync folder>/<entity>/
+    <file>.csv`). An absolute one is resolved by its part below the sync folder, so a sync
+    folder resolves the same wherever the export is read from (its container, or a copy)."""
+    if "://" not in location:
+        return folder / location
+    parts = [unquote(p) for p in urlsplit(location).path.split("/") if p]
+    if folder.name not in parts:
+        raise ValueError(
+            f"{folder / 'model.json'}: partition location {location.split('?', 1)[0]} is "
+            f"not under the sync folder {folder.name!r}"
+        )
+    below = parts[len(parts) - parts[::-1].index(folder.name) :]
+    if not below or any(p in (".", "..") for p in below):
+        raise ValueError(
+            f"{folder / 'model.json'}: partition location {location.split('?', 1)[0]} "
+            "names no file below the sync folder"
+        )
+    return folder.joinpath(*below)
 
 
 def read_csv_file(

@@ -1,0 +1,54 @@
+"""model.json partition locations: relative ones (the generator's) and absolute ones
+(https://<account>.dfs.core.windows.net/..., what Synapse Link writes) name the same file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from c360ml.sources.synapse import partition_path, read_model_json
+
+SYNC = "2026-11-03T07.44.51Z"
+BASE = f"https://contosolake.dfs.core.windows.net/dataverse-contoso-unq1/{SYNC}"
+
+
+def test_relative_and_absolute_locations_resolve_to_the_same_file(tmp_path):
+    folder = tmp_path / "landing" / "d365" / SYNC
+    assert partition_path(folder, "CustTable/1.csv") == folder / "CustTable" / "1.csv"
+    assert partition_path(folder, f"{BASE}/CustTable/1.csv") == folder / "CustTable" / "1.csv"
+    # percent-encoded names, and a SAS query (never echoed) do not change the file
+    url = f"{BASE}/Sales%20Line/1.csv?sv=2022&sig=SECRET"
+    assert partition_path(folder, url) == folder / "Sales Line" / "1.csv"
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        (
+            "https://contosolake.dfs.core.windows.net/c/2026-01-01T00.00.00Z/CustTable/1.csv",
+            rf"partition location https://\S+/1.csv is not under the sync folder '{SYNC}'",
+        ),
+        (f"{BASE}", "names no file below the sync folder"),
+        (f"{BASE}/../x.csv?sig=SECRET", "names no file below the sync folder"),
+    ],
+)
+def test_a_location_outside_the_sync_folder_is_refused(tmp_path, location, message):
+    folder = tmp_path / SYNC
+    with pytest.raises(ValueError, match=message) as caught:
+        partition_path(folder, location)
+    assert str(caught.value).startswith(str(folder / "model.json"))
+    assert "SECRET" not in str(caught.value)
+
+
+def test_model_json_with_absolute_locations_is_read(tmp_path):
+    folder = tmp_path / SYNC
+    (folder / "CustTable").mkdir(parents=True)
+    (folder / "CustTable" / "1.csv").write_text("a,1\n")
+    entity = {
+        "name": "CustTable",
+        "attributes": [{"name": "AccountNum", "dataType": "string"}],
+        "partitions": [{"name": "1", "location": f"{BASE}/CustTable/1.csv"}],
+    }
+    (folder / "model.json").write_text(json.dumps({"entities": [entity]}))
+    assert read_model_json(folder)["custtable"].files == (folder / "CustTable" / "1.csv",)
