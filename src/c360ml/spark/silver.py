@@ -11,10 +11,13 @@ trimmed, e-mails, phones and countries standardised) runs on the executors in
 
 Incremental, as a rebuild: where the DuckDB engine merges the new bronze rows into silver
 with deletion vectors, Spark rebuilds a table whose bronze has new rows from its whole
-change feed, one overwrite commit of silver and one of its quarantine (a MERGE with
-deletion vectors is what Sail does not write). The tables are equal: the newest version
-of each key is the same whichever way it is found (a late, older version loses both
-ways). Each commit records what DuckDB's records (the bronze version, the bronze
+change feed, one overwrite commit of silver and one of its quarantine. Sail (0.7.2) writes
+deletion vectors only for tables with the `delta.enableDeletionVectors` property, which
+c360ml's tables do not set (they have the reader feature): on them its DELETE and MERGE
+rewrite every file holding a matched row, and a sync's changes lie in most files, so a
+MERGE would rewrite about what the rebuild writes. The tables are equal: the newest
+version of each key is the same whichever way it is found (a late, older version loses
+both ways). Each commit records what DuckDB's records (the bronze version, the bronze
 current-state count, the ingest watermark), and the change log gets the rows DuckDB's
 merge would log, so either engine continues the other's work; a table whose bronze has
 no new rows is not written.
