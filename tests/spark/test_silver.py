@@ -328,3 +328,29 @@ def test_spark_replaces_the_change_log_rows_of_a_merge_duckdb_did_not_finish(
     logged = lake.read_pandas(*change_log(table.name)).silver_version
     assert set(logged) == {lake.version("silver", table.name)}
     assert_same_table(Lake(incremented["duckdb"].lake), lake, ("silver", table.name))
+
+
+def test_the_workers_need_the_core_only(tmp_path):
+    """The function mapInArrow runs on the executors imports and works with c360ml's
+    core dependencies alone: no pyspark and no `ml` extra (blocked here) on a worker."""
+    from tests.spark.test_gold import _python
+
+    said = _python(
+        "import sys\n"
+        "for name in ('pyspark', 'pysail', 'featuretools', 'xgboost', 'mlflow', 'sklearn',\n"
+        "             'bentoml', 'rapidfuzz'):\n"
+        "    sys.modules[name] = None\n"
+        "import pyarrow as pa\n"
+        "from c360ml.medallion.silver import silver_arrow_schema\n"
+        "from c360ml.sources.tables import SOURCE_TABLES\n"
+        "from c360ml.spark.silver import standardise_batches\n"
+        "schema = silver_arrow_schema(SOURCE_TABLES[('dataverse', 'contact')])\n"
+        "row = dict.fromkeys(schema.names) | {'contactid': ' c1 ', 'emailaddress1': ' A@B.COM',\n"
+        "      'telephone1': '(212) 555-0123', 'address1_country': 'usa'}\n"
+        "batch = pa.RecordBatch.from_pylist([row], schema=schema)\n"
+        "(out,) = standardise_batches('contact', iter([batch]))\n"
+        "got = out.to_pylist()[0]\n"
+        "print(got['contactid'], got['emailaddress1'], got['telephone1'], got['address1_country'])\n",
+        tmp_path,
+    )
+    assert said == "c1 a@b.com +12125550123 US"
