@@ -354,3 +354,26 @@ def test_the_workers_need_the_core_only(tmp_path):
         tmp_path,
     )
     assert said == "c1 a@b.com +12125550123 US"
+
+
+def test_spark_finishes_a_merge_duckdb_left_without_its_quarantine_commit(
+    base, first, incremented, spark, tmp_path
+):
+    """A DuckDB build killed before salesline's quarantine commit (its last commit taken
+    off the log): Spark finds the merge unfinished and completes it, equal to DuckDB."""
+    settings = _copy(first[0], tmp_path / "lake")
+    _new_bronze(base, settings)
+    duckdb_silver(settings)
+    lake = Lake(settings.lake)
+    where = ("quarantine", "silver", "salesline")
+    commits = sorted(lake.path(*where).joinpath("_delta_log").glob("*.json"))
+    commits[-1].unlink()
+    logged = lake.version(*change_log("salesline"))
+
+    summary = spark_silver(settings, spark)
+
+    assert lake.version(*where) == len(commits) - 1
+    assert lake.version(*change_log("salesline")) == logged  # no new rows: nothing to log
+    assert {r["table"]: r["balanced"] for r in summary.rows()}["salesline"] == "yes"
+    for table in (("silver", "salesline"), where):
+        assert_same_table(Lake(incremented["duckdb"].lake), lake, table)
