@@ -53,7 +53,9 @@ def test_a_delta_table_round_trips_on_azurite(lake, az_root, container):
     assert lake.commit_metadata("gold", "t")[-1]["batch"] == "b1"
     assert lake.schema("gold", "t").names == ["k", "v"]
     lake.write(pa.table({"k": [1]}), "silver", "d365", "CustTable")
-    assert lake.tables("gold") == [("t",)] and lake.tables("silver") == [("d365", "CustTable")]
+    lake.write(pa.table({"k": [1], "p": ["a"]}), "silver", "d365", "SalesTable", partition_by=["p"])
+    assert lake.tables("gold") == [("t",)] and lake.tables("silver", "nothing") == []
+    assert lake.tables("silver") == [("d365", "CustTable"), ("d365", "SalesTable")]
     assert lake.exists("gold", "t") and not lake.exists("gold", "missing")
     # the blobs are where a reader of the container looks for them
     delta_rs = DeltaTable(f"az://{container}/c360ml/lake/gold/t")
@@ -105,6 +107,12 @@ def test_deletion_vector_commits_purge_and_history_cut_on_azurite(lake):
     first = [k for k in lake.list_files("gold", "t", "_delta_log") if k.endswith(".json")]
     assert len(first) == 1  # only the commit after the cut is left
     assert _keys(lake) == expected
+    # the next commit replays the log from the checkpoint the cut wrote
+    files, _ = lake.live_files("gold", "t")
+    lake.delete_and_append("gold", "t", deletes={files[0]: np.array([0])})
+    after = _keys(lake)
+    assert len(after) == len(expected) - 1 and set(after) < set(expected)
+    assert after == _keys_by_delta_rs(lake)
 
 
 def test_a_commit_that_loses_the_race_fails_naming_table_and_version(lake, az_root):

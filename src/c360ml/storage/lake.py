@@ -203,12 +203,7 @@ class Lake:
     def tables(self, layer: str, *parts: str) -> list[tuple[str, ...]]:
         """Every Delta table below a folder, as name parts relative to the layer."""
         if self.remote:
-            prefix = self.key(layer, *parts)
-            found = {
-                k.split("/_delta_log/", 1)[0]
-                for k in self.store.list(prefix)
-                if "/_delta_log/" in k
-            }
+            found = _table_folders(self.store, self.key(layer, *parts))
             return [tuple(k.split("/")[1:]) for k in sorted(found)]
         base = self.path(layer, *parts)
         if not base.exists():
@@ -717,6 +712,15 @@ def _hidden(
 def _local(uri: str) -> str:
     """A file URI as `file_uris` spells it (no scheme)."""
     return uri.removeprefix("file://")
+
+
+def _table_folders(store: LakeStore, prefix: str) -> list[str]:
+    """The keys of the Delta tables at or below a folder, found level by level: a folder
+    with a `_delta_log` is a table, and what lies in it is not walked (its data files)."""
+    below = store.folders(prefix)
+    if f"{prefix}/_delta_log" in below:
+        return [prefix]
+    return [table for folder in below for table in _table_folders(store, folder)]
 
 
 def _now() -> int:

@@ -84,6 +84,10 @@ class LakeStore:
         """Remove an object; one that is gone already is no error."""
         raise NotImplementedError
 
+    def folders(self, prefix: str) -> list[str]:
+        """The keys of the folders directly below `prefix` (one level, sorted)."""
+        raise NotImplementedError
+
     def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes in chunks, never held whole (landing CSVs are large)."""
         raise NotImplementedError
@@ -163,6 +167,12 @@ class LocalStore(LakeStore):
 
     def delete(self, key: str) -> None:
         self._file(key).unlink(missing_ok=True)
+
+    def folders(self, prefix: str) -> list[str]:
+        base = self._file(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.iterdir() if p.is_dir())
 
     def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
         with open(self._file(key), "rb") as handle:
@@ -288,6 +298,15 @@ class AzureLakeStore(LakeStore):
             raise
         except FileNotFoundError:
             pass
+
+    def folders(self, prefix: str) -> list[str]:
+        """One listing per 1,000 entries of this level only (a table's data files below are
+        not listed, as a recursive listing would)."""
+        import obstore
+
+        with self._errors(prefix):
+            found = obstore.list_with_delimiter(self._store, prefix.rstrip("/") + "/")
+        return sorted(p.rstrip("/") for p in found["common_prefixes"])
 
     def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
         import obstore
