@@ -121,6 +121,7 @@ class SparkUnify:
         return self.spark.read.schema(frame.schema).parquet(str(path))
 
     def view(self, frame: DataFrame, name: str) -> DataFrame:
+        """`frame` as the temp view `name` (the steps' SQL reads each other's results)."""
         frame.createOrReplaceTempView(name)
         return frame
 
@@ -280,7 +281,8 @@ def fuzzy_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int, 
 
 def match(run: SparkUnify) -> tuple[DataFrame, list[RuleTotals]]:
     """Every rule's links, unioned, and each rule's lines of the report."""
-    junk = _junk(run)
+    with _step("finding junk values"):
+        junk = _junk(run)
     links, totals = [], []
     for rule in run.rules.rules:
         guarded = {f: junk[f] for f in rule.exact if f in run.rules.junk_fields and junk[f]}
@@ -561,6 +563,7 @@ def unify(run: SparkUnify, today: pd.Timestamp) -> _Outputs:
         redirects = run.spark.table("u_redirects").count()
     with _step("merging profiles"):
         merge_customer_profiles(run, count)
+    with _step("counting the report and checking the outputs"):
         report = unify_report(run, totals)
         views = {"customer_source_map": "u_map", "customer_profile": "u_profile"}
         tables = {name: _checked(run, name, view) for name, view in views.items()}
