@@ -10,6 +10,7 @@ import pytest
 
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import exclusive
+from tests.storage.azurite import free_port
 
 WRONG_KEY = base64.b64encode(
     b"not-the-devstoreaccount1-key-but-64-bytes-long-enough-to-sign!!"
@@ -67,3 +68,13 @@ def test_a_missing_container_is_named(emulator_env):
             attempt()
         assert str(caught.value).endswith(": the container does not exist")
         assert str(caught.value).startswith("az://no-such-container/lake")
+
+
+def test_an_unreachable_endpoint_is_named(emulator_env, monkeypatch):
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"http://127.0.0.1:{free_port()}")
+    lake = Lake("az://lake/c360ml")
+    expected = r": the storage endpoint cannot be reached \(Connection refused\)$"
+    with pytest.raises(ConnectionError, match=r"^az://lake/c360ml/state/x.json" + expected):
+        lake.write_json({"a": 1}, "state", "x.json")
+    with pytest.raises(ConnectionError, match=r"^az://lake/c360ml/gold/t" + expected):
+        lake.exists("gold", "t")

@@ -341,6 +341,9 @@ AUTH_FAILURES = (
     "401 Unauthorized",
 )
 
+# why a request found no endpoint, most specific first (as `_cause` reports it)
+UNREACHABLE = ("Connection refused", "dns error", "tcp connect error", "error sending request")
+
 
 def known_error(exc: Exception, uri: str, credentials: AzureCredentials) -> Exception | None:
     """The error a user can act on, in one line naming `uri`, for what any storage library
@@ -354,7 +357,14 @@ def known_error(exc: Exception, uri: str, credentials: AzureCredentials) -> Exce
     denied = oe.PermissionDeniedError | oe.UnauthenticatedError | PermissionError
     if isinstance(exc, denied) or any(marker in text for marker in AUTH_FAILURES):
         return PermissionError(f"{uri}: access denied with the {credentials.kind} credential")
+    if any(marker in text for marker in UNREACHABLE):
+        return ConnectionError(f"{uri}: the storage endpoint cannot be reached ({_cause(text)})")
     return None
+
+
+def _cause(text: str) -> str:
+    """The most specific of the reasons a failed connection is reported with."""
+    return next(marker for marker in UNREACHABLE if marker in text)
 
 
 def first_line(exc: Exception, credentials: AzureCredentials) -> str:
