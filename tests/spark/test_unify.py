@@ -39,6 +39,7 @@ from tests.conftest import make_settings
 from tests.spark.test_gold import assert_same_table
 
 CUSTOMERS, SEED = 1500, 7
+SOURCES = ("d365", "dataverse", "generic")  # Commerce and Dataverse records, and generic ones
 TABLES = [("gold", "customer_source_map"), ("gold", "customer_profile"), ("gold", "unify_report")]
 REDIRECTS = ("gold", "customer_id_redirects")
 WRITTEN = [*TABLES, REDIRECTS, STATE]  # every table a unify may write
@@ -77,7 +78,8 @@ def assert_same_unify(duck: Settings, on_spark: Settings) -> None:
 @pytest.fixture(scope="module")
 def silver(tmp_path_factory) -> Settings:
     """A generated lake (Commerce, Dataverse and generic sources) through silver."""
-    settings = make_settings(tmp_path_factory.mktemp("spark_unify") / "base")
+    folder = tmp_path_factory.mktemp("spark_unify") / "base"
+    settings = make_settings(folder).model_copy(update={"sources": SOURCES})
     generate_lake(settings, customers=CUSTOMERS, seed=SEED)
     ingest_landing(settings)
     build_silver(settings)
@@ -150,6 +152,8 @@ def test_first_unify_equals_duckdb(first):
     duck, on_spark, summary = first
     assert_same_unify(duck, on_spark)
     lake = Lake(on_spark.lake)
+    sources = set(lake.read_pandas("gold", "customer_source_map")["source"])
+    assert sources == set(SOURCES)
     assert summary.records == lake.count("gold", "customer_source_map") == summary.unified
     assert summary.customers == lake.count("gold", "customer_profile") < summary.records
     report = summary.report
@@ -299,3 +303,24 @@ def test_a_new_id_in_use_as_an_old_one_is_salted(spark, silver, tmp_path):
     )
     got = _found(run, spark.createDataFrame(founders)).toPandas().sort_values("cluster")
     assert got["id"].tolist() == [new_id("d365", "a", 2), new_id("dataverse", "b")]
+
+
+def test_a_generic_only_lake_through_the_engine_choice(tmp_path, sail_remote, spark):
+    """A lake of the generic source alone (its records have no match field: one customer
+    each), unified by `medallion.build.build_unify` with the settings naming Spark: Sail
+    wrote the tables, equal to DuckDB's."""
+    from c360ml.medallion.build import build_unify as on_engine
+
+    base = make_settings(tmp_path / "base").model_copy(update={"sources": ("generic",)})
+    generate_lake(base, customers=300, seed=3)
+    ingest_landing(base)
+    build_silver(base)
+    duck, on_spark = _copy(base, tmp_path / "duckdb"), _copy(base, tmp_path / "spark")
+    duckdb_unify(duck)
+    summary = on_engine(
+        on_spark.model_copy(update={"engine": "spark", "spark_remote": sail_remote})
+    )
+    history = Lake(on_spark.lake).delta("gold", "customer_source_map").history(1)[0]
+    assert history["engineInfo"].startswith("sail")
+    assert summary.customers == summary.records > 0
+    assert_same_unify(duck, on_spark)
