@@ -228,6 +228,7 @@ def fuzzy_matches(
     veto_codes: list[np.ndarray],
     left: np.ndarray,
     right: np.ndarray,
+    workers: int = -1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidate pairs (left[k], right[k]) that match under a fuzzy rule: not vetoed
     (per veto field, a code per record: equal values equal codes, -1 missing) and
@@ -254,13 +255,15 @@ def fuzzy_matches(
         scored.values[right].tolist(),
         scorer=scored.scorer,
         score_cutoff=rule.fuzzy.threshold,
-        workers=-1,
+        workers=workers,  # rapidfuzz's threads: all cores (-1), or one per Spark task
     )
     hit = scores >= rule.fuzzy.threshold
     return left[hit], right[hit]
 
 
-def fuzzy_pair_mask(rule: MatchRule, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+def fuzzy_pair_mask(
+    rule: MatchRule, left: np.ndarray, right: np.ndarray, workers: int = -1
+) -> np.ndarray:
     """Whether each pair (left[k], right[k]) of fuzzy field values (`m_<field>`, none
     missing) matches under a fuzzy rule, as `match_rule` scores it (the veto is the
     caller's): the pairs of an incremental unify (`_fuzzy_partners`) and of the Spark
@@ -268,7 +271,7 @@ def fuzzy_pair_mask(rule: MatchRule, left: np.ndarray, right: np.ndarray) -> np.
     m = len(left)
     values = np.concatenate([np.asarray(left, dtype=object), np.asarray(right, dtype=object)])
     at = np.arange(m)
-    _, hit = fuzzy_matches(rule, fuzzy_values(rule, values), [], at, m + at)
+    _, hit = fuzzy_matches(rule, fuzzy_values(rule, values), [], at, m + at, workers)
     mask = np.zeros(m, dtype=bool)
     mask[hit - m] = True
     return mask

@@ -236,7 +236,9 @@ def _scorer(rule: MatchRule):
 
     @pandas_udf("boolean")
     def matches(left: pd.Series, right: pd.Series) -> pd.Series:
-        return pd.Series(fuzzy_pair_mask(rule, left.to_numpy(object), right.to_numpy(object)))
+        # One thread: Spark runs a task per core already.
+        mask = fuzzy_pair_mask(rule, left.to_numpy(object), right.to_numpy(object), workers=1)
+        return pd.Series(mask)
 
     return matches
 
