@@ -404,17 +404,14 @@ class Lake:
         where = self._where(layer, *parts)
         if not where.remote:
             Path(where.uri).parent.mkdir(parents=True, exist_ok=True)
+        schema_mode = "overwrite" if mode == "overwrite" else "merge" if add_columns else None
         with where.errors():
             write_deltalake(
                 where.uri,
                 table,
                 mode=mode,
                 partition_by=partition_by,
-                schema_mode="overwrite"
-                if mode == "overwrite"
-                else "merge"
-                if add_columns
-                else None,
+                schema_mode=schema_mode,
                 commit_properties=_commit(metadata),
                 writer_properties=WriterProperties(max_row_group_size=ROW_GROUP),
                 storage_options=where.options,
@@ -767,8 +764,8 @@ def _live_adds(where: _Where, version: int) -> dict[str, dict]:
     if marker is not None and marker["version"] <= version:
         checkpoint = marker["version"]
         start = checkpoint + 1
-        data = store.read_bytes(where.log(f"{checkpoint:020d}.checkpoint.parquet"))
-        adds = pq.read_table(pa.BufferReader(data), columns=["add"])
+        with store.open_input(where.log(f"{checkpoint:020d}.checkpoint.parquet")) as file:
+            adds = pq.read_table(file, columns=["add"])
         for add in adds["add"].drop_null().to_pylist():
             add["partitionValues"] = dict(add.get("partitionValues") or [])
             live[add["path"]] = add
