@@ -30,6 +30,7 @@ ACCOUNT_KEY = (
 )
 API_VERSION = "2021-08-06"
 START_SECONDS = 60
+STOP_SECONDS = 2
 
 
 def install() -> Path:
@@ -110,10 +111,12 @@ class Azurite:
                 raise
 
     def stop(self) -> None:
+        """Terminate; kill if it still waits for its clients' idle keep-alive connections
+        to close (its data is thrown away with the test's folder)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
