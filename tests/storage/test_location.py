@@ -128,3 +128,30 @@ def test_no_secret_in_repr_str_or_redacted_messages():
     assert KEY not in cleaned and "SASSIGNATURE123" not in cleaned
     # a signature not among the known secrets (another SAS in a URL) goes too
     assert redact("https://h/c?sv=1&sig=OTHER%2Bsig&se=2", []) == "https://h/c?sv=1&sig=***&se=2"
+
+
+def test_every_option_is_one_obstore_accepts():
+    """obstore refuses an unknown configuration key: each credential field maps to one."""
+    from obstore.store import AzureStore
+
+    from c360ml.storage.location import obstore_keys
+
+    env = {
+        "AZURE_STORAGE_ACCOUNT_NAME": "contosolake",
+        "AZURE_STORAGE_ACCOUNT_KEY": KEY,
+        "AZURE_STORAGE_SAS_TOKEN": SAS,
+        "AZURE_STORAGE_TOKEN": "bearer",
+        "AZURE_CLIENT_ID": "id",
+        "AZURE_CLIENT_SECRET": CLIENT_SECRET,
+        "AZURE_TENANT_ID": "tenant",
+        "AZURE_FEDERATED_TOKEN_FILE": "/var/run/token",
+        "AZURE_MSI_ENDPOINT": "http://169.254.169.254/metadata/identity/oauth2/token",
+        "AZURE_USE_AZURE_CLI": "true",
+        "AZURE_STORAGE_USE_EMULATOR": "true",
+        "AZURE_STORAGE_ENDPOINT": "https://contosolake.blob.core.windows.net",
+    }
+    creds = AzureCredentials.from_env(env)
+    config = obstore_keys(creds.obstore_config())
+    assert len(config) == 12  # every field set
+    store = AzureStore("lake", config=config)  # builds without a request
+    assert store.config["sas_key"] == SAS and store.config["use_azure_cli"] in (True, "true")
