@@ -68,6 +68,7 @@ def assert_same_unify(duck: Settings, on_spark: Settings) -> None:
     lakes = [Lake(s.lake) for s in (duck, on_spark)]
     assert lakes[0].exists(*REDIRECTS) == lakes[1].exists(*REDIRECTS)
     if lakes[0].exists(*REDIRECTS):
+        assert lakes[0].schema(*REDIRECTS) == lakes[1].schema(*REDIRECTS)
         frames = [lake.read_pandas(*REDIRECTS) for lake in lakes]
         assert frames[1]["redirected_at"].notna().all()
         kept = ["retired_id", "surviving_id", "reason"]
