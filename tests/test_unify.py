@@ -217,6 +217,26 @@ def test_merge_policy_most_recent_and_source_priority():
     assert (profile.source_count, profile.sources) == (2, "d365,dataverse")
 
 
+def test_merge_ties_are_broken_by_source_key_whatever_the_order():
+    """Two accounts of one customer modified at the same instant: each attribute comes
+    from the smaller source_key, whichever order the records arrive in (engines promise
+    none); a third account, modified later, still wins what it has."""
+    rows = [
+        rec("B", email="a@x.com", last="Brown", group="20"),
+        rec("A", email="a@x.com", last="Adams", group="10"),
+        rec("C", email="a@x.com", last=None, group=None, modified="2024-02-01"),
+    ]
+    for ordered in (rows, rows[::-1], [rows[1], rows[2], rows[0]]):
+        records = prepare_records(pd.DataFrame(ordered))
+        ids = pd.Series(["C1"] * len(records), index=records.index)
+        profile = merge_profiles(records, ids, RULES.merge).iloc[0]
+        assert (profile.last_name, profile.customer_group, profile.email) == (
+            "Adams",
+            "10",
+            "a@x.com",
+        )
+
+
 def test_pair_quality_counts_pairs():
     source_map = pd.DataFrame(
         {"source": "d365", "source_key": list("ABCD"), "customer_id": ["c1", "c1", "c1", "c2"]}

@@ -540,6 +540,29 @@ def assign_ids(
     return pd.Series(cluster_id[labels], index=records.index), redirects
 
 
+def _ties_by_key(order: np.ndarray, by: tuple[np.ndarray, ...], keys: np.ndarray) -> np.ndarray:
+    """`order` (a sort of the records by the arrays `by`) with each run of records equal
+    in all of `by` put in the order of their `keys` (source_key).
+
+    Ties (one customer's records of one source modified at the same instant) are broken
+    by source_key, not by the records' order, which no engine promises: the profile is
+    the same whichever engine reads the records, in whatever order, in one batch or in
+    several. Only the tied records' keys are sorted (few: a sort of every key would cost
+    more than the merge)."""
+    same = np.ones(max(len(order) - 1, 0), dtype=bool)
+    for values in by:
+        ordered = values[order]
+        same &= ordered[1:] == ordered[:-1]
+    if not same.any():
+        return order
+    at = np.flatnonzero(np.r_[same, False] | np.r_[False, same])  # positions in a tie
+    run = np.cumsum(np.r_[True, ~same])[at]  # non-decreasing: a run keeps its positions
+    codes = pd.factorize(keys[order[at]], sort=True)[0]
+    out = order.copy()
+    out[at] = order[at][np.lexsort((codes, run))]
+    return out
+
+
 def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -> pd.DataFrame:
     """One profile per customer_id by the declared per-attribute policy.
 
@@ -557,13 +580,10 @@ def merge_profiles(records: pd.DataFrame, ids: pd.Series, policy: MergePolicy) -
     rank = records["source"].map({src: i for i, src in enumerate(ordered)}).to_numpy(np.int64)
     modified = pd.to_datetime(records["modified_ts"], utc=True)
     newest = np.where(modified.isna(), np.iinfo(np.int64).max, -modified.to_numpy(np.int64))
-    # Ties (one source's records modified at the same instant) broken by source_key, not
-    # by the records' order, which no engine promises: the profile is the same whichever
-    # engine reads the records, in whatever order, in one batch or in several.
-    key = pc.rank(_arrow(records["source_key"]), "ascending", tiebreaker="first").to_numpy()
+    keys = records["source_key"].to_numpy(dtype=object)
     orders = {
-        "recent": np.lexsort((key, rank, newest, codes)),  # last key sorts first
-        "priority": np.lexsort((key, newest, rank, codes)),
+        "recent": _ties_by_key(np.lexsort((rank, newest, codes)), (codes, newest, rank), keys),
+        "priority": _ties_by_key(np.lexsort((newest, rank, codes)), (codes, newest, rank), keys),
     }
     merged = pd.DataFrame(index=pd.RangeIndex(n))
     for attr in attributes:
