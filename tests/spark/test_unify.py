@@ -325,3 +325,19 @@ def test_a_generic_only_lake_through_the_engine_choice(tmp_path, sail_remote, sp
     assert history["engineInfo"].startswith("sail")
     assert summary.customers == summary.records > 0
     assert_same_unify(duck, on_spark)
+
+
+def test_a_sql_error_names_the_file_and_writes_nothing(increment, spark, tmp_path):
+    settings = _copy(increment[0], tmp_path / "copy")
+    sql = tmp_path / "sql"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "pipelines" / "sql", sql)
+    (sql / "gold" / "unify_records_generic.sql").write_text("SELECT * FROM no_such_table\n")
+    before = _versions(settings)
+
+    with pytest.raises(SparkBuildError) as failed:
+        spark_unify(settings.model_copy(update={"sql_dir": sql}), spark)
+
+    said = str(failed.value)
+    assert "\n" not in said
+    assert said.startswith("unify: gold/unify_records_generic.sql fails on Spark: ")
+    assert _versions(settings) == before

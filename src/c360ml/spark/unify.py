@@ -169,20 +169,22 @@ def read_records(run: SparkUnify) -> DataFrame:
         text = sql_text(run.settings, name)
         for word in {w for w in re.findall(r"\w+", text) if w.startswith("silver_")}:
             if (where := lake_table(lake, word)) is not None:
-                read_delta(run.spark, lake, *where).createOrReplaceTempView(word)
+                with _step(f"reading {'/'.join(where)}"):
+                    read_delta(run.spark, lake, *where).createOrReplaceTempView(word)
         try:
             frame = run.spark.sql(text)
             frame.columns  # noqa: B018 (analysed now: the error names this file)
         except _spark_errors() as exc:
             raise SparkBuildError(f"unify: {name}.sql fails on Spark: {_first_line(exc)}") from exc
         frames.append(frame)
-    records = frames[0]
-    for frame in frames[1:]:
-        records = records.unionByName(frame)
-    fields = [StructField(f"m_{f}", StringType()) for f in MATCH_FIELDS]
-    prepared = records.mapInPandas(_with_match_fields, StructType(records.schema.fields + fields))
-    with_id = prepared.withColumn("id", sf.monotonically_increasing_id())
     with _step("reading the records"):
+        records = frames[0]
+        for frame in frames[1:]:
+            records = records.unionByName(frame)
+        fields = [StructField(f"m_{f}", StringType()) for f in MATCH_FIELDS]
+        schema = StructType(records.schema.fields + fields)
+        prepared = records.mapInPandas(_with_match_fields, schema)
+        with_id = prepared.withColumn("id", sf.monotonically_increasing_id())
         return run.view(run.keep(with_id, "records"), "u_records")
 
 
@@ -206,10 +208,8 @@ def _usable(run: SparkUnify, rule: MatchRule) -> str:
     """The records a rule blocks: every exact field present, none a junk value."""
     present = " AND ".join(f"r.m_{f} IS NOT NULL" for f in rule.exact)
     guarded = [f for f in rule.exact if f in run.rules.junk_fields]
-    # An outer join kept where nothing joined: Sail resolves no alias of an anti join's side.
-    outer = "".join(f" LEFT JOIN u_junk_{f} j_{f} ON r.m_{f} = j_{f}.v" for f in guarded)
-    clean = "".join(f" AND j_{f}.v IS NULL" for f in guarded)
-    return f"SELECT r.* FROM u_records r{outer} WHERE {present}{clean}"
+    anti = "".join(f" LEFT ANTI JOIN u_junk_{f} j_{f} ON r.m_{f} = j_{f}.v" for f in guarded)
+    return f"SELECT r.* FROM u_records r{anti} WHERE {present}"
 
 
 def exact_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int]:
