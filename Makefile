@@ -18,12 +18,17 @@ ENGINE ?= duckdb
 
 .PHONY: install demo test test-fast docs lint bench clean serve bento mlflow-ui browser
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev]'
 	touch $@
+
+# Azurite (Microsoft's Azure Storage emulator) for the lake-on-az:// tests, pinned in
+# package.json / package-lock.json.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error && touch $@
 
 demo: install
 	$(BIN)/c360ml generate --customers $(DEMO_CUSTOMERS) --seed $(DEMO_SEED) --fresh

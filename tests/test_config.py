@@ -89,3 +89,19 @@ def test_settings_built_directly_read_no_environment(monkeypatch):
     assert Settings().model_name == "c360-retention"
     assert Settings().mlflow_tracking_uri == ""
     assert load_settings(None).model_name == "from-env"  # the process environment by default
+
+
+def test_a_lake_uri_stays_a_uri_and_the_commands_say_they_need_a_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """`az://c/p` is not the folder `az:/c/p`: it stays the URI the storage layer takes, and
+    a command, which runs on a local lake only so far, says so in one line."""
+    from c360ml.cli import main
+
+    assert Settings(lake_root="az://lake/c360").lake == "az://lake/c360"
+    assert Settings(lake_root=tmp_path / "lake").lake == tmp_path / "lake"
+    monkeypatch.setenv("C360ML_LAKE_ROOT", "abfss://lake@acct.dfs.core.windows.net/c360")
+    assert main(["describe", "gold"]) == 2
+    out = capsys.readouterr().out
+    assert "lake_root abfss://lake@acct.dfs.core.windows.net/c360" in out
+    assert "local folder only" in out

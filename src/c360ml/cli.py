@@ -454,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if getattr(args, "engine", None):
             settings = settings.model_copy(update={"engine": args.engine})
+        if isinstance(settings.lake, str):
+            raise ValueError(
+                f"lake_root {settings.lake}: a lake on object storage is read and written by "
+                "c360ml's storage layer, but its commands run on a local folder only so far"
+            )
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
         # What packages print to stderr themselves (MLflow's registration notes, say) goes

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -77,7 +77,9 @@ class Settings(_Frozen):
     """Every path and setting a stage needs. Relative paths resolve against `root`."""
 
     root: Path = Field(default_factory=Path.cwd)  # project root: folder of c360ml.yaml or cwd
-    lake_root: Path = Path("data/lake")  # the Delta lake: landing/, bronze/, silver/, gold/, ...
+    # The Delta lake (landing/, bronze/, silver/, gold/, ...): a folder, az://container/path
+    # or abfss://container@account.dfs.core.windows.net/path (c360ml.storage.location).
+    lake_root: Path | str = Path("data/lake")
     truth_root: Path = Path("data/truth")  # the generator's truth (never read by pipelines)
     reports_dir: Path = Path("data/reports")  # HTML reports
     log_dir: Path = Path("data/logs")  # the command line's log file (c360ml.log)
@@ -91,7 +93,7 @@ class Settings(_Frozen):
     sql_dir: Path = Path("pipelines/sql")  # silver/gold SQL run by DuckDB (and Spark)
     generic_mapping: Path = Path("pipelines/generic.yaml")  # column mapping of generic sources
     sources: tuple[str, ...] = ("d365", "dataverse")  # landing sources ingested; add "generic"
-    engine: Literal["duckdb", "spark"] = "duckdb"  # what builds gold: DuckDB here, or Spark
+    engine: Literal["duckdb", "spark"] = "duckdb"  # what builds the lake's layers: DuckDB or Spark
     spark_remote: str = ""  # Spark Connect URL (sc://host:port); empty = the active SparkSession
     call_center_channels: tuple[int, ...] = (
         5637145326,
@@ -116,8 +118,16 @@ class Settings(_Frozen):
         return p if p.is_absolute() else self.root / p
 
     @property
-    def lake(self) -> Path:
-        return self.path(self.lake_root)
+    def lake(self) -> Path | str:
+        """The lake's folder, or its URI when it is on object storage."""
+        return self.lake_root if isinstance(self.lake_root, str) else self.path(self.lake_root)
+
+    @field_validator("lake_root", mode="before")
+    @classmethod
+    def _lake_uri(cls, value: Any) -> Path | str:
+        """A URI stays a string: as a Path, "az://c/p" would collapse to the folder "az:/c/p"."""
+        text = str(value)
+        return text if "://" in text else Path(value)
 
     @property
     def truth(self) -> Path:
