@@ -18,7 +18,10 @@ How the work is split:
   oldest record, a cluster keeps its oldest old id, the others are redirected), new ids
   are `new_id` (in a pandas UDF, salted on a clash with an old id);
 - profiles are `merge_profiles`, run by `applyInPandas` on buckets of whole customers.
-Only counts and small aggregates (the report's) reach the driver.
+Only counts and small aggregates (the report's) reach the driver. The workers run
+`c360ml.medallion.unify`'s functions (shipped by reference, not by value): they need the
+c360ml wheel and what that module imports, rapidfuzz and scipy included, with pandas
+and pyarrow for the pandas UDFs.
 
 Incremental behaviour: a build whose inputs are those the last unify (of either engine)
 recorded writes nothing (`current_summary`). Otherwise Spark matches the whole population
@@ -28,7 +31,8 @@ and the outputs are equal (the incremental path equals a whole unify). Its state
 after a change unifies everything once, then incrementally again.
 
 A failure: every intermediate result is written to scratch Parquet
-(`state/unify_spark_scratch`, removed after the build) before any lake table is touched,
+(`state/unify_spark_scratch` under the lake root, a path the driver and the workers share
+as they share the lake's; removed after the build) before any lake table is touched,
 so a Spark error in the work is one line (SparkBuildError) and every table is as it was.
 The commits then follow DuckDB's order (state marked as being rewritten, map, profile,
 redirects, report, state), so a build stopped among them is followed by a whole unify.
