@@ -1,28 +1,37 @@
-"""A c360ml gold build as a Spark job on Apache Spark itself: local mode, a JVM on the
-machine's Java 17, the classic SparkSession active, as in a Synapse notebook (which has
-no Spark Connect endpoint). c360ml takes that session (`spark_session()`, no URL) and
-runs the same client code, SQL and checks it runs on Sail.
+"""A c360ml build (silver -> unify -> gold) as a Spark job on Apache Spark itself: local
+mode, a JVM on the machine's Java 17, the classic SparkSession active, as in a Synapse
+notebook (which has no Spark Connect endpoint). c360ml takes that session
+(`spark_session()`, no URL) and runs the same client code, SQL, checks and Python
+functions (mapInArrow, mapInPandas, pandas UDFs, applyInPandas) it runs on Sail.
 
-Delta's jars cannot be fetched here, so the lake's tables are handed to Spark as parquet
-(`ParquetTables`, through `c360ml.spark.gold.SparkTables`) and the job's outputs are
-written as parquet under MIRROR. It runs in a process of its own: a Spark Connect session
-(the Sail tests') switches pyspark to Connect mode for the whole process.
+Delta's jars cannot be fetched here, so Spark reads and writes the lake's tables as
+parquet under MIRROR (`ParquetTables`, through `c360ml.spark.gold.SparkTables`), and each
+table Spark writes is also committed to the lake (deltalake on the driver, the rows Spark
+wrote): c360ml's bookkeeping through `Lake` (which tables exist, counts, commit metadata)
+then sees what it sees after a Delta write. It runs in a process of its own: a Spark
+Connect session (the Sail tests') switches pyspark to Connect mode for the whole process.
 
     python -m tests.spark.jvm_job BASE MIRROR    # BASE holds the lake (make_settings)
 
-prints the summary rows as JSON on its last line.
+prints the stages' summaries as JSON on its last line.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from c360ml.spark import spark_session
-from c360ml.spark.gold import build_gold
+from c360ml.spark.gold import SparkBuildError, build_gold
+from c360ml.spark.silver import build_silver
+from c360ml.spark.unify import build_unify
 from c360ml.storage.lake import Lake
 from tests.conftest import make_settings
 
@@ -38,36 +47,85 @@ CONF = {
 }
 
 
+def _nullable(rows: pa.Table) -> pa.Table:
+    """Every column nullable, as `write_delta` makes a Delta table's (Spark's parquet
+    writer records a derived NOT NULL as a required column)."""
+    return rows.cast(pa.schema([f.with_nullable(True) for f in rows.schema]))
+
+
 class ParquetTables:
-    """A lake table is written to MIRROR as parquet when Spark first reads it (as it is
-    in the lake now); the job's outputs go to MIRROR too, where they are read back."""
+    """Spark's side of the lake as parquet under `mirror`. A lake table is exported to the
+    mirror when Spark reads it and the mirror does not hold its current version; a write
+    is Spark's parquet write, then the same rows committed to the lake with `metadata`.
+    Row deletes are Delta's alone: refused."""
 
     def __init__(self, mirror: Path) -> None:
         self.mirror = mirror
+        self.held: dict[tuple[str, ...], int | None] = {}  # lake version the mirror holds
 
     def read(self, spark, lake: Lake, where: tuple[str, ...]):
         path = self.mirror.joinpath(*where)
-        if not path.exists():
+        version = lake.version(*where)
+        if self.held.get(where, -1) != version:
+            shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
             pq.write_table(lake.read(*where), path / "part-0.parquet")
+            self.held[where] = version
         return spark.read.parquet(str(path))
 
     def write(self, frame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]) -> None:
-        frame.write.mode("overwrite").parquet(str(self.mirror.joinpath(*where)))
+        path = self.mirror.joinpath(*where)
+        frame.write.mode("overwrite").parquet(str(path))
+        rows = _nullable(pq.read_table(path))
+        self.held[where] = lake.write(rows, *where, mode="overwrite", metadata=metadata)
+
+    def append(self, frame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]) -> None:
+        path = self.mirror.joinpath(*where)
+        before = set(path.glob("*.parquet"))
+        frame.write.mode("append").parquet(str(path))
+        added = sorted(set(path.glob("*.parquet")) - before)
+        rows = pa.concat_tables([pq.read_table(f) for f in added])
+        self.held[where] = lake.write(_nullable(rows), *where, mode="append", metadata=metadata)
+
+    def delete(self, spark, lake: Lake, where: tuple[str, ...], condition: str) -> None:
+        raise SparkBuildError(f"{'/'.join(where)}: parquet tables have no row deletes (Delta's)")
+
+
+def run_stages(base: Path, mirror: Path) -> dict:
+    """silver, unify and gold built on the process's active session, through
+    `ParquetTables`: each stage's summary and seconds."""
+    settings, tables, spark = make_settings(base), ParquetTables(mirror), spark_session()
+    done: dict = {"session": type(spark).__module__}
+    started = time.perf_counter()
+    done["silver"] = build_silver(settings, spark, tables).rows()
+    done["silver_seconds"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    unified = build_unify(settings, spark, tables)
+    done["unify"] = {
+        "records": unified.records,
+        "customers": unified.customers,
+        "redirects": unified.redirects,
+    }
+    done["unify_seconds"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    done["gold"] = build_gold(settings, spark, tables).rows()
+    done["gold_seconds"] = round(time.perf_counter() - started, 1)
+    return done
 
 
 def main(base: str, mirror: str) -> None:
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName("c360ml gold on Apache Spark")
+    # The Python workers run this interpreter (c360ml installed), not the first python3
+    # on PATH, as a cluster's workers have the c360ml wheel (pyspark reads the variable
+    # when the context starts; spark-submit sets it from spark.pyspark.python).
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    builder = SparkSession.builder.appName("c360ml on Apache Spark")
     for key, value in CONF.items():
         builder = builder.config(key, value)
     job = builder.getOrCreate()
     try:
-        summary = build_gold(
-            make_settings(Path(base)), spark_session(), ParquetTables(Path(mirror))
-        )
-        print(json.dumps({"session": type(spark_session()).__module__, "rows": summary.rows()}))
+        print(json.dumps(run_stages(Path(base), Path(mirror)), default=str))
     finally:
         job.stop()
 

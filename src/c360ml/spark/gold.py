@@ -112,11 +112,32 @@ def write_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, s
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
 
 
+def append_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, str]) -> None:
+    """One append commit of a lake table by Spark (the table made when missing), every
+    column nullable, `metadata` recorded as `write_delta` records it. SparkBuildError
+    when Spark fails it (the table as it was)."""
+    path = lake.path(*where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = nullable(frame).write.format("delta").mode("append")
+    try:
+        writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
+    except _spark_errors() as exc:
+        table = "/".join(where)
+        raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
+
+
 class SparkTables(Protocol):
     """How Spark reads and writes the lake's tables: Delta (`DELTA`), what every platform
     c360ml runs on reads and writes. The tests of the classic session on Apache Spark's
     own local mode, which has no Delta here (its jars cannot be fetched), hand the same
-    tables over as parquet through this seam."""
+    tables over as parquet through this seam.
+
+    `write` is one overwrite of a table, `append` one append (the table made when
+    missing), both recording `metadata` in their commit. `delete` removes the rows
+    matching a Spark SQL condition in place: Delta's DELETE. Only a silver change log
+    ahead of silver needs it (a DuckDB merge stopped after its log commit), which a
+    first build never meets; a format without row deletes refuses it in one line
+    naming the table (`SparkBuildError`)."""
 
     def read(self, spark: SparkSession, lake: Lake, where: tuple[str, ...]) -> DataFrame: ...
 
@@ -124,8 +145,18 @@ class SparkTables(Protocol):
         self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
     ) -> None: ...
 
+    def append(
+        self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
+    ) -> None: ...
+
+    def delete(
+        self, spark: SparkSession, lake: Lake, where: tuple[str, ...], condition: str
+    ) -> None: ...
+
 
 class DeltaTables:
+    """The lake's Delta tables read and written by Spark's own Delta reader and writers."""
+
     def read(self, spark: SparkSession, lake: Lake, where: tuple[str, ...]) -> DataFrame:
         return read_delta(spark, lake, *where)
 
@@ -133,6 +164,16 @@ class DeltaTables:
         self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
     ) -> None:
         write_delta(frame, lake, *where, metadata=metadata)
+
+    def append(
+        self, frame: DataFrame, lake: Lake, where: tuple[str, ...], metadata: dict[str, str]
+    ) -> None:
+        append_delta(frame, lake, *where, metadata=metadata)
+
+    def delete(
+        self, spark: SparkSession, lake: Lake, where: tuple[str, ...], condition: str
+    ) -> None:
+        spark.sql(f"DELETE FROM delta.`{lake.path(*where)}` WHERE {condition}")
 
 
 DELTA = DeltaTables()

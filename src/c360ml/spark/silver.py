@@ -30,7 +30,6 @@ superset that the next merge, on either engine, replaces).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -68,14 +67,8 @@ from c360ml.medallion.silver import (
 )
 from c360ml.medallion.sql import sql_text
 from c360ml.sources.tables import SOURCE_TABLES, SourceTable
-from c360ml.spark.gold import (
-    SparkBuildError,
-    _first_line,
-    _spark_errors,
-    read_delta,
-    write_delta,
-)
-from c360ml.storage.lake import USER_METADATA, Lake
+from c360ml.spark.gold import DELTA, SparkBuildError, SparkTables, _first_line, _spark_errors
+from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
 
 if TYPE_CHECKING:
@@ -172,12 +165,14 @@ def _log_changes(
     feed: str,
     watermark: int | None,
     bronze_version: int,
+    tables: SparkTables = DELTA,
 ) -> None:
     """The change log's rows of this rebuild, as DuckDB's merge of the same new bronze
     rows logs them (`c360ml.medallion.silver._log_changes`): the change keys of the
     resolved new rows and of the silver rows of their keys, logged before silver is
     written. A log ahead of silver (a merge that did not commit) loses that merge's rows
-    first (Delta DELETE), as DuckDB's replaces them."""
+    first (`tables.delete`: Delta's DELETE; a format without row deletes refuses it), as
+    DuckDB's replaces them. A first build logs nothing (it starts the log empty)."""
     where = change_log(table.name)
     if not lake.exists(*where):
         _start_change_log(lake, table)
@@ -193,7 +188,7 @@ def _log_changes(
     )
     replaced = None
     if lake.exists("silver", table.name):
-        read_delta(spark, lake, "silver", table.name).createOrReplaceTempView(f"{feed}_silver")
+        tables.read(spark, lake, ("silver", table.name)).createOrReplaceTempView(f"{feed}_silver")
         on = " AND ".join(f"s.{_q(k)} = b._k{i}" for i, k in enumerate(table.key))
         spark.sql(
             f"SELECT s.* FROM {feed}_silver s LEFT SEMI JOIN {feed}_batch b ON {on}"
@@ -201,32 +196,33 @@ def _log_changes(
         replaced = f"{feed}_replaced"
     version, ahead = log_version(lake, table)
     rows = spark.sql(logged_sql(table, f"{feed}_batch", replaced, version, "spark"))
-    path = str(lake.path(*where))
     if ahead:
-        spark.sql(f"DELETE FROM delta.`{path}` WHERE silver_version >= {version}")
+        tables.delete(spark, lake, where, f"silver_version >= {version}")
     meta = {LOGGED_KEY: str(version), BRONZE_VERSION_KEY: str(bronze_version)}
-    try:
-        rows.write.format("delta").mode("append").option(USER_METADATA, json.dumps(meta)).save(path)
-    except _spark_errors() as exc:
-        raise SparkBuildError(
-            f"{'/'.join(where)}: Spark failed to write it: {_first_line(exc)}"
-        ) from exc
+    tables.append(rows, lake, where, meta)
 
 
 def _rebuild(
-    spark: SparkSession, lake: Lake, table: SourceTable, view: str, meta: dict[str, str]
+    spark: SparkSession,
+    lake: Lake,
+    table: SourceTable,
+    view: str,
+    meta: dict[str, str],
+    tables: SparkTables = DELTA,
 ) -> None:
     """Silver then its quarantine, each one overwrite commit recording `meta` (the
     quarantine's is a merge's last: DuckDB finds a merge done when it is there)."""
     names = ", ".join(_q(c) for c in silver_arrow_schema(table).names)
     reason = _q(REASON)
     valid = spark.sql(f"SELECT {names} FROM {view} WHERE {reason} IS NULL")
-    write_delta(valid, lake, "silver", table.name, metadata=meta)
+    tables.write(valid, lake, ("silver", table.name), meta)
     rejected = spark.sql(f"SELECT {names}, {reason} FROM {view} WHERE {reason} IS NOT NULL")
-    write_delta(rejected, lake, "quarantine", "silver", table.name, metadata=meta)
+    tables.write(rejected, lake, ("quarantine", "silver", table.name), meta)
 
 
-def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> SilverResult:
+def build_silver_table(
+    spark: SparkSession, lake: Lake, table: SourceTable, tables: SparkTables = DELTA
+) -> SilverResult:
     """One source table's silver and quarantine: nothing written when bronze has no rows
     newer than silver's last build and that build finished (its quarantine records the
     same bronze version as silver); else rebuilt from the whole change feed."""
@@ -241,7 +237,7 @@ def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> S
     )
     watermark = None if since is None else _last_recorded(lake, name, BRONZE_INGESTED_KEY)
     feed = f"c360ml_bronze_{name}"
-    read_delta(spark, lake, "bronze", table.source, name).createOrReplaceTempView(feed)
+    tables.read(spark, lake, ("bronze", table.source, name)).createOrReplaceTempView(feed)
     new, newest = 0, None
     if not (finished and since == bronze_version):
         new, newest = _feed_counts(spark, feed, watermark)
@@ -264,8 +260,8 @@ def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> S
         if newest is not None:
             meta[BRONZE_INGESTED_KEY] = str(newest)
         if table.change_key and since is not None and new:
-            _log_changes(spark, lake, table, feed, watermark, bronze_version)
-        _rebuild(spark, lake, table, f"c360ml_silver_{name}", meta)
+            _log_changes(spark, lake, table, feed, watermark, bronze_version, tables)
+        _rebuild(spark, lake, table, f"c360ml_silver_{name}", meta, tables)
         frame.unpersist()
         if table.change_key and since is None:
             _start_change_log(lake, table)
@@ -277,7 +273,7 @@ def build_silver_table(spark: SparkSession, lake: Lake, table: SourceTable) -> S
 
 
 def build_generic_silver(
-    spark: SparkSession, lake: Lake, settings: Settings
+    spark: SparkSession, lake: Lake, settings: Settings, tables: SparkTables = DELTA
 ) -> SilverResult | None:
     """Generic transactions: the canonical view (`generic_canonical_sql`, Spark's dialect)
     and the same SQL file as DuckDB, rebuilt when bronze has moved."""
@@ -288,7 +284,7 @@ def build_generic_silver(
     started = time.perf_counter()
     result = SilverResult("generic_transactions")
     bronze_version = lake.version(*GENERIC)
-    read_delta(spark, lake, *GENERIC).createOrReplaceTempView("c360ml_generic_bronze")
+    tables.read(spark, lake, GENERIC).createOrReplaceTempView("c360ml_generic_bronze")
     result.bronze_current = spark.table("c360ml_generic_bronze").count()
     if _last_recorded(lake, "generic_transactions", BRONZE_VERSION_KEY) != bronze_version:
         mapping = load_generic_mapping(settings.path(settings.generic_mapping))["columns"]
@@ -296,27 +292,31 @@ def build_generic_silver(
         spark.sql(canonical).createOrReplaceTempView("generic_canonical")
         rows = spark.sql(sql_text(settings, "silver/generic_transactions"))
         meta = {BRONZE_VERSION_KEY: str(bronze_version)}
-        write_delta(rows, lake, "silver", "generic_transactions", metadata=meta)
+        tables.write(rows, lake, ("silver", "generic_transactions"), meta)
     result.silver_rows = _count(lake, "silver", "generic_transactions")
     result.duplicates = result.bronze_current - result.silver_rows
     result.seconds = time.perf_counter() - started
     return result
 
 
-def make_silver(settings: Settings, spark: SparkSession) -> SilverSummary:
+def make_silver(
+    settings: Settings, spark: SparkSession, tables: SparkTables = DELTA
+) -> SilverSummary:
     """Every bronze source table's silver made on Spark, the generic source first, then
-    the declared source tables in order (as the DuckDB engine lists them)."""
+    the declared source tables in order (as the DuckDB engine lists them). Spark reads
+    and writes the tables through `tables` (Delta by default); the bookkeeping (commit
+    metadata, counts, the change logs' start) goes through `Lake` on the driver."""
     lake = Lake(settings.lake)
     summary = SilverSummary()
     with _spark_step("silver/generic_transactions"):
-        generic = build_generic_silver(spark, lake, settings)
+        generic = build_generic_silver(spark, lake, settings, tables)
     if generic is not None:
         summary.items.append(generic)
     for (source, name), table in SOURCE_TABLES.items():
         if not lake.exists("bronze", source, name):
             continue
         with _spark_step(f"silver/{name}"):
-            result = build_silver_table(spark, lake, table)
+            result = build_silver_table(spark, lake, table, tables)
         if not result.balanced:
             raise RuntimeError(f"silver/{name}: accounting broken: {result}")
         summary.items.append(result)
@@ -324,9 +324,11 @@ def make_silver(settings: Settings, spark: SparkSession) -> SilverSummary:
 
 
 @writes_lake("build silver")
-def build_silver(settings: Settings, spark: SparkSession) -> SilverSummary:
+def build_silver(
+    settings: Settings, spark: SparkSession, tables: SparkTables = DELTA
+) -> SilverSummary:
     """`make_silver` under the lake's lease (one writer per lake)."""
-    return make_silver(settings, spark)
+    return make_silver(settings, spark, tables)
 
 
 __all__ = ["build_silver", "make_silver", "standardise_batches"]

@@ -78,16 +78,15 @@ from c360ml.medallion.unify import (
 )
 from c360ml.schemas import CustomerIdRedirects, CustomerProfile, CustomerSourceMap, columns
 from c360ml.spark.gold import (
+    DELTA,
     SparkBuildError,
+    SparkTables,
     _first_line,
     _spark_errors,
     check_gold,
-    nullable,
-    read_delta,
-    write_delta,
 )
 from c360ml.storage.inputs import stamp
-from c360ml.storage.lake import USER_METADATA, Lake
+from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
 
 if TYPE_CHECKING:
@@ -113,6 +112,11 @@ class SparkUnify:
     spark: SparkSession
     rules: UnifyRules
     scratch: Path
+    tables: SparkTables = DELTA  # how Spark reads and writes the lake's tables
+
+    def read(self, where: tuple[str, ...]) -> DataFrame:
+        """A lake table as Spark reads it (`tables`)."""
+        return self.tables.read(self.spark, self.lake, where)
 
     def keep(self, frame: DataFrame, name: str) -> DataFrame:
         """`frame` computed once and written to scratch Parquet, read back: what follows
@@ -174,7 +178,7 @@ def read_records(run: SparkUnify) -> DataFrame:
         for word in {w for w in re.findall(r"\w+", text) if w.startswith("silver_")}:
             if (where := lake_table(lake, word)) is not None:
                 with _step(f"reading {'/'.join(where)}"):
-                    read_delta(run.spark, lake, *where).createOrReplaceTempView(word)
+                    run.read(where).createOrReplaceTempView(word)
         try:
             frame = run.spark.sql(text)
             frame.columns  # noqa: B018 (analysed now: the error names this file)
@@ -383,9 +387,7 @@ def _new_ids():
 def _previous(run: SparkUnify) -> None:
     """View `u_previous`: the source map the last unify wrote (empty before the first)."""
     if run.lake.exists("gold", "customer_source_map"):
-        read_delta(run.spark, run.lake, "gold", "customer_source_map").createOrReplaceTempView(
-            "u_previous"
-        )
+        run.read(("gold", "customer_source_map")).createOrReplaceTempView("u_previous")
         return
     run.spark.sql(
         "SELECT CAST(NULL AS STRING) AS source, CAST(NULL AS STRING) AS source_key, "
@@ -530,20 +532,6 @@ def _checked(run: SparkUnify, name: str, view: str) -> DataFrame:
     return run.spark.sql(f"SELECT {sql_checks(schema, 'spark').cast_sql()} FROM {view}")
 
 
-def _append_delta(frame: DataFrame, lake: Lake, *where: str) -> None:
-    """One append commit of a lake table by Spark (created when missing)."""
-    path = lake.path(*where)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        nullable(frame).write.format("delta").mode("append").option(USER_METADATA, "{}").save(
-            str(path)
-        )
-    except _spark_errors() as exc:
-        raise SparkBuildError(
-            f"{'/'.join(where)}: Spark failed to write it: {_first_line(exc)}"
-        ) from exc
-
-
 @dataclass
 class _Outputs:
     """What `unify` computed: the checked map and profiles (read from scratch), the
@@ -580,25 +568,28 @@ def write_outputs(run: SparkUnify, done: _Outputs, inputs: dict, digest: str) ->
     """The commits, in the DuckDB engine's order: the state marked as being rewritten,
     the map and profiles (recording the inputs), redirects appended, the report, the
     state (the records' keys, recording the inputs and the rules) last."""
-    spark, lake, meta = run.spark, run.lake, stamp(inputs)
+    spark, lake, tables, meta = run.spark, run.lake, run.tables, stamp(inputs)
     mark_state_rewriting(lake)
     for name, rows in done.tables.items():
-        write_delta(rows, lake, "gold", name, metadata=meta)
+        tables.write(rows, lake, ("gold", name), meta)
     if done.redirects:
         cast = ", ".join(columns(CustomerIdRedirects))
         redirects = spark.sql(f"SELECT {cast} FROM u_redirects")
-        _append_delta(redirects, lake, "gold", "customer_id_redirects")
-    write_delta(spark.createDataFrame(done.report), lake, "gold", "unify_report", metadata={})
+        tables.append(redirects, lake, ("gold", "customer_id_redirects"), {})
+    tables.write(spark.createDataFrame(done.report), lake, ("gold", "unify_report"), {})
     keys = spark.sql("SELECT source, source_key FROM u_records")
     state = stamp(inputs, **{STATE_KEY: digest + KEYS_ONLY})
-    write_delta(keys, lake, *STATE, metadata=state)
+    tables.write(keys, lake, STATE, state)
 
 
 @writes_lake("build unify")
-def build_unify(settings: Settings, spark: SparkSession) -> UnifySummary:
+def build_unify(
+    settings: Settings, spark: SparkSession, tables: SparkTables = DELTA
+) -> UnifySummary:
     """silver -> unify on Spark: the source map, profiles, redirects and report, equal to
     the DuckDB engine's; nothing when the last unify (of either engine) was made from the
-    current inputs with these rules."""
+    current inputs with these rules. Spark reads and writes the lake's tables through
+    `tables` (Delta by default); the state marks and commit records go through `Lake`."""
     started = time.perf_counter()
     lake = Lake(settings.lake)
     rules = load_rules(settings.path(settings.unify_rules))
@@ -609,7 +600,7 @@ def build_unify(settings: Settings, spark: SparkSession) -> UnifySummary:
         return current
     scratch = lake.path(*SCRATCH)
     shutil.rmtree(scratch, ignore_errors=True)  # a stopped build's leftovers
-    run = SparkUnify(settings, lake, spark, rules, scratch)
+    run = SparkUnify(settings, lake, spark, rules, scratch, tables)
     try:
         done = unify(run, pd.Timestamp.now(tz="UTC").floor("us"))
         write_outputs(run, done, inputs, digest)
