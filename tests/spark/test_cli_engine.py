@@ -1,16 +1,19 @@
-"""`c360ml build gold --engine spark`: gold built by Spark (Sail here) from the command line."""
+"""`c360ml build all --engine spark` and `c360ml refresh --engine spark`: the layers built by
+Spark (Sail here) from the command line."""
 
 from __future__ import annotations
 
 import os
 import shutil
 
+import pandas as pd
+
 from c360ml.cli import main
 from c360ml.storage.lake import Lake
 from tests.conftest import generated_lake, user_project
 
 
-def test_build_gold_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_remote, capsys):
+def test_build_all_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_remote, capsys):
     generated_lake(tmp_path / "data", customers=300, seed=3)  # built by DuckDB
     lake = Lake(tmp_path / "data" / "lake")
     # The tables DuckDB wrote record the current inputs: Spark would skip them all.
@@ -22,7 +25,7 @@ def test_build_gold_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_r
     for name in [n for n in os.environ if n.startswith("C360ML_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("C360ML_SPARK_REMOTE", sail_remote)
-    assert main(["build", "gold", "--engine", "spark"]) == 0
+    assert main(["build", "all", "--engine", "spark"]) == 0
     assert lake.delta("gold", "orders").history(1)[0]["engineInfo"].startswith("sail")
     assert lake.version("gold", "products") == products  # unchanged: not written again
     assert "gold/orders" in capsys.readouterr().out
@@ -31,3 +34,34 @@ def test_build_gold_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_r
     assert main(["build", "gold", "--engine", "spark"]) == 2
     said = capsys.readouterr().out
     assert "error: Spark Connect at 127.0.0.1:1 is not reachable" in said
+
+
+def test_refresh_on_spark_builds_every_layer_there(tmp_path, monkeypatch, sail_remote, capsys):
+    """`c360ml refresh --engine spark` after an increment: silver, unify and gold are
+    written by Spark (Sail), then every profile is re-scored (the feature snapshot and
+    scoring run in the c360ml process, on DuckDB)."""
+    from c360ml.model.pipeline import run_training
+    from c360ml.model.train import TrainConfig
+    from c360ml.synth import generate_increment
+
+    settings = generated_lake(tmp_path / "data", customers=700, seed=11)
+    config = TrainConfig(nthread=2, max_trees=40, early_stopping_rounds=10, bootstrap_resamples=30)
+    assert run_training(settings, pd.Timestamp("2025-12-31", tz="UTC"), config=config).promoted
+    generate_increment(settings)
+    user_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("C360ML_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", sail_remote)
+    assert main(["refresh", "--engine", "spark"]) == 0
+    out = capsys.readouterr().out
+    assert "refresh as of" in out and "scores:" in out
+    lake = Lake(settings.lake)
+    written = {
+        where: lake.delta(*where).history(1)[0]["engineInfo"]
+        for where in (("silver", "salestable"), ("gold", "customer_source_map"), ("gold", "orders"))
+    }
+    assert all(engine.startswith("sail") for engine in written.values()), written
+    scores = lake.read_pandas("gold", "churn_scores")
+    assert scores.ScoredAsOf.nunique() == 1 and scores.CustomerId.is_unique
+    assert set(scores.CustomerId) == set(lake.read_pandas("gold", "customer_profile").customer_id)
