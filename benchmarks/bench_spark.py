@@ -263,13 +263,14 @@ def one_build(engine: str, bronze: Path, sail: Sail) -> dict:
     return result
 
 
-def run(size: int, repeats: int = 3) -> dict:
+def run(size: int, repeats: int = 3, warm_up: bool = True) -> dict:
     """silver -> unify -> gold by DuckDB and by Spark (Sail, local mode), each build from
-    the same bronze: one untimed warm-up of each, then interleaved."""
+    the same bronze: one untimed warm-up of each (unless `warm_up` is off: at 1M a build
+    is long enough for the caches to matter little), then interleaved."""
     bronze, before, code = prepare(size)
     sail = Sail()
     try:
-        warm = [one_build(e, bronze, sail) for e in ("duckdb", "spark")]
+        warm = [one_build(e, bronze, sail) for e in ("duckdb", "spark") if warm_up]
         runs = [one_build(e, bronze, sail) for _ in range(repeats) for e in ("duckdb", "spark")]
     finally:
         sail.stop()

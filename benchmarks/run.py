@@ -38,7 +38,8 @@ def settings_for(size: int):
     from c360ml.config import Settings
 
     return Settings(
-        root=ROOT,
+        # a comparison's child runs another copy of the code: its SQL and specs (bench_compare)
+        root=Path(os.environ.get("BENCH_ROOT", ROOT)),
         lake_root=CACHE / str(size) / "lake",
         truth_root=CACHE / str(size) / "truth",
         mlflow_dir=CACHE / str(size) / "mlflow",
@@ -273,7 +274,8 @@ def stage_splink(size: int) -> dict:
 
 
 def _ml_paths(size: int):
-    base = CACHE / str(size) / "ml"
+    # BENCH_ML_DIR: a comparison run's own copy of the ML lake (bench_compare)
+    base = Path(os.environ.get("BENCH_ML_DIR", CACHE / str(size) / "ml"))
     settings = settings_for(size).model_copy(
         update={
             "lake_root": base / "lake",
@@ -449,6 +451,7 @@ def write_readme() -> None:
                 f"`{r.get('command', doc['command'])}` |"
             )
     lines += spark_section()
+    lines += compare_section()
     if (RESULTS / "lifecycle.md").exists():
         lines += ["", "## lifecycle (a simulated year: drift, outcomes, retraining)", ""]
         lines += (RESULTS / "lifecycle.md").read_text().splitlines()[2:]
@@ -456,7 +459,56 @@ def write_readme() -> None:
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def compare_section() -> list[str]:
+    """The README's section on two codes compared on one lake (bench_compare.py)."""
+    lines = []
+    for stage in ("refresh", "train"):
+        path = RESULTS / f"{stage}_compare.json"
+        if not path.exists():
+            continue
+        key = "refresh_s" if stage == "refresh" else "train_s"
+        if not lines:
+            lines = [
+                "",
+                "## refresh and train: two versions of the code on the same lake, interleaved",
+                "",
+                "`BENCH_BASELINE=<rev> make bench STAGE=refresh|train SIZES=…`",
+                "(`benchmarks/bench_compare.py`): the baseline revision's code and the code under",
+                "test alternate run by run (baseline, new, new, baseline, …), each run a fresh",
+                "process on its own copy of the same built lake and champion; medians. Tree peak:",
+                "the peak of the summed RSS of the run's processes (a refresh's workers included).",
+                "",
+                "| stage | size | date | code | runs (s) | median s | median wall s "
+                "| peak RSS MB (own / largest child / tree) | figures | command |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+        for r in json.loads(path.read_text())["results"]:
+            for label in ("baseline", "new"):
+                mine = [x for x in r["runs"] if x["code"] == label]
+                m = r[label]["medians"]
+                figures = ", ".join(
+                    f"{k} {m[k]}" for k in ("roc_auc", "sample_rate", "test_sample_rate") if k in m
+                )
+                steps = ", ".join(f"{k} {v}" for k, v in r[label]["steps_s_medians"].items())
+                lines.append(
+                    f"| {stage} | {r['size']:,} | {r['date']} | {label}: {r[label]['code']} | "
+                    f"{', '.join(str(x[key]) for x in mine)} | {m[key]} | {m['wall_s']} | "
+                    f"{m.get('peak_rss_mb')} / {m.get('child_peak_rss_mb')} / "
+                    f"{r[label]['max_tree_peak_rss_mb']} (max) | {figures}; steps: {steps} | "
+                    f"`{r['command']}` |"
+                )
+            lines.append(
+                f"| {stage} | {r['size']:,} | {r['date']} | new / baseline | | "
+                f"{r[f'{key}_ratio_new_to_baseline']} | | | loads before each run: "
+                f"{', '.join(str(x['load_1min_before']) for x in r['runs'])} | |"
+            )
+    return lines
+
+
 SPARK_JSON = "medallion_spark.json"
+
+
+SPARK_LONG = 1_000_000  # from this size a build is long: one of each engine, no warm-up
 
 
 def spark_medallion(sizes: list[int], repeats: int) -> None:
@@ -467,7 +519,8 @@ def spark_medallion(sizes: list[int], repeats: int) -> None:
 
     results = []
     for size in sizes:
-        result = bench_spark.run(size, repeats)
+        long = size >= SPARK_LONG
+        result = bench_spark.run(size, repeats if long else max(repeats, 3), warm_up=not long)
         code = f"BENCH_CODE={os.environ['BENCH_CODE']} " if os.environ.get("BENCH_CODE") else ""
         result.update(date=time.strftime("%Y-%m-%d"), command=code + " ".join(sys.argv))
         results.append(result)
@@ -499,7 +552,8 @@ def spark_section() -> list[str]:
         "0.7.2 in local mode on this machine (no JVM; Delta on the JVM, what Databricks,",
         "Synapse and Fabric run, cannot be fetched here), started by the benchmark on 127.0.0.1",
         "as a child process and stopped at the end. Each build runs in a fresh process; one",
-        "untimed warm-up of each engine, then interleaved duckdb, spark, duckdb, spark, …",
+        "untimed warm-up of each engine, then interleaved duckdb, spark, duckdb, spark, … (3",
+        "of each below 1M customers; from 1M, one of each and no warm-up, to fit a session).",
         "Times: medians per layer. Memory: the peak RSS of the process that ran the build (for",
         "Spark, c360ml's driver: the Spark Connect client) and, apart, of the Sail server",
         "during that build (its high-water mark reset before each build). Both engines wrote",
@@ -582,7 +636,14 @@ def main() -> None:
             )
             continue
         if stage == "medallion" and args.engine == "spark":
-            spark_medallion([int(s) for s in args.sizes.split(",")], max(args.repeats, 3))
+            spark_medallion([int(s) for s in args.sizes.split(",")], args.repeats)
+            continue
+        if stage in ("refresh", "train") and os.environ.get("BENCH_BASELINE"):
+            # BENCH_BASELINE=<rev>: that revision's code against this one, interleaved
+            sys.path.insert(0, str(HERE))
+            import bench_compare
+
+            bench_compare.main(stage, [int(s) for s in args.sizes.split(",")], args.repeats)
             continue
         if stage == "serve":  # one model, any size: bench_serve writes serve.json/serve.md
             subprocess.run(
