@@ -30,18 +30,23 @@ import pyarrow.parquet as pq
 
 from c360ml.spark import spark_session
 from c360ml.spark.gold import SparkBuildError, build_gold
-from c360ml.spark.silver import build_silver
+from c360ml.spark.silver import _spark_step, build_silver
 from c360ml.spark.unify import build_unify
 from c360ml.storage.lake import Lake
 from tests.conftest import make_settings
 
 # Small data on two cores: Spark's 200 default shuffle partitions would be 200 tasks each.
+# A short-lived driver: the JIT's first tier only and the serial collector (the JVM's
+# start-up and hundreds of small jobs, not throughput). Codegen and adaptive execution
+# stay at Spark's defaults, as a cluster runs them.
 CONF = {
     "spark.master": "local[2]",
     "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
     "spark.driver.host": "127.0.0.1",
     "spark.driver.bindAddress": "127.0.0.1",
-    "spark.sql.shuffle.partitions": "4",
+    "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC",
+    "spark.sql.shuffle.partitions": "2",
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
 }
@@ -91,6 +96,23 @@ class ParquetTables:
         raise SparkBuildError(f"{'/'.join(where)}: parquet tables have no row deletes (Delta's)")
 
 
+def _fails(frames):
+    """A Python function that fails on the workers (a UDF's error)."""
+    for _ in frames:
+        raise ValueError("no such attribute")
+    yield from ()
+
+
+def worker_error(spark) -> str:
+    """The one line c360ml makes of a Python worker's failure on this session."""
+    try:
+        with _spark_step("silver/probe"):
+            spark.range(1).mapInPandas(_fails, "id long").collect()
+    except SparkBuildError as exc:
+        return str(exc)
+    return "no error"
+
+
 def run_stages(base: Path, mirror: Path) -> dict:
     """silver, unify and gold built on the process's active session, through
     `ParquetTables`: each stage's summary and seconds."""
@@ -110,6 +132,7 @@ def run_stages(base: Path, mirror: Path) -> dict:
     started = time.perf_counter()
     done["gold"] = build_gold(settings, spark, tables).rows()
     done["gold_seconds"] = round(time.perf_counter() - started, 1)
+    done["worker_error"] = worker_error(spark)
     return done
 
 

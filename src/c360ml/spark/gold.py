@@ -68,8 +68,15 @@ class SparkBuildError(RuntimeError):
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The line of a Spark error a user is shown: its first; for a Python worker's failure
+    (a UDF raised), the traceback's last, the exception itself (the first line, on Sail
+    and on the JVM alike, only says that a Python worker failed)."""
+    from pyspark.errors import PythonException
+
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return lines[-1].strip() if isinstance(exc, PythonException) else lines[0]
 
 
 def _spark_errors() -> tuple[type[BaseException], ...]:
