@@ -22,6 +22,15 @@ current-state count, the ingest watermark), and the change log gets the rows Duc
 merge would log, so either engine continues the other's work; a table whose bronze has
 no new rows is not written.
 
+Spark reads and writes the lake's tables through `SparkTables` (`c360ml.spark.gold`):
+Delta by default, what every platform uses (Apache Spark's own local mode gets parquet in
+the tests, where Delta's jars cannot be fetched). The bookkeeping goes through `Lake` on
+the driver whatever the format: commit metadata, counts, the change logs' start. One
+operation is Delta's only: the DELETE of a change log's rows that are ahead of silver,
+left by a DuckDB merge stopped after its log commit. A first build never meets it (it
+logs nothing, it starts the log empty); a format without row deletes refuses it in one
+line naming the log.
+
 A failure raises `SparkBuildError` (one line naming the table) and stops the build at
 that table: the tables before it are written whole, its silver and quarantine are as
 they were (each write is one Delta commit; its change log may be ahead of silver, a

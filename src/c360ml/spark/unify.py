@@ -4,7 +4,7 @@ stable ids, redirects, merged profiles and report.
 
 How the work is split:
 - the records (`pipelines/sql/gold/unify_records*.sql`, the DuckDB engine's files) are
-  read by Spark SQL from the silver Delta tables; their match fields are computed on the
+  read by Spark SQL from the silver tables; their match fields are computed on the
   workers by DuckDB's own function (`match_fields`, in `mapInPandas`);
 - blocking is Spark SQL: junk values by a group-by, each rule's blocks by joins on its
   exact fields; exact rules link a block's records as stars (the report counts the same
@@ -22,6 +22,12 @@ Only counts and small aggregates (the report's) reach the driver. The workers ru
 `c360ml.medallion.unify`'s functions (shipped by reference, not by value): they need the
 c360ml wheel and what that module imports, rapidfuzz and scipy included, with pandas
 and pyarrow for the pandas UDFs.
+
+Spark reads the silver tables and the previous source map, and writes the outputs,
+through `SparkTables` (`c360ml.spark.gold`): Delta by default (parquet for Apache Spark's
+local mode in the tests); redirects are one append, which a first build (no old ids)
+does not make. The scratch is parquet whatever the format; the state marks and commit
+records go through `Lake` on the driver.
 
 Incremental behaviour: a build whose inputs are those the last unify (of either engine)
 recorded writes nothing (`current_summary`). Otherwise Spark matches the whole population
