@@ -110,3 +110,17 @@ def test_a_python_worker_failure_reads_the_same_on_sail(spark):
     from tests.spark.jvm_job import worker_error
 
     assert worker_error(spark) == "silver/probe: Spark failed: ValueError: no such attribute"
+
+
+def test_the_parquet_tables_refuse_a_row_delete(tmp_path):
+    """A change log's DELETE (Delta's only, never on a first build) is refused in one line
+    naming the log, not run as something else."""
+    from c360ml.spark.gold import SparkBuildError
+    from tests.spark.jvm_job import ParquetTables
+
+    where = ("state", "silver", "salesline_changes")
+    with pytest.raises(SparkBuildError) as refused:
+        ParquetTables(tmp_path).delete(None, Lake(tmp_path / "lake"), where, "silver_version >= 3")
+    assert str(refused.value) == (
+        "state/silver/salesline_changes: parquet tables have no row deletes (Delta's)"
+    )
