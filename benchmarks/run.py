@@ -579,7 +579,8 @@ def spark_section() -> list[str]:
             f"{d['driver_peak_rss_mb_max']} | {s['driver_peak_rss_mb_max']} | "
             f"{s['server_peak_rss_mb_max']} | `{r['command']}` |"
         )
-    return lines + ["", *notes]
+    projection = "A projection for a 10M-customer lake on a cluster: spark_projection.md."
+    return lines + ["", *notes, "", projection]
 
 
 def _spark_notes(r: dict) -> list[str]:
