@@ -16,7 +16,7 @@ import pytest
 
 from c360ml.medallion.declarations import GOLD_MODELS, HELPERS, GoldModel
 from c360ml.spark import SparkUnavailableError, spark_session
-from c360ml.spark.gold import SparkGold, build_gold, materialise
+from c360ml.spark.gold import SparkBuildError, SparkGold, build_gold, materialise
 from c360ml.storage.lake import Lake
 from c360ml.synth import generate_lake
 from tests.conftest import build_all, make_settings
@@ -131,6 +131,30 @@ def test_a_failing_check_raises_and_writes_nothing(lakes, spark, tmp_path):
     with pytest.raises(ValueError, match=r"gold/orders_twice fails its schema:\norder_id: field_uniqueness \(\d+ duplicated values\)"):  # fmt: skip
         materialise(build, twice)
     assert not spark_lake.exists("gold", "orders_twice")
+
+
+def test_an_error_while_the_query_runs_is_one_line_and_writes_nothing(lakes, spark, tmp_path):
+    """A model whose SQL is valid but fails on its rows (`raise_error`: an error only
+    execution finds, as a failed cast would) is a SparkBuildError naming the model."""
+    _, spark_lake, _, _ = lakes
+    sql = tmp_path / "sql"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "pipelines" / "sql", sql)
+    (sql / "gold" / "boom.sql").write_text(
+        "SELECT * FROM gold_orders WHERE raise_error('no order may pass') IS NULL"
+    )
+    boom = GoldModel(
+        name="orders_boom",
+        schema=GOLD_MODELS[0].schema,
+        description="fails on its rows",
+        sql={"d365": "boom"},
+        reads=("gold_orders",),
+    )
+    settings = make_settings(spark_lake.root.parent).model_copy(update={"sql_dir": sql})
+    build = SparkGold(settings, spark_lake, spark, frozenset({"d365"}))
+    with pytest.raises(SparkBuildError, match=r"^gold/orders_boom: Spark failed it: .*no order may pass") as err:  # fmt: skip
+        materialise(build, boom)
+    assert "\n" not in str(err.value)
+    assert not spark_lake.exists("gold", "orders_boom")
 
 
 def _closed_port() -> int:

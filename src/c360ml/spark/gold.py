@@ -283,7 +283,10 @@ def _rebuild(build: SparkGold, model: GoldModel, files: list[str], meta: dict[st
     valid = f"(SELECT * FROM {result} WHERE {reason} IS NULL)" if model.quarantine else result
     checked = f"{result}_valid"
     spark.sql(f"SELECT * FROM {valid}").createOrReplaceTempView(checked)
-    check_gold(spark, model, checked)
+    try:  # the model's query runs first here (its checks' counts): its errors show now
+        check_gold(spark, model, checked)
+    except _spark_errors() as exc:
+        raise SparkBuildError(f"gold/{name}: Spark failed it: {_first_line(exc)}") from exc
     rows = spark.sql(f"SELECT {checks.cast_sql()} FROM {checked}")
     build.tables.write(rows, lake, ("gold", name), meta)
     if model.quarantine:
