@@ -143,6 +143,11 @@ def main(base: str, mirror: str) -> None:
     # on PATH, as a cluster's workers have the c360ml wheel (pyspark reads the variable
     # when the context starts; spark-submit sets it from spark.pyspark.python).
     os.environ["PYSPARK_PYTHON"] = sys.executable
+    # A Spark Connect session in the process that started this one (the Sail tests' in
+    # pytest) leaves pyspark's Connect mode switched on in the environment it inherits: a
+    # Spark job starts without it.
+    for name in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE", "SPARK_LOCAL_REMOTE"):
+        os.environ.pop(name, None)
     builder = SparkSession.builder.appName("c360ml on Apache Spark")
     for key, value in CONF.items():
         builder = builder.config(key, value)
