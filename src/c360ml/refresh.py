@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -123,11 +124,18 @@ class Snapshot:
     note: str  # chunks, processes and the seconds the workers spent per part
 
 
-def customer_chunks(lake: Lake, size: int) -> list[pd.Index]:
-    """Every profile's customer_id, sorted, in chunks of `size`."""
+def customer_chunks(lake: Lake, size: int, workers: int = 1) -> list[pd.Index]:
+    """Every profile's customer_id, sorted, in chunks of at most `size`: as few as that
+    allows, their number a multiple of `workers` (so no process idles through a last
+    round), of equal sizes."""
     ids = lake.read("gold", "customer_profile", columns=["customer_id"])["customer_id"]
     ids = np.sort(ids.to_numpy(zero_copy_only=False).astype(str))
-    return [pd.Index(ids[i : i + size]) for i in range(0, len(ids), size)] or [pd.Index([])]
+    if not len(ids):
+        return [pd.Index([])]
+    n = -(-len(ids) // size)  # ceil
+    if n > 1:
+        n = -(-n // workers) * workers
+    return [pd.Index(part) for part in np.array_split(ids, n) if len(part)] or [pd.Index([])]
 
 
 def _snapshot_chunk(
@@ -135,30 +143,34 @@ def _snapshot_chunk(
     as_of: pd.Timestamp,
     measures: bool,
     fs: FeatureSet | None,
-    chunk: pd.Index,
+    chunk: pd.Index | None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Measures and/or features of one chunk of profiles (may run in a worker process)."""
+    """Measures and/or features of one chunk of profiles (None: every profile), computed
+    by DuckDB from the lake's gold tables through the as-of SQL (may run in a worker
+    process; `threads`: DuckDB's while it builds the view)."""
     from c360ml.features import (
-        buyers_and_active,
         calculate_snapshot,
+        lake_gold,
         load_churn_config,
         load_measures,
         measures_frame,
-        read_gold,
     )
+    from c360ml.features.asof import AsOfSql
 
     out: dict[str, Any] = {"measures": None, "features": None}
-    seconds = out["seconds"] = {"read": 0.0, "features": 0.0}
+    seconds = out["seconds"] = {"view": 0.0, "features": 0.0}
     started = time.perf_counter()
-    gold = read_gold(Lake(settings.lake), customers=chunk)
-    out["profiles"] = gold.customers["customer_id"]
     cfg = load_churn_config(settings.path(settings.feature_spec))
-    buyers, active = buyers_and_active(gold, as_of, cfg)
-    out["buyers"] = pd.Series(buyers, name="customer_id")
     wanted = load_measures(settings.path(settings.measures)) if measures else None
-    seconds["read"] = time.perf_counter() - started
-    started = time.perf_counter()
-    matrix, features = calculate_snapshot(gold, as_of, wanted, fs, pd.Index(active))
+    with AsOfSql(lake_gold(Lake(settings.lake)), customers=chunk, threads=threads) as sql:
+        sql.build_view(as_of)
+        out["profiles"] = pd.Series(sql.profile_ids().to_numpy(), name="customer_id")
+        buyers, active = sql.buyers_and_active(as_of, cfg)
+        out["buyers"] = pd.Series(buyers, name="customer_id")
+        seconds["view"] = time.perf_counter() - started
+        started = time.perf_counter()
+        matrix, features = calculate_snapshot(sql, as_of, wanted, fs, pd.Index(active))
     if wanted:
         out["measures"] = measures_frame(matrix, wanted, as_of)
     if features is not None:
@@ -173,17 +185,24 @@ def snapshot_profiles(
     """Measures and/or the feature snapshot of every profile at as_of, a chunk of
     customers at a time, `refresh_workers` chunks at once in worker processes.
 
-    Why chunks: each chunk's gold rows are read on their own (the customer filter is
-    pushed into the scan), so memory follows the chunk size, not the lake (1M profiles
-    with 23M order lines do not fit in pandas at once), and chunks can use both cores
-    (the feature engine runs on one thread). Every measure and feature is an aggregation over one
-    customer's rows, so chunking changes no value (a test checks).
+    The as-of view, the populations and the aggregates are SQL that DuckDB runs over the
+    lake's gold tables (`c360ml.features.asof`); only each chunk's results reach pandas.
+    Why chunks: a chunk's view and aggregates are a process's work (they run on one thread,
+    see `c360ml.features.asof.AsOfSql`), so chunks use every core, and DuckDB's memory
+    follows the chunk, not the lake. Every measure and feature is an aggregation over one
+    customer's rows, so chunking changes no value but, at most, a sum's last bit (a chunk
+    stores its customers' rows by time; a test checks). With one chunk, the customers are
+    not listed to DuckDB at all, and the statuses and populations use every core.
     """
-    chunks = customer_chunks(Lake(settings.lake), settings.refresh_chunk_customers)
-    job = partial(_snapshot_chunk, settings, as_of, measures, fs)
-    workers = min(settings.refresh_workers, len(chunks))
+    size, workers = settings.refresh_chunk_customers, settings.refresh_workers
+    chunks = customer_chunks(Lake(settings.lake), size, workers)
+    workers = min(workers, len(chunks))
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    job = partial(_snapshot_chunk, settings, as_of, measures, fs, threads=threads)
     with progress.track("profiles, chunks", len(chunks)) as advance:
-        if workers > 1:
+        if len(chunks) == 1:
+            results = [_advanced(job(None), advance)]
+        elif workers > 1:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 results = [_advanced(r, advance) for r in pool.map(job, chunks)]

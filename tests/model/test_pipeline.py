@@ -125,9 +125,9 @@ def test_retrain_if_needed_trains_without_a_champion_and_then_waits(setup, tmp_p
 
 
 def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch):
-    """With caps below the lake's size, gold is read for the test sample only, training
-    rows come from the (nested) training sample, the test cutoff is labelled exactly as
-    a full read would label those customers, and both rates are recorded."""
+    """With caps below the lake's size, gold is read (by SQL) for the test sample only,
+    training rows come from the (nested) training sample, the test cutoff is labelled
+    exactly as a full read would label those customers, and both rates are recorded."""
     settings = generated_lake(tmp_path_factory.mktemp("sampled"), customers=600, seed=13)
     lake = Lake(settings.lake)
     cfg = ft.load_churn_config(settings.path(settings.feature_spec))
@@ -141,24 +141,24 @@ def test_large_lake_is_sampled_before_gold_is_read(tmp_path_factory, monkeypatch
     rate, test_rate = 100 / n, 200 / n
 
     seen: dict = {}
-    read_gold, calculate = ft.read_gold, ft.calculate_features
+    read_gold, lake_gold, calculate = ft.read_gold, ft.lake_gold, ft.calculate_features
 
     def spy_read(lake_, customers=None):
-        seen["gold"] = read_gold(lake_, customers=customers)
+        seen["gold"] = lake_gold(lake_, customers=customers)
         return seen["gold"]
 
-    def spy_calculate(gold, population, fs):
+    def spy_calculate(gold, population, fs, **options):
         seen.setdefault("population", population.copy())  # the first call: the matrix
-        return calculate(gold, population, fs)
+        return calculate(gold, population, fs, **options)
 
-    monkeypatch.setattr(ft, "read_gold", spy_read)
+    monkeypatch.setattr(ft, "lake_gold", spy_read)
     monkeypatch.setattr(ft, "calculate_features", spy_calculate)
     summary = run_training(settings, AS_OF, config=config)
     assert summary.sample_rate == pytest.approx(rate)
     assert summary.test_sample_rate == pytest.approx(test_rate)
 
     # Gold as read holds only test-sample customers (a full read then a sample would not).
-    gold, full = seen["gold"], read_gold(lake)
+    gold, full = read_gold(lake, customers=seen["gold"].customers), read_gold(lake)
     in_sample = set(ordering[customer_bucket(pd.Series(ordering)) < test_rate])
     assert set(gold.orders["customer_id"]) <= in_sample
     assert set(gold.customers["customer_id"]) <= in_sample

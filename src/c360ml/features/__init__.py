@@ -1,5 +1,9 @@
 """Feature stage: as-of views of gold, labels, Featuretools features and measures.
 
+Gold comes as frames (`GoldTables`, `read_gold`) or as a lake's tables read by SQL
+(`LakeGold`, `lake_gold`): the as-of view, population and labels are SQL over the lake
+(`c360ml.features.asof`), the pandas forms their reference.
+
 Featuretools is imported only by `c360ml.features.dfs`, and that module is loaded lazily
 (on first use of derive_feature_set, calculate_features, calculate_snapshot,
 build_entityset), so code that
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from c360ml.features.asof import LakeGold, lake_gold
 from c360ml.features.featureset import FeatureSet, select_features
 from c360ml.features.gold import GoldTables, read_gold, read_ordering_customers, view_as_of
 from c360ml.features.labels import (
@@ -36,6 +41,7 @@ __all__ = [
     "ChurnConfig",
     "FeatureSet",
     "GoldTables",
+    "LakeGold",
     "Measure",
     "active_population",
     "build_entityset",
@@ -46,6 +52,7 @@ __all__ = [
     "compute_labels",
     "compute_rfm",
     "derive_feature_set",
+    "lake_gold",
     "load_churn_config",
     "load_measures",
     "measures_frame",

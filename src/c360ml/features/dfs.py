@@ -1,12 +1,19 @@
 """The one module that imports Featuretools: EntitySet, DFS, feature and measure matrices.
 
 Engines: the feature definitions are always Featuretools' (DFS, saved with the model).
-Their values are computed by `c360ml.features.aggregates` in DuckDB (engine "duckdb",
-the default, for training and scoring alike), which this module feeds a plain
-`Aggregate` per feature; a feature it cannot express is left to Featuretools'
-calculate_feature_matrix, which is also the "featuretools" engine the tests compare with.
+Their values are computed by `c360ml.features.aggregates` in DuckDB, which this module
+feeds a plain `Aggregate` per feature, over the as-of view of gold at the cutoff:
+- "duckdb" (the default, for training and scoring alike): the view is SQL
+  (`c360ml.features.asof`), run by DuckDB over the lake's gold tables (a `LakeGold`) or
+  over frames (`GoldTables`), and the aggregates read it where it is built;
+- "pandas": the view built in pandas (`c360ml.features.gold.view_as_of`), the reference
+  the SQL view is tested against;
+- "featuretools": the pandas view and Featuretools' calculate_feature_matrix for every
+  feature, the reference the compiled aggregates are tested against.
+A feature the aggregates cannot express is left to Featuretools in every engine (on the
+view's rows, fetched into pandas for it).
 
-Leakage design: features for cutoff t are computed on `view_as_of(gold, t)` — data after t
+Leakage design: features for cutoff t are computed on the as-of view at t — data after t
 is never passed to either engine — and `calculate_feature_matrix` gets t as every row's
 cutoff time, so Featuretools' own cutoff filtering applies as well. An event exactly at t
 counts in features (Featuretools keeps time_index <= cutoff), and is outside the label
@@ -30,9 +37,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +59,18 @@ from c360ml.features.aggregates import (
     PRIMITIVES,
     Aggregate,
     activity_frames,
+    aggregate_view,
     compute_aggregates,
 )
+from c360ml.features.asof import AsOfSql, LakeGold
 from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
-from c360ml.features.gold import GoldTables, restrict_to_customers, standardise_gold, view_as_of
+from c360ml.features.gold import (
+    GoldTables,
+    read_gold,
+    restrict_to_customers,
+    standardise_gold,
+    view_as_of,
+)
 from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec
 from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
 from c360ml.timestamps import utc, utc_column
@@ -64,9 +81,12 @@ CUSTOMER_ID = CustomerProfile.customer_id
 CUTOFF_TIME = "cutoff_time"
 MATRIX_DTYPE = "float32"
 _HALF_MICROSECOND_S = 5e-7
-# Who computes a matrix: "duckdb" (c360ml.features.aggregates; Featuretools only for a
-# feature it cannot express) or "featuretools" (the reference the tests compare with).
-ENGINES = ("duckdb", "featuretools")
+SCHEMA_ROWS = 1000  # rows of each view relation `derive_feature_set` reads from a LakeGold
+# Who computes a matrix (see the module docstring): "duckdb" (the SQL view and
+# c360ml.features.aggregates; Featuretools only for a feature they cannot express),
+# "pandas" (the pandas view, the same aggregates) or "featuretools" (the pandas view and
+# Featuretools for all); the last two are the references the tests compare with.
+ENGINES = ("duckdb", "pandas", "featuretools")
 # Identifier columns of each EntitySet dataframe (categoricals with one value per entity).
 ID_COLUMNS = {
     TARGET_DATAFRAME: (CUSTOMER_ID,),
@@ -168,6 +188,7 @@ def _entityset(frames: dict[str, pd.DataFrame]) -> ft.EntitySet:
             index=LINE_ID,
             time_index=Orders.order_ts,
             logical_types={
+                LINE_ID: "Integer",  # explicit: an empty frame infers nothing
                 OrderLines.order_id: cat,
                 OrderLines.item_id: cat,
                 OrderLines.category: cat,
@@ -222,15 +243,19 @@ def _primitive_name(entry: str | dict) -> str:
     return entry if isinstance(entry, str) else next(iter(entry))
 
 
-def _add_interesting_values(es: ft.EntitySet, spec: DfsSpec) -> None:
+def _add_interesting_values(es: ft.EntitySet, spec: DfsSpec, top=None) -> None:
+    """The spec's interesting values; a `top` entry's from `top(dataframe, column, n)`
+    (default: the most frequent values in the EntitySet's own rows)."""
     for df_name, cols in spec.interesting_values.items():
         values = {}
         for col, wanted in cols.items():
-            if isinstance(wanted, TopValues):
+            if not isinstance(wanted, TopValues):
+                values[col] = list(wanted)
+            elif top is not None:
+                values[col] = top(df_name, col, wanted.top)
+            else:
                 counts = es[df_name][col].value_counts(dropna=True)
                 values[col] = [v for v in counts.index[: wanted.top] if counts[v] > 0]
-            else:
-                values[col] = list(wanted)
         es.add_interesting_values(dataframe_name=df_name, values=values)
 
 
@@ -284,24 +309,29 @@ def _synthesize(es: ft.EntitySet, spec: DfsSpec) -> list:
     return sorted((f for f in features if f.get_name() not in drop), key=lambda f: f.get_name())
 
 
-def derive_feature_set(gold: GoldTables, spec_path: Path) -> FeatureSet:
+def derive_feature_set(gold: GoldTables | LakeGold | AsOfSql, spec_path: Path) -> FeatureSet:
     """Feature definitions from the DFS spec (features_only: no matrix is computed).
 
-    The EntitySet is built on the latest view of gold, which only supplies column types
-    and the `top` interesting values; the definitions themselves hold no data.
+    The EntitySet is built on the latest view of gold, which only supplies column types,
+    categories and the `top` interesting values; the definitions themselves hold no data.
+    From a `LakeGold`, that view is SQL and only its schema, categories and top values
+    leave DuckDB (`_schema_entityset`).
     """
     spec = load_dfs_spec(spec_path)
-    gold = standardise_gold(gold)
-    times = [
-        gold.orders[Orders.order_ts].max(),
-        gold.support_cases[SupportCases.created_ts].max(),
-        gold.order_status["valid_from"].max(),
-        gold.case_status["valid_from"].max(),
-    ]
-    known = [t for t in times if pd.notna(t)]
-    view = view_as_of(gold, max(known) if known else pd.Timestamp.now(tz="UTC"))
-    es = build_entityset(view)
-    _add_interesting_values(es, spec)
+    if isinstance(gold, LakeGold | AsOfSql):
+        es = _schema_entityset(gold, spec)
+    else:
+        gold = standardise_gold(gold)
+        times = [
+            gold.orders[Orders.order_ts].max(),
+            gold.support_cases[SupportCases.created_ts].max(),
+            gold.order_status["valid_from"].max(),
+            gold.case_status["valid_from"].max(),
+        ]
+        known = [t for t in times if pd.notna(t)]
+        view = view_as_of(gold, max(known) if known else pd.Timestamp.now(tz="UTC"))
+        es = build_entityset(view)
+        _add_interesting_values(es, spec)
     features = _synthesize(es, spec)
     if len(features) > spec.max_features:
         raise ValueError(
@@ -347,6 +377,27 @@ def _without_id_values(definitions_json: str) -> str:
     return json.dumps(definitions)
 
 
+def _schema_entityset(gold: LakeGold | AsOfSql, spec: DfsSpec) -> ft.EntitySet:
+    """The EntitySet `derive_feature_set` needs, from the SQL view of gold at its latest
+    event: a few of its rows (for woodwork's types and datetime formats), each categorical
+    column with the categories all its rows hold (woodwork would give the full frame the
+    same, sorted), and the `top` interesting values counted in SQL."""
+    with contextlib.ExitStack() as stack:
+        sql = gold if isinstance(gold, AsOfSql) else stack.enter_context(AsOfSql(gold))
+        sql.restrict(None)
+        sql.build_view(sql.latest_time() or pd.Timestamp.now(tz="UTC"))
+        frames = sql.frames(rows=SCHEMA_ROWS)
+        for name, frame in frames.items():
+            ids = ID_COLUMNS.get(name, ())
+            for column in frame.columns:
+                if frame[column].dtype == object and column not in ids:
+                    values = sorted(sql.distinct(name, column))
+                    frame[column] = frame[column].astype(pd.CategoricalDtype(values))
+        es = _entityset(frames)
+        _add_interesting_values(es, spec, top=sql.top_values)
+    return es
+
+
 def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list) -> pd.DataFrame:
     """Featuretools' matrix of `features` for `ids` at t, indexed by customer_id."""
     if not len(ids):  # e.g. a chunk with no active profile: Featuretools needs a cutoff row
@@ -359,24 +410,102 @@ def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list)
     return matrix.reindex(ids)
 
 
-def _matrices(frames: dict, t: pd.Timestamp, requests: list, engine: str) -> list[pd.DataFrame]:
-    """For each (ids, features) request, the matrix of those features for those ids at t,
-    from the activity frames of the view at t (one DuckDB load serves every request)."""
+class _FramesView:
+    """The pandas as-of view at t as activity frames (the "pandas" and "featuretools"
+    engines), and the gold it was cut from (`current`: what a user's SQL feature may read
+    as `current_*`)."""
+
+    def __init__(self, frames: dict[str, pd.DataFrame], current: GoldTables) -> None:
+        self._frames, self._current = frames, current
+
+    def aggregates(self, t: pd.Timestamp, requests: list) -> list[pd.DataFrame]:
+        return compute_aggregates(self._frames, t, requests)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return self._frames
+
+    def current(self) -> GoldTables:
+        return self._current
+
+
+class _SqlView:
+    """The SQL as-of view an AsOfSql has built (the "duckdb" engine): the aggregates read
+    it in DuckDB; its rows reach pandas only for what they cannot compute."""
+
+    def __init__(self, sql: AsOfSql) -> None:
+        self.sql = sql
+
+    def aggregates(self, t: pd.Timestamp, requests: list) -> list[pd.DataFrame]:
+        return aggregate_view(self.sql.con, t, requests, self.sql.dialect)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return self.sql.frames()
+
+    def current(self) -> GoldTables:
+        return self.sql.current()
+
+
+def _check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise ValueError(f"unknown feature engine {engine!r}; expected one of {ENGINES}")
-    plans = [[_aggregate(f) if engine == "duckdb" else None for f in fs] for _, fs in requests]
+
+
+def _gold_frames(gold: GoldTables | LakeGold) -> GoldTables:
+    """Gold as frames for the pandas engines (a LakeGold is read, its customers only)."""
+    if isinstance(gold, LakeGold):
+        return read_gold(gold.lake, customers=gold.customers)
+    return standardise_gold(gold)
+
+
+@contextlib.contextmanager
+def _views(gold, engine: str) -> Iterator:
+    """A function (t, ids or None) -> the as-of view at t of those customers, for `engine`.
+    The SQL engine keeps one DuckDB connection (gold registered once) for every view; an
+    open AsOfSql is used as it is."""
+    _check_engine(engine)
+    if engine == "duckdb":
+        if isinstance(gold, AsOfSql):
+            yield partial(_sql_view, gold)
+            return
+        with AsOfSql(gold) as sql:
+            yield partial(_sql_view, sql)
+        return
+    if isinstance(gold, AsOfSql):
+        raise ValueError(f"engine {engine!r} needs gold as frames, not an AsOfSql")
+    frames = _gold_frames(gold)
+    yield partial(_frames_view, frames)
+
+
+def _sql_view(sql: AsOfSql, t: pd.Timestamp, ids: pd.Index | None) -> _SqlView:
+    if ids is not None:
+        sql.restrict(ids)
+    sql.build_view(t)
+    return _SqlView(sql)
+
+
+def _frames_view(gold: GoldTables, t: pd.Timestamp, ids: pd.Index | None) -> _FramesView:
+    mine = gold if ids is None else restrict_to_customers(gold, ids)
+    return _FramesView(activity_frames(view_as_of(mine, t)), mine)
+
+
+def _matrices(view, t: pd.Timestamp, requests: list, engine: str) -> list[pd.DataFrame]:
+    """For each (ids, features) request, the matrix of those features for those ids at t,
+    from the view at t (one view serves every request)."""
+    _check_engine(engine)
+    compiled = engine != "featuretools"
+    plans = [[_aggregate(f) if compiled else None for f in fs] for _, fs in requests]
     planned = [[p for p in ps if p is not None] for ps in plans]
     sql = [(ids, ps) for (ids, _), ps in zip(requests, planned, strict=True) if ps]
-    computed = iter(compute_aggregates(frames, t, sql) if sql else [])
+    computed = iter(view.aggregates(t, sql) if sql else [])
     es = None
     out = []
     for (ids, features), ps, mine in zip(requests, plans, planned, strict=True):
         parts = [next(computed)] if mine else []
         rest = [f for f, p in zip(features, ps, strict=True) if p is None]
         if rest:
-            if engine == "duckdb":
-                log.info("featuretools computes %d feature(s) duckdb cannot", len(rest))
-            es = es or _entityset(frames)
+            if compiled:
+                log.info("featuretools computes %d feature(s) the SQL cannot", len(rest))
+            es = es or _entityset(view.frames())
             parts.append(_ft_matrix(es, ids, t, rest))
         out.append(pd.concat(parts, axis=1)[[f.get_name() for f in features]])
     return out
@@ -430,7 +559,10 @@ def _terms(feature: AggregationFeature, name: str) -> Aggregate | None:
     default = None if default is None or pd.isna(default) else float(default)
     terms = {"table": base.dataframe_name, "where": where, "window_ns": window, "default": default}
     if isinstance(base, ft.IdentityFeature):
-        return Aggregate(name, feature.primitive.name, column=base.get_name(), **terms)
+        column = base.get_name()
+        if column == LINE_ID and feature.primitive.name != "count":
+            return None  # the lines' index exists in pandas only (the SQL view has none)
+        return Aggregate(name, feature.primitive.name, column=column, **terms)
     if isinstance(base, ft.TransformFeature) and _days_since(base):
         column = base.base_features[0].get_name()
         return Aggregate(name, feature.primitive.name, column=column, time_since=True, **terms)
@@ -496,18 +628,13 @@ def _load(fs: FeatureSet) -> list:
 
 
 def _with_sql(
-    matrix: pd.DataFrame,
-    frames: dict,
-    ids: pd.Index,
-    t: pd.Timestamp,
-    fs: FeatureSet,
-    current: GoldTables,
+    matrix: pd.DataFrame, view, ids: pd.Index, t: pd.Timestamp, fs: FeatureSet
 ) -> pd.DataFrame:
     """The Featuretools matrix with fs's SQL features (c360ml.features.custom) beside it."""
     sql = custom.definitions(fs.meta)
     if not sql:
         return matrix
-    extra = custom.compute_sql_features(frames, ids, t, sql, current)
+    extra = custom.compute_sql_features(view.frames(), ids, t, sql, view.current())
     return pd.concat([matrix, extra.set_axis(matrix.index)], axis=1)
 
 
@@ -521,31 +648,99 @@ def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp,
 
 
 def calculate_features(
-    gold: GoldTables, population: pd.DataFrame, fs: FeatureSet, engine: str = "duckdb"
+    gold: GoldTables | LakeGold | AsOfSql,
+    population: pd.DataFrame,
+    fs: FeatureSet,
+    engine: str = "duckdb",
+    workers: int = 1,
 ) -> pd.DataFrame:
     """customer_id, cutoff_time, then fs.names in order (float32), one row per population row.
 
-    One cutoff at a time on the as-of view of that cutoff; definitions come from
-    fs.definitions_json (never re-derived, so training and scoring compute the same thing).
+    One cutoff at a time on the as-of view of that cutoff, restricted to its customers;
+    definitions come from fs.definitions_json (never re-derived, so training and scoring
+    compute the same thing). `gold`: frames, or a lake's gold read by SQL (LakeGold, or an
+    open AsOfSql over one). `workers` > 1 (SQL over a lake only): the cutoffs are shared
+    among that many processes, each with a DuckDB of its own (the aggregates run on one
+    thread each, see `c360ml.features.aggregates`); the values are the same.
     """
-    features = _load(fs)
-    gold = standardise_gold(gold)
-    parts = []
     groups = list(_population_groups(population))
+    lake = _lake_of(gold) if engine == "duckdb" else None
+    workers = min(workers, len(groups))
     with progress.track("features per cutoff", len(groups)) as advance:
-        for t, ids in groups:
-            mine = restrict_to_customers(gold, ids)
-            frames = activity_frames(view_as_of(mine, t))
-            (matrix,) = _matrices(frames, t, [(ids, features)], engine)
-            matrix = _with_sql(matrix, frames, ids, t, fs, mine)
-            parts.append(_feature_part(matrix, ids, t, fs))
-            log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
-            advance()
+        parts = None
+        if workers > 1 and lake is not None:
+            parts = _parallel_features(lake, groups, fs, workers, advance)
+        if parts is None:
+            parts, features = [], _load(fs)
+            with _views(gold, engine) as view_at:
+                for t, ids in groups:
+                    parts.append(_cutoff_features(view_at, t, ids, fs, features, engine))
+                    advance()
     result = pd.concat(parts, ignore_index=True)
     result[CUTOFF_TIME] = result[CUTOFF_TIME].dt.as_unit("us")
     keys = population[[CUSTOMER_ID, CUTOFF_TIME]].copy()
     keys[CUTOFF_TIME] = utc_column(keys[CUTOFF_TIME])
     return keys.merge(result, on=[CUSTOMER_ID, CUTOFF_TIME], how="left", validate="m:1")
+
+
+def _cutoff_features(view_at, t, ids: pd.Index, fs: FeatureSet, features: list, engine: str):
+    view = view_at(t, ids)
+    (matrix,) = _matrices(view, t, [(ids, features)], engine)
+    matrix = _with_sql(matrix, view, ids, t, fs)
+    log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
+    return _feature_part(matrix, ids, t, fs)
+
+
+def _lake_of(gold) -> LakeGold | None:
+    """The LakeGold a computation reads (an AsOfSql's, with its sample), None for frames."""
+    if isinstance(gold, AsOfSql):
+        lake = gold.gold.lake if isinstance(gold.gold, LakeGold) else None
+        return None if lake is None else LakeGold(lake, gold.sample)
+    return gold if isinstance(gold, LakeGold) else None
+
+
+def _parallel_features(
+    gold: LakeGold, groups: list, fs: FeatureSet, workers: int, advance
+) -> list[pd.DataFrame] | None:
+    """calculate_features' parts, the cutoffs dealt round-robin to `workers` processes; None
+    when the processes cannot start (a script without `if __name__ == "__main__":`, which
+    each spawned process runs again): the caller then computes them in this process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    shares = [groups[k::workers] for k in range(workers)]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    root = str(gold.lake.root)
+    context = multiprocessing.get_context("spawn")
+    done: dict[pd.Timestamp, pd.DataFrame] = {}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            jobs = [
+                pool.submit(_features_job, root, gold.customers, share, fs.to_json(), threads)
+                for share in shares
+            ]
+            for job in as_completed(jobs):
+                for t, part in job.result():
+                    done[t] = part
+                    advance()
+    except BrokenProcessPool as exc:
+        log.warning("feature worker processes failed (%s); computing in this process", exc)
+        return None
+    return [done[t] for t, _ in groups]
+
+
+def _features_job(
+    root: str, customers: pd.Index | None, groups: list, fs_json: str, threads: int
+) -> list[tuple[pd.Timestamp, pd.DataFrame]]:
+    """A worker process's cutoffs (see `_parallel_features`)."""
+    from c360ml.storage.lake import Lake
+
+    fs = FeatureSet.from_json(fs_json)
+    features = _load(fs)
+    with AsOfSql(LakeGold(Lake(root), customers), threads=threads) as sql:
+        view_at = partial(_sql_view, sql)
+        return [(t, _cutoff_features(view_at, t, ids, fs, features, "duckdb")) for t, ids in groups]
 
 
 def measure_features(es: ft.EntitySet, measures: list) -> list:
@@ -582,7 +777,7 @@ def measure_features(es: ft.EntitySet, measures: list) -> list:
 
 
 def calculate_snapshot(
-    gold: GoldTables,
+    gold: GoldTables | LakeGold | AsOfSql,
     as_of: pd.Timestamp,
     measures: list | None,
     fs: FeatureSet | None,
@@ -590,35 +785,43 @@ def calculate_snapshot(
     engine: str = "duckdb",
 ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """The refresh's pass at one as_of: the measure matrix of every profile in gold
-    (indexed by customer_id) and fs's features of `feature_ids` (as calculate_features
+    (indexed by customer_id, sorted) and fs's features of `feature_ids` (as calculate_features
     returns them), either None when not asked.
 
     Both come from one as-of view: building it is much of a pass's cost, so a second pass
     would pay it again for nothing. Every value is an aggregation over one customer's
     rows, so the features equal those of calculate_features on a view restricted to
-    `feature_ids` (a test checks).
+    `feature_ids` (a test checks). `gold` may be an open AsOfSql (the refresh's chunk,
+    whose view at as_of it may already hold).
     """
-    gold = standardise_gold(gold)
     as_of = utc(as_of)
-    frames = activity_frames(view_as_of(gold, as_of))
-    requests = []
-    if measures:
-        schema = _entityset({name: frame.iloc[:0] for name, frame in frames.items()})
-        ids = pd.Index(gold.customers[CUSTOMER_ID].unique())
-        requests.append((ids, measure_features(schema, measures)))
-    if fs is not None:
-        requests.append((pd.Index(feature_ids.unique()), _load(fs)))
-    matrices = iter(_matrices(frames, as_of, requests, engine))
-    measure_matrix = next(matrices) if measures else None
-    features = None
-    if fs is not None:
-        ids = requests[-1][0]
-        matrix = _with_sql(next(matrices), frames, ids, as_of, fs, gold)
-        features = _feature_part(matrix, ids, as_of, fs)
-        features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
+    with _views(gold, engine) as view_at:
+        view = view_at(as_of, None)
+        requests = []
+        if measures:
+            if isinstance(view, _SqlView):
+                ids, empty = view.sql.profile_ids(), view.sql.frames(rows=False)
+            else:
+                frames = view.frames()
+                ids = frames["customers"][CUSTOMER_ID].unique().astype(str)
+                ids = pd.Index(np.sort(ids), name=CUSTOMER_ID)  # as profile_ids orders them
+                empty = {name: frame.iloc[:0] for name, frame in frames.items()}
+            requests.append((ids, measure_features(_entityset(empty), measures)))
+        if fs is not None:
+            requests.append((pd.Index(feature_ids.unique()), _load(fs)))
+        matrices = iter(_matrices(view, as_of, requests, engine))
+        measure_matrix = next(matrices) if measures else None
+        features = None
+        if fs is not None:
+            ids = requests[-1][0]
+            matrix = _with_sql(next(matrices), view, ids, as_of, fs)
+            features = _feature_part(matrix, ids, as_of, fs)
+            features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
     return measure_matrix, features
 
 
-def compute_measures(gold: GoldTables, as_of: pd.Timestamp, measures: list) -> pd.DataFrame:
+def compute_measures(
+    gold: GoldTables | LakeGold, as_of: pd.Timestamp, measures: list, engine: str = "duckdb"
+) -> pd.DataFrame:
     """Measure values for every profile at as_of, indexed by customer_id."""
-    return calculate_snapshot(gold, as_of, measures, None, pd.Index([]))[0]
+    return calculate_snapshot(gold, as_of, measures, None, pd.Index([]), engine)[0]

@@ -7,9 +7,13 @@ so a cancellation, case resolution or profile edit after t cannot change feature
 
 Status resolution (shared by the view, the population and the labels through
 `StatusTimeline`): the history row with valid_from <= t < valid_to (valid_to null = still
-current). If an entity has history but none of it is valid at t yet (the change feed lags
+current); of several (a dirty history), the latest valid_from, then valid_to, is_cancelled,
+status. If an entity has history but none of it is valid at t yet (the change feed lags
 the event time), its first recorded status is used. An entity with no history at all has
 never changed, so its current value is its value at every t.
+
+This pandas view is the reference: production computes the same view in SQL over the lake
+(`c360ml.features.asof`), and the tests hold the two equal.
 """
 
 from __future__ import annotations
@@ -195,23 +199,27 @@ class StatusTimeline:
         vf = _ns(history[StatusHistory.valid_from])[keep]
         vt = _ns(history[StatusHistory.valid_to])[keep]
         idx = idx[keep]
-        # Sort by entity then valid_from: entity slices are contiguous, and where rows
-        # overlap (dirty history) the later valid_from wins on assignment.
-        order = np.lexsort((vf, idx))
-        self._idx, self._vf, self._vt = idx[order], vf[order], vt[order]
         n = len(entity_ids)
         if with_status:
             all_status = pd.concat(
                 [current_status.astype("string"), history[StatusHistory.status].astype("string")]
             )
-            cats = pd.Categorical(all_status)
+            cats = pd.Categorical(all_status)  # sorted categories: codes order as strings do
             self.categories = cats.categories
             codes = cats.codes.astype(np.int32)
         else:  # labels only need is_cancelled; skip factorising millions of strings
             self.categories = pd.Index(["?"])
             codes = np.zeros(n + len(history), dtype=np.int32)
-        self._status = codes[n:][keep][order]
-        self._cancelled = history[StatusHistory.is_cancelled].to_numpy(bool)[keep][order]
+        status = codes[n:][keep]
+        cancelled = history[StatusHistory.is_cancelled].to_numpy(bool)[keep]
+        # Sort by entity, then valid_from, valid_to (NaT last), is_cancelled, status (NaN
+        # first): entity slices are contiguous, an entity's first row is its first recorded
+        # one, and where valid rows overlap (dirty history) the last of them wins. The same
+        # order as the SQL's (`c360ml.features.asof.status_segments`), so ties resolve alike.
+        order = np.lexsort((status, cancelled, vt, vf, idx))
+        self._idx, self._vf, self._vt = idx[order], vf[order], vt[order]
+        self._status = status[order]
+        self._cancelled = cancelled[order]
         # Fallback per entity: first recorded row if it has history, else its current value.
         self._fb_status = codes[:n].copy()
         self._fb_cancelled = current_cancelled.to_numpy(bool).copy()
@@ -221,27 +229,29 @@ class StatusTimeline:
             self._fb_cancelled[self._idx[firsts]] = self._cancelled[firsts]
         self.n = n
 
-    def _rows(self, t_ns: int, lo: int, hi: int) -> tuple[slice, np.ndarray]:
+    def _valid(self, t_ns: int, lo: int, hi: int) -> np.ndarray:
+        """Positions of the row valid at t of each entity lo..hi-1 that has one (the last
+        of its valid rows in the sort order)."""
         a, b = np.searchsorted(self._idx, [lo, hi])
-        rows = slice(a, b)
-        valid = (self._vf[rows] <= t_ns) & (t_ns < self._vt[rows])
-        return rows, valid
+        rows = np.flatnonzero((self._vf[a:b] <= t_ns) & (t_ns < self._vt[a:b])) + a
+        ids = self._idx[rows]
+        return rows[np.r_[ids[1:] != ids[:-1], True]] if len(rows) else rows
 
     def cancelled_at(self, t: pd.Timestamp, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """is_cancelled at t of entities lo..hi-1 (entity order of the constructor)."""
         hi = self.n if hi is None else hi
-        rows, valid = self._rows(utc(t).value, lo, hi)
+        rows = self._valid(utc(t).value, lo, hi)
         out = self._fb_cancelled[lo:hi].copy()
-        out[self._idx[rows][valid] - lo] = self._cancelled[rows][valid]
+        out[self._idx[rows] - lo] = self._cancelled[rows]
         return out
 
     def status_at(self, t: pd.Timestamp) -> tuple[pd.Series, np.ndarray]:
         """(status strings, is_cancelled) of every entity at t."""
-        rows, valid = self._rows(utc(t).value, 0, self.n)
+        rows = self._valid(utc(t).value, 0, self.n)
         codes = self._fb_status.copy()
         cancelled = self._fb_cancelled.copy()
-        codes[self._idx[rows][valid]] = self._status[rows][valid]
-        cancelled[self._idx[rows][valid]] = self._cancelled[rows][valid]
+        codes[self._idx[rows]] = self._status[rows]
+        cancelled[self._idx[rows]] = self._cancelled[rows]
         status = pd.Categorical.from_codes(codes, self.categories)
         return pd.Series(status, dtype="string"), cancelled
 

@@ -11,6 +11,10 @@ must take seconds) and define the target, so they are written out exactly:
 
 Orders are sorted by time once, so each window is a contiguous slice found by binary
 search, and per-customer counts are `np.bincount` over integer customer codes.
+
+These take gold as frames (`GoldTables`) and are the reference for the SQL that computes the
+same from a lake (`c360ml.features.asof`); given a `LakeGold` (or an open `AsOfSql`), each
+function runs that SQL.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from c360ml.features import asof
 from c360ml.features.gold import GoldTables, StatusTimeline, epoch_ns
 from c360ml.features.spec import ChurnConfig
 from c360ml.schemas import CustomerProfile, Orders
@@ -126,20 +131,26 @@ def _concat(parts: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def active_population(
-    gold: GoldTables, cutoffs: Sequence[pd.Timestamp], cfg: ChurnConfig
+    gold: GoldTables | asof.LakeGold | asof.AsOfSql,
+    cutoffs: Sequence[pd.Timestamp],
+    cfg: ChurnConfig,
 ) -> pd.DataFrame:
     """customer_id, cutoff_time: customers with >= 1 purchase in (t - L, t] at each t."""
+    if not isinstance(gold, GoldTables):
+        return asof.active_population(gold, cutoffs, cfg)
     index = _OrderIndex.build(gold)
     parts = [_frame(index.customers, _population(index, t, cfg), t) for t in _cutoffs(cutoffs)]
     return _concat(parts)
 
 
 def buyers_and_active(
-    gold: GoldTables, t: pd.Timestamp, cfg: ChurnConfig
+    gold: GoldTables | asof.LakeGold | asof.AsOfSql, t: pd.Timestamp, cfg: ChurnConfig
 ) -> tuple[pd.Index, pd.Index]:
     """The refresh's two populations at t, from one order index (building it is most of
     the cost): customers with >= 1 purchase at or before t (compute_rfm's rows), and the
     active ones (active_population's). Both sorted customer_id."""
+    if not isinstance(gold, GoldTables):
+        return asof.buyers_and_active(gold, t, cfg)
     index = _OrderIndex.build(gold)
     t = utc(t)
     buyers = np.flatnonzero(index.buyers(None, t, status_time=t))
@@ -147,13 +158,17 @@ def buyers_and_active(
 
 
 def compute_labels(
-    gold: GoldTables, cutoffs: Sequence[pd.Timestamp], cfg: ChurnConfig
+    gold: GoldTables | asof.LakeGold | asof.AsOfSql,
+    cutoffs: Sequence[pd.Timestamp],
+    cfg: ChurnConfig,
 ) -> pd.DataFrame:
     """customer_id, cutoff_time, label (int8, 1 = churned) for the active population.
 
     The caller must only pass cutoffs whose window t + w has been observed (see
     `training_cutoffs`); a cutoff closer to the data end would mislabel customers as churned.
     """
+    if not isinstance(gold, GoldTables):
+        return asof.compute_labels(gold, cutoffs, cfg)
     index = _OrderIndex.build(gold)
     parts = []
     for t in _cutoffs(cutoffs):
@@ -167,7 +182,9 @@ def compute_labels(
     return _concat(parts)
 
 
-def compute_rfm(gold: GoldTables, cutoffs: Sequence[pd.Timestamp]) -> pd.DataFrame:
+def compute_rfm(
+    gold: GoldTables | asof.LakeGold | asof.AsOfSql, cutoffs: Sequence[pd.Timestamp]
+) -> pd.DataFrame:
     """Recency/frequency/monetary as known at each t, for the CI-D style baselines.
 
     Rows: every customer with >= 1 purchase at or before t (a superset of any active
@@ -175,6 +192,8 @@ def compute_rfm(gold: GoldTables, cutoffs: Sequence[pd.Timestamp]) -> pd.DataFra
     days from the last purchase to t; frequency_365d / monetary_365d = number / net sum of
     purchases in (t - 365 d, t]. Purchase status is the one valid at t. All float32.
     """
+    if not isinstance(gold, GoldTables):
+        return asof.compute_rfm(gold, cutoffs, RFM_LOOKBACK)
     index = _OrderIndex.build(gold)
     n = len(index.customers)
     parts = []

@@ -1,8 +1,9 @@
 """`run_training`: gold -> labels -> features -> train/evaluate -> MLflow -> gate.
 
 The wiring that `c360ml train` and `pipelines/train.py` call. The work is in
-`c360ml.features` (labels, RFM, Featuretools; imported lazily, so this module imports
-without them) and in `train`, `registry` and `report`.
+`c360ml.features` (labels, RFM and the feature matrix, as SQL over the lake's gold; the
+feature definitions from Featuretools; imported lazily, so this module imports without
+them) and in `train`, `registry` and `report`.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class TrainingData:
     candidate_customers: int  # customers with an order in the training span
     sample_rate: float  # customers sampled at the train/validation cutoffs
     test_sample_rate: float  # customers sampled at the test cutoff
-    gold: Any  # c360ml.features.GoldTables of the sampled customers
+    gold: Any  # c360ml.features.LakeGold: the lake's gold, the sampled customers only
     plan: Any  # c360ml.model.splits.SplitPlan
     candidates: Any  # FeatureSet before selection
     features: Any  # FeatureSet after selection (travels with the model)
@@ -329,6 +330,7 @@ def prepare_training(
 ) -> TrainingData:
     """Labels, the split plan and the feature matrix for `as_of` (a UTC instant)."""
     from c360ml import features as ft
+    from c360ml.features.asof import AsOfSql
     from c360ml.storage.lake import Lake
 
     if tune < 0:
@@ -351,35 +353,43 @@ def prepare_training(
     window = cfg.prediction_window_days
     lake = Lake(settings.lake)
     cutoffs = ft.training_cutoffs(cfg, as_of)
-    # Sample first, from the customer ids alone, then read gold for the sample only: memory
-    # scales with the caps, not with the lake (a full read of 1M customers was OOM-killed).
+    # Sample first, from the customer ids alone; labels, features and RFM are then SQL over
+    # the lake's gold for the sample only (c360ml.features.asof): nothing of gold is held
+    # in pandas, and DuckDB's memory follows the sample, not the lake.
     ordering = ft.read_ordering_customers(lake, cutoffs[0] - cfg.lookback, cutoffs[-1])
     rate = sample_rate_for(len(ordering), config, sample_rate)
     test_rate = eval_sample_rate_for(len(ordering), config, rate)
     sampled = None if test_rate >= 1 else sample_customers(ordering, test_rate)
-    gold = ft.read_gold(lake, customers=sampled)
-    labels = ft.compute_labels(gold, cutoffs, cfg)
-    if labels.empty:
-        raise ValueError(f"no active customers at any training cutoff for as_of {as_of.date()}")
-    plan = plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
-    population = sample_population(labels, rate, plan.test_cutoff, keep_rate=test_rate)
-    log.info(
-        "training population: %d rows of %d customers with orders in the span "
-        "(sample rate %.3f, test-cutoff sample rate %.3f)",
-        len(population),
-        len(ordering),
-        rate,
-        test_rate,
-    )
-    lap("labels_seconds")
-
-    candidates = ft.derive_feature_set(gold, spec)
-    matrix = ft.calculate_features(gold, population[[CUSTOMER, CUTOFF]], candidates)
+    gold = ft.lake_gold(lake, customers=sampled)
+    # The cutoffs' features are shared among the refresh's worker processes (one core
+    # each, their own DuckDB): this process's is closed before, its memory freed for them.
+    workers = settings.refresh_workers
+    with AsOfSql(gold) as sql:  # one session: gold registered and statuses resolved once
+        labels = ft.compute_labels(sql, cutoffs, cfg)
+        if labels.empty:
+            raise ValueError(f"no active customers at any training cutoff for as_of {as_of.date()}")
+        plan = plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
+        population = sample_population(labels, rate, plan.test_cutoff, keep_rate=test_rate)
+        log.info(
+            "training population: %d rows of %d customers with orders in the span "
+            "(sample rate %.3f, test-cutoff sample rate %.3f)",
+            len(population),
+            len(ordering),
+            rate,
+            test_rate,
+        )
+        rfm = ft.compute_rfm(sql, cutoffs)
+        lap("labels_seconds")
+        candidates = ft.derive_feature_set(sql, spec)
+        keys = population[[CUSTOMER, CUTOFF]]
+        if workers <= 1:
+            matrix = ft.calculate_features(sql, keys, candidates)
+    if workers > 1:
+        matrix = ft.calculate_features(gold, keys, candidates, workers=workers)
     matrix = matrix.merge(_keyed(population), on=[CUSTOMER, CUTOFF], validate="one_to_one")
     train_rows = assign_splits(matrix, plan) == TRAIN
     # Selection looks at training rows only, so nothing about the test cutoff leaks into it.
     fs, dropped = ft.select_features(matrix.loc[train_rows], candidates)
-    rfm = ft.compute_rfm(gold, cutoffs)
     lap("features_seconds")
 
     test_customers = matrix.loc[_is(matrix, plan.test_cutoff), CUSTOMER]
