@@ -401,11 +401,17 @@ def _identifiers(lake: Lake, accounts: list[str], contacts: list[str]) -> set[st
         for name in tables:
             con.register(name, lake.dataset("bronze", "d365", name))
         con.register("keys", pd.DataFrame({"k": accounts}))
-        rows = con.sql("""SELECT e.locator FROM custtable c
-                          JOIN dirpartytable p ON p.recid = c.party
-                          JOIN logisticselectronicaddress e
-                            ON e.recid IN (p.primarycontactemail, p.primarycontactphone)
-                          WHERE CONCAT(c.dataareaid, '-', c.accountnum) IN (SELECT k FROM keys)""").df()
+        # Equi-joins only: a join on `recid IN (email, phone)` is a nested loop over every
+        # party and address of the lake.
+        rows = con.sql("""WITH parties AS (SELECT party FROM custtable
+                                           WHERE CONCAT(dataareaid, '-', accountnum)
+                                                 IN (SELECT k FROM keys)),
+                               refs AS (SELECT primarycontactemail AS recid FROM dirpartytable
+                                        WHERE recid IN (SELECT party FROM parties)
+                                        UNION SELECT primarycontactphone FROM dirpartytable
+                                        WHERE recid IN (SELECT party FROM parties))
+                          SELECT locator FROM logisticselectronicaddress
+                          WHERE recid IN (SELECT recid FROM refs)""").df()
         found |= {v for v in rows["locator"] if isinstance(v, str) and v}
     return found
 
