@@ -7,19 +7,20 @@ import json
 
 import pytest
 
-from c360ml.sources.synapse import partition_path, read_model_json
+from c360ml.sources.synapse import partition_key, read_model_json
+from c360ml.storage.objects import open_store
 
 SYNC = "2026-11-03T07.44.51Z"
 BASE = f"https://contosolake.dfs.core.windows.net/dataverse-contoso-unq1/{SYNC}"
+FOLDER = f"landing/d365/{SYNC}"
 
 
-def test_relative_and_absolute_locations_resolve_to_the_same_file(tmp_path):
-    folder = tmp_path / "landing" / "d365" / SYNC
-    assert partition_path(folder, "CustTable/1.csv") == folder / "CustTable" / "1.csv"
-    assert partition_path(folder, f"{BASE}/CustTable/1.csv") == folder / "CustTable" / "1.csv"
+def test_relative_and_absolute_locations_resolve_to_the_same_file():
+    assert partition_key(FOLDER, "CustTable/1.csv") == f"{FOLDER}/CustTable/1.csv"
+    assert partition_key(FOLDER, f"{BASE}/CustTable/1.csv") == f"{FOLDER}/CustTable/1.csv"
     # percent-encoded names, and a SAS query (never echoed) do not change the file
     url = f"{BASE}/Sales%20Line/1.csv?sv=2022&sig=SECRET"
-    assert partition_path(folder, url) == folder / "Sales Line" / "1.csv"
+    assert partition_key(FOLDER, url) == f"{FOLDER}/Sales Line/1.csv"
 
 
 @pytest.mark.parametrize(
@@ -31,18 +32,26 @@ def test_relative_and_absolute_locations_resolve_to_the_same_file(tmp_path):
         ),
         (f"{BASE}", "names no file below the sync folder"),
         (f"{BASE}/../x.csv?sig=SECRET", "names no file below the sync folder"),
+        ("../../x.csv", "names no file below the sync folder"),
     ],
 )
 def test_a_location_outside_the_sync_folder_is_refused(tmp_path, location, message):
-    folder = tmp_path / SYNC
+    folder = tmp_path / "landing" / "d365" / SYNC
+    (folder / "CustTable").mkdir(parents=True)
+    entity = {
+        "name": "CustTable",
+        "attributes": [{"name": "AccountNum", "dataType": "string"}],
+        "partitions": [{"name": "1", "location": location}],
+    }
+    (folder / "model.json").write_text(json.dumps({"entities": [entity]}))
     with pytest.raises(ValueError, match=message) as caught:
-        partition_path(folder, location)
-    assert str(caught.value).startswith(str(folder / "model.json"))
+        read_model_json(open_store(tmp_path), FOLDER)
+    assert str(caught.value).startswith(f"{folder / 'model.json'}: ")
     assert "SECRET" not in str(caught.value)
 
 
 def test_model_json_with_absolute_locations_is_read(tmp_path):
-    folder = tmp_path / SYNC
+    folder = tmp_path / "landing" / "d365" / SYNC
     (folder / "CustTable").mkdir(parents=True)
     (folder / "CustTable" / "1.csv").write_text("a,1\n")
     entity = {
@@ -51,4 +60,9 @@ def test_model_json_with_absolute_locations_is_read(tmp_path):
         "partitions": [{"name": "1", "location": f"{BASE}/CustTable/1.csv"}],
     }
     (folder / "model.json").write_text(json.dumps({"entities": [entity]}))
-    assert read_model_json(folder)["custtable"].files == (folder / "CustTable" / "1.csv",)
+    (file,) = read_model_json(open_store(tmp_path), FOLDER)["custtable"].files
+    assert (file.key, file.size, file.uri) == (
+        f"{FOLDER}/CustTable/1.csv",
+        4,
+        str(folder / "CustTable" / "1.csv"),
+    )

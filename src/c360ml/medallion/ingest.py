@@ -10,11 +10,20 @@ Synapse Link changes a table's model.json over time. An added attribute is a new
 column (null in the rows before it). A changed type cannot be one bronze column: that
 table stops at the sync that changes it (nothing of it is committed from there on), the
 other tables are ingested, and the run ends with an `IngestError` naming table and column.
+
+The landing zone is read through the lake's store, so a lake on object storage (`az://`,
+`abfss://`) is ingested straight from its container: model.json and the CSV partitions
+are read as streams in ranged pieces, never copied to local disk. Files are named in the
+progress record, bronze lineage and quarantine by their path below `landing/` (the same
+on every lake, so a lake copied between a disk and a container stays consistent); errors
+and logs name the file's URI. A sync folder Synapse Link is still writing waits for a
+later run (`c360ml.sources.synapse.sync_folders` says when a folder is complete).
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import json
 import logging
 import time
@@ -32,7 +41,14 @@ from rich.progress import Progress
 
 from c360ml.config import Settings
 from c360ml.medallion.checks import REASON, upgrade_quarantine
-from c360ml.sources.synapse import QUARANTINE_SCHEMA, Entity, read_csv_file, read_model_json
+from c360ml.sources.synapse import (
+    QUARANTINE_SCHEMA,
+    Entity,
+    LandingFile,
+    read_csv_file,
+    read_model_json,
+    sync_folders,
+)
 from c360ml.sources.tables import Column, source_table
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
@@ -140,9 +156,11 @@ def ingest_landing(settings: Settings) -> IngestSummary:
     `check_bronze_types`) while the others go on; the run then raises `IngestError`,
     which names table and column and holds the summary of what was ingested."""
     lake = Lake(settings.lake)
-    landing = lake.path("landing")
-    if not landing.exists():
-        raise FileNotFoundError(f"no landing folder at {landing}: run `c360ml generate` first")
+    store = lake.store
+    if not _landing_exists(lake):
+        raise FileNotFoundError(
+            f"no landing folder at {lake.uri('landing')}: run `c360ml generate` first"
+        )
     summary = IngestSummary()
     ingested_at = pa.scalar(time.time_ns() // 1000, pa.timestamp("us", tz="UTC"))
     # Each table's log read once per run, not once per sync folder: a lake refreshed four
@@ -153,11 +171,14 @@ def ingest_landing(settings: Settings) -> IngestSummary:
     with Progress(transient=True) as progress:
         task = progress.add_task("ingest", total=None)
         for source in (s for s in SYNAPSE_SOURCES if s in settings.sources):
-            for folder in sorted(p for p in (landing / source).glob("*") if p.is_dir()):
+            folders = sync_folders(store, lake.key("landing", source))
+            for folder, why in folders.waiting:
+                log.info("%s: not ingested yet: %s", store.uri(folder), why)
+            for folder in folders.complete:
                 # Entities of one sync folder are independent tables: two at a time (Arrow
                 # parses and casts without the GIL), committed folder by folder in order.
                 entities = []
-                for entity in read_model_json(folder).values():
+                for entity in read_model_json(store, folder).values():
                     if (source, entity.name) in stopped:
                         continue  # later syncs wait for the one that stopped it
                     try:
@@ -169,7 +190,7 @@ def ingest_landing(settings: Settings) -> IngestSummary:
                         _merge(summary, TableIngest(source, entity.name, error=str(exc)))
                         continue
                     entities.append(entity)
-                progress.update(task, description=f"{source}/{folder.name}")
+                progress.update(task, description=f"{source}/{_name(folder)}")
                 with ThreadPoolExecutor(max_workers=INGEST_THREADS) as pool:
                     done = pool.map(
                         lambda e, s=source, f=folder: ingest_entity(
@@ -179,14 +200,13 @@ def ingest_landing(settings: Settings) -> IngestSummary:
                     )
                     for result in sorted(done, key=lambda r: entities_order(entities, r)):
                         _merge(summary, result)
-        for source_dir in sorted(
-            p for p in (landing / "delta").glob("*") if p.name in settings.sources
-        ):
-            for table_dir in sorted(p for p in source_dir.glob("*") if p.is_dir()):
-                progress.update(task, description=f"delta/{source_dir.name}/{table_dir.name}")
-                _merge(
-                    summary, ingest_delta_table(lake, source_dir.name, table_dir.name, ingested_at)
-                )
+        for source_dir in store.folders(lake.key("landing", "delta")):
+            if _name(source_dir) not in settings.sources:
+                continue
+            for table_dir in store.folders(source_dir):
+                source, table = _name(source_dir), _name(table_dir)
+                progress.update(task, description=f"delta/{source}/{table}")
+                _merge(summary, ingest_delta_table(lake, source, table, ingested_at))
         if "generic" in settings.sources:
             generic = ingest_generic(lake, settings.path(settings.generic_mapping), ingested_at)
             if generic is not None:
@@ -196,22 +216,39 @@ def ingest_landing(settings: Settings) -> IngestSummary:
     return summary
 
 
+def _landing_exists(lake: Lake) -> bool:
+    """A local lake's landing folder, or any object below an object store's `landing/`
+    (object storage has no empty folders)."""
+    if not lake.remote:
+        return lake.path("landing").exists()
+    return bool(lake.store.folders("landing")) or bool(lake.store.list("landing"))
+
+
+def _name(key: str) -> str:
+    return key.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _rel(file: LandingFile) -> str:
+    """A landing file's name in bronze lineage, quarantine and the progress record: its
+    path below `landing/`."""
+    return file.key.removeprefix("landing/")
+
+
 def _has_new_files(
     lake: Lake,
     source: str,
-    folder: Path,
+    folder: str,
     entity: Entity,
     committed: Callable[..., frozenset[str]],
 ) -> bool:
     """Whether a sync folder has files of this entity not committed to bronze or to
     its quarantine (what `ingest_entity` will read)."""
-    landing = lake.path("landing")
-    rel = [f.relative_to(landing).as_posix() for f in entity.files]
+    rel = [_rel(f) for f in entity.files]
     done_q = committed("quarantine", "bronze", source, entity.name)
     return any(r not in committed("bronze", source, entity.name) or r not in done_q for r in rel)
 
 
-def check_bronze_types(lake: Lake, source: str, folder: Path, entity: Entity) -> None:
+def check_bronze_types(lake: Lake, source: str, folder: str, entity: Entity) -> None:
     """Raise SchemaChangeError if the sync's model.json gives a column of the bronze
     table another Arrow type (CDM types of one Arrow type, int32 and int64 say, are the
     same column). Added and missing attributes are fine: a bronze column is added, or
@@ -227,7 +264,8 @@ def check_bronze_types(lake: Lake, source: str, folder: Path, entity: Entity) ->
             for c in changed
         )
         raise SchemaChangeError(
-            f"{source}/{entity.name}: {what} in {folder / 'model.json'}: a bronze column "
+            f"{source}/{entity.name}: {what} in {lake.store.uri(f'{folder}/model.json')}: "
+            "a bronze column "
             f"cannot change type, so {entity.name} is not ingested from this sync on"
         )
 
@@ -239,7 +277,7 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 def _largest_first(entities: list[Entity]) -> list[Entity]:
     """Big tables first, so the two workers finish together."""
-    return sorted(entities, key=lambda e: -sum(f.stat().st_size for f in e.files))
+    return sorted(entities, key=lambda e: -sum(f.size for f in e.files))
 
 
 def entities_order(entities: list[Entity], result: TableIngest) -> int:
@@ -273,7 +311,7 @@ def _with_lineage(table: pa.Table, source_file: str, batch_id: str, at: pa.Scala
 def ingest_entity(
     lake: Lake,
     source: str,
-    folder: Path,
+    folder: str,
     entity: Entity,
     at: pa.Scalar,
     committed: Callable[..., frozenset[str]],
@@ -283,8 +321,7 @@ def ingest_entity(
     `committed(layer, *parts)` gives the files a table's commits record."""
     started = time.perf_counter()
     result = TableIngest(source, entity.name)
-    landing = lake.path("landing")
-    rel = {f: f.relative_to(landing).as_posix() for f in entity.files}
+    rel = {f: _rel(f) for f in entity.files}
     todo_bronze = [
         f for f in entity.files if rel[f] not in committed("bronze", source, entity.name)
     ]
@@ -292,11 +329,11 @@ def ingest_entity(
     todo_q = [f for f in entity.files if rel[f] not in done_q]
     if not todo_bronze and not todo_q:
         return result
-    batch_id = f"{source}/{folder.name}"
+    batch_id = f"{source}/{_name(folder)}"
     quarantined: list[pa.Table] = []
     schema = pa.unify_schemas([entity.arrow_schema, LINEAGE])
 
-    def typed_batches(files: list[Path], keep: bool) -> Iterator[pa.RecordBatch]:
+    def typed_batches(files: list[LandingFile], keep: bool) -> Iterator[pa.RecordBatch]:
         for f in files:
             for typed, bad in read_csv_file(f, entity, rel[f]):
                 if f in todo_q:
@@ -332,7 +369,7 @@ def ingest_entity(
                 source,
                 entity.name,
                 len(q),
-                q["_source_file"][0],
+                lake.uri("landing", q["_source_file"][0].as_py()),
                 q["_line"][0],
                 q[REASON][0],
             )
@@ -349,7 +386,9 @@ def _quarantine_lineage(parts: list[pa.Table], batch_id: str, at: pa.Scalar) -> 
     ).append_column(LINEAGE.field(2), pa.array([batch_id] * n, pa.string()))
 
 
-def _meta(batch_id: str, files: Iterable[Path], rel: dict[Path, str]) -> dict[str, str]:
+def _meta(
+    batch_id: str, files: Iterable[LandingFile], rel: dict[LandingFile, str]
+) -> dict[str, str]:
     return {BATCH_KEY: batch_id, FILES_KEY: json.dumps(sorted(rel[f] for f in files))}
 
 
@@ -433,14 +472,21 @@ def load_generic_mapping(path: Path) -> dict | None:
 def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest | None:
     """Generic CSV transactions (header row), typed through the YAML column mapping."""
     spec = load_generic_mapping(mapping_path)
-    folder = lake.path("landing", "generic")
-    if spec is None or not folder.exists():
+    if spec is None:
+        return None
+    folder = lake.key("landing", "generic")
+    listing = lake.store.sizes(folder)
+    if not listing:
         return None
     started = time.perf_counter()
     result = TableIngest("generic", "transactions")
-    files = sorted(folder.glob(spec.get("files", "*.csv")))
-    landing = lake.path("landing")
-    rel = {f: f"{f.relative_to(landing).as_posix()}#{f.stat().st_size}" for f in files}
+    pattern = spec.get("files", "*.csv")
+    files = [
+        LandingFile(lake.store, key, size)
+        for key, size in sorted(listing.items())
+        if _matches(key.removeprefix(f"{folder}/"), pattern)
+    ]
+    rel = {f: f"{_rel(f)}#{f.size}" for f in files}
     done = committed_files(lake, "bronze", "generic", "transactions")
     todo = [f for f in files if rel[f] not in done]
     if not todo:
@@ -456,7 +502,7 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     typed_parts, bad_parts = [], []
     lacking: Counter[str] = Counter()  # optional column -> new files without it
     for f in todo:
-        if f.stat().st_size == 0:  # no header and no rows: nothing to ingest or quarantine
+        if f.size == 0:  # no header and no rows: nothing to ingest or quarantine
             log.info("%s: empty file (0 bytes): no rows", rel[f])
             continue
         absent = _absent_columns(f, mapped, mapping_path)
@@ -493,7 +539,16 @@ def ingest_generic(lake: Lake, mapping_path: Path, at: pa.Scalar) -> TableIngest
     return result
 
 
-def _absent_columns(path: Path, mapped: dict[str, Column], mapping_path: Path) -> list[str]:
+def _matches(name: str, pattern: str) -> bool:
+    """Whether a file's path below the folder matches the mapping's glob pattern, as
+    `Path.glob` matches it (each part on its own: "*.csv" does not reach into folders)."""
+    parts, pats = name.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pats, strict=True)
+    )
+
+
+def _absent_columns(path: LandingFile, mapped: dict[str, Column], mapping_path: Path) -> list[str]:
     """The mapped columns (canonical names) a generic CSV's header row lacks.
 
     Read before any row, so that a file without a required column stops the ingest with
@@ -501,8 +556,11 @@ def _absent_columns(path: Path, mapped: dict[str, Column], mapping_path: Path) -
     """
     # The first line only, as bytes: a later line that is not UTF-8 is quarantined by
     # the reader, it must not fail here.
-    with path.open("rb") as fh:
-        first = fh.readline().split(b"\r")[0].rstrip(b"\n")
+    with path.open() as fh:
+        head = b""
+        while (block := fh.read(1 << 16)) and b"\n" not in head and b"\r" not in head:
+            head += block
+        first = head.split(b"\n")[0].split(b"\r")[0]
     try:
         text = first.removeprefix(b"\xef\xbb\xbf").decode("utf-8")  # Excel writes a BOM
     except UnicodeDecodeError as exc:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -25,6 +26,8 @@ import pyarrow.csv as pcsv
 
 from c360ml.schemas import QUARANTINE_REASON
 from c360ml.sources.tables import CDM_TO_ARROW, Column
+from c360ml.storage.location import LOCAL, LakeLocation
+from c360ml.storage.objects import ContainerNotFoundError, LakeStore, LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +48,131 @@ CAST_BYTES = 64 << 20  # text bytes per cast step: bounds memory on 20M-line fil
 STRICT_SLICE = 1024  # smallest slice of a column tried with the one-call cast
 
 
+# Folders Synapse Link writes beside its sync folders (lower case): not sync folders.
+NOT_SYNC_FOLDERS = frozenset(
+    {"changelog", "microsoft.athena.tricklefeedservice", "optionsetmetadata"}
+)
+CHANGELOG = "Changelog/changelog.info"  # names the sync folder Synapse Link is writing
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    """A data file of the landing zone, read through the lake's store: a local file, or a
+    blob read in ranged pieces (never copied to local disk first). `key` is relative to
+    the lake root; errors name `uri`."""
+
+    store: LakeStore
+    key: str
+    size: int
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri(self.key)
+
+    def open(self) -> BinaryIO:
+        return self.store.open_stream(self.key, self.size)
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def local_file(path: Path) -> LandingFile:
+    """A local file by its path (the generic source's files, tests)."""
+    store = LocalStore(LakeLocation(LOCAL, str(path.parent)))
+    return LandingFile(store, path.name, path.stat().st_size)
+
+
+def _as_file(file: LandingFile | Path) -> LandingFile:
+    return file if isinstance(file, LandingFile) else local_file(Path(file))
+
+
 @dataclass(frozen=True)
 class Entity:
     """One table of a model.json: its columns and its data files, in export order."""
 
     name: str
     columns: tuple[Column, ...]
-    files: tuple[Path, ...]
+    files: tuple[LandingFile, ...]
 
     @property
     def arrow_schema(self) -> pa.Schema:
         return pa.schema([(c.name, c.arrow_type) for c in self.columns])
 
 
-def read_model_json(folder: Path) -> dict[str, Entity]:
-    """Parse a sync folder's model.json; every problem names the file and the field."""
-    path = folder / "model.json"
-    if not path.exists():
-        raise ValueError(f"{path}: missing model.json in Synapse Link folder")
+@dataclass(frozen=True)
+class SyncFolders:
+    """A source's sync folders: those complete (to ingest, in order) and those waiting,
+    each with why."""
+
+    complete: tuple[str, ...]
+    waiting: tuple[tuple[str, str], ...]
+
+
+def sync_folders(store: LakeStore, prefix: str) -> SyncFolders:
+    """The sync folders below `prefix` (keys), split into complete ones and ones Synapse
+    Link may still be writing.
+
+    The rule: a sync folder is complete unless (1) it is the folder that
+    `Changelog/changelog.info` names (Synapse Link names there the folder it is writing,
+    and Microsoft's documentation tells consumers not to read it until another is named),
+    or a later one; or (2) it is the newest folder and has no `model.json` yet (Synapse
+    Link, like the generator and `upload_folder`, writes a sync folder's model.json after
+    its data files; a copy of an export without the changelog is judged by this alone). A
+    folder after a waiting one waits too, so bronze takes the syncs in their order. An
+    older folder without a model.json is not being written (a later one was begun): it
+    is a broken export, and reading it fails naming its missing model.json."""
+    folders = [f for f in store.folders(prefix) if _name(f).lower() not in NOT_SYNC_FOLDERS]
+    current = _changelog_current(store, prefix)
+    complete: list[str] = []
+    waiting: list[tuple[str, str]] = []
+    for i, folder in enumerate(folders):
+        if waiting:
+            why = f"after {_name(waiting[0][0])}, which is not complete"
+        elif current and _name(folder) >= current:
+            why = f"{store.uri(f'{prefix}/{CHANGELOG}')} names {current} as being written"
+        elif i == len(folders) - 1 and not store.exists(f"{folder}/model.json"):
+            why = "no model.json yet (Synapse Link writes it last)"
+        else:
+            complete.append(folder)
+            continue
+        waiting.append((folder, why))
+    return SyncFolders(tuple(complete), tuple(waiting))
+
+
+def _name(key: str) -> str:
+    return key.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _changelog_current(store: LakeStore, prefix: str) -> str:
+    """The folder `Changelog/changelog.info` names, or "" without one."""
     try:
-        doc = json.loads(path.read_text())
+        text = store.read_bytes(f"{prefix}/{CHANGELOG}").decode("utf-8", "replace")
+    except ContainerNotFoundError:
+        raise
+    except FileNotFoundError:
+        return ""
+    return text.strip().strip("/")
+
+
+def read_model_json(store: LakeStore, folder: str) -> dict[str, Entity]:
+    """Parse a sync folder's model.json (`folder`: its key in the store); every problem
+    names the file (its URI) and the field."""
+    model = f"{folder}/model.json"
+    path = store.uri(model)
+    try:
+        raw = store.read_bytes(model)
+    except ContainerNotFoundError:
+        raise
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing model.json in Synapse Link folder") from None
+    try:
+        doc = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
     entities = doc.get("entities") if isinstance(doc, dict) else None
     if not isinstance(entities, list):
         raise ValueError(f"{path}: no 'entities' list")
+    listing: dict[str, int] | None = None  # the folder's files, listed once when needed
     out: dict[str, Entity] = {}
     for i, ent in enumerate(entities):
         name = ent.get("name") if isinstance(ent, dict) else None
@@ -86,56 +189,65 @@ def read_model_json(folder: Path) -> dict[str, Entity]:
             cols.append(Column(attr["name"], dtype))
         if ent.get("partitions") == []:
             continue  # declared with no partitions: no changes in this sync
-        files = _entity_files(folder, name.lower(), ent.get("partitions") or [])
+        if listing is None:
+            listing = store.sizes(folder)
+        files = _entity_files(store, folder, name.lower(), ent.get("partitions") or [], listing)
         if not files:
-            raise ValueError(f"{path}: entity {name!r} has no data files under {folder}")
+            raise ValueError(f"{path}: entity {name!r} has no data files under {store.uri(folder)}")
         out[name.lower()] = Entity(name.lower(), tuple(cols), tuple(files))
     return out
 
 
-def _entity_files(folder: Path, name: str, partitions: list) -> list[Path]:
+def _entity_files(
+    store: LakeStore, folder: str, name: str, partitions: list, listing: dict[str, int]
+) -> list[LandingFile]:
     """Partition locations from model.json, else the CSVs in the entity's folder."""
-    files = [
-        partition_path(folder, p["location"])
-        for p in partitions
-        if isinstance(p, dict) and "location" in p
-    ]
-    if not files:
-        files = sorted((folder / name).glob("*.csv"))
-    missing = [f for f in files if not f.exists()]
+    model = store.uri(f"{folder}/model.json")
+    keys = []
+    for p in partitions:
+        if isinstance(p, dict) and "location" in p:
+            try:
+                keys.append(partition_key(folder, p["location"]))
+            except ValueError as exc:
+                raise ValueError(f"{model}: {exc}") from None
+    if not keys:
+        below = f"{folder}/{name}/"
+        keys = sorted(
+            k
+            for k in listing
+            if k.startswith(below) and "/" not in k[len(below) :] and k.endswith(".csv")
+        )
+    missing = [k for k in keys if k not in listing]
     if missing:
-        raise ValueError(
-            f"{folder / 'model.json'}: entity {name!r} lists missing file {missing[0]}"
-        )
-    return files
+        raise ValueError(f"{model}: entity {name!r} lists missing file {store.uri(missing[0])}")
+    return [LandingFile(store, k, listing[k]) for k in keys]
 
 
-def partition_path(folder: Path, location: str) -> Path:
-    """The file a model.json partition `location` names, in the sync folder `folder`.
+def partition_key(folder: str, location: str) -> str:
+    """The key of the file a model.json partition `location` names, in the sync folder
+    whose key is `folder`.
 
-    The generator writes locations relative to the folder; Synapse Link writes absolute
-    ones (`https://<account>.dfs.core.windows.net/<container>/.../<sync folder>/<entity>/
-    <file>.csv`). An absolute one is resolved by its part below the sync folder, so a sync
-    folder resolves the same wherever the export is read from (its container, or a copy)."""
-    if "://" not in location:
-        return folder / location
-    parts = [unquote(p) for p in urlsplit(location).path.split("/") if p]
-    if folder.name not in parts:
-        raise ValueError(
-            f"{folder / 'model.json'}: partition location {location.split('?', 1)[0]} is "
-            f"not under the sync folder {folder.name!r}"
-        )
-    below = parts[len(parts) - parts[::-1].index(folder.name) :]
+    The generator writes locations relative to the folder (by default); Synapse Link
+    writes absolute ones (`https://<account>.dfs.core.windows.net/<container>/.../<sync
+    folder>/<entity>/<file>.csv`). An absolute one is resolved by its part below the sync
+    folder, so a sync folder resolves the same wherever the export is read from (its
+    container, a lake's landing/ on another container, or a local copy)."""
+    name = _name(folder)
+    shown = location.split("?", 1)[0]  # never a SAS token
+    if "://" in location:
+        parts = [unquote(p) for p in urlsplit(location).path.split("/") if p]
+        if name not in parts:
+            raise ValueError(f"partition location {shown} is not under the sync folder {name!r}")
+        below = parts[len(parts) - parts[::-1].index(name) :]
+    else:
+        below = [p for p in location.split("/") if p]
     if not below or any(p in (".", "..") for p in below):
-        raise ValueError(
-            f"{folder / 'model.json'}: partition location {location.split('?', 1)[0]} "
-            "names no file below the sync folder"
-        )
-    return folder.joinpath(*below)
+        raise ValueError(f"partition location {shown} names no file below the sync folder")
+    return "/".join([folder.rstrip("/"), *below])
 
 
 def read_csv_file(
-    path: Path, entity: Entity, relname: str, header: bool = False
+    file: LandingFile | Path, entity: Entity, relname: str, header: bool = False
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Yield (typed rows, quarantined rows) per block of a CSV file.
 
@@ -149,8 +261,12 @@ def read_csv_file(
     each would fail the whole sync) is read again by `_read_careful`, which yields only
     the rows after those already yielded, so every row ends in bronze or in quarantine
     exactly once. An empty file holds no rows (logged, nothing in quarantine).
+
+    The file is read as a stream from the lake's store (a local file, or a blob in ranged
+    pieces), once by the block reader and, when it stops, once more by the careful one.
     """
-    if path.stat().st_size == 0:
+    path = _as_file(file)
+    if path.size == 0:
         log.info("%s: empty file (0 bytes): no rows", relname)
         return
     cursor = _Cursor(2 if header else 1)
@@ -176,11 +292,24 @@ class _Cursor:
 
 
 def _read_fast(
-    path: Path, entity: Entity, relname: str, header: bool, cursor: _Cursor
+    file: LandingFile | Path, entity: Entity, relname: str, header: bool, cursor: _Cursor
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Arrow's block reader. Rows with a wrong field count are reported by Arrow with
     their line; the others are numbered by counting around those. Raises ArrowInvalid
     where Arrow cannot go on; `cursor` says which lines were yielded before."""
+    path = _as_file(file)
+    with path.open() as stream:
+        yield from _read_stream(stream, path, entity, relname, header, cursor)
+
+
+def _read_stream(
+    stream: BinaryIO,
+    path: LandingFile,
+    entity: Entity,
+    relname: str,
+    header: bool,
+    cursor: _Cursor,
+) -> Iterator[tuple[pa.Table, pa.Table]]:
     names = [c.name for c in entity.columns]
     invalid: list[tuple[int, str, str]] = []
 
@@ -194,7 +323,7 @@ def _read_fast(
         read.column_names = names
     try:
         reader = pcsv.open_csv(
-            path,
+            stream,
             read_options=read,
             parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
             convert_options=_text_columns(names),
@@ -233,7 +362,7 @@ def _quiet_undecodable_rows() -> None:
         def hook(unraisable) -> None:
             if unraisable.exc_type is UnicodeDecodeError and getattr(
                 unraisable.object, "__qualname__", ""
-            ).startswith(f"{_read_fast.__name__}."):
+            ).startswith(f"{_read_stream.__name__}."):
                 return
             previous(unraisable)
 
@@ -242,7 +371,7 @@ def _quiet_undecodable_rows() -> None:
 
 
 def _read_careful(
-    path: Path, entity: Entity, relname: str, header: bool, start: int
+    file: LandingFile | Path, entity: Entity, relname: str, header: bool, start: int
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """A file the block reader stopped on, from line `start` on.
 
@@ -252,6 +381,7 @@ def _read_careful(
     quarantined with the position of the first. The rows before `start` (which the fast
     path yielded) are parsed only to be counted: they are numbered as it numbered them.
     """
+    path = _as_file(file)
     names = [c.name for c in entity.columns]
     columns = None if header else names
     line = 2 if header else 1
@@ -300,7 +430,7 @@ def _careful_chunk(
         yield _split_rows(text, lines, invalid, entity, relname)
 
 
-def _pieces(path: Path) -> Iterator[bytes]:
+def _pieces(path: LandingFile) -> Iterator[bytes]:
     """The file in pieces of whole rows: each BLOCK_SIZE window up to its last row end
     (the rest goes with the next window; a row longer than a window, with the next).
 
@@ -309,7 +439,7 @@ def _pieces(path: Path) -> Iterator[bytes]:
     line end, and quotes are counted again from there."""
     carry: list[bytes] = []  # the bytes since the last row end
     size, quoted = 0, False  # their length; whether they end inside quotes
-    with path.open("rb") as fh:
+    with path.open() as fh:
         while block := fh.read(BLOCK_SIZE):
             ends, after = _row_ends(block, quoted)
             if not len(ends) and size + len(block) > CAST_BYTES:
@@ -346,7 +476,7 @@ def _row_ends(data: bytes, quoted: bool, quote_aware: bool = True) -> tuple[np.n
     return ends + 1, bool(after % 2)
 
 
-def _header_names(path: Path, piece: bytes) -> tuple[list[str], bytes]:
+def _header_names(path: LandingFile, piece: bytes) -> tuple[list[str], bytes]:
     """The column names of a file's header line (the first line of its first piece),
     and the rest of the piece."""
     piece = piece.lstrip(b"\r\n")

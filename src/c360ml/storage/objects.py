@@ -11,6 +11,7 @@ a rename or link does not exist). Errors name the object's URI, never a credenti
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -90,6 +91,17 @@ class LakeStore:
 
     def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
         """The object's bytes in chunks, never held whole (landing CSVs are large)."""
+        raise NotImplementedError
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every key below `prefix` (a folder), recursively, with its size in bytes: one
+        listing, where a `head` per object would be a request each."""
+        raise NotImplementedError
+
+    def open_stream(self, key: str, size: int | None = None) -> BinaryIO:
+        """A readable binary stream of the object, read in pieces as it is consumed (never
+        copied whole, to memory or to local disk first); `size`, when the caller knows it
+        from a listing, saves a request. Close it after use (a `with` block)."""
         raise NotImplementedError
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
@@ -178,6 +190,24 @@ class LocalStore(LakeStore):
         with open(self._file(key), "rb") as handle:
             while block := handle.read(chunk):
                 yield block
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        base = self._file(prefix)
+        if not base.is_dir():
+            return {}
+        return {
+            p.relative_to(self.root).as_posix(): p.stat().st_size
+            for p in sorted(base.rglob("*"))
+            if p.is_file()
+        }
+
+    def open_stream(self, key: str, size: int | None = None) -> BinaryIO:
+        """Arrow's own file stream: its CSV reader reads it without the GIL, as fast as a
+        path (a Python file object would be read through the interpreter)."""
+        try:
+            return pa.input_stream(str(self._file(key)))  # type: ignore[return-value]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.uri(key)}: no such file") from None
 
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(self.root)
@@ -316,6 +346,30 @@ class AzureLakeStore(LakeStore):
             for block in got.stream(min_chunk_size=chunk):
                 yield bytes(block)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        import obstore
+
+        with self._errors(prefix):
+            stream = obstore.list(self._store, prefix=prefix.rstrip("/") + "/" if prefix else None)
+            return {meta["path"]: meta["size"] for chunk in stream for meta in chunk}
+
+    def open_stream(self, key: str, size: int | None = None) -> BinaryIO:
+        """Ranged reads of CHUNK bytes, each a request of its own: one streamed GET of a
+        large blob would outlive the HTTP client's request timeout while the reader parses
+        its rows (object_store's timeout covers the whole body)."""
+        if size is None:
+            info = self.head(key)
+            if info is None:
+                raise FileNotFoundError(f"{self.uri(key)}: no such object")
+            size = info.size
+        return io.BufferedReader(_RangeReader(self, key, size), buffer_size=CHUNK)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        with self._errors(key):
+            return bytes(obstore.get_range(self._store, key, start=start, length=length))
+
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return self._arrow_fs, ""
 
@@ -326,6 +380,42 @@ class AzureLakeStore(LakeStore):
         from deltalake.fs import DeltaStorageHandler
 
         return pafs.PyFileSystem(DeltaStorageHandler(self.uri(), self.storage_options()))
+
+
+class _RangeReader(io.RawIOBase):
+    """A blob as a raw stream: each read is one ranged GET (buffered by the caller)."""
+
+    def __init__(self, store: AzureLakeStore, key: str, size: int) -> None:
+        self._store, self._key, self._size, self._at = store, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer (memoryview)
+        length = min(len(buffer), self._size - self._at)
+        if length <= 0:
+            return 0
+        data = self._store.get_range(self._key, self._at, length)
+        buffer[: len(data)] = data
+        self._at += len(data)
+        return len(data)
+
+
+def upload_folder(folder: Path, store: LakeStore, prefix: str) -> list[str]:
+    """Copy a local folder's files to `prefix` in the store (what a Synapse Link export
+    copied into a lake's `landing/` looks like). The `model.json` files go last, as
+    Synapse Link writes a sync folder's model.json after its data files: a reader that
+    finds a model.json finds every file it lists. Returns the keys written."""
+    files = sorted(
+        (p for p in folder.rglob("*") if p.is_file()),
+        key=lambda p: (p.name == "model.json", p.as_posix()),
+    )
+    done = []
+    for path in files:
+        key = f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}"
+        store.write_bytes(key, path.read_bytes())
+        done.append(key)
+    return done
 
 
 def _plain_http(credentials: AzureCredentials) -> bool:
