@@ -246,7 +246,9 @@ def test_bad_model_json_names_the_file(settings, landing, content, message):
     if content is not None:
         (folder / "model.json").write_text(content)
     else:  # the newest folder without one is still being written: an older one is broken
-        write_sync_folder(landing, "d365", "2024-01-06T00.00.00Z", {"custtable": [_cust(1, 1, "C1")]})
+        write_sync_folder(
+            landing, "d365", "2024-01-06T00.00.00Z", {"custtable": [_cust(1, 1, "C1")]}
+        )
     with pytest.raises(ValueError, match=message) as err:
         ingest_landing(settings)
     assert str(folder) in str(err.value)

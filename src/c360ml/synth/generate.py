@@ -37,6 +37,7 @@ from c360ml.config import Settings
 from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.storage.lake import LAYERS, Lake
 from c360ml.storage.lease import writes_lake
+from c360ml.storage.location import parse_location
 from c360ml.summary import Summary
 from c360ml.synth import process, records
 from c360ml.synth import shock as shock_mod
@@ -103,6 +104,24 @@ def _config(
     if _epoch(cfg.end) <= _epoch(cfg.start):
         raise ValueError(f"end {cfg.end} must be after start {cfg.start}")
     return cfg
+
+
+def check_locations_url(url: str | None) -> str:
+    """The lake root's https URL under which model.json names partitions absolutely
+    (`https://<account>.dfs.core.windows.net/<container>/<path>`), checked; "" for none."""
+    if not url:
+        return ""
+    location = parse_location(url)
+    if location.scheme != "https" or ".dfs." not in location.host:
+        raise ValueError(
+            f"absolute locations {url!r}: expected the lake root as Synapse Link names it, "
+            "https://<account>.dfs.core.windows.net/<container>/<path>"
+        )
+    return location.uri()
+
+
+def _sync_url(base: str, source: str, stamp: str) -> str:
+    return f"{base}/landing/{source}/{stamp}" if base else ""
 
 
 def _clear(settings: Settings) -> None:
@@ -185,12 +204,17 @@ class _InitialExport:
     Delta tables), the generic CSV and the truth; later rows wait in truth/_pending for
     the increments that publish them."""
 
-    def __init__(self, settings: Settings, cfg: GeneratorConfig, cut0: int, stamp: str):
+    def __init__(
+        self, settings: Settings, cfg: GeneratorConfig, cut0: int, stamp: str, url: str = ""
+    ):
         shape = cfg.shape
         landing = settings.lake / "landing"
         dirt = Dirt(shape.duplicate_share, shape.malformed_share)
         self.cut0 = cut0
-        self.syncs = {s: CsvSync(landing / s / stamp, s, _iso(cut0 + HOUR), dirt) for s in SOURCES}
+        self.syncs = {
+            s: CsvSync(landing / s / stamp, s, _iso(cut0 + HOUR), dirt, _sync_url(url, s, stamp))
+            for s in SOURCES
+        }
         self.delta = DeltaExport(Lake(settings.lake)) if cfg.fmt == "delta" else None
         self.generic = GenericCsv(landing / "generic" / "transactions.csv")
         self.truth = _TruthWriter(settings.truth)
@@ -247,10 +271,15 @@ def generate_lake(
     fmt: str = "csv",
     fresh: bool = False,
     future_days: int | None = None,
+    absolute_locations: str | None = None,
 ) -> GenerateSummary:
     """Write the initial full export of every source and the truth; None = demo settings.
     `future_days`: days simulated past `end` for increments (default LakeShape's 182; a
-    simulated year of monthly increments needs more)."""
+    simulated year of monthly increments needs more). `absolute_locations`: the lake
+    root's https URL (`https://<account>.dfs.core.windows.net/<container>/<path>`); model.json
+    then names each partition by its absolute location under it, as Synapse Link does
+    (increments keep the form)."""
+    url = check_locations_url(absolute_locations)
     cfg = _config(settings, customers, seed, start, end, fmt, future_days)
     if fresh:
         _clear(settings)
@@ -266,13 +295,14 @@ def generate_lake(
     )
     landing = settings.lake / "landing"
     stamp = _stamp(tl.cut0 + HOUR)
-    export = _InitialExport(settings, cfg, tl.cut0, stamp)
+    export = _InitialExport(settings, cfg, tl.cut0, stamp, url)
     counters = records.Counters()
     inventtable = records.inventtable_rows(ctx)
     export.publish("d365", "inventtable", inventtable, np.random.default_rng([cfg.seed, 8]))
     _generate_blocks(cfg, tl, ctx, export, counters)
     export.close()
-    _write_meta(settings.truth, _initial_meta(cfg, tl, stamp, counters, export))
+    meta = _initial_meta(cfg, tl, stamp, counters, export)
+    _write_meta(settings.truth, meta | ({"absolute_locations": url} if url else {}))
     log.info("generated %d persons into %s", tl.total, landing)
     return _summary(landing, settings.truth, stamp, export.syncs, export.delta, export.generic)
 
@@ -429,7 +459,11 @@ def generate_increment(
     stamp = _stamp(cut + HOUR)
     landing = settings.lake / "landing"
     dirt = Dirt(shape.duplicate_share, shape.malformed_share)
-    syncs = {s: CsvSync(landing / s / stamp, s, _iso(cut + HOUR), dirt) for s in SOURCES}
+    url = meta.get("absolute_locations", "")
+    syncs = {
+        s: CsvSync(landing / s / stamp, s, _iso(cut + HOUR), dirt, _sync_url(url, s, stamp))
+        for s in SOURCES
+    }
     delta = DeltaExport(Lake(settings.lake)) if meta["format"] == "delta" else None
     deletes = _erasure_deletes(rng, truth_dir, pend, erased, erased_ts)
     for source, names in SOURCES.items():

@@ -2,7 +2,8 @@
 
 - `CsvSync`: one Synapse Link sync folder (`<ts>/model.json` + headerless CSV per table
   and calendar year of the row's createddatetime / createdon, also for change rows, as
-  Synapse Link partitions). Exact duplicate change rows and malformed rows are added
+  Synapse Link partitions). model.json names each partition relative to the folder, or,
+  given the folder's URL, by its absolute https location as Synapse Link writes it. Exact duplicate change rows and malformed rows are added
   here; a malformed row is an *extra* corrupted copy of a real row, so rejecting it loses
   no data and the truth stays exact. Counts are kept for generator.json.
 - `DeltaExport`: the same tables as Delta tables of current state (change feed resolved).
@@ -153,6 +154,9 @@ class CsvSync:
     source: str
     modified_time: str
     dirt: Dirt
+    # the sync folder's https URL when model.json names partitions by absolute locations,
+    # as Synapse Link does ("" = locations relative to the folder, the default)
+    url: str = ""
     rows: Counter = field(default_factory=Counter)
     duplicates: Counter = field(default_factory=Counter)
     malformed: dict = field(default_factory=lambda: defaultdict(Counter))
@@ -211,7 +215,7 @@ class CsvSync:
             decl = source_table(self.source, name)
             entity = decl.model_json_entity()
             entity["partitions"] = [
-                {"name": str(y), "location": f"{name}/{y}.csv"}
+                {"name": str(y), "location": self.location(name, y)}
                 for y in sorted(self.partitions.get(name, ()))
             ]
             entities.append(entity)
@@ -228,6 +232,11 @@ class CsvSync:
 
     def files(self, name: str) -> int:
         return len(self.partitions.get(name, ()))
+
+    def location(self, name: str, year: int) -> str:
+        """A partition's model.json location: relative to the folder, or absolute."""
+        relative = f"{name}/{year}.csv"
+        return f"{self.url}/{relative}" if self.url else relative
 
 
 def resolve_current(table: pa.Table, decl: SourceTable) -> pa.Table:
