@@ -50,6 +50,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
 
     if args.shock is not None and not args.increment:
         raise ValueError("--shock needs --increment (a regime change applies to later syncs)")
+    if args.absolute_locations and args.increment:
+        raise ValueError(
+            "--absolute-locations applies to the initial export; increments keep its form"
+        )
     if args.increment:
         summary = generate_increment(settings, seed=args.seed, shock=args.shock)
     else:
@@ -61,6 +65,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
             end=args.end,
             fmt=args.format,
             fresh=args.fresh,
+            absolute_locations=args.absolute_locations,
         )
     _print_rows("generated", summary.rows())
     if args.shock is not None:
@@ -88,7 +93,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
     _print_rows("ingest: landing -> bronze", rows)
     quarantined = sum(r.get("quarantined", 0) for r in rows)
     if quarantined:
-        where = settings.lake / "quarantine" / "bronze"
+        from c360ml.storage.lake import Lake
+
+        where = Lake(settings.lake).uri("quarantine", "bronze")
         console.print(
             f"{quarantined:,} rows quarantined, each with its file, line and reason: {where}",
             highlight=False,
@@ -296,6 +303,14 @@ def _lake_commands(sub: argparse._SubParsersAction) -> None:
         "(kinds: competitor, recession; see c360ml.synth.params.SHOCKS)",
     )
     gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
+    gen.add_argument(
+        "--absolute-locations",
+        default=None,
+        metavar="URL",
+        help="name model.json partitions by absolute locations under URL, the lake root as "
+        "Synapse Link names it: https://<account>.dfs.core.windows.net/<container>/<path> "
+        "(default: relative to the sync folder)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     ing = sub.add_parser("ingest", help="landing -> bronze (only what is new)")
@@ -445,6 +460,10 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
     return path
 
 
+# the commands that run on a lake on object storage (the others: a local folder only so far)
+ON_OBJECT_STORAGE = (cmd_ingest,)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep output readable
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow logs to our log file
@@ -454,10 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if getattr(args, "engine", None):
             settings = settings.model_copy(update={"engine": args.engine})
-        if isinstance(settings.lake, str):
+        if isinstance(settings.lake, str) and args.func not in ON_OBJECT_STORAGE:
             raise ValueError(
                 f"lake_root {settings.lake}: a lake on object storage is read and written by "
-                "c360ml's storage layer, but its commands run on a local folder only so far"
+                "c360ml's storage layer, but this command runs on a local folder only so far "
+                "(`c360ml ingest` runs on it)"
             )
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
@@ -466,9 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
             args.func(args, settings)
     except Exception as exc:
-        logging.getLogger("c360ml.cli").error(
-            "command failed", exc_info=True, extra={"file_only": True}
-        )
+        if log_path is not None:  # before the log file, Python would print it on stderr
+            logging.getLogger("c360ml.cli").error(
+                "command failed", exc_info=True, extra={"file_only": True}
+            )
         if args.debug:
             traceback.print_exc()
         user_error = isinstance(

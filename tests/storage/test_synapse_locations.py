@@ -66,3 +66,39 @@ def test_model_json_with_absolute_locations_is_read(tmp_path):
         4,
         str(folder / "CustTable" / "1.csv"),
     )
+
+
+def test_the_generator_writes_absolute_locations_and_increments_keep_them(tmp_path):
+    from c360ml.synth import generate_increment, generate_lake
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path)
+    root = "https://contosolake.dfs.core.windows.net/dataverse-contoso-unq1/lake"
+    first = generate_lake(settings, customers=50, seed=1, absolute_locations=root)
+    later = generate_increment(settings)
+    for stamp in (first.sync, later.sync):
+        doc = json.loads((settings.lake / "landing" / "d365" / stamp / "model.json").read_text())
+        locations = [p["location"] for e in doc["entities"] for p in e["partitions"]]
+        assert locations and all(
+            loc.startswith(f"{root}/landing/d365/{stamp}/") for loc in locations
+        )
+        store, folder = open_store(settings.lake), f"landing/d365/{stamp}"
+        for entity in read_model_json(store, folder).values():
+            assert all(store.exists(f.key) for f in entity.files)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "az://lake/path",
+        "https://contosolake.blob.core.windows.net/lake/path",
+        "https://example.com/lake/path",
+    ],
+)
+def test_the_generator_refuses_a_url_that_is_not_an_adls_location(tmp_path, url):
+    from c360ml.synth import generate_lake
+    from tests.conftest import make_settings
+
+    with pytest.raises(ValueError, match=r"https://<account>.dfs.core.windows.net|Azure storage"):
+        generate_lake(make_settings(tmp_path), customers=5, seed=1, absolute_locations=url)
+    assert not (tmp_path / "lake" / "landing").exists()
