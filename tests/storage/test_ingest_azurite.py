@@ -280,3 +280,35 @@ def test_delta_and_generic_landings_ingest_on_azurite_as_on_disk(tmp_path, az_ro
         )
         assert ours.equals(theirs), t
     assert ingest_landing(remote).total_rows == 0
+
+
+@pytest.fixture(params=["local", "azurite"])
+def any_root(request, tmp_path) -> str:
+    return (
+        str(tmp_path / "lake") if request.param == "local" else request.getfixturevalue("az_root")
+    )
+
+
+def test_streams_sizes_and_an_uploaded_folder_alike_on_disk_and_azurite(any_root, tmp_path):
+    from c360ml.storage import objects
+
+    store = objects.open_store(any_root)
+    export = tmp_path / "export"
+    (export / S1 / "custtable").mkdir(parents=True)
+    big = bytes(range(256)) * 40_000  # about 10 MiB: more than one ranged read
+    (export / S1 / "custtable" / "2024.csv").write_bytes(big)
+    (export / S1 / "model.json").write_text("{}")
+    keys = objects.upload_folder(export, store, "landing/d365")
+    assert keys[-1] == f"landing/d365/{S1}/model.json"  # last: the folder is complete
+    assert store.sizes("landing/d365") == {
+        f"landing/d365/{S1}/custtable/2024.csv": len(big),
+        f"landing/d365/{S1}/model.json": 2,
+    }
+    assert store.sizes("nothing") == {}
+    key = f"landing/d365/{S1}/custtable/2024.csv"
+    with store.open_stream(key) as stream:
+        first = stream.read(10)
+        assert first == big[:10] and first + stream.read() == big
+    assert b"".join(store.iter_bytes(key, chunk=3 * 2**20)) == big
+    with pytest.raises(FileNotFoundError, match=rf"^{any_root}/landing/missing.csv: no such"):
+        store.open_stream("landing/missing.csv").read()

@@ -339,12 +339,13 @@ class AzureLakeStore(LakeStore):
         return sorted(p.rstrip("/") for p in found["common_prefixes"])
 
     def iter_bytes(self, key: str, chunk: int = CHUNK) -> Iterator[bytes]:
-        import obstore
-
-        with self._errors(key):
-            got = obstore.get(self._store, key)
-            for block in got.stream(min_chunk_size=chunk):
-                yield bytes(block)
+        """A ranged read per chunk (see `open_stream`: one streamed GET could outlive the
+        request timeout while the caller works on its chunks)."""
+        info = self.head(key)
+        if info is None:
+            raise FileNotFoundError(f"{self.uri(key)}: no such object")
+        for start in range(0, info.size, chunk):
+            yield self.get_range(key, start, min(chunk, info.size - start))
 
     def sizes(self, prefix: str) -> dict[str, int]:
         import obstore
