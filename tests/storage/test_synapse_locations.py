@@ -102,3 +102,28 @@ def test_the_generator_refuses_a_url_that_is_not_an_adls_location(tmp_path, url)
     with pytest.raises(ValueError, match=r"https://<account>.dfs.core.windows.net|Azure storage"):
         generate_lake(make_settings(tmp_path), customers=5, seed=1, absolute_locations=url)
     assert not (tmp_path / "lake" / "landing").exists()
+
+
+def test_which_sync_folders_are_complete_on_local_disk(tmp_path):
+    from c360ml.sources.synapse import sync_folders
+
+    source = tmp_path / "landing" / "d365"
+    stamps = ["2026-11-03T07.00.00Z", "2026-11-03T08.00.00Z", "2026-11-03T09.00.00Z"]
+    for stamp in stamps:
+        (source / stamp / "custtable").mkdir(parents=True)
+        (source / stamp / "model.json").write_text("{}")
+    for other in ("Changelog", "OptionsetMetadata", "Microsoft.Athena.TrickleFeedService"):
+        (source / other).mkdir()
+    store, prefix = open_store(tmp_path), "landing/d365"
+    keys = [f"{prefix}/{s}" for s in stamps]
+    assert sync_folders(store, prefix).complete == tuple(keys)
+    (source / stamps[2] / "model.json").unlink()  # the newest, still being written
+    found = sync_folders(store, prefix)
+    assert found.complete == tuple(keys[:2]) and [k for k, _ in found.waiting] == keys[2:]
+    (source / "Changelog" / "changelog.info").write_text(stamps[1])
+    found = sync_folders(store, prefix)
+    assert found.complete == tuple(keys[:1]) and [k for k, _ in found.waiting] == keys[1:]
+    assert found.waiting[1][1] == f"after {stamps[1]}, which is not complete"
+    (source / stamps[1] / "model.json").unlink()  # older than a folder begun: broken, read
+    (source / "Changelog" / "changelog.info").write_text(stamps[2])
+    assert sync_folders(store, prefix).complete == tuple(keys[:2])

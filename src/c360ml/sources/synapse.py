@@ -4,6 +4,11 @@ Why strings first: a malformed value (an unparseable date or amount) must not fa
 whole file, so every CSV is read as text and each column is cast on its own; a row that
 fails a cast or has the wrong number of fields goes to quarantine with the file, line
 and reason, and the rest of the batch goes on.
+
+Why through a store: the export lands in an ADLS container as often as on a disk. Files
+are read through the lake's `LakeStore` (`c360ml.storage.objects`) as streams, a local
+file or a blob in ranged pieces, by the same parser; `sync_folders` says which sync
+folders Synapse Link has finished writing.
 """
 
 from __future__ import annotations
