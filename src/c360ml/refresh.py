@@ -145,10 +145,12 @@ def _snapshot_chunk(
     fs: FeatureSet | None,
     chunk: pd.Index | None,
     threads: int | None = None,
+    memory_mb: int | None = None,
 ) -> dict[str, Any]:
     """Measures and/or features of one chunk of profiles (None: every profile), computed
     by DuckDB from the lake's gold tables through the as-of SQL (may run in a worker
-    process; `threads`: DuckDB's while it builds the view)."""
+    process; `threads`: DuckDB's while it builds the view; `memory_mb`: the worker
+    process's DuckDB memory limit, beyond which it spills to disk)."""
     from c360ml.features import (
         calculate_snapshot,
         lake_gold,
@@ -157,13 +159,17 @@ def _snapshot_chunk(
         measures_frame,
     )
     from c360ml.features.asof import AsOfSql
+    from c360ml.medallion.sql import duckdb_connection
 
+    if memory_mb is not None:
+        duckdb_connection().execute(f"SET memory_limit = '{int(memory_mb)}MB'")
     out: dict[str, Any] = {"measures": None, "features": None}
     seconds = out["seconds"] = {"view": 0.0, "features": 0.0}
     started = time.perf_counter()
     cfg = load_churn_config(settings.path(settings.feature_spec))
     wanted = load_measures(settings.path(settings.measures)) if measures else None
-    with AsOfSql(lake_gold(Lake(settings.lake)), customers=chunk, threads=threads) as sql:
+    gold = lake_gold(Lake(settings.lake))
+    with AsOfSql(gold, customers=chunk, threads=threads, store_gold=False) as sql:
         sql.build_view(as_of)
         out["profiles"] = pd.Series(sql.profile_ids().to_numpy(), name="customer_id")
         buyers, active = sql.buyers_and_active(as_of, cfg)
@@ -189,16 +195,19 @@ def snapshot_profiles(
     lake's gold tables (`c360ml.features.asof`); only each chunk's results reach pandas.
     Why chunks: a chunk's view and aggregates are a process's work (they run on one thread,
     see `c360ml.features.asof.AsOfSql`), so chunks use every core, and DuckDB's memory
-    follows the chunk, not the lake. Every measure and feature is an aggregation over one
-    customer's rows, so chunking changes no value but, at most, a sum's last bit (a chunk
-    stores its customers' rows by time; a test checks). With one chunk, the customers are
-    not listed to DuckDB at all, and the statuses and populations use every core.
+    follows the chunk, not the lake (and is capped in each worker process,
+    `refresh_worker_memory_mb`: the parent and the workers together stay within the
+    machine's budget). Every measure and feature is an aggregation over one customer's
+    rows, read in the order gold's files hold them, so chunking changes no value but, at
+    most, a sum's last bit (a test checks). With one chunk, the customers are not listed
+    to DuckDB at all, and the statuses and populations use every core.
     """
     size, workers = settings.refresh_chunk_customers, settings.refresh_workers
     chunks = customer_chunks(Lake(settings.lake), size, workers)
     workers = min(workers, len(chunks))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-    job = partial(_snapshot_chunk, settings, as_of, measures, fs, threads=threads)
+    memory = settings.refresh_worker_memory_mb if workers > 1 else None
+    job = partial(_snapshot_chunk, settings, as_of, measures, fs, threads=threads, memory_mb=memory)
     with progress.track("profiles, chunks", len(chunks)) as advance:
         if len(chunks) == 1:
             results = [_advanced(job(None), advance)]

@@ -315,13 +315,18 @@ def _status(row: str, state: str, column: str = Orders.status) -> str:
     return _state(row, state, "status", f"{row}.{column}")
 
 
-def session_statements(restricted: bool, d: Dialect = DUCKDB) -> list[str]:
+def session_statements(
+    restricted: bool, d: Dialect = DUCKDB, store: bool = True, candidates: bool = True
+) -> list[str]:
     """The relations a session builds once, for its customers (`restricted`: those in
-    asof_sample): their gold rows (`SESSION_GOLD`: stored when restricted, so that a
-    training sample's or refresh chunk's cutoffs do not scan the lake's tables each), their
-    orders' and cases' ranked histories, first rows and status segments, and their
-    candidate purchases (of a known customer). The views and labels read them, so a
-    restricted engine must materialise them before asof_customers changes."""
+    asof_sample): their gold rows (`SESSION_GOLD`: stored when restricted and `store`, so
+    that a training sample's cutoffs do not scan the lake's tables each; a refresh chunk,
+    one cutoff, reads them where they are instead of holding a copy beside its view),
+    their orders' and cases' ranked histories, first rows and status segments, and their
+    candidate purchases (of a known customer; `candidates` False: left to
+    `candidate_statement`, for a session that may not need them). The views and labels
+    read them, so a restricted engine must materialise them before asof_customers
+    changes."""
     sample = {
         "customers": CUSTOMER_ID,
         "orders": Orders.customer_id,
@@ -330,14 +335,12 @@ def session_statements(restricted: bool, d: Dialect = DUCKDB) -> list[str]:
     out = []
     for name, (relation, order) in SESSION_GOLD.items():
         sql = f"SELECT {', '.join(NEEDED[name])} FROM {GOLD_RELATIONS[name]}"
-        if not restricted:
-            out.append(d.alias(relation, sql))
-            continue
-        if name == "order_lines":
+        if restricted and name == "order_lines":
             sql += f" WHERE {OrderLines.order_id} IN (SELECT {Orders.order_id} FROM {ORDERS})"
-        else:
+        elif restricted:
             sql += f" WHERE {_restricted(sample[name], SAMPLE)}"
-        out.append(d.materialise(relation, sql, order))
+        stored = restricted and store
+        out.append(d.materialise(relation, sql, order) if stored else d.alias(relation, sql))
     ids = {
         "orders": f"SELECT {Orders.order_id} FROM {ORDERS}",
         "support_cases": f"SELECT {SupportCases.case_id} FROM {CASES}",
@@ -351,7 +354,13 @@ def session_statements(restricted: bool, d: Dialect = DUCKDB) -> list[str]:
             d.materialise(first, first_rows(ranked), "entity_id"),
             d.materialise(segments, status_segments(ranked), "entity_id, seg_from"),
         ]
-    return [*out, d.materialise(CANDIDATES, candidate_states())]
+    return [*out, candidate_statement(d)] if candidates else out
+
+
+def candidate_statement(d: Dialect = DUCKDB) -> str:
+    """The session's candidate purchases (`candidate_states`), what labels, populations
+    and RFM at any cutoff read."""
+    return d.materialise(CANDIDATES, candidate_states())
 
 
 def status_partition(relation: str) -> str:
@@ -478,6 +487,16 @@ def purchasers(since: pd.Timestamp | None, until: pd.Timestamp, d: Dialect = DUC
     return f"SELECT DISTINCT p.{Orders.customer_id} FROM {CANDIDATES} p WHERE {_and(terms)}"
 
 
+def view_purchasers(since: pd.Timestamp | None, d: Dialect = DUCKDB) -> str:
+    """`purchasers(since, t)` read from the view at t (built for all the session's
+    customers): its orders' is_purchase is the same rule at t, so one cutoff needs no
+    `candidate_states`."""
+    terms = ["o.is_purchase", _restricted(f"o.{Orders.customer_id}", "customers")]
+    if since is not None:
+        terms.append(f"o.{Orders.order_ts} > {d.timestamp(since)}")
+    return f"SELECT DISTINCT o.{Orders.customer_id} FROM orders o WHERE {_and(terms)}"
+
+
 def labels_sql(cutoffs: Sequence[pd.Timestamp], cfg: ChurnConfig, d: Dialect = DUCKDB) -> str:
     """cutoff (the index into `cutoffs`), customer_id, label of the active population at
     each cutoff (after `session_statements`), ordered by cutoff then customer_id."""
@@ -577,7 +596,10 @@ class AsOfSql:
     for fewer customers (`restrict`). Labels, populations and RFM are queries over the
     session's relations.
 
-    `threads`: DuckDB's threads for the session's relations, labels and populations
+    `store_gold` False: a session of one cutoff (a refresh chunk) reads its customers' gold
+    rows from the lake where a view needs them instead of storing a copy (see
+    `session_statements`). `threads`: DuckDB's threads for the session's relations, labels
+    and populations
     (None: as the process has them; the refresh gives each of its worker processes its
     share of the cores). The view is built, and aggregated (`c360ml.features.aggregates`),
     on one thread: its rows are then stored in the order the gold files are scanned (and
@@ -586,7 +608,11 @@ class AsOfSql:
     whatever order they finish). Use as a context manager (`close`)."""
 
     def __init__(
-        self, gold: Gold, customers: pd.Index | None = None, threads: int | None = None
+        self,
+        gold: Gold,
+        customers: pd.Index | None = None,
+        threads: int | None = None,
+        store_gold: bool = True,
     ) -> None:
         from c360ml.medallion.sql import duckdb_connection
 
@@ -600,6 +626,7 @@ class AsOfSql:
         if threads is not None:
             self.con.execute(f"SET threads = {int(threads)}")
         self.view_at: pd.Timestamp | None = None
+        self._candidates = False  # built on first use (`_per_cutoff`)
         self._frames: dict[str, pd.DataFrame] | None = None
         base = gold.customers if isinstance(gold, LakeGold) else None
         self.sample = _intersect(base, customers)  # the customers the session reads
@@ -609,7 +636,9 @@ class AsOfSql:
             if self.sample is not None:
                 self.con.register(SAMPLE, _ids(self.sample))
                 self.con.register(RESTRICTION, _ids(self.sample))
-            for statement in session_statements(self.sample is not None, self.dialect):
+            restricted = self.sample is not None
+            statements = session_statements(restricted, self.dialect, store_gold, False)
+            for statement in statements:
                 self.con.execute(statement)
         except BaseException:
             self.close()
@@ -749,17 +778,24 @@ class AsOfSql:
 
     def buyers_and_active(self, t: pd.Timestamp, cfg: ChurnConfig) -> tuple[pd.Index, pd.Index]:
         """Customers with a purchase at or before t, and those with one in (t - L, t] (the
-        active population), both sorted."""
+        active population), both sorted: read from the view at t of all the session's
+        customers (built, and the restriction lifted, if it is not the one held)."""
         t = utc(t)
+        if self.customers is not self.sample:
+            self.restrict(None)
+        self.build_view(t)
         out = []
         for since in (None, t - cfg.lookback):
-            rows = self.query(f"{purchasers(since, t, self.dialect)} ORDER BY 1")
+            rows = self.query(f"{view_purchasers(since, self.dialect)} ORDER BY 1")
             out.append(pd.Index(rows[CUSTOMER_ID].to_numpy(dtype=object)))
         return out[0], out[1]
 
     def _per_cutoff(self, sql, cutoffs: list[pd.Timestamp]) -> pd.DataFrame:
         """`sql(cutoffs)`'s rows, run a cutoff at a time (one query over all of them holds
         every cutoff's hash tables at once: gigabytes at 100k customers x 12 cutoffs)."""
+        if not self._candidates:
+            self.con.execute(candidate_statement(self.dialect))
+            self._candidates = True
         parts = []
         for k, t in enumerate(cutoffs):
             rows = self.query(sql([t]))
