@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,8 +98,9 @@ def churn_score_rows(
     """One gold/churn_scores row per profile; unscored profiles get an empty score."""
     out = pd.DataFrame({"CustomerId": profiles.to_numpy()})
     out = out.merge(scored, on="CustomerId", how="left")
-    out["InfluentialFactors"] = [
-        json.dumps(f) if isinstance(f, list) else None for f in out["InfluentialFactors"]
+    out["InfluentialFactors"] = [  # JSON text, as score(factors_as="json") gives it
+        json.dumps(f) if isinstance(f, list) else f if isinstance(f, str) else None
+        for f in out["InfluentialFactors"]
     ]
     out["IsChurn"] = out["IsChurn"].astype("boolean")
     out["ExplainMethod"] = explain
@@ -185,6 +186,23 @@ def _snapshot_chunk(
     return out
 
 
+def _on_engine(embedded: Callable) -> Callable:
+    """`embedded` (DuckDB in this process) or, when the settings name the Spark engine,
+    the function of the same name in `c360ml.spark.features` (same arguments, same
+    results, computed by Spark)."""
+
+    @wraps(embedded)
+    def run(settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        if settings.engine != "spark":
+            return embedded(settings, *args, **kwargs)
+        from c360ml.spark import features
+
+        return getattr(features, embedded.__name__)(settings, *args, **kwargs)
+
+    return run
+
+
+@_on_engine
 def snapshot_profiles(
     settings: Settings, as_of: pd.Timestamp, measures: bool, fs: FeatureSet | None
 ) -> Snapshot:
@@ -275,6 +293,7 @@ def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
     return load_bundle(f"models:/{settings.model_name}@{CHAMPION}"), str(version)
 
 
+@_on_engine
 def measures_and_scores(
     settings: Settings,
     as_of: pd.Timestamp,
@@ -326,7 +345,7 @@ def measures_and_scores(
     started = time.perf_counter()
     request = snapshot.drop(columns=[AS_OF]).rename(columns={"customer_id": "CustomerId"})
     scored = (
-        scoring.score(bundle, request, explain)
+        scoring.score(bundle, request, explain, factors_as="json")
         if len(request)
         else pd.DataFrame(columns=list(scoring.ChurnScoreOutput.to_schema().columns))
     )

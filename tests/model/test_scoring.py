@@ -158,3 +158,20 @@ def test_scoring_imports_neither_mlflow_nor_featuretools():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("explain", ["approx", "none"])
+def test_factors_as_json_are_the_records_json_dumps_gives(bundle, synthetic, explain):
+    """The batch's JSON factors (built a column at a time) are, text for text, what
+    json.dumps makes of the service's records, NaN values and all units included."""
+    frame = request_frame(synthetic[0], rows=400)
+    frame.loc[::3, FEATURES] = np.nan  # values with no data
+    records = score(bundle, frame, explain=explain)
+    texts = score(bundle, frame, explain=explain, factors_as="json")
+    assert texts.drop(columns="InfluentialFactors").equals(
+        records.drop(columns="InfluentialFactors")
+    )
+    expected = [json.dumps(r) for r in records.InfluentialFactors]
+    assert list(texts.InfluentialFactors) == expected
+    if explain == "approx":
+        assert any('"no data"' in t for t in expected)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -239,7 +241,22 @@ def _save(lake: Lake, job: ErasureJob) -> None:
 
 
 def _delete_rows(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """Each table's deletes, the tables a few at a time: one table's rewrite runs mostly on
+    one core, and at a million customers every table of the person's sources holds one of
+    them in each file. A source table's deletes stay in their order (bronze, silver, its
+    quarantine: see `_source_deletes`); no two threads touch one table."""
+    by_table: dict[str, list[Delete]] = {}
     for d in job.deletes:
+        by_table.setdefault(d.where[-1], []).append(d)
+    threads = min(len(by_table), os.cpu_count() or 1) or 1
+    with ThreadPoolExecutor(threads) as pool:
+        done = [pool.submit(_delete_each, lake, ds, result) for ds in by_table.values()]
+        for future in done:
+            future.result()
+
+
+def _delete_each(lake: Lake, deletes: list[Delete], result: ErasureResult) -> None:
+    for d in deletes:
         if not lake.exists(*d.where) or not d.values:
             continue
         layer, *parts = d.where
