@@ -39,7 +39,7 @@ def test_build_all_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_re
 def test_refresh_on_spark_builds_every_layer_there(tmp_path, monkeypatch, sail_remote, capsys):
     """`c360ml refresh --engine spark` after an increment: silver, unify and gold are
     written by Spark (Sail), then every profile is re-scored (the feature snapshot and
-    scoring run in the c360ml process, on DuckDB)."""
+    scoring run on Spark too: tests/spark/test_features.py compares them with DuckDB's)."""
     from c360ml.model.pipeline import run_training
     from c360ml.model.train import TrainConfig
     from c360ml.synth import generate_increment
@@ -65,3 +65,30 @@ def test_refresh_on_spark_builds_every_layer_there(tmp_path, monkeypatch, sail_r
     scores = lake.read_pandas("gold", "churn_scores")
     assert scores.ScoredAsOf.nunique() == 1 and scores.CustomerId.is_unique
     assert set(scores.CustomerId) == set(lake.read_pandas("gold", "customer_profile").customer_id)
+
+
+def test_build_measures_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_remote, capsys):
+    """`c360ml build measures --engine spark`: the measures computed by Spark (it fails
+    without one), equal to DuckDB's."""
+    from c360ml.refresh import snapshot_profiles
+    from c360ml.steps import latest_event_time
+
+    settings = generated_lake(tmp_path / "data", customers=300, seed=5)
+    lake = Lake(settings.lake)
+    expected = snapshot_profiles(settings, latest_event_time(lake), True, None).measures
+    user_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("C360ML_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", "sc://127.0.0.1:1")
+    assert main(["build", "measures", "--engine", "spark"]) == 2
+    assert "error: Spark Connect at 127.0.0.1:1 is not reachable" in capsys.readouterr().out
+    assert not lake.exists("gold", "customer_measures")
+
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", sail_remote)
+    assert main(["build", "measures", "--engine", "spark"]) == 0
+    assert "gold/customer_measures" in capsys.readouterr().out
+    written = lake.read_pandas("gold", "customer_measures")
+    text = expected.select_dtypes("object").columns  # a null mode is read back as None
+    expected[text] = expected[text].astype(object).where(expected[text].notna(), None)
+    pd.testing.assert_frame_equal(written, expected, rtol=1e-9)

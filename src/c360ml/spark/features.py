@@ -1,0 +1,671 @@
+"""Features, measures, populations and batch scores on Spark: the refresh's snapshot and
+scoring as Spark work, from the same saved definitions as the DuckDB engine.
+
+What runs where:
+- the lake's gold Delta tables are read by Spark as the `gold_<table>` relations
+  (`c360ml.features.asof.GOLD_RELATIONS`, through `SparkTables`: Delta by default), and
+  the as-of SQL of `c360ml.features.asof` runs in Spark's dialect (`SPARK`): the session's
+  relations once (`session_statements`), the view at as_of (`view_statements`), the
+  active population, the buyers and the labels (`purchasers`, `labels_sql`,
+  `population_sql`);
+- every feature and measure is the compiled aggregate `c360ml.features.aggregates`
+  generates (`_aggregate` of its Featuretools definition), the per-table scans of
+  `aggregate_view` joined to the population in one Spark query (`request_sql`): the
+  DuckDB engine lines those scans up with the ids in pandas, which on Spark would bring
+  each scan to the driver. A feature or measure the SQL generator cannot express (and a
+  user's SQL feature) is refused before any Spark work, in one line naming it
+  (`SparkFeatureError`): the DuckDB engine computes those with Featuretools on the view's
+  rows, which at a cluster's scale would collect the lake to the driver;
+- batch scoring is `mapInPandas` around `c360ml.model.scoring.score` with the champion's
+  bundle, whose files travel to the workers inside the function (bytes: Spark Connect has
+  no broadcast variables; a bundle is a booster and a few small JSON files). The workers
+  need the c360ml wheel (the function and scoring are shipped by reference); Sail runs them
+  in its own process. The features and the scores come out of one Spark pass.
+
+What reaches the driver: the profiles' and buyers' ids, the measures, the scored
+snapshot (features and scores of the active profiles): what the refresh writes with
+`Lake` as the DuckDB engine does (`c360ml.refresh.replace_as_of`: same tables, same
+commit records, so either engine's next refresh keeps what the other wrote).
+
+The values equal the DuckDB engine's to the last bits of a sum (Spark's sums are not
+compensated, DuckDB's are): tests/spark/test_features.py checks the features, the
+measures and the scores against the DuckDB refresh on the same lake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from c360ml.config import Settings
+from c360ml.features import asof
+from c360ml.features.aggregates import (
+    LINE_ID,
+    Aggregate,
+    _days_before,
+    _distinct_sql,
+    _literal,
+    _mode_sql,
+    _per_order_sql,
+    _table_sql,
+)
+from c360ml.features.asof import CUSTOMER_ID, GOLD_RELATIONS, NEEDED, SPARK
+from c360ml.features.gold import GOLD_TABLES
+from c360ml.schemas import Orders
+from c360ml.spark.gold import DELTA, SparkBuildError, SparkTables, _first_line, _spark_errors
+from c360ml.storage.lake import Lake
+from c360ml.timestamps import utc
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from c360ml.features import ChurnConfig, FeatureSet, Measure
+    from c360ml.model.scoring import ModelBundle
+    from c360ml.refresh import Snapshot
+    from c360ml.steps import StepResult
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "c360ml_active"  # customer_id of the active population at as_of
+PROFILES = "c360ml_profiles"  # customer_id of every profile in the view
+SCRATCH = ("state", "features_spark_scratch")  # a pass's kept relations (Parquet), removed after
+# The relations computed once and kept (`SparkAsOf.keep`): those DuckDB's engine stores
+# that are read more than once, and the view's activity tables the aggregates scan.
+KEPT = frozenset(
+    [r for _, *made in asof.HISTORIES.values() for r in made]
+    + [asof.CANDIDATES, "orders", "order_lines", "support_cases", ACTIVE]
+)
+_SPARK_TYPES = {  # Arrow type of a declared gold column -> Spark SQL type
+    "string": "STRING",
+    "double": "DOUBLE",
+    "int64": "BIGINT",
+    "bool": "BOOLEAN",
+    "timestamp[us, tz=UTC]": "TIMESTAMP",
+}
+
+
+class SparkFeatureError(SparkBuildError):
+    """A feature or measure the Spark engine does not compute, or Spark failed the
+    feature work: the message is the one line a user is shown, naming it."""
+
+
+# ---------------------------------------------------------------- definitions -> SQL
+
+
+def plan_features(fs: FeatureSet) -> list[Aggregate]:
+    """fs's features as compiled aggregates, in fs.names order; SparkFeatureError naming
+    the first one the SQL cannot express (a user's SQL feature included)."""
+    from c360ml.features import custom
+    from c360ml.features.dfs import _load
+
+    for sql in custom.definitions(fs.meta):
+        raise SparkFeatureError(
+            f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
+            "engine computes; drop it from the spec or use --engine duckdb"
+        )
+    return _planned(_load(fs), "feature")
+
+
+def plan_measures(measures: list[Measure]) -> list[Aggregate]:
+    """The measures as compiled aggregates (their Featuretools definitions made on the
+    view's declared columns, `empty_view`); SparkFeatureError naming one the SQL cannot
+    express."""
+    from c360ml.features.dfs import _entityset, measure_features
+
+    return _planned(measure_features(_entityset(empty_view()), measures), "measure")
+
+
+def empty_view() -> dict[str, pd.DataFrame]:
+    """The view's relations as empty activity frames of the declared gold columns (what
+    `AsOfSql.frames(rows=False)` gives the DuckDB engine): the column types Featuretools
+    makes measure definitions on, known before any engine runs."""
+    from c360ml.features.asof import _empty
+
+    gold = {entity: _empty(model).to_pandas() for entity, (_, model) in GOLD_TABLES.items()}
+    sources = {"order_lines": ("order_lines", "orders")}
+    out = {}
+    for name in asof.VIEW:
+        columns = {}
+        for column in asof.VIEW_COLUMNS[name]:
+            found = [gold[s][column] for s in sources.get(name, (name,)) if column in gold[s]]
+            columns[column] = found[0] if found else pd.Series([], dtype=bool)  # is_purchase
+        out[name] = pd.DataFrame(columns)
+    out["orders"] = out["orders"].drop(columns=[Orders.status])
+    lines = out["order_lines"].drop(columns=[Orders.customer_id, Orders.order_ts])
+    lines.insert(0, LINE_ID, np.arange(len(lines)))
+    out["order_lines"] = lines
+    return out
+
+
+def _planned(features: list, kind: str) -> list[Aggregate]:
+    from c360ml.features.dfs import _aggregate
+
+    plans = []
+    for feature in features:
+        plan = _aggregate(feature)
+        if plan is None:
+            raise SparkFeatureError(
+                f"{kind} {feature.get_name()!r}: the SQL generator cannot express it, and the "
+                "Spark engine does not compute with Featuretools (that would collect the "
+                f"view's rows to the driver); drop the {kind} or use --engine duckdb"
+            )
+        plans.append(plan)
+    return plans
+
+
+def request_sql(ids: str, aggregates: list[Aggregate], t: pd.Timestamp) -> str:
+    """One Spark query: customer_id of the relation `ids`, then each aggregate at t over
+    the view's relations, defaults filled in, with `aggregate_view`'s semantics: the same
+    scans of each table (`_table_sql`, `_distinct_sql`, `_per_order_sql`, `_mode_sql`),
+    left-joined to the ids where DuckDB's engine lines them up in pandas."""
+    d, t_ns = SPARK, pd.Timestamp(t).value
+    key = d.quote(CUSTOMER_ID)
+    inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
+    per_order = f"({_per_order_sql(inner, t_ns, d)}) per_order" if inner else None
+    joins: list[str] = []
+    values: dict[str, str] = {}
+
+    def joined(sql: str) -> str:
+        alias = f"s{len(joins)}"
+        joins.append(f"LEFT JOIN ({sql}) {alias} ON {alias}.{key} = ids.{key}")
+        return alias
+
+    scans = []
+    for table in ("orders", "order_lines", "support_cases"):
+        mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
+        scans.append((table, [a for a in mine if a.per_order is None]))
+        if table == "orders" and inner:
+            scans.append((per_order, [a for a in mine if a.per_order is not None]))
+    for source, mine in scans:
+        if not mine:
+            continue
+        plain = [a for a in mine if a.primitive != "num_unique"]
+        distinct = [a for a in mine if a.primitive == "num_unique"]
+        scan = joined(_table_sql(source, plain, t_ns, inner, d, counted=distinct))
+        values.update((a.name, f"{scan}.{d.quote(a.name)}") for a in plain)
+        for group, sql in _distinct_sql(source, distinct, t_ns, inner, d):
+            counts = joined(sql)
+            for a in group:  # 0 where rows have only null values; null where no rows
+                rows = f"{scan}._rows{distinct.index(a)}"
+                values[a.name] = (
+                    f"CASE WHEN COALESCE({rows}, 0) > 0 THEN "
+                    f"COALESCE({counts}.{d.quote(a.name)}, 0) END"
+                )
+    for a in aggregates:
+        if a.table == "customers":
+            sql = f"SELECT {key}, {_days_before(a.column, t_ns, d)} AS v FROM customers"
+        elif a.primitive == "mode":
+            sql = _mode_sql(a, t_ns, d)
+        else:
+            continue
+        values[a.name] = f"{joined(sql)}.v"
+    columns = [
+        f"{values[a.name] if a.default is None else _filled(values[a.name], a.default)} "
+        f"AS {d.quote(a.name)}"
+        for a in aggregates
+    ]
+    return f"SELECT ids.{key}, {', '.join(columns)} FROM {ids} ids {' '.join(joins)}"
+
+
+def _filled(value: str, default: float) -> str:
+    return f"COALESCE({value}, {_literal(default)})"
+
+
+# ---------------------------------------------------------------- the as-of SQL on Spark
+
+
+def register_gold(spark: SparkSession, lake: Lake, tables: SparkTables = DELTA) -> None:
+    """The lake's gold tables as the `gold_<table>` relations the as-of SQL reads; a
+    table the lake lacks is an empty relation of its declared columns (as DuckDB's engine
+    registers it). SparkFeatureError naming a table that lacks a needed column."""
+    from c360ml.features.asof import _empty
+
+    for entity, (table, model) in GOLD_TABLES.items():
+        relation = GOLD_RELATIONS[entity]
+        if not lake.exists("gold", table):
+            schema = ", ".join(
+                f"`{f.name}` {_SPARK_TYPES.get(str(f.type), 'STRING')}"
+                for f in _empty(model).schema
+            )
+            spark.createDataFrame([], schema).createOrReplaceTempView(relation)
+            continue
+        frame = tables.read(spark, lake, ("gold", table))
+        missing = sorted(set(NEEDED[entity]) - set(frame.columns))
+        if missing:
+            raise SparkFeatureError(f"gold table {table} lacks column(s) {missing}")
+        frame.createOrReplaceTempView(relation)
+
+
+class SparkAsOf:
+    """A Spark session that reads gold through the as-of SQL: gold registered
+    (`register_gold`), the session's relations made (`session_statements`), the view at a
+    cutoff (`build_view`), and the populations and labels as queries over them.
+
+    The relations DuckDB's engine stores (`KEPT`: the statuses, the candidate purchases,
+    the view's orders, lines and cases, the active population) are computed once and kept
+    in scratch Parquet under `scratch` (what follows reads them, not the plans that made
+    them: Sail's cache is a no-op, and the status relations are read many times over), as
+    `c360ml.spark.unify` keeps its steps. Use as a context manager: the scratch is removed
+    on exit."""
+
+    def __init__(
+        self, spark: SparkSession, lake: Lake, scratch: Path, tables: SparkTables = DELTA
+    ) -> None:
+        self.spark, self.lake, self.scratch = spark, lake, scratch
+        self.view_at: pd.Timestamp | None = None
+        self._kept = 0
+        try:
+            register_gold(spark, lake, tables)
+            self._run(asof.session_statements(False, SPARK))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> SparkAsOf:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _run(self, statements: list[str]) -> None:
+        """Each statement, then its relation kept when it is one of `KEPT`."""
+        for statement in statements:
+            made = re.match(r"CREATE OR REPLACE TEMP VIEW (\w+) AS", statement)
+            try:
+                self.spark.sql(statement)
+                if made and made.group(1) in KEPT:
+                    self.keep(made.group(1))
+            except _spark_errors() as exc:
+                raise SparkFeatureError(f"as-of SQL failed on Spark: {_first_line(exc)}") from exc
+
+    def keep(self, relation: str) -> None:
+        """The relation computed once, written to scratch Parquet and read back under its
+        name (read with its schema: an empty result is written as no file at all)."""
+        frame = self.spark.table(relation)
+        self._kept += 1  # a new folder: a relation kept again may be read by an older one
+        path = self.scratch / f"{self._kept}_{relation}"
+        frame.write.mode("overwrite").parquet(str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        self.spark.read.schema(frame.schema).parquet(str(path)).createOrReplaceTempView(relation)
+
+    def build_view(self, t: pd.Timestamp) -> None:
+        """The view at t (customers, orders, order_lines, support_cases, products) for the
+        queries that follow; the profiles of it as the relation `PROFILES`."""
+        t = utc(t)
+        if self.view_at == t:
+            return
+        self._run(asof.view_statements(t, False, SPARK))
+        self._run([SPARK.alias(PROFILES, f"SELECT DISTINCT {CUSTOMER_ID} FROM customers")])
+        self.view_at = t
+
+    def ids(self, sql: str) -> pd.Index:
+        """customer_id of a query's rows, sorted (the one column that reaches the driver)."""
+        rows = self.spark.sql(f"SELECT {CUSTOMER_ID} FROM ({sql}) q").toPandas()
+        return pd.Index(np.sort(rows[CUSTOMER_ID].to_numpy(dtype=str)).astype(object))
+
+    def profile_ids(self) -> pd.Index:
+        """customer_id of every profile in the view (`build_view` first), sorted."""
+        return self.ids(f"SELECT {CUSTOMER_ID} FROM {PROFILES}")
+
+    def activate(self, t: pd.Timestamp, cfg: ChurnConfig) -> None:
+        """The active population at t, customers with a purchase in (t - L, t], as the
+        relation `ACTIVE`."""
+        t = utc(t)
+        self._run([SPARK.alias(ACTIVE, asof.purchasers(t - cfg.lookback, t, SPARK))])
+
+    def buyers(self, t: pd.Timestamp) -> pd.Index:
+        """Customers with a purchase at or before t, sorted."""
+        return self.ids(asof.purchasers(None, utc(t), SPARK))
+
+    def labels(self, cutoffs: list[pd.Timestamp], cfg: ChurnConfig) -> pd.DataFrame:
+        """customer_id, cutoff_time, label (int8) of the active population at each
+        cutoff, as `AsOfSql.labels` gives them."""
+        cutoffs = asof._cutoffs(cutoffs)
+        rows = self.spark.sql(asof.labels_sql(cutoffs, cfg, SPARK)).toPandas()
+        out = asof._keyed(rows, cutoffs)
+        out[asof.LABEL] = rows[asof.LABEL].to_numpy().astype(np.int8)
+        return out
+
+    def population(self, cutoffs: list[pd.Timestamp], cfg: ChurnConfig) -> pd.DataFrame:
+        """customer_id, cutoff_time of the active population at each cutoff."""
+        cutoffs = asof._cutoffs(cutoffs)
+        rows = self.spark.sql(asof.population_sql(cutoffs, cfg, SPARK)).toPandas()
+        return asof._keyed(rows, cutoffs)
+
+    def aggregates(self, ids: str, plans: list[Aggregate]) -> DataFrame:
+        """customer_id of the relation `ids` and each planned aggregate over the view at
+        its cutoff (`build_view` first), as a Spark DataFrame (nothing computed yet)."""
+        if self.view_at is None:
+            raise RuntimeError("build_view(t) first")
+        sql = request_sql(ids, plans, self.view_at)
+        try:
+            frame = self.spark.sql(sql)
+            frame.columns  # noqa: B018 (analysed now: an error names the aggregates' query)
+        except _spark_errors() as exc:
+            raise SparkFeatureError(
+                f"the features' SQL failed on Spark: {_first_line(exc)}"
+            ) from exc
+        return frame
+
+
+# ---------------------------------------------------------------- the snapshot
+
+
+@dataclass
+class SparkSnapshot:
+    """The refresh's pass at one as_of on Spark: the measures of every profile and the
+    features of the active ones as Spark DataFrames (customer_id, then the measures or
+    fs.names; None when not asked), and the populations the score statuses need."""
+
+    measures: DataFrame | None
+    features: DataFrame | None
+    profiles: pd.Index  # every profile's customer_id, sorted
+    buyers: pd.Index  # profiles with a purchase at or before as_of, sorted
+
+
+@contextlib.contextmanager
+def spark_snapshot(
+    spark: SparkSession,
+    lake: Lake,
+    as_of: pd.Timestamp,
+    cfg: ChurnConfig,
+    measures: list[Aggregate] | None,
+    features: list[Aggregate] | None,
+    tables: SparkTables = DELTA,
+) -> Iterator[SparkSnapshot]:
+    """`calculate_snapshot`'s pass on Spark (see the module docstring), for the duration
+    (its frames read the pass's scratch): the measures and features planned
+    (`plan_measures`, `plan_features`: what cannot be computed is refused before)."""
+    as_of = utc(as_of)
+    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    try:
+        with SparkAsOf(spark, lake, scratch, tables) as view:
+            view.build_view(as_of)
+            view.activate(as_of, cfg)
+            yield SparkSnapshot(
+                measures=None if measures is None else view.aggregates(PROFILES, measures),
+                features=None if features is None else view.aggregates(ACTIVE, features),
+                profiles=view.profile_ids(),
+                buyers=view.buyers(as_of),
+            )
+    finally:
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # when no other pass's scratch is there
+
+
+def _session(settings: Settings) -> SparkSession:
+    from c360ml.spark import spark_session
+
+    return spark_session(settings.spark_remote or None)
+
+
+def _collect(frame: DataFrame, what: str) -> pd.DataFrame:
+    """A Spark DataFrame's rows in pandas, sorted by customer_id and indexed by it."""
+    try:
+        rows = frame.toPandas()
+    except _spark_errors() as exc:
+        raise SparkFeatureError(f"Spark failed the {what}: {_first_line(exc)}") from exc
+    rows[CUSTOMER_ID] = rows[CUSTOMER_ID].astype(str)
+    return rows.sort_values(CUSTOMER_ID, ignore_index=True).set_index(CUSTOMER_ID)
+
+
+def _measures(matrix: pd.DataFrame, measures: list[Measure], as_of: pd.Timestamp) -> pd.DataFrame:
+    from c360ml.features import measures_frame
+
+    return measures_frame(matrix, measures, as_of)
+
+
+def _features(matrix: pd.DataFrame, fs: FeatureSet, as_of: pd.Timestamp) -> pd.DataFrame:
+    """customer_id, as_of, fs.names (float32): the refresh's feature snapshot rows."""
+    from c360ml.features.dfs import _feature_part
+    from c360ml.refresh import AS_OF
+
+    part = _feature_part(matrix, matrix.index, as_of, fs)
+    part["cutoff_time"] = part["cutoff_time"].dt.as_unit("us")
+    return part.rename(columns={"cutoff_time": AS_OF})
+
+
+def snapshot_profiles(
+    settings: Settings, as_of: pd.Timestamp, measures: bool, fs: FeatureSet | None
+) -> Snapshot:
+    """`c360ml.refresh.snapshot_profiles` on Spark: the same Snapshot, computed by Spark
+    over the lake's gold (the refresh dispatches here when `engine` is spark)."""
+    from c360ml.features import load_churn_config, load_measures
+    from c360ml.refresh import Snapshot
+
+    as_of = utc(as_of)
+    cfg = load_churn_config(settings.path(settings.feature_spec))
+    wanted = load_measures(settings.path(settings.measures)) if measures else None
+    lake = Lake(settings.lake)
+    plans = (
+        plan_measures(wanted) if wanted else None,
+        plan_features(fs) if fs is not None else None,
+    )
+    with spark_snapshot(_session(settings), lake, as_of, cfg, *plans) as snap:
+        return Snapshot(
+            measures=None
+            if snap.measures is None
+            else _measures(_collect(snap.measures, "measures"), wanted, as_of),
+            features=None
+            if snap.features is None
+            else _features(_collect(snap.features, "features"), fs, as_of),
+            profiles=pd.Series(snap.profiles.to_numpy(), name=CUSTOMER_ID),
+            buyers=pd.Series(snap.buyers.to_numpy(), name=CUSTOMER_ID),
+            note=f"on Spark: {len(snap.profiles):,} profiles",
+        )
+
+
+# ---------------------------------------------------------------- batch scoring
+
+
+def bundle_files(bundle: ModelBundle) -> dict[str, bytes]:
+    """The bundle's folder as file name -> bytes (what the workers load it from)."""
+    with tempfile.TemporaryDirectory(prefix="c360ml_bundle_") as folder:
+        bundle.save(Path(folder))
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def _load_bundle(files: dict[str, bytes]) -> ModelBundle:
+    from c360ml.model.scoring import ModelBundle
+
+    with tempfile.TemporaryDirectory(prefix="c360ml_bundle_") as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        # One XGBoost thread: a worker scores one partition, beside the others.
+        return ModelBundle.load(Path(folder), nthread=1)
+
+
+def score_batches(
+    files: dict[str, bytes], names: list[str], explain: str, batches: Iterator[pd.DataFrame]
+) -> Iterator[pd.DataFrame]:
+    """The `mapInPandas` function: each batch of the feature snapshot (customer_id, the
+    features) with its features as float32 (what the booster reads, and the refresh
+    writes) and its `score` columns, InfluentialFactors as JSON text (what
+    gold/churn_scores stores)."""
+    from c360ml.model import scoring
+
+    bundle = None
+    for batch in batches:
+        if not len(batch):
+            continue
+        if bundle is None:
+            bundle = _load_bundle(files)
+        columns = {CUSTOMER_ID: batch[CUSTOMER_ID].astype(str).to_numpy()}
+        for name in names:  # as `c360ml.features.dfs` encodes a matrix
+            columns[name] = batch[name].astype("Float64").to_numpy(np.float32, na_value=np.nan)
+        features = pd.DataFrame(columns)
+        request = features.rename(columns={CUSTOMER_ID: "CustomerId"})
+        scored = scoring.score(bundle, request, explain, factors_as="json")
+        yield pd.concat([features, scored.drop(columns=["CustomerId"])], axis=1)
+
+
+def score_frame(
+    features: DataFrame, names: list[str], bundle: ModelBundle, explain: str
+) -> DataFrame:
+    """The feature snapshot (customer_id, `names`) scored on the workers: customer_id,
+    the features (FLOAT), ChurnScore, IsChurn, RiskLevel, InfluentialFactors (JSON)."""
+    from pyspark.sql.types import (
+        BooleanType,
+        DoubleType,
+        FloatType,
+        StringType,
+        StructField,
+        StructType,
+    )
+
+    schema = StructType(
+        [StructField(CUSTOMER_ID, StringType())]
+        + [StructField(n, FloatType()) for n in names]
+        + [
+            StructField("ChurnScore", DoubleType()),
+            StructField("IsChurn", BooleanType()),
+            StructField("RiskLevel", StringType()),
+            StructField("InfluentialFactors", StringType()),
+        ]
+    )
+    job = partial(score_batches, bundle_files(bundle), list(names), explain)
+    return features.mapInPandas(job, schema)
+
+
+def scored_snapshot(
+    rows: pd.DataFrame, fs: FeatureSet, as_of: pd.Timestamp
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The collected rows of `score_frame` (indexed by customer_id) as the refresh's
+    feature snapshot and `score`'s output frame (InfluentialFactors as JSON text)."""
+    from c360ml.model.scoring import ChurnScoreOutput
+
+    features = _features(rows[list(fs.names)], fs, as_of)
+    scored = pd.DataFrame(
+        {
+            "CustomerId": rows.index.to_numpy(dtype=object),
+            "ChurnScore": rows["ChurnScore"].to_numpy(dtype=np.float64),
+            "IsChurn": rows["IsChurn"].to_numpy(dtype=bool),
+            "RiskLevel": rows["RiskLevel"].to_numpy(dtype=object),
+            "InfluentialFactors": rows["InfluentialFactors"].to_numpy(dtype=object),
+        },
+        columns=list(ChurnScoreOutput.to_schema().columns),
+    )
+    return features, scored
+
+
+def measures_and_scores(
+    settings: Settings,
+    as_of: pd.Timestamp,
+    bundle: ModelBundle,
+    model_version: str,
+    explain: str,
+) -> tuple[list[StepResult], pd.DataFrame]:
+    """`c360ml.refresh.measures_and_scores` on Spark: the measures, the feature snapshot
+    and the scores computed by Spark (the features and scores in one pass), written to
+    the same tables with the same records; what these inputs (and this model) already
+    produced is kept."""
+    from c360ml import refresh
+    from c360ml.features import FeatureSet, load_churn_config, load_measures
+    from c360ml.schemas import ChurnScores
+    from c360ml.steps import StepResult, gold_inputs, replace_as_of, same_inputs
+
+    as_of = utc(as_of)
+    lake = Lake(settings.lake)
+    inputs = gold_inputs(lake)
+    score_inputs = inputs | {"model_version": model_version, "explain": explain}
+    need_measures = not same_inputs(lake, "customer_measures", as_of, inputs)
+    need_scores = not same_inputs(lake, "churn_scores", as_of, score_inputs)
+    if need_scores and bundle.feature_set_json is None:
+        raise ValueError("the champion carries no feature definitions; retrain it")
+    fs = FeatureSet.from_json(bundle.feature_set_json) if need_scores else None
+    kept = "unchanged inputs: kept"
+    if not (need_measures or need_scores):
+        scores = refresh._scores_at(lake, as_of)
+        return [StepResult("measures + features + scores", len(scores), kept)], scores
+    started = time.perf_counter()
+    cfg = load_churn_config(settings.path(settings.feature_spec))
+    wanted = load_measures(settings.path(settings.measures)) if need_measures else None
+    plans = (
+        plan_measures(wanted) if wanted else None,
+        plan_features(fs) if fs is not None else None,
+    )
+    measures, rows = None, None
+    with spark_snapshot(_session(settings), lake, as_of, cfg, *plans) as snap:
+        profiles = pd.Series(snap.profiles.to_numpy(), name=CUSTOMER_ID)
+        if wanted:
+            measures = _measures(_collect(snap.measures, "measures"), wanted, as_of)
+        seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        if fs is not None:
+            scored = score_frame(snap.features, fs.names, bundle, explain)
+            rows = _collect(scored, "features and scores")
+    note = f"on Spark; {len(profiles):,} profiles"
+    steps = [StepResult("snapshot", len(profiles), note, seconds)]
+    spark_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    if measures is not None:
+        refresh.write_measures(lake, measures, as_of, inputs)
+        steps.append(StepResult("measures", len(measures), "", time.perf_counter() - started))
+    else:
+        steps.append(StepResult("measures", 0, kept))
+    if rows is None:
+        scores = refresh._scores_at(lake, as_of)
+        steps.append(StepResult("features + scores", len(scores), kept))
+        return steps, scores
+    started = time.perf_counter()
+    snapshot, scored = scored_snapshot(rows, fs, as_of)
+    replace_as_of(lake, snapshot, "customer_features", refresh.AS_OF, as_of, inputs)
+    note = f"{len(fs.names)} features; computed and scored in one Spark pass"
+    steps.append(
+        StepResult(
+            "feature snapshot", len(snapshot), note, spark_seconds + time.perf_counter() - started
+        )
+    )
+    started = time.perf_counter()
+    status = refresh.score_statuses(profiles, snapshot[CUSTOMER_ID], snap.buyers)
+    scores = refresh.churn_score_rows(
+        profiles,
+        status,
+        scored,
+        explain,
+        model_version,
+        as_of,
+        pd.Timestamp.now(tz="UTC").floor("us"),
+    )
+    ChurnScores.validate(scores)
+    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, score_inputs)
+    steps.append(
+        StepResult(
+            "batch scores",
+            len(scores),
+            f"model v{model_version}, explain={explain}, on Spark (mapInPandas)",
+            time.perf_counter() - started,
+        )
+    )
+    return steps, scores
+
+
+__all__ = [
+    "SparkAsOf",
+    "SparkFeatureError",
+    "SparkSnapshot",
+    "measures_and_scores",
+    "plan_features",
+    "plan_measures",
+    "register_gold",
+    "request_sql",
+    "score_frame",
+    "snapshot_profiles",
+    "spark_snapshot",
+]
