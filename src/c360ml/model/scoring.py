@@ -409,18 +409,24 @@ def _top_factors_json(bundle: ModelBundle, x: np.ndarray, contrib: np.ndarray) -
     for unit in set(units[top].ravel()):
         at = units[top] == unit
         shown[at] = _each_once(
-            values[at], lambda v, u=unit: json.dumps(glossary.format_value(_none(v), u))
+            # format_value writes digits, separators and words only: no JSON escapes
+            values[at],
+            lambda v, u=unit: f'"{glossary.format_value(_none(v), u)}"',
         )
     impact = _each_once(impacts, lambda v: repr(round(float(v), 6)))
-    direction = np.where(impacts > 0, json.dumps(RAISES), json.dumps(LOWERS)).astype(object)
-    objects = (
-        heads[top] + number + ', "display_value": ' + shown + ', "impact": ' + impact
-        + ', "direction": ' + direction + "}"
-    )  # fmt: skip
-    rows = objects[:, 0]
-    for j in range(1, objects.shape[1]):
-        rows = rows + ", " + objects[:, j]
-    return "[" + rows + "]"
+    direction = np.where(impacts > 0, json.dumps(RAISES), json.dumps(LOWERS))
+    objects = [
+        f'{h}{n}, "display_value": {s}, "impact": {i}, "direction": {d}}}'
+        for h, n, s, i, d in zip(
+            heads[top].ravel(), number.ravel(), shown.ravel(), impact.ravel(),
+            direction.ravel().tolist(), strict=True,
+        )
+    ]  # fmt: skip
+    k = top.shape[1]
+    return np.array(
+        ["[" + ", ".join(objects[r : r + k]) + "]" for r in range(0, len(objects), k)],
+        dtype=object,
+    )
 
 
 def _none(v: float) -> float | None:
