@@ -106,6 +106,10 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion import build, erasure
     from c360ml.storage import lease
 
+    if isinstance(settings.lake, str) and args.layer == "measures":
+        raise ValueError(_local_only(settings, "`c360ml build measures`"))
+    if isinstance(settings.lake, str) and settings.engine == "spark":
+        raise ValueError(_local_only(settings, "the Spark engine (`--engine spark`)"))
     if args.layer == "measures":
         return cmd_measures(args, settings)
     steps: dict[str, Callable] = {
@@ -121,7 +125,9 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         lease.exclusive(settings.lake, f"build {args.layer}", settings.lease_wait_seconds),
         progress.track(f"build {args.layer}", len(order)) as advance,
     ):
-        if erasure.finish_pending(settings) is not None:
+        # An erasure runs in a refresh, which a lake on object storage does not run yet:
+        # no job can be pending there.
+        if not isinstance(settings.lake, str) and erasure.finish_pending(settings) is not None:
             print("finished the erasure a stopped refresh left")
         for step in order:
             started = time.perf_counter()
@@ -461,7 +467,15 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
 
 
 # the commands that run on a lake on object storage (the others: a local folder only so far)
-ON_OBJECT_STORAGE = (cmd_ingest,)
+ON_OBJECT_STORAGE = (cmd_ingest, cmd_build)
+
+
+def _local_only(settings: Settings, command: str) -> str:
+    return (
+        f"lake_root {settings.lake}: a lake on object storage is read and written by "
+        f"c360ml's storage layer, but {command} runs on a local folder only so far "
+        "(`c360ml ingest`, and `c360ml build silver|unify|gold|all` on DuckDB, run on it)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,11 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "engine", None):
             settings = settings.model_copy(update={"engine": args.engine})
         if isinstance(settings.lake, str) and args.func not in ON_OBJECT_STORAGE:
-            raise ValueError(
-                f"lake_root {settings.lake}: a lake on object storage is read and written by "
-                "c360ml's storage layer, but this command runs on a local folder only so far "
-                "(`c360ml ingest` runs on it)"
-            )
+            raise ValueError(_local_only(settings, f"`c360ml {args.command}`"))
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
         # What packages print to stderr themselves (MLflow's registration notes, say) goes

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from c360ml.config import Settings
 from c360ml.medallion.declarations import HELPERS
@@ -162,7 +161,7 @@ def bronze_added(lake: Lake, name: str, since: dict[str, int]) -> pa.Table | Non
     current = lake.delta(*where)
     files = [f for f in current.file_uris() if f not in old]
     schema = current.to_pyarrow_dataset().schema
-    table = ds.dataset(files, schema=schema, format="parquet").to_table(columns=list(columns))
+    table = lake.files_dataset(*where, files=files, schema=schema).to_table(columns=list(columns))
     return table.cast(_empty(name).schema)
 
 

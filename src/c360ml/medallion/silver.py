@@ -28,7 +28,6 @@ import pandera.pandas as pa
 import phonenumbers
 import pyarrow as pa_arrow
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 from deltalake import CommitProperties
 from deltalake.exceptions import DeltaError
 
@@ -400,7 +399,9 @@ def _new_bronze(
         unmerged = pc.field(INGESTED_AT) > pc.scalar(pa_arrow.scalar(merged_until, INGESTED_TYPE))
     # The table's own schema: a file rewritten by delta-rs stores strings as string_view.
     schema = current.to_pyarrow_dataset().schema
-    data = ds.dataset(sorted(files), schema=schema, format="parquet").to_table(filter=unmerged)
+    data = lake.files_dataset(
+        "bronze", table.source, table.name, files=sorted(files), schema=schema
+    ).to_table(filter=unmerged)
     return data, current.version()
 
 

@@ -1,5 +1,9 @@
 """Run the SQL files of `pipelines/sql/` with DuckDB over lake tables (their Parquet files).
 
+A lake on object storage is read by the same Parquet scans, through an fsspec filesystem
+registered with DuckDB for the lake's URI scheme (DuckDB's own Azure extension is
+downloaded at run time, which a machine without that host cannot do).
+
 The SQL is kept to constructs Spark SQL also accepts (no QUALIFY, no `::` casts), so the
 same files can run on Spark. `${name}` placeholders are filled from typed settings.
 """
@@ -26,6 +30,8 @@ MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8
 
 _database: list[duckdb.DuckDBPyConnection] = []  # this process's DuckDB, once opened
 _opening = threading.Lock()
+# URI scheme -> what the filesystem DuckDB reads it with was made for (credentials)
+_reaching: dict[str, object] = {}
 
 
 def duckdb_connection() -> duckdb.DuckDBPyConnection:
@@ -88,6 +94,8 @@ def register(
     takes).
     """
     files, deleted = lake.live_files(layer, *parts)
+    if lake.remote:
+        _reach_store(con, lake)
     if not files:
         empty = lake.dataset(layer, *parts).schema.empty_table()
         if positions:
@@ -108,6 +116,24 @@ def register(
         keep = "*" if positions else "* EXCLUDE (filename, file_row_number)"
         scans.append(f"SELECT {keep} FROM {_read_parquet(tracked, positions=True)}{where}")
     con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(scans))
+
+
+def _reach_store(con: duckdb.DuckDBPyConnection, lake: Lake) -> None:
+    """Let DuckDB read the files of a lake on object storage by their URIs (as delta-rs
+    names them, so the anti-join on `filename` and `rows_by_file` work unchanged).
+
+    A filesystem is registered with the process's database, once per scheme: again only
+    when a lake with other credentials is read (then the one before is replaced)."""
+    store = lake.store
+    scheme = lake.location.scheme
+    made_for = (scheme, getattr(store, "credentials", None))
+    with _opening:
+        if _reaching.get(scheme) == made_for:
+            return
+        if scheme in _reaching and scheme in con.list_filesystems():
+            con.unregister_filesystem(scheme)
+        con.register_filesystem(store.fsspec())  # type: ignore[attr-defined]
+        _reaching[scheme] = made_for
 
 
 def rows_by_file(found: pa.Table) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1012,7 +1011,7 @@ def read_records(lake: Lake, settings: Settings) -> pa.Table:
     parts = [run_sql(con, settings, n, select=hashed) for n in names]
     con.close()
     if not parts:
-        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
+        raise FileNotFoundError(f"no silver customer tables under {lake.uri('silver')}")
     return pa.concat_tables(parts)
 
 
@@ -1130,4 +1129,4 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
         replace_rows(lake, STATE, unified.keys, state, meta)
     for parts in lake.tables(*STATE[:2]):
         if parts != STATE[1:]:  # an older unify's per-rule state: no erasure purges it
-            shutil.rmtree(lake.path("state", *parts))
+            lake.delete_folder("state", *parts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -254,6 +255,17 @@ class Lake:
             return clean
         return ds.dataset([clean, ds.dataset(pa.concat_tables(m() for m in masked))])
 
+    def files_dataset(
+        self, layer: str, *parts: str, files: Iterable[str], schema: pa.Schema
+    ) -> ds.Dataset:
+        """Some data files of a table (URIs as `file_uris` names them) as one Arrow
+        dataset, read whole: no deletion vector is applied (for the files an append-only
+        table gained since a version). On object storage through the store's filesystem."""
+        where = self._where(layer, *parts)
+        found = [where.arrow(f) for f in files]
+        fs = found[0][0] if found else None
+        return ds.dataset([p for _, p in found], schema=schema, format="parquet", filesystem=fs)
+
     def read(
         self,
         layer: str,
@@ -302,6 +314,15 @@ class Lake:
     def delete_file(self, layer: str, *parts: str) -> None:
         """Remove a file of the lake (one already gone is no error)."""
         self.store.delete(self.key(layer, *parts))
+
+    def delete_folder(self, layer: str, *parts: str) -> None:
+        """Remove a folder of the lake and everything below it (a table that is no longer
+        written): the local folder itself, or every object under its prefix."""
+        if not self.remote:
+            shutil.rmtree(self.path(layer, *parts), ignore_errors=True)
+            return
+        for key in self.list_files(layer, *parts):
+            self.store.delete(key)
 
     def list_files(self, layer: str, *parts: str) -> list[str]:
         """Every file below a folder, as keys relative to the lake root, sorted."""

@@ -374,6 +374,20 @@ class AzureLakeStore(LakeStore):
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return self._arrow_fs, ""
 
+    def fsspec(self) -> Any:
+        """An fsspec filesystem (obstore's) reading this account's objects by the URIs
+        delta-rs names a table's files with (`az://container/...`, `abfss://...`): what
+        DuckDB reads Parquet through where it has no Azure extension of its own (its
+        extensions are downloaded at run time)."""
+        from obstore.fsspec import FsspecStore
+
+        with self._errors(""):
+            return FsspecStore(
+                self.location.scheme,
+                config=obstore_keys(self.credentials.obstore_config()),
+                client_options={"allow_http": True} if _plain_http(self.credentials) else None,
+            )
+
     @cached_property
     def _arrow_fs(self) -> pafs.FileSystem:
         """delta-rs' own pyarrow filesystem on the lake root (the object store its tables
