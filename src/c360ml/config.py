@@ -104,7 +104,7 @@ class Settings(_Frozen):
     refresh_chunk_customers: int = Field(200_000, ge=1)
     refresh_workers: int = Field(2, ge=1)  # processes featurising chunks at once (one each)
     # DuckDB's memory in each of those processes; beyond it, it spills to the temp folder
-    refresh_worker_memory_mb: int = Field(1280, ge=256)
+    refresh_worker_memory_mb: int = Field(1024, ge=256)
     # how long a build, refresh or generate waits for another one at work on the same lake
     lease_wait_seconds: float = Field(600.0, ge=0)
     # files no table version of this many hours needs are removed by each refresh (Delta's

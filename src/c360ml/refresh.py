@@ -10,6 +10,8 @@ so running it twice gives the same rows, not duplicates.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
@@ -230,6 +232,7 @@ def snapshot_profiles(
         if len(chunks) == 1:
             results = [_advanced(job(None), advance)]
         elif workers > 1:
+            _release_freed_memory()
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 results = [_advanced(r, advance) for r in pool.map(job, chunks)]
@@ -250,6 +253,15 @@ def snapshot_profiles(
         f"{workers} process(es); worker seconds: "
         + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()),
     )
+
+
+def _release_freed_memory() -> None:
+    """Give what this process has freed back to the system before the workers start:
+    Arrow's allocator and the C heap keep freed blocks for reuse, which would count against
+    the refresh's memory while the workers need it."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _advanced(result: dict, advance: Callable[[], None]) -> dict:

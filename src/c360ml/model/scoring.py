@@ -390,9 +390,10 @@ def _top_factors(bundle: ModelBundle, x: np.ndarray, contrib: np.ndarray) -> lis
 
 
 def _top_factors_json(bundle: ModelBundle, x: np.ndarray, contrib: np.ndarray) -> np.ndarray:
-    """`_top_factors` as the JSON text `json.dumps` gives each row, built a column at a
-    time: a batch of a million customers has five million factors, which as dicts take
-    gigabytes and most of a refresh's scoring time. Each distinct number is formatted once."""
+    """`_top_factors` as the JSON text `json.dumps` gives each row, built from the arrays
+    of the top features: a batch of a million customers has five million factors, which
+    as dicts take gigabytes and much of a refresh's scoring time. Each distinct number is
+    formatted once."""
     names = bundle.feature_names
     labels = [bundle.feature_labels[n] for n in names]
     heads = np.array(
