@@ -467,14 +467,15 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
 
 
 # the commands that run on a lake on object storage (the others: a local folder only so far)
-ON_OBJECT_STORAGE = (cmd_ingest, cmd_build)
+ON_OBJECT_STORAGE = (cmd_ingest, cmd_build, cmd_describe)
 
 
 def _local_only(settings: Settings, command: str) -> str:
     return (
         f"lake_root {settings.lake}: a lake on object storage is read and written by "
         f"c360ml's storage layer, but {command} runs on a local folder only so far "
-        "(`c360ml ingest`, and `c360ml build silver|unify|gold|all` on DuckDB, run on it)"
+        "(`c360ml ingest`, `c360ml build silver|unify|gold|all` on DuckDB and "
+        "`c360ml describe` run on it)"
     )
 
 

@@ -101,6 +101,10 @@ def test_build_all_on_an_az_lake_equals_a_local_build_and_so_does_an_increment(p
     assert code == 0, out
     lake, reference = Lake(az_root), Lake(home / "data" / "lake")
     _assert_same_gold(lake, reference)
+    code, out = _run(home, remote, "describe", "gold")
+    assert code == 0, out
+    profiles = lake.count("gold", "customer_profile")
+    assert f"gold/customer_profile ({profiles:,} rows)" in out, out
     assert not (home / "data" / "lake" / "az:").exists()
     versions = {t: lake.version("gold", *t) for t in lake.tables("gold")}
     # the next sync: generated on the local copy, only its new files uploaded

@@ -63,5 +63,5 @@ def test_ingest_command_on_an_az_lake(tmp_path, az_root, container):
         out = " ".join(out.split())
         assert f"lake_root {az_root}: a lake on object storage" in out, out
         assert f"but {name} runs on a local folder only so far" in out, out
-        assert "`c360ml build silver|unify|gold|all` on DuckDB, run on it" in out
+        assert "`c360ml build silver|unify|gold|all` on DuckDB and `c360ml describe` run" in out
         assert "Traceback" not in out

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from c360ml.config import Settings
 from c360ml.storage.lake import Lake
+from c360ml.storage.location import redact
 
 STREAM_ROWS = 500_000  # rows per record batch of a streamed result
 MEMORY_LIMIT = "3GB"  # DuckDB spills to disk beyond this (a build's budget is 8 GB)
@@ -193,12 +194,18 @@ def run_sql(
             return con.sql(query).to_arrow_table()
         schema = con.sql(query).limit(0).to_arrow_table().schema
     except duckdb.Error as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise ValueError(f"{path}: {_safe(exc)}") from exc
 
     def batches():  # a query can also fail while it streams: name the file then too
         try:
             yield from con.sql(query).to_arrow_reader(STREAM_ROWS)
         except duckdb.Error as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ValueError(f"{path}: {_safe(exc)}") from exc
 
     return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def _safe(exc: Exception) -> str:
+    """A query's error without a SAS signature: on object storage DuckDB's errors may
+    quote the request URL of a file it failed to read."""
+    return redact(str(exc), [])
