@@ -5,6 +5,8 @@ state folder removed whole."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -64,3 +66,33 @@ def test_a_state_folder_is_removed_whole(lake):
     assert not lake.exists("state", "unify", "old_rule")
     assert lake.read("state", "unify", "records")["k"].to_pylist() == [1]
     lake.delete_folder("state", "unify", "old_rule")  # gone already: no error
+
+
+def test_threads_reading_one_file_each_keep_their_own_position(az_root):
+    """DuckDB's threads share a file's handle, each reading as a seek then a read: a
+    seek of one thread between another's seek and read must not move the other."""
+    lake = Lake(az_root)
+    data = bytes(range(256)) * 64
+    lake.store.write_bytes("gold/blob", data)
+    file = lake.store.fsspec().open(lake.uri("gold", "blob"), "rb")
+    sought, read = threading.Barrier(2), threading.Barrier(2)
+    got = {}
+
+    def reader(start: int) -> None:
+        file.seek(start)
+        sought.wait()  # both have sought before either reads
+        got[start] = file.read(100)
+        read.wait()
+        got[-start] = file.read(10)  # on from where this thread's read ended
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in (1000, 5000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[1000] == data[1000:1100] and got[5000] == data[5000:5100]
+    assert got[-1000] == data[1100:1110] and got[-5000] == data[5100:5110]
+    assert file.size == len(data)
+    file.seek(-6, 2)
+    assert file.read() == data[-6:] and file.read(5) == b""
+    file.close()

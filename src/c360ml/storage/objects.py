@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -378,11 +379,9 @@ class AzureLakeStore(LakeStore):
         """An fsspec filesystem (obstore's) reading this account's objects by the URIs
         delta-rs names a table's files with (`az://container/...`, `abfss://...`): what
         DuckDB reads Parquet through where it has no Azure extension of its own (its
-        extensions are downloaded at run time)."""
-        from obstore.fsspec import FsspecStore
-
+        extensions are downloaded at run time). Its files are read as `_SharedReader`s."""
         with self._errors(""):
-            return FsspecStore(
+            return _positional_fsspec()(
                 self.location.scheme,
                 config=obstore_keys(self.credentials.obstore_config()),
                 client_options={"allow_http": True} if _plain_http(self.credentials) else None,
@@ -395,6 +394,66 @@ class AzureLakeStore(LakeStore):
         from deltalake.fs import DeltaStorageHandler
 
         return pafs.PyFileSystem(DeltaStorageHandler(self.uri(), self.storage_options()))
+
+
+@cache
+def _positional_fsspec() -> type:
+    """obstore's fsspec filesystem, its files opened for reading as `_SharedReader`s."""
+    from obstore.fsspec import FsspecStore
+
+    class PositionalReads(FsspecStore):
+        def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+            if mode != "rb":
+                return super()._open(path, mode, **kwargs)
+            bucket, key = self._split_path(path)
+            store = self._construct_store(bucket)
+            return _SharedReader(store, key, int(store.head(key)["size"]))
+
+    return PositionalReads
+
+
+class _SharedReader(io.RawIOBase):
+    """A blob read by ranges, with a position per thread.
+
+    Why: DuckDB's threads read row groups of one Parquet file through one handle, each as
+    a seek and then a read; with one shared position (obstore's own file) a thread's read
+    could start where another thread's seek put it, and the Parquet reader found
+    corrupt data. Each thread's seek and read happen on that thread, so a position per
+    thread keeps them paired; each read is one ranged GET."""
+
+    def __init__(self, store: Any, key: str, size: int) -> None:
+        self._store, self._key, self.size = store, key, size
+        self._at = threading.local()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return getattr(self._at, "position", 0)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self.size}[whence]
+        self._at.position = max(0, base + offset)
+        return self._at.position
+
+    def read(self, size: int = -1) -> bytes:
+        import obstore
+
+        start = self.tell()
+        length = self.size - start if size is None or size < 0 else min(size, self.size - start)
+        if length <= 0:
+            return b""
+        data = bytes(obstore.get_range(self._store, self._key, start=start, length=length))
+        self._at.position = start + len(data)
+        return data
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer (memoryview)
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class _RangeReader(io.RawIOBase):
