@@ -329,13 +329,13 @@ def _lake_commands(sub: argparse._SubParsersAction) -> None:
     bld.set_defaults(func=cmd_build)
 
 
-def _engine_option(parser: argparse.ArgumentParser) -> None:
+def _engine_option(parser: argparse.ArgumentParser, does: str = "builds the lake layers") -> None:
     parser.add_argument(
         "--engine",
         choices=["duckdb", "spark"],
         default=None,
-        help="what builds the lake layers (default: the engine setting; see the README's "
-        "'Running on Spark' for the layers Spark builds)",
+        help=f"what {does} (default: the engine setting; see the README's "
+        "'Running on Spark' for what Spark runs)",
     )
 
 
@@ -355,6 +355,7 @@ def _model_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="a passing model waits as challenger for `c360ml model approve`",
     )
+    _engine_option(trn, "computes the labels, RFM and the training matrix")
     trn.set_defaults(func=cmd_train)
 
     rtr = sub.add_parser("retrain", help="train and gate a challenger when a trigger fires")

@@ -92,3 +92,32 @@ def test_build_measures_on_spark_from_the_command_line(tmp_path, monkeypatch, sa
     text = expected.select_dtypes("object").columns  # a null mode is read back as None
     expected[text] = expected[text].astype(object).where(expected[text].notna(), None)
     pd.testing.assert_frame_equal(written, expected, rtol=1e-9)
+
+
+def test_train_on_spark_from_the_command_line(tmp_path, monkeypatch, sail_remote, capsys):
+    """`c360ml train --engine spark`: labels, RFM and the training matrix computed by
+    Spark (it fails without one, registering nothing), the model trained on the driver and
+    registered as the first champion."""
+    import mlflow
+
+    settings = generated_lake(tmp_path / "data", customers=600, seed=21)
+    user_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith(("C360ML_", "MLFLOW_"))]:
+        monkeypatch.delenv(name)
+    train = ["train", "--as-of", "2025-12-31", "--engine", "spark"]
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", "sc://127.0.0.1:1")
+    assert main(train) == 2
+    assert "error: Spark Connect at 127.0.0.1:1 is not reachable" in capsys.readouterr().out
+
+    monkeypatch.setenv("C360ML_SPARK_REMOTE", sail_remote)
+    assert main(train) == 0
+    out = capsys.readouterr().out
+    assert "c360-retention v1 (promoted to champion)" in out and "grade" in out
+    log = (settings.path(settings.log_dir) / "c360ml.log").read_text()
+    assert "on Spark:" in log  # the features per cutoff
+    uri = f"sqlite:///{tmp_path / 'data' / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    champion = client.get_model_version_by_alias(settings.model_name, "champion")
+    assert str(champion.version) == "1"
+    assert not Lake(settings.lake).path("state", "features_spark_scratch").exists()

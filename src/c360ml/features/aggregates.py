@@ -27,6 +27,9 @@ their order's customer_id and order_ts) and support_cases: the as-of view as
 of the pandas view loaded into DuckDB (`compute_aggregates`, the reference). A NUM_UNIQUE
 counts (customer, value) pairs grouped first (a fraction of COUNT(DISTINCT) FILTER's cost
 over many groups), and the SQL is spelled for DuckDB or Spark by an `asof.Dialect`.
+A request's queries are planned once (`_parts`): DuckDB's engine runs them one by one and
+lines their results up with the ids in pandas (`_request`), the Spark engine joins them to
+the ids in one query (`request_sql`).
 """
 
 from __future__ import annotations
@@ -369,34 +372,47 @@ def aggregate_view(
         con.execute(f"SET threads = {int(threads)}")
 
 
-def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int, d: Dialect):
+@dataclass(frozen=True)
+class _Part:
+    """One query of a request, keyed by customer_id, and what its columns give: each of
+    `plain` its aggregate's value; a scan's `counted` NUM_UNIQUEs their rows (`_rows<i>`);
+    `distinct` NUM_UNIQUE counts, told apart from no rows by scan part `scan`'s rows;
+    `value` one aggregate's value as column v (a profile's transform, a MODE)."""
+
+    sql: str
+    plain: tuple[Aggregate, ...] = ()
+    counted: tuple[Aggregate, ...] = ()
+    distinct: tuple[Aggregate, ...] = ()
+    scan: int | None = None
+    value: Aggregate | None = None
+
+
+def _parts(aggregates: list[Aggregate], t_ns: int, d: Dialect) -> list[_Part]:
+    """The queries of a request, whichever engine assembles them (`_request` lines their
+    results up in pandas, `request_sql` joins them in one query): each table's aggregates
+    in one scan of it, the stacked ones (over each order's line aggregates) in a scan of
+    orders joined to those; NUM_UNIQUE apart (`_distinct_sql`); a profile's transform and
+    each MODE a query of their own."""
     key = d.quote(CUSTOMER_ID)
     inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
     per_order = f"({_per_order_sql(inner, t_ns, d)}) per_order" if inner else None
-    # Each query's result is lined up with `ids` in pandas (DuckDB 2.0 fails with an
-    # internal error on the equivalent join of these results when it runs one thread).
-    values: dict[str, pd.Series] = {}
-    # Each table's aggregates in one scan of it, the stacked ones (over each order's line
-    # aggregates) in a scan of orders joined to those; NUM_UNIQUE apart (`_distinct_sql`).
     scans = []
     for table in ("orders", "order_lines", "support_cases"):
         mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
         scans.append((table, [a for a in mine if a.per_order is None]))
         if table == "orders" and inner:
             scans.append((per_order, [a for a in mine if a.per_order is not None]))
+    parts: list[_Part] = []
     for source, mine in scans:
         if not mine:
             continue
         plain = [a for a in mine if a.primitive != "num_unique"]
         distinct = [a for a in mine if a.primitive == "num_unique"]
+        scan = len(parts)
         sql = _table_sql(source, plain, t_ns, inner, d, counted=distinct)
-        part = con.sql(sql).df().set_index(CUSTOMER_ID).reindex(ids)
-        values.update((a.name, part[a.name]) for a in plain)
+        parts.append(_Part(sql, plain=tuple(plain), counted=tuple(distinct)))
         for group, sql in _distinct_sql(source, distinct, t_ns, inner, d):
-            counts = con.sql(sql).df().set_index(CUSTOMER_ID).reindex(ids)
-            for a in group:  # 0 where rows have only null values; null where no rows
-                rows = part[f"_rows{distinct.index(a)}"].fillna(0).to_numpy()
-                values[a.name] = counts[a.name].fillna(0).where(rows > 0)
+            parts.append(_Part(sql, distinct=tuple(group), scan=scan))
     for a in aggregates:
         if a.table == "customers":
             sql = f"SELECT {key}, {_days_before(a.column, t_ns, d)} AS v FROM customers"
@@ -404,9 +420,60 @@ def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int, d: Dial
             sql = _mode_sql(a, t_ns, d)
         else:
             continue
-        values[a.name] = con.sql(sql).df().set_index(CUSTOMER_ID)["v"].reindex(ids)
+        parts.append(_Part(sql, value=a))
+    return parts
+
+
+def _request(con, ids: pd.Index, aggregates: list[Aggregate], t_ns: int, d: Dialect):
+    # Each query's result is lined up with `ids` in pandas (DuckDB 2.0 fails with an
+    # internal error on the equivalent join of these results when it runs one thread).
+    parts = _parts(aggregates, t_ns, d)
+    values: dict[str, pd.Series] = {}
+    scans: dict[int, pd.DataFrame] = {}  # the scans whose rows a NUM_UNIQUE needs
+    for k, part in enumerate(parts):
+        frame = con.sql(part.sql).df().set_index(CUSTOMER_ID).reindex(ids)
+        if part.counted:
+            scans[k] = frame
+        values.update((a.name, frame[a.name]) for a in part.plain)
+        for a in part.distinct:  # 0 where rows have only null values; null where no rows
+            rows = scans[part.scan][f"_rows{parts[part.scan].counted.index(a)}"]
+            values[a.name] = frame[a.name].fillna(0).where(rows.fillna(0).to_numpy() > 0)
+        if part.value is not None:
+            values[part.value.name] = frame["v"]
     columns = {
         a.name: values[a.name] if a.default is None else values[a.name].fillna(a.default)
         for a in aggregates
     }
     return pd.DataFrame(columns, index=pd.Index(ids, name=CUSTOMER_ID))
+
+
+def request_sql(ids: str, aggregates: list[Aggregate], t: pd.Timestamp, d: Dialect) -> str:
+    """One query: customer_id of the relation `ids`, then each aggregate at t over the
+    view's relations, defaults filled in: `_request`'s queries left-joined to the ids where
+    DuckDB's engine lines their results up in pandas (the Spark engine's form: there,
+    lining them up on the driver would bring each scan to it)."""
+    key, t_ns = d.quote(CUSTOMER_ID), pd.Timestamp(t).value
+    parts = _parts(aggregates, t_ns, d)
+    joins: list[str] = []
+    values: dict[str, str] = {}
+    for k, part in enumerate(parts):
+        alias = f"s{k}"
+        joins.append(f"LEFT JOIN ({part.sql}) {alias} ON {alias}.{key} = ids.{key}")
+        values.update((a.name, f"{alias}.{d.quote(a.name)}") for a in part.plain)
+        for a in part.distinct:  # 0 where rows have only null values; null where no rows
+            rows = f"s{part.scan}._rows{parts[part.scan].counted.index(a)}"
+            values[a.name] = (
+                f"CASE WHEN COALESCE({rows}, 0) > 0 THEN COALESCE({alias}.{d.quote(a.name)}, 0) END"
+            )
+        if part.value is not None:
+            values[part.value.name] = f"{alias}.v"
+    columns = [
+        f"{values[a.name] if a.default is None else _filled(values[a.name], a.default)} "
+        f"AS {d.quote(a.name)}"
+        for a in aggregates
+    ]
+    return f"SELECT ids.{key}, {', '.join(columns)} FROM {ids} ids {' '.join(joins)}"
+
+
+def _filled(value: str, default: float) -> str:
+    return f"COALESCE({value}, {_literal(default)})"

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -330,7 +330,6 @@ def prepare_training(
 ) -> TrainingData:
     """Labels, the split plan and the feature matrix for `as_of` (a UTC instant)."""
     from c360ml import features as ft
-    from c360ml.features.asof import AsOfSql
     from c360ml.storage.lake import Lake
 
     if tune < 0:
@@ -361,15 +360,13 @@ def prepare_training(
     test_rate = eval_sample_rate_for(len(ordering), config, rate)
     sampled = None if test_rate >= 1 else sample_customers(ordering, test_rate)
     gold = ft.lake_gold(lake, customers=sampled)
-    # The cutoffs' features are shared among the refresh's worker processes (one core
-    # each, their own DuckDB): this process's is closed before, its memory freed for them.
-    workers = settings.refresh_workers
-    with AsOfSql(gold) as sql:  # one session: gold registered and statuses resolved once
-        labels = ft.compute_labels(sql, cutoffs, cfg)
+
+    def sample(labels: pd.DataFrame) -> pd.DataFrame:
+        """The training population: the labelled rows of the sampled customers."""
         if labels.empty:
             raise ValueError(f"no active customers at any training cutoff for as_of {as_of.date()}")
-        plan = plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
-        population = sample_population(labels, rate, plan.test_cutoff, keep_rate=test_rate)
+        test_cutoff = _plan(labels, window).test_cutoff
+        population = sample_population(labels, rate, test_cutoff, keep_rate=test_rate)
         log.info(
             "training population: %d rows of %d customers with orders in the span "
             "(sample rate %.3f, test-cutoff sample rate %.3f)",
@@ -378,14 +375,19 @@ def prepare_training(
             rate,
             test_rate,
         )
-        rfm = ft.compute_rfm(sql, cutoffs)
-        lap("labels_seconds")
-        candidates = ft.derive_feature_set(sql, spec)
-        keys = population[[CUSTOMER, CUTOFF]]
-        if workers <= 1:
-            matrix = ft.calculate_features(sql, keys, candidates)
-    if workers > 1:
-        matrix = ft.calculate_features(gold, keys, candidates, workers=workers)
+        return population
+
+    # The one place the engines part: the same frames from the same definitions, by
+    # DuckDB in this process or by Spark (only the sampled matrix reaches this process).
+    frames = _training_frames
+    if settings.engine == "spark":
+        from c360ml.spark import features as on_spark
+
+        frames = on_spark.training_frames
+    labels, population, rfm, candidates, matrix = frames(
+        settings, gold, cutoffs, cfg, spec, sample, lap
+    )
+    plan = _plan(labels, window)
     matrix = matrix.merge(_keyed(population), on=[CUSTOMER, CUTOFF], validate="one_to_one")
     train_rows = assign_splits(matrix, plan) == TRAIN
     # Selection looks at training rows only, so nothing about the test cutoff leaks into it.
@@ -412,6 +414,54 @@ def prepare_training(
         oracle=oracle,
         seconds=seconds,
     )
+
+
+class TrainingFrames(NamedTuple):
+    """What an engine computes for training: the labels of every active customer at each
+    cutoff, the sampled population (labelled), RFM at each cutoff, the candidate features
+    and their matrix (customer_id, cutoff_time, the candidates) for the population."""
+
+    labels: pd.DataFrame
+    population: pd.DataFrame
+    rfm: pd.DataFrame
+    candidates: Any  # c360ml.features.FeatureSet
+    matrix: pd.DataFrame
+
+
+def _training_frames(
+    settings: Settings,
+    gold: Any,
+    cutoffs: list[pd.Timestamp],
+    cfg: Any,
+    spec: Path,
+    sample: Callable[[pd.DataFrame], pd.DataFrame],
+    lap: Callable[[str], None],
+) -> TrainingFrames:
+    """The training frames by DuckDB (`c360ml.spark.features.training_frames` is Spark's):
+    `sample` makes the population of the labels, `lap` times the steps."""
+    from c360ml import features as ft
+    from c360ml.features.asof import AsOfSql
+
+    # The cutoffs' features are shared among the refresh's worker processes (one core
+    # each, their own DuckDB): this process's is closed before, its memory freed for them.
+    workers = settings.refresh_workers
+    with AsOfSql(gold) as sql:  # one session: gold registered and statuses resolved once
+        labels = ft.compute_labels(sql, cutoffs, cfg)
+        population = sample(labels)
+        rfm = ft.compute_rfm(sql, cutoffs)
+        lap("labels_seconds")
+        candidates = ft.derive_feature_set(sql, spec)
+        keys = population[[CUSTOMER, CUTOFF]]
+        if workers <= 1:
+            matrix = ft.calculate_features(sql, keys, candidates)
+    if workers > 1:
+        matrix = ft.calculate_features(gold, keys, candidates, workers=workers)
+    return TrainingFrames(labels, population, rfm, candidates, matrix)
+
+
+def _plan(labels: pd.DataFrame, window: int):
+    """The out-of-time split plan of the labels' cutoffs."""
+    return plan_splits(sorted(pd.to_datetime(labels[CUTOFF], utc=True).unique()), window)
 
 
 def fit_builtin(data: TrainingData, tune: int = 0) -> TrainResult:

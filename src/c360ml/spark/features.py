@@ -1,35 +1,45 @@
-"""Features, measures, populations and batch scores on Spark: the refresh's snapshot and
-scoring as Spark work, from the same saved definitions as the DuckDB engine.
+"""Features, measures, populations, batch scores and training's frames on Spark: the
+refresh's snapshot and scoring and training's matrix as Spark work, from the same saved
+definitions as the DuckDB engine.
 
 What runs where:
 - the lake's gold Delta tables are read by Spark as the `gold_<table>` relations
   (`c360ml.features.asof.GOLD_RELATIONS`, through `SparkTables`: Delta by default), and
   the as-of SQL of `c360ml.features.asof` runs in Spark's dialect (`SPARK`): the session's
   relations once (`session_statements`), the view at as_of (`view_statements`), the
-  active population, the buyers and the labels (`purchasers`, `labels_sql`,
-  `population_sql`);
+  active population, the buyers, the labels and RFM (`purchasers`, `labels_sql`,
+  `population_sql`, `rfm_sql`);
 - every feature and measure is the compiled aggregate `c360ml.features.aggregates`
   generates (`_aggregate` of its Featuretools definition), the per-table scans of
-  `aggregate_view` joined to the population in one Spark query (`request_sql`): the
-  DuckDB engine lines those scans up with the ids in pandas, which on Spark would bring
-  each scan to the driver. A feature or measure the SQL generator cannot express (and a
-  user's SQL feature) is refused before any Spark work, in one line naming it
-  (`SparkFeatureError`): the DuckDB engine computes those with Featuretools on the view's
-  rows, which at a cluster's scale would collect the lake to the driver;
+  `aggregate_view` joined to the population in one Spark query
+  (`c360ml.features.aggregates.request_sql`): the DuckDB engine lines those scans up with
+  the ids in pandas, which on Spark would bring each scan to the driver. A feature or
+  measure the SQL generator cannot express (and a user's SQL feature) is refused before
+  it is computed, in one line naming it (`SparkFeatureError`): the DuckDB engine
+  computes those with Featuretools on the view's rows, which at a cluster's scale would
+  collect the lake to the driver;
 - batch scoring is `mapInPandas` around `c360ml.model.scoring.score` with the champion's
   bundle, whose files travel to the workers inside the function (bytes: Spark Connect has
   no broadcast variables; a bundle is a booster and a few small JSON files). The workers
   need the c360ml wheel (the function and scoring are shipped by reference); Sail runs them
-  in its own process. The features and the scores come out of one Spark pass.
+  in its own process. The features and the scores come out of one Spark pass;
+- training (`training_frames`, the Spark side of
+  `c360ml.model.pipeline.prepare_training`): a session of the sampled customers, their
+  labels and RFM, the candidate definitions derived from the spec on Spark's view
+  (`derive_features`: Featuretools is given the view's schema, categories and top values
+  by Spark, as the DuckDB engine gives them) and the matrix a cutoff at a time
+  (`population_features`).
 
 What reaches the driver: the profiles' and buyers' ids, the measures, the scored
 snapshot (features and scores of the active profiles): what the refresh writes with
 `Lake` as the DuckDB engine does (`c360ml.refresh.replace_as_of`: same tables, same
-commit records, so either engine's next refresh keeps what the other wrote).
+commit records, so either engine's next refresh keeps what the other wrote); training's
+labels, RFM and sampled matrix, which XGBoost is fitted on there.
 
 The values equal the DuckDB engine's to the last bits of a sum (Spark's sums are not
 compensated, DuckDB's are): tests/spark/test_features.py checks the features, the
-measures and the scores against the DuckDB refresh on the same lake.
+measures and the scores against the DuckDB refresh on the same lake,
+tests/spark/test_training.py training's frames against DuckDB's.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,21 +60,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from c360ml import progress
 from c360ml.config import Settings
 from c360ml.features import asof
-from c360ml.features.aggregates import (
-    LINE_ID,
-    Aggregate,
-    _days_before,
-    _distinct_sql,
-    _literal,
-    _mode_sql,
-    _per_order_sql,
-    _table_sql,
-)
-from c360ml.features.asof import CUSTOMER_ID, GOLD_RELATIONS, NEEDED, SPARK
+from c360ml.features.aggregates import LINE_ID, Aggregate, request_sql
+from c360ml.features.asof import CUSTOMER_ID, GOLD_RELATIONS, NEEDED, SPARK, AsOfSql, LakeGold
 from c360ml.features.gold import GOLD_TABLES
-from c360ml.schemas import Orders
+from c360ml.schemas import Orders, SupportCases
 from c360ml.spark.gold import DELTA, SparkBuildError, SparkTables, _first_line, _spark_errors
 from c360ml.storage.lake import Lake
 from c360ml.timestamps import utc
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from c360ml.features import ChurnConfig, FeatureSet, Measure
+    from c360ml.model.pipeline import TrainingFrames
     from c360ml.model.scoring import ModelBundle
     from c360ml.refresh import Snapshot
     from c360ml.steps import StepResult
@@ -80,6 +83,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIVE = "c360ml_active"  # customer_id of the active population at as_of
+KEYS = "c360ml_keys"  # customer_id of the training population at one cutoff
 PROFILES = "c360ml_profiles"  # customer_id of every profile in the view
 SCRATCH = ("state", "features_spark_scratch")  # a pass's kept relations (Parquet), removed after
 # The relations computed once and kept (`SparkAsOf.keep`): those DuckDB's engine stores
@@ -88,6 +92,7 @@ KEPT = frozenset(
     [r for _, *made in asof.HISTORIES.values() for r in made]
     + [asof.CANDIDATES, "orders", "order_lines", "support_cases", ACTIVE]
 )
+_DAY_NS = 86_400 * 10**9
 _SPARK_TYPES = {  # Arrow type of a declared gold column -> Spark SQL type
     "string": "STRING",
     "double": "DOUBLE",
@@ -166,64 +171,6 @@ def _planned(features: list, kind: str) -> list[Aggregate]:
     return plans
 
 
-def request_sql(ids: str, aggregates: list[Aggregate], t: pd.Timestamp) -> str:
-    """One Spark query: customer_id of the relation `ids`, then each aggregate at t over
-    the view's relations, defaults filled in, with `aggregate_view`'s semantics: the same
-    scans of each table (`_table_sql`, `_distinct_sql`, `_per_order_sql`, `_mode_sql`),
-    left-joined to the ids where DuckDB's engine lines them up in pandas."""
-    d, t_ns = SPARK, pd.Timestamp(t).value
-    key = d.quote(CUSTOMER_ID)
-    inner = {a.per_order: f"_per_order_{i}" for i, a in enumerate(aggregates) if a.per_order}
-    per_order = f"({_per_order_sql(inner, t_ns, d)}) per_order" if inner else None
-    joins: list[str] = []
-    values: dict[str, str] = {}
-
-    def joined(sql: str) -> str:
-        alias = f"s{len(joins)}"
-        joins.append(f"LEFT JOIN ({sql}) {alias} ON {alias}.{key} = ids.{key}")
-        return alias
-
-    scans = []
-    for table in ("orders", "order_lines", "support_cases"):
-        mine = [a for a in aggregates if a.table == table and a.primitive != "mode"]
-        scans.append((table, [a for a in mine if a.per_order is None]))
-        if table == "orders" and inner:
-            scans.append((per_order, [a for a in mine if a.per_order is not None]))
-    for source, mine in scans:
-        if not mine:
-            continue
-        plain = [a for a in mine if a.primitive != "num_unique"]
-        distinct = [a for a in mine if a.primitive == "num_unique"]
-        scan = joined(_table_sql(source, plain, t_ns, inner, d, counted=distinct))
-        values.update((a.name, f"{scan}.{d.quote(a.name)}") for a in plain)
-        for group, sql in _distinct_sql(source, distinct, t_ns, inner, d):
-            counts = joined(sql)
-            for a in group:  # 0 where rows have only null values; null where no rows
-                rows = f"{scan}._rows{distinct.index(a)}"
-                values[a.name] = (
-                    f"CASE WHEN COALESCE({rows}, 0) > 0 THEN "
-                    f"COALESCE({counts}.{d.quote(a.name)}, 0) END"
-                )
-    for a in aggregates:
-        if a.table == "customers":
-            sql = f"SELECT {key}, {_days_before(a.column, t_ns, d)} AS v FROM customers"
-        elif a.primitive == "mode":
-            sql = _mode_sql(a, t_ns, d)
-        else:
-            continue
-        values[a.name] = f"{joined(sql)}.v"
-    columns = [
-        f"{values[a.name] if a.default is None else _filled(values[a.name], a.default)} "
-        f"AS {d.quote(a.name)}"
-        for a in aggregates
-    ]
-    return f"SELECT ids.{key}, {', '.join(columns)} FROM {ids} ids {' '.join(joins)}"
-
-
-def _filled(value: str, default: float) -> str:
-    return f"COALESCE({value}, {_literal(default)})"
-
-
 # ---------------------------------------------------------------- the as-of SQL on Spark
 
 
@@ -262,14 +209,23 @@ class SparkAsOf:
     on exit."""
 
     def __init__(
-        self, spark: SparkSession, lake: Lake, scratch: Path, tables: SparkTables = DELTA
+        self,
+        spark: SparkSession,
+        lake: Lake,
+        scratch: Path,
+        tables: SparkTables = DELTA,
+        customers: pd.Index | None = None,
     ) -> None:
         self.spark, self.lake, self.scratch = spark, lake, scratch
         self.view_at: pd.Timestamp | None = None
+        self.restricted = customers is not None  # a session of these customers only
         self._kept = 0
         try:
             register_gold(spark, lake, tables)
-            self._run(asof.session_statements(False, SPARK))
+            if customers is not None:  # asof.SAMPLE, and the views' asof.RESTRICTION
+                self.register_ids(asof.SAMPLE, customers)
+                self.register_ids(asof.RESTRICTION, customers)
+            self._run(asof.session_statements(self.restricted, SPARK))
         except BaseException:
             self.close()
             raise
@@ -304,13 +260,21 @@ class SparkAsOf:
         path.mkdir(parents=True, exist_ok=True)
         self.spark.read.schema(frame.schema).parquet(str(path)).createOrReplaceTempView(relation)
 
+    def register_ids(self, relation: str, ids: pd.Index) -> None:
+        """customer_id of `ids` as the relation `relation` (kept: a plan holding the ids
+        would carry them to the server with every query that reads it)."""
+        frame = pd.DataFrame({CUSTOMER_ID: np.asarray(ids, dtype=object).astype(str)})
+        rows = self.spark.createDataFrame(frame, f"`{CUSTOMER_ID}` STRING")
+        rows.createOrReplaceTempView(relation)
+        self.keep(relation)
+
     def build_view(self, t: pd.Timestamp) -> None:
         """The view at t (customers, orders, order_lines, support_cases, products) for the
         queries that follow; the profiles of it as the relation `PROFILES`."""
         t = utc(t)
         if self.view_at == t:
             return
-        self._run(asof.view_statements(t, False, SPARK))
+        self._run(asof.view_statements(t, self.restricted, SPARK))
         self._run([SPARK.alias(PROFILES, f"SELECT DISTINCT {CUSTOMER_ID} FROM customers")])
         self.view_at = t
 
@@ -348,12 +312,76 @@ class SparkAsOf:
         rows = self.spark.sql(asof.population_sql(cutoffs, cfg, SPARK)).toPandas()
         return asof._keyed(rows, cutoffs)
 
+    def rfm(self, cutoffs: list[pd.Timestamp], lookback: pd.Timedelta) -> pd.DataFrame:
+        """Recency, frequency and monetary value at each cutoff, as `AsOfSql.rfm` gives
+        them (float32)."""
+        cutoffs = asof._cutoffs(cutoffs)
+        rows = self.spark.sql(asof.rfm_sql(cutoffs, lookback, SPARK)).toPandas()
+        out = asof._keyed(rows, cutoffs)
+        t_ns = np.array([t.value for t in cutoffs], dtype=np.int64)[rows["cutoff"].to_numpy()]
+        last = asof._as_utc_us(rows["last_ts"]).dt.as_unit("ns").array.asi8
+        out["recency_days"] = ((t_ns - last) / _DAY_NS).astype(np.float32)
+        out["frequency_365d"] = rows["n"].to_numpy(dtype=np.float64).astype(np.float32)
+        net = rows["net"].fillna(0.0).to_numpy(dtype=np.float64)
+        out["monetary_365d"] = net.astype(np.float32)
+        return out
+
+    # -- what `derive_feature_set` reads of the view (`_SchemaSource`)
+
+    def latest_time(self) -> pd.Timestamp | None:
+        """The latest event or status change of the session's customers."""
+        sql = (
+            f"SELECT MAX(t) AS t FROM (SELECT MAX({Orders.order_ts}) AS t FROM {asof.ORDERS} "
+            f"UNION ALL SELECT MAX({SupportCases.created_ts}) FROM {asof.CASES} "
+            f"UNION ALL SELECT MAX(valid_from) FROM {asof.HISTORIES['orders'][1]} "
+            f"UNION ALL SELECT MAX(valid_from) FROM {asof.HISTORIES['support_cases'][1]}) m"
+        )
+        value = self.spark.sql(sql).toPandas()["t"].iloc[0]
+        return None if pd.isna(value) else utc(pd.Timestamp(value))
+
+    def frames(self, rows: int) -> dict[str, pd.DataFrame]:
+        """Up to `rows` rows of each relation of the built view as activity frames (the
+        first orders by id with their lines, the first rows by key of the others), as
+        `AsOfSql.frames(rows)` gives them: the column types Featuretools derives on."""
+        if self.view_at is None:
+            raise RuntimeError("build_view(t) first")
+        n = int(rows)
+        first = f"SELECT {Orders.order_id} FROM orders ORDER BY 1 LIMIT {n}"
+        queries = {name: f"SELECT * FROM {name} ORDER BY 1 LIMIT {n}" for name in asof.VIEW}
+        queries["orders"] = f"SELECT * FROM orders WHERE {Orders.order_id} IN ({first})"
+        queries["order_lines"] = f"SELECT * FROM order_lines WHERE {Orders.order_id} IN ({first})"
+        out = {name: self.spark.sql(sql).toPandas() for name, sql in queries.items()}
+        for name, cols in asof.TIMESTAMPS.items():
+            for column in cols:
+                out[name][column] = asof._as_utc_us(out[name][column])
+        out["orders"] = out["orders"].drop(columns=[Orders.status])
+        lines = out["order_lines"].drop(columns=[Orders.customer_id, Orders.order_ts])
+        lines.insert(0, LINE_ID, np.arange(len(lines)))
+        out["order_lines"] = lines
+        return out
+
+    def distinct(self, relation: str, column: str) -> list:
+        """The distinct non-null values of a column of the built view."""
+        c = SPARK.quote(column)
+        rows = self.spark.sql(f"SELECT DISTINCT {c} AS v FROM {relation} WHERE {c} IS NOT NULL")
+        return rows.toPandas()["v"].tolist()
+
+    def top_values(self, relation: str, column: str, n: int) -> list:
+        """The n most frequent non-null values of a column of the built view (ties: the
+        lesser value first)."""
+        c = SPARK.quote(column)
+        sql = (  # the count a column: Sail does not order by an aggregate
+            f"SELECT v FROM (SELECT {c} AS v, COUNT(*) AS n FROM {relation} WHERE {c} IS NOT "
+            f"NULL GROUP BY {c}) counted ORDER BY n DESC, v LIMIT {int(n)}"
+        )
+        return self.spark.sql(sql).toPandas()["v"].tolist()
+
     def aggregates(self, ids: str, plans: list[Aggregate]) -> DataFrame:
         """customer_id of the relation `ids` and each planned aggregate over the view at
         its cutoff (`build_view` first), as a Spark DataFrame (nothing computed yet)."""
         if self.view_at is None:
             raise RuntimeError("build_view(t) first")
-        sql = request_sql(ids, plans, self.view_at)
+        sql = request_sql(ids, plans, self.view_at, SPARK)
         try:
             frame = self.spark.sql(sql)
             frame.columns  # noqa: B018 (analysed now: an error names the aggregates' query)
@@ -469,6 +497,131 @@ def snapshot_profiles(
             buyers=pd.Series(snap.buyers.to_numpy(), name=CUSTOMER_ID),
             note=f"on Spark: {len(snap.profiles):,} profiles",
         )
+
+
+# ---------------------------------------------------------------- training
+
+
+class _SchemaSource(AsOfSql):
+    """A SparkAsOf as `derive_feature_set` reads an AsOfSql: the view at the latest event,
+    a few rows of each relation, each category's values and the top values, all answered
+    by Spark, so the definitions are derived as the DuckDB engine derives them (on the
+    same rows, the same definitions) and nothing of the view but those reaches the
+    driver. Only the methods that derivation calls exist; it holds no DuckDB connection."""
+
+    def __init__(self, view: SparkAsOf) -> None:  # AsOfSql.__init__ is not run
+        self.view = view
+
+    def close(self) -> None:
+        pass
+
+    def restrict(self, customers: pd.Index | None) -> None:
+        if customers is not None:
+            raise ValueError("a Spark schema source keeps its session's customers")
+
+    def latest_time(self) -> pd.Timestamp | None:
+        return self.view.latest_time()
+
+    def build_view(self, t: pd.Timestamp) -> None:
+        self.view.build_view(t)
+
+    def frames(self, rows: bool | int = True) -> dict[str, pd.DataFrame]:
+        if rows is True:
+            raise ValueError("the Spark engine reads no whole view into pandas")
+        return self.view.frames(int(rows))
+
+    def distinct(self, relation: str, column: str) -> list:
+        return self.view.distinct(relation, column)
+
+    def top_values(self, relation: str, column: str, n: int) -> list:
+        return self.view.top_values(relation, column, n)
+
+
+def derive_features(view: SparkAsOf, spec: Path) -> FeatureSet:
+    """`derive_feature_set` on Spark's view: the same definitions from the same spec (the
+    view's schema, categories and top values are Spark's answers; a user's SQL feature is
+    refused, `refuse_sql_features`)."""
+    from c360ml.features import derive_feature_set
+
+    refuse_sql_features(spec)
+    return derive_feature_set(_SchemaSource(view), spec)
+
+
+def refuse_sql_features(spec: Path) -> None:
+    """SparkFeatureError naming the spec's first SQL feature (sql_features:): those are
+    computed on the view's rows in pandas, by the DuckDB engine only."""
+    from c360ml.features import custom
+
+    for sql in custom.load_sql_features(spec):
+        raise SparkFeatureError(
+            f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
+            "engine computes; drop it from the spec or use --engine duckdb"
+        )
+
+
+def population_features(
+    view: SparkAsOf, population: pd.DataFrame, fs: FeatureSet, plans: list[Aggregate]
+) -> pd.DataFrame:
+    """customer_id, cutoff_time, fs.names (float32) of each population row, as
+    `calculate_features` gives them: per cutoff, the view at it and the planned aggregates
+    of its customers (the relation `KEYS`) in one Spark query, collected before the next
+    cutoff's view replaces the relations it reads (Spark Connect resolves a temporary
+    view's name when a query runs)."""
+    from c360ml.features.dfs import _feature_part
+    from c360ml.timestamps import utc_column
+
+    keys = population[[CUSTOMER_ID, asof.CUTOFF_TIME]].copy()
+    keys[asof.CUTOFF_TIME] = utc_column(keys[asof.CUTOFF_TIME])
+    parts = []
+    groups = keys.groupby(asof.CUTOFF_TIME, sort=True)[CUSTOMER_ID]
+    with progress.track("features per cutoff on Spark", groups.ngroups) as advance:
+        for t, rows in groups:
+            ids = pd.Index(rows.unique())
+            view.build_view(t)
+            view.register_ids(KEYS, ids)
+            matrix = _collect(view.aggregates(KEYS, plans), "features").reindex(ids)
+            parts.append(_feature_part(matrix, ids, utc(t), fs))
+            log.info("features at %s on Spark: %d customers x %d", t, len(ids), len(fs.names))
+            advance()
+    result = pd.concat(parts, ignore_index=True)
+    result[asof.CUTOFF_TIME] = result[asof.CUTOFF_TIME].dt.as_unit("us")
+    return keys.merge(result, on=[CUSTOMER_ID, asof.CUTOFF_TIME], how="left", validate="m:1")
+
+
+def training_frames(
+    settings: Settings,
+    gold: LakeGold,
+    cutoffs: list[pd.Timestamp],
+    cfg: ChurnConfig,
+    spec: Path,
+    sample: Callable[[pd.DataFrame], pd.DataFrame],
+    lap: Callable[[str], None],
+) -> TrainingFrames:
+    """`c360ml.model.pipeline`'s training frames computed by Spark over the lake's gold
+    (its sampled customers: `gold.customers`): the labels, RFM, the candidate features
+    derived from the spec and their matrix for the population `sample` keeps. What reaches
+    the driver: the labels (ids), RFM and the sampled matrix. A candidate the SQL cannot
+    express is refused naming it (`plan_features`), before the labels and the matrix are
+    computed; a user's SQL feature before any Spark work."""
+    from c360ml.features.labels import RFM_LOOKBACK
+    from c360ml.model.pipeline import TrainingFrames
+
+    refuse_sql_features(spec)  # before any Spark work
+    lake = gold.lake
+    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    try:
+        with SparkAsOf(_session(settings), lake, scratch, customers=gold.customers) as view:
+            candidates = derive_features(view, spec)
+            plans = plan_features(candidates)  # what cannot be computed: refused now
+            labels = view.labels(cutoffs, cfg)
+            population = sample(labels)
+            rfm = view.rfm(cutoffs, RFM_LOOKBACK)
+            lap("labels_seconds")  # and the definitions
+            matrix = population_features(view, population, candidates, plans)
+    finally:
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # when no other pass's scratch is there
+    return TrainingFrames(labels, population, rfm, candidates, matrix)
 
 
 # ---------------------------------------------------------------- batch scoring
@@ -660,12 +813,15 @@ __all__ = [
     "SparkAsOf",
     "SparkFeatureError",
     "SparkSnapshot",
+    "derive_features",
     "measures_and_scores",
     "plan_features",
     "plan_measures",
+    "refuse_sql_features",
     "register_gold",
-    "request_sql",
     "score_frame",
+    "population_features",
     "snapshot_profiles",
     "spark_snapshot",
+    "training_frames",
 ]
