@@ -3,7 +3,9 @@
 The wiring that `c360ml train` and `pipelines/train.py` call. The work is in
 `c360ml.features` (labels, RFM and the feature matrix, as SQL over the lake's gold; the
 feature definitions from Featuretools; imported lazily, so this module imports without
-them) and in `train`, `registry` and `report`.
+them), or with `engine: spark` in `c360ml.spark.features` (the same frames computed by
+Spark: `prepare_training` is where the engines part), and in `train`, `registry` and
+`report`.
 """
 
 from __future__ import annotations
@@ -328,7 +330,8 @@ def prepare_training(
     config: TrainConfig | None = None,
     tune: int = 0,
 ) -> TrainingData:
-    """Labels, the split plan and the feature matrix for `as_of` (a UTC instant)."""
+    """Labels, the split plan and the feature matrix for `as_of` (a UTC instant), computed
+    by the settings' engine (`engine`: DuckDB in this process, or Spark)."""
     from c360ml import features as ft
     from c360ml.storage.lake import Lake
 
