@@ -1,7 +1,7 @@
 """What the build stages read and remove through the lake, alike on local disk and on a
-real Azurite: DuckDB's view of a table with deletion vectors (its Parquet read through
-the lake's scheme on object storage), the files a table gained since a version, and a
-state folder removed whole."""
+real Azurite (az:// and abfss:// roots): DuckDB's view of a table with deletion vectors
+(its Parquet read through the lake's scheme on object storage), the files a table gained
+since a version, and a state folder removed whole."""
 
 from __future__ import annotations
 
@@ -13,13 +13,22 @@ import pytest
 
 from c360ml.medallion.sql import duckdb_connection, register, rows_by_file
 from c360ml.storage.lake import Lake
+from tests.storage.azurite import ACCOUNT
 
 N = 2_000
 
 
-@pytest.fixture(params=["local", "azurite"])
+@pytest.fixture(params=["local", "az", "abfss"])
 def lake(request, tmp_path) -> Lake:
-    root = tmp_path / "lake" if request.param == "local" else request.getfixturevalue("az_root")
+    """A lake on local disk, or on Azurite named by an az:// or an abfss:// root (the
+    emulator setting points either at Azurite)."""
+    if request.param == "local":
+        root = tmp_path / "lake"
+    elif request.param == "az":
+        root = request.getfixturevalue("az_root")
+    else:
+        container = request.getfixturevalue("container")
+        root = f"abfss://{container}@{ACCOUNT}.dfs.core.windows.net/c360ml/lake"
     lake = Lake(root)
     lake.write(pa.table({"k": np.arange(N), "v": np.arange(N).astype(str)}), "gold", "t")
     return lake
