@@ -176,3 +176,14 @@ def test_two_builds_at_once_on_an_az_lake(project, az_root):
     code, out = _run(home, local, "build", "all")
     assert code == 0, out
     _assert_same_gold(Lake(az_root), Lake(home / "data" / "lake"))
+
+
+def test_a_build_on_a_missing_container_stops_in_one_line(tmp_path, emulator_env):
+    home = tmp_path / "project"
+    home.mkdir()
+    env = user_project(home) | {"C360ML_LAKE_ROOT": "az://no-such-container/lake"}
+    code, out = _run(home, env, "build", "all")
+    assert code == 2, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == ["error: az://no-such-container/lake/_lease: the container does not exist"]
+    assert "Traceback" not in out
