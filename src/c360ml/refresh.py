@@ -362,26 +362,32 @@ def measures_and_scores(
         else pd.DataFrame(columns=list(scoring.ChurnScoreOutput.to_schema().columns))
     )
     status = score_statuses(snap.profiles, snapshot["customer_id"], snap.buyers)
-    scores = churn_score_rows(
-        snap.profiles,
-        status,
-        scored,
-        explain,
-        model_version,
-        as_of,
-        pd.Timestamp.now(tz="UTC").floor("us"),
+    step, scores = write_scores(
+        lake, snap.profiles, status, scored, (explain, model_version), as_of, score_inputs, started
     )
+    return [*steps, step], scores
+
+
+def write_scores(
+    lake: Lake,
+    profiles: pd.Series,
+    status: pd.Series,
+    scored: pd.DataFrame,
+    model: tuple[str, str],
+    as_of: pd.Timestamp,
+    inputs: dict,
+    started: float,
+    how: str = "",
+) -> tuple[StepResult, pd.DataFrame]:
+    """gold/churn_scores at as_of from the scored rows (`churn_score_rows`), validated and
+    written; the "batch scores" step since `started`. `model`: (explain, version)."""
+    explain, version = model
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    scores = churn_score_rows(profiles, status, scored, explain, version, as_of, now)
     ChurnScores.validate(scores)
-    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, score_inputs)
-    steps.append(
-        StepResult(
-            "batch scores",
-            len(scores),
-            f"model v{model_version}, explain={explain}",
-            time.perf_counter() - started,
-        )
-    )
-    return steps, scores
+    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, inputs)
+    note = f"model v{version}, explain={explain}" + (f", {how}" if how else "")
+    return StepResult("batch scores", len(scores), note, time.perf_counter() - started), scores
 
 
 def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:

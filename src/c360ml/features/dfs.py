@@ -723,6 +723,8 @@ def _parallel_features(
             for job in as_completed(jobs):
                 for t, part in job.result():
                     done[t] = part
+                    # said here: a worker process's log goes nowhere
+                    log.info("features at %s: %d customers x %d", t, len(part), len(fs.names))
                     advance()
     except BrokenProcessPool as exc:
         log.warning("feature worker processes failed (%s); computing in this process", exc)

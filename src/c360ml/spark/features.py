@@ -730,7 +730,6 @@ def measures_and_scores(
     produced is kept."""
     from c360ml import refresh
     from c360ml.features import FeatureSet, load_churn_config, load_measures
-    from c360ml.schemas import ChurnScores
     from c360ml.steps import StepResult, gold_inputs, replace_as_of, same_inputs
 
     as_of = utc(as_of)
@@ -787,26 +786,18 @@ def measures_and_scores(
     )
     started = time.perf_counter()
     status = refresh.score_statuses(profiles, snapshot[CUSTOMER_ID], snap.buyers)
-    scores = refresh.churn_score_rows(
+    step, scores = refresh.write_scores(
+        lake,
         profiles,
         status,
         scored,
-        explain,
-        model_version,
+        (explain, model_version),
         as_of,
-        pd.Timestamp.now(tz="UTC").floor("us"),
+        score_inputs,
+        started,
+        "on Spark (mapInPandas)",
     )
-    ChurnScores.validate(scores)
-    replace_as_of(lake, scores, "churn_scores", "ScoredAsOf", as_of, score_inputs)
-    steps.append(
-        StepResult(
-            "batch scores",
-            len(scores),
-            f"model v{model_version}, explain={explain}, on Spark (mapInPandas)",
-            time.perf_counter() - started,
-        )
-    )
-    return steps, scores
+    return [*steps, step], scores
 
 
 __all__ = [
