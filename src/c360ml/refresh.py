@@ -305,6 +305,39 @@ def load_champion(settings: Settings) -> tuple[scoring.ModelBundle, str]:
     return load_bundle(f"models:/{settings.model_name}@{CHAMPION}"), str(version)
 
 
+@dataclass(frozen=True)
+class ScoringPlan:
+    """What a refresh at one as_of must compute: what these inputs (and this model)
+    already produced is kept, not recomputed."""
+
+    inputs: dict  # gold's: what customer_measures and customer_features were made from
+    score_inputs: dict  # gold's and the model's: what churn_scores were made from
+    measures: bool  # customer_measures to compute
+    fs: FeatureSet | None  # the champion's features to compute and score; None: kept
+
+
+KEPT = "unchanged inputs: kept"
+
+
+def scoring_plan(
+    lake: Lake, as_of: pd.Timestamp, bundle: scoring.ModelBundle, model_version: str, explain: str
+) -> ScoringPlan:
+    """The ScoringPlan of both engines' `measures_and_scores`."""
+    from c360ml.features import FeatureSet
+
+    inputs = gold_inputs(lake)
+    score_inputs = inputs | {"model_version": model_version, "explain": explain}
+    need_scores = not same_inputs(lake, "churn_scores", as_of, score_inputs)
+    if need_scores and bundle.feature_set_json is None:
+        raise ValueError("the champion carries no feature definitions; retrain it")
+    return ScoringPlan(
+        inputs,
+        score_inputs,
+        not same_inputs(lake, "customer_measures", as_of, inputs),
+        FeatureSet.from_json(bundle.feature_set_json) if need_scores else None,
+    )
+
+
 @_on_engine
 def measures_and_scores(
     settings: Settings,
@@ -316,20 +349,14 @@ def measures_and_scores(
     """Measures, the feature snapshot of the active profiles and one score row per
     profile at as_of, in one pass over the profiles; what these inputs (and this model)
     already produced is kept, not recomputed."""
-    from c360ml.features import FeatureSet
-
     lake = Lake(settings.lake)
-    inputs = gold_inputs(lake)
-    score_inputs = inputs | {"model_version": model_version, "explain": explain}
-    need_measures = not same_inputs(lake, "customer_measures", as_of, inputs)
-    need_scores = not same_inputs(lake, "churn_scores", as_of, score_inputs)
-    if need_scores and bundle.feature_set_json is None:
-        raise ValueError("the champion carries no feature definitions; retrain it")
-    fs = FeatureSet.from_json(bundle.feature_set_json) if need_scores else None
-    kept = "unchanged inputs: kept"
-    if not (need_measures or need_scores):
+    plan = scoring_plan(lake, as_of, bundle, model_version, explain)
+    inputs, score_inputs, need_measures, fs = (
+        plan.inputs, plan.score_inputs, plan.measures, plan.fs
+    )  # fmt: skip
+    if not (need_measures or fs):
         scores = _scores_at(lake, as_of)
-        return [StepResult("measures + features + scores", len(scores), kept)], scores
+        return [StepResult("measures + features + scores", len(scores), KEPT)], scores
     started = time.perf_counter()
     snap = snapshot_profiles(settings, as_of, need_measures, fs)
     steps = [StepResult("snapshot", len(snap.profiles), snap.note, time.perf_counter() - started)]
@@ -338,10 +365,10 @@ def measures_and_scores(
         write_measures(lake, snap.measures, as_of, inputs)
         steps.append(StepResult("measures", len(snap.measures), "", time.perf_counter() - started))
     else:
-        steps.append(StepResult("measures", 0, kept))
-    if not need_scores:
+        steps.append(StepResult("measures", 0, KEPT))
+    if fs is None:
         scores = _scores_at(lake, as_of)
-        steps.append(StepResult("features + scores", len(scores), kept))
+        steps.append(StepResult("features + scores", len(scores), KEPT))
         return steps, scores
     started = time.perf_counter()
     snapshot = snap.features

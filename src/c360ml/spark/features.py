@@ -729,20 +729,17 @@ def measures_and_scores(
     the same tables with the same records; what these inputs (and this model) already
     produced is kept."""
     from c360ml import refresh
-    from c360ml.features import FeatureSet, load_churn_config, load_measures
-    from c360ml.steps import StepResult, gold_inputs, replace_as_of, same_inputs
+    from c360ml.features import load_churn_config, load_measures
+    from c360ml.steps import StepResult, replace_as_of
 
     as_of = utc(as_of)
     lake = Lake(settings.lake)
-    inputs = gold_inputs(lake)
-    score_inputs = inputs | {"model_version": model_version, "explain": explain}
-    need_measures = not same_inputs(lake, "customer_measures", as_of, inputs)
-    need_scores = not same_inputs(lake, "churn_scores", as_of, score_inputs)
-    if need_scores and bundle.feature_set_json is None:
-        raise ValueError("the champion carries no feature definitions; retrain it")
-    fs = FeatureSet.from_json(bundle.feature_set_json) if need_scores else None
-    kept = "unchanged inputs: kept"
-    if not (need_measures or need_scores):
+    plan = refresh.scoring_plan(lake, as_of, bundle, model_version, explain)
+    inputs, score_inputs, need_measures, fs = (
+        plan.inputs, plan.score_inputs, plan.measures, plan.fs
+    )  # fmt: skip
+    kept = refresh.KEPT
+    if not (need_measures or fs):
         scores = refresh._scores_at(lake, as_of)
         return [StepResult("measures + features + scores", len(scores), kept)], scores
     started = time.perf_counter()
