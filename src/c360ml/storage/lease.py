@@ -171,7 +171,7 @@ class ObjectLease:
                     self.identity = self.store.replace(self.key, body, version)
                 except ObjectChangedError:
                     continue
-                if "holder" in info:
+                if "holder" in info and float(info.get("expires", 0)) > 0:  # 0: released
                     log.warning("%s took over the expired lease of %s", self.what, _name(info))
                 return
             if time.monotonic() >= deadline:
