@@ -177,7 +177,7 @@ def test_files_with_and_without_optional_columns_share_bronze(settings):
     assert ingest_landing(settings).total_rows == 4
     build_silver(settings)
     silver = Lake(settings.lake).read_pandas("silver", "generic_transactions")
-    got = silver.sort_values("ts").set_index("ts")
+    got = silver.sort_values(["ts", "product_id"], kind="stable").set_index("ts")
     assert list(got.order_id) == [
         "o1",
         "o1",
