@@ -74,7 +74,7 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: install lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # While developing: the suite without the end-to-end runs over generated lakes (CI runs all).
 test-fast: install lint
