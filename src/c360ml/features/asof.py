@@ -30,9 +30,11 @@ reference the tests compare this SQL with (tests/features/test_asof_sql.py).
 How the statements run (`AsOfSql` does it for DuckDB): the gold relations first, then
 `session_statements` once (the session's customers' gold rows; each order's and case's
 status as segments of time, resolved once for every cutoff: `status_segments`; the
-candidate purchases with their is_cancelled over time: `candidate_states`), then per
-cutoff `view_statements` (the view's relations, which the aggregates read), or
-`labels_sql`, `population_sql`, `rfm_sql` (queries over the session's relations).
+candidate purchases with their is_cancelled over time: `candidate_states`, which AsOfSql
+builds only when labels, populations or RFM first need them), then per cutoff
+`view_statements` (the view's relations, which the aggregates read), or `labels_sql`,
+`population_sql`, `rfm_sql` (queries over the session's relations). A refresh, one cutoff,
+takes its populations from the view itself (`view_purchasers`).
 
 The SQL reads the relations `gold_<table>` (the declared gold tables, `GOLD_RELATIONS`),
 and for a session of some customers only (a training sample, a refresh chunk)
