@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from lake_cache import size_dir
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / "cache"
@@ -144,8 +146,8 @@ def run_child(args: list[str], env: dict[str, str]) -> dict:
 
 def base_state(size: int, codes: dict) -> Path:
     """benchmarks/cache/<size>/ml built through gold, with a champion in its MLflow store."""
-    base = CACHE / str(size) / "ml"
-    if not (CACHE / str(size) / "lake" / "landing").exists():
+    base = size_dir(size) / "ml"
+    if not (size_dir(size) / "lake" / "landing").exists():
         subprocess.run([sys.executable, str(HERE / "run.py"), "--stage", "generate", "--sizes",
                         str(size)], check=True)  # fmt: skip
     new = codes["new"]["path"]
@@ -197,7 +199,7 @@ def run_dir(base: Path, work: Path, stage: str) -> Path:
 
 
 def compare(stage: str, size: int, repeats: int) -> dict:
-    work = CACHE / str(size) / "compare"
+    work = size_dir(size) / "compare"
     work.mkdir(parents=True, exist_ok=True)
     codes = snapshot_code(work)
     base = base_state(size, codes)

@@ -2,7 +2,7 @@
 
 Each run happens in a fresh Python process, so the peak resident set size (VmHWM from
 /proc) belongs to that one generation and not to earlier, larger runs. The lake of each
-size is kept under `cache_dir/<size>/` (lake/ and truth/) for the later stages to reuse.
+size is kept under `cache_dir(size)` (lake/ and truth/) for the later stages to reuse.
 Target: 1,000,000 customers (~20M sales lines) in < 10 min and < 6 GB.
 """
 
@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,14 @@ def measure(size: int, root: Path, seed: int = SEED) -> dict:
     return result
 
 
-def run(sizes: list[int], out_dir: Path, cache_dir: Path) -> list[dict]:
+def run(sizes: list[int], out_dir: Path, cache_dir: Callable[[int], Path]) -> list[dict]:
     """Time generate_lake at each size; returns (and writes) one result dict per run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for size in sizes:
         repeats = REPEATS_SMALL if size <= SMALL else 1
         for repeat in range(repeats):
-            result = measure(size, cache_dir / str(size))
+            result = measure(size, cache_dir(size))
             result.update(
                 stage="generate",
                 repeat=repeat,
@@ -87,5 +88,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     sizes = [int(s) for s in (sys.argv[1] if len(sys.argv) > 1 else "10000").split(",")]
     repo = Path(__file__).resolve().parents[1]
-    for row in run(sizes, repo / "benchmarks" / "results", repo / "data" / "bench"):
+    bench = repo / "data" / "bench"
+    for row in run(sizes, repo / "benchmarks" / "results", lambda size: bench / str(size)):
         print(row)

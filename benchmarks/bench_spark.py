@@ -36,6 +36,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from lake_cache import size_dir
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / "cache"
@@ -121,7 +123,7 @@ def prepare(size: int) -> tuple[Path, dict, dict]:
     from the cached landing of `size` customers (generated first when missing): every
     build starts from a hard-linked copy of it. The ingest's seconds; what code the
     children run (`code_under`)."""
-    cached = CACHE / str(size)
+    cached = size_dir(size)
     if not (cached / "lake" / "landing").exists():
         sys.path.insert(0, str(HERE))
         from bench_generate import measure

@@ -4,7 +4,8 @@ Stages, in order: generate, medallion, unify, splink, features, train, refresh, 
 and crash (a refresh killed at each commit) and checks (silver's row checks before and
 after #23; its size is rows, not customers), run only when named.
 Each (stage, size) runs in a fresh subprocess so its peak RSS is its own; lakes are
-generated once per size under benchmarks/cache/<size>/ and reused by later stages.
+generated once per size under benchmarks/cache/<size>-v<lake version>/ (lake_cache.py)
+and reused by later stages.
 Figures are written to benchmarks/results/<stage>.json (serve: serve.json and serve.md)
 and tabulated in benchmarks/results/README.md with the date and the command.
 `--engine spark` (ENGINE=spark) changes the medallion stage: silver, unify and gold built by
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from lake_cache import size_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -40,9 +42,9 @@ def settings_for(size: int):
     return Settings(
         # a comparison's child runs another copy of the code: its SQL and specs (bench_compare)
         root=Path(os.environ.get("BENCH_ROOT", ROOT)),
-        lake_root=CACHE / str(size) / "lake",
-        truth_root=CACHE / str(size) / "truth",
-        mlflow_dir=CACHE / str(size) / "mlflow",
+        lake_root=size_dir(size) / "lake",
+        truth_root=size_dir(size) / "truth",
+        mlflow_dir=size_dir(size) / "mlflow",
     )
 
 
@@ -56,7 +58,7 @@ def stage_generate(size: int) -> dict:
     from bench_generate import run
 
     # bench_generate writes its own generate.json; the harness merges sizes into RESULTS.
-    return {"runs": run([size], CACHE / str(size), CACHE)}
+    return {"runs": run([size], size_dir(size), size_dir)}
 
 
 def work_settings(size: int):
@@ -68,7 +70,7 @@ def work_settings(size: int):
     cached = settings_for(size)
     if not (cached.lake / "landing").exists():
         raise SystemExit(f"no cached lake for {size}: run STAGE=generate first")
-    work = CACHE / str(size) / "work"
+    work = size_dir(size) / "work"
     shutil.rmtree(work, ignore_errors=True)
     (work / "lake").mkdir(parents=True)
     subprocess.run(["cp", "-al", str(cached.lake / "landing"), str(work / "lake")], check=True)
@@ -139,7 +141,7 @@ def silver_settings(size: int):
     """A work lake with bronze and silver built (once; reused by unify and splink).
 
     The build runs in its own process so that the caller's peak RSS is its own."""
-    work = CACHE / str(size) / "work"
+    work = size_dir(size) / "work"
     if not (work / SILVER_READY).exists():
         subprocess.run([sys.executable, __file__, "--silver", str(size)], check=True)
     return settings_for(size).model_copy(
@@ -154,7 +156,7 @@ def build_silver_only(size: int) -> None:
     settings = work_settings(size)
     ingest_landing(settings)
     build_silver(settings)
-    (CACHE / str(size) / "work" / SILVER_READY).touch()
+    (size_dir(size) / "work" / SILVER_READY).touch()
 
 
 def truth_labels(settings, records) -> np.ndarray:
@@ -275,7 +277,7 @@ def stage_splink(size: int) -> dict:
 
 def _ml_paths(size: int):
     # BENCH_ML_DIR: a comparison run's own copy of the ML lake (bench_compare)
-    base = Path(os.environ.get("BENCH_ML_DIR", CACHE / str(size) / "ml"))
+    base = Path(os.environ.get("BENCH_ML_DIR", size_dir(size) / "ml"))
     settings = settings_for(size).model_copy(
         update={
             "lake_root": base / "lake",

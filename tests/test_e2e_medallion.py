@@ -39,6 +39,11 @@ def test_gold_orders_reconcile_with_truth(lake):
         quarantined.loc[quarantined.quarantine_reason.str.startswith("anonymous"), "order_id"]
     )
     both = gold.merge(purchases, on="order_id", suffixes=("", "_truth"))
+    # A sales order's total is the sum of its lines; a line late to the sink (still in
+    # truth/_pending) is not in the lake yet, so that order is compared after it arrives.
+    late = pd.read_parquet(lake.truth / "_pending" / "salesline.parquet")
+    late_orders = set("SO:" + late.dataareaid + "-" + late.salesid)
+    both = both[~both.order_id.isin(late_orders)]
     agree = both[~both.is_cancelled & ~both.cancelled]
     assert (both.is_cancelled != both.cancelled).mean() < 0.002
     assert agree.net_amount.sum() == pytest.approx(agree.net_amount_truth.sum(), abs=0.01)

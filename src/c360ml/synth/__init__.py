@@ -5,6 +5,11 @@ best possible churn score is known. Entry points: `generate_lake` (initial full 
 `generate_increment` (the next weekly sync), `oracle.oracle_purchase_probability`.
 """
 
-from c360ml.synth.generate import GenerateSummary, generate_increment, generate_lake
+from c360ml.synth.generate import (
+    LAKE_VERSION,
+    GenerateSummary,
+    generate_increment,
+    generate_lake,
+)
 
-__all__ = ["GenerateSummary", "generate_increment", "generate_lake"]
+__all__ = ["LAKE_VERSION", "GenerateSummary", "generate_increment", "generate_lake"]

@@ -58,6 +58,9 @@ from c360ml.synth.writer import (
 log = logging.getLogger(__name__)
 
 BLOCK = 50_000  # persons per block; fixed so a seed gives the same lake at any size
+# Bumped whenever a seed and size give a different lake than before (2: names drawn by
+# frequency); recorded in generator.json, and benchmarks key their cached lakes on it.
+LAKE_VERSION = 2
 DAY = records.DAY
 HOUR = 3600
 SOURCES = {"d365": [t.name for t in D365_TABLES], "dataverse": [t.name for t in DATAVERSE_TABLES]}
@@ -346,6 +349,7 @@ def _initial_meta(
     (seed, time origin, parameters, counters) and what was written."""
     syncs = export.syncs.values()
     return {
+        "lake_version": LAKE_VERSION,
         "seed": cfg.seed,
         "customers": cfg.customers,
         "persons_total": tl.total,

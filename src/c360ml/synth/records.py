@@ -295,14 +295,13 @@ class People:
     city: np.ndarray  # index into vocab.CITIES
     zipcode: pa.Array
     birthdate: np.ndarray  # epoch seconds (midnight), -1 unknown
-    first_idx: np.ndarray
+    first_idx: np.ndarray  # index into vocab.first_names()
 
 
 def draw_people(rng: np.random.Generator, t: Traits, ctx: Context) -> People:
     n = len(t)
-    fi = rng.integers(0, len(v.FIRST_NAMES), n)
-    li = rng.integers(0, len(v.LAST_NAMES), n)
-    first, last = v.take(v.FIRST_NAMES, fi), v.take(v.LAST_NAMES, li)
+    _, fi = v.draw_first_names(rng, n)
+    first, last = v.take(v.first_names(), fi), v.draw_last_names(rng, n)
     org = t.kind == KIND_ORGANISATION
     org_name = v.join(
         v.take(v.ORG_WORDS, rng.integers(0, len(v.ORG_WORDS), n)),
@@ -510,7 +509,7 @@ def _party_rows(
     created, t_rename = acc.created, h.t_rename
     rec1 = RECID_BASE + acc.seq
     rec2 = RECID_BASE + 2 * acc.seq
-    new_last = v.take(v.LAST_NAMES, rng.integers(0, len(v.LAST_NAMES), m))
+    new_last = v.draw_last_names(rng, m)
     party = {
         "partynumber": v.padded("P", acc.seq, 9),
         "name": tk["name"],
@@ -1119,7 +1118,7 @@ def contact_rows(
     created = np.where(first_acc >= 0, base_created + rng.integers(60, 3600, m), base_created)
     u = rng.random((10, m))
     first, last = p["first"], p["last"]
-    nick = v.take([v.NICKNAMES.get(f, f) for f in v.FIRST_NAMES], p["first_idx"])
+    nick = v.take([v.NICKNAMES.get(f, f) for f in v.first_names()], p["first_idx"])
     first = v.where(u[0] < 0.03, nick, first)
     typo = v.join(
         pc.utf8_slice_codeunits(first, 0, 1),

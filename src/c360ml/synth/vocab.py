@@ -6,23 +6,15 @@ Python f-strings would dominate a 1M-customer run; Arrow kernels do it in C++.
 
 from __future__ import annotations
 
+import csv
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-FIRST_NAMES = (
-    "James Mary Robert Patricia John Jennifer Michael Linda William Elizabeth David Barbara "
-    "Richard Susan Joseph Jessica Thomas Sarah Charles Karen Christopher Lisa Daniel Nancy "
-    "Matthew Betty Anthony Margaret Mark Sandra Donald Ashley Steven Kimberly Paul Emily "
-    "Andrew Donna Joshua Michelle Kenneth Carol Kevin Amanda Brian Dorothy George Melissa "
-    "Timothy Deborah Ronald Stephanie Edward Rebecca Jason Sharon Jeffrey Laura Ryan Cynthia "
-    "Jacob Kathleen Gary Amy Nicholas Angela Eric Shirley Jonathan Anna Stephen Brenda Larry "
-    "Pamela Justin Emma Scott Nicole Brandon Helen Benjamin Samantha Samuel Katherine Gregory "
-    "Christine Alexander Debra Frank Rachel Patrick Carolyn Raymond Janet Jack Catherine Dennis "
-    "Maria Jerry Heather Tyler Diane Aaron Ruth Jose Julie Adam Olivia Nathan Joyce Henry "
-    "Virginia Douglas Victoria Zachary Kelly Peter Lauren Kyle Christina Ethan Joan Walter "
-    "Evelyn Noah Judith Jeremy Megan Christian Andrea Keith Cheryl Roger Hannah Terry Jacqueline"
-).split()
 NICKNAMES = {
     "Robert": "Bob",
     "William": "Bill",
@@ -45,16 +37,109 @@ NICKNAMES = {
     "Patricia": "Pat",
     "Steven": "Steve",
 }
-LAST_NAMES = (
-    "Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez "
-    "Lopez Gonzalez Wilson Anderson Thomas Taylor Moore Jackson Martin Lee Perez Thompson "
-    "White Harris Sanchez Clark Ramirez Lewis Robinson Walker Young Allen King Wright Scott "
-    "Torres Nguyen Hill Flores Green Adams Nelson Baker Hall Rivera Campbell Mitchell Carter "
-    "Roberts Gomez Phillips Evans Turner Diaz Parker Cruz Edwards Collins Reyes Stewart Morris "
-    "Morales Murphy Cook Rogers Gutierrez Ortiz Morgan Cooper Peterson Bailey Reed Kelly "
-    "Howard Ramos Kim Cox Ward Richardson Watson Brooks Chavez Wood James Bennett Gray Mendoza "
-    "Ruiz Hughes Price Alvarez Castillo Sanders Patel Myers Long Ross Foster Jimenez Powell"
-).split()
+# Person names: weighted tables of the US population (names_en_us.csv, extracted from Faker
+# 40.54.0's en_US person provider, MIT, names_en_us.LICENSE; its first names are the top
+# names of the 1960s-90s by sex from the Social Security Administration, its surnames the
+# top 1,000 of the 2000 US Census, each weighted by how many people carry it).
+NAME_TABLE = "names_en_us.csv"
+# The census's top 1,000 surnames are carried by about 42% of the population; the rest
+# carry a long tail of rarer ones. The tail is drawn here with a frequency falling as
+# 1/rank from rank 1,001 to TAIL_RANKS, which meets the top table's last frequency and
+# makes most tail surnames rare even among a million people.
+TOP_SURNAME_SHARE = 0.42
+TAIL_RANKS = 125_000
+_TAIL_PARTS = (
+    "Bar Kel Mor Dal Hen Lin Ros Wes Tal Fen Gar Hal Ker Lom Nor Pel Quin Rad Sel Tor Vel "
+    "Wen Yar Zel Ash Brim Cal Dro Elk Fal Gil Hol Ivar Jor Kas Lur Mav Nev Orl Pax Rud Sal "
+    "Tam Ulm Var Wol Cor Bel Dun Hart Mil Pra Sten Tro Ved",
+    "_ a e i o u an el in or ra le ni ven dor mar ber lin ton ker sel wal rin",
+    "son sen berg burg ski sky ley ly ton man mann er ers ick ock ez es ard ward field ford "
+    "wood well worth ham by dale ridge brook stone more land ing ington hurst combe lock "
+    "lin kins kin ette ier ot ini elli etti ova enko uk ich ovic strom quist gren lund hed "
+    "holm dahl ner rich bert mond ray vey sby ston sham ridge cott croft stead vale garth "
+    "wick thorpe den don ner ter bury fort mont ville mer han gan lan nan ran tan van yan "
+    "sing ling ring ting rick nick dick lick mick kirk",
+)
+
+
+@dataclass(frozen=True)
+class NameTable:
+    """Names with the cumulative share of people carrying them (for inverse-CDF draws)."""
+
+    names: tuple[str, ...]
+    cdf: np.ndarray  # ascending, last value 1.0
+
+    def draw(self, u: np.ndarray) -> np.ndarray:
+        """Index of the name each uniform draw u in [0, 1) falls on."""
+        return np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.names) - 1)
+
+
+def _table(rows: list[tuple[str, float]]) -> NameTable:
+    weights = np.array([w for _, w in rows], dtype=np.float64)
+    return NameTable(tuple(n for n, _ in rows), np.cumsum(weights) / weights.sum())
+
+
+@functools.cache
+def name_tables() -> dict[str, NameTable]:
+    """The female, male and surname tables of NAME_TABLE (read on first use, not at import)."""
+    rows: dict[str, list[tuple[str, float]]] = {"female": [], "male": [], "last": []}
+    with resources.files(__package__).joinpath(NAME_TABLE).open(encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            rows[row["list"]].append((row["name"], float(row["weight"])))
+    return {k: _table(v) for k, v in rows.items()}
+
+
+@functools.cache
+def first_names() -> tuple[str, ...]:
+    """Female then male first names: the values a first-name index points into."""
+    t = name_tables()
+    return t["female"].names + t["male"].names
+
+
+@functools.cache
+def tail_surnames() -> tuple[str, ...]:
+    """TAIL_RANKS - 1000 made-up surnames, distinct and none in the census table, in a fixed
+    order (rank 1,001 first), composed from three syllable lists."""
+    a, b, c = (p.split() for p in _TAIL_PARTS)
+    top = set(name_tables()["last"].names)
+    seen: dict[str, None] = {}
+    for k in range(len(a) * len(b) * len(c)):
+        i, j, m = k % len(a), (k // len(a)) % len(b), k // (len(a) * len(b))
+        name = a[i] + b[j].strip("_") + c[m]
+        if name not in top:
+            seen.setdefault(name)
+    names = tuple(seen)[: TAIL_RANKS - 1000]
+    if len(names) < TAIL_RANKS - 1000:
+        raise ValueError(
+            f"tail surname syllables give {len(names)} names, need {TAIL_RANKS - 1000}"
+        )
+    return names
+
+
+def draw_first_names(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(is_female, index into first_names()) for n people: half female, half male, each
+    name as frequent as in its sex's table (a first name's frequency depends on sex)."""
+    female = rng.random(n) < 0.5
+    u = rng.random(n)
+    t = name_tables()
+    idx = np.where(female, t["female"].draw(u), len(t["female"].names) + t["male"].draw(u))
+    return female, idx
+
+
+def draw_last_names(rng: np.random.Generator, n: int) -> pa.Array:
+    """n surnames: TOP_SURNAME_SHARE of people from the census table by its weights, the
+    rest from the 1/rank tail (inverse CDF of a continuous 1/rank density on the ranks)."""
+    u = rng.random(n)
+    top = u < TOP_SURNAME_SHARE
+    census = name_tables()["last"]
+    top_idx = census.draw(np.where(top, u / TOP_SURNAME_SHARE, 0.0))
+    tail_u = np.where(top, 0.0, (u - TOP_SURNAME_SHARE) / (1 - TOP_SURNAME_SHARE))
+    tail_rank = np.floor(1000 * (TAIL_RANKS / 1000) ** tail_u).astype(np.int64)  # 1000 ..
+    tail_idx = np.clip(tail_rank - 1000, 0, TAIL_RANKS - 1001)
+    words = census.names + tail_surnames()
+    return take(words, np.where(top, top_idx, len(census.names) + tail_idx))
+
+
 ORG_WORDS = (
     "Acme Globex Initech Umbrella Stark Wayne Wonka Soylent Hooli Vandelay Massive Cyberdyne "
     "Tyrell Oscorp Aperture Gringotts Dunder Prestige Sterling Pied Bluth Monarch Nakatomi"
