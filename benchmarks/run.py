@@ -2,7 +2,8 @@
 
 Stages, in order: generate, medallion, unify, splink, features, train, refresh, serve;
 and crash (a refresh killed at each commit) and checks (silver's row checks before and
-after #23; its size is rows, not customers), run only when named.
+after #23; its size is rows, not customers), run only when named; so is real (c360ml
+against BG/NBD and Pareto/NBD on the CDNOW purchase log, bench_real.py; SIZES ignored).
 Each (stage, size) runs in a fresh subprocess so its peak RSS is its own; lakes are
 generated once per size under benchmarks/cache/<size>-v<lake version>/ (lake_cache.py)
 and reused by later stages.
@@ -454,6 +455,8 @@ def write_readme() -> None:
             )
     lines += spark_section()
     lines += compare_section()
+    if (RESULTS / "real.md").exists():
+        lines += ["", *(RESULTS / "real.md").read_text().splitlines()]
     if (RESULTS / "lifecycle.md").exists():
         lines += ["", "## lifecycle (a simulated year: drift, outcomes, retraining)", ""]
         lines += (RESULTS / "lifecycle.md").read_text().splitlines()[2:]
@@ -639,6 +642,10 @@ def main() -> None:
             subprocess.run(
                 [sys.executable, str(HERE / "bench_lifecycle.py"), "--what-if"], check=True
             )
+            continue
+        if stage == "real":  # only when named: the CDNOW log, whatever SIZES says; writes
+            # real.json and real.md itself
+            subprocess.run([sys.executable, str(HERE / "bench_real.py")], check=True)
             continue
         if stage == "medallion" and args.engine == "spark":
             spark_medallion([int(s) for s in args.sizes.split(",")], args.repeats)

@@ -1,0 +1,299 @@
+"""Stage `real`: c360ml against BG/NBD and Pareto/NBD on a real purchase log (CDNOW).
+
+`make bench STAGE=real` (or `python benchmarks/bench_real.py`). The CDNOW master log (the
+23,570 customers of CDNOW's Q1-1997 cohort, every purchase to 1998-06-30) ships in the
+lifetimes wheel, a bench/dev dependency installed for its data only. For each (as_of,
+window) pair:
+
+1. The log's rows dated before as_of become `landing/generic/cdnow.csv` (customer_id,
+   timestamp, amount): nothing after as_of is in the lake at all. A row's date is stamped
+   at 12:00 UTC, so that an as_of at midnight splits whole days: the label window
+   (as_of, as_of + w] then holds exactly the dates as_of .. as_of + w - 1.
+2. The README's commands on that lake: `c360ml build all`, `c360ml train --as-of`, with a
+   feature spec whose churn section sets the window and the training cutoffs (below).
+3. The champion scores the population at as_of (`c360ml.Project.score`).
+4. BG/NBD and Pareto/NBD (`c360ml.features.btyd`) are fitted on the same history (purchase
+   days before as_of, in days) of every customer with one; their churn score is
+   P(no purchase in the window).
+5. The outcome comes from the full log: churned = no purchase (amount > 0) dated in
+   [as_of, as_of + w). All three are scored on the same customers: c360ml's population.
+
+Training cutoffs: spaced 30 days back from as_of - w (the last whose label window ends by
+as_of), as many as leave each cutoff at least 30 days after the log's first day (at most
+12, the default). Chosen before any figure was seen; not tuned per split.
+
+Figures go to benchmarks/results/real.json and real.md (a section of the results README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / "cache" / "real"
+RESULTS = HERE / "results"
+SPACING_DAYS = 30
+MAX_CUTOFFS = 12
+# (as_of, prediction window in days): the issue's split first, then later as_ofs.
+PAIRS = (("1997-10-01", 90), ("1998-01-01", 90), ("1998-04-01", 90), ("1997-10-01", 180))
+BOOTSTRAP = 200
+
+
+def read_cdnow() -> pd.DataFrame:
+    """CDNOW_master.txt from the installed lifetimes distribution (never imported)."""
+    try:
+        dist = importlib.metadata.distribution("lifetimes")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("stage real needs lifetimes==0.11.3 (make bench installs it)") from None
+    path = Path(str(dist.locate_file("lifetimes/datasets/CDNOW_master.txt")))
+    if not path.exists():
+        raise SystemExit(f"stage real: {path} is missing from the lifetimes wheel")
+    frame = pd.read_csv(
+        path,
+        sep=r"\s+",
+        header=None,
+        skiprows=1,  # its header line names the columns with spaces in them
+        names=["customer_id", "date", "cds", "amount"],
+        dtype={"customer_id": str, "date": str},
+    )
+    frame["ts"] = pd.to_datetime(frame["date"], format="%Y%m%d", utc=True) + pd.Timedelta(hours=12)
+    return frame[["customer_id", "ts", "amount"]]
+
+
+def training_cutoff_count(log_start: pd.Timestamp, as_of: pd.Timestamp, window: int) -> int:
+    """30-day-spaced cutoffs back from as_of - w that stay >= 30 days after the log starts."""
+    last = as_of - pd.Timedelta(days=window)
+    room = (last - log_start - pd.Timedelta(days=SPACING_DAYS)) // pd.Timedelta(days=SPACING_DAYS)
+    return int(max(1, min(MAX_CUTOFFS, room + 1)))
+
+
+def write_project(work: Path, history: pd.DataFrame, window: int, cutoffs: int) -> Path:
+    """The landing CSV, a feature spec with this churn section, and c360ml.yaml naming both."""
+    landing = work / "lake" / "landing" / "generic"
+    landing.mkdir(parents=True)
+    out = history.assign(timestamp=history["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    out[["customer_id", "timestamp", "amount"]].to_csv(landing / "cdnow.csv", index=False)
+    spec = yaml.safe_load((ROOT / "features" / "retention.yaml").read_text())
+    spec["churn"].update(
+        prediction_window_days=window, cutoff_count=cutoffs, cutoff_spacing_days=SPACING_DAYS
+    )
+    (work / "retention.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    config = {
+        "root": str(ROOT),
+        "lake_root": str(work / "lake"),
+        "truth_root": str(work / "truth"),
+        "mlflow_dir": str(work / "mlflow"),
+        "log_dir": str(work / "logs"),
+        "reports_dir": str(work / "reports"),
+        "feature_spec": str(work / "retention.yaml"),
+        "sources": ["generic"],
+    }
+    path = work / "c360ml.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def c360ml(config: Path, *args: str) -> float:
+    """One README command on the bench project; its seconds."""
+    env = {**os.environ, "C360ML_CONFIG": str(config)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.perf_counter()
+    exe = Path(sys.executable).parent / "c360ml"
+    subprocess.run([str(exe), *args], check=True, env=env, cwd=config.parent)
+    return round(time.perf_counter() - started, 1)
+
+
+def c360ml_scores(config: Path, as_of: pd.Timestamp) -> tuple[pd.Series, dict]:
+    """ChurnScore at as_of of the version just trained, for its population, indexed by
+    CDNOW customer id; and that version's registry record (test AUC, gate decision).
+
+    The version is scored whatever the gate decided: the gate compares it with RFM on its
+    own test cutoff, and a first version it keeps as challenger is still what `train` made.
+    """
+    import c360ml
+    from c360ml.storage.lake import Lake
+
+    project = c360ml.open(config)
+    versions = project.versions()
+    version = int(versions.index.max())
+    scores = project.score(as_of=as_of, version=version, explain="none")
+    keys = Lake(project.settings.lake).read_pandas("gold", "customer_source_map")
+    key = keys.set_index("customer_id")["source_key"]
+    record = versions.loc[version].to_dict()
+    record = {k: record[k] for k in ("test_roc_auc", "grade", "gate_decision", "gate_reason")}
+    series = pd.Series(
+        scores["ChurnScore"].to_numpy(float), index=key.loc[scores["CustomerId"]].to_numpy()
+    )
+    return series, {"version": version, **record}
+
+
+def btyd_scores(history: pd.DataFrame, as_of: pd.Timestamp, window: int) -> dict:
+    """BG/NBD and Pareto/NBD on purchase days before as_of: P(no purchase in the window)."""
+    from c360ml.features import btyd
+
+    buys = history[history["amount"] > 0]
+    summary = btyd.summarise_purchases(buys, as_of)
+    x, t_x, age = (summary[c] for c in (btyd.FREQUENCY, btyd.RECENCY, btyd.AGE))
+    out = {}
+    for name, fit, predict in (
+        ("bg_nbd", btyd.fit_bgnbd, btyd.bgnbd_predict),
+        ("pareto_nbd", btyd.fit_pareto_nbd, btyd.pareto_nbd_predict),
+    ):
+        started = time.perf_counter()
+        params = fit(x, t_x, age)
+        pred = predict(params, x, t_x, age, window=float(window))
+        out[name] = {
+            "params": {k: round(v, 4) for k, v in vars(params).items()},
+            "fit_s": round(time.perf_counter() - started, 2),
+            "score": pd.Series(pred["p_no_purchase"].to_numpy(), index=summary.index),
+        }
+    return out
+
+
+def metrics(churned: np.ndarray, score: np.ndarray) -> dict:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    return {
+        "roc_auc": round(float(roc_auc_score(churned, score)), 4),
+        "pr_auc_churned": round(float(average_precision_score(churned, score)), 4),
+        "pr_auc_returned": round(float(average_precision_score(1 - churned, -score)), 4),
+        "accuracy_at_0_5": round(float(((score >= 0.5) == (churned == 1)).mean()), 4),
+        "mean_score": round(float(score.mean()), 4),
+    }
+
+
+def auc_difference_ci(churned: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0):
+    """Paired customer bootstrap (BOOTSTRAP resamples) of ROC AUC(a) - ROC AUC(b): 95% bounds."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(0, churned.size, churned.size)
+        diffs.append(roc_auc_score(churned[i], a[i]) - roc_auc_score(churned[i], b[i]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def run_pair(log: pd.DataFrame, as_of_text: str, window: int) -> dict:
+    as_of = pd.Timestamp(as_of_text, tz="UTC")
+    work = CACHE / f"{as_of_text}_{window}d"
+    shutil.rmtree(work, ignore_errors=True)
+    history = log[log["ts"] < as_of]
+    cutoffs = training_cutoff_count(log["ts"].min().floor("D"), as_of, window)
+    config = write_project(work, history, window, cutoffs)
+    seconds = {"build_all": c360ml(config, "build", "all")}
+    seconds["train"] = c360ml(config, "train", "--as-of", as_of_text)
+    started = time.perf_counter()
+    model, registered = c360ml_scores(config, as_of)
+    seconds["score"] = round(time.perf_counter() - started, 1)
+    baselines = btyd_scores(history, as_of, window)
+
+    end = as_of + pd.Timedelta(days=window)
+    future = log[(log["ts"] >= as_of) & (log["ts"] < end) & (log["amount"] > 0)]
+    customers = model.index.intersection(baselines["bg_nbd"]["score"].index)
+    churned = (~customers.isin(future["customer_id"].unique())).astype(int)
+    scores = {"c360ml": model.reindex(customers).to_numpy()}
+    scores |= {k: v["score"].reindex(customers).to_numpy() for k, v in baselines.items()}
+    figures = {k: metrics(churned, s) for k, s in scores.items()}
+    best = max(("bg_nbd", "pareto_nbd"), key=lambda k: figures[k]["roc_auc"])
+    return {
+        "as_of": as_of_text,
+        "window_days": window,
+        "label_window": f"{as_of.date()} .. {(end - pd.Timedelta(days=1)).date()}",
+        "training_cutoffs": cutoffs,
+        "cutoff_spacing_days": SPACING_DAYS,
+        "history_rows": len(history),
+        "customers_with_history": int(history["customer_id"].nunique()),
+        "customers_scored": len(customers),
+        "c360ml_population": len(model),
+        "churn_rate": round(float(churned.mean()), 4),
+        "metrics": figures,
+        "best_btyd": best,
+        "roc_auc_minus_best_btyd": round(
+            figures["c360ml"]["roc_auc"] - figures[best]["roc_auc"], 4
+        ),
+        "roc_auc_minus_best_btyd_ci": auc_difference_ci(churned, scores["c360ml"], scores[best]),
+        "c360ml_model": registered,
+        "btyd_params_days": {k: v["params"] for k, v in baselines.items()},
+        "btyd_fit_s": {k: v["fit_s"] for k, v in baselines.items()},
+        "seconds": seconds,
+    }
+
+
+def markdown(doc: dict) -> str:
+    lines = [
+        "## real: c360ml against BG/NBD and Pareto/NBD on CDNOW",
+        "",
+        "`make bench STAGE=real` (`benchmarks/bench_real.py`): CDNOW's master log (23,570",
+        "customers of one Q1-1997 cohort, purchases to 1998-06-30) through the generic-CSV",
+        "landing, history before as_of only, `c360ml build all` and `c360ml train --as-of`;",
+        "BG/NBD and Pareto/NBD (c360ml.features.btyd) fitted on the same purchase days. Scored",
+        "on the same customers (c360ml's population at as_of); positive class = churned (no",
+        "purchase in the window); a BTYD model's score is P(no purchase in the window).",
+        "ROC AUC difference: c360ml minus the better BTYD model, 95% paired bootstrap interval.",
+        "",
+        "| as_of | window | cutoffs | customers | churn rate | ROC AUC c360ml / BG/NBD / "
+        "Pareto/NBD | PR AUC (churned) | accuracy at 0.5 | AUC c360ml − best BTYD |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        m = r["metrics"]
+
+        def three(key: str, m=m) -> str:
+            return " / ".join(f"{m[k][key]:.4f}" for k in ("c360ml", "bg_nbd", "pareto_nbd"))
+
+        lo, hi = r["roc_auc_minus_best_btyd_ci"]
+        lines.append(
+            f"| {r['as_of']} | {r['window_days']} d | {r['training_cutoffs']} | "
+            f"{r['customers_scored']:,} | {r['churn_rate']:.3f} | {three('roc_auc')} | "
+            f"{three('pr_auc_churned')} | {three('accuracy_at_0_5')} | "
+            f"{r['roc_auc_minus_best_btyd']:+.4f} [{lo:+.4f}, {hi:+.4f}] |"
+        )
+    lines += ["", f"{doc['date']}, `{doc['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--pairs",
+        default=",".join(f"{a}:{w}" for a, w in PAIRS),
+        help="as_of:window_days pairs, comma separated",
+    )
+    args = parser.parse_args()
+    log = read_cdnow()
+    results = []
+    for item in args.pairs.split(","):
+        as_of, window = item.split(":")
+        print(f"real: as_of {as_of}, window {window} d", file=sys.stderr, flush=True)
+        results.append(run_pair(log, as_of, int(window)))
+        print(json.dumps(results[-1]["metrics"]), file=sys.stderr, flush=True)
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python benchmarks/bench_real.py", *sys.argv[1:]])
+        if sys.argv[1:]
+        else "make bench STAGE=real",
+        "results": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "real.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / "real.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
