@@ -225,3 +225,39 @@ def test_bad_summaries_are_refused():
         btyd.fit_pareto_nbd([0, 1], [2.0, 1.0], [3.0, 3.0])
     with pytest.raises(KeyError, match="no column 'ts'"):
         btyd.summarise_purchases(pd.DataFrame({"customer_id": []}), pd.Timestamp("2024-01-01"))
+
+
+def test_btyd_features_per_cutoff_read_nothing_after_it():
+    rng = np.random.default_rng(3)
+    n = 400
+    start = pd.Timestamp("2024-01-01", tz="UTC")
+    purchases = pd.DataFrame(
+        {
+            "customer_id": [f"c{i % 80}" for i in range(n)],
+            "ts": start + pd.to_timedelta(rng.integers(0, 360, n), "D"),
+        }
+    )
+    cutoffs = [start + pd.Timedelta(days=120), start + pd.Timedelta(days=240)]
+    out = btyd.btyd_features(purchases, cutoffs, 30)
+    assert list(out.columns) == ["customer_id", "cutoff_time", *btyd.BTYD_FEATURES]
+    # Uniform buyers who never drop out: the MLE lies at infinity (no heterogeneity, no
+    # dropout); the bounded fit stops at a bound and its predictions stay proper.
+    values = out[list(btyd.BTYD_FEATURES)].to_numpy(float)
+    assert np.isfinite(values).all()
+    probabilities = out.filter(regex="p_alive|p_no_purchase").to_numpy(float)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    first = out[out.cutoff_time == cutoffs[0]].set_index("customer_id")
+    # Only customers with a purchase by the cutoff; the row equals a fit on that history alone.
+    assert set(first.index) == set(purchases[purchases.ts <= cutoffs[0]].customer_id)
+    summary = btyd.summarise_purchases(purchases, cutoffs[0])
+    args = [summary[c] for c in (btyd.FREQUENCY, btyd.RECENCY, btyd.AGE)]
+    pred = btyd.bgnbd_predict(btyd.fit_bgnbd(*args), *args, window=30.0)
+    np.testing.assert_allclose(first.loc[summary.index, "bgnbd_p_alive"], pred["p_alive"])
+    np.testing.assert_allclose(
+        first.loc[summary.index, "recency_over_tenure"], summary[btyd.RECENCY] / summary[btyd.AGE]
+    )
+    # Changing purchases after the first cutoff leaves its rows unchanged (no leakage).
+    later = purchases.ts > cutoffs[0]
+    moved = purchases.assign(ts=purchases.ts.where(~later, purchases.ts + pd.Timedelta(days=3)))
+    again = btyd.btyd_features(moved, cutoffs[:1], 30).set_index("customer_id")
+    pd.testing.assert_frame_equal(again.loc[first.index], first)

@@ -279,10 +279,19 @@ def _distinct(x, t_x, age) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return rows[:, 0], rows[:, 1], rows[:, 2], counts.astype(float)
 
 
-def _fit(loglik, cls, x, t_x, age, start: np.ndarray) -> tuple:
-    """Maximise the summed log-likelihood over log-parameters (all four are positive)."""
+def _fit(loglik, cls, x, t_x, age, start: np.ndarray, scales: tuple[int, ...]) -> tuple:
+    """Maximise the summed log-likelihood over log-parameters (all four are positive).
+
+    Bounds keep the search finite: where the data show no heterogeneity or no dropout the
+    likelihood's supremum lies at infinity (r, α -> ∞ at a fixed r/α; s -> 0), and an
+    unbounded search walks there for thousands of steps. Shapes stay in [e^-9, e^9]; scales
+    (α, β, positions `scales`) within e^±12 of the mean age; at a bound, the fit is the limit.
+    """
     xs, ts, ages, w = _distinct(x, t_x, age)
     n = w.sum()
+    mid = np.log(max(float(np.mean(ages)), 1e-6))
+    bounds = [(mid - 12, mid + 12) if i in scales else (-9.0, 9.0) for i in range(4)]
+    theta0 = np.clip(np.log(start), [b[0] for b in bounds], [b[1] for b in bounds])
 
     def nll(theta: np.ndarray) -> float:
         params = cls(*np.exp(theta))
@@ -290,10 +299,16 @@ def _fit(loglik, cls, x, t_x, age, start: np.ndarray) -> tuple:
             value = -(w * loglik(params, xs, ts, ages)).sum() / n
         return float(value) if np.isfinite(value) else 1e10
 
-    best = optimize.minimize(nll, np.log(start), method="L-BFGS-B", options={"maxiter": 2000})
+    best = optimize.minimize(
+        nll, theta0, method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000}
+    )
     # Nelder-Mead from L-BFGS-B's point: the finite-difference gradient stalls on flat ridges.
     polish = optimize.minimize(
-        nll, best.x, method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-11, "maxiter": 8000}
+        nll,
+        best.x,
+        method="Nelder-Mead",
+        bounds=bounds,
+        options={"xatol": 1e-7, "fatol": 1e-11, "maxiter": 4000},
     )
     if polish.fun <= best.fun:
         best = polish
@@ -307,13 +322,67 @@ def _fit(loglik, cls, x, t_x, age, start: np.ndarray) -> tuple:
 def fit_bgnbd(x, t_x, age, start: BgNbdParams | None = None) -> BgNbdParams:
     """Maximum-likelihood BG/NBD parameters for a population's (x, t_x, T)."""
     start = start or BgNbdParams(1.0, float(np.mean(age)) or 1.0, 1.0, 1.0)
-    return _fit(bgnbd_log_likelihood, BgNbdParams, x, t_x, age, np.array(astuple(start)))[0]
+    args = (x, t_x, age, np.array(astuple(start)), (1,))
+    return _fit(bgnbd_log_likelihood, BgNbdParams, *args)[0]
 
 
 def fit_pareto_nbd(x, t_x, age, start: ParetoNbdParams | None = None) -> ParetoNbdParams:
     """Maximum-likelihood Pareto/NBD parameters for a population's (x, t_x, T)."""
     scale = float(np.mean(age)) or 1.0
     start = start or ParetoNbdParams(1.0, scale, 1.0, scale)
-    return _fit(pareto_nbd_log_likelihood, ParetoNbdParams, x, t_x, age, np.array(astuple(start)))[
-        0
-    ]
+    args = (x, t_x, age, np.array(astuple(start)), (1, 3))
+    return _fit(pareto_nbd_log_likelihood, ParetoNbdParams, *args)[0]
+
+
+# ---- per-cutoff features --------------------------------------------------------------------
+
+BTYD_FEATURES = (
+    "bgnbd_p_alive",
+    "bgnbd_p_no_purchase",
+    "bgnbd_expected_purchases",
+    "pareto_nbd_p_alive",
+    "pareto_nbd_p_no_purchase",
+    "pareto_nbd_expected_purchases",
+    "purchase_days_per_30d_tenure",  # (x + 1) per 30 days since the first purchase day
+    "recency_over_tenure",  # t_x / T: 1 = bought lately relative to how long they have been here
+)
+
+
+def btyd_features(
+    purchases: pd.DataFrame,
+    cutoffs: list[pd.Timestamp],
+    window_days: int,
+    *,
+    customer_col: str = "customer_id",
+    ts_col: str = "ts",
+) -> pd.DataFrame:
+    """BG/NBD and Pareto/NBD quantities per customer at each cutoff, plus tenure ratios.
+
+    At each cutoff t both models are fitted afresh on every customer's purchase days up to t
+    (unsupervised: no label is read), in days, and predict for the window (t, t + w]. So a
+    row at t depends on purchases at or before t only, as every feature must.
+    Returns customer_id, cutoff_time and `BTYD_FEATURES`, for customers with a purchase by t.
+    """
+    frames = []
+    for cutoff in cutoffs:
+        summary = summarise_purchases(purchases, cutoff, customer_col=customer_col, ts_col=ts_col)
+        if summary.empty:
+            continue
+        x, t_x, age = (summary[c].to_numpy(float) for c in (FREQUENCY, RECENCY, AGE))
+        bg = fit_bgnbd(x, t_x, age)
+        pn = fit_pareto_nbd(x, t_x, age)
+        out = pd.DataFrame({customer_col: summary.index, "cutoff_time": pd.Timestamp(cutoff)})
+        for prefix, pred in (
+            ("bgnbd", bgnbd_predict(bg, x, t_x, age, float(window_days))),
+            ("pareto_nbd", pareto_nbd_predict(pn, x, t_x, age, float(window_days))),
+        ):
+            for col in pred.columns:
+                out[f"{prefix}_{col}"] = pred[col].to_numpy()
+        tenure = np.maximum(age, 1.0)  # a first purchase on the cutoff's day: one day's tenure
+        out["purchase_days_per_30d_tenure"] = (x + 1) * 30.0 / tenure
+        out["recency_over_tenure"] = t_x / tenure
+        log.info("BTYD at %s: %d customers, BG/NBD %s, Pareto/NBD %s", cutoff, len(out), bg, pn)
+        frames.append(out[[customer_col, "cutoff_time", *BTYD_FEATURES]])
+    if not frames:
+        return pd.DataFrame(columns=[customer_col, "cutoff_time", *BTYD_FEATURES])
+    return pd.concat(frames, ignore_index=True)
