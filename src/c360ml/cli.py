@@ -106,10 +106,6 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
     from c360ml.medallion import build, erasure
     from c360ml.storage import lease
 
-    if isinstance(settings.lake, str) and args.layer == "measures":
-        raise ValueError(_local_only(settings, "`c360ml build measures`"))
-    if isinstance(settings.lake, str) and settings.engine == "spark":
-        raise ValueError(_local_only(settings, "the Spark engine (`--engine spark`)"))
     if args.layer == "measures":
         return cmd_measures(args, settings)
     steps: dict[str, Callable] = {
@@ -125,8 +121,8 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         lease.exclusive(settings.lake, f"build {args.layer}", settings.lease_wait_seconds),
         progress.track(f"build {args.layer}", len(order)) as advance,
     ):
-        # An erasure runs in a refresh, which a lake on object storage does not run yet:
-        # no job can be pending there.
+        # The erasure module keeps its job file on local disk so far: on a lake on object
+        # storage no erasure job can have been left (see `c360ml.refresh.run_refresh`).
         if not isinstance(settings.lake, str) and erasure.finish_pending(settings) is not None:
             print("finished the erasure a stopped refresh left")
         for step in order:
@@ -260,7 +256,9 @@ def cmd_segments(args: argparse.Namespace, settings: Settings) -> None:
         consent_excluded=result.moves["segment"].map(result.consent_excluded)
     ).to_dict("records")
     _print_rows(f"segments as of {result.as_of}", rows)
-    console.print(f"journey exports: {Path(next(iter(result.exports.values()))).parent}")
+    from c360ml.storage.lake import Lake
+
+    console.print(f"journey exports: {Lake(settings.lake).uri('export', 'journeys')}")
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> None:
@@ -467,17 +465,27 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
     return path
 
 
-# the commands that run on a lake on object storage (the others: a local folder only so far)
-ON_OBJECT_STORAGE = (cmd_ingest, cmd_build, cmd_describe)
+# the commands that need a local lake folder so far (the others run on object storage too)
+LOCAL_ONLY = (cmd_generate,)
+ON_ENGINE = (cmd_build, cmd_train, cmd_retrain, cmd_refresh)  # what the engine setting runs
 
 
 def _local_only(settings: Settings, command: str) -> str:
     return (
         f"lake_root {settings.lake}: a lake on object storage is read and written by "
         f"c360ml's storage layer, but {command} runs on a local folder only so far "
-        "(`c360ml ingest`, `c360ml build silver|unify|gold|all` on DuckDB and "
-        "`c360ml describe` run on it)"
+        "(every other command runs on it with the DuckDB engine)"
     )
+
+
+def _refuse_on_object_storage(args: argparse.Namespace, settings: Settings) -> None:
+    """One line, before any storage is contacted, for what needs a local lake folder."""
+    if not isinstance(settings.lake, str):
+        return
+    if args.func in LOCAL_ONLY:
+        raise ValueError(_local_only(settings, f"`c360ml {args.command}`"))
+    if settings.engine == "spark" and args.func in ON_ENGINE:
+        raise ValueError(_local_only(settings, "the Spark engine (`--engine spark`)"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,8 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if getattr(args, "engine", None):
             settings = settings.model_copy(update={"engine": args.engine})
-        if isinstance(settings.lake, str) and args.func not in ON_OBJECT_STORAGE:
-            raise ValueError(_local_only(settings, f"`c360ml {args.command}`"))
+        _refuse_on_object_storage(args, settings)
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
         # What packages print to stderr themselves (MLflow's registration notes, say) goes

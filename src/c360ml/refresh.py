@@ -16,13 +16,11 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial, wraps
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,6 +56,7 @@ log = logging.getLogger(__name__)
 
 AS_OF = "as_of"
 SCORED, INACTIVE, INSUFFICIENT = "scored", "inactive", "insufficient_history"
+MANIFEST = "c360ml.manifest.cdm.json"  # the CI-D export's CDM manifest
 CDM_FORMATS = {
     "string": "String",
     "double": "Double",
@@ -424,7 +423,7 @@ def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
 
 def export_cid_snapshot(
     settings: Settings, scores: pd.DataFrame, bundle: scoring.ModelBundle
-) -> Path:
+) -> str:
     """The latest snapshot for CI-D: plain parquet + a CDM manifest naming only its files.
 
     Beside the scores, a feature glossary (the model's features with their readable labels,
@@ -433,10 +432,12 @@ def export_cid_snapshot(
 
     A new snapshot folder is written first, then the manifest is swapped atomically to
     point at it, then older snapshot folders are removed: a reader following the
-    manifest never sees the history table or a half-written snapshot.
+    manifest never sees the history table or a half-written snapshot. The files go
+    through the lake's store: a local folder, or the container CI-D attaches as a CDM
+    folder. Returns the manifest's path (local) or URI.
     """
     lake = Lake(settings.lake)
-    root = lake.path("export", "ci-d")
+    root = ("export", "ci-d")
     stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
     contacts = lake.read_pandas("gold", "customer_source_map")
     contacts = contacts[contacts["source"] == "dataverse"].rename(
@@ -455,13 +456,14 @@ def export_cid_snapshot(
     }
     declared = []
     for entity, (folder, frame) in entities.items():
-        target = root / folder / f"snapshot={stamp}"
-        target.mkdir(parents=True, exist_ok=True)
         frame = frame.assign(ContractVersion=scoring.CONTRACT_VERSION)
         table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-        pq.write_table(table, target / "part-00000.parquet")
-        (root / f"{entity}.cdm.json").write_text(
-            json.dumps(_entity_doc(entity, table.schema), indent=1)
+        part = lake.key(*root, folder, f"snapshot={stamp}", "part-00000.parquet")
+        with lake.store.open_output(part) as out:
+            pq.write_table(table, out)
+        lake.store.write_text(
+            lake.key(*root, f"{entity}.cdm.json"),
+            json.dumps(_entity_doc(entity, table.schema), indent=1),
         )
         declared.append(
             {
@@ -486,15 +488,14 @@ def export_cid_snapshot(
         f"c360ml (hand-back contract {scoring.CONTRACT_VERSION})",
         "entities": declared,
     }
-    path = root / "c360ml.manifest.cdm.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(path)
-    for _, (folder, _) in entities.items():
-        for old in (root / folder).glob("snapshot=*"):
-            if old.name != f"snapshot={stamp}":
-                shutil.rmtree(old)
-    return path
+    # One atomic replace on either store (a local file staged and renamed; one put).
+    lake.store.write_text(lake.key(*root, MANIFEST), json.dumps(manifest, indent=1))
+    for folder, _ in entities.values():
+        for old in lake.store.folders(lake.key(*root, folder)):
+            name = old.rsplit("/", 1)[-1]
+            if name.startswith("snapshot=") and name != f"snapshot={stamp}":
+                lake.delete_folder(*old.split("/"))
+    return lake.uri(*root, MANIFEST)
 
 
 def _entity_doc(entity: str, schema: pa.Schema) -> dict:
@@ -755,7 +756,9 @@ def run_refresh(
 
     lake = Lake(settings.lake)
     previous_map = last_scored_map(lake)
-    resumed = erasure.finish_pending(settings)
+    # The erasure module keeps its job file on local disk so far (`lake.path`): on a lake
+    # on object storage no erasure job can have been left, so none is looked for there.
+    resumed = None if lake.remote else erasure.finish_pending(settings)
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.items))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)
@@ -773,10 +776,10 @@ def run_refresh(
     latest = scores.drop(columns=["ScoredAt"])
     manifest = export_cid_snapshot(settings, latest, bundle)
     summary.items.append(
-        StepResult("CI-D export", len(latest), str(manifest.name), time.perf_counter() - started)
+        StepResult("CI-D export", len(latest), MANIFEST, time.perf_counter() - started)
     )
-    summary.outputs["scores"] = str(lake.path("gold", "churn_scores"))
-    summary.outputs["ci-d manifest"] = str(manifest)
+    summary.outputs["scores"] = lake.uri("gold", "churn_scores")
+    summary.outputs["ci-d manifest"] = manifest
     summary.items.append(record_outcomes(settings))
     summary.items.append(record_drift(settings, as_of, bundle, version, scored))
     summary.items.append(vacuum(lake, settings.retention_hours))

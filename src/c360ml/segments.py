@@ -239,16 +239,15 @@ def run_segments(
     )
     contacts = _contacts(lake)
     exports, excluded = {}, {}
-    folder = lake.path("export", "journeys")
-    folder.mkdir(parents=True, exist_ok=True)
     for seg in spec.segments:
         targeted = (members["segment"] == seg.name) & ~members["control"]
         export, excluded[seg.name] = journey_export(
             members.loc[targeted, ["customer_id"]], contacts
         )
-        path = folder / f"{seg.name}.csv"
-        export.to_csv(path, index=False)
-        exports[seg.name] = str(path)
+        # through the lake's store: a local folder, or the container CI-Journeys reads
+        where = ("export", "journeys", f"{seg.name}.csv")
+        lake.store.write_text(lake.key(*where), export.to_csv(index=False))
+        exports[seg.name] = lake.uri(*where)
     return SegmentsResult(as_of, movements(members, previous, redirects), exports, excluded)
 
 

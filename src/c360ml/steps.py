@@ -64,19 +64,9 @@ def replace_as_of(
         return False
     arrow = pa.Table.from_pandas(frame, preserve_index=False)
     meta = stamp({**inputs, "as_of": str(as_of)})
-    if not lake.exists("gold", table):
-        lake.write(arrow, "gold", table, mode="overwrite", metadata=meta)
-        return True
-    from deltalake import CommitProperties, write_deltalake
-
-    write_deltalake(
-        str(lake.path("gold", table)),
-        arrow,
-        mode="overwrite",
-        schema_mode="merge",
-        predicate=f"{column} = '{as_of.isoformat()}'",
-        commit_properties=CommitProperties(custom_metadata=meta),
-    )
+    # The first write creates the table; a later one replaces this as_of's rows only.
+    predicate = f"{column} = '{as_of.isoformat()}'" if lake.exists("gold", table) else None
+    lake.write(arrow, "gold", table, mode="overwrite", metadata=meta, predicate=predicate)
     return True
 
 
@@ -96,5 +86,5 @@ def latest_event_time(lake: Lake) -> pd.Timestamp:
     ]
     times = [t for t in times if t is not None]
     if not times:
-        raise ValueError(f"no orders or support cases in {lake.path('gold')}: nothing to refresh")
+        raise ValueError(f"no orders or support cases in {lake.uri('gold')}: nothing to refresh")
     return pd.Timestamp(max(times)).tz_convert("UTC")

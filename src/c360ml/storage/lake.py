@@ -407,6 +407,7 @@ class Lake:
         partition_by: list[str] | None = None,
         metadata: dict[str, str] | None = None,
         add_columns: bool = False,
+        predicate: str | None = None,
     ) -> int:
         """One atomic commit; returns the new table version.
 
@@ -415,7 +416,9 @@ class Lake:
         `add_columns` an append may bring columns the table lacks (null in its older rows)
         and lack some it has (null in the new rows); the caller checks that the columns
         both have keep their type (delta-rs would cast, e.g. "12" to 12). Without it a
-        schema that differs is an error: in silver and gold it would be a defect.
+        schema that differs is an error: in silver and gold it would be a defect. With
+        `predicate` (a SQL condition; mode "overwrite") only the rows matching it are
+        replaced, the others kept, the schemas merged (one as_of of a job's output).
         """
         table = (
             pa.Table.from_pandas(data, preserve_index=False)
@@ -426,6 +429,10 @@ class Lake:
         if not where.remote:
             Path(where.uri).parent.mkdir(parents=True, exist_ok=True)
         schema_mode = "overwrite" if mode == "overwrite" else "merge" if add_columns else None
+        if predicate is not None:
+            if mode != "overwrite":
+                raise ValueError(f"{where.uri}: rows replaced by a predicate need mode overwrite")
+            schema_mode = "merge"
         with where.errors():
             write_deltalake(
                 where.uri,
@@ -433,6 +440,7 @@ class Lake:
                 mode=mode,
                 partition_by=partition_by,
                 schema_mode=schema_mode,
+                predicate=predicate,
                 commit_properties=_commit(metadata),
                 writer_properties=WriterProperties(max_row_group_size=ROW_GROUP),
                 storage_options=where.options,

@@ -129,6 +129,12 @@ class LakeStore:
         fs, _ = self.filesystem()
         return fs.open_input_file(self.arrow_path(key))
 
+    def open_output(self, key: str) -> pa.NativeFile:
+        """A writable pyarrow stream of a new object, replacing any (a Parquet or CSV
+        writer writes into it as it goes, not into a copy held whole). Close it after use."""
+        fs, _ = self.filesystem()
+        return fs.open_output_stream(self.arrow_path(key))
+
 
 class LocalStore(LakeStore):
     """The embedded default: files under a local folder, written as c360ml always did."""
@@ -201,6 +207,11 @@ class LocalStore(LakeStore):
             for p in sorted(base.rglob("*"))
             if p.is_file()
         }
+
+    def open_output(self, key: str) -> pa.NativeFile:
+        """The file, its folder created first (as a local writer always did)."""
+        self._file(key).parent.mkdir(parents=True, exist_ok=True)
+        return super().open_output(key)
 
     def open_stream(self, key: str, size: int | None = None) -> BinaryIO:
         """Arrow's own file stream: its CSV reader reads it without the GIL, as fast as a
