@@ -43,6 +43,8 @@ def settings_for(size: int):
     return Settings(
         # a comparison's child runs another copy of the code: its SQL and specs (bench_compare)
         root=Path(os.environ.get("BENCH_ROOT", ROOT)),
+        # other match rules than the project's (benchmarks/unify_common.yaml)
+        unify_rules=Path(os.environ.get("BENCH_UNIFY_RULES", "pipelines/unify.yaml")),
         lake_root=size_dir(size) / "lake",
         truth_root=size_dir(size) / "truth",
         mlflow_dir=size_dir(size) / "mlflow",
@@ -242,6 +244,18 @@ def stage_unify(size: int) -> dict:
                 "skipped_blocks": pairs.skipped_blocks,
             }
         )
+        if pairs.common is not None:  # a rule with `common`: its pairs by value frequency
+            known = (truth[pairs.left] >= 0) & (truth[pairs.right] >= 0)
+            right = truth[pairs.left] == truth[pairs.right]
+            per_rule[-1]["by_value_frequency"] = {
+                band: {
+                    "pairs": int(mask.sum()),
+                    "pair_precision": round(float(right[mask & known].mean()), 4)
+                    if (mask & known).any()
+                    else None,
+                }
+                for band, mask in (("common", pairs.common), ("rare", ~pairs.common))
+            }
     sizes = np.bincount(np.bincount(source_map["customer_id"].factorize()[0]))
     return {
         "unify_s": seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from itertools import combinations
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 from rapidfuzz import fuzz
 
 from c360ml.medallion.unify import (
+    CommonValues,
     assign_ids,
     cluster,
+    common_flags,
     load_rules,
     match_rule,
     merge_profiles,
@@ -22,9 +25,10 @@ from c360ml.medallion.unify import (
     prepare_records,
     unify_all,
     unify_changes,
+    value_frequencies,
 )
 
-RULES = load_rules(__import__("pathlib").Path(__file__).parents[1] / "pipelines" / "unify.yaml")
+RULES = load_rules(Path(__file__).parents[1] / "pipelines" / "unify.yaml")
 BY_NAME = {r.name: r for r in RULES.rules}
 
 
@@ -397,14 +401,78 @@ def _records_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
-def test_unifying_the_changes_equals_unifying_everything():
+def with_common(rules, max_expected=0.25, require_any=("email", "phone", "street")):
+    """`rules` with a `common` test on the name rule (full name frequency per postal code)."""
+    spec = CommonValues(max_expected=max_expected, require_any=list(require_any))
+    changed = [
+        r.model_copy(update={"common": spec}) if r.name == "name_postal_code" else r
+        for r in rules.rules
+    ]
+    return rules.model_copy(update={"rules": changed})
+
+
+def test_common_name_needs_more_evidence_a_rare_one_does_not():
+    """Two people named James Smith in one postal code, one with an e-mail, the other a
+    phone (no veto: neither field is on both), are not merged once the name is common in
+    the data; Zebulon Quackenbush with two e-mails (one differing field) still is."""
+    background = [
+        rec(f"S{i}", first="James", last="Smith", postal=f"7700{i % 4}", email=f"js{i}@x.com")
+        for i in range(40)
+    ]
+    background += [
+        rec(f"N{i}", first=f"Name{i}", last=f"Family{i}", postal=f"7700{i % 4}") for i in range(400)
+    ]
+    people = [
+        rec("A", first="James", last="Smith", postal="77009", email="james@x.com"),
+        rec("B", first="James", last="Smith", postal="77009", phone="+12125550147"),
+        rec("C", first="Zebulon", last="Quackenbush", postal="77009", email="zq@x.com"),
+        rec("D", first="Zebulon", last="Quackenbush", postal="77009", email="zeb.q@y.com"),
+    ]
+    # James Smith is 40 of 444 records, and 77009 holds 4: ~0.36 expected by chance there.
+    rows = background + people
+    for rules, merged in ((RULES, True), (with_common(RULES), False)):
+        records = prepare_records(pd.DataFrame(rows))
+        pairs = [
+            match_rule(records, r, rules.junk_max_records, rules.max_block_size)
+            for r in rules.rules
+        ]
+        labels = cluster(len(records), pairs)
+        assert bool(same(records, labels, "A", "B")) is merged
+        assert same(records, labels, "C", "D")  # a rare name: the name and postal code do
+    # Every link the name rule kept is on a rare name (the background's James Smiths,
+    # with their own e-mails and no phone, are not linked either).
+    common = pairs[-1].common
+    assert common is not None and len(common) > 0 and not common.any()
+    flags = dict(zip(records.source_key, common_flags(records, rules.rules[-1].common,
+        value_frequencies(records, ["full_name", "postal_code"])), strict=True))  # fmt: skip
+    assert flags["A"] and flags["B"] and not flags["C"] and not flags["D"]
+
+
+def test_common_needs_a_fuzzy_rule(tmp_path):
+    path = tmp_path / "unify.yaml"
+    text = (Path(__file__).parents[1] / "pipelines" / "unify.yaml").read_text()
+    path.write_text(
+        text.replace(
+            "    exact: [email]\n",
+            "    exact: [email]\n    common: {max_expected: 0.1, require_any: [phone]}\n",
+        )
+    )
+    with pytest.raises(ValueError, match="rule email: common needs a fuzzy rule"):
+        load_rules(path)
+
+
+@pytest.mark.parametrize("common", [False, True], ids=["rules", "common-name rule"])
+def test_unifying_the_changes_equals_unifying_everything(common):
     """unify_changes (the clusters changes can reach) gives the map, profiles, ids,
     redirects, state and report a whole unify gives, also where an e-mail becomes junk
     or stops being junk, a fuzzy block falls under the size limit, records are removed,
-    added, moved to another block and renamed, and clusters merge and split."""
+    added, moved to another block and renamed, and clusters merge and split; with a
+    `common` test, both decide with the frequencies the first build counted."""
     rng = np.random.default_rng(5)
     firsts, lasts = ["Ann", "Anne", "Bob", "Rob", "Cy", "Dee"], ["Lee", "Leigh", "Ray", "Roy"]
     rules = RULES.model_copy(update={"max_block_size": 11})
+    if common:  # most names common in their postal code: a name link needs a field too
+        rules = with_common(rules, max_expected=0.05, require_any=("email", "phone"))
     today = pd.Timestamp("2026-12-01", tz="UTC")
 
     def person(i, **extra):
@@ -435,6 +503,12 @@ def test_unifying_the_changes_equals_unifying_everything():
     rows += [person(3070 + i, email=rows[-1 - i]["email"]) for i in range(2)]
     # A namesake without a phone (no veto), whom only the name links to a new record.
     rows += [person(3080, postal_code="77777", first_name="Anne", last_name="Lee", phone=None)]
+    if common:  # a common name whose records share a phone: a link on a common name
+        rows += [person(3090 + i, postal_code="4444", first_name="Bob", last_name="Ray",
+                        phone="+15550000001") for i in range(2)]  # fmt: skip
+        # and a rare name: the name and postal code link without another field
+        rows += [person(3092 + i, postal_code="3333", first_name="Quill", last_name="Zorn",
+                        phone=None) for i in range(2)]  # fmt: skip
     before = unify_all(_records_table(rows), rules, None, today)
 
     after = rows[60:]  # 60 removed
@@ -453,12 +527,14 @@ def test_unifying_the_changes_equals_unifying_everything():
     for i in picked[40:]:
         after[i] = {**after[i], "email": after[rng.integers(len(after))]["email"]}  # links
     table = _records_table(after)
-    expected = unify_all(table, rules, pa.Table.from_pandas(before.source_map), today)
+    kept = before.frequencies
+    assert (kept is not None) is common
+    expected = unify_all(table, rules, pa.Table.from_pandas(before.source_map), today, kept)
 
     con = duckdb.connect()
     con.register("before_", pa.Table.from_pandas(before.state))
     con.register("map_", pa.Table.from_pandas(before.source_map))
-    changes = unify_changes(con, table, rules, today)
+    changes = unify_changes(con, table, rules, today, kept)
     assert changes is not None and len(changes.source_map) < len(after) / 2
 
     def patched(old, new, key):
@@ -495,4 +571,74 @@ def test_unifying_the_changes_equals_unifying_everything():
     assert not before.report["note"].equals(expected.report["note"])
     assert len(expected.redirects) > 0
     ids = expected.source_map.set_index("source_key")["customer_id"]
-    assert ids["R3080"] == ids["R4200"]
+    if common:  # both links and refusals on common names are in play
+        flags = expected.state["is_common_name_postal_code"]
+        assert flags.any() and not flags.all()
+        bands = expected.report[expected.report.section == "rule by value frequency"]
+        assert (bands["count"] > 0).all() and len(bands) == 2
+    else:
+        assert ids["R3080"] == ids["R4200"]
+
+
+@pytest.mark.slow
+def test_an_incremental_build_decides_with_the_frequencies_it_started_from(tmp_path):
+    """build_unify with a `common` test: the first build counts the value frequencies and
+    keeps them; an incremental build reads them (the table is not rewritten) and its
+    customers are those of a whole unify of the same records with those frequencies."""
+    import shutil
+
+    from c360ml.medallion.build import build_silver, build_unify
+    from c360ml.medallion.ingest import ingest_landing
+    from c360ml.medallion.unify import FREQUENCIES, STATE
+    from c360ml.storage.lake import Lake
+    from c360ml.synth import generate_increment, generate_lake
+    from tests.conftest import make_settings
+
+    rules = tmp_path / "unify.yaml"
+    text = (Path(__file__).parents[1] / "pipelines" / "unify.yaml").read_text()
+    on = text.replace("# common: {", "common: {").replace("#          require_any", " require_any")
+    assert on != text
+    rules.write_text(on)
+    settings = make_settings(tmp_path).model_copy(update={"unify_rules": rules})
+    generate_lake(settings, customers=400, seed=3)
+    for step in (ingest_landing, build_silver, build_unify):
+        step(settings)
+    lake = Lake(settings.lake)
+    counted = lake.delta(*FREQUENCIES).version()
+    generate_increment(settings)
+    for step in (ingest_landing, build_silver):
+        step(settings)
+    summary = build_unify(settings)
+    assert 0 < summary.unified < summary.records  # only the changes' clusters again
+    assert lake.delta(*FREQUENCIES).version() == counted
+    bands = summary.report[summary.report.section == "rule by value frequency"]
+    assert set(bands.scope) == {"common value", "rare value"} and bands["count"].sum() > 0
+
+    whole = settings.model_copy(update={"lake_root": tmp_path / "whole"})
+    shutil.copytree(settings.lake, whole.lake)
+    shutil.rmtree(whole.lake.joinpath(*STATE))
+    build_unify(whole)  # no state: a whole unify, with the kept frequencies
+
+    def customers(s):
+        m = Lake(s.lake).read_pandas("gold", "customer_source_map")
+        keys = m.source + "/" + m.source_key
+        return {frozenset(g) for g in keys.groupby(m.customer_id).agg(set)}
+
+    assert customers(whole) == customers(settings)
+    assert Lake(whole.lake).delta(*FREQUENCIES).version() == counted
+
+
+def test_the_spark_engine_refuses_a_common_test_in_one_line(tmp_path):
+    pytest.importorskip("pyspark")
+    from c360ml.spark.gold import SparkBuildError
+    from c360ml.spark.unify import build_unify as build_on_spark
+    from tests.conftest import make_settings
+
+    rules = tmp_path / "unify.yaml"
+    text = (Path(__file__).parents[1] / "pipelines" / "unify.yaml").read_text()
+    rules.write_text(
+        text.replace("# common: {", "common: {").replace("#          require_any", " require_any")
+    )
+    settings = make_settings(tmp_path).model_copy(update={"unify_rules": rules})
+    with pytest.raises(SparkBuildError, match="rule name_postal_code has common .* not on Spark"):
+        build_on_spark(settings, spark=None)

@@ -40,7 +40,16 @@ from c360ml.storage.lease import writes_lake
 
 log = logging.getLogger(__name__)
 
-MATCH_FIELDS = ("email", "phone", "last_name", "full_name", "postal_code", "last_initial")
+MATCH_FIELDS = (
+    "email",
+    "phone",
+    "last_name",
+    "full_name",
+    "postal_code",
+    "last_initial",
+    "street",
+)
+RECORDS_TOTAL = "_records"  # the row of a frequency table that counts all records
 
 
 # ---------------------------------------------------------------- typed rules
@@ -56,6 +65,23 @@ class FuzzySpec(_Strict):
     threshold: float  # 0-100; pairs scoring at least this match
 
 
+class CommonValues(_Strict):
+    """Term-frequency evidence of a fuzzy rule: a match on a common value (a frequent name)
+    is weaker evidence than one on a rare value, so it needs more agreeing fields.
+
+    A record's value is common where the records sharing its `per` value (its postal
+    code) are expected to hold more than `max_expected` records with the value by chance:
+    share of `field`'s value among all records x records of the `per` value. A pair with
+    a common value at either end links only if one of `require_any` agrees too.
+    Frequencies are counted from the data by the build that has no state yet, and kept
+    (state/unify/frequencies) for later builds to decide the same way."""
+
+    field: Literal[MATCH_FIELDS] = "full_name"  # whose value's frequency is counted
+    per: Literal[MATCH_FIELDS] = "postal_code"  # the crowd the value may be common in
+    max_expected: float  # expected records with the value by chance, above it: common
+    require_any: list[Literal[MATCH_FIELDS]]  # present on both records and equal: one of
+
+
 class MatchRule(_Strict):
     name: str  # reported per rule
     exact: list[Literal[MATCH_FIELDS]]  # equal and non-empty on both records (the block)
@@ -63,6 +89,7 @@ class MatchRule(_Strict):
     # fuzzy rules only: a pair is vetoed when every one of these fields is present on both
     # records and differs (two namesakes in one postal code with their own e-mail and phone)
     veto_if_all_differ: list[Literal[MATCH_FIELDS]] = []
+    common: CommonValues | None = None  # fuzzy rules only: more evidence on common values
 
 
 class MergePolicy(_Strict):
@@ -80,7 +107,17 @@ class UnifyRules(_Strict):
 
 
 def load_rules(path: Path) -> UnifyRules:
-    return load_yaml_model(path, UnifyRules, "unify rules")
+    rules = load_yaml_model(path, UnifyRules, "unify rules")
+    for rule in rules.rules:
+        if rule.common is not None and rule.fuzzy is None:
+            raise ValueError(f"{path}: rule {rule.name}: common needs a fuzzy rule")
+    return rules
+
+
+def frequency_fields(rules: UnifyRules) -> list[str]:
+    """The fields whose value frequencies the rules' `common` tests read."""
+    specs = [r.common for r in rules.rules if r.common is not None]
+    return list(dict.fromkeys(f for c in specs for f in (c.field, c.per)))
 
 
 # ---------------------------------------------------------------- pure stages
@@ -133,6 +170,7 @@ def match_fields(out: pd.DataFrame) -> pd.DataFrame:
     postal = pc.replace_substring(pc.utf8_upper(_arrow(out["postal_code"])), " ", "")
     out["m_postal_code"] = _series(postal)
     out["m_last_initial"] = _series(pc.utf8_slice_codeunits(last, 0, 1))
+    out["m_street"] = _fold(out["street"])
     return out
 
 
@@ -154,6 +192,45 @@ def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
     return set(counts.field("values").filter(many).drop_null().to_pylist())
 
 
+FREQUENCY_SCHEMA = pa.schema([("field", pa.string()), ("value", pa.int64()), ("count", pa.int64())])
+
+
+def _value_hashes(values: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per value (pandas' fixed-key SipHash): the frequency state keeps
+    hashes, not names, so it holds no one's personal data."""
+    return pd.util.hash_array(np.asarray(values, dtype=object)).view(np.int64)
+
+
+def value_frequencies(records: pd.DataFrame, fields: list[str]) -> pa.Table:
+    """(field, value hash, count): how many records carry each value of each field, and
+    the number of records (field RECORDS_TOTAL): what `common_flags` reads."""
+    parts = [pa.table({"field": [RECORDS_TOTAL], "value": [0], "count": [len(records)]})]
+    for name in fields:
+        values = records[f"m_{name}"].dropna().to_numpy(dtype=object)
+        hashes, n = np.unique(_value_hashes(values), return_counts=True)
+        parts.append(pa.table({"field": [name] * len(hashes), "value": hashes, "count": n}))
+    return pa.concat_tables([t.cast(FREQUENCY_SCHEMA) for t in parts])
+
+
+def common_flags(records: pd.DataFrame, spec: CommonValues, freq: pa.Table) -> np.ndarray:
+    """Per record, whether its value of `spec.field` is common among the records of its
+    `spec.per` value (see `CommonValues`), by the frequencies `freq`: a value the table
+    does not hold (new since it was counted) counts as rare."""
+    frame = freq.to_pandas()
+    total = int(frame.loc[frame["field"] == RECORDS_TOTAL, "count"].sum())
+
+    def counts(name: str) -> np.ndarray:
+        table = frame[frame["field"] == name]
+        values = records[f"m_{name}"].to_numpy(dtype=object)
+        if table.empty:
+            return np.zeros(len(values), dtype=np.int64)
+        at = pd.Index(table["value"]).get_indexer(_value_hashes(values))
+        return np.where((at >= 0) & pd.notna(values), table["count"].to_numpy()[at], 0)
+
+    expected = counts(spec.field) / max(total, 1) * counts(spec.per)
+    return expected > spec.max_expected
+
+
 @dataclass
 class RulePairs:
     rule: str
@@ -161,6 +238,7 @@ class RulePairs:
     right: np.ndarray
     junk: dict[str, int] = field(default_factory=dict)  # field -> junk values excluded
     skipped_blocks: int = 0
+    common: np.ndarray | None = None  # rules with `common`: per pair, on a common value
 
 
 FUZZY_CHUNK_PAIRS = 2_000_000  # candidate pairs generated and scored at once
@@ -221,6 +299,24 @@ def fuzzy_values(rule: MatchRule, values: np.ndarray) -> FuzzyValues:
     return FuzzyValues(values, scorer, lengths)
 
 
+@dataclass(frozen=True)
+class CommonTest:
+    """A rule's `common` test per record: its flag, and codes of the `require_any` fields
+    (equal values equal codes, -1 missing)."""
+
+    flags: np.ndarray
+    require_codes: list[np.ndarray]
+
+    def passes(self, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each pair may link, whether it is on a common value)."""
+        common = self.flags[left] | self.flags[right]
+        agree = np.zeros(len(left), dtype=bool)
+        for codes in self.require_codes:
+            a, c = codes[left], codes[right]
+            agree |= (a >= 0) & (a == c)
+        return ~common | agree, common
+
+
 def fuzzy_matches(
     rule: MatchRule,
     scored: FuzzyValues,
@@ -228,6 +324,7 @@ def fuzzy_matches(
     left: np.ndarray,
     right: np.ndarray,
     workers: int = -1,
+    common: CommonTest | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The candidate pairs (left[k], right[k]) that match under a fuzzy rule: not vetoed
     (per veto field, a code per record: equal values equal codes, -1 missing) and
@@ -245,6 +342,9 @@ def fuzzy_matches(
             a, c = codes[left], codes[right]
             veto &= (a >= 0) & (c >= 0) & (a != c)
         left, right = left[~veto], right[~veto]
+    if common is not None:
+        may, _ = common.passes(left, right)
+        left, right = left[may], right[may]
     if scored.lengths is not None:
         a, c = scored.lengths[left], scored.lengths[right]
         near = 200 * np.minimum(a, c) >= rule.fuzzy.threshold * (a + c)
@@ -307,6 +407,7 @@ def match_rule(
     chunk_pairs: int = FUZZY_CHUNK_PAIRS,
     junk: dict[str, set[str]] | None = None,
     block_sizes: np.ndarray | None = None,
+    frequencies: pa.Table | None = None,
 ) -> RulePairs:
     """Candidate pairs of one rule, with blocking on its exact fields.
 
@@ -317,6 +418,8 @@ def match_rule(
     split) and only the matches are kept, so memory stays bounded whatever the size.
     On a subset of the records (see `unify_changes`), `junk` (the junk values per field)
     and `block_sizes` (per record, its block's size) give what all the records decide.
+    A rule with `common` reads the value counts `frequencies` (`value_frequencies`; of
+    these records when not given).
     """
     keys = [f"m_{f}" for f in rule.exact]
     usable = records[[*keys, "record"]].dropna(subset=keys)
@@ -353,6 +456,14 @@ def match_rule(
     multi = lengths > 1
     starts, lengths = starts[multi], lengths[multi]
     veto_codes = [_codes(records[f"m_{f}"]) for f in rule.veto_if_all_differ]
+    common = None
+    if rule.common is not None:
+        if frequencies is None:
+            frequencies = value_frequencies(records, [rule.common.field, rule.common.per])
+        common = CommonTest(
+            common_flags(records, rule.common, frequencies),
+            [_codes(records[f"m_{f}"]) for f in rule.common.require_any],
+        )
     scored = fuzzy_values(rule, values)
     cum = np.cumsum(lengths * (lengths - 1) // 2)
     lefts, rights = [], []
@@ -363,12 +474,14 @@ def match_rule(
         lpos, rpos = _pairs_in_runs(starts[b:e], lengths[b:e])
         left, right = ids[lpos], ids[rpos]
         del lpos, rpos
-        left, right = fuzzy_matches(rule, scored, veto_codes, left, right)
+        left, right = fuzzy_matches(rule, scored, veto_codes, left, right, common=common)
         lefts.append(left)
         rights.append(right)
         b = e
     if lefts:
         result.left, result.right = np.concatenate(lefts), np.concatenate(rights)
+    if common is not None:
+        result.common = common.passes(result.left, result.right)[1]
     return result
 
 
@@ -383,11 +496,15 @@ def match_rule(
 # next build compares the records with it and unifies again only the clusters the
 # changes can reach (`unify_changes`).
 STATE = ("state", "unify", "records")
+# The value frequencies the rules' `common` tests read (`value_frequencies`): counted by a
+# build without a state (first build, rules changed) and kept, so that every later build,
+# incremental or whole, decides with the same frequencies (and they stay equal).
+FREQUENCIES = ("state", "unify", "frequencies")
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
 # The Spark engine's state holds the records' keys only (its hashes are not DuckDB's):
 # current for a skip, never compared with by `unify_changes` (see `recorded_state`).
 KEYS_ONLY = ":keys"
-STATE_FORMAT = 4
+STATE_FORMAT = 5
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
@@ -396,17 +513,21 @@ def state_digest(rules: UnifyRules) -> str:
 
 
 def _state_fields(rules: UnifyRules) -> tuple[list[str], list[str]]:
-    """The fields the state keeps a hash of (junk and veto fields), and the text of
-    (fuzzy fields)."""
+    """The fields the state keeps a hash of (junk, veto and `common.require_any` fields),
+    and the text of (fuzzy fields)."""
     vetoed = [f for r in rules.rules for f in r.veto_if_all_differ]
+    vetoed += [f for r in rules.rules if r.common is not None for f in r.common.require_any]
     fuzzy = [r.fuzzy.field for r in rules.rules if r.fuzzy is not None]
     return list(dict.fromkeys([*rules.junk_fields, *vetoed])), list(dict.fromkeys(fuzzy))
 
 
-def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
+def record_state(
+    records: pd.DataFrame, rules: UnifyRules, frequencies: pa.Table | None = None
+) -> pd.DataFrame:
     """What the next build compares a record with: `record_hash` (the record as read),
     `block_<rule>` (its block key under each rule), `hash_<field>` (its value of each
-    junk or veto field) and `text_<field>` (of each fuzzy field)."""
+    junk or veto field), `text_<field>` (of each fuzzy field) and `is_common_<rule>` (of
+    rules with `common`: its value is common, by `frequencies`)."""
     hashed, texts = _state_fields(rules)
     keys = {f"block_{r.name}": [f"m_{f}" for f in r.exact] for r in rules.rules}
     keys |= {f"hash_{name}": [f"m_{name}"] for name in hashed}
@@ -432,6 +553,8 @@ def record_state(records: pd.DataFrame, rules: UnifyRules) -> pd.DataFrame:
         out[name] = hashes[name].to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
     for name in texts:
         out[f"text_{name}"] = records[f"m_{name}"].to_numpy()
+    for rule in (r for r in rules.rules if r.common is not None):
+        out[f"is_common_{rule.name}"] = common_flags(records, rule.common, frequencies)
     return out
 
 
@@ -442,7 +565,10 @@ def pair_counts(records: pd.DataFrame, pairs: list[RulePairs]) -> dict[str, np.n
     out = {}
     for p in pairs:
         same = source[p.left] == source[p.right]
-        for scope, mask in (("within", same), ("across", ~same)):
+        scopes = [("within", same), ("across", ~same)]
+        if p.common is not None:  # a rule with `common`: its links on a common value
+            scopes.append(("common", p.common))
+        for scope, mask in scopes:
             out[f"{scope}_{p.rule}"] = np.bincount(p.right[mask], minlength=len(records))
     return {k: v.astype(np.int32) for k, v in out.items()}
 
@@ -646,6 +772,7 @@ class RuleTotals:
     across: int
     junk: dict[str, int]  # field -> junk values not matched on
     skipped_blocks: int  # fuzzy blocks over max_block_size
+    common: int | None = None  # rules with `common`: pairs on a common value
 
 
 def report_frame(totals: list[RuleTotals], cluster_sizes: np.ndarray) -> pd.DataFrame:
@@ -660,6 +787,18 @@ def report_frame(totals: list[RuleTotals], cluster_sizes: np.ndarray) -> pd.Data
             rows.append(
                 {"section": "rule", "name": t.rule, "scope": scope, "count": count, "note": note}
             )
+        if t.common is not None:  # the rule's links by the frequency band of their value
+            rare = t.within + t.across - t.common
+            for band, count in (("common value", t.common), ("rare value", rare)):
+                rows.append(
+                    {
+                        "section": "rule by value frequency",
+                        "name": t.rule,
+                        "scope": band,
+                        "count": count,
+                        "note": "",
+                    }
+                )
     for size, n in enumerate(cluster_sizes):
         if n and size:
             rows.append(
@@ -683,6 +822,7 @@ class Unified:
     redirects: pd.DataFrame
     state: pd.DataFrame
     report: pd.DataFrame
+    frequencies: pa.Table | None = None  # the value counts the `common` tests read
     # Only some clusters unified again: the previous ids whose map and profile rows these
     # replace, and the (source, source_key) whose state rows. None: all records unified.
     retired: pa.Table | None = None
@@ -708,14 +848,21 @@ def _pairs(records: pd.DataFrame, rules: UnifyRules, **given) -> list[RulePairs]
 
 
 def unify_all(
-    table: pa.Table, rules: UnifyRules, previous: pa.Table | None, today: pd.Timestamp
+    table: pa.Table,
+    rules: UnifyRules,
+    previous: pa.Table | None,
+    today: pd.Timestamp,
+    frequencies: pa.Table | None = None,
 ) -> Unified:
-    """Match, cluster, give ids and merge every record (`read_records`)."""
+    """Match, cluster, give ids and merge every record (`read_records`); the `common`
+    tests read `frequencies` (the kept ones), counted from these records when None."""
     records = prepare_records(_frame(table))
-    pairs = _pairs(records, rules)
+    if frequencies is None and frequency_fields(rules):
+        frequencies = value_frequencies(records, frequency_fields(rules))
+    pairs = _pairs(records, rules, frequencies=frequencies)
     labels = cluster(len(records), pairs)
     ids, redirects = assign_ids(records, labels, previous, today)
-    state = record_state(records, rules).assign(**pair_counts(records, pairs))
+    state = record_state(records, rules, frequencies).assign(**pair_counts(records, pairs))
     totals = [
         RuleTotals(
             p.rule,
@@ -723,6 +870,7 @@ def unify_all(
             int(state[f"across_{p.rule}"].sum()),
             p.junk,
             p.skipped_blocks,
+            int(state[f"common_{p.rule}"].sum()) if p.common is not None else None,
         )
         for p in pairs
     ]
@@ -732,6 +880,7 @@ def unify_all(
         redirects=redirects,
         state=state,
         report=report_frame(totals, np.bincount(np.bincount(labels))),
+        frequencies=frequencies,
     )
 
 
@@ -744,6 +893,13 @@ def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: Unif
     block, text = f"block_{rule.name}", f"text_{rule.fuzzy.field}"
     guarded = [f for f in rule.exact if f in rules.junk_fields]
     differ = [f"f.hash_{v} <> c.hash_{v}" for v in rule.veto_if_all_differ]  # null: not
+    common = ""
+    if rule.common is not None:  # on a common value, one of require_any must agree
+        agree = " OR ".join(f"f.hash_{v} = c.hash_{v}" for v in rule.common.require_any)
+        common = (
+            f" AND (NOT (f.is_common_{rule.name} OR c.is_common_{rule.name})"
+            f" OR COALESCE({agree or 'FALSE'}, FALSE))"
+        )
     candidates = con.sql(
         f"""SELECT c.source, c.source_key, f.{text} AS l, c.{text} AS r
             FROM fresh_ f JOIN cur c USING ({block})
@@ -751,7 +907,7 @@ def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: Unif
               AND f.{text} IS NOT NULL AND c.{text} IS NOT NULL
               AND {block} IN (SELECT {block} FROM cur GROUP BY 1
                               HAVING COUNT(*) <= {rules.max_block_size})
-              {f" AND NOT COALESCE({' AND '.join(differ)}, FALSE)" if differ else ""}
+              {f" AND NOT COALESCE({' AND '.join(differ)}, FALSE)" if differ else ""}{common}
               {"".join(f" AND f.hash_{g} NOT IN (SELECT v FROM junk_is_{g})" for g in guarded)}"""
     ).to_arrow_table()
     hit = fuzzy_pair_mask(
@@ -761,7 +917,11 @@ def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: Unif
 
 
 def unify_changes(
-    con: duckdb.DuckDBPyConnection, table: pa.Table, rules: UnifyRules, today: pd.Timestamp
+    con: duckdb.DuckDBPyConnection,
+    table: pa.Table,
+    rules: UnifyRules,
+    today: pd.Timestamp,
+    frequencies: pa.Table | None = None,
 ) -> Unified | None:
     """Unify again only the clusters that the changes since the last build can reach;
     None when they hold more than REUNIFY_MAX of the records (`unify_all` is cheaper).
@@ -777,20 +937,28 @@ def unify_changes(
     previous cluster without seeds keeps its records and links, and no link leads out
     of it: one to a changed record would have made its end a seed. The chosen records
     are matched as a whole unify matches them, given the junk values and fuzzy block
-    sizes over all records, and keep their ids by `assign_ids`' rules.
+    sizes over all records, and keep their ids by `assign_ids`' rules. The `common` tests
+    read the kept `frequencies` (those of the build the state is from), so a record's
+    flag changes only with the record: a changed record is a seed.
     """
-    changed, junk_now = _seeds(con, table, rules)
+    changed, junk_now = _seeds(con, table, rules, frequencies)
     redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
     log.info("unify: %d records new or changed, %d unified again", changed, len(redo))
     if len(redo) > REUNIFY_MAX * len(table):
         return None
     records = prepare_records(_frame(table.take(redo)))
-    state = record_state(records, rules)
+    state = record_state(records, rules, frequencies)
     junk = {
         name: set(records[f"m_{name}"][state[f"hash_{name}"].isin(values)])
         for name, values in junk_now.items()
     }
-    pairs = _pairs(records, rules, junk=junk, block_sizes=_block_sizes(con, rules, state))
+    pairs = _pairs(
+        records,
+        rules,
+        junk=junk,
+        block_sizes=_block_sizes(con, rules, state),
+        frequencies=frequencies,
+    )
     labels = cluster(len(records), pairs)
     previous = con.sql("SELECT * FROM map_ SEMI JOIN retired USING (customer_id)").to_arrow_table()
 
@@ -808,13 +976,17 @@ def unify_changes(
         redirects=redirects,
         state=state,
         report=_changed_report(con, rules, state, junk_now, labels, keys),
+        frequencies=frequencies,
         retired=con.sql("SELECT customer_id FROM retired").to_arrow_table(),
         keys=con.sql(keys).to_arrow_table(),
     )
 
 
 def _seeds(
-    con: duckdb.DuckDBPyConnection, table: pa.Table, rules: UnifyRules
+    con: duckdb.DuckDBPyConnection,
+    table: pa.Table,
+    rules: UnifyRules,
+    frequencies: pa.Table | None,
 ) -> tuple[int, dict[str, np.ndarray]]:
     """`unify_changes`' temporary tables: `gone` (state rows of records changed or
     gone), `cur` (the state now), `seeds`, `retired` (their previous ids) and `redo`
@@ -830,7 +1002,7 @@ def _seeds(
         """SELECT n.i FROM now_ n LEFT JOIN before_ b USING (source, source_key)
            WHERE b.record_hash IS DISTINCT FROM n.record_hash"""
     ).fetchnumpy()["i"]
-    fresh = record_state(prepare_records(_frame(table.take(changed))), rules)
+    fresh = record_state(prepare_records(_frame(table.take(changed))), rules, frequencies)
     con.register("fresh_", pa.Table.from_pandas(fresh, preserve_index=False))
     fields, texts = _state_fields(rules)
     kept = ", ".join(
@@ -838,6 +1010,7 @@ def _seeds(
             *(f"block_{r.name}" for r in rules.rules),
             *(f"hash_{f}" for f in fields),
             *(f"text_{f}" for f in texts),
+            *(f"is_common_{r.name}" for r in rules.rules if r.common is not None),
         ]
     )
     con.execute(
@@ -928,6 +1101,7 @@ def _changed_report(
     junk values and oversized blocks over `cur`; the clusters not unified again and the
     new ones (`labels`)."""
     scopes = [f"{s}_{r.name}" for r in rules.rules for s in ("within", "across")]
+    scopes += [f"common_{r.name}" for r in rules.rules if r.common is not None]
     kept = con.sql(
         f"SELECT {', '.join(f'SUM({c})' for c in scopes)} FROM before_ ANTI JOIN ({keys}) k "
         "USING (source, source_key)"
@@ -952,6 +1126,7 @@ def _changed_report(
                 total[f"across_{rule.name}"],
                 junk_counts,
                 int(skipped),
+                total[f"common_{rule.name}"] if rule.common is not None else None,
             )
         )
     clean = con.sql(
@@ -1042,6 +1217,14 @@ def current_summary(lake: Lake, digest: str, inputs: dict, started: float) -> Un
     )
 
 
+def kept_frequencies(lake: Lake, digest: str) -> pa.Table | None:
+    """The value frequencies kept by a build with these rules (`FREQUENCIES`), if any."""
+    record = last_record(lake, FREQUENCIES)
+    if record is None or record[1].get(STATE_KEY) != digest:
+        return None
+    return lake.read(*FREQUENCIES)
+
+
 def mark_state_rewriting(lake: Lake) -> None:
     """An empty commit of the state recording no inputs, before the outputs are written:
     the state reads as stale until its rewrite commits (the last write of a unify), so a
@@ -1068,12 +1251,14 @@ def build_unify(settings: Settings) -> UnifySummary:
     recorded = recorded_state(lake, digest)
     table = read_records(lake, settings)
     today = pd.Timestamp.now(tz="UTC").floor("us")
+    kept = kept_frequencies(lake, digest) if frequency_fields(rules) else None
     unified = None
-    if recorded is not None and lake.exists("gold", "customer_source_map"):
+    comparable = kept is not None or not frequency_fields(rules)  # the state's frequencies
+    if recorded is not None and comparable and lake.exists("gold", "customer_source_map"):
         con = duckdb_connection()
         register(con, lake, "before_", *STATE)
         register(con, lake, "map_", "gold", "customer_source_map")
-        unified = unify_changes(con, table, rules, today)
+        unified = unify_changes(con, table, rules, today, kept)
         con.close()
     if unified is None:
         previous = (
@@ -1081,10 +1266,10 @@ def build_unify(settings: Settings) -> UnifySummary:
             if lake.exists("gold", "customer_source_map")
             else None
         )
-        unified = unify_all(table, rules, previous, today)
+        unified = unify_all(table, rules, previous, today, kept)
     records = len(table)
     del table
-    _write(lake, unified, stamp(inputs), digest)
+    _write(lake, unified, stamp(inputs), digest, new_frequencies=kept is None)
     return UnifySummary(
         unified.report,
         customers=lake.count("gold", "customer_profile"),
@@ -1095,7 +1280,13 @@ def build_unify(settings: Settings) -> UnifySummary:
     )
 
 
-def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> None:
+def _write(
+    lake: Lake,
+    unified: Unified,
+    meta: dict[str, str],
+    digest: str,
+    new_frequencies: bool = False,
+) -> None:
     """The map and profiles (replaced, or their retired ids' rows replaced), redirects
     appended, the report; the state last. Before any of it the state is marked as being
     rewritten (an empty commit), so a build stopped half way is followed by a whole
@@ -1123,10 +1314,12 @@ def _write(lake: Lake, unified: Unified, meta: dict[str, str], digest: str) -> N
         lake.write(CustomerIdRedirects.validate(unified.redirects), "gold", "customer_id_redirects")
     lake.write(unified.report, "gold", "unify_report", mode="overwrite")
     meta = {**meta, STATE_KEY: digest}
+    if new_frequencies and unified.frequencies is not None:  # before the state they go with
+        lake.write(unified.frequencies, *FREQUENCIES, mode="overwrite", metadata=meta)
     if unified.retired is None:
         lake.write(state, *STATE, mode="overwrite", metadata=meta)
     else:
         replace_rows(lake, STATE, unified.keys, state, meta)
     for parts in lake.tables(*STATE[:2]):
-        if parts != STATE[1:]:  # an older unify's per-rule state: no erasure purges it
+        if parts not in (STATE[1:], FREQUENCIES[1:]):  # an older unify's per-rule state
             lake.delete_folder("state", *parts)

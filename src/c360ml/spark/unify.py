@@ -599,6 +599,12 @@ def build_unify(
     started = time.perf_counter()
     lake = Lake(settings.lake)
     rules = load_rules(settings.path(settings.unify_rules))
+    with_common = [r.name for r in rules.rules if r.common is not None]
+    if with_common:  # term-frequency evidence is matched by the DuckDB engine only (yet)
+        raise SparkBuildError(
+            f"unify: rule {with_common[0]} has common (value frequencies): not on Spark yet, "
+            "build unify with --engine duckdb"
+        )
     digest = state_digest(rules)
     inputs = lake_versions(lake)
     inputs.pop("gold/customer_source_map", None)  # our own output
