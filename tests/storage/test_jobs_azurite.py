@@ -1,6 +1,7 @@
 """The jobs that score, run as a user runs them on an az:// lake in Azurite: `c360ml build
 measures`, `train`, `refresh` (scores, the CI-D export, the report), `serve` + `segments
-run` and `report`, each also on a local-disk lake of the same landing, with one MLflow store.
+run`, each also on a local-disk lake of the same landing (one MLflow store for both), then
+`retrain --if-needed` and `report` on the container.
 
 What each writes to the lake must equal the local run's, frame for frame after sorting:
 customer_measures, customer_features, churn_scores (less the wall-clock ScoredAt),
@@ -162,6 +163,10 @@ def test_measures_train_refresh_segments_on_an_az_lake_equal_a_local_lake(projec
     )
     _assert_same_export(lake, reference, "ci-d")
     assert not (home / "data" / "lake" / "az:").exists()
+    # the champion's health read back from the container's score_drift
+    quiet = remote | {"C360ML_WATCH__PSI_ALARM": "10"}
+    out = " ".join(_run(home, quiet, "retrain", "--if-needed").split())
+    assert "no retrain: no trigger fired (champion 0 days old; score PSI" in out, out
 
     port = free_port()
     server_log = home / "serve.log"
