@@ -411,10 +411,9 @@ def with_common(rules, max_expected=0.25, require_any=("email", "phone", "street
     return rules.model_copy(update={"rules": changed})
 
 
-def test_common_name_needs_more_evidence_a_rare_one_does_not():
-    """Two people named James Smith in one postal code, one with an e-mail, the other a
-    phone (no veto: neither field is on both), are not merged once the name is common in
-    the data; Zebulon Quackenbush with two e-mails (one differing field) still is."""
+def namesake_rows():
+    """40 James Smiths and 400 rare names in four postal codes; in a fifth, two James
+    Smiths (one e-mail, one phone, B the newer) and two Zebulon Quackenbush."""
     background = [
         rec(f"S{i}", first="James", last="Smith", postal=f"7700{i % 4}", email=f"js{i}@x.com")
         for i in range(40)
@@ -424,12 +423,26 @@ def test_common_name_needs_more_evidence_a_rare_one_does_not():
     ]
     people = [
         rec("A", first="James", last="Smith", postal="77009", email="james@x.com"),
-        rec("B", first="James", last="Smith", postal="77009", phone="+12125550147"),
+        rec(
+            "B",
+            first="James",
+            last="Smith",
+            postal="77009",
+            phone="+12125550147",
+            created="2021-01-01",
+        ),
         rec("C", first="Zebulon", last="Quackenbush", postal="77009", email="zq@x.com"),
         rec("D", first="Zebulon", last="Quackenbush", postal="77009", email="zeb.q@y.com"),
     ]
+    return background + people
+
+
+def test_common_name_needs_more_evidence_a_rare_one_does_not():
+    """Two people named James Smith in one postal code, one with an e-mail, the other a
+    phone (no veto: neither field is on both), are not merged once the name is common in
+    the data; Zebulon Quackenbush with two e-mails (one differing field) still is."""
     # James Smith is 40 of 444 records, and 77009 holds 4: ~0.36 expected by chance there.
-    rows = background + people
+    rows = namesake_rows()
     for rules, merged in ((RULES, True), (with_common(RULES), False)):
         records = prepare_records(pd.DataFrame(rows))
         pairs = [
@@ -446,6 +459,18 @@ def test_common_name_needs_more_evidence_a_rare_one_does_not():
     flags = dict(zip(records.source_key, common_flags(records, rules.rules[-1].common,
         value_frequencies(records, ["full_name", "postal_code"])), strict=True))  # fmt: skip
     assert flags["A"] and flags["B"] and not flags["C"] and not flags["D"]
+
+
+def test_a_common_name_links_when_the_street_agrees_however_spelled():
+    streets = {"A": "12 Main Street", "B": "12 MAIN ST."}
+    rows = [{**r, "street": streets.get(r["source_key"])} for r in namesake_rows()]
+    rules = with_common(RULES)
+    records = prepare_records(pd.DataFrame(rows))
+    pairs = [
+        match_rule(records, r, rules.junk_max_records, rules.max_block_size) for r in rules.rules
+    ]
+    labels = cluster(len(records), pairs)
+    assert same(records, labels, "A", "B") and pairs[-1].common.sum() == 1
 
 
 def test_common_needs_a_fuzzy_rule(tmp_path):
@@ -589,7 +614,7 @@ def test_an_incremental_build_decides_with_the_frequencies_it_started_from(tmp_p
 
     from c360ml.medallion.build import build_silver, build_unify
     from c360ml.medallion.ingest import ingest_landing
-    from c360ml.medallion.unify import FREQUENCIES, STATE
+    from c360ml.medallion.unify import FREQUENCIES, STATE, kept_frequencies, state_digest
     from c360ml.storage.lake import Lake
     from c360ml.synth import generate_increment, generate_lake
     from tests.conftest import make_settings
@@ -611,6 +636,14 @@ def test_an_incremental_build_decides_with_the_frequencies_it_started_from(tmp_p
     summary = build_unify(settings)
     assert 0 < summary.unified < summary.records  # only the changes' clusters again
     assert lake.delta(*FREQUENCIES).version() == counted
+    # past recount_frequencies_share more (or fewer) records, the kept ones are not used
+    loaded = load_rules(rules)
+    digest = state_digest(loaded)
+    total = lake.read_pandas(*FREQUENCIES).query("field == '_records'")["count"].item()
+    assert kept_frequencies(lake, loaded, digest, total) is not None
+    assert kept_frequencies(lake, loaded, digest, int(total * 1.19)) is not None
+    assert kept_frequencies(lake, loaded, digest, int(total * 1.21) + 1) is None
+    assert kept_frequencies(lake, loaded, digest, int(total * 0.79)) is None
     bands = summary.report[summary.report.section == "rule by value frequency"]
     assert set(bands.scope) == {"common value", "rare value"} and bands["count"].sum() > 0
 
@@ -626,6 +659,20 @@ def test_an_incremental_build_decides_with_the_frequencies_it_started_from(tmp_p
 
     assert customers(whole) == customers(settings)
     assert Lake(whole.lake).delta(*FREQUENCIES).version() == counted
+
+
+def test_turning_common_on_splits_namesakes_and_the_older_keeps_the_id():
+    """The first unify with the common-name test splits a cluster of two namesakes the
+    name rule had merged: the part holding the older record keeps the customer_id."""
+    today = pd.Timestamp("2026-12-01", tz="UTC")
+    table = _records_table(namesake_rows())
+    before = unify_all(table, RULES, None, today)
+    after = unify_all(table, with_common(RULES), pa.Table.from_pandas(before.source_map), today)
+    old, new = (u.source_map.set_index("source_key")["customer_id"] for u in (before, after))
+    assert old["A"] == old["B"] and new["A"] != new["B"]
+    assert new["A"] == old["A"] and new["B"] not in set(old)
+    assert new["C"] == new["D"] == old["C"]
+    assert after.frequencies is not None and before.frequencies is None
 
 
 def test_the_spark_engine_refuses_a_common_test_in_one_line(tmp_path):

@@ -102,6 +102,9 @@ class UnifyRules(_Strict):
     junk_fields: list[Literal[MATCH_FIELDS]] = ["email", "phone"]  # identifiers checked for junk
     junk_max_records: int = 4  # identifier values shared by more records are not matched on
     max_block_size: int = 200  # fuzzy rules skip larger blocks (reported)
+    # rules with `common`: when the records number more or fewer than the kept frequencies
+    # were counted on by over this share, they are counted again and all records unified
+    recount_frequencies_share: float = 0.2
     rules: list[MatchRule]  # applied in order
     merge: MergePolicy  # how a cluster's attributes become one profile
 
@@ -170,8 +173,30 @@ def match_fields(out: pd.DataFrame) -> pd.DataFrame:
     postal = pc.replace_substring(pc.utf8_upper(_arrow(out["postal_code"])), " ", "")
     out["m_postal_code"] = _series(postal)
     out["m_last_initial"] = _series(pc.utf8_slice_codeunits(last, 0, 1))
-    out["m_street"] = _fold(out["street"])
+    out["m_street"] = _street(out["street"])
     return out
+
+
+# USPS standard suffix and direction abbreviations (Publication 28): one spelling of each
+STREET_WORDS = {
+    "street": "st", "avenue": "ave", "road": "rd", "drive": "dr", "lane": "ln",
+    "boulevard": "blvd", "court": "ct", "place": "pl", "terrace": "ter", "circle": "cir",
+    "highway": "hwy", "parkway": "pkwy", "square": "sq", "apartment": "apt", "suite": "ste",
+    "north": "n", "south": "s", "east": "e", "west": "w",
+}  # fmt: skip
+
+
+def _street(text: pd.Series) -> pd.Series:
+    """Folded as names are, with the usual words abbreviated one way ('12 Main Street' and
+    '12 MAIN ST.' agree), over the distinct values."""
+    folded = _fold(text)
+    values = pa.array(folded.to_numpy(dtype=object), pa.string()).dictionary_encode()
+    words = values.dictionary
+    for word, short in STREET_WORDS.items():
+        words = pc.replace_substring_regex(words, rf"\b{word}\b", short)
+    distinct = np.append(words.to_numpy(zero_copy_only=False), None)
+    index = values.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return pd.Series(distinct[index], index=text.index, dtype=object)
 
 
 def _arrow(text: pd.Series) -> pa.Array:
@@ -1217,12 +1242,20 @@ def current_summary(lake: Lake, digest: str, inputs: dict, started: float) -> Un
     )
 
 
-def kept_frequencies(lake: Lake, digest: str) -> pa.Table | None:
-    """The value frequencies kept by a build with these rules (`FREQUENCIES`), if any."""
+def kept_frequencies(lake: Lake, rules: UnifyRules, digest: str, records: int) -> pa.Table | None:
+    """The value frequencies kept by a build with these rules (`FREQUENCIES`); None when
+    there are none, or when the records have grown or shrunk past the rules'
+    `recount_frequencies_share` since (the build then counts them again and unifies all
+    records: every decision may flip, and a whole unify is what an incremental one equals)."""
     record = last_record(lake, FREQUENCIES)
     if record is None or record[1].get(STATE_KEY) != digest:
         return None
-    return lake.read(*FREQUENCIES)
+    kept = lake.read(*FREQUENCIES)
+    counted = pc.sum(kept.filter(pc.equal(kept["field"], RECORDS_TOTAL))["count"]).as_py() or 0
+    if abs(records - counted) > rules.recount_frequencies_share * counted:
+        log.info("unify: %d records, frequencies counted on %d: counted again", records, counted)
+        return None
+    return kept
 
 
 def mark_state_rewriting(lake: Lake) -> None:
@@ -1251,7 +1284,7 @@ def build_unify(settings: Settings) -> UnifySummary:
     recorded = recorded_state(lake, digest)
     table = read_records(lake, settings)
     today = pd.Timestamp.now(tz="UTC").floor("us")
-    kept = kept_frequencies(lake, digest) if frequency_fields(rules) else None
+    kept = kept_frequencies(lake, rules, digest, len(table)) if frequency_fields(rules) else None
     unified = None
     comparable = kept is not None or not frequency_fields(rules)  # the state's frequencies
     if recorded is not None and comparable and lake.exists("gold", "customer_source_map"):
