@@ -208,6 +208,7 @@ SESSION_GOLD = {
     ),
 }
 CUSTOMERS, ORDERS, LINES, CASES = (SESSION_GOLD[k][0] for k in SESSION_GOLD)
+ORDER_IDS, CASE_IDS = "asof_order_ids", "asof_case_ids"  # a restricted session's
 
 
 def _and(terms: list[str]) -> str:
@@ -334,21 +335,29 @@ def session_statements(
         "orders": Orders.customer_id,
         "support_cases": SupportCases.customer_id,
     }
+    # The ids of the customers' orders and cases, stored once when restricted: the lines
+    # and histories are filtered by them (through the customer filter each time, a chunk's
+    # histories took several times as long).
+    ids = {
+        "orders": (ORDER_IDS, Orders.order_id),
+        "support_cases": (CASE_IDS, SupportCases.case_id),
+    }
     out = []
     for name, (relation, order) in SESSION_GOLD.items():
         sql = f"SELECT {', '.join(NEEDED[name])} FROM {GOLD_RELATIONS[name]}"
         if restricted and name == "order_lines":
-            sql += f" WHERE {OrderLines.order_id} IN (SELECT {Orders.order_id} FROM {ORDERS})"
+            sql += f" WHERE {OrderLines.order_id} IN (SELECT {Orders.order_id} FROM {ORDER_IDS})"
         elif restricted:
             sql += f" WHERE {_restricted(sample[name], SAMPLE)}"
         stored = restricted and store
         out.append(d.materialise(relation, sql, order) if stored else d.alias(relation, sql))
-    ids = {
-        "orders": f"SELECT {Orders.order_id} FROM {ORDERS}",
-        "support_cases": f"SELECT {SupportCases.case_id} FROM {CASES}",
-    }
+        if restricted and name in ids:
+            table, key = ids[name]
+            out.append(d.materialise(table, f"SELECT {key} FROM {relation}"))
     for relation, (history, ranked, first, segments) in HISTORIES.items():
-        source = ranked_history(GOLD_RELATIONS[history], ids[relation] if restricted else None)
+        table, key = ids[relation]
+        entities = f"SELECT {key} FROM {table}" if restricted else None
+        source = ranked_history(GOLD_RELATIONS[history], entities)
         # The view's joins read first rows and segments: stored in one order, they give
         # the view's rows one order however many threads built them (AsOfSql).
         out += [
