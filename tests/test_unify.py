@@ -473,6 +473,34 @@ def test_a_common_name_links_when_the_street_agrees_however_spelled():
     assert same(records, labels, "A", "B") and pairs[-1].common.sum() == 1
 
 
+def test_a_phone_three_records_share_needs_more_than_a_similar_name():
+    """Without `per`, a value is common when more than max_expected other records carry
+    it: a household's phone on three records links Maria and Mario Garcia (name score
+    over 80) only with another agreeing field; a phone on two records still links."""
+    home, pair = "+13055550123", "+13055550999"
+    rows = [
+        rec("A", first="Maria", last="Garcia", phone=home, postal="1"),
+        rec("B", first="Mario", last="Garcia", phone=home, postal="2"),
+        rec("C", first="Lucia", last="Garcia", phone=home, postal="3"),
+        rec("D", first="Ana", last="Ortiz", phone=pair, postal="4"),
+        rec("E", first="Anna", last="Ortiz", phone=pair, postal="5"),
+    ]
+    spec = CommonValues(field="phone", per=None, max_expected=1, require_any=["email", "street"])
+    on = [
+        r.model_copy(update={"common": spec}) if r.name == "phone_last_name" else r
+        for r in RULES.rules
+    ]
+    for rules, merged in ((RULES, True), (RULES.model_copy(update={"rules": on}), False)):
+        records = prepare_records(pd.DataFrame(rows))
+        pairs = [
+            match_rule(records, r, rules.junk_max_records, rules.max_block_size)
+            for r in rules.rules
+        ]
+        labels = cluster(len(records), pairs)
+        assert bool(same(records, labels, "A", "B")) is merged
+        assert same(records, labels, "D", "E") and not same(records, labels, "A", "C")
+
+
 def test_common_needs_a_fuzzy_rule(tmp_path):
     path = tmp_path / "unify.yaml"
     text = (Path(__file__).parents[1] / "pipelines" / "unify.yaml").read_text()
@@ -486,7 +514,9 @@ def test_common_needs_a_fuzzy_rule(tmp_path):
         load_rules(path)
 
 
-@pytest.mark.parametrize("common", [False, True], ids=["rules", "common-name rule"])
+@pytest.mark.parametrize(
+    "common", ["", "name", "name+phone"], ids=["rules", "common name", "and household phone"]
+)
 def test_unifying_the_changes_equals_unifying_everything(common):
     """unify_changes (the clusters changes can reach) gives the map, profiles, ids,
     redirects, state and report a whole unify gives, also where an e-mail becomes junk
@@ -498,6 +528,11 @@ def test_unifying_the_changes_equals_unifying_everything(common):
     rules = RULES.model_copy(update={"max_block_size": 11})
     if common:  # most names common in their postal code: a name link needs a field too
         rules = with_common(rules, max_expected=0.05, require_any=("email", "phone"))
+    if "phone" in common:  # a phone more than two others carry: the name needs an e-mail
+        spec = CommonValues(field="phone", per=None, max_expected=2, require_any=["email"])
+        on = [r.model_copy(update={"common": spec}) if r.name == "phone_last_name" else r
+              for r in rules.rules]  # fmt: skip
+        rules = rules.model_copy(update={"rules": on})
     today = pd.Timestamp("2026-12-01", tz="UTC")
 
     def person(i, **extra):
@@ -553,7 +588,7 @@ def test_unifying_the_changes_equals_unifying_everything(common):
         after[i] = {**after[i], "email": after[rng.integers(len(after))]["email"]}  # links
     table = _records_table(after)
     kept = before.frequencies
-    assert (kept is not None) is common
+    assert (kept is not None) is bool(common)
     expected = unify_all(table, rules, pa.Table.from_pandas(before.source_map), today, kept)
 
     con = duckdb.connect()
@@ -597,9 +632,13 @@ def test_unifying_the_changes_equals_unifying_everything(common):
     assert len(expected.redirects) > 0
     ids = expected.source_map.set_index("source_key")["customer_id"]
     if common:  # both links and refusals on common names are in play
-        flags = expected.state["is_common_name_postal_code"]
-        assert flags.any() and not flags.all()
-        bands = expected.report[expected.report.section == "rule by value frequency"]
+        for rule in (r for r in rules.rules if r.common is not None):
+            flags = expected.state[f"is_common_{rule.name}"]
+            assert flags.any() and not flags.all()
+        report = expected.report
+        bands = report[
+            report.section.eq("rule by value frequency") & report.name.eq("name_postal_code")
+        ]
         assert (bands["count"] > 0).all() and len(bands) == 2
     else:
         assert ids["R3080"] == ids["R4200"]

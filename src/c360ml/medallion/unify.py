@@ -71,13 +71,14 @@ class CommonValues(_Strict):
 
     A record's value is common where the records sharing its `per` value (its postal
     code) are expected to hold more than `max_expected` records with the value by chance:
-    share of `field`'s value among all records x records of the `per` value. A pair with
-    a common value at either end links only if one of `require_any` agrees too.
+    share of `field`'s value among all records x records of the `per` value. Without
+    `per` (a household's phone), where more than `max_expected` other records carry it.
+    A pair with a common value at either end links only if one of `require_any` agrees.
     Frequencies are counted from the data by the build that has no state yet, and kept
     (state/unify/frequencies) for later builds to decide the same way."""
 
     field: Literal[MATCH_FIELDS] = "full_name"  # whose value's frequency is counted
-    per: Literal[MATCH_FIELDS] = "postal_code"  # the crowd the value may be common in
+    per: Literal[MATCH_FIELDS] | None = "postal_code"  # the crowd it may be common in
     max_expected: float  # expected records with the value by chance, above it: common
     require_any: list[Literal[MATCH_FIELDS]]  # present on both records and equal: one of
 
@@ -120,7 +121,7 @@ def load_rules(path: Path) -> UnifyRules:
 def frequency_fields(rules: UnifyRules) -> list[str]:
     """The fields whose value frequencies the rules' `common` tests read."""
     specs = [r.common for r in rules.rules if r.common is not None]
-    return list(dict.fromkeys(f for c in specs for f in (c.field, c.per)))
+    return list(dict.fromkeys(f for c in specs for f in (c.field, c.per) if f is not None))
 
 
 # ---------------------------------------------------------------- pure stages
@@ -252,6 +253,8 @@ def common_flags(records: pd.DataFrame, spec: CommonValues, freq: pa.Table) -> n
         at = pd.Index(table["value"]).get_indexer(_value_hashes(values))
         return np.where((at >= 0) & pd.notna(values), table["count"].to_numpy()[at], 0)
 
+    if spec.per is None:  # the other records that carry the value
+        return counts(spec.field) - 1 > spec.max_expected
     expected = counts(spec.field) / max(total, 1) * counts(spec.per)
     return expected > spec.max_expected
 
@@ -484,7 +487,8 @@ def match_rule(
     common = None
     if rule.common is not None:
         if frequencies is None:
-            frequencies = value_frequencies(records, [rule.common.field, rule.common.per])
+            fields = [f for f in (rule.common.field, rule.common.per) if f is not None]
+            frequencies = value_frequencies(records, fields)
         common = CommonTest(
             common_flags(records, rule.common, frequencies),
             [_codes(records[f"m_{f}"]) for f in rule.common.require_any],
