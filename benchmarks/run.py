@@ -189,6 +189,50 @@ def labels_quality(labels: np.ndarray, truth: np.ndarray) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in q.items()}
 
 
+def name_band_flags(records, rules) -> np.ndarray:
+    """Per record, whether its name is common by the name rule's `common` test, or by that
+    of benchmarks/unify_common.yaml when the rules have none (so that runs with and
+    without the test are split into the same bands)."""
+    from c360ml.medallion.unify import common_flags, load_rules, value_frequencies
+
+    spec = next((r.common for r in rules.rules if r.common and r.common.per), None)
+    if spec is None:
+        spec = next(r.common for r in load_rules(HERE / "unify_common.yaml").rules if r.common)
+    frequencies = value_frequencies(records, [spec.field, spec.per])
+    return common_flags(records, spec, frequencies)
+
+
+def band_quality(labels: np.ndarray, truth: np.ndarray, flags: np.ndarray) -> dict:
+    """Pair precision and recall of a clustering per name band: a pair (predicted: two
+    records of one cluster; true: of one person) is in the common band when either
+    record's name is common (`flags`). Records without a truth are left out."""
+    from c360ml.medallion.unify import _block_runs, _pairs_in_runs
+
+    known = np.flatnonzero(truth >= 0)
+
+    def pairs_of(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(groups, kind="stable")
+        starts, lengths = _block_runs(groups[order])
+        multi = lengths > 1
+        left, right = _pairs_in_runs(starts[multi], lengths[multi])
+        return known[order[left]], known[order[right]]
+
+    predicted, true = pairs_of(labels[known]), pairs_of(truth[known])
+    out = {}
+    for band, want in (("common", True), ("rare", False)):
+        p = (flags[predicted[0]] | flags[predicted[1]]) == want
+        t = (flags[true[0]] | flags[true[1]]) == want
+        right = truth[predicted[0][p]] == truth[predicted[1][p]]
+        found = labels[true[0][t]] == labels[true[1][t]]
+        out[band] = {
+            "predicted_pairs": int(p.sum()),
+            "true_pairs": int(t.sum()),
+            "precision": round(float(right.mean()), 4) if p.any() else None,
+            "recall": round(float(found.mean()), 4) if t.any() else None,
+        }
+    return out
+
+
 def stage_unify(size: int) -> dict:
     """build_unify on a full silver, then quality against the generator's truth:
     overall, per rule (precision of the pairs each rule emitted; precision and recall
@@ -257,6 +301,7 @@ def stage_unify(size: int) -> dict:
                 for band, mask in (("common", pairs.common), ("rare", ~pairs.common))
             }
     sizes = np.bincount(np.bincount(source_map["customer_id"].factorize()[0]))
+    by_band = band_quality(cluster(len(records), done), truth, name_band_flags(records, rules))
     return {
         "unify_s": seconds,
         "unify_peak_rss_mb": unify_rss,
@@ -267,6 +312,7 @@ def stage_unify(size: int) -> dict:
         "true_pairs": overall["true_pairs"],
         "predicted_pairs": overall["predicted_pairs"],
         "per_rule": per_rule,
+        "by_name_band": by_band,
         "cluster_sizes": {str(i): int(n) for i, n in enumerate(sizes) if n and i},
     }
 
@@ -402,9 +448,13 @@ def _row(stage: str, r: dict) -> str:
             f"cumulative P {x['cumulative_precision']} R {x['cumulative_recall']}"
             for x in run["per_rule"]
         )
+        bands = "".join(
+            f"; {band} names P {x['precision']} R {x['recall']} ({x['true_pairs']} true pairs)"
+            for band, x in run.get("by_name_band", {}).items()
+        )
         return (
             f"unify {run['unify_s']} s, {run['unify_peak_rss_mb']} MB; precision "
-            f"{run['precision']}, recall {run['recall']} ({rules})"
+            f"{run['precision']}, recall {run['recall']} ({rules}){bands}"
         )
     if stage == "splink":
         return (
