@@ -121,9 +121,7 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         lease.exclusive(settings.lake, f"build {args.layer}", settings.lease_wait_seconds),
         progress.track(f"build {args.layer}", len(order)) as advance,
     ):
-        # The erasure module keeps its job file on local disk so far: on a lake on object
-        # storage no erasure job can have been left (see `c360ml.refresh.run_refresh`).
-        if not isinstance(settings.lake, str) and erasure.finish_pending(settings) is not None:
+        if erasure.finish_pending(settings) is not None:
             print("finished the erasure a stopped refresh left")
         for step in order:
             started = time.perf_counter()

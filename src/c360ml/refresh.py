@@ -756,9 +756,7 @@ def run_refresh(
 
     lake = Lake(settings.lake)
     previous_map = last_scored_map(lake)
-    # The erasure module keeps its job file on local disk so far (`lake.path`): on a lake
-    # on object storage no erasure job can have been left, so none is looked for there.
-    resumed = None if lake.remote else erasure.finish_pending(settings)
+    resumed = erasure.finish_pending(settings)
     timed("ingest", lambda: ingest_landing(settings), lambda r: r.total_rows)
     timed("silver", lambda: build_silver(settings), lambda r: sum(t.silver_rows for t in r.items))
     timed("unify", lambda: build_unify(settings), lambda r: r.customers)

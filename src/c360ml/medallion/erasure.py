@@ -30,12 +30,11 @@ before an erasure is deliberately impossible.
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -65,6 +64,7 @@ PSEUDONYM = "concat('erased:', encode(sha256({0}), 'hex'))"  # Delta's SQL (Data
 ERASED_KEY = "CASE WHEN starts_with({0}, 'erased:') THEN {0} ELSE 'erased:' || sha256({0}) END"
 RAW = "_raw"  # quarantine's column of a source line that could not be parsed
 STEPS = ("rows", "exports", "quarantine", "files", "logs")
+JOB = ("state", "erasure", "job.json")  # the pending job's record, in the lake's store
 
 
 @dataclass
@@ -189,11 +189,11 @@ def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJo
 
 
 def pending(lake: Lake) -> ErasureJob | None:
-    """The job a killed run left unfinished, if any."""
-    path = _job_path(lake)
-    if not path.exists():
+    """The job a killed run left unfinished, if any (in the lake's store: a local folder
+    or a container)."""
+    raw = lake.read_json(*JOB)
+    if raw is None:
         return None
-    raw = json.loads(path.read_text())
     raw["deletes"] = [Delete(**d) for d in raw["deletes"]]
     return ErasureJob(**raw)
 
@@ -220,21 +220,14 @@ def run(lake: Lake, job: ErasureJob) -> ErasureResult:
             _STEP[step](lake, job, result)
             job.done.append(step)
             _save(lake, job)
-    _job_path(lake).unlink()
+    lake.delete_file(*JOB)
     return result
 
 
-def _job_path(lake: Lake) -> Path:
-    return lake.path("state", "erasure", "job.json")
-
-
 def _save(lake: Lake, job: ErasureJob) -> None:
-    """Written beside, then renamed: a kill leaves the old record or the new one."""
-    path = _job_path(lake)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(".tmp")
-    staged.write_text(json.dumps(asdict(job)))
-    staged.replace(path)
+    """Replaced whole (a local file written beside, then renamed; a blob put in one
+    request): a kill leaves the old record or the new one."""
+    lake.write_json(asdict(job), *JOB)
 
 
 # ---------------------------------------------------------------- the steps
@@ -274,20 +267,19 @@ def _purge_exports(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
     refresh (no endpoint), and until then the files would still name them. Each file is
     replaced whole (written beside, then renamed). The CI-D snapshot is rewritten by every
     refresh from the purged scores."""
-    folder = lake.path("export", "journeys")
-    if not folder.exists():
-        return
+    folder = lake.key("export", "journeys") + "/"
     ids = set(job.customer_ids)
     keys = {k for s, k in job.source_keys if s == "dataverse"}
-    for path in sorted(folder.glob("*.csv")):
-        export = pd.read_csv(path, dtype=str)
+    for key in lake.list_files("export", "journeys"):
+        name = key.removeprefix(folder)
+        if "/" in name or not name.endswith(".csv"):
+            continue
+        export = pd.read_csv(io.StringIO(lake.store.read_text(key)), dtype=str)
         gone = export.get("CustomerId", pd.Series(dtype=str)).isin(ids)
         gone |= export.get("ContactId", pd.Series(dtype=str)).isin(keys)
         if gone.any():
-            tmp = path.with_suffix(".tmp")
-            export.loc[~gone].to_csv(tmp, index=False)
-            tmp.replace(path)
-            result.rows_deleted[f"export/journeys/{path.name}"] = int(gone.sum())
+            lake.store.write_text(key, export.loc[~gone].to_csv(index=False))
+            result.rows_deleted[f"export/journeys/{name}"] = int(gone.sum())
 
 
 def _purge_quarantine(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
@@ -315,35 +307,37 @@ def _purge_quarantine(lake: Lake, job: ErasureJob, result: ErasureResult) -> Non
 def _remove_old_files(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
     """Delete now the files no live version uses that hold an erased person: one of their
     unique identifiers in a text column, or a row a delete of the job matched. The other
-    unreferenced files wait for the normal retention."""
+    unreferenced files wait for the normal retention. Files are keys of the lake's store
+    (local files or blobs), read through its pyarrow filesystem."""
     unique = pa.array(sorted(job.unique), pa.string())
     by_table = {tuple(d.where): d for d in job.deletes}
+    store = lake.store
     for layer in TABLE_LAYERS:
         for parts in lake.tables(layer):
-            table = lake.delta(layer, *parts)
-            root = lake.path(layer, *parts)
-            unused = table.vacuum(
-                retention_hours=0, enforce_retention_duration=False, dry_run=True, full=True
-            )
             match = by_table.get((layer, *parts))
-            for name in unused:
-                path = root / name
-                if path.suffix == ".parquet" and path.exists() and _holds(path, unique, match):
-                    path.unlink()
+            for key in lake.unreferenced_files(layer, *parts):
+                if (
+                    key.endswith(".parquet")
+                    and store.exists(key)
+                    and _holds(lake, key, unique, match)
+                ):
+                    store.delete(key)
                     result.files_removed += 1
 
 
-def _holds(path: Path, unique: pa.Array, match: Delete | None) -> bool:
+def _holds(lake: Lake, key: str, unique: pa.Array, match: Delete | None) -> bool:
     """Whether an unreferenced file may hold an erased person. One that is no readable
     Parquet (a write a kill cut short: no version refers to it) is garbage that may hold
     anyone: it counts as holding."""
     try:
-        schema = pq.read_schema(path)
+        with lake.store.open_input(key) as file:
+            parquet = pq.ParquetFile(file)
+            schema = parquet.schema_arrow
+            text = [f.name for f in schema if _is_text(f.type)]
+            wanted = text + ([match.column] if match and match.column in schema.names else [])
+            data = parquet.read(columns=sorted(set(wanted)))
     except (pa.ArrowInvalid, OSError):
         return True
-    text = [f.name for f in schema if _is_text(f.type)]
-    wanted = text + ([match.column] if match and match.column in schema.names else [])
-    data = pq.read_table(path, columns=sorted(set(wanted)))
     for name in text:
         if pc.any(pc.is_in(data[name].cast(pa.string()), unique)).as_py():
             return True
@@ -378,14 +372,18 @@ def _forget_histories(lake: Lake, job: ErasureJob, result: ErasureResult) -> Non
     needles = [v.encode() for v in job.unique]
     for layer in TABLE_LAYERS:
         for parts in lake.tables(layer):
-            log_dir = lake.path(layer, *parts, "_delta_log")
-            if any(_names(p, needles) for p in log_dir.glob("*.json")):
+            folder = lake.key(layer, *parts, "_delta_log") + "/"
+            commits = [
+                k
+                for k in lake.list_files(layer, *parts, "_delta_log")
+                if k.endswith(".json") and "/" not in k.removeprefix(folder)
+            ]
+            if any(_names(lake.store.read_bytes(k), needles) for k in commits):
                 lake.forget_history(layer, *parts)
                 result.histories_forgotten += 1
 
 
-def _names(path: Path, needles: list[bytes]) -> bool:
-    data = path.read_bytes()
+def _names(data: bytes, needles: list[bytes]) -> bool:
     return any(n in data for n in needles)
 
 

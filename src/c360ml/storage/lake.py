@@ -474,6 +474,18 @@ class Lake:
         _commit_actions(where, version, "PURGE", actions)
         return len(deleted)
 
+    def unreferenced_files(self, layer: str, *parts: str) -> list[str]:
+        """The files of a table that no version in its log uses, as keys of `store`
+        (delta-rs' vacuum, dry run, every retention waived): what an erasure reads and
+        removes on a local folder and a container alike."""
+        where = self._where(layer, *parts)
+        with where.errors():
+            names = self.delta(layer, *parts).vacuum(
+                retention_hours=0, enforce_retention_duration=False, dry_run=True, full=True
+            )
+        relative = (where.relative(n) if "://" in n else n for n in names)
+        return sorted(f"{where.key}/{n}" for n in relative)
+
     def forget_history(self, layer: str, *parts: str) -> int:
         """Make the current version the table's first: what delta-rs' `cleanup_metadata`
         does once `delta.logRetentionDuration` has passed, at once (for an erasure: older
