@@ -17,6 +17,8 @@ window) pair:
    P(no purchase in the window).
 5. The outcome comes from the full log: churned = no purchase (amount > 0) dated in
    [as_of, as_of + w). All three are scored on the same customers: c360ml's population.
+6. An experiment towards BTYD features (`btyd_feature_ablation`): the built-in recipe
+   refitted on the same training matrix without and with per-cutoff BTYD columns.
 
 Training cutoffs: spaced 30 days back from as_of - w (the last whose label window ends by
 as_of), as many as leave each cutoff at least 30 days after the log's first day (at most
@@ -163,6 +165,65 @@ def btyd_scores(history: pd.DataFrame, as_of: pd.Timestamp, window: int) -> dict
     return out
 
 
+def _utc_ns(values: pd.Series) -> pd.Series:
+    return pd.to_datetime(values, utc=True).astype("datetime64[ns, UTC]")
+
+
+def btyd_feature_ablation(config: Path, log: pd.DataFrame, as_of: pd.Timestamp, window: int):
+    """An experiment outside the pipeline, towards BTYD features (#31): the built-in recipe
+    (`train_and_evaluate`: the same splits, early stopping, calibrator choice, refit) on the
+    training matrix `c360ml train` fitted, once with the selected features alone and once
+    with `btyd.BTYD_FEATURES` added (refitted at each cutoff on purchase days up to it),
+    each scored at as_of. Returns per variant the churn scores by CDNOW id and the recipe's
+    own test-cutoff ROC AUC.
+    """
+    import c360ml
+    from c360ml import features as ft
+    from c360ml.features import btyd
+    from c360ml.model.train import train_and_evaluate
+    from c360ml.storage.lake import Lake
+
+    project = c360ml.open(config)
+    data = project.training_data(as_of)
+    lake = Lake(project.settings.lake)
+    key = lake.read_pandas("gold", "customer_source_map").set_index("customer_id")["source_key"]
+    gold = ft.read_gold(lake)
+    population = ft.active_population(gold, [as_of], data.cfg)[["customer_id", "cutoff_time"]]
+    at_as_of = ft.calculate_features(gold, population, data.features)
+    matrix = data.model_matrix()
+    cutoffs = [*sorted(pd.to_datetime(matrix["cutoff_time"].unique(), utc=True)), as_of]
+    buys = log[(log["amount"] > 0) & (log["ts"] <= as_of)].rename(
+        columns={"customer_id": "source_key"}
+    )
+    extra = btyd.btyd_features(buys, cutoffs, window, customer_col="source_key")
+    extra["cutoff_time"] = _utc_ns(extra["cutoff_time"])
+
+    def joined(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.assign(
+            source_key=key.reindex(frame["customer_id"]).to_numpy(),
+            cutoff_time=_utc_ns(frame["cutoff_time"]),
+        )
+        return frame.merge(extra, on=["source_key", "cutoff_time"], how="left")
+
+    train_rows, score_rows = joined(matrix), joined(at_as_of)
+    out = {}
+    for name, names in (
+        ("refit_without_btyd", tuple(data.feature_names)),
+        ("with_btyd_features", (*data.feature_names, *btyd.BTYD_FEATURES)),
+    ):
+        result = train_and_evaluate(train_rows, names, data.rfm, window, data.config)
+        x = score_rows[list(names)].to_numpy(np.float32)
+        p = 1.0 / (1.0 + np.exp(-result.booster.inplace_predict(x, predict_type="margin")))
+        if result.calibrator is not None:
+            p = result.calibrator.apply(p)
+        out[name] = {
+            "score": pd.Series(p, index=score_rows["source_key"].to_numpy()),
+            "test_roc_auc": round(float(result.metrics["test_roc_auc"]), 4),
+            "trees": int(result.n_trees),
+        }
+    return out
+
+
 def metrics(churned: np.ndarray, score: np.ndarray) -> dict:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -201,14 +262,23 @@ def run_pair(log: pd.DataFrame, as_of_text: str, window: int) -> dict:
     model, registered = c360ml_scores(config, as_of)
     seconds["score"] = round(time.perf_counter() - started, 1)
     baselines = btyd_scores(history, as_of, window)
+    started = time.perf_counter()
+    ablation = btyd_feature_ablation(config, log, as_of, window)
+    seconds["ablation"] = round(time.perf_counter() - started, 1)
 
     end = as_of + pd.Timedelta(days=window)
     future = log[(log["ts"] >= as_of) & (log["ts"] < end) & (log["amount"] > 0)]
     customers = model.index.intersection(baselines["bg_nbd"]["score"].index)
+    customers = customers.intersection(ablation["with_btyd_features"]["score"].index)
     churned = (~customers.isin(future["customer_id"].unique())).astype(int)
     scores = {"c360ml": model.reindex(customers).to_numpy()}
     scores |= {k: v["score"].reindex(customers).to_numpy() for k, v in baselines.items()}
     figures = {k: metrics(churned, s) for k, s in scores.items()}
+    ablated = {
+        k: metrics(churned, v["score"].reindex(customers).to_numpy()) for k, v in ablation.items()
+    }
+    for k, v in ablation.items():
+        ablated[k] |= {"recipe_test_roc_auc": v["test_roc_auc"], "trees": v["trees"]}
     best = max(("bg_nbd", "pareto_nbd"), key=lambda k: figures[k]["roc_auc"])
     return {
         "as_of": as_of_text,
@@ -228,6 +298,7 @@ def run_pair(log: pd.DataFrame, as_of_text: str, window: int) -> dict:
         ),
         "roc_auc_minus_best_btyd_ci": auc_difference_ci(churned, scores["c360ml"], scores[best]),
         "c360ml_model": registered,
+        "ablation_btyd_features": ablated,
         "btyd_params_days": {k: v["params"] for k, v in baselines.items()},
         "btyd_fit_s": {k: v["fit_s"] for k, v in baselines.items()},
         "seconds": seconds,
@@ -262,6 +333,32 @@ def markdown(doc: dict) -> str:
             f"{r['customers_scored']:,} | {r['churn_rate']:.3f} | {three('roc_auc')} | "
             f"{three('pr_auc_churned')} | {three('accuracy_at_0_5')} | "
             f"{r['roc_auc_minus_best_btyd']:+.4f} [{lo:+.4f}, {hi:+.4f}] |"
+        )
+    gates = "; ".join(
+        f"{r['as_of']} {r['window_days']} d: {r['c360ml_model']['gate_decision']} "
+        f"(test cutoff ROC AUC {r['c360ml_model']['test_roc_auc']})"
+        for r in doc["results"]
+        if r.get("c360ml_model")
+    )
+    lines += ["", f"c360ml's champion gate on each trained version: {gates}."]
+    lines += [
+        "",
+        "Towards BTYD features (an experiment outside the pipeline, `btyd_feature_ablation`):",
+        "the built-in recipe on the same training matrix, refitted without and with the BTYD",
+        "columns of `c360ml.features.btyd.btyd_features` (both models refitted at each cutoff),",
+        "scored at as_of on the same customers.",
+        "",
+        "| as_of | window | ROC AUC without / with BTYD columns | accuracy at 0.5 without / with |",
+        "|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        a = r.get("ablation_btyd_features")
+        if not a:
+            continue
+        off, on = a["refit_without_btyd"], a["with_btyd_features"]
+        lines.append(
+            f"| {r['as_of']} | {r['window_days']} d | {off['roc_auc']:.4f} / {on['roc_auc']:.4f} "
+            f"| {off['accuracy_at_0_5']:.4f} / {on['accuracy_at_0_5']:.4f} |"
         )
     lines += ["", f"{doc['date']}, `{doc['command']}`."]
     return "\n".join(lines) + "\n"
