@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from c360ml.config import load_settings
-from c360ml.medallion.erasure import JOB, Delete, ErasureJob, pending, run
+from c360ml.medallion.erasure import JOB, Delete, ErasureJob, finish_pending, pending, run
 from c360ml.medallion.unify import read_redirects
 from c360ml.storage.lake import Lake
 from c360ml.storage.objects import LakeStore
-from tests.conftest import user_project
+from tests.conftest import make_settings, user_project
 from tests.storage.test_jobs_azurite import _assert_same, _assert_same_tables, _run
 from tests.test_erasure import _found, _identifiers
 
@@ -78,14 +78,21 @@ def test_an_erasure_job_on_an_az_lake_leaves_no_blob_holding_the_person(az_root)
     assert not store.exists(lake.key(*JOB)) and pending(lake) is None
 
 
-def test_a_pending_job_is_read_back_from_the_container(az_root):
+def test_a_job_a_killed_run_left_in_the_container_is_finished(tmp_path, az_root):
+    """What a refresh or build does first on a container: the job record a killed run
+    left (here before its first step) is found there and run to its end, under the lease."""
     lake = Lake(az_root)
-    job = ErasureJob(["C1"], [["dataverse", "k1"]], ["a@b.c"], [], done=["rows"])
+    lake.write(pa.table({"customer_id": ["C1", "C2"]}), "gold", "customer_measures")
+    job = ErasureJob(["C1"], [["dataverse", "k1"]], [], [])
+    job.deletes = [Delete(["gold", "customer_measures"], "customer_id", ["C1"])]
     lake.write_json(asdict(job), *JOB)
-    found = pending(lake)
-    assert (
-        found is not None and found.done == ["rows"] and found.source_keys == [["dataverse", "k1"]]
-    )
+    assert pending(lake).deletes == job.deletes  # read back from the blob
+
+    result = finish_pending(make_settings(tmp_path).model_copy(update={"lake_root": az_root}))
+
+    assert result is not None and result.resumed and result.customer_ids == ["C1"]
+    assert lake.read_pandas("gold", "customer_measures").customer_id.tolist() == ["C2"]
+    assert pending(lake) is None and _found_blobs(lake.store, {"C1"}, "landing/") == {}
 
 
 def _upload_new(folder: Path, store: LakeStore, prefix: str) -> int:
