@@ -15,7 +15,9 @@ An erasure is a recorded job (`state/erasure/job.json`), written before the firs
 goes and removed when the last step is done: a refresh killed anywhere in it finishes
 it on its next run, whatever the source map then says. Each step is idempotent, so a
 rerun redoes at most the step it was killed in. The job names the persons (it must, to
-finish), so it is kept only while pending.
+finish), so it is kept only while pending. Every file the erasure touches outside Delta's
+own writes (the record, the journeys exports, the unreferenced data files, the logs) goes
+through the lake's store, so a lake in an Azure container is purged as a local one is.
 
 Older versions: the person is also in files no live version uses (the versions this
 purge rewrote, and tables rebuilt or merged since) and in the Delta log (file statistics
