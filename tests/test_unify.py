@@ -713,18 +713,3 @@ def test_turning_common_on_splits_namesakes_and_the_older_keeps_the_id():
     assert new["C"] == new["D"] == old["C"]
     assert after.frequencies is not None and before.frequencies is None
 
-
-def test_the_spark_engine_refuses_a_common_test_in_one_line(tmp_path):
-    pytest.importorskip("pyspark")
-    from c360ml.spark.gold import SparkBuildError
-    from c360ml.spark.unify import build_unify as build_on_spark
-    from tests.conftest import make_settings
-
-    rules = tmp_path / "unify.yaml"
-    text = (Path(__file__).parents[1] / "pipelines" / "unify.yaml").read_text()
-    rules.write_text(
-        text.replace("# common: {", "common: {").replace("#          require_any", " require_any")
-    )
-    settings = make_settings(tmp_path).model_copy(update={"unify_rules": rules})
-    with pytest.raises(SparkBuildError, match="rule name_postal_code has common .* not on Spark"):
-        build_on_spark(settings, spark=None)

@@ -21,6 +21,7 @@ from c360ml.medallion.build import build_silver
 from c360ml.medallion.gold import lake_versions
 from c360ml.medallion.ingest import ingest_landing
 from c360ml.medallion.unify import (
+    FREQUENCIES,
     KEYS_ONLY,
     STATE,
     STATE_KEY,
@@ -341,3 +342,137 @@ def test_a_sql_error_names_the_file_and_writes_nothing(increment, spark, tmp_pat
     assert "\n" not in said
     assert said.startswith("unify: gold/unify_records_generic.sql fails on Spark: ")
     assert _versions(settings) == before
+
+
+# ---------------------------------------------------------------- value frequencies (#32)
+
+NAME_COMMON = {"field": "full_name", "per": "postal_code", "max_expected": 0.001,
+               "require_any": ["email", "phone", "street"]}  # fmt: skip
+PHONE_COMMON = {
+    "field": "phone",
+    "per": None,
+    "max_expected": 1,
+    "require_any": ["email", "street"],
+}
+
+
+def _rules_with_common(settings: Settings, folder: Path) -> Path:
+    """The settings' rules with `common` on: the name rule per postal code (a threshold
+    under which most of this lake's name links are on common names, some on rare ones),
+    and a household's phone (without `per`) on the phone rule."""
+    rules = yaml.safe_load(settings.path(settings.unify_rules).read_text())
+    for rule in rules["rules"]:
+        rule.update({"name_postal_code": {"common": NAME_COMMON},
+                     "phone_last_name": {"common": PHONE_COMMON}}.get(rule["name"], {}))  # fmt: skip
+    path = folder / "unify_common.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return path
+
+
+def _namesakes(settings: Settings) -> tuple[str, str]:
+    """Two contacts given the lake's most common full name and postal code, each its own
+    e-mail, no phone and a street of its own: no veto (no phone on both), so the name rule
+    links them, unless its `common` test asks for an agreeing field. Their keys."""
+    lake = Lake(settings.lake)
+    table = lake.read("silver", "contact")
+    contacts = table.to_pandas()
+    emails = contacts["emailaddress1"].str.strip().str.lower()
+    once = contacts[emails.map(emails.value_counts()).eq(1) & contacts["lastname"].notna()]
+    first, last = contacts.groupby(["firstname", "lastname"]).size().idxmax()
+    postal = contacts["address1_postalcode"].value_counts().idxmax()
+    keys = once["contactid"].iloc[-2:].tolist()
+    for n, key in enumerate(keys):
+        row = contacts["contactid"] == key
+        contacts.loc[row, ["firstname", "lastname", "fullname"]] = [first, last, f"{first} {last}"]
+        contacts.loc[row, ["address1_postalcode", "address1_line1"]] = [
+            postal,
+            f"{n + 1} Nowhere Ln",
+        ]
+        contacts.loc[row, ["telephone1", "mobilephone"]] = None
+    changed = pa.Table.from_pandas(contacts, schema=table.schema, preserve_index=False)
+    lake.write(changed, "silver", "contact", mode="overwrite")
+    return keys[0], keys[1]
+
+
+@pytest.fixture(scope="module")
+def common_first(silver, tmp_path_factory, spark):
+    """(DuckDB's copy, Spark's copy, the namesakes' keys, the rules file, the rules without
+    `common`): the silver lake
+    with two namesakes made (`_namesakes`), first unified with the `common` tests on by
+    each engine."""
+    folder = tmp_path_factory.mktemp("spark_unify_common")
+    base = _copy(silver, folder / "base")
+    keys = _namesakes(base)
+    default, rules = base.path(base.unify_rules), _rules_with_common(base, folder)
+    base = base.model_copy(update={"unify_rules": rules})
+    duck, on_spark = _copy(base, folder / "duckdb"), _copy(base, folder / "spark")
+    duckdb_unify(duck)
+    spark_unify(on_spark, spark)
+    return duck, on_spark, keys, rules, default
+
+
+def _ids(settings: Settings) -> dict[str, str]:
+    frame = Lake(settings.lake).read_pandas("gold", "customer_source_map")
+    return dict(zip(frame["source_key"], frame["customer_id"], strict=True))
+
+
+def _frequencies(settings: Settings) -> pd.DataFrame:
+    frame = Lake(settings.lake).read_pandas(*FREQUENCIES)
+    return frame.sort_values(["field", "value"]).reset_index(drop=True)
+
+
+def test_with_common_tests_spark_equals_duckdb_and_keeps_the_same_frequencies(
+    common_first, tmp_path
+):
+    """With `common` on (a name per postal code, a household phone): the map, profiles
+    and report equal; the report's links on common and rare values of both rules equal
+    and not empty; the namesakes (linked without the test: a whole DuckDB unify with the
+    default rules) are two customers on both engines; the frequency state Spark counted
+    equals DuckDB's, kept with the rules' digest as DuckDB keeps it."""
+    duck, on_spark, (a, b), rules, without = common_first
+    assert_same_unify(duck, on_spark)
+    report = Lake(on_spark.lake).read_pandas("gold", "unify_report")
+    bands = report[report["section"] == "rule by value frequency"]
+    counts = bands.set_index(["name", "scope"])["count"]
+    for rule in ("name_postal_code", "phone_last_name"):
+        assert counts[(rule, "common value")] > 0 and counts[(rule, "rare value")] > 0, rule
+    default = _copy(duck, tmp_path / "default").model_copy(update={"unify_rules": without})
+    duckdb_unify(default)
+    assert _ids(default)[a] == _ids(default)[b]
+    for settings in (duck, on_spark):
+        assert _ids(settings)[a] != _ids(settings)[b]
+    pd.testing.assert_frame_equal(_frequencies(on_spark), _frequencies(duck))
+    digest = state_digest(load_rules(rules))
+    for settings in (duck, on_spark):
+        assert last_record(Lake(settings.lake), FREQUENCIES)[1][STATE_KEY] == digest
+
+
+def test_with_common_tests_spark_reads_the_frequencies_duckdb_kept(common_first, spark, tmp_path):
+    """After a merge and a split (`_merge_and_split`) of DuckDB's lake, DuckDB unifies the
+    changes and Spark (a copy of the same lake) all the records, both with the frequencies
+    DuckDB's first build kept (neither writes them again): equal."""
+    duck = _copy(common_first[0], tmp_path / "changed")
+    _merge_and_split(duck, Lake(duck.lake).read_pandas("gold", "customer_source_map"))
+    on_spark = _copy(duck, tmp_path / "spark")
+    kept = Lake(duck.lake).version(*FREQUENCIES)
+    by_duckdb, by_spark = duckdb_unify(duck), spark_unify(on_spark, spark)
+    assert by_duckdb.unified < by_spark.unified == by_spark.records
+    assert by_spark.redirects == by_duckdb.redirects > 0
+    for settings in (duck, on_spark):
+        assert Lake(settings.lake).version(*FREQUENCIES) == kept
+    assert_same_unify(duck, on_spark)
+
+
+def test_with_common_tests_duckdb_reads_the_frequencies_spark_kept(common_first, tmp_path):
+    """DuckDB after Spark's unify with `common` on (its state holds keys only: a whole
+    unify) decides with the frequencies Spark kept, not counting them again: equal."""
+    on_spark = common_first[1]
+    settings = _copy(on_spark, tmp_path / "copy")
+    lake = Lake(settings.lake)
+    kept = lake.version(*FREQUENCIES)
+    lake.write(lake.read("silver", "contact"), "silver", "contact", mode="overwrite")
+    summary = duckdb_unify(settings)
+    assert summary.unified == summary.records
+    assert lake.version(*FREQUENCIES) == kept
+    for where in TABLES:
+        assert_same_table(Lake(on_spark.lake), lake, where)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from pydantic import BaseModel, ConfigDict
 from rapidfuzz import fuzz, process
 from scipy.sparse import coo_matrix
@@ -221,42 +222,110 @@ def junk_values(records: pd.DataFrame, name: str, max_records: int) -> set[str]:
 FREQUENCY_SCHEMA = pa.schema([("field", pa.string()), ("value", pa.int64()), ("count", pa.int64())])
 
 
-def _value_hashes(values: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per value (pandas' fixed-key SipHash): the frequency state keeps
-    hashes, not names, so it holds no one's personal data."""
-    return pd.util.hash_array(np.asarray(values, dtype=object)).view(np.int64)
+def value_hashes(values: pd.Series) -> pd.Series:
+    """A 64-bit hash per value (pandas' fixed-key SipHash), null where missing: the
+    frequency state keeps hashes, not names, so it holds no one's personal data. The one
+    definition of a value's hash: DuckDB's build and the Spark engine's workers both
+    call it (`hash_fields`), so their counts and the kept state agree."""
+    present = values.notna().to_numpy()
+    hashes = np.zeros(len(values), dtype=np.int64)
+    if present.any():
+        hashes[present] = pd.util.hash_array(values.to_numpy(dtype=object)[present]).view(np.int64)
+    return pd.Series(pd.arrays.IntegerArray(hashes, ~present), index=values.index)
+
+
+def hash_fields(out: pd.DataFrame, fields: list[str]) -> pd.DataFrame:
+    """`out` (records with their match fields, changed in place and returned) with
+    `h_<field>`, the `value_hashes` of `m_<field>`, for each of `fields`: what
+    `frequency_sql` counts and `common_sql` looks up. Row by row, as `match_fields`."""
+    for name in fields:
+        out[f"h_{name}"] = value_hashes(out[f"m_{name}"])
+    return out
+
+
+def frequency_sql(records: str, fields: list[str]) -> str:
+    """The value counts (FREQUENCY_SCHEMA: field, value hash, records carrying it) of the
+    relation `records` (with `h_<field>`, `hash_fields`) and its number of records (field
+    RECORDS_TOTAL), as SQL both engines run: one definition of what is counted."""
+    parts = [
+        f"SELECT '{RECORDS_TOTAL}' AS field, CAST(0 AS BIGINT) AS value, COUNT(*) AS count "
+        f"FROM {records}"
+    ]
+    parts += [
+        f"SELECT '{name}' AS field, h_{name} AS value, COUNT(*) AS count FROM {records} "
+        f"WHERE h_{name} IS NOT NULL GROUP BY h_{name}"
+        for name in fields
+    ]
+    return "\nUNION ALL\n".join(parts)
+
+
+def common_sql(spec: CommonValues, records: str, frequencies: str, key: str) -> str:
+    """(`key`, is_common) per row of `records` (with `h_<field>`): whether its value of
+    `spec.field` is common among the records of its `spec.per` value (see
+    `CommonValues`), by the counts `frequencies` (`frequency_sql`'s): a value they do not
+    hold (new since they were counted) counts as rare. SQL both engines run; the
+    arithmetic is in doubles in the order numpy would do it, so both decide alike."""
+    limit = f"CAST('{float(spec.max_expected)!r}' AS DOUBLE)"
+
+    def counted(alias: str, name: str) -> str:
+        return (
+            f" LEFT JOIN {frequencies} {alias} ON {alias}.field = '{name}'"
+            f" AND {alias}.value = r.h_{name}"
+        )
+
+    if spec.per is None:  # the other records that carry the value
+        test = f"COALESCE(f.count, 0) - 1 > {limit}"
+        joins = counted("f", spec.field)
+    else:
+        test = f"CAST(COALESCE(f.count, 0) AS DOUBLE) / t.total * COALESCE(p.count, 0) > {limit}"
+        joins = (
+            counted("f", spec.field)
+            + counted("p", spec.per)
+            + " CROSS JOIN (SELECT GREATEST(COALESCE(SUM(count), 0), 1) AS total"
+            + f" FROM {frequencies} WHERE field = '{RECORDS_TOTAL}') t"
+        )
+    return f"SELECT r.{key} AS {key}, {test} AS is_common FROM {records} r{joins}"
+
+
+def common_pass_sql(spec: CommonValues, flag: str, column: str, left: str, right: str) -> str:
+    """The SQL condition (both engines) under which a pair of rows `left`, `right` may link
+    by a `common` test: neither is on a common value (boolean column `flag`), or one of
+    `require_any` (column `column.format(field)`: a value or its hash) is present on both
+    and equal."""
+    same = [f"{left}.{column.format(f)} = {right}.{column.format(f)}" for f in spec.require_any]
+    agree = " OR ".join(same) or "FALSE"
+    return f"(NOT ({left}.{flag} OR {right}.{flag}) OR COALESCE({agree}, FALSE))"
+
+
+def _hashed(records: pd.DataFrame, fields: list[str]) -> pa.Table:
+    """Row number `i` and `h_<field>` of `records`, for DuckDB to run the shared SQL on."""
+    columns = {f"h_{f}": pa.array(value_hashes(records[f"m_{f}"]), pa.int64()) for f in fields}
+    return pa.table({"i": pa.array(np.arange(len(records)), pa.int64()), **columns})
 
 
 def value_frequencies(records: pd.DataFrame, fields: list[str]) -> pa.Table:
     """(field, value hash, count): how many records carry each value of each field, and
-    the number of records (field RECORDS_TOTAL): what `common_flags` reads."""
-    parts = [pa.table({"field": [RECORDS_TOTAL], "value": [0], "count": [len(records)]})]
-    for name in fields:
-        values = records[f"m_{name}"].dropna().to_numpy(dtype=object)
-        hashes, n = np.unique(_value_hashes(values), return_counts=True)
-        parts.append(pa.table({"field": [name] * len(hashes), "value": hashes, "count": n}))
-    return pa.concat_tables([t.cast(FREQUENCY_SCHEMA) for t in parts])
+    the number of records (field RECORDS_TOTAL): what `common_flags` reads
+    (`frequency_sql`, run by DuckDB)."""
+    con = duckdb_connection()
+    con.register("records_", _hashed(records, fields))
+    counted = con.sql(frequency_sql("records_", fields)).to_arrow_table()
+    con.close()
+    return counted.cast(FREQUENCY_SCHEMA)
 
 
 def common_flags(records: pd.DataFrame, spec: CommonValues, freq: pa.Table) -> np.ndarray:
     """Per record, whether its value of `spec.field` is common among the records of its
-    `spec.per` value (see `CommonValues`), by the frequencies `freq`: a value the table
-    does not hold (new since it was counted) counts as rare."""
-    frame = freq.to_pandas()
-    total = int(frame.loc[frame["field"] == RECORDS_TOTAL, "count"].sum())
-
-    def counts(name: str) -> np.ndarray:
-        table = frame[frame["field"] == name]
-        values = records[f"m_{name}"].to_numpy(dtype=object)
-        if table.empty:
-            return np.zeros(len(values), dtype=np.int64)
-        at = pd.Index(table["value"]).get_indexer(_value_hashes(values))
-        return np.where((at >= 0) & pd.notna(values), table["count"].to_numpy()[at], 0)
-
-    if spec.per is None:  # the other records that carry the value
-        return counts(spec.field) - 1 > spec.max_expected
-    expected = counts(spec.field) / max(total, 1) * counts(spec.per)
-    return expected > spec.max_expected
+    `spec.per` value (`common_sql`, run by DuckDB over the frequencies `freq`)."""
+    fields = [f for f in (spec.field, spec.per) if f is not None]
+    con = duckdb_connection()
+    con.register("records_", _hashed(records, fields))
+    con.register("frequencies_", freq)
+    found = con.sql(common_sql(spec, "records_", "frequencies_", "i")).fetchnumpy()
+    con.close()
+    flags = np.zeros(len(records), dtype=bool)
+    flags[found["i"]] = found["is_common"]
+    return flags
 
 
 @dataclass
@@ -924,11 +993,8 @@ def _fuzzy_partners(con: duckdb.DuckDBPyConnection, rule: MatchRule, rules: Unif
     differ = [f"f.hash_{v} <> c.hash_{v}" for v in rule.veto_if_all_differ]  # null: not
     common = ""
     if rule.common is not None:  # on a common value, one of require_any must agree
-        agree = " OR ".join(f"f.hash_{v} = c.hash_{v}" for v in rule.common.require_any)
-        common = (
-            f" AND (NOT (f.is_common_{rule.name} OR c.is_common_{rule.name})"
-            f" OR COALESCE({agree or 'FALSE'}, FALSE))"
-        )
+        flag = f"is_common_{rule.name}"
+        common = f" AND {common_pass_sql(rule.common, flag, 'hash_{}', 'f', 'c')}"
     candidates = con.sql(
         f"""SELECT c.source, c.source_key, f.{text} AS l, c.{text} AS r
             FROM fresh_ f JOIN cur c USING ({block})
@@ -1246,20 +1312,27 @@ def current_summary(lake: Lake, digest: str, inputs: dict, started: float) -> Un
     )
 
 
-def kept_frequencies(lake: Lake, rules: UnifyRules, digest: str, records: int) -> pa.Table | None:
-    """The value frequencies kept by a build with these rules (`FREQUENCIES`); None when
-    there are none, or when the records have grown or shrunk past the rules'
+def frequencies_kept(lake: Lake, rules: UnifyRules, digest: str, records: int) -> bool:
+    """Whether value frequencies kept by a build with these rules (`FREQUENCIES`) serve a
+    build of `records` records: not when the records have grown or shrunk past the rules'
     `recount_frequencies_share` since (the build then counts them again and unifies all
-    records: every decision may flip, and a whole unify is what an incremental one equals)."""
+    records: every decision may flip, and a whole unify is what an incremental one
+    equals). Reads the kept records' total only: the Spark engine reads the table itself."""
     record = last_record(lake, FREQUENCIES)
     if record is None or record[1].get(STATE_KEY) != digest:
-        return None
-    kept = lake.read(*FREQUENCIES)
-    counted = pc.sum(kept.filter(pc.equal(kept["field"], RECORDS_TOTAL))["count"]).as_py() or 0
+        return False
+    total = lake.read(*FREQUENCIES, columns=["count"], filter=ds.field("field") == RECORDS_TOTAL)
+    counted = pc.sum(total["count"]).as_py() or 0
     if abs(records - counted) > rules.recount_frequencies_share * counted:
         log.info("unify: %d records, frequencies counted on %d: counted again", records, counted)
-        return None
-    return kept
+        return False
+    return True
+
+
+def kept_frequencies(lake: Lake, rules: UnifyRules, digest: str, records: int) -> pa.Table | None:
+    """The value frequencies kept by a build with these rules, when they serve a build of
+    `records` records (`frequencies_kept`); None otherwise."""
+    return lake.read(*FREQUENCIES) if frequencies_kept(lake, rules, digest, records) else None
 
 
 def mark_state_rewriting(lake: Lake) -> None:

@@ -11,6 +11,12 @@ How the work is split:
   pairs within and across sources as `_stars` does), fuzzy rules pair all records of a
   block within the size limit, drop vetoed pairs in SQL and score the rest in a pandas
   UDF around DuckDB's scoring function (`fuzzy_pair_mask`: rapidfuzz, same thresholds);
+- a rule's `common` test (value frequencies) runs the DuckDB engine's definitions: the
+  values are hashed on the workers by `hash_fields` (with the match fields), counted by
+  `frequency_sql` and flagged by `common_sql` and `common_pass_sql` (SQL text both
+  engines run); the frequencies are the same state (`state/unify/frequencies`): those
+  the last unify of either engine kept are read while they serve (`frequencies_kept`),
+  and counted ones are written as DuckDB writes them, with the rules' digest;
 - clusters are the connected components of the links, by min-label propagation with
   pointer jumping (`connected_components`), each round written to scratch Parquet so the
   plan never grows, until no label changes;
@@ -63,6 +69,7 @@ from c360ml.medallion.declarations import GoldModel, lake_table
 from c360ml.medallion.gold import lake_versions
 from c360ml.medallion.sql import sql_text
 from c360ml.medallion.unify import (
+    FREQUENCIES,
     KEYS_ONLY,
     MATCH_FIELDS,
     STATE,
@@ -72,8 +79,14 @@ from c360ml.medallion.unify import (
     RuleTotals,
     UnifyRules,
     UnifySummary,
+    common_pass_sql,
+    common_sql,
     current_summary,
+    frequencies_kept,
+    frequency_fields,
+    frequency_sql,
     fuzzy_pair_mask,
+    hash_fields,
     load_rules,
     mark_state_rewriting,
     match_fields,
@@ -139,6 +152,9 @@ class SparkUnify:
         frame.createOrReplaceTempView(name)
         return frame
 
+    def sql(self, text: str) -> DataFrame:
+        return self.spark.sql(text)
+
     def one(self, sql: str) -> tuple:
         """The one row of a small aggregate."""
         return tuple(self.spark.sql(sql).first())
@@ -158,18 +174,24 @@ def _step(what: str) -> Iterator[None]:
 # ---------------------------------------------------------------- records
 
 
-def _with_match_fields(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """The records of each batch with their match fields (on the workers)."""
-    for batch in batches:
-        yield match_fields(batch.reset_index(drop=True))
+def _match_fields_of(hashed: list[str]) -> Callable[[Iterator[pd.DataFrame]], Iterator]:
+    """The records of each batch with their match fields and the value hashes of `hashed`
+    (`hash_fields`), on the workers."""
+
+    def prepare(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for batch in batches:
+            yield hash_fields(match_fields(batch.reset_index(drop=True)), hashed)
+
+    return prepare
 
 
 def read_records(run: SparkUnify) -> DataFrame:
     """The records to unify, as the DuckDB engine reads them (the same SQL files, over the
-    silver tables as temp views), with a numeric `id` and the match fields, kept in
-    scratch (view `u_records`). FileNotFoundError when no silver customer table exists."""
+    silver tables as temp views), with a numeric `id`, the match fields and the value
+    hashes the rules' `common` tests count (`h_<field>`), kept in scratch (view
+    `u_records`). FileNotFoundError when no silver customer table exists."""
     from pyspark.sql import functions as sf
-    from pyspark.sql.types import StringType, StructField, StructType
+    from pyspark.sql.types import LongType, StringType, StructField, StructType
 
     lake, names = run.lake, []
     if lake.exists("silver", "custtable") and lake.exists("silver", "contact"):
@@ -195,9 +217,11 @@ def read_records(run: SparkUnify) -> DataFrame:
         records = frames[0]
         for frame in frames[1:]:
             records = records.unionByName(frame)
+        hashed = frequency_fields(run.rules)
         fields = [StructField(f"m_{f}", StringType()) for f in MATCH_FIELDS]
+        fields += [StructField(f"h_{f}", LongType()) for f in hashed]
         schema = StructType(records.schema.fields + fields)
-        prepared = records.mapInPandas(_with_match_fields, schema)
+        prepared = records.mapInPandas(_match_fields_of(hashed), schema)
         with_id = prepared.withColumn("id", sf.monotonically_increasing_id())
         return run.view(run.keep(with_id, "records"), "u_records")
 
@@ -216,6 +240,22 @@ def _junk(run: SparkUnify) -> dict[str, int]:
         )
         counts[name] = run.view(run.keep(junk, f"junk_{name}"), f"u_junk_{name}").count()
     return counts
+
+
+def value_frequencies(run: SparkUnify, records: int, digest: str) -> DataFrame | None:
+    """View `u_frequencies`, the value counts the rules' `common` tests read: those kept
+    by the last unify (of either engine) when they serve these records
+    (`frequencies_kept`), else counted from the records by the DuckDB engine's SQL
+    (`frequency_sql`). Returns the counted ones (for the build to keep), None when the
+    kept ones serve or no rule has a `common` test."""
+    fields = frequency_fields(run.rules)
+    if not fields:
+        return None
+    if frequencies_kept(run.lake, run.rules, digest, records):
+        run.view(run.read(FREQUENCIES), "u_frequencies")
+        return None
+    counted = run.keep(run.sql(frequency_sql("u_records", fields)), "frequencies")
+    return run.view(counted, "u_frequencies")
 
 
 def _usable(run: SparkUnify, rule: MatchRule) -> str:
@@ -257,19 +297,28 @@ def _scorer(rule: MatchRule):
     return matches
 
 
-def fuzzy_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int, int]:
-    """A fuzzy rule's matched pairs (src, dst), the pairs within and across sources, and
-    the blocks skipped for their size: every pair of a block of at most max_block_size
-    records (counted with the records whose fuzzy field is missing, as `match_rule`
-    counts them), not vetoed, scored by `fuzzy_pair_mask`."""
+def fuzzy_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int, int, int | None]:
+    """A fuzzy rule's matched pairs (src, dst), the pairs within and across sources, the
+    blocks skipped for their size and (a rule with `common`) the pairs on a common value:
+    every pair of a block of at most max_block_size records (counted with the records
+    whose fuzzy field is missing, as `match_rule` counts them), not vetoed, passing the
+    `common` test (`common_sql` per record over `u_frequencies`, `common_pass_sql` per
+    pair: the DuckDB engine's SQL), scored by `fuzzy_pair_mask`."""
     from pyspark.sql import functions as sf
 
     keys = [f"m_{f}" for f in rule.exact]
     most, field = run.rules.max_block_size, f"m_{rule.fuzzy.field}"
+    flag, flagged, common = "FALSE", "", ""
+    if rule.common is not None:
+        flags = run.sql(common_sql(rule.common, "u_records", "u_frequencies", "id"))
+        run.view(run.keep(flags, f"common_{rule.name}"), f"u_common_{rule.name}")
+        flag, flagged = "c.is_common", f" JOIN u_common_{rule.name} c ON c.id = u.id"
+        common = f" AND {common_pass_sql(rule.common, 'is_common', 'm_{}', 'a', 'b')}"
     run.view(
         run.spark.sql(
-            f"""SELECT u.*, COUNT(*) OVER (PARTITION BY {", ".join(keys)}) AS block_size
-                FROM ({_usable(run, rule)}) u"""
+            f"""SELECT u.*, COUNT(*) OVER (PARTITION BY {", ".join(keys)}) AS block_size,
+                       {flag} AS is_common
+                FROM ({_usable(run, rule)}) u{flagged}"""
         ),
         f"u_sized_{rule.name}",
     )
@@ -282,17 +331,21 @@ def fuzzy_links(run: SparkUnify, rule: MatchRule) -> tuple[DataFrame, int, int, 
     veto = f" AND NOT COALESCE({' AND '.join(differ)}, FALSE)" if differ else ""
     candidates = run.spark.sql(
         f"""SELECT a.id AS src, b.id AS dst, a.source = b.source AS same,
-                   a.{field} AS l, b.{field} AS r
+                   a.is_common OR b.is_common AS common, a.{field} AS l, b.{field} AS r
             FROM u_sized_{rule.name} a JOIN u_sized_{rule.name} b
               ON {same_block} AND a.id < b.id
             WHERE a.block_size <= {most} AND a.{field} IS NOT NULL
-              AND b.{field} IS NOT NULL{veto}"""
+              AND b.{field} IS NOT NULL{veto}{common}"""
     )
     scored = candidates.withColumn("hit", _scorer(rule)(sf.col("l"), sf.col("r")))
-    pairs = run.keep(scored.where("hit").select("src", "dst", "same"), f"pairs_{rule.name}")
+    found = scored.where("hit").select("src", "dst", "same", "common")
+    pairs = run.keep(found, f"pairs_{rule.name}")
     pairs.createOrReplaceTempView(f"u_pairs_{rule.name}")
-    within, across = run.one(f"SELECT COUNT_IF(same), COUNT_IF(NOT same) FROM u_pairs_{rule.name}")
-    return pairs.select("src", "dst"), int(within), int(across), int(skipped)
+    within, across, on_common = run.one(
+        f"SELECT COUNT_IF(same), COUNT_IF(NOT same), COUNT_IF(common) FROM u_pairs_{rule.name}"
+    )
+    on_common = int(on_common or 0) if rule.common is not None else None
+    return pairs.select("src", "dst"), int(within), int(across), int(skipped), on_common
 
 
 def match(run: SparkUnify) -> tuple[DataFrame, list[RuleTotals]]:
@@ -305,11 +358,11 @@ def match(run: SparkUnify) -> tuple[DataFrame, list[RuleTotals]]:
         with _step(f"matching rule {rule.name}"):
             if rule.fuzzy is None:
                 found, within, across = exact_links(run, rule)
-                skipped = 0
+                skipped, common = 0, None
             else:
-                found, within, across, skipped = fuzzy_links(run, rule)
+                found, within, across, skipped, common = fuzzy_links(run, rule)
         links.append(found)
-        totals.append(RuleTotals(rule.name, within, across, guarded, skipped))
+        totals.append(RuleTotals(rule.name, within, across, guarded, skipped, common))
     union = links[0]
     for found in links[1:]:
         union = union.unionByName(found)
@@ -547,14 +600,17 @@ class _Outputs:
     report: pd.DataFrame
     records: int
     redirects: int
+    frequencies: DataFrame | None = None  # counted by this build: kept with the state
 
 
-def unify(run: SparkUnify, today: pd.Timestamp) -> _Outputs:
+def unify(run: SparkUnify, today: pd.Timestamp, digest: str) -> _Outputs:
     """Every output computed and kept in scratch (views `u_map`, `u_profile`,
     `u_redirects`), checked; no lake table is written here."""
     records = read_records(run)
     with _step("reading the records"):
         count = records.count()
+    with _step("counting value frequencies"):
+        frequencies = value_frequencies(run, count, digest)
     links, totals = match(run)
     with _step("clustering"):
         labels = connected_components(links, run.keep, run.spark.table("u_records"))
@@ -567,13 +623,15 @@ def unify(run: SparkUnify, today: pd.Timestamp) -> _Outputs:
         report = unify_report(run, totals)
         views = {"customer_source_map": "u_map", "customer_profile": "u_profile"}
         tables = {name: _checked(run, name, view) for name, view in views.items()}
-    return _Outputs(tables, report, count, redirects)
+    return _Outputs(tables, report, count, redirects, frequencies)
 
 
 def write_outputs(run: SparkUnify, done: _Outputs, inputs: dict, digest: str) -> None:
     """The commits, in the DuckDB engine's order: the state marked as being rewritten,
     the map and profiles (recording the inputs), redirects appended, the report, the
-    state (the records' keys, recording the inputs and the rules) last."""
+    value frequencies when this build counted them (recording the rules, as DuckDB's:
+    either engine's next build reads them), the state (the records' keys, recording the
+    inputs and the rules) last."""
     spark, lake, tables, meta = run.spark, run.lake, run.tables, stamp(inputs)
     mark_state_rewriting(lake)
     for name, rows in done.tables.items():
@@ -583,6 +641,8 @@ def write_outputs(run: SparkUnify, done: _Outputs, inputs: dict, digest: str) ->
         redirects = spark.sql(f"SELECT {cast} FROM u_redirects")
         tables.append(redirects, lake, ("gold", "customer_id_redirects"), {})
     tables.write(spark.createDataFrame(done.report), lake, ("gold", "unify_report"), {})
+    if done.frequencies is not None:  # before the state they go with, as DuckDB keeps them
+        tables.write(done.frequencies, lake, FREQUENCIES, stamp(inputs, **{STATE_KEY: digest}))
     keys = spark.sql("SELECT source, source_key FROM u_records")
     state = stamp(inputs, **{STATE_KEY: digest + KEYS_ONLY})
     tables.write(keys, lake, STATE, state)
@@ -599,12 +659,6 @@ def build_unify(
     started = time.perf_counter()
     lake = Lake(settings.lake)
     rules = load_rules(settings.path(settings.unify_rules))
-    with_common = [r.name for r in rules.rules if r.common is not None]
-    if with_common:  # term-frequency evidence is matched by the DuckDB engine only (yet)
-        raise SparkBuildError(
-            f"unify: rule {with_common[0]} has common (value frequencies): not on Spark yet, "
-            "build unify with --engine duckdb"
-        )
     digest = state_digest(rules)
     inputs = lake_versions(lake)
     inputs.pop("gold/customer_source_map", None)  # our own output
@@ -614,7 +668,7 @@ def build_unify(
     shutil.rmtree(scratch, ignore_errors=True)  # a stopped build's leftovers
     run = SparkUnify(settings, lake, spark, rules, scratch, tables)
     try:
-        done = unify(run, pd.Timestamp.now(tz="UTC").floor("us"))
+        done = unify(run, pd.Timestamp.now(tz="UTC").floor("us"), digest)
         write_outputs(run, done, inputs, digest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
