@@ -67,7 +67,14 @@ from c360ml.features.aggregates import LINE_ID, Aggregate, request_sql
 from c360ml.features.asof import CUSTOMER_ID, GOLD_RELATIONS, NEEDED, SPARK, AsOfSql, LakeGold
 from c360ml.features.gold import GOLD_TABLES
 from c360ml.schemas import Orders, SupportCases
-from c360ml.spark.gold import DELTA, SparkBuildError, SparkTables, _first_line, _spark_errors
+from c360ml.spark.gold import (
+    DELTA,
+    SparkBuildError,
+    SparkTables,
+    _first_line,
+    _spark_errors,
+    write_delta,
+)
 from c360ml.storage.lake import Lake
 from c360ml.timestamps import utc
 
@@ -85,6 +92,9 @@ log = logging.getLogger(__name__)
 ACTIVE = "c360ml_active"  # customer_id of the active population at as_of
 KEYS = "c360ml_keys"  # customer_id of the training population at one cutoff
 PROFILES = "c360ml_profiles"  # customer_id of every profile in the view
+MEASURES = "c360ml_measures"  # the refresh's customer_measures rows at as_of
+SCORED = "c360ml_scored"  # customer_id, the features and the scores of the active profiles
+SCORES = "c360ml_scores"  # the refresh's churn_scores rows at as_of
 SCRATCH = ("state", "features_spark_scratch")  # a pass's kept relations (Parquet), removed after
 # The relations computed once and kept (`SparkAsOf.keep`): those DuckDB's engine stores
 # that are read more than once, and the view's activity tables the aggregates scan.
@@ -113,7 +123,7 @@ class SparkFeatureError(SparkBuildError):
 def plan_features(fs: FeatureSet) -> list[Aggregate]:
     """fs's features as compiled aggregates, in fs.names order; SparkFeatureError naming
     the first one the SQL cannot express (a user's SQL feature included)."""
-    from c360ml.features import custom
+    from c360ml.features import btyd, custom
     from c360ml.features.dfs import _load
 
     for sql in custom.definitions(fs.meta):
@@ -121,7 +131,15 @@ def plan_features(fs: FeatureSet) -> list[Aggregate]:
             f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
             "engine computes; drop it from the spec or use --engine duckdb"
         )
+    for name in btyd.feature_names(fs.meta):
+        raise SparkFeatureError(BTYD_REFUSED.format(name=name))
     return _planned(_load(fs), "feature")
+
+
+BTYD_REFUSED = (
+    "feature {name!r} is a BTYD feature (btyd: enabled in the spec), which only the DuckDB "
+    "engine computes; set btyd: {{enabled: false}} or use --engine duckdb"
+)
 
 
 def plan_measures(measures: list[Measure]) -> list[Aggregate]:
@@ -399,12 +417,22 @@ class SparkAsOf:
 class SparkSnapshot:
     """The refresh's pass at one as_of on Spark: the measures of every profile and the
     features of the active ones as Spark DataFrames (customer_id, then the measures or
-    fs.names; None when not asked), and the populations the score statuses need."""
+    fs.names; None when not asked) and the session's view, whose relations `PROFILES`
+    and `ACTIVE` hold the populations (`profiles` and `buyers` bring ids to the driver,
+    for the callers that want them there)."""
 
     measures: DataFrame | None
     features: DataFrame | None
-    profiles: pd.Index  # every profile's customer_id, sorted
-    buyers: pd.Index  # profiles with a purchase at or before as_of, sorted
+    view: SparkAsOf
+    as_of: pd.Timestamp
+
+    def profiles(self) -> pd.Index:
+        """Every profile's customer_id, sorted."""
+        return self.view.profile_ids()
+
+    def buyers(self) -> pd.Index:
+        """The profiles with a purchase at or before as_of, sorted."""
+        return self.view.buyers(self.as_of)
 
 
 @contextlib.contextmanager
@@ -429,8 +457,8 @@ def spark_snapshot(
             yield SparkSnapshot(
                 measures=None if measures is None else view.aggregates(PROFILES, measures),
                 features=None if features is None else view.aggregates(ACTIVE, features),
-                profiles=view.profile_ids(),
-                buyers=view.buyers(as_of),
+                view=view,
+                as_of=as_of,
             )
     finally:
         with contextlib.suppress(OSError):
@@ -486,6 +514,7 @@ def snapshot_profiles(
         plan_features(fs) if fs is not None else None,
     )
     with spark_snapshot(_session(settings), lake, as_of, cfg, *plans) as snap:
+        profiles = snap.profiles()
         return Snapshot(
             measures=None
             if snap.measures is None
@@ -493,9 +522,9 @@ def snapshot_profiles(
             features=None
             if snap.features is None
             else _features(_collect(snap.features, "features"), fs, as_of),
-            profiles=pd.Series(snap.profiles.to_numpy(), name=CUSTOMER_ID),
-            buyers=pd.Series(snap.buyers.to_numpy(), name=CUSTOMER_ID),
-            note=f"on Spark: {len(snap.profiles):,} profiles",
+            profiles=pd.Series(profiles.to_numpy(), name=CUSTOMER_ID),
+            buyers=pd.Series(snap.buyers().to_numpy(), name=CUSTOMER_ID),
+            note=f"on Spark: {len(profiles):,} profiles",
         )
 
 
@@ -548,15 +577,19 @@ def derive_features(view: SparkAsOf, spec: Path) -> FeatureSet:
 
 
 def refuse_sql_features(spec: Path) -> None:
-    """SparkFeatureError naming the spec's first SQL feature (sql_features:): those are
-    computed on the view's rows in pandas, by the DuckDB engine only."""
-    from c360ml.features import custom
+    """SparkFeatureError naming the spec's first SQL feature (sql_features:), or its first
+    BTYD feature (btyd: enabled): those are computed on the view's rows in pandas (the
+    BTYD fits in scipy, on the population's purchase summary), by the DuckDB engine only."""
+    from c360ml.features import btyd, custom
+    from c360ml.features.spec import load_btyd_spec
 
     for sql in custom.load_sql_features(spec):
         raise SparkFeatureError(
             f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
             "engine computes; drop it from the spec or use --engine duckdb"
         )
+    if load_btyd_spec(spec).enabled:
+        raise SparkFeatureError(BTYD_REFUSED.format(name=btyd.BTYD_FEATURES[0]))
 
 
 def population_features(
@@ -696,25 +729,72 @@ def score_frame(
     return features.mapInPandas(job, schema)
 
 
-def scored_snapshot(
-    rows: pd.DataFrame, fs: FeatureSet, as_of: pd.Timestamp
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The collected rows of `score_frame` (indexed by customer_id) as the refresh's
-    feature snapshot and `score`'s output frame (InfluentialFactors as JSON text)."""
-    from c360ml.model.scoring import ChurnScoreOutput
+def measures_table(measures: DataFrame, wanted: list[Measure], as_of: pd.Timestamp) -> DataFrame:
+    """gold/customer_measures' rows of the measures' aggregates, as `measures_frame`
+    makes them: customer_id, as_of, then each measure, numeric ones (counts and flags
+    included) as DOUBLE, the others as STRING."""
+    types = dict(measures.dtypes)
+    numeric = re.compile(r"(tiny|small|big)?int|bigint|long|short|byte|float|double|decimal|bool")
+    columns = [
+        f"CAST({CUSTOMER_ID} AS STRING) AS {CUSTOMER_ID}",
+        f"{SPARK.timestamp(as_of)} AS as_of",
+    ]
+    for m in wanted:
+        kind = "DOUBLE" if numeric.match(types[m.name]) else "STRING"
+        columns.append(f"CAST({SPARK.quote(m.name)} AS {kind}) AS {SPARK.quote(m.name)}")
+    return measures.selectExpr(*columns)
 
-    features = _features(rows[list(fs.names)], fs, as_of)
-    scored = pd.DataFrame(
-        {
-            "CustomerId": rows.index.to_numpy(dtype=object),
-            "ChurnScore": rows["ChurnScore"].to_numpy(dtype=np.float64),
-            "IsChurn": rows["IsChurn"].to_numpy(dtype=bool),
-            "RiskLevel": rows["RiskLevel"].to_numpy(dtype=object),
-            "InfluentialFactors": rows["InfluentialFactors"].to_numpy(dtype=object),
-        },
-        columns=list(ChurnScoreOutput.to_schema().columns),
+
+def scores_sql(
+    scored: str, explain: str, version: str, as_of: pd.Timestamp, at: pd.Timestamp
+) -> str:
+    """gold/churn_scores' rows at as_of on Spark, as `c360ml.refresh.churn_score_rows`
+    makes them: one per profile (`PROFILES`), the scores of `scored` (the output of
+    `score_frame`) for the active ones (`ACTIVE`), the others unscored with their status."""
+    from c360ml.medallion.checks import string
+    from c360ml.refresh import INACTIVE, INSUFFICIENT, SCORED
+
+    buyers = asof.purchasers(None, as_of, SPARK)
+    c = CUSTOMER_ID
+    return (
+        f"SELECT p.{c} AS CustomerId, s.ChurnScore, s.IsChurn, s.RiskLevel, "
+        f"s.InfluentialFactors, {string(explain, 'spark')} AS ExplainMethod, "
+        f"{string(version, 'spark')} AS ModelVersion, {SPARK.timestamp(as_of)} AS ScoredAsOf, "
+        f"{SPARK.timestamp(at)} AS ScoredAt, CASE WHEN a.{c} IS NOT NULL THEN '{SCORED}' "
+        f"WHEN b.{c} IS NOT NULL THEN '{INACTIVE}' ELSE '{INSUFFICIENT}' END AS ScoreStatus "
+        f"FROM {PROFILES} p LEFT JOIN {scored} s ON s.{c} = p.{c} "
+        f"LEFT JOIN (SELECT DISTINCT {c} FROM {ACTIVE}) a ON a.{c} = p.{c} "
+        f"LEFT JOIN (SELECT DISTINCT {c} FROM ({buyers}) q) b ON b.{c} = p.{c}"
     )
-    return features, scored
+
+
+def replace_as_of_on_spark(
+    frame: DataFrame, lake: Lake, table: str, column: str, as_of: pd.Timestamp, inputs: dict
+) -> bool:
+    """`c360ml.steps.replace_as_of` written by Spark: this as_of's rows of a gold table
+    replaced in one commit recording the same inputs (so either engine keeps what the
+    other wrote); skipped when the same inputs made them. Nothing reaches the driver."""
+    from c360ml.steps import same_inputs
+    from c360ml.storage.inputs import stamp
+
+    if same_inputs(lake, table, as_of, inputs):
+        return False
+    meta = stamp({**inputs, "as_of": str(as_of)})
+    exists = lake.exists("gold", table)
+    condition = f"{SPARK.quote(column)} = {SPARK.timestamp(as_of)}" if exists else None
+    write_delta(frame, lake, "gold", table, metadata=meta, replace_where=condition)
+    return True
+
+
+def scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
+    """This as_of's rows of gold/churn_scores (read with a filter: not the history)."""
+    import pyarrow.dataset as ds
+
+    return lake.read_pandas("gold", "churn_scores", filter=ds.field("ScoredAsOf") == as_of)
+
+
+def _count(spark: SparkSession, sql: str) -> int:
+    return int(spark.sql(f"SELECT COUNT(*) FROM ({sql}) q").first()[0])
 
 
 def measures_and_scores(
@@ -725,12 +805,16 @@ def measures_and_scores(
     explain: str,
 ) -> tuple[list[StepResult], pd.DataFrame]:
     """`c360ml.refresh.measures_and_scores` on Spark: the measures, the feature snapshot
-    and the scores computed by Spark (the features and scores in one pass), written to
-    the same tables with the same records; what these inputs (and this model) already
-    produced is kept."""
+    and the scores computed by Spark (the features and scores in one pass, kept in the
+    pass's scratch) and written to the same tables by Spark, with the same commit
+    records; what these inputs (and this model) already produced is kept. The driver
+    receives counts, and this as_of's rows of churn_scores read back from the lake (what
+    the rest of the refresh reads)."""
     from c360ml import refresh
     from c360ml.features import load_churn_config, load_measures
-    from c360ml.steps import StepResult, replace_as_of
+    from c360ml.schemas import ChurnScores, CustomerMeasures
+    from c360ml.spark.gold import check_view
+    from c360ml.steps import StepResult
 
     as_of = utc(as_of)
     lake = Lake(settings.lake)
@@ -749,52 +833,70 @@ def measures_and_scores(
         plan_measures(wanted) if wanted else None,
         plan_features(fs) if fs is not None else None,
     )
-    measures, rows = None, None
-    with spark_snapshot(_session(settings), lake, as_of, cfg, *plans) as snap:
-        profiles = pd.Series(snap.profiles.to_numpy(), name=CUSTOMER_ID)
-        if wanted:
-            measures = _measures(_collect(snap.measures, "measures"), wanted, as_of)
-        seconds = time.perf_counter() - started
+    spark = _session(settings)
+    steps: list[StepResult] = []
+    with spark_snapshot(spark, lake, as_of, cfg, *plans) as snap:
+        profiles = _count(spark, f"SELECT {CUSTOMER_ID} FROM {PROFILES}")
+        note = f"on Spark; {profiles:,} profiles; written by Spark"
+        steps.append(StepResult("snapshot", profiles, note, time.perf_counter() - started))
         started = time.perf_counter()
-        if fs is not None:
-            scored = score_frame(snap.features, fs.names, bundle, explain)
-            rows = _collect(scored, "features and scores")
-    note = f"on Spark; {len(profiles):,} profiles"
-    steps = [StepResult("snapshot", len(profiles), note, seconds)]
-    spark_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    if measures is not None:
-        refresh.write_measures(lake, measures, as_of, inputs)
-        steps.append(StepResult("measures", len(measures), "", time.perf_counter() - started))
-    else:
-        steps.append(StepResult("measures", 0, kept))
-    if rows is None:
-        scores = refresh._scores_at(lake, as_of)
-        steps.append(StepResult("features + scores", len(scores), kept))
-        return steps, scores
-    started = time.perf_counter()
-    snapshot, scored = scored_snapshot(rows, fs, as_of)
-    replace_as_of(lake, snapshot, "customer_features", refresh.AS_OF, as_of, inputs)
-    note = f"{len(fs.names)} features; computed and scored in one Spark pass"
-    steps.append(
-        StepResult(
-            "feature snapshot", len(snapshot), note, spark_seconds + time.perf_counter() - started
+        if wanted:
+            rows = measures_table(snap.measures, wanted, as_of)
+            rows.createOrReplaceTempView(MEASURES)
+            check_view(spark, CustomerMeasures, "gold/customer_measures", MEASURES)
+            _spark_step(
+                lambda: replace_as_of_on_spark(
+                    rows, lake, "customer_measures", refresh.AS_OF, as_of, inputs
+                ),
+                "measures",
+            )
+            steps.append(StepResult("measures", profiles, "", time.perf_counter() - started))
+        else:
+            steps.append(StepResult("measures", 0, kept))
+        if fs is None:
+            scores = refresh._scores_at(lake, as_of)
+            steps.append(StepResult("features + scores", len(scores), kept))
+            return steps, scores
+        started = time.perf_counter()
+        score_frame(snap.features, fs.names, bundle, explain).createOrReplaceTempView(SCORED)
+        _spark_step(lambda: snap.view.keep(SCORED), "features and scores")  # one scoring pass
+        names = ", ".join(SPARK.quote(n) for n in fs.names)
+        features = spark.sql(
+            f"SELECT {CUSTOMER_ID}, {SPARK.timestamp(as_of)} AS as_of, {names} FROM {SCORED}"
         )
-    )
-    started = time.perf_counter()
-    status = refresh.score_statuses(profiles, snapshot[CUSTOMER_ID], snap.buyers)
-    step, scores = refresh.write_scores(
-        lake,
-        profiles,
-        status,
-        scored,
-        (explain, model_version),
-        as_of,
-        score_inputs,
-        started,
-        "on Spark (mapInPandas)",
-    )
-    return [*steps, step], scores
+        active = _count(spark, f"SELECT {CUSTOMER_ID} FROM {SCORED}")
+        _spark_step(
+            lambda: replace_as_of_on_spark(
+                features, lake, "customer_features", refresh.AS_OF, as_of, inputs
+            ),
+            "feature snapshot",
+        )
+        note = f"{len(fs.names)} features; computed and scored in one Spark pass"
+        steps.append(StepResult("feature snapshot", active, note, time.perf_counter() - started))
+        started = time.perf_counter()
+        now = pd.Timestamp.now(tz="UTC").floor("us")
+        spark.sql(scores_sql(SCORED, explain, model_version, as_of, now)).createOrReplaceTempView(
+            SCORES
+        )
+        check_view(spark, ChurnScores, "gold/churn_scores", SCORES)
+        _spark_step(
+            lambda: replace_as_of_on_spark(
+                spark.table(SCORES), lake, "churn_scores", "ScoredAsOf", as_of, score_inputs
+            ),
+            "batch scores",
+        )
+    scores = scores_at(lake, as_of)
+    note = f"model v{model_version}, explain={explain}, on Spark (mapInPandas)"
+    steps.append(StepResult("batch scores", len(scores), note, time.perf_counter() - started))
+    return steps, scores
+
+
+def _spark_step(run: Callable[[], object], what: str) -> None:
+    """`run`, a Spark failure as SparkFeatureError naming `what`."""
+    try:
+        run()
+    except _spark_errors() as exc:
+        raise SparkFeatureError(f"Spark failed the {what}: {_first_line(exc)}") from exc
 
 
 __all__ = [

@@ -103,15 +103,27 @@ def nullable(frame: DataFrame) -> DataFrame:
     )
 
 
-def write_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, str]) -> None:
+def write_delta(
+    frame: DataFrame,
+    lake: Lake,
+    *where: str,
+    metadata: dict[str, str],
+    replace_where: str | None = None,
+) -> None:
     """One overwrite commit of a lake table by Spark, every column nullable, the table's
     schema replaced (as the DuckDB engine's overwrite replaces it), `metadata` recorded
-    in that commit (as a JSON object in its `userMetadata`). SparkBuildError when Spark
-    fails it: a Delta write commits whole or not at all, so the table is as it was."""
+    in that commit (as a JSON object in its `userMetadata`). With `replace_where` (a
+    Spark SQL condition) only the rows matching it are replaced, in the same one commit
+    (Delta's replaceWhere: delta-rs' overwrite with a predicate), and the schema is
+    kept. SparkBuildError when Spark fails it: a Delta write commits whole or not at
+    all, so the table is as it was."""
     path = lake.path(*where)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = nullable(frame).write.format("delta").mode("overwrite")
-    writer = writer.option("overwriteSchema", "true")
+    if replace_where is None:
+        writer = writer.option("overwriteSchema", "true")
+    else:
+        writer = writer.option("replaceWhere", replace_where)
     try:
         writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
     except _spark_errors() as exc:
@@ -231,8 +243,13 @@ def check_gold(spark: SparkSession, model: GoldModel, view: str) -> None:
     """The model's pandera checks over `view` in Spark SQL: ValueError naming every failed
     check and how many rows fail it, as the DuckDB engine's `ArrowCheck` names them.
     Only counts come back to the driver."""
-    checks = sql_checks(model.schema, "spark")
-    where = f"gold/{model.name}"
+    check_view(spark, model.schema, f"gold/{model.name}", view)
+
+
+def check_view(spark: SparkSession, schema: object, where: str, view: str) -> None:
+    """A pandera schema's checks over `view` in Spark SQL (`check_gold`), `where` naming
+    the table in the ValueError."""
+    checks = sql_checks(schema, "spark")
     columns = set(spark.table(view).columns)
     missing = [c for c in checks.dtypes if c not in columns]
     problems = [f"{c}: column missing" for c in missing]
