@@ -118,7 +118,12 @@ def cmd_build(args: argparse.Namespace, settings: Settings) -> None:
         order = ["unify", "gold"]  # gold is keyed by unify's ids: unify always runs first
     # One lease for all the steps: a refresh must not slip in between two of them.
     with (
-        lease.exclusive(settings.lake, f"build {args.layer}", settings.lease_wait_seconds),
+        lease.exclusive(
+            settings.lake,
+            f"build {args.layer}",
+            settings.lease_wait_seconds,
+            settings.lease_ttl_seconds,
+        ),
         progress.track(f"build {args.layer}", len(order)) as advance,
     ):
         if erasure.finish_pending(settings) is not None:

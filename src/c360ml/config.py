@@ -107,6 +107,9 @@ class Settings(_Frozen):
     refresh_worker_memory_mb: int = Field(1024, ge=256)
     # how long a build, refresh or generate waits for another one at work on the same lake
     lease_wait_seconds: float = Field(600.0, ge=0)
+    # how long a lake's lease on object storage outlives its holder's last renewal (renewed
+    # every third of it): the wait after a crashed job before the next one may take over
+    lease_ttl_seconds: float = Field(60.0, gt=0)
     # files no table version of this many hours needs are removed by each refresh (Delta's
     # default week): readers of a shared lake keep older versions that long; an erasure
     # removes the files that held an erased person at once

@@ -251,7 +251,8 @@ def writes_lake(what: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(settings: Any, *args: Any, **kwargs: Any) -> Any:
-            with exclusive(settings.lake, what, settings.lease_wait_seconds):
+            wait, ttl = settings.lease_wait_seconds, settings.lease_ttl_seconds
+            with exclusive(settings.lake, what, wait, ttl):
                 return fn(settings, *args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
