@@ -15,6 +15,8 @@ STAGE ?= all
 SIZES ?= 100000,1000000
 # bench ENGINE=spark: the medallion stage builds gold with DuckDB and Spark (Sail) side by side
 ENGINE ?= duckdb
+# bench LAKE=azurite: the medallion stage builds the lake in a container on Azurite (local: a folder)
+LAKE ?= local
 
 .PHONY: install demo test test-fast docs lint bench clean serve bento mlflow-ui browser
 
@@ -82,7 +84,7 @@ test-fast: install lint
 
 bench: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,bench]'
-	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE)
+	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE) --lake $(LAKE)
 
 clean:
 	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist

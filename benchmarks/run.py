@@ -137,6 +137,100 @@ def stage_medallion(size: int) -> dict:
     }
 
 
+AZURITE_CONTAINER = "bench"  # the container the medallion stage's az:// lake is built in
+
+
+def stage_medallion_azurite(size: int) -> dict:
+    """The medallion stage with the lake in a container on Azurite (`--lake azurite`).
+
+    The emulator is the one the tests start (node_modules, 127.0.0.1, its blobs in a
+    temporary folder, stopped at the end). The cached landing is uploaded first and timed
+    apart: Synapse Link writes it there, it is no build's work. The generator writes local
+    folders only, so the increment is generated in the local copy's landing and its new
+    files uploaded (model.json last, as Synapse Link writes a sync folder)."""
+    import tempfile
+
+    from c360ml.storage.lake import Lake
+    from c360ml.storage.objects import upload_folder
+    from c360ml.synth import generate_increment
+
+    sys.path.insert(0, str(ROOT))
+    from tests.storage.azurite import Azurite
+
+    local = work_settings(size)
+    landing = local.lake / "landing"
+    with tempfile.TemporaryDirectory(prefix="bench-azurite-") as folder:
+        server = Azurite(Path(folder))
+        try:
+            for name in [n for n in os.environ if n.startswith(("AZURE_", "AZURITE_"))]:
+                del os.environ[name]
+            os.environ["AZURE_STORAGE_USE_EMULATOR"] = "true"
+            os.environ["AZURITE_BLOB_STORAGE_URL"] = server.url
+            server.create_container(AZURITE_CONTAINER)
+            settings = local.model_copy(update={"lake_root": f"az://{AZURITE_CONTAINER}/lake"})
+            lake = Lake(settings.lake)
+            started = time.perf_counter()
+            sent = upload_folder(landing, lake.store, "landing")
+            upload_s = round(time.perf_counter() - started, 2)
+            landing_mb = round(sum(lake.store.sizes("landing").values()) / 2**20, 1)
+            print(f"  upload: {len(sent)} files, {upload_s} s", file=sys.stderr, flush=True)
+            full = timed_build(settings)
+            orders = lake.dataset("gold", "orders").count_rows()
+            lines = lake.dataset("gold", "order_lines").count_rows()
+            bronze_rows = sum(
+                lake.dataset("bronze", *p).count_rows() for p in lake.tables("bronze")
+            )
+            before = {p for p in landing.rglob("*") if p.is_file()}
+            increment = generate_increment(local)
+            increment_rows = sum(r["rows"] for r in increment.rows())
+            started = time.perf_counter()
+            new = _upload_new(landing, before, lake.store)
+            increment_upload_s = round(time.perf_counter() - started, 2)
+            incremental = timed_build(settings)
+            lake_mb = round(sum(lake.store.sizes("").values()) / 2**20, 1)
+            azurite_rss = _peak_rss_of(server.proc.pid)
+        finally:
+            server.stop()
+    return {
+        "lake": "azurite",
+        "full": full,
+        "incremental": incremental,
+        "upload_s": upload_s,
+        "landing_mb": landing_mb,
+        "increment_upload_s": increment_upload_s,
+        "increment_files": len(new),
+        "container_mb": lake_mb,
+        "azurite_peak_rss_mb": azurite_rss,
+        "bronze_rows": bronze_rows,
+        "increment_landing_rows": increment_rows,
+        "gold_orders": orders,
+        "gold_order_lines": lines,
+        "incremental_share": round(incremental["total"] / full["total"], 3),
+    }
+
+
+def _upload_new(landing: Path, before: set[Path], store) -> list[str]:
+    """The landing files written since `before`, uploaded, model.json files last."""
+    new = sorted(
+        (p for p in landing.rglob("*") if p.is_file() and p not in before),
+        key=lambda p: (p.name == "model.json", p.as_posix()),
+    )
+    for path in new:
+        store.write_bytes(f"landing/{path.relative_to(landing).as_posix()}", path.read_bytes())
+    return [p.name for p in new]
+
+
+def _peak_rss_of(pid: int) -> float | None:
+    """A running process's peak RSS in MB (Linux's VmHWM), None where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 SILVER_READY = "silver_ready"  # marker: the work lake holds a full silver build, no increment
 
 
@@ -518,6 +612,7 @@ def write_readme() -> None:
                 f"`{r.get('command', doc['command'])}` |"
             )
     lines += spark_section()
+    lines += azurite_section()
     lines += compare_section()
     if (RESULTS / "real.md").exists():
         lines += ["", *(RESULTS / "real.md").read_text().splitlines()]
@@ -526,6 +621,74 @@ def write_readme() -> None:
         lines += (RESULTS / "lifecycle.md").read_text().splitlines()[2:]
         lines += ["", "![lifecycle](lifecycle.png)"]
     (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
+
+
+AZURITE_JSON = "medallion_azurite.json"
+STEPS = ("ingest", "silver", "unify", "gold")
+
+
+def azurite_section() -> list[str]:
+    """The README's section on the medallion stage with the lake on Azurite beside the
+    same size on a local folder (medallion_azurite.json, medallion.json)."""
+    path = RESULTS / AZURITE_JSON
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    local_doc = json.loads((RESULTS / "medallion.json").read_text())
+    local = {r["size"]: r for r in local_doc["results"]}
+    lines = [
+        "",
+        "## medallion on Azurite: the lake in a container, beside a local folder",
+        "",
+        "`make bench STAGE=medallion SIZES=… LAKE=azurite` (`stage_medallion_azurite` in",
+        "`benchmarks/run.py`): the same build as the medallion stage with `lake_root` an",
+        "`az://` container on Azurite (Microsoft's emulator, on 127.0.0.1 on this machine, its",
+        "blobs on the same disk), so the ratio is the cost of the object-store path (HTTP",
+        "requests, blob uploads, put-if-absent commits, the lease), not of a network. The",
+        "landing is uploaded before the build and timed apart. Seconds per step; Azurite's",
+        "own peak RSS is the emulator process's (Node).",
+        "",
+        "| size | lake | date | full s (ingest, silver, unify, gold) | incremental s "
+        "(ingest, silver, unify, gold) | wall s | peak RSS MB | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def steps(x: dict) -> str:
+        return f"{x['total']} ({', '.join(str(x[k]) for k in STEPS)})"
+
+    ratios = []
+    for r in doc["results"]:
+        run = r["runs"][0]
+        there = local.get(r["size"])
+        if there is not None:
+            base = there["runs"][0]
+            lines.append(
+                f"| {r['size']:,} | local | {there.get('date', local_doc['date'])} | "
+                f"{steps(base['full'])} | {steps(base['incremental'])} | {base['wall_s']} | "
+                f"{base['peak_rss_mb']} | `{there.get('command', local_doc['command'])}` |"
+            )
+            ratios.append(
+                f"{r['size']:,}: full build {run['full']['total'] / base['full']['total']:.2f}x, "
+                f"incremental {run['incremental']['total'] / base['incremental']['total']:.2f}x"
+            )
+        lines.append(
+            f"| {r['size']:,} | Azurite | {r.get('date', doc['date'])} | {steps(run['full'])} | "
+            f"{steps(run['incremental'])} | {run['wall_s']} | {run['peak_rss_mb']} (Azurite "
+            f"{run.get('azurite_peak_rss_mb')}) | `{r.get('command', doc['command'])}` |"
+        )
+        lines.append("")
+    for r in doc["results"]:
+        run = r["runs"][0]
+        lines.append(
+            f"At {r['size']:,}: landing {run['landing_mb']} MB uploaded in {run['upload_s']} s "
+            f"before the build; the increment's {run['increment_files']} files in "
+            f"{run['increment_upload_s']} s; the container holds {run['container_mb']} MB after."
+        )
+    if ratios:
+        lines += ["", "Azurite / local: " + "; ".join(ratios) + "."]
+    if doc.get("note"):  # what the figures were measured under, written by hand
+        lines += ["", doc["note"]]
+    return lines
 
 
 def compare_section() -> list[str]:
@@ -685,6 +848,12 @@ def main() -> None:
         default="duckdb",
         help="medallion: spark builds the layers with DuckDB and Spark side by side (bench_spark.py)",
     )
+    parser.add_argument(
+        "--lake",
+        choices=["local", "azurite"],
+        default="local",
+        help="medallion: azurite builds the lake in a container on Azurite (medallion_azurite.json)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"))
     parser.add_argument("--silver", type=int, metavar="SIZE", help="internal: build silver")
     parser.add_argument("--build-ml", type=int, metavar="SIZE", help="internal: build ml lake")
@@ -721,6 +890,8 @@ def main() -> None:
 
             bench_compare.main(stage, [int(s) for s in args.sizes.split(",")], args.repeats)
             continue
+        if stage == "medallion" and args.lake == "azurite":
+            stage = "medallion_azurite"  # its own figures, beside the local ones
         if stage == "serve":  # one model, any size: bench_serve writes serve.json/serve.md
             subprocess.run(
                 [sys.executable, str(HERE / "bench_serve.py"), "--out", str(RESULTS)], check=True
