@@ -242,6 +242,29 @@ def test_a_pseudonymised_marker_still_erases_a_record_that_comes_back(tmp_path):
     assert sorted(erased_records(lake, previous).source_key) == ["c1", "c2"]
 
 
+def test_a_customer_is_erased_only_when_all_its_records_are_and_it_was_not_merged():
+    from c360ml.medallion.erasure import erased_customers
+
+    previous = pd.DataFrame(
+        {
+            "source": ["d365", "dataverse", "d365", "dataverse", "dataverse", "dataverse", "d365"],
+            "source_key": ["a1", "c1", "a2", "c2", "c3", "c4", "a5"],
+            "customer_id": ["A", "A", "B", "B", "C", "D", "E"],
+        }
+    )
+    erased = pd.DataFrame(
+        {"source": ["d365", "dataverse", "dataverse", "dataverse", "dataverse"],
+         "source_key": ["a1", "c1", "c2", "c3", "c4"]}
+    )  # fmt: skip
+    current = pd.DataFrame({"customer_id": ["B", "C", "E"]})  # C's id lives on elsewhere
+    redirects = pd.DataFrame({"retired_id": ["D"]})  # D was merged into another customer
+    # A: every record erased; B: one of two; C: still mapped; D: redirected; E: untouched
+    assert erased_customers(previous, current, redirects, erased) == ["A"]
+    # a d365 key equal to an erased dataverse key is another record
+    erased_a5 = pd.DataFrame({"source": ["dataverse"], "source_key": ["a5"]})
+    assert erased_customers(previous, current.iloc[:0], redirects, erased_a5) == []
+
+
 def test_a_file_a_killed_write_left_is_removed_not_read(tmp_path):
     """A kill can leave a 0-byte or truncated Parquet file that no version refers to; the
     erasure's file step removes it instead of failing to read it (the crash benchmark

@@ -134,9 +134,11 @@ def erased_records(lake: Lake, previous_map: pd.DataFrame) -> pd.DataFrame:
                          FROM contact GROUP BY {ERASED_KEY.format("contactid")}""")
     if not parts:
         return pd.DataFrame(columns=["source", "source_key"])
-    latest = con.sql(" UNION ALL ".join(parts)).df()
-    deleted = latest[latest["IsDelete"].fillna(False).astype(bool)][["source", "source_key"]]
-    return deleted.merge(previous_map[["source", "source_key"]], on=["source", "source_key"])
+    deleted = con.sql(
+        f"SELECT source, source_key FROM ({' UNION ALL '.join(parts)}) q WHERE IsDelete"
+    ).df()
+    mapped = previous_map[previous_map["source_key"].isin(deleted["source_key"])]
+    return deleted.merge(mapped[["source", "source_key"]], on=["source", "source_key"])
 
 
 def erased_customers(
@@ -145,12 +147,19 @@ def erased_customers(
     redirects: pd.DataFrame,
     erased: pd.DataFrame,
 ) -> list[str]:
-    """Previous ids all of whose records were erased, and that no merge redirected."""
-    gone = previous_map.merge(erased, on=["source", "source_key"], how="left", indicator=True)
+    """Previous ids all of whose records were erased, and that no merge redirected (only
+    the ids of an erased record are looked at: the maps hold every customer)."""
+    touched = previous_map["customer_id"].isin(
+        previous_map.loc[previous_map["source_key"].isin(erased["source_key"]), "customer_id"]
+    )
+    gone = previous_map[touched].merge(
+        erased, on=["source", "source_key"], how="left", indicator=True
+    )
     gone["erased"] = gone["_merge"] == "both"
     fully = gone.groupby("customer_id")["erased"].all()
-    ids = set(fully[fully].index) - set(current_map["customer_id"]) - set(redirects["retired_id"])
-    return sorted(ids)
+    ids = pd.Index(fully[fully].index)
+    kept = ids.isin(current_map["customer_id"]) | ids.isin(redirects["retired_id"])
+    return sorted(ids[~kept])
 
 
 # ---------------------------------------------------------------- the job
@@ -243,11 +252,14 @@ def _delete_rows(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
     by_table: dict[str, list[Delete]] = {}
     for d in job.deletes:
         by_table.setdefault(d.where[-1], []).append(d)
-    threads = min(len(by_table), os.cpu_count() or 1) or 1
-    with ThreadPoolExecutor(threads) as pool:
-        done = [pool.submit(_delete_each, lake, ds, result) for ds in by_table.values()]
-        for future in done:
-            future.result()
+    _per_table(lambda ds: _delete_each(lake, ds, result), list(by_table.values()))
+
+
+def _per_table(work, tables: list) -> list:
+    """work(t) for each table, a few tables at a time (as many as cores): a table's work
+    (Parquet reads and writes, delta-rs) runs mostly outside the interpreter's lock."""
+    with ThreadPoolExecutor(max(1, min(len(tables), os.cpu_count() or 1))) as pool:
+        return list(pool.map(work, tables))
 
 
 def _delete_each(lake: Lake, deletes: list[Delete], result: ErasureResult) -> None:
@@ -314,17 +326,20 @@ def _remove_old_files(lake: Lake, job: ErasureJob, result: ErasureResult) -> Non
     unique = pa.array(sorted(job.unique), pa.string())
     by_table = {tuple(d.where): d for d in job.deletes}
     store = lake.store
-    for layer in TABLE_LAYERS:
-        for parts in lake.tables(layer):
-            match = by_table.get((layer, *parts))
-            for key in lake.unreferenced_files(layer, *parts):
-                if (
-                    key.endswith(".parquet")
-                    and store.exists(key)
-                    and _holds(lake, key, unique, match)
-                ):
-                    store.delete(key)
-                    result.files_removed += 1
+
+    def remove(table: tuple[str, ...]) -> int:
+        match = by_table.get(table)
+        held = [
+            key
+            for key in lake.unreferenced_files(*table)
+            if key.endswith(".parquet") and store.exists(key) and _holds(lake, key, unique, match)
+        ]
+        for key in held:
+            store.delete(key)
+        return len(held)
+
+    tables = [(layer, *parts) for layer in TABLE_LAYERS for parts in lake.tables(layer)]
+    result.files_removed += sum(_per_table(remove, tables))
 
 
 def _holds(lake: Lake, key: str, unique: pa.Array, match: Delete | None) -> bool:
