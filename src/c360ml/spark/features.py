@@ -30,11 +30,13 @@ What runs where:
   by Spark, as the DuckDB engine gives them) and the matrix a cutoff at a time
   (`population_features`).
 
-What reaches the driver: the profiles' and buyers' ids, the measures, the scored
-snapshot (features and scores of the active profiles): what the refresh writes with
-`Lake` as the DuckDB engine does (`c360ml.refresh.replace_as_of`: same tables, same
-commit records, so either engine's next refresh keeps what the other wrote); training's
-labels, RFM and sampled matrix, which XGBoost is fitted on there.
+What reaches the driver: in the refresh, counts (`measures_and_scores`: the measures,
+the features and the scores are written by Spark, `replace_as_of_on_spark`, to the same
+tables with the same commit records as the DuckDB engine's `c360ml.steps.replace_as_of`,
+so either engine's next refresh keeps what the other wrote), then this as_of's rows of
+churn_scores read back from the lake for the refresh's later steps; in `c360ml build
+measures` (`snapshot_profiles`), the ids and the measures; in training, the labels, RFM
+and sampled matrix, which XGBoost is fitted on there.
 
 The values equal the DuckDB engine's to the last bits of a sum (Spark's sums are not
 compensated, DuckDB's are): tests/spark/test_features.py checks the features, the
