@@ -1,0 +1,190 @@
+"""`c360ml build all` on an az:// lake in Azurite, SIGKILLed during its commits (#26): the
+next build takes over the killed run's lease once it expires, completes, and leaves the
+lake valid and equal to a build that was not killed.
+
+The small version of tests/test_crash.py on a container, with its comparison
+(`crash.tables`, `crash.differences`, `crash.accounting`). The lake: a generated landing
+built once, then an increment and rows silver rejects landed (`crash.plant_rejects`), so
+the build under test merges silver and patches gold with deletion-vector commits. The
+commit points are those of the uninterrupted build (recorded in order by
+tests/storage/kill_at_commit.py, which also does the kill), chosen for what a kill there
+leaves: a silver merge's new data file uploaded without the log entry that would publish
+it, a gold patch published while the tables after it are not, and ingest's first append.
+Every kill leaves the lease held by the killed process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from deltalake import QueryBuilder
+
+from c360ml.storage.lake import Lake
+from c360ml.storage.objects import upload_folder
+from tests import crash
+from tests.conftest import user_project
+from tests.storage.test_erasure_azurite import _upload_new
+
+pytestmark = pytest.mark.slow
+
+CUSTOMERS, SEED = 300, 5
+TTL = 6  # seconds a killed run's lease outlives it (C360ML_LEASE_TTL_SECONDS)
+KILLER = Path(__file__).with_name("kill_at_commit.py")
+LAYERS = ("silver", "gold", "quarantine", "state")  # the tables checked for validity
+
+
+@dataclass
+class Prepared:
+    home: Path
+    env: dict[str, str]
+    container: str
+    base: str  # the lake the build under test starts from (never built on itself)
+    commits: list[dict]  # the uninterrupted build's commits, in order
+    tables: dict[str, pd.DataFrame]  # its tables, as crash.tables normalises them
+
+
+def _cli(home: Path, env: dict[str, str], *args: str, plan: dict | None = None):
+    """`c360ml` in its own process group (with a plan: through kill_at_commit.py)."""
+    command = [sys.executable, "-m", "c360ml.cli", *args]
+    if plan is not None:
+        (home / "plan.json").write_text(json.dumps(plan))
+        command = [sys.executable, str(KILLER), str(home / "plan.json"), *args]
+    return subprocess.run(
+        command,
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    return out
+
+
+def _copy(source: str, to: str) -> None:
+    """Every blob of one lake copied under another root (the lease aside)."""
+    src, dst = Lake(source).store, Lake(to).store
+    for key in src.list(""):
+        if key != "_lease":
+            dst.write_bytes(key, src.read_bytes(key))
+
+
+@pytest.fixture(scope="module")
+def prepared(azurite, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name.startswith(("AZURE_", "AZURITE_")):
+                mp.delenv(name)
+        mp.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
+        mp.setenv("AZURITE_BLOB_STORAGE_URL", azurite.url)
+        container = f"crash-{uuid.uuid4().hex[:12]}"
+        azurite.create_container(container)
+        home = tmp_path_factory.mktemp("crash_az") / "project"
+        home.mkdir()
+        env = user_project(home) | {"C360ML_LEASE_TTL_SECONDS": str(TTL)}
+        base = f"az://{container}/base/lake"
+        _ok(_cli(home, env, "generate", "--customers", str(CUSTOMERS), "--seed", str(SEED)))
+        landing = home / "data" / "lake" / "landing"
+        upload_folder(landing, Lake(base).store, "landing")
+        _ok(_cli(home, env | {"C360ML_LAKE_ROOT": base}, "build", "all"))
+        _ok(_cli(home, env, "generate", "--increment"))
+        crash.plant_rejects(landing)
+        assert _upload_new(landing, Lake(base).store, "landing")
+
+        reference = f"az://{container}/reference/lake"
+        _copy(base, reference)
+        record = home / "commits.jsonl"
+        plan = {"record": str(record)}
+        _ok(_cli(home, env | {"C360ML_LAKE_ROOT": reference}, "build", "all", plan=plan))
+        commits = [json.loads(line) for line in record.read_text().splitlines()]
+        yield Prepared(home, env, container, base, commits, crash.tables(reference))
+
+
+def _point(commits: list[dict], layer: str, by: str, new_files: int = 0) -> str:
+    """The first commit of the uninterrupted build in `layer` made by `by` (c360ml: a merge
+    or patch, one with deletion vectors if any has them) adding at least `new_files`."""
+    found = [
+        c
+        for c in commits
+        if c["key"].startswith(f"{layer}/")
+        and c["by"] == by
+        and c.get("new_files", 0) >= new_files
+        and (by != "c360ml" or c["operation"] == "DELETE AND APPEND")
+    ]
+    assert found, f"no {by} commit in {layer} adding {new_files} files: {commits}"
+    return next((c for c in found if c.get("deletion_vectors")), found[0])["key"]
+
+
+def _table(key: str) -> tuple[str, ...]:
+    return tuple(key.split("/_delta_log/")[0].split("/"))
+
+
+def _valid(root: str) -> None:
+    """Every table readable by delta-rs' own scan (an independent decoder of the deletion
+    vectors) and by c360ml's reader, to the same number of live rows; some carry vectors."""
+    lake, with_vectors = Lake(root), 0
+    for layer in LAYERS:
+        for parts in lake.tables(layer):
+            table = lake.delta(layer, *parts)
+            with_vectors += "deletionVectors" in (table.protocol().reader_features or [])
+            found = QueryBuilder().register("t", table).execute("SELECT count(*) AS n FROM t")
+            theirs = pa.table(found.read_all())["n"][0].as_py()
+            name = "/".join((layer, *parts))
+            assert theirs == len(lake.read(layer, *parts)) == lake.count(layer, *parts), name
+    assert with_vectors, f"{root}: no table with deletion vectors"
+
+
+CASES = {
+    # a silver merge's new data file uploaded, its log entry not put
+    "silver merge, data file without its log entry": ("silver", "c360ml", "before"),
+    # a gold patch published, the gold tables after it not yet patched
+    "gold patch, published": ("gold", "c360ml", "after"),
+    # ingest's first append to bronze (a delta-rs commit) published, the rest not
+    "bronze append, published": ("bronze", "delta-rs", "after"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_build_killed_at_a_commit_on_azurite_is_finished_by_the_next(prepared, case):
+    layer, by, when = CASES[case]
+    point = _point(prepared.commits, layer, by, new_files=1 if when == "before" else 0)
+    root = f"az://{prepared.container}/{uuid.uuid4().hex[:8]}/lake"
+    _copy(prepared.base, root)
+    lake, env = Lake(root), prepared.env | {"C360ML_LAKE_ROOT": root}
+    table = _table(point)
+    orphans = set(lake.unreferenced_files(*table)) if when == "before" else set()
+
+    killed = _cli(prepared.home, env, "build", "all", plan={"kill": point, "when": when})
+    assert killed.returncode == -9, (case, point, killed.stdout[-2000:], killed.stderr[-2000:])
+    published = lake.store.exists(point)
+    assert published == (when == "after"), (case, point)
+    if when == "before":  # the data file is in the container, no version references it
+        assert set(lake.unreferenced_files(*table)) - orphans, (case, point)
+    lease = json.loads(lake.store.read_bytes("_lease"))
+    assert lease["what"] == "build all" and lease["expires"] > 0, lease  # held, not released
+    pid = lease["pid"]
+
+    started = time.monotonic()
+    out = " ".join(_ok(_cli(prepared.home, env, "build", "all")).split())
+    assert f"took over the expired lease of build all (process {pid} on" in out, out[-2000:]
+    print(f"{case}: killed at {point} ({when}); rerun {time.monotonic() - started:.1f} s")
+
+    _valid(root)
+    assert crash.differences(prepared.tables, crash.tables(root)) == [], (case, point)
+    assert crash.accounting(root) == [], (case, point)
