@@ -24,7 +24,13 @@ Training cutoffs: spaced 30 days back from as_of - w (the last whose label windo
 as_of), as many as leave each cutoff at least 30 days after the log's first day (at most
 12, the default). Chosen before any figure was seen; not tuned per split.
 
-Figures go to benchmarks/results/real.json and real.md (a section of the results README).
+With the BTYD features on (`BENCH_REAL_BTYD=1 make bench STAGE=real`, or `--btyd`): the
+spec gets `btyd: {enabled: true}`, so training derives the BTYD quantities as candidate
+features at each cutoff and scoring computes them at as_of (`c360ml.features.btyd`); the
+ablation is skipped (its columns are then the model's own).
+
+Figures go to benchmarks/results/real.json (real_btyd.json with the BTYD features on) and
+real.md, which shows both runs (a section of the results README).
 """
 
 from __future__ import annotations
@@ -82,8 +88,11 @@ def training_cutoff_count(log_start: pd.Timestamp, as_of: pd.Timestamp, window: 
     return int(max(1, min(MAX_CUTOFFS, room + 1)))
 
 
-def write_project(work: Path, history: pd.DataFrame, window: int, cutoffs: int) -> Path:
-    """The landing CSV, a feature spec with this churn section, and c360ml.yaml naming both."""
+def write_project(
+    work: Path, history: pd.DataFrame, window: int, cutoffs: int, btyd: bool = False
+) -> Path:
+    """The landing CSV, a feature spec with this churn section (and the BTYD candidate
+    features when `btyd`), and c360ml.yaml naming both."""
     landing = work / "lake" / "landing" / "generic"
     landing.mkdir(parents=True)
     out = history.assign(timestamp=history["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -92,6 +101,8 @@ def write_project(work: Path, history: pd.DataFrame, window: int, cutoffs: int) 
     spec["churn"].update(
         prediction_window_days=window, cutoff_count=cutoffs, cutoff_spacing_days=SPACING_DAYS
     )
+    if btyd:
+        spec["btyd"] = {"enabled": True}
     (work / "retention.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     config = {
         "root": str(ROOT),
@@ -249,27 +260,30 @@ def auc_difference_ci(churned: np.ndarray, a: np.ndarray, b: np.ndarray, seed: i
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
-def run_pair(log: pd.DataFrame, as_of_text: str, window: int) -> dict:
+def run_pair(log: pd.DataFrame, as_of_text: str, window: int, btyd: bool = False) -> dict:
     as_of = pd.Timestamp(as_of_text, tz="UTC")
     work = CACHE / f"{as_of_text}_{window}d"
     shutil.rmtree(work, ignore_errors=True)
     history = log[log["ts"] < as_of]
     cutoffs = training_cutoff_count(log["ts"].min().floor("D"), as_of, window)
-    config = write_project(work, history, window, cutoffs)
+    config = write_project(work, history, window, cutoffs, btyd)
     seconds = {"build_all": c360ml(config, "build", "all")}
     seconds["train"] = c360ml(config, "train", "--as-of", as_of_text)
     started = time.perf_counter()
     model, registered = c360ml_scores(config, as_of)
     seconds["score"] = round(time.perf_counter() - started, 1)
     baselines = btyd_scores(history, as_of, window)
-    started = time.perf_counter()
-    ablation = btyd_feature_ablation(config, log, as_of, window)
-    seconds["ablation"] = round(time.perf_counter() - started, 1)
+    ablation = {}
+    if not btyd:
+        started = time.perf_counter()
+        ablation = btyd_feature_ablation(config, log, as_of, window)
+        seconds["ablation"] = round(time.perf_counter() - started, 1)
 
     end = as_of + pd.Timedelta(days=window)
     future = log[(log["ts"] >= as_of) & (log["ts"] < end) & (log["amount"] > 0)]
     customers = model.index.intersection(baselines["bg_nbd"]["score"].index)
-    customers = customers.intersection(ablation["with_btyd_features"]["score"].index)
+    if ablation:
+        customers = customers.intersection(ablation["with_btyd_features"]["score"].index)
     churned = (~customers.isin(future["customer_id"].unique())).astype(int)
     scores = {"c360ml": model.reindex(customers).to_numpy()}
     scores |= {k: v["score"].reindex(customers).to_numpy() for k, v in baselines.items()}
@@ -298,16 +312,29 @@ def run_pair(log: pd.DataFrame, as_of_text: str, window: int) -> dict:
         ),
         "roc_auc_minus_best_btyd_ci": auc_difference_ci(churned, scores["c360ml"], scores[best]),
         "c360ml_model": registered,
-        "ablation_btyd_features": ablated,
+        "ablation_btyd_features": ablated or None,
+        "btyd_features_in_spec": btyd,
+        "model_btyd_features": model_btyd_features(config, registered["version"]),
         "btyd_params_days": {k: v["params"] for k, v in baselines.items()},
         "btyd_fit_s": {k: v["fit_s"] for k, v in baselines.items()},
         "seconds": seconds,
     }
 
 
-def markdown(doc: dict) -> str:
+def model_btyd_features(config: Path, version: int) -> list[str]:
+    """The BTYD features the trained version kept (after feature selection)."""
+    import c360ml
+    from c360ml.features import FeatureSet, btyd
+
+    bundle, _ = c360ml.open(config).model(version)
+    return btyd.feature_names(FeatureSet.from_json(bundle.feature_set_json).meta)
+
+
+def markdown(doc: dict, btyd_doc: dict | None = None) -> str:
     lines = [
         "## real: c360ml against BG/NBD and Pareto/NBD on CDNOW",
+        "",
+        "Without the BTYD features (the spec's default; the run below it has them on).",
         "",
         "`make bench STAGE=real` (`benchmarks/bench_real.py`): CDNOW's master log (23,570",
         "customers of one Q1-1997 cohort, purchases to 1998-06-30) through the generic-CSV",
@@ -361,7 +388,39 @@ def markdown(doc: dict) -> str:
             f"| {off['accuracy_at_0_5']:.4f} / {on['accuracy_at_0_5']:.4f} |"
         )
     lines += ["", f"{doc['date']}, `{doc['command']}`."]
+    if btyd_doc is not None:
+        lines += ["", *btyd_markdown(btyd_doc)]
     return "\n".join(lines) + "\n"
+
+
+def btyd_markdown(doc: dict) -> list[str]:
+    """The run with the BTYD candidate features in the spec (`btyd: {enabled: true}`)."""
+    lines = [
+        "### With the BTYD features in the pipeline (`btyd: {enabled: true}`)",
+        "",
+        "The same stage with the spec's BTYD candidates on: BG/NBD and Pareto/NBD refitted at",
+        "each training cutoff on the population's purchase days up to it, and at as_of when",
+        'scoring; feature selection and the recipe as above. "kept": the BTYD features the',
+        "trained version carries.",
+        "",
+        "| as_of | window | ROC AUC c360ml / BG/NBD / Pareto/NBD | accuracy at 0.5 | "
+        "AUC c360ml − best BTYD | BTYD features kept | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        m = r["metrics"]
+
+        def three(key: str, m=m) -> str:
+            return " / ".join(f"{m[k][key]:.4f}" for k in ("c360ml", "bg_nbd", "pareto_nbd"))
+
+        lo, hi = r["roc_auc_minus_best_btyd_ci"]
+        kept = len(r.get("model_btyd_features") or [])
+        lines.append(
+            f"| {r['as_of']} | {r['window_days']} d | {three('roc_auc')} | "
+            f"{three('accuracy_at_0_5')} | {r['roc_auc_minus_best_btyd']:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] | {kept} of 8 | {r['seconds']['train']} |"
+        )
+    return [*lines, "", f"{doc['date']}, `{doc['command']}`."]
 
 
 def main() -> None:
@@ -371,25 +430,33 @@ def main() -> None:
         default=",".join(f"{a}:{w}" for a, w in PAIRS),
         help="as_of:window_days pairs, comma separated",
     )
+    parser.add_argument(
+        "--btyd",
+        action="store_true",
+        default=os.environ.get("BENCH_REAL_BTYD") == "1",
+        help="the spec's BTYD candidate features on (also BENCH_REAL_BTYD=1)",
+    )
     args = parser.parse_args()
     log = read_cdnow()
     results = []
     for item in args.pairs.split(","):
         as_of, window = item.split(":")
         print(f"real: as_of {as_of}, window {window} d", file=sys.stderr, flush=True)
-        results.append(run_pair(log, as_of, int(window)))
+        results.append(run_pair(log, as_of, int(window), args.btyd))
         print(json.dumps(results[-1]["metrics"]), file=sys.stderr, flush=True)
-    doc = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python benchmarks/bench_real.py", *sys.argv[1:]])
-        if sys.argv[1:]
-        else "make bench STAGE=real",
-        "results": results,
-    }
+    command = " ".join(["python benchmarks/bench_real.py", *sys.argv[1:]])
+    if not sys.argv[1:]:
+        command = "make bench STAGE=real"
+        command = f"BENCH_REAL_BTYD=1 {command}" if args.btyd else command
+    doc = {"date": time.strftime("%Y-%m-%d"), "command": command, "results": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real.json").write_text(json.dumps(doc, indent=1) + "\n")
-    (RESULTS / "real.md").write_text(markdown(doc))
-    print(markdown(doc))
+    name = "real_btyd.json" if args.btyd else "real.json"
+    (RESULTS / name).write_text(json.dumps(doc, indent=1) + "\n")
+    runs = [RESULTS / n for n in ("real.json", "real_btyd.json")]
+    if runs[0].exists():  # both runs in real.md: each run keeps the other's figures
+        other = json.loads(runs[1].read_text()) if runs[1].exists() else None
+        (RESULTS / "real.md").write_text(markdown(json.loads(runs[0].read_text()), other))
+        print((RESULTS / "real.md").read_text())
 
 
 if __name__ == "__main__":

@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass
 from c360ml.medallion.declarations import entities
 
 COUNT, AMOUNT, DAYS, NUMBER = "count", "amount", "days", "number"  # units
+PROBABILITY = "probability"  # a chance in [0, 1], read as a percentage
 
 
 @dataclass(frozen=True)
 class FeatureLabel:
     label: str  # "Purchases, last 90 days"
-    unit: str  # count | amount | days | number
+    unit: str  # count | amount | days | number | probability
     description: str  # one sentence for the glossary
 
     def to_dict(self) -> dict[str, str]:
@@ -92,9 +93,64 @@ _TIME_SINCE = re.compile(r"^TIME_SINCE\((?P<column>\w+), unit=days\)(?:_(?P<days
 _NESTED = re.compile(r"^(?P<agg>[A-Z_]+)\((?P<table>\w+)(?:\.(?P<column>\w+))?\)$")
 
 
+# The buy-till-you-die features (c360ml.features.btyd.BTYD_FEATURES): fixed names, so
+# their labels are written out; "the window" is the model's churn window.
+_FITTED = "of the purchase history of every scored customer up to the score date"
+BTYD = {
+    "bgnbd_p_alive": FeatureLabel(
+        "Chance the customer is still active, BG/NBD",
+        PROBABILITY,
+        f"Probability the customer has not lapsed, by a BG/NBD model {_FITTED}.",
+    ),
+    "bgnbd_p_no_purchase": FeatureLabel(
+        "Chance of no purchase in the churn window, BG/NBD",
+        PROBABILITY,
+        f"Probability of no purchase in the churn window after the score date, by a BG/NBD "
+        f"model {_FITTED}.",
+    ),
+    "bgnbd_expected_purchases": FeatureLabel(
+        "Expected purchases in the churn window, BG/NBD",
+        NUMBER,
+        f"Expected number of purchase days in the churn window after the score date, by a "
+        f"BG/NBD model {_FITTED}.",
+    ),
+    "pareto_nbd_p_alive": FeatureLabel(
+        "Chance the customer is still active, Pareto/NBD",
+        PROBABILITY,
+        f"Probability the customer has not lapsed, by a Pareto/NBD model {_FITTED}.",
+    ),
+    "pareto_nbd_p_no_purchase": FeatureLabel(
+        "Chance of no purchase in the churn window, Pareto/NBD",
+        PROBABILITY,
+        f"Probability of no purchase in the churn window after the score date, by a "
+        f"Pareto/NBD model {_FITTED}.",
+    ),
+    "pareto_nbd_expected_purchases": FeatureLabel(
+        "Expected purchases in the churn window, Pareto/NBD",
+        NUMBER,
+        f"Expected number of purchase days in the churn window after the score date, by a "
+        f"Pareto/NBD model {_FITTED}.",
+    ),
+    "purchase_days_per_30d_tenure": FeatureLabel(
+        "Purchase days per month as a buyer",
+        NUMBER,
+        "Days with a purchase per 30 days since the customer's first purchase day, up to the "
+        "score date.",
+    ),
+    "recency_over_tenure": FeatureLabel(
+        "Last purchase, as a share of time as a buyer",
+        NUMBER,
+        "Time from the first to the last purchase day divided by the time from the first "
+        "purchase day to the score date: 1 = bought lately, 0 = bought only once, long ago.",
+    ),
+}
+
+
 def describe(name: str) -> FeatureLabel:
     """The label, unit and description of one feature name (its expression as the label
     when the grammar or the vocabulary does not cover it)."""
+    if name in BTYD:
+        return BTYD[name]
     direct = _TIME_SINCE.match(name)
     if direct and direct["column"] == "created_ts":
         return FeatureLabel(
@@ -210,6 +266,8 @@ def format_value(value: float | None, unit: str) -> str:
         return "no data"
     if unit == COUNT:
         return f"{value:,.0f}"
+    if unit == PROBABILITY:
+        return f"{value:.0%}"
     if unit == DAYS:
         return f"{value:,.0f} days" if abs(value) >= 10 else f"{value:,.1f} days"
     return f"{value:,.2f}"

@@ -51,6 +51,7 @@ from c360ml.summary import Summary
 
 if TYPE_CHECKING:
     from c360ml.features import FeatureSet
+    from c360ml.features.btyd import BtydFit
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class Snapshot:
     profiles: pd.Series  # every profile's customer_id
     buyers: pd.Series  # profiles with a purchase at or before as_of
     note: str  # chunks, processes and the seconds the workers spent per part
+    btyd: BtydFit | None = None  # the BTYD models fitted at as_of (the model has BTYD features)
 
 
 def customer_chunks(lake: Lake, size: int, workers: int = 1) -> list[pd.Index]:
@@ -152,7 +154,10 @@ def _snapshot_chunk(
     """Measures and/or features of one chunk of profiles (None: every profile), computed
     by DuckDB from the lake's gold tables through the as-of SQL (may run in a worker
     process; `threads`: DuckDB's while it builds the view; `memory_mb`: the worker
-    process's DuckDB memory limit, beyond which it spills to disk)."""
+    process's DuckDB memory limit, beyond which it spills to disk). The model's BTYD
+    features are not computed here: the chunk's active customers' purchase summary is
+    returned (`btyd_summary`) for the one fit over every chunk (`_with_btyd`)."""
+    from c360ml.features import btyd as lifetime
     from c360ml.features import (
         calculate_snapshot,
         lake_gold,
@@ -161,11 +166,15 @@ def _snapshot_chunk(
         measures_frame,
     )
     from c360ml.features.asof import AsOfSql
+    from c360ml.features.dfs import purchase_summary
     from c360ml.medallion.sql import duckdb_connection
 
     if memory_mb is not None:
         duckdb_connection().execute(f"SET memory_limit = '{int(memory_mb)}MB'")
-    out: dict[str, Any] = {"measures": None, "features": None}
+    out: dict[str, Any] = {"measures": None, "features": None, "btyd_summary": None}
+    later = lifetime.feature_names(fs.meta) if fs is not None else []
+    if later:
+        fs = fs.subset([n for n in fs.names if n not in later])
     seconds = out["seconds"] = {"view": 0.0, "features": 0.0}
     started = time.perf_counter()
     cfg = load_churn_config(settings.path(settings.feature_spec))
@@ -179,6 +188,10 @@ def _snapshot_chunk(
         seconds["view"] = time.perf_counter() - started
         started = time.perf_counter()
         matrix, features = calculate_snapshot(sql, as_of, wanted, fs, pd.Index(active))
+        if later:
+            summary = purchase_summary(sql, as_of)
+            # customer_id as a column: the parent concatenates the chunks' frames anew
+            out["btyd_summary"] = summary[summary.index.isin(active)].reset_index()
     if wanted:
         out["measures"] = measures_frame(matrix, wanted, as_of)
     if features is not None:
@@ -243,15 +256,42 @@ def snapshot_profiles(
         return pd.concat(parts, ignore_index=True) if parts else None
 
     spent = {k: sum(r["seconds"][k] for r in results) for k in results[0]["seconds"]}
+    features, fit = joined("features"), None
+    if fs is not None and features is not None:
+        features, fit = _with_btyd(features, joined("btyd_summary"), fs)
     return Snapshot(
         measures=joined("measures"),
-        features=joined("features"),
+        features=features,
         profiles=joined("profiles"),
         buyers=joined("buyers"),
         note=f"{len(chunks)} chunks of <= {settings.refresh_chunk_customers:,} profiles, "
         f"{workers} process(es); worker seconds: "
         + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()),
+        btyd=fit,
     )
+
+
+def _with_btyd(
+    features: pd.DataFrame, summary: pd.DataFrame | None, fs: FeatureSet
+) -> tuple[pd.DataFrame, BtydFit | None]:
+    """The snapshot with fs's BTYD features, in fs's column order: BG/NBD and Pareto/NBD
+    fitted once on every chunk's active customers' purchase summaries (the population at
+    as_of, as training fits on its population at each cutoff), then each customer's values;
+    the fit (None when fs has no BTYD features or no customer bought)."""
+    from c360ml.features import btyd as lifetime
+
+    names = lifetime.feature_names(fs.meta)
+    if not names:
+        return features, None
+    columns = ["customer_id", lifetime.FREQUENCY, lifetime.RECENCY, lifetime.AGE]
+    if summary is None:  # no chunk had an active customer
+        summary = pd.DataFrame(columns=columns)
+    summary = summary[columns].set_index("customer_id")
+    ids = pd.Index(features["customer_id"])
+    window = fs.meta[lifetime.META_KEY]["window_days"]
+    values, fit = lifetime.population_features(summary, ids, names, window)
+    out = pd.concat([features, values.reset_index(drop=True)], axis=1)
+    return out[["customer_id", AS_OF, *fs.names]], fit
 
 
 def _release_freed_memory() -> None:
@@ -359,6 +399,8 @@ def measures_and_scores(
     started = time.perf_counter()
     snap = snapshot_profiles(settings, as_of, need_measures, fs)
     steps = [StepResult("snapshot", len(snap.profiles), snap.note, time.perf_counter() - started)]
+    if snap.btyd is not None:
+        steps.append(btyd_step(snap.btyd))
     started = time.perf_counter()
     if need_measures:
         write_measures(lake, snap.measures, as_of, inputs)
@@ -392,6 +434,17 @@ def measures_and_scores(
         lake, snap.profiles, status, scored, (explain, model_version), as_of, score_inputs, started
     )
     return [*steps, step], scores
+
+
+def btyd_step(fit: BtydFit) -> StepResult:
+    """The BTYD fit's own line in the refresh summary: customers fitted on, parameters
+    (in days) and the fitting time."""
+    bg, pn = fit.bgnbd, fit.pareto_nbd
+    note = (
+        f"BG/NBD r {bg.r:.3g} alpha {bg.alpha:.3g} a {bg.a:.3g} b {bg.b:.3g}; Pareto/NBD "
+        f"r {pn.r:.3g} alpha {pn.alpha:.3g} s {pn.s:.3g} beta {pn.beta:.3g} (days)"
+    )
+    return StepResult("BTYD fit", fit.customers, note, fit.seconds)
 
 
 def write_scores(

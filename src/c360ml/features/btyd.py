@@ -20,6 +20,7 @@ positive and it stays finite where the untransformed 2F1 overflows (large x, or 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -348,6 +349,40 @@ BTYD_FEATURES = (
 )
 
 
+@dataclass(frozen=True)
+class BtydFit:
+    """Both models fitted on one population's purchase days at one cutoff."""
+
+    bgnbd: BgNbdParams
+    pareto_nbd: ParetoNbdParams
+    customers: int  # customers the fits saw
+    seconds: float  # wall time of the two fits
+
+
+def fit_population(summary: pd.DataFrame) -> BtydFit:
+    """BG/NBD and Pareto/NBD fitted on a population's `summarise_purchases` (in days)."""
+    started = time.perf_counter()
+    x, t_x, age = (summary[c].to_numpy(float) for c in (FREQUENCY, RECENCY, AGE))
+    bg, pn = fit_bgnbd(x, t_x, age), fit_pareto_nbd(x, t_x, age)
+    return BtydFit(bg, pn, len(summary), time.perf_counter() - started)
+
+
+def predict_population(fit: BtydFit, summary: pd.DataFrame, window_days: int) -> pd.DataFrame:
+    """`BTYD_FEATURES` (float64) per customer of `summary` (its index) from fitted models."""
+    x, t_x, age = (summary[c].to_numpy(float) for c in (FREQUENCY, RECENCY, AGE))
+    out = pd.DataFrame(index=summary.index)
+    for prefix, pred in (
+        ("bgnbd", bgnbd_predict(fit.bgnbd, x, t_x, age, float(window_days))),
+        ("pareto_nbd", pareto_nbd_predict(fit.pareto_nbd, x, t_x, age, float(window_days))),
+    ):
+        for col in pred.columns:
+            out[f"{prefix}_{col}"] = pred[col].to_numpy()
+    tenure = np.maximum(age, 1.0)  # a first purchase on the cutoff's day: one day's tenure
+    out["purchase_days_per_30d_tenure"] = (x + 1) * 30.0 / tenure
+    out["recency_over_tenure"] = t_x / tenure
+    return out[list(BTYD_FEATURES)]
+
+
 def btyd_features(
     purchases: pd.DataFrame,
     cutoffs: list[pd.Timestamp],
@@ -368,21 +403,73 @@ def btyd_features(
         summary = summarise_purchases(purchases, cutoff, customer_col=customer_col, ts_col=ts_col)
         if summary.empty:
             continue
-        x, t_x, age = (summary[c].to_numpy(float) for c in (FREQUENCY, RECENCY, AGE))
-        bg = fit_bgnbd(x, t_x, age)
-        pn = fit_pareto_nbd(x, t_x, age)
-        out = pd.DataFrame({customer_col: summary.index, "cutoff_time": pd.Timestamp(cutoff)})
-        for prefix, pred in (
-            ("bgnbd", bgnbd_predict(bg, x, t_x, age, float(window_days))),
-            ("pareto_nbd", pareto_nbd_predict(pn, x, t_x, age, float(window_days))),
-        ):
-            for col in pred.columns:
-                out[f"{prefix}_{col}"] = pred[col].to_numpy()
-        tenure = np.maximum(age, 1.0)  # a first purchase on the cutoff's day: one day's tenure
-        out["purchase_days_per_30d_tenure"] = (x + 1) * 30.0 / tenure
-        out["recency_over_tenure"] = t_x / tenure
-        log.info("BTYD at %s: %d customers, BG/NBD %s, Pareto/NBD %s", cutoff, len(out), bg, pn)
+        fit = fit_population(summary)
+        out = predict_population(fit, summary, window_days).reset_index()
+        out.insert(1, "cutoff_time", pd.Timestamp(cutoff))
+        log.info("BTYD at %s: %d customers, %s", cutoff, len(out), fit)
         frames.append(out[[customer_col, "cutoff_time", *BTYD_FEATURES]])
     if not frames:
         return pd.DataFrame(columns=[customer_col, "cutoff_time", *BTYD_FEATURES])
     return pd.concat(frames, ignore_index=True)
+
+
+# ---- as candidate features of a FeatureSet ----------------------------------------------------
+#
+# The spec's `btyd: {enabled: true}` adds BTYD_FEATURES to the candidates; the FeatureSet
+# carries which of them it keeps and the window under META_KEY. At a cutoff t (training's
+# and scoring's alike) both models are refitted on the purchase days up to t of the
+# population the features are computed for (the active population at t, or training's
+# sample of it): unsupervised, so refitting at scoring uses no label, and the same
+# population gives the same values whoever computes them. The refresh, which computes
+# features a chunk of customers at a time, fits once on every chunk's purchase summaries
+# (never per chunk: the values would depend on the chunking).
+
+META_KEY = "btyd"  # FeatureSet.meta key: {"names": [...], "window_days": w, "fit": ...}
+FIT_POPULATION = "the population the features are computed for at the cutoff, purchase days <= t"
+
+
+def to_meta(window_days: int, names: list[str] | tuple[str, ...] = BTYD_FEATURES) -> dict:
+    """What a FeatureSet carries for its BTYD features."""
+    return {"names": list(names), "window_days": int(window_days), "fit": FIT_POPULATION}
+
+
+def feature_names(meta: dict) -> list[str]:
+    """The BTYD features a FeatureSet's meta carries (none without the section)."""
+    return list((meta.get(META_KEY) or {}).get("names", []))
+
+
+def purchase_days_sql(epoch_us) -> str:
+    """Distinct (customer_id, UTC purchase day as days since the epoch) of the as-of view's
+    `orders` relation (is_purchase at the view's cutoff, order_ts <= it). `epoch_us`: the
+    dialect's spelling (`Dialect.epoch_us`)."""
+    day = f"CAST(FLOOR({epoch_us('order_ts')} / 86400000000) AS BIGINT)"
+    return f"SELECT DISTINCT customer_id, {day} AS day FROM orders WHERE is_purchase"
+
+
+def days_as_purchases(days: pd.DataFrame) -> pd.DataFrame:
+    """`purchase_days_sql` rows as customer_id, ts (the day's midnight, UTC)."""
+    ts = pd.to_datetime(days["day"].to_numpy(np.int64) * 86_400, unit="s", utc=True)
+    return pd.DataFrame({"customer_id": days["customer_id"].to_numpy(object), "ts": ts})
+
+
+def population_features(
+    summary: pd.DataFrame,
+    ids: pd.Index,
+    names: list[str],
+    window_days: int,
+    fit: BtydFit | None = None,
+) -> tuple[pd.DataFrame, BtydFit | None]:
+    """`names` (float32) of `ids` from the population's `summary`, indexed like ids, and the
+    fit used: `fit`, or one made on `summary` (the customers of `ids` that have a purchase).
+    A customer without a purchase by the cutoff has missing values."""
+    summary = summary[summary.index.isin(ids)]
+    out = pd.DataFrame(index=pd.Index(ids, name="customer_id"))
+    if summary.empty:
+        for name in names:
+            out[name] = np.float32(np.nan)
+        return out, fit
+    fit = fit or fit_population(summary)
+    values = predict_population(fit, summary, window_days).reindex(out.index)
+    for name in names:
+        out[name] = values[name].to_numpy(dtype=np.float32)
+    return out, fit

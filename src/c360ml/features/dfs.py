@@ -52,7 +52,7 @@ from featuretools.feature_base import AggregationFeature
 from featuretools.primitives.utils import get_aggregation_primitives, get_transform_primitives
 
 from c360ml import progress
-from c360ml.features import custom
+from c360ml.features import btyd, custom
 from c360ml.features.aggregates import (
     IS_PURCHASE,
     LINE_ID,
@@ -71,7 +71,13 @@ from c360ml.features.gold import (
     standardise_gold,
     view_as_of,
 )
-from c360ml.features.spec import DfsSpec, TopValues, load_dfs_spec
+from c360ml.features.spec import (
+    DfsSpec,
+    TopValues,
+    load_btyd_spec,
+    load_churn_config,
+    load_dfs_spec,
+)
 from c360ml.schemas import CustomerProfile, OrderLines, Orders, Products, SupportCases
 from c360ml.timestamps import utc, utc_column
 
@@ -343,7 +349,7 @@ def derive_feature_set(gold: GoldTables | LakeGold | AsOfSql, spec_path: Path) -
     clash = sorted({f.name for f in sql} & set(names))
     if clash:
         raise ValueError(f"{spec_path}: sql feature name(s) {clash} are DFS feature names")
-    log.info("derived %d features (+%d SQL) from %s", len(names), len(sql), spec_path)
+    names += [f.name for f in sql]
     meta = {
         "spec": str(spec_path),
         "featuretools_version": ft.__version__,
@@ -351,7 +357,20 @@ def derive_feature_set(gold: GoldTables | LakeGold | AsOfSql, spec_path: Path) -
     }
     if sql:
         meta[custom.META_KEY] = custom.to_meta(sql)
-    names += [f.name for f in sql]
+    if load_btyd_spec(spec_path).enabled:  # BTYD candidates after the SQL ones
+        clash = sorted(set(btyd.BTYD_FEATURES) & set(names))
+        if clash:
+            raise ValueError(f"{spec_path}: feature name(s) {clash} are BTYD feature names")
+        window = load_churn_config(spec_path).prediction_window_days
+        meta[btyd.META_KEY] = btyd.to_meta(window)
+        names += list(btyd.BTYD_FEATURES)
+    log.info(
+        "derived %d features (+%d SQL, +%d BTYD) from %s",
+        len(features),
+        len(sql),
+        len(btyd.feature_names(meta)),
+        spec_path,
+    )
     return FeatureSet(
         names=names,
         dtypes=dict.fromkeys(names, MATRIX_DTYPE),
@@ -427,6 +446,14 @@ class _FramesView:
     def current(self) -> GoldTables:
         return self._current
 
+    def purchases(self) -> pd.DataFrame:
+        """customer_id, ts of the view's purchases (what the BTYD features are fitted on)."""
+        orders = self._frames["orders"]
+        bought = orders[orders[IS_PURCHASE].fillna(False).astype(bool).to_numpy()]
+        return pd.DataFrame(
+            {"customer_id": bought[Orders.customer_id], "ts": bought[Orders.order_ts]}
+        )
+
 
 class _SqlView:
     """The SQL as-of view an AsOfSql has built (the "duckdb" engine): the aggregates read
@@ -443,6 +470,12 @@ class _SqlView:
 
     def current(self) -> GoldTables:
         return self.sql.current()
+
+    def purchases(self) -> pd.DataFrame:
+        """customer_id, ts of the view's purchase days (distinct, from DuckDB)."""
+        return btyd.days_as_purchases(
+            self.sql.query(btyd.purchase_days_sql(self.sql.dialect.epoch_us))
+        )
 
 
 def _check_engine(engine: str) -> None:
@@ -507,6 +540,8 @@ def _matrices(view, t: pd.Timestamp, requests: list, engine: str) -> list[pd.Dat
                 log.info("featuretools computes %d feature(s) the SQL cannot", len(rest))
             es = es or _entityset(view.frames())
             parts.append(_ft_matrix(es, ids, t, rest))
+        if not parts:  # a set of SQL or BTYD features only
+            parts = [pd.DataFrame(index=pd.Index(ids, name=CUSTOMER_ID))]
         out.append(pd.concat(parts, axis=1)[[f.get_name() for f in features]])
     return out
 
@@ -620,7 +655,7 @@ def _load(fs: FeatureSet) -> list:
     with _quiet():
         loaded = ft.load_features(fs.definitions_json)
     by_name = {f.get_name(): f for f in loaded}
-    sql = {f.name for f in custom.definitions(fs.meta)}
+    sql = {f.name for f in custom.definitions(fs.meta)} | set(btyd.feature_names(fs.meta))
     missing = [n for n in fs.names if n not in by_name and n not in sql]
     if missing:
         raise ValueError(f"feature definitions lack {missing[:5]}")
@@ -636,6 +671,30 @@ def _with_sql(
         return matrix
     extra = custom.compute_sql_features(view.frames(), ids, t, sql, view.current())
     return pd.concat([matrix, extra.set_axis(matrix.index)], axis=1)
+
+
+def _with_btyd(
+    matrix: pd.DataFrame, view, ids: pd.Index, t: pd.Timestamp, fs: FeatureSet
+) -> pd.DataFrame:
+    """The matrix with fs's BTYD features beside it: both models fitted on the purchase
+    days up to t of `ids` (the population at t), then each customer's quantities."""
+    names = btyd.feature_names(fs.meta)
+    if not names:
+        return matrix
+    summary = btyd.summarise_purchases(view.purchases(), t)
+    window = fs.meta[btyd.META_KEY]["window_days"]
+    extra, fit = btyd.population_features(summary, ids, names, window)
+    if fit is not None:
+        log.info("BTYD at %s: fitted on %d customers in %.1f s", t, fit.customers, fit.seconds)
+    return pd.concat([matrix, extra.set_axis(matrix.index)], axis=1)
+
+
+def purchase_summary(gold: GoldTables | LakeGold | AsOfSql, t: pd.Timestamp) -> pd.DataFrame:
+    """`btyd.summarise_purchases` of every customer of gold's as-of view at t (for the
+    refresh, whose chunks' summaries make the one population the BTYD models are fitted on)."""
+    t = utc(t)
+    with _views(gold, "duckdb" if isinstance(gold, AsOfSql) else "pandas") as view_at:
+        return btyd.summarise_purchases(view_at(t, None).purchases(), t)
 
 
 def _population_groups(population: pd.DataFrame) -> Iterator[tuple[pd.Timestamp, pd.Index]]:
@@ -686,7 +745,7 @@ def calculate_features(
 def _cutoff_features(view_at, t, ids: pd.Index, fs: FeatureSet, features: list, engine: str):
     view = view_at(t, ids)
     (matrix,) = _matrices(view, t, [(ids, features)], engine)
-    matrix = _with_sql(matrix, view, ids, t, fs)
+    matrix = _with_btyd(_with_sql(matrix, view, ids, t, fs), view, ids, t, fs)
     log.info("features at %s: %d customers x %d", t, len(ids), len(fs.names))
     return _feature_part(matrix, ids, t, fs)
 
@@ -817,6 +876,7 @@ def calculate_snapshot(
         if fs is not None:
             ids = requests[-1][0]
             matrix = _with_sql(next(matrices), view, ids, as_of, fs)
+            matrix = _with_btyd(matrix, view, ids, as_of, fs)
             features = _feature_part(matrix, ids, as_of, fs)
             features[CUTOFF_TIME] = features[CUTOFF_TIME].dt.as_unit("us")
     return measure_matrix, features

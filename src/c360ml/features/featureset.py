@@ -76,11 +76,20 @@ class FeatureSet:
             raise ValueError(f"not in the feature set: {sorted(unknown)[:5]}")
         kept = [n for n in self.names if n in wanted]
         sql = {d["name"] for d in self.meta.get("sql_features", [])}  # c360ml.features.custom
+        lifetime = self.meta.get("btyd") or {}  # c360ml.features.btyd: no Featuretools definition
+        computed = sql | set(lifetime.get("names", []))
         definitions = json.loads(self.definitions_json)
-        definitions["feature_list"] = [f"{TARGET_DATAFRAME}: {n}" for n in kept if n not in sql]
+        definitions["feature_list"] = [
+            f"{TARGET_DATAFRAME}: {n}" for n in kept if n not in computed
+        ]
         meta = dict(self.meta)
         if sql:
             meta["sql_features"] = [d for d in meta["sql_features"] if d["name"] in wanted]
+        if lifetime:
+            names = [n for n in lifetime["names"] if n in wanted]
+            meta.pop("btyd")
+            if names:
+                meta["btyd"] = {**lifetime, "names": names}
         return FeatureSet(
             names=kept,
             dtypes={n: self.dtypes[n] for n in kept},

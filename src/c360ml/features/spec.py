@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from c360ml.timestamps import utc
 
@@ -84,6 +84,14 @@ class DfsSpec(_Spec):
         return sorted(v)
 
 
+class BtydSpec(_Spec):
+    """Buy-till-you-die candidate features (the `btyd:` section of the spec): BG/NBD and
+    Pareto/NBD fitted at each cutoff on the population's purchase days up to it
+    (`c360ml.features.btyd`), their per-customer quantities for the churn window beside DFS."""
+
+    enabled: bool = False  # off: no BTYD candidates (the fits cost seconds per cutoff)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -112,6 +120,18 @@ def load_dfs_spec(path: Path) -> DfsSpec:
         return DfsSpec(**section)
     except Exception as exc:
         raise ValueError(f"invalid dfs spec in {path}: {exc}") from exc
+
+
+def load_btyd_spec(path: Path) -> BtydSpec:
+    """The `btyd:` section of the spec; absent = off."""
+    section = _read_yaml(path).get("btyd") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: btyd must be a mapping such as {{enabled: true}}")
+    try:
+        return BtydSpec(**section)
+    except ValidationError as exc:
+        where = "; ".join(f"btyd.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid btyd spec in {path}: {where}") from None
 
 
 def training_cutoffs(cfg: ChurnConfig, as_of: pd.Timestamp) -> list[pd.Timestamp]:

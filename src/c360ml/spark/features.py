@@ -125,7 +125,7 @@ class SparkFeatureError(SparkBuildError):
 def plan_features(fs: FeatureSet) -> list[Aggregate]:
     """fs's features as compiled aggregates, in fs.names order; SparkFeatureError naming
     the first one the SQL cannot express (a user's SQL feature included)."""
-    from c360ml.features import custom
+    from c360ml.features import btyd, custom
     from c360ml.features.dfs import _load
 
     for sql in custom.definitions(fs.meta):
@@ -133,7 +133,15 @@ def plan_features(fs: FeatureSet) -> list[Aggregate]:
             f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
             "engine computes; drop it from the spec or use --engine duckdb"
         )
+    for name in btyd.feature_names(fs.meta):
+        raise SparkFeatureError(BTYD_REFUSED.format(name=name))
     return _planned(_load(fs), "feature")
+
+
+BTYD_REFUSED = (
+    "feature {name!r} is a BTYD feature (btyd: enabled in the spec), which only the DuckDB "
+    "engine computes; set btyd: {{enabled: false}} or use --engine duckdb"
+)
 
 
 def plan_measures(measures: list[Measure]) -> list[Aggregate]:
@@ -571,15 +579,19 @@ def derive_features(view: SparkAsOf, spec: Path) -> FeatureSet:
 
 
 def refuse_sql_features(spec: Path) -> None:
-    """SparkFeatureError naming the spec's first SQL feature (sql_features:): those are
-    computed on the view's rows in pandas, by the DuckDB engine only."""
-    from c360ml.features import custom
+    """SparkFeatureError naming the spec's first SQL feature (sql_features:), or its first
+    BTYD feature (btyd: enabled): those are computed on the view's rows in pandas (the
+    BTYD fits in scipy, on the population's purchase summary), by the DuckDB engine only."""
+    from c360ml.features import btyd, custom
+    from c360ml.features.spec import load_btyd_spec
 
     for sql in custom.load_sql_features(spec):
         raise SparkFeatureError(
             f"feature {sql.name!r} is a SQL feature (sql_features:), which only the DuckDB "
             "engine computes; drop it from the spec or use --engine duckdb"
         )
+    if load_btyd_spec(spec).enabled:
+        raise SparkFeatureError(BTYD_REFUSED.format(name=btyd.BTYD_FEATURES[0]))
 
 
 def population_features(
