@@ -190,7 +190,7 @@ class Project:
 
     def _with_spec(self, features: str | Path | None) -> Settings:
         """Settings whose feature spec is the project's merged with the user's file: the
-        user's `dfs:` (if any) replaces the project's, `sql_features:` is added."""
+        user's `dfs:` and `btyd:` (if any) replace the project's, `sql_features:` is added."""
         if features is None:
             return self.settings
         user_path = Path(features)
@@ -199,7 +199,9 @@ class Project:
         except (OSError, yaml.YAMLError) as exc:
             raise ValueError(f"cannot read feature spec {user_path}: {exc}") from None
         base = yaml.safe_load(self.settings.path(self.settings.feature_spec).read_text()) or {}
-        merged = base | {k: v for k, v in user.items() if k in ("churn", "dfs", "sql_features")}
+        merged = base | {
+            k: v for k, v in user.items() if k in ("churn", "dfs", "btyd", "sql_features")
+        }
         folder = Path(tempfile.mkdtemp(prefix="c360ml-spec-"))
         spec = folder / user_path.name
         spec.write_text(yaml.safe_dump(merged, sort_keys=False))
