@@ -7,8 +7,6 @@ build step), then the error paths: one line and exit code 2, a traceback only wi
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import user_project
-from tests.service.conftest import free_port, wait_ready
+from tests.service.conftest import cli_server
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -101,25 +99,9 @@ def test_the_whole_loop_from_the_readme(user):
     assert code == 0, out
     assert "no retrain: no trigger fired (champion 0 days old; score PSI" in out
 
-    port = free_port()
-    server_log = home / "serve.log"
-    with open(server_log, "w") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "c360ml.cli", "serve", "--port", str(port)],
-            cwd=home,
-            env=env | {"C360ML_API_TOKENS": "cli-token"},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", server, server_log, seconds=120)
+    with cli_server(home, env, "cli-token") as url:
         code, out = run(
-            "segments",
-            "run",
-            "--endpoint",
-            f"http://127.0.0.1:{port}",
-            extra={"C360ML_API_TOKEN": "cli-token"},
+            "segments", "run", "--endpoint", url, extra={"C360ML_API_TOKEN": "cli-token"}
         )
         assert code == 0, out
         assert "segments as of" in out and "journey exports" in out
@@ -132,9 +114,6 @@ def test_the_whole_loop_from_the_readme(user):
         assert 0.03 < risk.control.mean() < 0.2
         journey = pd.read_csv(lake.path("export", "journeys") / "high_risk.csv")
         assert not set(journey.CustomerId) & set(risk.loc[risk.control, "customer_id"])
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
     code, out = run("report")
     assert code == 0, out

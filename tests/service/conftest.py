@@ -3,11 +3,14 @@ MLflow store and copied into a temporary BentoML home (the way `c360ml serve` do
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,6 +40,30 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90)
             pass
         time.sleep(0.5)
     raise TimeoutError(f"server not ready after {seconds}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def cli_server(home: Path, env: dict, token: str) -> Iterator[str]:
+    """`c360ml serve` run as a user runs it (from the project folder `home`, with one API
+    token), ready on 127.0.0.1; yields its URL, stops the whole process group after."""
+    port = free_port()
+    log = home / "serve.log"
+    with open(log, "w") as handle:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "c360ml.cli", "serve", "--port", str(port)],
+            cwd=home,
+            env=env | {"C360ML_API_TOKENS": token},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server, log, seconds=120)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def start_server(target: str, env: dict, log: Path) -> tuple[str, subprocess.Popen]:

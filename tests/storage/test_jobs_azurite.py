@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ from c360ml.refresh import MANIFEST
 from c360ml.storage.lake import Lake
 from c360ml.storage.objects import upload_folder
 from tests.conftest import user_project
-from tests.service.conftest import free_port, wait_ready
+from tests.service.conftest import cli_server
 from tests.storage.test_build_azurite import _sorted
 
 pytestmark = pytest.mark.slow
@@ -168,32 +166,12 @@ def test_measures_train_refresh_segments_on_an_az_lake_equal_a_local_lake(projec
     out = " ".join(_run(home, quiet, "retrain", "--if-needed").split())
     assert "no retrain: no trigger fired (champion 0 days old; score PSI" in out, out
 
-    port = free_port()
-    server_log = home / "serve.log"
-    with open(server_log, "w") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "c360ml.cli", "serve", "--port", str(port)],
-            cwd=home,
-            env=remote | {"C360ML_API_TOKENS": "az-token"},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", server, server_log, seconds=120)
+    with cli_server(home, remote, "az-token") as url:
         for where, env in ((lake, remote), (reference, local)):
             out = _run(
-                home,
-                env | {"C360ML_API_TOKEN": "az-token"},
-                "segments",
-                "run",
-                "--endpoint",
-                f"http://127.0.0.1:{port}",
+                home, env | {"C360ML_API_TOKEN": "az-token"}, "segments", "run", "--endpoint", url
             )
             assert f"journey exports: {where.uri('export', 'journeys')}" in " ".join(out.split())
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     _assert_same_tables(lake, reference, "segment_membership")
     _assert_same_export(lake, reference, "journeys")
 
