@@ -8,8 +8,9 @@ built once, then an increment and rows silver rejects landed (`crash.plant_rejec
 the build under test merges silver and patches gold with deletion-vector commits. The
 commit points are those of the uninterrupted build (recorded in order by
 tests/storage/kill_at_commit.py, which also does the kill), chosen for what a kill there
-leaves: a silver merge's new data file uploaded without the log entry that would publish
-it, a gold patch published while the tables after it are not, and ingest's first append.
+leaves: a silver merge's and a gold patch's new data file uploaded without the log entry
+that would publish it (both commits with deletion vectors), a gold patch published while
+the tables after it are not, and ingest's first append to bronze.
 Every kill leaves the lease held by the killed process.
 """
 
@@ -128,7 +129,9 @@ def _point(commits: list[dict], layer: str, by: str, new_files: int = 0) -> str:
         and (by != "c360ml" or c["operation"] == "DELETE AND APPEND")
     ]
     assert found, f"no {by} commit in {layer} adding {new_files} files: {commits}"
-    return next((c for c in found if c.get("deletion_vectors")), found[0])["key"]
+    chosen = next((c for c in found if c.get("deletion_vectors")), found[0])
+    assert by != "c360ml" or chosen["deletion_vectors"], f"no deletion vector in {found}"
+    return chosen["key"]
 
 
 def _table(key: str) -> tuple[str, ...]:
@@ -153,6 +156,8 @@ def _valid(root: str) -> None:
 CASES = {
     # a silver merge's new data file uploaded, its log entry not put
     "silver merge, data file without its log entry": ("silver", "c360ml", "before"),
+    # a gold patch's new data file uploaded, its log entry not put
+    "gold patch, data file without its log entry": ("gold", "c360ml", "before"),
     # a gold patch published, the gold tables after it not yet patched
     "gold patch, published": ("gold", "c360ml", "after"),
     # ingest's first append to bronze (a delta-rs commit) published, the rest not
