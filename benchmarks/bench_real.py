@@ -389,23 +389,27 @@ def markdown(doc: dict, btyd_doc: dict | None = None) -> str:
         )
     lines += ["", f"{doc['date']}, `{doc['command']}`."]
     if btyd_doc is not None:
-        lines += ["", *btyd_markdown(btyd_doc)]
+        lines += ["", *btyd_markdown(btyd_doc, doc)]
     return "\n".join(lines) + "\n"
 
 
-def btyd_markdown(doc: dict) -> list[str]:
-    """The run with the BTYD candidate features in the spec (`btyd: {enabled: true}`)."""
+def btyd_markdown(doc: dict, without: dict) -> list[str]:
+    """The run with the BTYD candidate features in the spec (`btyd: {enabled: true}`), beside
+    the run `without` them."""
+    before = {(r["as_of"], r["window_days"]): r for r in without["results"]}
     lines = [
         "### With the BTYD features in the pipeline (`btyd: {enabled: true}`)",
         "",
         "The same stage with the spec's BTYD candidates on: BG/NBD and Pareto/NBD refitted at",
         "each training cutoff on the population's purchase days up to it, and at as_of when",
         'scoring; feature selection and the recipe as above. "kept": the BTYD features the',
-        "trained version carries.",
+        'trained version carries; "train s": wall seconds of `c360ml train` with / without',
+        "them (on a machine shared with other runs: the load differed between the runs).",
         "",
-        "| as_of | window | ROC AUC c360ml / BG/NBD / Pareto/NBD | accuracy at 0.5 | "
-        "AUC c360ml − best BTYD | BTYD features kept | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| as_of | window | ROC AUC c360ml / BG/NBD / Pareto/NBD | c360ml ROC AUC without "
+        "BTYD features | accuracy at 0.5 | AUC c360ml − best BTYD | BTYD features kept | "
+        "train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         m = r["metrics"]
@@ -415,10 +419,13 @@ def btyd_markdown(doc: dict) -> list[str]:
 
         lo, hi = r["roc_auc_minus_best_btyd_ci"]
         kept = len(r.get("model_btyd_features") or [])
+        off = before.get((r["as_of"], r["window_days"]))
+        auc_off = f"{off['metrics']['c360ml']['roc_auc']:.4f}" if off else "–"
+        train_off = off["seconds"]["train"] if off else "–"
         lines.append(
-            f"| {r['as_of']} | {r['window_days']} d | {three('roc_auc')} | "
+            f"| {r['as_of']} | {r['window_days']} d | {three('roc_auc')} | {auc_off} | "
             f"{three('accuracy_at_0_5')} | {r['roc_auc_minus_best_btyd']:+.4f} "
-            f"[{lo:+.4f}, {hi:+.4f}] | {kept} of 8 | {r['seconds']['train']} |"
+            f"[{lo:+.4f}, {hi:+.4f}] | {kept} of 8 | {r['seconds']['train']} / {train_off} |"
         )
     return [*lines, "", f"{doc['date']}, `{doc['command']}`."]
 
