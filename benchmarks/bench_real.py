@@ -60,6 +60,11 @@ PAIRS = (("1997-10-01", 90), ("1998-01-01", 90), ("1998-04-01", 90), ("1997-10-0
 BOOTSTRAP = 200
 
 
+def _three(metrics: dict, key: str) -> str:
+    """One metric of c360ml, BG/NBD and Pareto/NBD, as a table cell."""
+    return " / ".join(f"{metrics[k][key]:.4f}" for k in ("c360ml", "bg_nbd", "pareto_nbd"))
+
+
 def read_cdnow() -> pd.DataFrame:
     """CDNOW_master.txt from the installed lifetimes distribution (never imported)."""
     try:
@@ -351,14 +356,11 @@ def markdown(doc: dict, btyd_doc: dict | None = None) -> str:
     for r in doc["results"]:
         m = r["metrics"]
 
-        def three(key: str, m=m) -> str:
-            return " / ".join(f"{m[k][key]:.4f}" for k in ("c360ml", "bg_nbd", "pareto_nbd"))
-
         lo, hi = r["roc_auc_minus_best_btyd_ci"]
         lines.append(
             f"| {r['as_of']} | {r['window_days']} d | {r['training_cutoffs']} | "
-            f"{r['customers_scored']:,} | {r['churn_rate']:.3f} | {three('roc_auc')} | "
-            f"{three('pr_auc_churned')} | {three('accuracy_at_0_5')} | "
+            f"{r['customers_scored']:,} | {r['churn_rate']:.3f} | {_three(m, 'roc_auc')} | "
+            f"{_three(m, 'pr_auc_churned')} | {_three(m, 'accuracy_at_0_5')} | "
             f"{r['roc_auc_minus_best_btyd']:+.4f} [{lo:+.4f}, {hi:+.4f}] |"
         )
     gates = "; ".join(
@@ -414,17 +416,14 @@ def btyd_markdown(doc: dict, without: dict) -> list[str]:
     for r in doc["results"]:
         m = r["metrics"]
 
-        def three(key: str, m=m) -> str:
-            return " / ".join(f"{m[k][key]:.4f}" for k in ("c360ml", "bg_nbd", "pareto_nbd"))
-
         lo, hi = r["roc_auc_minus_best_btyd_ci"]
         kept = len(r.get("model_btyd_features") or [])
         off = before.get((r["as_of"], r["window_days"]))
         auc_off = f"{off['metrics']['c360ml']['roc_auc']:.4f}" if off else "–"
         train_off = off["seconds"]["train"] if off else "–"
         lines.append(
-            f"| {r['as_of']} | {r['window_days']} d | {three('roc_auc')} | {auc_off} | "
-            f"{three('accuracy_at_0_5')} | {r['roc_auc_minus_best_btyd']:+.4f} "
+            f"| {r['as_of']} | {r['window_days']} d | {_three(m, 'roc_auc')} | {auc_off} | "
+            f"{_three(m, 'accuracy_at_0_5')} | {r['roc_auc_minus_best_btyd']:+.4f} "
             f"[{lo:+.4f}, {hi:+.4f}] | {kept} of 8 | {r['seconds']['train']} / {train_off} |"
         )
     return [*lines, "", f"{doc['date']}, `{doc['command']}`."]
