@@ -712,4 +712,3 @@ def test_turning_common_on_splits_namesakes_and_the_older_keeps_the_id():
     assert new["A"] == old["A"] and new["B"] not in set(old)
     assert new["C"] == new["D"] == old["C"]
     assert after.frequencies is not None and before.frequencies is None
-
