@@ -130,7 +130,8 @@ def test_refresh_erases_persons_from_every_blob_of_an_az_lake(tmp_path, az_root)
     home = tmp_path / "project"
     home.mkdir()
     local = user_project(home)
-    remote = local | {"C360ML_LAKE_ROOT": az_root}
+    # a killed run's lease outlives it 6 s here (the default minute would be idle time)
+    remote = local | {"C360ML_LAKE_ROOT": az_root, "C360ML_LEASE_TTL_SECONDS": "6"}
     lake, reference = Lake(az_root), Lake(home / "data" / "lake")
     _run(home, local, "generate", "--customers", str(CUSTOMERS), "--seed", str(SEED), "--fresh")
     landing = home / "data" / "lake" / "landing"
