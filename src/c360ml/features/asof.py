@@ -336,8 +336,8 @@ def session_statements(
         "support_cases": SupportCases.customer_id,
     }
     # The ids of the customers' orders and cases, stored once when restricted: the lines
-    # and histories are filtered by them (through the customer filter each time, a chunk's
-    # histories took several times as long).
+    # and histories are filtered by a stored list, not through the customer filter of a
+    # view that is evaluated again wherever it is read.
     ids = {
         "orders": (ORDER_IDS, Orders.order_id),
         "support_cases": (CASE_IDS, SupportCases.case_id),
