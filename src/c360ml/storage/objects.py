@@ -383,6 +383,12 @@ class AzureLakeStore(LakeStore):
         with self._errors(key):
             return bytes(obstore.get_range(self._store, key, start=start, length=length))
 
+    def open_output(self, key: str) -> _Upload:  # type: ignore[override]
+        """obstore's buffered writer (a multipart upload past its buffer), its errors the
+        store's: one line naming the blob, no credential (a writer's own errors quote the
+        request, and a SAS token rides in request URLs)."""
+        return _Upload(self, key)
+
     def filesystem(self) -> tuple[pafs.FileSystem, str]:
         return self._arrow_fs, ""
 
@@ -465,6 +471,53 @@ class _SharedReader(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class _Upload(io.RawIOBase):
+    """A new blob written as a stream (see `AzureLakeStore.open_output`).
+
+    Every call that reaches the container goes through the store's error translation.
+    A `with` block left by an exception drops the upload instead of completing it, so a
+    writer that failed halfway never publishes a truncated file under the key."""
+
+    def __init__(self, store: AzureLakeStore, key: str) -> None:
+        import obstore
+
+        self._owner, self._key, self._written = store, key, 0
+        with store._errors(key):
+            self._writer = obstore.open_writer(store._store, key)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._written
+
+    def write(self, data) -> int:  # noqa: ANN001 - bytes or any buffer (a pyarrow Buffer)
+        size = memoryview(data).nbytes
+        with self._owner._errors(self._key):
+            self._writer.write(data)
+        self._written += size
+        return size
+
+    def flush(self) -> None:
+        """Nothing to do: the writer sends its buffer when full and the rest at `close`."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            with self._owner._errors(self._key):
+                self._writer.close()
+        finally:
+            super().close()
+
+    def __exit__(self, kind, *rest) -> None:  # noqa: ANN001
+        if kind is None:
+            self.close()
+        else:  # the writer is dropped unfinished: no block list is committed
+            del self._writer
+            super().close()
 
 
 class _RangeReader(io.RawIOBase):
