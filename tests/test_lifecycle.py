@@ -117,6 +117,7 @@ def test_retrain_waits_for_a_trigger_then_the_gate_is_announced(year):
     fired = [outcome.fired for _, outcome in months]
     assert fired[:3] == [[], [], []]  # nothing matured, nothing drifted past 0.25
     assert any("realized ROC AUC" in t for t in fired[3])
+    assert "realized churn minus mean score" in months[3][1].health  # calibration looked at
     decision = months[3][1].summary
     gates = [body for path, _, body in receiver.received if body["event"] == "gate_decision"]
     assert [g["command"] for g in gates] == ["train", "retrain --if-needed"]

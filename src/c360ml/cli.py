@@ -78,7 +78,7 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
             f"{shock.get('purchases_skipped', 0):,} orders not placed",
             highlight=False,
         )
-    console.print(f"landing: {settings.lake / 'landing'}  truth: {settings.truth}")
+    console.print(f"landing: {summary.landing}  truth: {settings.truth}", highlight=False)
 
 
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> None:
@@ -307,7 +307,7 @@ def _lake_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="DATE:KIND",
         help="with --increment: a regime change from DATE, e.g. 2026-03-01:competitor "
-        "(kinds: competitor, recession; see c360ml.synth.params.SHOCKS)",
+        "(kinds: competitor, recession; see c360ml.synth.params.SHOCKS); KIND*2 doubles it",
     )
     gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
     gen.add_argument(
@@ -468,8 +468,6 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
     return path
 
 
-# the commands that need a local lake folder so far (the others run on object storage too)
-LOCAL_ONLY = (cmd_generate,)
 ON_ENGINE = (cmd_build, cmd_train, cmd_retrain, cmd_refresh)  # what the engine setting runs
 
 
@@ -482,11 +480,10 @@ def _local_only(settings: Settings, command: str) -> str:
 
 
 def _refuse_on_object_storage(args: argparse.Namespace, settings: Settings) -> None:
-    """One line, before any storage is contacted, for what needs a local lake folder."""
+    """One line, before any storage is contacted, for what needs a local lake folder (the
+    Spark engine; every command runs on object storage with DuckDB)."""
     if not isinstance(settings.lake, str):
         return
-    if args.func in LOCAL_ONLY:
-        raise ValueError(_local_only(settings, f"`c360ml {args.command}`"))
     if settings.engine == "spark" and args.func in ON_ENGINE:
         raise ValueError(_local_only(settings, "the Spark engine (`--engine spark`)"))
 

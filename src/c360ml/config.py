@@ -57,6 +57,10 @@ class GateSettings(_Frozen):
     """The champion gate's approval switch and the bounds of its sanity checks."""
 
     require_approval: bool = False  # a passing challenger waits for `c360ml model approve`
+    # The lowest CI-D grade a challenger may have. "C" (the default) accepts any: the grade is
+    # CI-D's parity scorecard (recall at 0.5 against a recency rule), which follows the
+    # season's churn rate, so it is reported beside the decision rather than gating it.
+    min_grade: Literal["A", "B", "C"] = "C"
     max_population_change: float = 0.3  # relative change of active customers at the test cutoff
     max_label_rate_change: float = 0.1  # absolute change of the churn rate at the test cutoff
     max_purchase_change: float = 0.3  # relative change of purchases per active customer
@@ -70,6 +74,11 @@ class WatchSettings(_Frozen):
     psi_alarm: float = 0.25  # PSI of the score or a feature at which a refresh flags drift
     max_model_age_days: int = 60  # retrain when the champion's trained_as_of is older
     realized_auc_drop: float = 0.05  # retrain when realized ROC AUC falls this far below test
+    # Retrain when a closed window's realized churn rate and the mean ChurnScore of the same
+    # customers differ by more than this (calibration in the large). A shift of everyone's
+    # risk moves the level, not the ranking, and shows here first; the bound sits above the
+    # seasonal swing of a year with no shock (benchmarks/results/lifecycle_findings.md).
+    calibration_gap: float = 0.05
     webhook_url: str = ""  # drift alarms and gate decisions POSTed here as JSON; "" = none
 
 

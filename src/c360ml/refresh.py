@@ -474,9 +474,21 @@ def _scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
     return scores[scores["ScoredAsOf"] == as_of].reset_index(drop=True)
 
 
-def export_cid_snapshot(
-    settings: Settings, scores: pd.DataFrame, bundle: scoring.ModelBundle
-) -> str:
+def score_counts(settings: Settings, scores: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """(profiles per RiskLevel of the scored ones, profiles per ScoreStatus) of this
+    as_of's scores: pandas rows, or on Spark a grouped count (`c360ml.spark.outputs`)."""
+    if settings.engine == "spark":
+        from c360ml.spark import outputs
+
+        return outputs.score_counts(scores)
+    scored = scores[scores["ScoreStatus"] == SCORED]
+    return (
+        scored["RiskLevel"].value_counts().to_dict(),
+        scores["ScoreStatus"].value_counts().to_dict(),
+    )
+
+
+def export_cid_snapshot(settings: Settings, scores: Any, bundle: scoring.ModelBundle) -> str:
     """The latest snapshot for CI-D: plain parquet + a CDM manifest naming only its files.
 
     Beside the scores, a feature glossary (the model's features with their readable labels,
@@ -488,8 +500,17 @@ def export_cid_snapshot(
     manifest never sees the history table or a half-written snapshot. The files go
     through the lake's store: a local folder, or the container CI-D attaches as a CDM
     folder. Returns the manifest's path (local) or URI.
+
+    `scores`: this as_of's churn_scores rows (ScoredAt is not exported), pandas or, on
+    the Spark engine, a Spark DataFrame that Spark writes as the snapshot folder's
+    Parquet files itself (`c360ml.spark.outputs.write_export`; the manifest's pattern
+    takes every `.parquet` file of the folder).
     """
     lake = Lake(settings.lake)
+    if isinstance(scores, pd.DataFrame):
+        scores = scores.drop(columns=["ScoredAt"], errors="ignore")
+    else:
+        scores = scores.drop("ScoredAt")
     root = ("export", "ci-d")
     stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
     contacts = lake.read_pandas("gold", "customer_source_map")
@@ -509,14 +530,23 @@ def export_cid_snapshot(
     }
     declared = []
     for entity, (folder, frame) in entities.items():
-        frame = frame.assign(ContractVersion=scoring.CONTRACT_VERSION)
-        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-        part = lake.key(*root, folder, f"snapshot={stamp}", "part-00000.parquet")
-        with lake.store.open_output(part) as out:
-            pq.write_table(table, out)
+        if isinstance(frame, pd.DataFrame):
+            frame = frame.assign(ContractVersion=scoring.CONTRACT_VERSION)
+            table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+            part = lake.key(*root, folder, f"snapshot={stamp}", "part-00000.parquet")
+            with lake.store.open_output(part) as out:
+                pq.write_table(table, out)
+            schema = table.schema
+        else:  # a Spark DataFrame, written by Spark (a local lake: Spark's paths)
+            from pyspark.sql.functions import lit
+
+            from c360ml.spark import outputs
+
+            frame = frame.withColumn("ContractVersion", lit(scoring.CONTRACT_VERSION))
+            schema = outputs.write_export(frame, str(lake.path(*root, folder, f"snapshot={stamp}")))
         lake.store.write_text(
             lake.key(*root, f"{entity}.cdm.json"),
-            json.dumps(_entity_doc(entity, table.schema), indent=1),
+            json.dumps(_entity_doc(entity, schema), indent=1),
         )
         declared.append(
             {
@@ -572,32 +602,28 @@ def record_drift(
     as_of: pd.Timestamp,
     bundle: scoring.ModelBundle,
     version: str,
-    scored: pd.DataFrame,
+    scores: Any,
 ) -> StepResult:
     """PSI of the score and of every feature of this as_of's snapshot against the model's
     test-cutoff reference (`c360ml.model.drift`), and the share of profiles with a value
     outside the tested range: to gold/score_drift (this as_of's rows replaced when the
-    inputs or the model changed). `scored`: this as_of's scored rows of churn_scores."""
-    import pyarrow.dataset as ds
-
+    inputs or the model changed). `scores`: this as_of's rows of churn_scores (pandas, or
+    on the Spark engine a Spark DataFrame: the bins are counted there, `_drift_on_spark`)."""
     from c360ml import webhook
-    from c360ml.model import drift, watch
+    from c360ml.model import drift
 
     started = time.perf_counter()
     refs = bundle.metadata.get("drift_reference")
     if not refs:
         return StepResult("drift", 0, f"model v{version} carries no drift reference")
     lake = Lake(settings.lake)
-    features = lake.read_pandas("gold", "customer_features", filter=ds.field(AS_OF) == as_of)
-    columns = {**{n: features[n] for n in bundle.feature_names}, drift.SCORE: scored["ChurnScore"]}
+    if settings.engine == "spark":
+        measured, profiles_outside, estimate = _drift_on_spark(settings, as_of, bundle, scores)
+    else:
+        measured, profiles_outside, estimate = _drift_in_pandas(lake, as_of, bundle, scores)
     alarm = settings.watch.psi_alarm
-    rows, outside = [], np.zeros(len(features), dtype=bool)
-    for name, values in columns.items():
-        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
-        beyond = drift.outside(refs[name], values)
-        if name != drift.SCORE:
-            outside |= beyond
-        value = drift.psi(refs[name], values)
+    rows = []
+    for name, (value, share_outside) in measured.items():
         label = bundle.feature_labels.get(name, {}).get("label", name)
         rows.append(
             {
@@ -606,7 +632,7 @@ def record_drift(
                 "column": name,
                 "label": label,
                 "psi": value,
-                "share_outside_range": float(beyond.mean()) if len(beyond) else 0.0,
+                "share_outside_range": share_outside,
                 "alarm": drift.alarming(name, value, alarm),
             }
         )
@@ -615,12 +641,11 @@ def record_drift(
     replace_as_of(lake, frame, DRIFT, "ScoredAsOf", as_of, inputs)
     flagged = frame[frame["alarm"]]
     score_psi = frame.loc[frame["column"] == drift.SCORE, "psi"].iloc[0]
-    estimate = watch.estimated_roc_auc(scored["ChurnScore"].to_numpy(dtype=np.float64))
     note = (
         f"estimated ROC AUC {estimate:.3f} (label-free); "
         f"score PSI {score_psi:.3f}; {int((flagged['column'] != drift.SCORE).sum())} of "
         f"{len(bundle.feature_names)} features at PSI >= {alarm}; "
-        f"{outside.mean() if len(outside) else 0:.1%} of profiles outside the tested range"
+        f"{profiles_outside:.1%} of profiles outside the tested range"
     )
     alarms = drift.latest_alarms(frame)
     if len(flagged):
@@ -634,10 +659,70 @@ def record_drift(
     return StepResult("drift", len(flagged), note, seconds, detail=alarms)
 
 
+Drift = tuple[dict[str, tuple[float, float]], float, float]  # see _drift_in_pandas
+
+
+def _drift_in_pandas(
+    lake: Lake, as_of: pd.Timestamp, bundle: scoring.ModelBundle, scores: pd.DataFrame
+) -> Drift:
+    """Per column (the model's features, then the score): (PSI, share outside the tested
+    range); the share of profiles with any feature outside it; the label-free ROC AUC
+    estimate. From the snapshot's and the scores' values in pandas."""
+    import pyarrow.dataset as ds
+
+    from c360ml.model import drift, watch
+
+    refs = bundle.metadata["drift_reference"]
+    scored = scores[scores["ScoreStatus"] == SCORED]
+    features = lake.read_pandas("gold", "customer_features", filter=ds.field(AS_OF) == as_of)
+    columns = {**{n: features[n] for n in bundle.feature_names}, drift.SCORE: scored["ChurnScore"]}
+    measured, outside = {}, np.zeros(len(features), dtype=bool)
+    for name, values in columns.items():
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        beyond = drift.outside(refs[name], values)
+        if name != drift.SCORE:
+            outside |= beyond
+        share = float(beyond.mean()) if len(beyond) else 0.0
+        measured[name] = (drift.psi(refs[name], values), share)
+    estimate = watch.estimated_roc_auc(scored["ChurnScore"].to_numpy(dtype=np.float64))
+    return measured, float(outside.mean()) if len(outside) else 0.0, estimate
+
+
+def _drift_on_spark(
+    settings: Settings, as_of: pd.Timestamp, bundle: scoring.ModelBundle, scores: Any
+) -> Drift:
+    """`_drift_in_pandas` with the values left on Spark: each column's counts over its
+    reference bins and outside its range come back (`c360ml.spark.outputs.drift_counts`),
+    and the PSI is computed from them (`c360ml.model.drift.psi_of_counts`)."""
+    from c360ml.features.asof import SPARK
+    from c360ml.model import drift
+    from c360ml.spark import outputs
+    from c360ml.spark.features import _session
+    from c360ml.spark.gold import read_delta
+
+    refs = bundle.metadata["drift_reference"]
+    spark = _session(settings)
+    features = read_delta(spark, Lake(settings.lake), "gold", "customer_features")
+    features = features.where(f"{AS_OF} = {SPARK.timestamp(as_of)}")
+    scored = scores.where(f"ScoreStatus = '{SCORED}'")
+    counted = outputs.drift_counts(features, {n: refs[n] for n in bundle.feature_names})
+    counted |= {drift.SCORE: outputs.drift_counts(scored, {drift.SCORE: refs[drift.SCORE]})[drift.SCORE]}
+    measured = {}
+    for name in [*bundle.feature_names, drift.SCORE]:
+        c = counted[name]
+        share = c["outside"] / c["rows"] if c["rows"] else 0.0
+        measured[name] = (drift.psi_of_counts(refs[name], c["counts"]), share)
+    everyone = counted[None]
+    profiles_outside = everyone["outside"] / everyone["rows"] if everyone["rows"] else 0.0
+    return measured, profiles_outside, outputs.estimated_roc_auc(scored)
+
+
 def record_outcomes(settings: Settings) -> StepResult:
     """Realized performance of every stored ScoredAsOf whose window has closed and that has
     no outcome yet (`c360ml.model.watch`): to gold/score_outcomes and to the model
     version's MLflow run (metric `realized_roc_auc`, step = days since 1970 of the as_of)."""
+    import pyarrow.dataset as ds
+
     from c360ml import features as ft
     from c360ml.model import watch
 
@@ -646,14 +731,23 @@ def record_outcomes(settings: Settings) -> StepResult:
     cfg = ft.load_churn_config(settings.path(settings.feature_spec))
     window = cfg.prediction_window_days
     columns = ["CustomerId", "ChurnScore", "ModelVersion", "ScoredAsOf", "ScoreStatus"]
-    scores = lake.read_pandas("gold", "churn_scores", columns=columns)
-    scores = scores[scores["ScoreStatus"] == SCORED]
     done = (
         lake.read_pandas("gold", watch.OUTCOMES, columns=watch.KEY)
         if lake.exists("gold", watch.OUTCOMES)
         else pd.DataFrame(columns=watch.KEY)
     )
-    pairs = watch.due(scores, done, latest_event_time(lake), window)
+    if settings.engine == "spark":  # the scored pairs from Spark; rows only of closed windows
+        from c360ml.spark import outputs
+
+        pairs = watch.due(outputs.scored_pairs(settings), done, latest_event_time(lake), window)
+        if len(pairs):
+            when = ds.field("ScoredAsOf").isin(pa.array(pairs["ScoredAsOf"].drop_duplicates()))
+            scores = lake.read_pandas("gold", "churn_scores", columns=columns, filter=when)
+            scores = scores[scores["ScoreStatus"] == SCORED]
+    else:
+        scores = lake.read_pandas("gold", "churn_scores", columns=columns)
+        scores = scores[scores["ScoreStatus"] == SCORED]
+        pairs = watch.due(scores, done, latest_event_time(lake), window)
     if pairs.empty:
         note = f"no new score window has closed ({len(done)} outcome(s) recorded)"
         return StepResult("outcomes", 0, note, time.perf_counter() - started)
@@ -691,7 +785,8 @@ def record_outcomes(settings: Settings) -> StepResult:
             control = frame[frame["customer_id"].isin(set(held_out))]
             matured.append(watch.Matured(pd.Timestamp(as_of), str(version), control, "control"))
     outcomes = watch.realized_outcomes(matured, window)
-    lake.write(outcomes, "gold", watch.OUTCOMES, mode="append")
+    # add_columns: a lake recorded before a figure was kept gets it from now on
+    lake.write(outcomes, "gold", watch.OUTCOMES, mode="append", add_columns=True)
     _log_outcomes(settings, outcomes)
     note = ", ".join(
         f"{r.ScoredAsOf:%Y-%m-%d} v{r.ModelVersion} {r.population}: ROC AUC {r.roc_auc:.3f}"
@@ -818,21 +913,18 @@ def run_refresh(
     as_of = as_of or latest_event_time(lake)
     summary.as_of = as_of
     bundle, version = load_champion(settings)
+    # scores: pandas rows on DuckDB; on Spark a Spark DataFrame (c360ml.spark.outputs)
     steps, scores = measures_and_scores(settings, as_of, bundle, version, explain)
     summary.items.extend(steps)
-    scored = scores[scores["ScoreStatus"] == SCORED]
-    summary.risk_counts = scored["RiskLevel"].value_counts().to_dict()
-    summary.status_counts = scores["ScoreStatus"].value_counts().to_dict()
+    summary.risk_counts, summary.status_counts = score_counts(settings, scores)
     started = time.perf_counter()
-    latest = scores.drop(columns=["ScoredAt"])
-    manifest = export_cid_snapshot(settings, latest, bundle)
-    summary.items.append(
-        StepResult("CI-D export", len(latest), MANIFEST, time.perf_counter() - started)
-    )
+    manifest = export_cid_snapshot(settings, scores, bundle)
+    rows = sum(summary.status_counts.values())
+    summary.items.append(StepResult("CI-D export", rows, MANIFEST, time.perf_counter() - started))
     summary.outputs["scores"] = lake.uri("gold", "churn_scores")
     summary.outputs["ci-d manifest"] = manifest
     summary.items.append(record_outcomes(settings))
-    summary.items.append(record_drift(settings, as_of, bundle, version, scored))
+    summary.items.append(record_drift(settings, as_of, bundle, version, scores))
     summary.items.append(vacuum(lake, settings.retention_hours))
     endpoint = endpoint or settings.endpoint
     if segments is not None and endpoint:

@@ -159,6 +159,17 @@ def model_charts(model: dict[str, Any], factors: pd.DataFrame) -> list[tuple[str
             fig.add_hline(y=m["test_roc_auc"], line_dash="dot", annotation_text="at training")
         fig.update_yaxes(title="ROC AUC of the scores of each as_of")
         charts.append(("How the scores are doing: estimated, then realized", fig))
+    if outcomes is not None and len(outcomes) and "mean_score" in outcomes:
+        # the level, which ROC AUC cannot see: a shift of everyone's risk shows here
+        o = outcomes[outcomes["population"] == "all"].sort_values("ScoredAsOf")
+        fig = go.Figure()
+        for col, name in (
+            ("mean_score", "predicted (mean ChurnScore)"),
+            ("churn_rate", "realized"),
+        ):
+            fig.add_scatter(x=o["ScoredAsOf"], y=o[col], mode="lines+markers", name=name)
+        fig.update_yaxes(title="churn rate of the scored customers", tickformat=".0%")
+        charts.append(("Predicted against realized churn rate, per closed window", fig))
     if len(factors):
         ordered = factors.iloc[::-1]
         fig = go.Figure(go.Bar(x=ordered["customers"], y=ordered["label"], orientation="h"))

@@ -189,13 +189,18 @@ def test_decide_rules_on_numbers():
     ok = gate.Check("label rate", True, "")
     bad = gate.Check("label rate", False, "0.60 vs champion 0.30")
 
-    def decide(grade="A", low=0.02, comp=None, checks=(ok,)):
-        return gate.decide(grade, low, comp, list(checks), gate.RECIPE, "1")
+    def decide(grade="A", low=0.02, comp=None, checks=(ok,), min_grade="C"):
+        return gate.decide(grade, low, comp, list(checks), gate.RECIPE, "1", min_grade)
 
     assert decide(comp=comparison((0.80, 0.70), (0.8009, 0.7009))).promote  # tie: newer wins
     assert not decide(comp=comparison((0.80, 0.70), (0.802, 0.69))).promote  # ROC AUC worse
     assert not decide(comp=comparison((0.80, 0.70), (0.79, 0.702))).promote  # PR AUC worse
-    assert not decide("C", comp=comparison((0.9, 0.9), (0.5, 0.5))).promote
+    # the grade is reported, and gates only where gate.min_grade asks for it
+    assert decide("C", comp=comparison((0.9, 0.9), (0.5, 0.5))).promote
+    graded = decide("C", comp=comparison((0.9, 0.9), (0.5, 0.5)), min_grade="B")
+    assert not graded.promote and graded.reason.startswith("grade C (gate.min_grade B)")
+    assert decide("B", comp=comparison((0.9, 0.9), (0.5, 0.5)), min_grade="B").promote
+    assert not decide("B", min_grade="A").promote
     assert not decide(low=-0.01, comp=comparison((0.9, 0.9), (0.5, 0.5))).promote
     assert not decide(low=None).promote
     refused = decide(comp=comparison((0.9, 0.9), (0.5, 0.5)), checks=(ok, bad))

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from c360ml.config import WatchSettings
 from c360ml.model import watch
 
 
@@ -19,6 +20,7 @@ def test_outcome_row_judges_scores_as_training_did():
     recency = rng.uniform(0, 100, 2_000) + 30 * y
     row = watch.outcome_row(y, p, recency, 90)
     assert row["customers"] == 2_000 and row["churn_rate"] == pytest.approx(y.mean())
+    assert row["mean_score"] == pytest.approx(p.mean())
     assert row["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     deciles = json.loads(row["calibration"])
     assert [d["decile"] for d in deciles] == list(range(1, 11))
@@ -51,21 +53,30 @@ def test_due_takes_closed_windows_without_an_outcome():
 
 
 def test_triggers_name_what_fired_and_its_bound():
-    fresh = watch.Health(10, 0.05, {"Days since last order": 0.1}, 0.90, 0.91)
-    assert watch.triggers(fresh, 60, 0.25, 0.05) == []
+    w = WatchSettings(max_model_age_days=60, psi_alarm=0.25, realized_auc_drop=0.05)
+    fresh = watch.Health(10, 0.05, {"Days since last order": 0.1}, 0.90, 0.91, 0.55, 0.52)
+    assert watch.triggers(fresh, w) == []
     assert "champion 10 days old; score PSI 0.050" in watch.describe_health(fresh)
-    assert watch.triggers(watch.Health(None, None, {}, None, None), 60, 0.25, 0.05) == [
-        "no champion yet"
-    ]
-    old = watch.Health(75, 0.30, {"Days since last order": 0.4, "Spend, all time": 0.1}, 0.80, 0.91)
-    assert watch.triggers(old, 60, 0.25, 0.05) == [
+    assert "realized churn minus mean score +0.030" in watch.describe_health(fresh)
+    assert watch.triggers(watch.Health(None, None, {}, None, None), w) == ["no champion yet"]
+    old = watch.Health(
+        75, 0.30, {"Days since last order": 0.4, "Spend, all time": 0.1}, 0.80, 0.91, 0.61, 0.54
+    )
+    assert watch.triggers(old, w) == [
         "champion is 75 days old (limit 60)",
         "score PSI 0.300 >= 0.25",
         "top feature PSI >= 0.25: Days since last order 0.400",
         "realized ROC AUC 0.800 below test 0.910 - 0.05",
+        "realized churn rate 0.610 vs mean ChurnScore 0.540 (gap +0.070, limit ±0.05)",
     ]
+    # over-prediction counts as much as under-prediction; the bound is a setting
+    over = watch.Health(5, None, {}, 0.9, 0.9, 0.40, 0.47)
+    assert watch.triggers(over, w) == [
+        "realized churn rate 0.400 vs mean ChurnScore 0.470 (gap -0.070, limit ±0.05)"
+    ]
+    assert watch.triggers(over, w.model_copy(update={"calibration_gap": 0.08})) == []
     unmeasured = watch.Health(5, None, {}, None, 0.9)
-    assert watch.triggers(unmeasured, 60, 0.25, 0.05) == []
+    assert watch.triggers(unmeasured, w) == []
     assert "no drift measured yet" in watch.describe_health(unmeasured)
 
 

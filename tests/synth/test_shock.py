@@ -200,11 +200,28 @@ def test_the_oracle_knows_the_recession(pair, recession):
 
 
 @pytest.mark.parametrize(
-    "text", ["2026-03-01", "2026-02-30:competitor", "2026-03-01:meteor", "competitor:2026-03-01"]
+    "text",
+    [
+        "2026-03-01",
+        "2026-02-30:competitor",
+        "2026-03-01:meteor",
+        "competitor:2026-03-01",
+        "2026-03-01:recession*0",
+        "2026-03-01:recession*x",
+    ],
 )
 def test_a_malformed_shock_names_the_option_and_the_form(text):
     with pytest.raises(ValueError, match=r"--shock expects DATE:KIND .*e\.g\. 2026-03-01:"):
         parse_shock(text)
+
+
+def test_a_severity_scales_the_shock_on_the_log_scale():
+    date, kind = parse_shock("2026-03-01:recession*3")
+    assert date == "2026-03-01" and kind.name == "recession*3"
+    assert kind.hazard_factor == pytest.approx(1.5**3)
+    assert kind.purchase_factor == pytest.approx(0.8**3)
+    assert parse_shock("2026-03-01:competitor*2")[1].beta_store == pytest.approx(5.0)
+    assert parse_shock("2026-03-01:recession")[1] is parse_shock("2026-03-01:recession*1")[1]
 
 
 def test_a_shock_cannot_rewrite_what_was_published(tmp_path, capsys):

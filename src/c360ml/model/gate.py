@@ -1,12 +1,20 @@
 """The champion gate: whether a new model version may replace the champion, and why.
 
 Every challenger must (1) beat the RFM logistic baseline with the 95% bootstrap interval of
-the ROC AUC difference above zero, (2) not be graded C, and (3) have been trained on data
+the ROC AUC difference above zero, (2) be graded `GateSettings.min_grade` or better (by
+default any grade: see below), and (3) have been trained on data
 that looks like the champion's (sanity checks: population size, label rate, purchases per
 customer, and the mean ChurnScore of both models on the current population, each within a
 bound of `GateSettings`). The score check compares means, not shapes: a better model
 legitimately spreads its scores differently, but two calibrated models of one population
 predict about the same churn rate. A first model only meets (1) and (2).
+
+The CI-D grade does not gate by default. It compares the model's recall of churners at a
+0.5 threshold with the most accurate "no purchase in the last N days" rule's, and both move
+with the season's churn rate: in a simulated year (benchmarks/results/lifecycle_findings.md)
+a challenger that beat the RFM baseline and tied the champion was graded C, and a gate
+refusing C stopped every retrain. The grade stays in the decision's reason, the model card
+and MLflow; `min_grade: B` restores CI-D parity as a requirement.
 
 Then it is compared with the champion on one of two paths:
 
@@ -220,6 +228,7 @@ def decide(
     checks: list[Check],
     path: str,
     champion_version: str | None = None,
+    min_grade: str = "C",
 ) -> GateDecision:
     """The promotion rule (pure, so it can be tested on numbers): every failure is named."""
     failures = []
@@ -229,8 +238,8 @@ def decide(
         failures.append(
             f"does not beat the RFM baseline (ROC AUC difference interval low {figure}, needs > 0)"
         )
-    if grade == "C":
-        failures.append("grade C")
+    if "ABC".index(grade) > "ABC".index(min_grade):
+        failures.append(f"grade {grade} (gate.min_grade {min_grade})")
     failures += [f"sanity check {c}" for c in checks if not c.passed]
     if comparison is not None and not comparison.challenger_not_worse:
         failures.append(f"champion better: {comparison}")
@@ -270,7 +279,7 @@ def judge(
     low = result.metrics.get("test_roc_auc_minus_rfm_ci_low")
     grade = result.grade.grade
     if champion is None:
-        return decide(grade, low, None, [], FIRST)
+        return decide(grade, low, None, [], FIRST, min_grade=bounds.min_grade)
     test = result.test
     y = test[LABEL].to_numpy()
     test_cutoff = pd.Timestamp(result.plan.test_cutoff)
@@ -304,7 +313,7 @@ def judge(
     except (ValueError, KeyError) as exc:
         log.warning("gate: champion v%s cannot be measured: %s", champion_version, exc)
         failure = Check("champion measurable", False, f"the champion could not be scored: {exc}")
-        return decide(grade, low, None, [failure], path, champion_version)
+        return decide(grade, low, None, [failure], path, champion_version, bounds.min_grade)
     config = result.config
     comparison = compare(
         path, y, test["model"].to_numpy(), theirs, config.bootstrap_resamples, config.seed
@@ -313,7 +322,7 @@ def judge(
     checks = sanity_checks(profile, previous, test["refit"].to_numpy(), artifact, bounds)
     if previous is None:
         log.warning("gate: champion v%s records no training-data profile", champion_version)
-    return decide(grade, low, comparison, checks, path, champion_version)
+    return decide(grade, low, comparison, checks, path, champion_version, bounds.min_grade)
 
 
 def _aligned(scores: pd.Series, customers: pd.Series) -> np.ndarray:
@@ -342,12 +351,14 @@ def card_section(decision: GateDecision) -> str:
             "artifacts were scored on this model's test cutoff."
         )
     else:
-        lines.append("There was no champion: only the baseline and grade rules applied.")
+        lines.append("There was no champion: only the baseline (and grade) rules applied.")
     lines += [
         "",
         "Every challenger must beat the RFM logistic baseline with the 95% interval of the ROC "
-        "AUC difference above zero and must not be graded C; with a champion, its training "
-        "data must agree with the champion's within the sanity bounds. Ties within "
-        f"{TIE_TOLERANCE} go to the newer model.",
+        "AUC difference above zero; with a champion, its training data must agree with the "
+        "champion's within the sanity bounds. Ties within "
+        f"{TIE_TOLERANCE} go to the newer model. The CI-D grade is reported and gates only "
+        "where `gate.min_grade` asks for A or B: it judges recall at a 0.5 threshold against a "
+        "recency rule, and both follow the season's churn rate.",
     ]
     return "\n".join(lines)

@@ -666,7 +666,7 @@ def champion_health(settings: Settings) -> watch.Health:
     end = latest_event_time(lake)
     age = (end.floor("D") - utc(bundle.trained_as_of).floor("D")).days  # calendar days
     test_auc = bundle.metadata.get("test_metrics", {}).get("test_roc_auc")
-    score_psi, feature_psi, realized = None, {}, None
+    score_psi, feature_psi, closed = None, {}, None
     if lake.exists("gold", DRIFT):
         table = lake.read_pandas("gold", DRIFT)
         table = table[table["ModelVersion"] == version]
@@ -678,10 +678,21 @@ def champion_health(settings: Settings) -> watch.Health:
             feature_psi = {latest.loc[f, "label"]: float(latest.loc[f, "psi"]) for f in top}
     if lake.exists("gold", watch.OUTCOMES):
         outcomes = lake.read_pandas("gold", watch.OUTCOMES).dropna(subset=["roc_auc"])
-        outcomes = outcomes[outcomes["ModelVersion"] == version]
-        if len(outcomes):
-            realized = float(outcomes.sort_values("ScoredAsOf")["roc_auc"].iloc[-1])
-    return watch.Health(age, score_psi, feature_psi, realized, test_auc)
+        mine = (outcomes["ModelVersion"] == version) & (outcomes["population"] == "all")
+        if mine.any():
+            closed = outcomes[mine].sort_values("ScoredAsOf").iloc[-1]  # latest closed window
+    if closed is None:
+        return watch.Health(age, score_psi, feature_psi, None, test_auc)
+    mean_score = closed.get("mean_score")  # absent from rows recorded before it was kept
+    return watch.Health(
+        age,
+        score_psi,
+        feature_psi,
+        float(closed["roc_auc"]),
+        test_auc,
+        float(closed["churn_rate"]),
+        None if pd.isna(mean_score) else float(mean_score),
+    )
 
 
 def retrain_if_needed(
@@ -693,8 +704,7 @@ def retrain_if_needed(
     from c360ml.storage.lake import Lake
 
     health = champion_health(settings)
-    w = settings.watch
-    fired = watch.triggers(health, w.max_model_age_days, w.psi_alarm, w.realized_auc_drop)
+    fired = watch.triggers(health, settings.watch)
     described = watch.describe_health(health)
     if not fired:
         log.info("retrain: no trigger fired (%s)", described)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from c360ml.config import WatchSettings
 from c360ml.model import evaluate
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def outcome_row(
     row: dict[str, object] = {
         "customers": int(len(y)),
         "churn_rate": float(y.mean()),
+        "mean_score": float(p.mean()),  # against churn_rate: calibration in the large
         "estimated_roc_auc": estimated_roc_auc(p),  # what the scores promised, label-free
     }
     if len(np.unique(y)) < 2:  # every customer churned, or none: no ranking to judge
@@ -139,12 +141,23 @@ class Health:
     feature_psi: dict[str, float]  # latest refresh's PSI of the champion's top features
     realized_auc: float | None  # latest closed window's realized ROC AUC
     test_auc: float | None  # the champion's ROC AUC at training
+    # the latest closed window's realized churn rate and the mean ChurnScore of its customers
+    realized_churn: float | None = None
+    mean_score: float | None = None
+
+    @property
+    def calibration_gap(self) -> float | None:
+        """Realized churn rate minus mean ChurnScore (> 0: the model under-predicted churn)."""
+        if self.realized_churn is None or self.mean_score is None:
+            return None
+        return self.realized_churn - self.mean_score
 
 
-def triggers(health: Health, max_age_days: int, psi_alarm: float, auc_drop: float) -> list[str]:
+def triggers(health: Health, w: WatchSettings) -> list[str]:
     """Why a retrain is due (empty: it is not); each reason names its figure and bound."""
     if health.age_days is None:
         return ["no champion yet"]
+    max_age_days, psi_alarm, auc_drop = w.max_model_age_days, w.psi_alarm, w.realized_auc_drop
     out = []
     if health.age_days > max_age_days:
         out.append(f"champion is {health.age_days:.0f} days old (limit {max_age_days})")
@@ -163,6 +176,12 @@ def triggers(health: Health, max_age_days: int, psi_alarm: float, auc_drop: floa
             f"realized ROC AUC {health.realized_auc:.3f} below test {health.test_auc:.3f} "
             f"- {auc_drop}"
         )
+    gap = health.calibration_gap
+    if gap is not None and abs(gap) > w.calibration_gap:
+        out.append(
+            f"realized churn rate {health.realized_churn:.3f} vs mean ChurnScore "
+            f"{health.mean_score:.3f} (gap {gap:+.3f}, limit ±{w.calibration_gap})"
+        )
     return out
 
 
@@ -178,6 +197,8 @@ def describe_health(health: Health) -> str:
         parts.append(f"highest top-feature PSI {max(health.feature_psi.values()):.3f}")
     if health.realized_auc is not None:
         parts.append(f"realized ROC AUC {health.realized_auc:.3f} (test {health.test_auc:.3f})")
+        if health.calibration_gap is not None:
+            parts.append(f"realized churn minus mean score {health.calibration_gap:+.3f}")
     else:
         parts.append("no closed score window yet")
     return "; ".join(parts)

@@ -15,7 +15,7 @@ The same mapping is written to `generator.json` under "channels".
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 ONLINE_CHANNEL = 5637144576  # RetailChannelTable recid of the online store
 CALL_CENTER_CHANNEL = 5637145326  # RetailChannelTable recid of the call center
@@ -148,6 +148,21 @@ class ShockKind:
     beta_store: float = 0.0  # extra log-hazard per unit of store preference, from the day
     hazard_factor: float = 1.0  # dropout hazard multiplier of every exposed person
     purchase_factor: float = 1.0  # share of the not-returned orders that still happen
+
+    def scaled(self, severity: float) -> ShockKind:
+        """The same shock `severity` times as strong on the log scale (hazard and purchase
+        factors raised to that power, the store effect multiplied): `KIND*3` in `--shock`.
+        For measuring what size of shock the monitoring sees, not for a story of its own."""
+        if severity == 1:
+            return self
+        return replace(
+            self,
+            name=f"{self.name}*{severity:g}",
+            description=f"{self.description}, {severity:g} times as strong",
+            beta_store=self.beta_store * severity,
+            hazard_factor=self.hazard_factor**severity,
+            purchase_factor=self.purchase_factor**severity,
+        )
 
 
 SHOCKS: dict[str, ShockKind] = {

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 DAY = 86_400
 SHOCKS_FILE = "shocks.parquet"  # truth: person_id, shock, first_day, log_hazard (exposed only)
 THIN_SEED = 3_000_000  # rng stream of a shock's purchase thinning (dropouts: 2_000_000)
-_FORM = re.compile(r"^(\d{4}-\d{2}-\d{2}):([a-z_]+)$")
+_FORM = re.compile(r"^(\d{4}-\d{2}-\d{2}):([a-z_]+)(?:\*(\d+(?:\.\d+)?))?$")
 # pending source tables that hold an order's or a case's rows, and the column naming it
 _ORDER_TABLES = {
     "salestable": "salesid",
@@ -60,7 +60,8 @@ _ORDER_TABLES = {
 
 
 def parse_shock(text: str) -> tuple[str, ShockKind]:
-    """`DATE:KIND` -> (ISO date, kind); one line naming the option and the form otherwise."""
+    """`DATE:KIND` or `DATE:KIND*SEVERITY` -> (ISO date, kind); one line naming the option
+    and the form otherwise."""
     kinds = ", ".join(sorted(SHOCKS))
     match = _FORM.match(text.strip()) if isinstance(text, str) else None
     date = match and match.group(1)
@@ -68,12 +69,13 @@ def parse_shock(text: str) -> tuple[str, ShockKind]:
         valid = bool(date) and datetime.fromisoformat(date) is not None
     except ValueError:
         valid = False
-    if not valid or match.group(2) not in SHOCKS:
+    severity = float(match.group(3)) if match and match.group(3) else 1.0
+    if not valid or match.group(2) not in SHOCKS or severity <= 0:
         raise ValueError(
-            f"--shock expects DATE:KIND (a UTC date YYYY-MM-DD and one of: {kinds}), "
-            f"e.g. 2026-03-01:competitor; got {text!r}"
+            f"--shock expects DATE:KIND or DATE:KIND*SEVERITY (a UTC date YYYY-MM-DD, one of: "
+            f"{kinds}, and a positive number), e.g. 2026-03-01:competitor; got {text!r}"
         )
-    return date, SHOCKS[match.group(2)]
+    return date, SHOCKS[match.group(2)].scaled(severity)
 
 
 def _epoch(date: str) -> int:
