@@ -369,9 +369,19 @@ def expected_shape(doc: dict) -> list[str]:
         f"below the scoring champion's test figure {worst:.3f} (margin {margin})",
         f"- a retrain promoted in month(s): {promoted or 'none'}",
         f"- new champion beats the old on windows closed after the retrain: {better} of "
-        f"{len(wins)}",
+        f"{len(wins)} by ROC AUC, {_lower_brier(wins)} of {len(wins)} by Brier score (a level "
+        "shift moves the Brier score, not the ranking)",
     ]
     return out
+
+
+def _lower_brier(pairs: list[dict]) -> int:
+    return sum(
+        p.get("new_brier") is not None
+        and p.get("old_brier") is not None
+        and p["new_brier"] < p["old_brier"]
+        for p in pairs
+    )
 
 
 def month_table(doc: dict) -> list[str]:
@@ -559,7 +569,7 @@ def summary_table(docs: list[dict]) -> list[str]:
     lines = [
         "| run | largest score PSI (month) | largest top-10 feature PSI that can alarm "
         "| largest realized ROC AUC drop below test | triggers fired (months) "
-        "| retrains promoted | new beats old on closed windows |",
+        "| retrains promoted | new beats old on closed windows: ROC AUC (Brier) |",
         "|---|---|---|---|---|---|---|",
     ]
     for doc in docs:
@@ -576,6 +586,7 @@ def summary_table(docs: list[dict]) -> list[str]:
         promoted = [r["month"] for r in rows if r.get("retrain", {}).get("promoted")]
         wins = [p for p in doc["old_vs_new"] if p.get("new_roc_auc") and p.get("old_roc_auc")]
         better = sum(p["new_roc_auc"] > p["old_roc_auc"] for p in wins)
+        better = f"{better} (Brier {_lower_brier(wins)})"
         lines.append(
             f"| {doc['run']} | {top_score['score_psi']:.3f} ({top_score['month']}) | "
             f"{_fmt(top_feat['max_top_feature_psi'])} ({top_feat['month']}, "
