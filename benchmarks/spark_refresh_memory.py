@@ -60,7 +60,9 @@ def main():
         out = inner(*a, **k)
         seen["driver_hwm_after_scoring_mb"] = hwm()
         seen["driver_rss_after_scoring_mb"] = hwm(field="VmRSS")
-        seen["scores_frame_rows"] = len(out[1])
+        # pandas rows before #28's Spark outputs; a Spark DataFrame (no rows here) since
+        seen["scores_frame_rows"] = len(out[1]) if hasattr(out[1], "__len__") else None
+        seen["scores_returned_as"] = type(out[1]).__module__.split(".")[0]
         return out
 
     refresh.measures_and_scores = wrapped

@@ -706,7 +706,8 @@ def _drift_on_spark(
     features = features.where(f"{AS_OF} = {SPARK.timestamp(as_of)}")
     scored = scores.where(f"ScoreStatus = '{SCORED}'")
     counted = outputs.drift_counts(features, {n: refs[n] for n in bundle.feature_names})
-    counted |= {drift.SCORE: outputs.drift_counts(scored, {drift.SCORE: refs[drift.SCORE]})[drift.SCORE]}
+    score = outputs.drift_counts(scored, {drift.SCORE: refs[drift.SCORE]})
+    counted[drift.SCORE] = score[drift.SCORE]
     measured = {}
     for name in [*bundle.feature_names, drift.SCORE]:
         c = counted[name]

@@ -14,12 +14,14 @@ anything is computed, in one line naming them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import xgboost as xgb
 from pyspark.sql.connect.dataframe import DataFrame as ConnectFrame
@@ -36,7 +38,9 @@ from c360ml.features import (
     load_churn_config,
 )
 from c360ml.features.dfs import _aggregate, _load
+from c360ml.model import drift
 from c360ml.model.scoring import ModelBundle
+from c360ml.spark import outputs
 from c360ml.spark.features import (
     SCRATCH,
     SparkAsOf,
@@ -98,7 +102,15 @@ def bundle(lake, cfg, feature_set) -> ModelBundle:
     params = {"objective": "binary:logistic", "max_depth": 4, "eta": 0.3, "nthread": 1, "seed": 0}
     booster = xgb.train(params, xgb.DMatrix(x, label=labels["label"]), num_boost_round=40)
     names = tuple(feature_set.names)
-    return ModelBundle(booster, names, feature_set.dtypes, feature_set_json=feature_set.to_json())
+    # the drift reference of the training rows (a refresh's drift step compares with it)
+    reference = drift.references(x, names, booster.predict(xgb.DMatrix(x)))
+    return ModelBundle(
+        booster,
+        names,
+        feature_set.dtypes,
+        feature_set_json=feature_set.to_json(),
+        metadata={"drift_reference": reference},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +216,8 @@ def test_each_engine_keeps_what_the_other_wrote(refreshed, bundle):
         steps, scores = refresh.measures_and_scores(switched, as_of, bundle, "1", EXPLAIN)
         assert [s.note for s in steps] == ["unchanged inputs: kept"]
         assert {t: lake.version("gold", t) for t in tables} == versions
-        assert len(scores) == len(lake.read_pandas("gold", "customer_profile"))
+        rows = len(scores) if isinstance(scores, pd.DataFrame) else scores.count()
+        assert rows == len(lake.read_pandas("gold", "customer_profile"))
 
 
 def test_labels_populations_and_buyers_equal_duckdbs(lake, cfg, spark, tmp_path):
@@ -296,3 +309,129 @@ def test_a_feature_the_sql_cannot_express_is_refused(lake, bundle, tmp_path):
     skew = Measure(name="spend_skew", primitive="skew", column="net_amount")
     with pytest.raises(SparkFeatureError, match="measure 'spend_skew': the SQL generator cannot"):
         plan_measures([skew])
+
+
+def _rows_at_most(limit: int, seen: list[int]):
+    """A toPandas that fails when more than `limit` rows reach the driver."""
+    real = ConnectFrame.toPandas
+
+    def collect(frame, *args, **kwargs):
+        rows = real(frame, *args, **kwargs)
+        seen.append(len(rows))
+        assert len(rows) <= limit, f"{len(rows)} rows reached the driver"
+        return rows
+
+    return collect
+
+
+def _export(settings: Settings) -> dict[str, object]:
+    """The CI-D export as written: the entity documents, the manifest (the snapshot stamp
+    taken out) and each entity's rows, with the files of each snapshot folder."""
+    root = Lake(settings.lake).path("export", "ci-d")
+    manifest = (root / refresh.MANIFEST).read_text()
+    out: dict[str, object] = {"manifest": re.sub(r"snapshot=\w+", "snapshot=*", manifest)}
+    for doc in sorted(root.glob("*.cdm.json")):
+        if doc.name != refresh.MANIFEST:
+            out[doc.name] = json.loads(doc.read_text())
+    for folder in ("churn_scores", "contact_map", "feature_glossary"):
+        (snapshot,) = (root / folder).iterdir()
+        files = sorted(p.name for p in snapshot.iterdir())
+        assert files and all(re.fullmatch(r".+\.parquet", f) for f in files), files
+        out[folder] = pq.read_table(snapshot).to_pandas()
+    return out
+
+
+def test_counts_export_and_drift_on_spark(refreshed, bundle, monkeypatch):
+    """The refresh's steps after scoring, on the Spark lake by each engine: the summary's
+    counts, the CI-D export (written by Spark) and drift (bins counted by Spark) equal the
+    pandas path's on the same rows, and no more than a few rows reach the driver."""
+    _, on_spark, as_of, _ = refreshed
+    duck = on_spark.model_copy(update={"engine": "duckdb"})  # the same lake, in pandas
+    lake = Lake(on_spark.lake)
+    frame = outputs.scores_at(on_spark, as_of)
+    rows = refresh._scores_at(lake, as_of)
+    seen: list[int] = []
+    monkeypatch.setattr(ConnectFrame, "toPandas", _rows_at_most(20, seen))
+    counts = refresh.score_counts(on_spark, frame)
+    assert counts == refresh.score_counts(duck, rows)
+    assert sum(counts[1].values()) == len(rows) and counts[0]
+    refresh.export_cid_snapshot(on_spark, frame, bundle)
+    measured, outside, estimate = refresh._drift_on_spark(on_spark, as_of, bundle, frame)
+    step = refresh.record_drift(on_spark, as_of, bundle, "1", frame)
+    monkeypatch.undo()
+    assert seen, "nothing was computed on Spark"
+    spark_export = _export(on_spark)
+    refresh.export_cid_snapshot(duck, rows, bundle)
+    duck_export = _export(duck)
+    for name in ("contact_map", "feature_glossary"):
+        pd.testing.assert_frame_equal(spark_export.pop(name), duck_export.pop(name))
+    mine = spark_export.pop("churn_scores").sort_values("CustomerId", ignore_index=True)
+    theirs = duck_export.pop("churn_scores").sort_values("CustomerId", ignore_index=True)
+    assert len(mine) == len(rows) and "ScoredAt" not in mine and mine["ContractVersion"].all()
+    pd.testing.assert_frame_equal(mine, theirs)
+    assert spark_export == duck_export  # the entity documents and the manifest
+
+    expected, expected_outside, expected_estimate = refresh._drift_in_pandas(
+        lake, as_of, bundle, rows
+    )
+    assert list(measured) == [*bundle.feature_names, drift.SCORE] == list(expected)
+    for name, (value, share) in measured.items():
+        assert value == pytest.approx(expected[name][0], rel=1e-12, abs=1e-15), name
+        assert share == expected[name][1], name
+    assert measured[drift.SCORE][0] > 0 and 0 < expected_estimate < 1
+    assert outside == expected_outside
+    assert estimate == pytest.approx(expected_estimate, rel=1e-9)
+    written = lake.read_pandas("gold", "score_drift")
+    assert len(written) == len(measured) and "estimated ROC AUC" in step.note
+    assert written.set_index("column")["psi"].to_dict() == {k: v[0] for k, v in measured.items()}
+
+
+def test_outcomes_on_spark(refreshed, bundle, cfg, tmp_path):
+    """A closed window's outcome, recorded on the Spark engine (the scored pairs found by
+    Spark, the closed window's rows only read): the same row as the DuckDB engine's."""
+    _, on_spark, as_of, _ = refreshed
+    early = (as_of - cfg.window - DAY).floor("D")
+    base = _copy(on_spark, tmp_path / "base")
+    # scores whose window has closed (by DuckDB: the outcome step is what is compared)
+    in_duckdb = base.model_copy(update={"engine": "duckdb"})
+    refresh.measures_and_scores(in_duckdb, early, bundle, "1", EXPLAIN)
+    results = {}
+    for engine in ("spark", "duckdb"):
+        copied = _copy(base, tmp_path / engine, engine=engine)
+        step = refresh.record_outcomes(copied)
+        assert step.rows == 1, step.note
+        results[engine] = Lake(copied.lake).read_pandas("gold", "score_outcomes")
+    pd.testing.assert_frame_equal(results["spark"], results["duckdb"])
+    assert results["spark"]["ScoredAsOf"].tolist() == [early]
+    assert 0.5 < results["spark"]["roc_auc"].iloc[0] <= 1
+
+
+def test_a_champion_with_new_features(lake, bundle, cfg, feature_set, sail_remote, tmp_path):
+    """A champion bringing features customer_features lacks: Spark's replaceWhere adds
+    the columns (the earlier as_of's rows null in them), as DuckDB's write does; the
+    tables equal."""
+    small = feature_set.subset(feature_set.names[:4])
+    gold = lake_gold(Lake(lake.lake))
+    t = (latest_event_time(Lake(lake.lake)) - cfg.window).floor("D")
+    labels = compute_labels(gold, [t], cfg)
+    x = calculate_features(gold, labels, small)[small.names].to_numpy(np.float32)
+    params = {"objective": "binary:logistic", "max_depth": 2, "nthread": 1, "seed": 0}
+    booster = xgb.train(params, xgb.DMatrix(x, label=labels["label"]), num_boost_round=5)
+    first = ModelBundle(booster, tuple(small.names), small.dtypes, feature_set_json=small.to_json())
+    end = latest_event_time(Lake(lake.lake))
+    duck = _copy(lake, tmp_path / "duckdb")
+    on_spark = _copy(lake, tmp_path / "spark", engine="spark", spark_remote=sail_remote)
+    for settings in (duck, on_spark):
+        refresh.measures_and_scores(settings, end - 7 * DAY, first, "1", EXPLAIN)
+        refresh.measures_and_scores(settings, end, bundle, "2", EXPLAIN)
+    tables = {}
+    for settings in (duck, on_spark):
+        frame = Lake(settings.lake).read_pandas("gold", "customer_features")
+        tables[settings.engine] = frame.sort_values(["as_of", "customer_id"], ignore_index=True)
+    mine, theirs = tables["spark"], tables["duckdb"]
+    assert list(theirs.columns) == ["customer_id", "as_of", *feature_set.names]
+    assert list(mine.columns) == list(theirs.columns)
+    new = feature_set.names[4]
+    assert theirs.loc[theirs["as_of"] < end, new].isna().all()
+    assert theirs.loc[theirs["as_of"] == end, new].notna().any()
+    pd.testing.assert_frame_equal(mine, theirs, rtol=1e-6, check_dtype=False)

@@ -80,8 +80,19 @@ def shares(cuts: list[float] | np.ndarray, values: np.ndarray) -> list[float]:
 
 def psi(ref: dict[str, object], values: np.ndarray) -> float:
     """Population stability index of `values` against a reference (0 = the same)."""
+    return _psi(ref, shares(ref["cuts"], values))
+
+
+def psi_of_counts(ref: dict[str, object], counts: list[int]) -> float:
+    """`psi` from the values' counts over the reference's bins, in `shares`' order (what
+    the Spark engine counts where the values are, `c360ml.spark.outputs.drift_counts`)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return _psi(ref, (counts / max(counts.sum(), 1)).tolist())
+
+
+def _psi(ref: dict[str, object], actual_shares: list[float]) -> float:
     expected = np.maximum(np.asarray(ref["shares"], dtype=np.float64), FLOOR)
-    actual = np.maximum(np.asarray(shares(ref["cuts"], values), dtype=np.float64), FLOOR)
+    actual = np.maximum(np.asarray(actual_shares, dtype=np.float64), FLOOR)
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 

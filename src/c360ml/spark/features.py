@@ -33,8 +33,9 @@ What runs where:
 What reaches the driver: in the refresh, counts (`measures_and_scores`: the measures,
 the features and the scores are written by Spark, `replace_as_of_on_spark`, to the same
 tables with the same commit records as the DuckDB engine's `c360ml.steps.replace_as_of`,
-so either engine's next refresh keeps what the other wrote), then this as_of's rows of
-churn_scores read back from the lake for the refresh's later steps; in `c360ml build
+so either engine's next refresh keeps what the other wrote), and the refresh's later
+steps get this as_of's churn_scores as a Spark DataFrame, whose counts, CI-D export and
+drift are Spark work too (`c360ml.spark.outputs`); in `c360ml build
 measures` (`snapshot_profiles`), the ids and the measures; in training, the labels, RFM
 and sampled matrix, which XGBoost is fitted on there.
 
@@ -659,6 +660,25 @@ def training_frames(
     return TrainingFrames(labels, population, rfm, candidates, matrix)
 
 
+def features_for(
+    settings: Settings, gold: LakeGold, population: pd.DataFrame, fs: FeatureSet
+) -> pd.DataFrame:
+    """fs's features of `population`'s rows (customer_id, cutoff_time) computed by Spark
+    over the lake's gold of `gold.customers` (a training session's sample), as
+    `c360ml.features.calculate_features` gives them: the training gate's rows of a
+    champion whose features the challenger's matrix lacks. A feature the SQL cannot
+    express is refused naming it (`plan_features`), before any Spark work."""
+    plans = plan_features(fs)
+    lake = gold.lake
+    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    try:
+        with SparkAsOf(_session(settings), lake, scratch, customers=gold.customers) as view:
+            return population_features(view, population, fs, plans)
+    finally:
+        with contextlib.suppress(OSError):
+            scratch.parent.rmdir()  # when no other pass's scratch is there
+
+
 # ---------------------------------------------------------------- batch scoring
 
 
@@ -788,13 +808,6 @@ def replace_as_of_on_spark(
     return True
 
 
-def scores_at(lake: Lake, as_of: pd.Timestamp) -> pd.DataFrame:
-    """This as_of's rows of gold/churn_scores (read with a filter: not the history)."""
-    import pyarrow.dataset as ds
-
-    return lake.read_pandas("gold", "churn_scores", filter=ds.field("ScoredAsOf") == as_of)
-
-
 def _count(spark: SparkSession, sql: str) -> int:
     return int(spark.sql(f"SELECT COUNT(*) FROM ({sql}) q").first()[0])
 
@@ -805,16 +818,18 @@ def measures_and_scores(
     bundle: ModelBundle,
     model_version: str,
     explain: str,
-) -> tuple[list[StepResult], pd.DataFrame]:
+) -> tuple[list[StepResult], DataFrame]:
     """`c360ml.refresh.measures_and_scores` on Spark: the measures, the feature snapshot
     and the scores computed by Spark (the features and scores in one pass, kept in the
     pass's scratch) and written to the same tables by Spark, with the same commit
     records; what these inputs (and this model) already produced is kept. The driver
-    receives counts, and this as_of's rows of churn_scores read back from the lake (what
-    the rest of the refresh reads)."""
+    receives counts; the scores are returned as a Spark DataFrame of this as_of's rows of
+    churn_scores (read from the lake by Spark), for the rest of the refresh
+    (`c360ml.spark.outputs`)."""
     from c360ml import refresh
     from c360ml.features import load_churn_config, load_measures
     from c360ml.schemas import ChurnScores, CustomerMeasures
+    from c360ml.spark import outputs
     from c360ml.spark.gold import check_view
     from c360ml.steps import StepResult
 
@@ -826,8 +841,8 @@ def measures_and_scores(
     )  # fmt: skip
     kept = refresh.KEPT
     if not (need_measures or fs):
-        scores = refresh._scores_at(lake, as_of)
-        return [StepResult("measures + features + scores", len(scores), kept)], scores
+        scores = outputs.scores_at(settings, as_of)
+        return [StepResult("measures + features + scores", scores.count(), kept)], scores
     started = time.perf_counter()
     cfg = load_churn_config(settings.path(settings.feature_spec))
     wanted = load_measures(settings.path(settings.measures)) if need_measures else None
@@ -856,8 +871,8 @@ def measures_and_scores(
         else:
             steps.append(StepResult("measures", 0, kept))
         if fs is None:
-            scores = refresh._scores_at(lake, as_of)
-            steps.append(StepResult("features + scores", len(scores), kept))
+            scores = outputs.scores_at(settings, as_of)
+            steps.append(StepResult("features + scores", scores.count(), kept))
             return steps, scores
         started = time.perf_counter()
         score_frame(snap.features, fs.names, bundle, explain).createOrReplaceTempView(SCORED)
@@ -887,10 +902,9 @@ def measures_and_scores(
             ),
             "batch scores",
         )
-    scores = scores_at(lake, as_of)
     note = f"model v{model_version}, explain={explain}, on Spark (mapInPandas)"
-    steps.append(StepResult("batch scores", len(scores), note, time.perf_counter() - started))
-    return steps, scores
+    steps.append(StepResult("batch scores", profiles, note, time.perf_counter() - started))
+    return steps, outputs.scores_at(settings, as_of)
 
 
 def _spark_step(run: Callable[[], object], what: str) -> None:
@@ -906,6 +920,7 @@ __all__ = [
     "SparkFeatureError",
     "SparkSnapshot",
     "derive_features",
+    "features_for",
     "measures_and_scores",
     "plan_features",
     "plan_measures",

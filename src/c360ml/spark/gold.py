@@ -114,8 +114,10 @@ def write_delta(
     schema replaced (as the DuckDB engine's overwrite replaces it), `metadata` recorded
     in that commit (as a JSON object in its `userMetadata`). With `replace_where` (a
     Spark SQL condition) only the rows matching it are replaced, in the same one commit
-    (Delta's replaceWhere: delta-rs' overwrite with a predicate), and the schema is
-    kept. SparkBuildError when Spark fails it: a Delta write commits whole or not at
+    (Delta's replaceWhere: delta-rs' overwrite with a predicate); columns of `frame`
+    the table lacks are added to it first (`add_missing_columns`: a champion with new
+    features adds theirs to customer_features, as the DuckDB engine's `Lake.write` with a
+    predicate merges the schemas). SparkBuildError when Spark fails it: a Delta write commits whole or not at
     all, so the table is as it was."""
     path = lake.path(*where)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,12 +125,32 @@ def write_delta(
     if replace_where is None:
         writer = writer.option("overwriteSchema", "true")
     else:
+        add_missing_columns(frame, lake, *where)
         writer = writer.option("replaceWhere", replace_where)
     try:
         writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
     except _spark_errors() as exc:
         table = "/".join(where)
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
+
+
+def add_missing_columns(frame: DataFrame, lake: Lake, *where: str) -> list[str]:
+    """The columns of `frame` the table at `where` lacks, added to its schema (nullable:
+    its rows null in them) in one commit of their own, by delta-rs: an explicit ALTER
+    TABLE ADD COLUMNS. Delta's `mergeSchema` would do it within the replaceWhere commit,
+    but Sail ignores the option and writes the frame without those columns, silently.
+    The commit adds no rows (a reader between the two commits sees the new columns null)
+    and records nothing the refresh looks for. Returns the added columns' names."""
+    from deltalake.schema import Field
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    table = lake.delta(*where)
+    have = {f.name for f in table.schema().fields}
+    wanted = to_arrow_schema(frame.schema, timezone="UTC")
+    missing = [f.with_nullable(True) for f in wanted if f.name not in have]
+    if missing:
+        table.alter.add_columns([Field.from_arrow(f) for f in missing])
+    return [f.name for f in missing]
 
 
 def append_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, str]) -> None:
