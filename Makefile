@@ -1,6 +1,7 @@
 # The README documents these targets. `make demo` and `make test` set up everything
 # they need on a fresh machine (Python 3.11 with pip); nothing is installed by hand.
 PYTHON ?= python3
+HERE := $(dir $(abspath $(lastword $(MAKEFILE_LIST))))
 VENV := .venv
 BIN := $(VENV)/bin
 # The embedded demo lake: fixed size and seed; acceptance figures are quoted on it.
@@ -15,10 +16,13 @@ STAGE ?= all
 SIZES ?= 100000,1000000
 # bench ENGINE=spark: the medallion stage builds gold with DuckDB and Spark (Sail) side by side
 ENGINE ?= duckdb
-# bench LAKE=azurite: the medallion stage builds the lake in a container on Azurite (local: a folder)
+# bench LAKE=azurite: the medallion stage builds the lake in a container on Azurite (local: a folder);
+# demo LAKE=azurite: the demo's lake_root is az://$(AZURITE_CONTAINER)/lake, the container on an
+# Azurite started from node_modules on 127.0.0.1 for the run (its blobs kept in data/azurite)
 LAKE ?= local
+AZURITE_CONTAINER ?= demo
 
-.PHONY: install demo test test-fast docs lint bench clean serve bento mlflow-ui browser
+.PHONY: install demo demo-chain test test-fast docs lint bench clean serve bento mlflow-ui browser
 
 install: $(VENV)/.installed node_modules/.installed
 
@@ -33,6 +37,16 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error && touch $@
 
 demo: install
+ifeq ($(LAKE),azurite)
+	$(BIN)/python $(HERE)tests/storage/azurite.py --location $(CURDIR)/data/azurite \
+		--container $(AZURITE_CONTAINER) --lake az://$(AZURITE_CONTAINER)/lake \
+		-- $(MAKE) --no-print-directory -f $(HERE)Makefile demo-chain
+else
+	@$(MAKE) --no-print-directory -f $(HERE)Makefile demo-chain
+endif
+
+# The demo's commands, on the lake C360ML_LAKE_ROOT names (else c360ml.yaml's, else data/lake).
+demo-chain:
 	$(BIN)/c360ml generate --customers $(DEMO_CUSTOMERS) --seed $(DEMO_SEED) --fresh
 	$(BIN)/c360ml build all
 	$(BIN)/c360ml train --as-of $(DEMO_AS_OF)
@@ -47,7 +61,8 @@ demo: install
 	$(BIN)/c360ml report
 	@echo "report:       $(CURDIR)/data/reports/retention_report.html"
 	@echo "MLflow UI:    make mlflow-ui   (http://127.0.0.1:5000)"
-	@echo "scores table: $(CURDIR)/data/lake/gold/churn_scores (Delta); CI-D snapshot: data/lake/export/ci-d/"
+	@lake=$${C360ML_LAKE_ROOT:-$(CURDIR)/data/lake}; \
+	echo "scores table: $$lake/gold/churn_scores (Delta); CI-D snapshot: $$lake/export/ci-d/"
 
 serve: install
 	$(BIN)/c360ml serve --port $(PORT)
@@ -87,4 +102,5 @@ bench: install
 	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE) --lake $(LAKE)
 
 clean:
-	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist
+	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist \
+		data/azurite

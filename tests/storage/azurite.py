@@ -6,16 +6,25 @@ need a real Blob endpoint on this machine. It installs the pinned npm package in
 `azurite-blob` on a free loopback port with its data in a temporary folder, and creates
 containers with a Shared Key request (object stores cannot create one; a real lake's
 container exists before c360ml runs).
+
+Run as a script it is what `make demo LAKE=azurite` runs the demo under (standard library
+only, so no package needs to be importable): `python tests/storage/azurite.py --location
+DIR --container NAME --lake az://NAME/path -- COMMAND...` starts Azurite with its blobs
+in DIR, creates the container, runs COMMAND with the environment of a user on Azurite and
+`C360ML_LAKE_ROOT` set, stops Azurite, and exits with COMMAND's status.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import hmac
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -121,3 +130,35 @@ class Azurite:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def user_environment(url: str) -> dict[str, str]:
+    """This process's environment as a user on Azurite has it: the emulator's flag and its
+    port, and no other Azure credential (one would take precedence over the emulator's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "AZURITE_"))}
+    return env | {"AZURE_STORAGE_USE_EMULATOR": "true", "AZURITE_BLOB_STORAGE_URL": url}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run a command with a lake on Azurite")
+    parser.add_argument("--location", type=Path, required=True, help="Azurite's blob folder")
+    parser.add_argument("--container", required=True, help="created if missing")
+    parser.add_argument("--lake", required=True, help="C360ML_LAKE_ROOT for the command")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command after --")
+    server = Azurite(args.location.resolve())
+    try:
+        server.create_container(args.container)
+        print(f"Azurite on {server.url}, blobs in {args.location}; lake_root {args.lake}")
+        sys.stdout.flush()
+        env = user_environment(server.url) | {"C360ML_LAKE_ROOT": args.lake}
+        return subprocess.run(command, env=env, check=False).returncode
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

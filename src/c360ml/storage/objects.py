@@ -551,7 +551,12 @@ def upload_folder(folder: Path, store: LakeStore, prefix: str) -> list[str]:
     done = []
     for path in files:
         key = f"{prefix.rstrip('/')}/{path.relative_to(folder).as_posix()}"
-        store.write_bytes(key, path.read_bytes())
+        if path.stat().st_size <= CHUNK:
+            store.write_bytes(key, path.read_bytes())
+        else:  # streamed: a partition of a large export is never held whole
+            with open(path, "rb") as source, store.open_output(key) as target:
+                while block := source.read(CHUNK):
+                    target.write(block)
         done.append(key)
     return done
 

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +41,7 @@ from c360ml.sources.tables import D365_TABLES, DATAVERSE_TABLES
 from c360ml.storage.lake import LAYERS, Lake
 from c360ml.storage.lease import writes_lake
 from c360ml.storage.location import parse_location
+from c360ml.storage.objects import upload_folder
 from c360ml.summary import Summary
 from c360ml.synth import process, records
 from c360ml.synth import shock as shock_mod
@@ -71,7 +75,7 @@ TRUTH_FILES = ("persons", "person_keys", "purchases", "cases")
 class GenerateSummary(Summary[dict]):
     """What a generate run wrote, per table (printed by the CLI)."""
 
-    landing: Path
+    landing: str  # the lake's landing folder or URI
     truth: Path
     sync: str  # folder timestamp of the sync written
 
@@ -129,20 +133,45 @@ def _sync_url(base: str, source: str, stamp: str) -> str:
 
 def _clear(settings: Settings) -> None:
     """Remove the lake's layers and the truth (a new landing invalidates all of them)."""
+    lake = Lake(settings.lake)
     for layer in LAYERS:
-        shutil.rmtree(settings.lake / layer, ignore_errors=True)
+        lake.delete_folder(layer)
     shutil.rmtree(settings.truth, ignore_errors=True)
 
 
 def _refuse_existing(settings: Settings) -> None:
-    landing = settings.lake / "landing"
-    if (settings.truth / "generator.json").exists() or (
-        landing.exists() and any(landing.iterdir())
-    ):
+    lake = Lake(settings.lake)
+    if lake.remote:
+        landed = bool(lake.store.folders(lake.key("landing")))
+    else:
+        landing = lake.path("landing")
+        landed = landing.exists() and any(landing.iterdir())
+    if (settings.truth / "generator.json").exists() or landed:
         raise ValueError(
-            f"a generated lake already exists at {landing} (truth {settings.truth}); "
-            "pass fresh=True (--fresh) to replace it or use --increment to extend it"
+            f"a generated lake already exists at {lake.uri('landing')} (truth "
+            f"{settings.truth}); pass fresh=True (--fresh) to replace it or use --increment "
+            "to extend it"
         )
+
+
+@contextmanager
+def _landing(settings: Settings) -> Iterator[Path]:
+    """The folder this run writes its landing files to.
+
+    Why staged on object storage: a CSV partition grows block by block, appended to as
+    each block of persons is simulated, and a blob is written whole, never appended to. On
+    a URI lake the run writes a local staging folder (beside the truth, on the project's
+    disk) and uploads it once complete, each sync folder's model.json after its partitions
+    as Synapse Link publishes one (so an ingest never reads half a sync); a run that fails
+    uploads nothing. The truth stays local on every lake: pipelines never read it."""
+    lake = Lake(settings.lake)
+    if not lake.remote:
+        yield lake.path("landing")
+        return
+    settings.truth.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".landing-", dir=settings.truth.parent) as staged:
+        yield Path(staged)
+        upload_folder(Path(staged), lake.store, lake.key("landing"))
 
 
 class _TruthWriter:
@@ -208,10 +237,15 @@ class _InitialExport:
     the increments that publish them."""
 
     def __init__(
-        self, settings: Settings, cfg: GeneratorConfig, cut0: int, stamp: str, url: str = ""
+        self,
+        settings: Settings,
+        landing: Path,
+        cfg: GeneratorConfig,
+        cut0: int,
+        stamp: str,
+        url: str = "",
     ):
         shape = cfg.shape
-        landing = settings.lake / "landing"
         dirt = Dirt(shape.duplicate_share, shape.malformed_share)
         self.cut0 = cut0
         self.syncs = {
@@ -296,14 +330,15 @@ def generate_lake(
         shape=cfg.shape,
         catalogue=records.make_catalogue(np.random.default_rng([cfg.seed, 7]), cfg.shape),
     )
-    landing = settings.lake / "landing"
+    landing = Lake(settings.lake).uri("landing")
     stamp = _stamp(tl.cut0 + HOUR)
-    export = _InitialExport(settings, cfg, tl.cut0, stamp, url)
     counters = records.Counters()
-    inventtable = records.inventtable_rows(ctx)
-    export.publish("d365", "inventtable", inventtable, np.random.default_rng([cfg.seed, 8]))
-    _generate_blocks(cfg, tl, ctx, export, counters)
-    export.close()
+    with _landing(settings) as folder:
+        export = _InitialExport(settings, folder, cfg, tl.cut0, stamp, url)
+        inventtable = records.inventtable_rows(ctx)
+        export.publish("d365", "inventtable", inventtable, np.random.default_rng([cfg.seed, 8]))
+        _generate_blocks(cfg, tl, ctx, export, counters)
+        export.close()
     meta = _initial_meta(cfg, tl, stamp, counters, export)
     _write_meta(settings.truth, meta | ({"absolute_locations": url} if url else {}))
     log.info("generated %d persons into %s", tl.total, landing)
@@ -461,48 +496,49 @@ def generate_increment(
         )
     )
     stamp = _stamp(cut + HOUR)
-    landing = settings.lake / "landing"
+    landing = Lake(settings.lake).uri("landing")
     dirt = Dirt(shape.duplicate_share, shape.malformed_share)
     url = meta.get("absolute_locations", "")
-    syncs = {
-        s: CsvSync(landing / s / stamp, s, _iso(cut + HOUR), dirt, _sync_url(url, s, stamp))
-        for s in SOURCES
-    }
-    delta = DeltaExport(Lake(settings.lake)) if meta["format"] == "delta" else None
-    deletes = _erasure_deletes(rng, truth_dir, pend, erased, erased_ts)
-    for source, names in SOURCES.items():
-        for name in names:
+    with _landing(settings) as folder:
+        syncs = {
+            s: CsvSync(folder / s / stamp, s, _iso(cut + HOUR), dirt, _sync_url(url, s, stamp))
+            for s in SOURCES
+        }
+        delta = DeltaExport(Lake(settings.lake)) if meta["format"] == "delta" else None
+        deletes = _erasure_deletes(rng, truth_dir, pend, erased, erased_ts)
+        for source, names in SOURCES.items():
+            for name in names:
+                path = pend / f"{name}.parquet"
+                rows = pq.read_table(path) if path.exists() else None
+                if rows is None:
+                    continue
+                keep = _not_erased(rows, "_person", "_emit", erased_ts)
+                due = keep & _before(rows, "_emit", cut)
+                now = rows.filter(pa.array(due))
+                if name in deletes:
+                    now = pa.concat_tables([now, deletes[name]])
+                pq.write_table(rows.filter(pa.array(keep & ~due)), path)
+                if delta is not None:
+                    delta.apply_changes(source, name, now)
+                else:
+                    syncs[source].append(name, now, rng)
+        for name in ("purchases", "cases"):
             path = pend / f"{name}.parquet"
-            rows = pq.read_table(path) if path.exists() else None
-            if rows is None:
-                continue
-            keep = _not_erased(rows, "_person", "_emit", erased_ts)
-            due = keep & _before(rows, "_emit", cut)
-            now = rows.filter(pa.array(due))
-            if name in deletes:
-                now = pa.concat_tables([now, deletes[name]])
+            rows = pq.read_table(path)
+            keep = _not_erased(rows, "person_id", "ts", erased_ts)
+            due = keep & _before(rows, "ts", cut)
             pq.write_table(rows.filter(pa.array(keep & ~due)), path)
-            if delta is not None:
-                delta.apply_changes(source, name, now)
-            else:
-                syncs[source].append(name, now, rng)
-    for name in ("purchases", "cases"):
-        path = pend / f"{name}.parquet"
-        rows = pq.read_table(path)
-        keep = _not_erased(rows, "person_id", "ts", erased_ts)
-        due = keep & _before(rows, "ts", cut)
-        pq.write_table(rows.filter(pa.array(keep & ~due)), path)
-        done = pq.read_table(truth_dir / f"{name}.parquet")
-        pq.write_table(
-            pa.concat_tables([done, rows.filter(pa.array(due))]), truth_dir / f"{name}.parquet"
-        )
-    erased = erased.append_column("increment", pa.array(np.full(erased.num_rows, k)))
-    old = truth_dir / "erased.parquet"
-    all_erased = pa.concat_tables([pq.read_table(old), erased]) if old.exists() else erased
-    pq.write_table(all_erased, old)
-    if delta is None:
-        for sync in syncs.values():
-            sync.finish()
+            done = pq.read_table(truth_dir / f"{name}.parquet")
+            pq.write_table(
+                pa.concat_tables([done, rows.filter(pa.array(due))]), truth_dir / f"{name}.parquet"
+            )
+        erased = erased.append_column("increment", pa.array(np.full(erased.num_rows, k)))
+        old = truth_dir / "erased.parquet"
+        all_erased = pa.concat_tables([pq.read_table(old), erased]) if old.exists() else erased
+        pq.write_table(all_erased, old)
+        if delta is None:
+            for sync in syncs.values():
+                sync.finish()
     meta["cuts"].append(cut)
     meta["syncs"].append(stamp)
     meta["increments"].append(
