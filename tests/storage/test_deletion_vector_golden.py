@@ -55,3 +55,27 @@ def test_the_descriptor_counts_and_sizes_as_the_jvm_does():
 
 def test_z85_spells_as_the_jvm():
     assert deletion_vectors.z85(uuid.UUID(SMALL_UUID).bytes) == SMALL_Z85
+
+
+def test_a_file_with_our_vector_has_wide_bounds_as_the_jvms(tmp_path):
+    """table-with-dv-small's add with a vector says `"tightBounds":false`: its min and max
+    still count the deleted rows. Without it a reader may answer a min or max from the
+    statistics (Sail does: min 0 for a table whose rows 0-99 are deleted)."""
+    import json
+
+    import pyarrow as pa
+
+    from c360ml.storage.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    lake.write(pa.table({"k": np.arange(1_000)}), "gold", "t")
+    files, _ = lake.live_files("gold", "t")
+    lake.delete_and_append("gold", "t", deletes={files[0]: np.arange(100)})
+    log = [
+        json.loads(line)
+        for path in sorted((tmp_path / "lake" / "gold" / "t" / "_delta_log").glob("*.json"))
+        for line in path.read_text().splitlines()
+    ]
+    stats = [json.loads(a["add"]["stats"]) for a in log if a.get("add", {}).get("deletionVector")]
+    assert stats == [{**stats[0], "tightBounds": False}] and stats[0]["minValues"] == {"k": 0}
+    assert sorted(lake.read("gold", "t")["k"].to_pylist()) == list(range(100, 1_000))

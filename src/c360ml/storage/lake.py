@@ -585,6 +585,8 @@ def _replace_file(
         return [remove, {"add": _write_file(where, kept, schema, now)}]
     same = {k: v for k, v in add.items() if v is not None and k != "deletionVector"}
     same["deletionVector"] = deletion_vectors.descriptor(deleted)
+    if stats:  # its bounds still count the hidden rows: wide, as Delta's own DELETE marks them
+        same["stats"] = json.dumps(stats | {"tightBounds": False})
     return [remove, {"add": same | {"dataChange": True}}]
 
 
