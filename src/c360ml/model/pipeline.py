@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -535,6 +536,31 @@ def bundle_of(data: TrainingData, result: TrainResult) -> ModelBundle:
     )
 
 
+def champion_rows(settings: Settings, data: TrainingData, champion: ModelBundle) -> pd.DataFrame:
+    """The champion's features on every labelled row of the challenger's matrix (the
+    gate's rows): taken from the matrix when it has them, else computed from the
+    champion's definitions by the settings' engine (on Spark over the same sampled
+    customers' gold, `c360ml.spark.features.features_for`: only the rows' features reach
+    this process, as for the matrix)."""
+    from c360ml import features as ft
+
+    matrix, keys = data.matrix, [CUSTOMER, CUTOFF, LABEL]
+    if set(champion.feature_names) <= set(matrix.columns):
+        return matrix[[*keys, *champion.feature_names]]
+    if not champion.feature_set_json:
+        raise ValueError("the champion carries no feature definitions")
+    champion_fs = ft.FeatureSet.from_json(champion.feature_set_json)
+    population = matrix[[CUSTOMER, CUTOFF]]
+    if settings.engine == "spark":
+        from c360ml.spark import features as on_spark
+
+        computed = on_spark.features_for(settings, data.gold, population, champion_fs)
+    else:
+        computed = ft.calculate_features(data.gold, population, champion_fs)
+    computed[CUTOFF] = utc_column(computed[CUTOFF])
+    return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
+
+
 def register_training(
     settings: Settings,
     data: TrainingData,
@@ -544,24 +570,8 @@ def register_training(
     triggers: list[str] | None = None,
 ) -> TrainSummary:
     """Bundle, log, register and gate a fitted result; post the decision to the webhook."""
-    from c360ml import features as ft
-
     started = time.perf_counter()
     bundle = bundle_of(data, result)
-    matrix, gold = data.matrix, data.gold
-
-    def champion_rows(champion: ModelBundle) -> pd.DataFrame:
-        """The champion's features on every labelled row: reused or recomputed."""
-        keys = [CUSTOMER, CUTOFF, LABEL]
-        if set(champion.feature_names) <= set(matrix.columns):
-            return matrix[[*keys, *champion.feature_names]]
-        if not champion.feature_set_json:
-            raise ValueError("the champion carries no feature definitions")
-        champion_fs = ft.FeatureSet.from_json(champion.feature_set_json)
-        computed = ft.calculate_features(gold, matrix[[CUSTOMER, CUTOFF]], champion_fs)
-        computed[CUTOFF] = utc_column(computed[CUTOFF])
-        return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
-
     config = data.config
     params = {
         "trained_as_of": str(data.as_of),
@@ -584,7 +594,7 @@ def register_training(
         settings,
         params,
         card_context(settings, data, code),
-        champion_rows,
+        partial(champion_rows, settings, data),
         extra_artifacts={"dropped_features.json": data.dropped},
         oracle=data.oracle,
         require_approval=require_approval,
