@@ -14,6 +14,15 @@ the tables after it are not, and ingest's first append to bronze.
 Every kill leaves the lease held by the killed process. The suite kills at two of the
 points (one of each commit path: c360ml's own with deletion vectors, delta-rs' append),
 within the suite's time budget; C360ML_AZURITE_ALL_KILLS=1 kills at all four.
+
+`c360ml refresh` likewise, on the same lake with a champion trained on it: the refresh
+ingests the increment (erasures included), builds, and writes the job's tables, each as_of
+replaced through delta-rs (`Lake.write(predicate=...)`). The suite kills it once its scores
+are published (the CI-D export, drift, segments and report not yet made: the next refresh
+must replace that as_of's scores, not add to them); C360ML_AZURITE_ALL_KILLS=1 also at its
+feature snapshot, a gold patch's data file without its log entry, and its first bronze
+append. The next refresh takes over the lease, completes, and its tables equal a refresh
+not killed.
 """
 
 from __future__ import annotations
@@ -198,4 +207,88 @@ def test_a_build_killed_at_a_commit_on_azurite_is_finished_by_the_next(prepared,
 
     _valid(root)
     assert crash.differences(prepared.tables, crash.tables(root)) == [], (case, point)
+    assert crash.accounting(root) == [], (case, point)
+
+
+# ------------------------------------------------------------------- a refresh killed
+TRAINED_AS_OF = "2025-12-31"
+
+
+@dataclass
+class Refreshed:
+    trained: str  # the base lake with a champion (never refreshed itself)
+    commits: list[dict]  # the uninterrupted refresh's commits, in order
+    tables: dict[str, pd.DataFrame]  # its tables, as crash.tables normalises them
+
+
+@pytest.fixture(scope="module")
+def refreshed(prepared):
+    """The module's base lake (built, the increment with erasures and rejects landed) with
+    a champion trained on a copy of it, and a refresh of a copy of that, not killed, whose
+    commits are recorded in order."""
+    trained = f"az://{prepared.container}/trained/lake"
+    _copy(prepared.base, trained)
+    env = prepared.env | {"C360ML_LAKE_ROOT": trained}
+    _ok(_cli(prepared.home, env, "train", "--as-of", TRAINED_AS_OF))
+    _ok(_cli(prepared.home, env, "model", "approve", "1", "--force"))
+    reference = f"az://{prepared.container}/refreshed/lake"
+    _copy(trained, reference)
+    record = prepared.home / "refresh_commits.jsonl"
+    plan = {"record": str(record)}
+    _ok(_cli(prepared.home, env | {"C360ML_LAKE_ROOT": reference}, "refresh", plan=plan))
+    commits = [json.loads(line) for line in record.read_text().splitlines()]
+    return Refreshed(trained, commits, crash.tables(reference))
+
+
+def _first(commits: list[dict], table: str, by: str, new_files: int = 0) -> str:
+    """The uninterrupted refresh's first commit to `table` made by `by` (c360ml: one with
+    deletion vectors) adding at least `new_files`."""
+    found = [
+        c
+        for c in commits
+        if c["key"].startswith(f"{table}/_delta_log/")
+        and c["by"] == by
+        and c.get("new_files", 0) >= new_files
+        and (by != "c360ml" or c.get("deletion_vectors"))
+    ]
+    assert found, f"no {by} commit to {table} adding {new_files} files: {commits}"
+    return found[0]["key"]
+
+
+REFRESH_CASES = {
+    # the batch scores published, the CI-D export, drift, segments and report not made
+    "scores published": ("gold/churn_scores", "delta-rs", "after"),
+    # the feature snapshot published, the scores not
+    "features published": ("gold/customer_features", "delta-rs", "after"),
+    # a gold patch's new data file uploaded, its log entry not put
+    "gold patch, data file without its log entry": ("gold/orders", "c360ml", "before"),
+    # ingest's first append of the increment to bronze published, the rest not
+    "bronze append, published": ("bronze/d365/custtable", "delta-rs", "after"),
+}
+REFRESH_IN_SUITE = ("scores published",)
+ALL_KILLS = bool(os.environ.get("C360ML_AZURITE_ALL_KILLS"))
+REFRESH_KILLED = list(REFRESH_CASES) if ALL_KILLS else REFRESH_IN_SUITE
+
+
+@pytest.mark.parametrize("case", REFRESH_KILLED)
+def test_a_refresh_killed_at_a_commit_on_azurite_is_finished_by_the_next(prepared, refreshed, case):
+    table, by, when = REFRESH_CASES[case]
+    point = _first(refreshed.commits, table, by, new_files=1 if when == "before" else 0)
+    root = f"az://{prepared.container}/{uuid.uuid4().hex[:8]}/lake"
+    _copy(refreshed.trained, root)
+    lake, env = Lake(root), prepared.env | {"C360ML_LAKE_ROOT": root}
+
+    killed = _cli(prepared.home, env, "refresh", plan={"kill": point, "when": when})
+    assert killed.returncode == -9, (case, point, killed.stdout[-2000:], killed.stderr[-2000:])
+    assert lake.store.exists(point) == (when == "after"), (case, point)
+    lease = json.loads(lake.store.read_bytes("_lease"))
+    assert lease["what"] == "refresh" and lease["expires"] > 0, lease  # held, not released
+
+    started = time.monotonic()
+    out = " ".join(_ok(_cli(prepared.home, env, "refresh")).split())
+    assert f"took over the expired lease of refresh (process {lease['pid']} on" in out, out[-2000:]
+    print(f"{case}: killed at {point} ({when}); rerun {time.monotonic() - started:.1f} s")
+
+    _valid(root)
+    assert crash.differences(refreshed.tables, crash.tables(root)) == [], (case, point)
     assert crash.accounting(root) == [], (case, point)
