@@ -119,6 +119,7 @@ def test_retrain_waits_for_a_trigger_then_the_gate_is_announced(year):
     assert any("realized ROC AUC" in t for t in fired[3])
     assert "realized churn minus mean score" in months[3][1].health  # calibration looked at
     decision = months[3][1].summary
+    assert "realized" in decision.gate_reason  # the gate saw the churn the refresh measured
     gates = [body for path, _, body in receiver.received if body["event"] == "gate_decision"]
     assert [g["command"] for g in gates] == ["train", "retrain --if-needed"]
     assert gates[1]["triggers"] == fired[3]

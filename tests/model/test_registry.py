@@ -230,6 +230,24 @@ def test_sanity_checks_name_what_moved():
     assert "mean ChurnScore 0.900 vs champion 0.500" in checks["predicted churn rate"].detail
 
 
+def test_a_shift_the_refresh_measured_is_not_bad_data():
+    """After a shock, the challenger's label rate and mean score leave the champion's but
+    agree with the churn rate the refresh realized: they pass; the orders check still
+    catches a lake that lost half its orders, and a label rate far from both still fails."""
+    bounds = GateSettings()
+    before = gate.DataProfile(population=10_000, label_rate=0.52, purchases_per_customer=9.0)
+    shocked = gate.DataProfile(population=10_100, label_rate=0.67, purchases_per_customer=9.0)
+    old, new = np.full(500, 0.55), np.full(500, 0.65)
+    checks = {c.name: c for c in gate.sanity_checks(shocked, before, new, old, bounds, 0.669)}
+    assert checks["label rate"].passed and checks["predicted churn rate"].passed
+    assert checks["label rate"].detail == "0.670 vs champion 0.520, realized 0.669 (bound ±0.10)"
+    unmeasured = {c.name: c for c in gate.sanity_checks(shocked, before, new, old, bounds)}
+    assert not unmeasured["label rate"].passed and not unmeasured["predicted churn rate"].passed
+    broken = gate.DataProfile(population=10_000, label_rate=0.90, purchases_per_customer=4.5)
+    checks = {c.name: c for c in gate.sanity_checks(broken, before, new, old, bounds, 0.669)}
+    assert not checks["label rate"].passed and not checks["purchases per customer"].passed
+
+
 def test_rollback_and_approval_round_trips(store, results, synthetic):
     matrix, _ = synthetic
     name = "gate-approval"

@@ -5,7 +5,8 @@ the ROC AUC difference above zero, (2) be graded `GateSettings.min_grade` or bet
 default any grade: see below), and (3) have been trained on data
 that looks like the champion's (sanity checks: population size, label rate, purchases per
 customer, and the mean ChurnScore of both models on the current population, each within a
-bound of `GateSettings`). The score check compares means, not shapes: a better model
+bound of `GateSettings`; a label rate or mean score that agrees instead with the churn rate
+the refresh measured on the latest closed score window passes: a shock is not bad data). The score check compares means, not shapes: a better model
 legitimately spreads its scores differently, but two calibrated models of one population
 predict about the same churn rate. A first model only meets (1) and (2).
 
@@ -115,9 +116,21 @@ def sanity_checks(
     challenger_scores: np.ndarray,
     champion_scores: np.ndarray | None,
     bounds: GateSettings,
+    realized_churn: float | None = None,
 ) -> list[Check]:
-    """The challenger's training data against the champion's, each check named."""
+    """The challenger's training data against the champion's, each check named.
+
+    `realized_churn`: the churn rate the refresh measured on the latest score window closed
+    by the challenger's as_of. A label rate or a predicted churn rate that left the
+    champion's but agrees with it is a real shift the lake has shown, not bad data: that is
+    what a retrain after a shock must be allowed to learn."""
     checks = []
+    realized = "" if realized_churn is None else f", realized {realized_churn:.3f}"
+
+    def near(new: float, old: float, bound: float) -> bool:
+        agrees = realized_churn is not None and abs(new - realized_churn) <= bound
+        return bool(abs(new - old) <= bound or agrees)
+
     if champion is not None:
         checks += [
             _relative(
@@ -129,8 +142,8 @@ def sanity_checks(
             ),
             Check(
                 "label rate",
-                abs(challenger.label_rate - champion.label_rate) <= bounds.max_label_rate_change,
-                f"{challenger.label_rate:.3f} vs champion {champion.label_rate:.3f} "
+                near(challenger.label_rate, champion.label_rate, bounds.max_label_rate_change),
+                f"{challenger.label_rate:.3f} vs champion {champion.label_rate:.3f}{realized} "
                 f"(bound ±{bounds.max_label_rate_change:.2f})",
             ),
             _relative(
@@ -146,9 +159,9 @@ def sanity_checks(
         checks.append(
             Check(
                 "predicted churn rate",
-                abs(new - old) <= bounds.max_predicted_rate_change,
-                f"mean ChurnScore {new:.3f} vs champion {old:.3f} on the current population "
-                f"(bound ±{bounds.max_predicted_rate_change:.2f})",
+                near(new, old, bounds.max_predicted_rate_change),
+                f"mean ChurnScore {new:.3f} vs champion {old:.3f} on the current population"
+                f"{realized} (bound ±{bounds.max_predicted_rate_change:.2f})",
             )
         )
     return checks
@@ -269,6 +282,7 @@ def judge(
     champion_version: str | None,
     champion_rows: Callable[[ModelBundle], pd.DataFrame],
     bounds: GateSettings,
+    realized_churn: float | None = None,
 ) -> GateDecision:
     """Measure the challenger against the champion and decide.
 
@@ -319,7 +333,9 @@ def judge(
         path, y, test["model"].to_numpy(), theirs, config.bootstrap_resamples, config.seed
     )
     previous = DataProfile.of(champion.metadata.get("training_data"))
-    checks = sanity_checks(profile, previous, test["refit"].to_numpy(), artifact, bounds)
+    checks = sanity_checks(
+        profile, previous, test["refit"].to_numpy(), artifact, bounds, realized_churn
+    )
     if previous is None:
         log.warning("gate: champion v%s records no training-data profile", champion_version)
     return decide(grade, low, comparison, checks, path, champion_version, bounds.min_grade)

@@ -249,7 +249,11 @@ def log_and_gate(
             result, bundle, settings.model_name, params, extra_artifacts, oracle
         )
         champion_v = None if current is None else str(current.version)
-        decision = gate.judge(result, profile, champion, champion_v, champion_rows, settings.gate)
+        as_of = pd.Timestamp(bundle.metadata["trained_as_of"])
+        realized = realized_churn_rate(settings, as_of, result.plan.window_days)
+        decision = gate.judge(
+            result, profile, champion, champion_v, champion_rows, settings.gate, realized
+        )
         decision = registry.record_gate(
             settings.model_name, logged.version, decision, require_approval
         )
@@ -559,6 +563,22 @@ def champion_rows(settings: Settings, data: TrainingData, champion: ModelBundle)
         computed = ft.calculate_features(data.gold, population, champion_fs)
     computed[CUTOFF] = utc_column(computed[CUTOFF])
     return matrix[keys].merge(computed, on=[CUSTOMER, CUTOFF], validate="one_to_one")
+
+
+def realized_churn_rate(settings: Settings, as_of: pd.Timestamp, window_days: int) -> float | None:
+    """The churn rate the refresh measured (gold/score_outcomes, whole scored population) on
+    the latest score window that had closed by the challenger's as_of; None before any."""
+    from c360ml.storage.lake import Lake
+
+    lake = Lake(settings.lake)
+    if not lake.exists("gold", watch.OUTCOMES):
+        return None
+    outcomes = lake.read_pandas("gold", watch.OUTCOMES)
+    closed = outcomes["ScoredAsOf"] + pd.Timedelta(days=window_days) <= utc(as_of)
+    mine = outcomes[closed.to_numpy() & (outcomes["population"] == "all").to_numpy()]
+    if mine.empty:
+        return None
+    return float(mine.sort_values("ScoredAsOf")["churn_rate"].iloc[-1])
 
 
 def register_training(
