@@ -14,7 +14,8 @@ own data/ is never touched. Two whole demos (each trains, serves and reports) ta
 even at 700 persons, past the suite's budget: `C360ML_AZURITE_DEMO=1` runs them at 700
 persons (seed 11, where the gate promotes the first model, as tests/test_refresh.py
 trains), `C360ML_AZURITE_DEMO=<persons>` at that size with the demo's seed (20000: the
-demo itself). The suite runs the generate test, the one new path the demo takes."""
+demo itself). The suite runs what is new on the demo's way: generate into a container,
+and the runner the Makefile starts Azurite and runs the demo's commands with."""
 
 from __future__ import annotations
 
@@ -84,6 +85,47 @@ def test_generate_writes_its_landing_into_a_container_as_into_a_folder(tmp_path,
     assert f"a generated lake already exists at {az_root}/landing" in out, out
     _generate(tmp_path, remote, *first, "--fresh")
     assert _landing(lake) == ours  # the increment's sync folders were removed
+
+
+RUNNER = ROOT / "tests" / "storage" / "azurite.py"
+# what the demo's commands find: the lake root and the emulator's variables, no other Azure
+# credential; a blob written there; the command's own exit status
+COMMAND = """
+import json, os, sys
+from c360ml.storage.lake import Lake
+lake = Lake(os.environ["C360ML_LAKE_ROOT"])
+lake.write_json({"hello": "demo"}, "state", "runner.json")
+print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(("AZURE", "AZURITE", "C360ML_L"))}))
+sys.exit(3)
+"""
+
+
+def test_the_demos_runner_gives_its_commands_a_lake_on_azurite(tmp_path, monkeypatch):
+    """What `make demo LAKE=azurite` runs the demo's commands under (the suite's check of
+    it; the whole demo is the test below)."""
+    import json
+    import sys
+
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", "a-real-account's-key")  # not passed on
+    folder = tmp_path / "azurite"
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--location", str(folder), "--container", "demo",
+         "--lake", "az://demo/lake", "--", sys.executable, "-c", COMMAND],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    said, seen = done.stdout.splitlines()[0], json.loads(done.stdout.splitlines()[-1])
+    assert said.startswith("Azurite on http://127.0.0.1:") and "lake_root az://demo/lake" in said
+    assert seen.pop("AZURITE_BLOB_STORAGE_URL").startswith("http://127.0.0.1:")
+    assert seen == {"AZURE_STORAGE_USE_EMULATOR": "true", "C360ML_LAKE_ROOT": "az://demo/lake"}
+    again = Azurite(folder)  # its blobs stay in the folder, as data/azurite keeps the demo's
+    try:
+        for name, value in user_environment(again.url).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_KEY")
+        assert Lake("az://demo/lake").read_json("state", "runner.json") == {"hello": "demo"}
+    finally:
+        again.stop()
 
 
 def _make_demo(home: Path, *args: str) -> tuple[str, float]:
