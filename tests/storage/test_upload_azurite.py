@@ -71,3 +71,23 @@ def test_a_missing_container_is_named_by_the_stream(emulator_env):
     with pytest.raises(FileNotFoundError) as caught:
         _write(store, 1_000)
     assert str(caught.value) == f"az://no-such-container/lake/{KEY}: the container does not exist"
+
+
+def test_a_folder_is_uploaded_its_large_files_streamed_and_model_json_last(az_root, tmp_path):
+    """`upload_folder` (what generate publishes a staged landing with): a partition past
+    the stream threshold arrives whole, and each model.json is written after every data
+    file, so an ingest that finds a sync's model.json finds its partitions."""
+    from c360ml.storage.objects import CHUNK, upload_folder
+
+    big = np.random.default_rng(1).bytes(CHUNK + 12_345)  # streamed, in two pieces
+    sync = tmp_path / "d365" / "2026-01-01T01.00.00Z"
+    (sync / "salesline").mkdir(parents=True)
+    (sync / "salesline" / "2025.csv").write_bytes(big)
+    (sync / "model.json").write_text("{}")
+    (tmp_path / "generic").mkdir()
+    (tmp_path / "generic" / "transactions.csv").write_text("customer_id\n")
+    store = open_store(az_root)
+    done = upload_folder(tmp_path, store, "landing")
+    assert done[-1] == "landing/d365/2026-01-01T01.00.00Z/model.json" and len(done) == 3
+    assert store.read_bytes("landing/d365/2026-01-01T01.00.00Z/salesline/2025.csv") == big
+    assert store.read_text("landing/generic/transactions.csv") == "customer_id\n"
