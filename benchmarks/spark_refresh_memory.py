@@ -5,7 +5,7 @@ process (the driver: c360ml's side of Spark Connect) against a Sail server start
 child process, on the lake and MLflow store under WORK (a fresh copy of a lake made by
 `c360ml generate --customers N`, `c360ml build all` and `c360ml train` on DuckDB), and
 prints one `RESULT {json}` line: the driver's peak RSS (VmHWM) before the measures and
-scores step, after it and at the end, and Sail's peak. Run it with PYTHONPATH at a
+scores step, after it, before the report and at the end, and Sail's peak. Run it with PYTHONPATH at a
 `git archive` of src/ to measure a given commit (the code is imported from there, Sail's
 Python workers included). The figures of benchmarks/results/spark_refresh_memory.json
 were made this way (its `method` names the commands)."""
@@ -66,6 +66,15 @@ def main():
         return out
 
     refresh.measures_and_scores = wrapped
+    from c360ml import report
+
+    build = report.build_report
+
+    def reported(*a, **k):  # the mark before the report, which reads the tables itself
+        seen["driver_hwm_before_report_mb"] = hwm()
+        return build(*a, **k)
+
+    report.build_report = reported
     started = time.perf_counter()
     rc = cli(["refresh", "--engine", "spark"])
     seconds = round(time.perf_counter() - started, 1)

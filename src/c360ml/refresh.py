@@ -504,7 +504,7 @@ def export_cid_snapshot(settings: Settings, scores: Any, bundle: scoring.ModelBu
     `scores`: this as_of's churn_scores rows (ScoredAt is not exported), pandas or, on
     the Spark engine, a Spark DataFrame that Spark writes as the snapshot folder's
     Parquet files itself (`c360ml.spark.outputs.write_export`; the manifest's pattern
-    takes every `.parquet` file of the folder).
+    takes every `.parquet` file of the folder), as it writes the contact map.
     """
     lake = Lake(settings.lake)
     if isinstance(scores, pd.DataFrame):
@@ -513,10 +513,15 @@ def export_cid_snapshot(settings: Settings, scores: Any, bundle: scoring.ModelBu
         scores = scores.drop("ScoredAt")
     root = ("export", "ci-d")
     stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
-    contacts = lake.read_pandas("gold", "customer_source_map")
-    contacts = contacts[contacts["source"] == "dataverse"].rename(
-        columns={"source_key": "ContactId", "customer_id": "CustomerId"}
-    )[["ContactId", "CustomerId"]]
+    if isinstance(scores, pd.DataFrame):
+        contacts = lake.read_pandas("gold", "customer_source_map")
+        contacts = contacts[contacts["source"] == "dataverse"].rename(
+            columns={"source_key": "ContactId", "customer_id": "CustomerId"}
+        )[["ContactId", "CustomerId"]]
+    else:  # the contacts too are Spark's to write
+        from c360ml.spark import outputs
+
+        contacts = outputs.contact_map(scores.sparkSession, lake)
     glossary = pd.DataFrame(
         [
             {"Feature": n, "Label": d["label"], "Unit": d["unit"], "Description": d["description"]}

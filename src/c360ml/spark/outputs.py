@@ -6,9 +6,10 @@ steps that follow it in `c360ml.refresh.run_refresh` dispatch here on the Spark 
 
 - the summary's counts per ScoreStatus and RiskLevel: one grouped count (`score_counts`);
 - the CI-D export's ChurnScores entity: written by Spark as Parquet into the snapshot
-  folder (`write_export`); the manifest matches any `.parquet` file in that folder
-  (CI-D's partition pattern), so Spark's several part files are the same entity. The
-  small entities (contact map, glossary) and the manifest stay the driver's;
+  folder (`write_export`), and the contact map as well (`contact_map`); the manifest
+  matches any `.parquet` file in that folder (CI-D's partition pattern), so Spark's
+  several part files are the same entity. The glossary (the model's features) and the
+  manifest stay the driver's;
 - drift: each column's counts over the bins stored with the model (`drift_counts`), one
   row per table back, from which `c360ml.model.drift` computes the PSI as it does from
   values; the label-free ROC AUC estimate as grouped sums and a running sum
@@ -81,6 +82,14 @@ def write_export(frame: DataFrame, folder: str) -> pa.Schema:
     writer = frame.write.mode("overwrite").option("compression", "snappy")
     _spark_step(lambda: writer.parquet(folder), "CI-D export")
     return to_arrow_schema(frame.schema, timezone="UTC")
+
+
+def contact_map(spark: SparkSession, lake: Lake) -> DataFrame:
+    """The export's ContactBackstamp rows (ContactId, CustomerId: the Dataverse contacts'
+    customer ids) from gold/customer_source_map, on Spark."""
+    source_map = read_delta(spark, lake, "gold", "customer_source_map")
+    contacts = source_map.where("source = 'dataverse'")
+    return contacts.selectExpr("source_key AS ContactId", "customer_id AS CustomerId")
 
 
 def _micros(spark: SparkSession) -> None:
