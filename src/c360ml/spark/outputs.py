@@ -19,7 +19,7 @@ steps that follow it in `c360ml.refresh.run_refresh` dispatch here on the Spark 
   a closed window's rows are read by their as_of only.
 
 The figures equal the DuckDB engine's: the same counts give the same PSI, and the
-estimate's sums differ at most in their last bits (tests/spark/test_refresh_outputs.py).
+estimate's sums differ at most in their last bits (tests/spark/test_features.py).
 """
 
 from __future__ import annotations
