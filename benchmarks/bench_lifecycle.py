@@ -199,7 +199,8 @@ def _both_ways(settings, as_of: pd.Timestamp, old: str, new: str) -> dict | None
     for name, bundle in bundles.items():
         joined = frames[name][frames[name]["customer_id"].isin(customers)]
         joined = joined.sort_values("customer_id")
-        request = joined.drop(columns=["as_of", "label"], errors="ignore")
+        # each model gets its own features (a retrained champion may have chosen others)
+        request = joined[["customer_id", *bundle.feature_names]]
         request = request.rename(columns={"customer_id": "CustomerId"})
         p = scoring.score(bundle, request, explain="none")["ChurnScore"].to_numpy()
         y = joined["label"].to_numpy()
