@@ -220,11 +220,11 @@ def test_each_engine_keeps_what_the_other_wrote(refreshed, bundle):
         assert rows == len(lake.read_pandas("gold", "customer_profile"))
 
 
-def test_labels_populations_and_buyers_equal_duckdbs(lake, cfg, spark, tmp_path):
+def test_labels_populations_and_buyers_equal_duckdbs(lake, cfg, spark):
     duck = Lake(lake.lake)
     end = latest_event_time(duck)
     cutoffs = [(end - 200 * DAY).floor("D"), end - cfg.window]
-    with SparkAsOf(spark, duck, tmp_path / "scratch") as view:
+    with SparkAsOf(spark, duck, (*SCRATCH, "test")) as view:
         labels = view.labels(cutoffs, cfg)
         pd.testing.assert_frame_equal(labels, compute_labels(lake_gold(duck), cutoffs, cfg))
         assert 0 < labels["label"].mean() < 1 and labels["cutoff_time"].nunique() == 2
@@ -234,7 +234,7 @@ def test_labels_populations_and_buyers_equal_duckdbs(lake, cfg, spark, tmp_path)
         snap = refresh.snapshot_profiles(lake, end, False, None)  # DuckDB's
         assert view.profile_ids().tolist() == snap.profiles.tolist()
         assert view.buyers(end).tolist() == snap.buyers.tolist()
-    assert not (tmp_path / "scratch").exists()
+    assert not duck.path(*SCRATCH, "test").exists()
 
 
 def test_build_measures_on_spark_equals_duckdb(lake, spark, sail_remote):

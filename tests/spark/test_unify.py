@@ -292,12 +292,12 @@ def test_connected_components_of_chains_stars_and_isolated_nodes(spark, tmp_path
     assert {hand[v] for v in (61, 62, 63)} == {61}
 
 
-def test_a_new_id_in_use_as_an_old_one_is_salted(spark, silver, tmp_path):
+def test_a_new_id_in_use_as_an_old_one_is_salted(spark, silver):
     """A cluster founded by a record whose `new_id` (and its first salt) is an old id
     still owned (a split after a merge can do it) gets the next salt, as `assign_ids`
     salts it; a founder without a clash keeps the unsalted id."""
     rules = load_rules(silver.path(silver.unify_rules))
-    run = SparkUnify(silver, Lake(silver.lake), spark, rules, tmp_path / "scratch")
+    run = SparkUnify(silver, Lake(silver.lake), spark, rules, ("state", "test_scratch"))
     taken = [new_id("d365", "a"), new_id("d365", "a", 1)]
     spark.createDataFrame(pd.DataFrame({"old_id": taken})).createOrReplaceTempView("u_owner")
     founders = pd.DataFrame(

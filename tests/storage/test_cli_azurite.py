@@ -54,7 +54,7 @@ def test_ingest_command_on_an_az_lake(tmp_path, az_root, container):
     assert {t: lake.version("bronze", *t) for t in lake.tables("bronze")} == versions
     # what is not ported yet refuses the lake in one line saying what runs on it
     for name, command in (
-        ("the Spark engine (`--engine spark`)", ("build", "silver", "--engine", "spark")),
+        ("the Spark engine (`--engine spark`)", ("build", "measures", "--engine", "spark")),
         (
             "the Spark engine (`--engine spark`)",
             ("train", "--as-of", "2024-06-01", "--engine", "spark"),

@@ -4,9 +4,8 @@
 Sail reaches Azure storage through object_store, as delta-rs and obstore do, configured by
 the same environment variables (here the emulator's): it reads a table c360ml wrote,
 deletion vectors included, by its az:// URI and by the abfss:// form, and its Delta append
-is read back by c360ml's reader and by delta-rs. The Spark engine itself still refuses a
-URI lake (`c360ml --engine spark`): its modules open tables and scratch folders by local
-path (`Lake.path`)."""
+is read back by c360ml's reader and by delta-rs. The Spark engine's build on such a lake
+is tests/storage/test_spark_azurite.py."""
 
 from __future__ import annotations
 

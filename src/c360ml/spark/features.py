@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -76,6 +75,7 @@ from c360ml.spark.gold import (
     SparkTables,
     _first_line,
     _spark_errors,
+    keep_parquet,
     write_delta,
 )
 from c360ml.storage.lake import Lake
@@ -224,7 +224,7 @@ class SparkAsOf:
 
     The relations DuckDB's engine stores (`KEPT`: the statuses, the candidate purchases,
     the view's orders, lines and cases, the active population) are computed once and kept
-    in scratch Parquet under `scratch` (what follows reads them, not the plans that made
+    in scratch Parquet in the lake's folder `scratch` (what follows reads them, not the plans that made
     them: Sail's cache is a no-op, and the status relations are read many times over), as
     `c360ml.spark.unify` keeps its steps. Use as a context manager: the scratch is removed
     on exit."""
@@ -233,7 +233,7 @@ class SparkAsOf:
         self,
         spark: SparkSession,
         lake: Lake,
-        scratch: Path,
+        scratch: tuple[str, ...],
         tables: SparkTables = DELTA,
         customers: pd.Index | None = None,
     ) -> None:
@@ -258,7 +258,7 @@ class SparkAsOf:
         self.close()
 
     def close(self) -> None:
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.lake.delete_folder(*self.scratch)
 
     def _run(self, statements: list[str]) -> None:
         """Each statement, then its relation kept when it is one of `KEPT`."""
@@ -276,10 +276,8 @@ class SparkAsOf:
         name (read with its schema: an empty result is written as no file at all)."""
         frame = self.spark.table(relation)
         self._kept += 1  # a new folder: a relation kept again may be read by an older one
-        path = self.scratch / f"{self._kept}_{relation}"
-        frame.write.mode("overwrite").parquet(str(path))
-        path.mkdir(parents=True, exist_ok=True)
-        self.spark.read.schema(frame.schema).parquet(str(path)).createOrReplaceTempView(relation)
+        where = (*self.scratch, f"{self._kept}_{relation}")
+        keep_parquet(self.spark, frame, self.lake, where).createOrReplaceTempView(relation)
 
     def register_ids(self, relation: str, ids: pd.Index) -> None:
         """customer_id of `ids` as the relation `relation` (kept: a plan holding the ids
@@ -438,6 +436,14 @@ class SparkSnapshot:
         return self.view.buyers(self.as_of)
 
 
+def _scratch_done(lake: Lake) -> None:
+    """A local lake's scratch folder removed once no pass's scratch is left in it (each
+    pass removes its own; a container has no empty folder to remove)."""
+    if not lake.remote:
+        with contextlib.suppress(OSError):
+            lake.path(*SCRATCH).rmdir()
+
+
 @contextlib.contextmanager
 def spark_snapshot(
     spark: SparkSession,
@@ -452,7 +458,7 @@ def spark_snapshot(
     (its frames read the pass's scratch): the measures and features planned
     (`plan_measures`, `plan_features`: what cannot be computed is refused before)."""
     as_of = utc(as_of)
-    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    scratch = (*SCRATCH, uuid.uuid4().hex)
     try:
         with SparkAsOf(spark, lake, scratch, tables) as view:
             view.build_view(as_of)
@@ -464,8 +470,7 @@ def spark_snapshot(
                 as_of=as_of,
             )
     finally:
-        with contextlib.suppress(OSError):
-            scratch.parent.rmdir()  # when no other pass's scratch is there
+        _scratch_done(lake)
 
 
 def _session(settings: Settings) -> SparkSession:
@@ -644,7 +649,7 @@ def training_frames(
 
     refuse_sql_features(spec)  # before any Spark work
     lake = gold.lake
-    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    scratch = (*SCRATCH, uuid.uuid4().hex)
     try:
         with SparkAsOf(_session(settings), lake, scratch, customers=gold.customers) as view:
             candidates = derive_features(view, spec)
@@ -655,8 +660,7 @@ def training_frames(
             lap("labels_seconds")  # and the definitions
             matrix = population_features(view, population, candidates, plans)
     finally:
-        with contextlib.suppress(OSError):
-            scratch.parent.rmdir()  # when no other pass's scratch is there
+        _scratch_done(lake)
     return TrainingFrames(labels, population, rfm, candidates, matrix)
 
 
@@ -670,13 +674,12 @@ def features_for(
     express is refused naming it (`plan_features`), before any Spark work."""
     plans = plan_features(fs)
     lake = gold.lake
-    scratch = lake.path(*SCRATCH, uuid.uuid4().hex)
+    scratch = (*SCRATCH, uuid.uuid4().hex)
     try:
         with SparkAsOf(_session(settings), lake, scratch, customers=gold.customers) as view:
             return population_features(view, population, fs, plans)
     finally:
-        with contextlib.suppress(OSError):
-            scratch.parent.rmdir()  # when no other pass's scratch is there
+        _scratch_done(lake)
 
 
 # ---------------------------------------------------------------- batch scoring

@@ -87,8 +87,33 @@ def _spark_errors() -> tuple[type[BaseException], ...]:
 
 
 def read_delta(spark: SparkSession, lake: Lake, *where: str) -> DataFrame:
-    """A lake table as Spark's Delta reader sees it (deletion vectors applied)."""
-    return spark.read.format("delta").load(str(lake.path(*where)))
+    """A lake table as Spark's Delta reader sees it (deletion vectors applied), by its
+    URI: a local folder, or an object store's (Spark reaches that through its own
+    configuration: Sail through the same environment variables as c360ml)."""
+    return spark.read.format("delta").load(lake.uri(*where))
+
+
+def keep_parquet(
+    spark: SparkSession, frame: DataFrame, lake: Lake, where: tuple[str, ...]
+) -> DataFrame:
+    """`frame` computed once, written as scratch Parquet to the lake's folder `where` and
+    read back: what follows reads the result, not the plan that made it (Sail's cache is
+    a no-op, and a checkpoint needs a directory a cluster may not have). The folder is
+    the lake's (a local folder or a prefix of its container) because the driver and the
+    workers must all reach it. Read with the frame's schema: an empty result is written
+    as no file at all (a local folder is made for it; an empty prefix reads as no rows)."""
+    uri = lake.uri(*where)
+    frame.write.mode("overwrite").parquet(uri)
+    if not lake.remote:
+        lake.path(*where).mkdir(parents=True, exist_ok=True)
+    return spark.read.schema(frame.schema).parquet(uri)
+
+
+def _made_parent(lake: Lake, where: tuple[str, ...]) -> None:
+    """A local table's parent folder, made before Spark writes it (a container has no
+    folders to make)."""
+    if not lake.remote:
+        lake.path(*where).parent.mkdir(parents=True, exist_ok=True)
 
 
 def nullable(frame: DataFrame) -> DataFrame:
@@ -119,8 +144,7 @@ def write_delta(
     features adds theirs to customer_features, as the DuckDB engine's `Lake.write` with a
     predicate merges the schemas). SparkBuildError when Spark fails it: a Delta write commits whole or not at
     all, so the table is as it was."""
-    path = lake.path(*where)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _made_parent(lake, where)
     writer = nullable(frame).write.format("delta").mode("overwrite")
     if replace_where is None:
         writer = writer.option("overwriteSchema", "true")
@@ -128,7 +152,7 @@ def write_delta(
         add_missing_columns(frame, lake, *where)
         writer = writer.option("replaceWhere", replace_where)
     try:
-        writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
+        writer.option(USER_METADATA, json.dumps(metadata)).save(lake.uri(*where))
     except _spark_errors() as exc:
         table = "/".join(where)
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
@@ -157,11 +181,10 @@ def append_delta(frame: DataFrame, lake: Lake, *where: str, metadata: dict[str, 
     """One append commit of a lake table by Spark (the table made when missing), every
     column nullable, `metadata` recorded as `write_delta` records it. SparkBuildError
     when Spark fails it (the table as it was)."""
-    path = lake.path(*where)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _made_parent(lake, where)
     writer = nullable(frame).write.format("delta").mode("append")
     try:
-        writer.option(USER_METADATA, json.dumps(metadata)).save(str(path))
+        writer.option(USER_METADATA, json.dumps(metadata)).save(lake.uri(*where))
     except _spark_errors() as exc:
         table = "/".join(where)
         raise SparkBuildError(f"{table}: Spark failed to write it: {_first_line(exc)}") from exc
@@ -214,7 +237,7 @@ class DeltaTables:
     def delete(
         self, spark: SparkSession, lake: Lake, where: tuple[str, ...], condition: str
     ) -> None:
-        spark.sql(f"DELETE FROM delta.`{lake.path(*where)}` WHERE {condition}")
+        spark.sql(f"DELETE FROM delta.`{lake.uri(*where)}` WHERE {condition}")
 
 
 DELTA = DeltaTables()

@@ -43,9 +43,9 @@ and the outputs are equal (the incremental path equals a whole unify). Its state
 after a change unifies everything once, then incrementally again.
 
 A failure: every intermediate result is written to scratch Parquet
-(`state/unify_spark_scratch` under the lake root, a path the driver and the workers share
-as they share the lake's; removed after the build) before any lake table is touched,
-so a Spark error in the work is one line (SparkBuildError) and every table is as it was.
+(`state/unify_spark_scratch` under the lake root, a local folder or a container's prefix
+the driver and the workers reach as they reach the lake's tables; removed after the
+build) before any lake table is touched, so a Spark error in the work is one line (SparkBuildError) and every table is as it was.
 The commits then follow DuckDB's order (state marked as being rewritten, map, profile,
 redirects, report, state), so a build stopped among them is followed by a whole unify.
 """
@@ -54,12 +54,10 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -103,6 +101,7 @@ from c360ml.spark.gold import (
     _first_line,
     _spark_errors,
     check_gold,
+    keep_parquet,
 )
 from c360ml.storage.inputs import stamp
 from c360ml.storage.lake import Lake
@@ -130,7 +129,7 @@ class SparkUnify:
     lake: Lake
     spark: SparkSession
     rules: UnifyRules
-    scratch: Path
+    scratch: tuple[str, ...]  # the lake folder of this build's scratch Parquet
     tables: SparkTables = DELTA  # how Spark reads and writes the lake's tables
 
     def read(self, where: tuple[str, ...]) -> DataFrame:
@@ -138,14 +137,9 @@ class SparkUnify:
         return self.tables.read(self.spark, self.lake, where)
 
     def keep(self, frame: DataFrame, name: str) -> DataFrame:
-        """`frame` computed once and written to scratch Parquet, read back: what follows
-        reads the result, not the plan that made it (Sail's cache is a no-op, and a
-        checkpoint needs a directory a cluster may not have). Read with the frame's
-        schema: an empty result is written as no file at all."""
-        path = self.scratch / name
-        frame.write.mode("overwrite").parquet(str(path))
-        path.mkdir(parents=True, exist_ok=True)
-        return self.spark.read.schema(frame.schema).parquet(str(path))
+        """`frame` computed once and written to scratch Parquet, read back (see
+        `keep_parquet`)."""
+        return keep_parquet(self.spark, frame, self.lake, (*self.scratch, name))
 
     def view(self, frame: DataFrame, name: str) -> DataFrame:
         """`frame` as the temp view `name` (the steps' SQL reads each other's results)."""
@@ -199,7 +193,7 @@ def read_records(run: SparkUnify) -> DataFrame:
     if lake.exists("silver", "generic_transactions"):
         names.append("gold/unify_records_generic")
     if not names:
-        raise FileNotFoundError(f"no silver customer tables under {lake.path('silver')}")
+        raise FileNotFoundError(f"no silver customer tables under {lake.uri('silver')}")
     frames = []
     for name in names:
         text = sql_text(run.settings, name)
@@ -664,14 +658,13 @@ def build_unify(
     inputs.pop("gold/customer_source_map", None)  # our own output
     if (current := current_summary(lake, digest, inputs, started)) is not None:
         return current
-    scratch = lake.path(*SCRATCH)
-    shutil.rmtree(scratch, ignore_errors=True)  # a stopped build's leftovers
-    run = SparkUnify(settings, lake, spark, rules, scratch, tables)
+    lake.delete_folder(*SCRATCH)  # a stopped build's leftovers
+    run = SparkUnify(settings, lake, spark, rules, SCRATCH, tables)
     try:
         done = unify(run, pd.Timestamp.now(tz="UTC").floor("us"), digest)
         write_outputs(run, done, inputs, digest)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        lake.delete_folder(*SCRATCH)
     return UnifySummary(
         done.report,
         customers=lake.count("gold", "customer_profile"),
