@@ -1,13 +1,13 @@
 """A simulated year of operation: does the model notice a regime change and recover?
 
-`make bench STAGE=lifecycle` (or `python benchmarks/bench_lifecycle.py`): three years side
+`make bench STAGE=lifecycle` (or `python benchmarks/bench_lifecycle.py`): four years side
 by side, each on the demo lake (20,000 customers, seed 42, history to 2025-12-31, champion
 trained as of that day), then 12 months of weekly increments (a month = the weekly syncs
 whose cut falls in it), each month `refresh` then `retrain --if-needed`, with
 `max_model_age_days` above a year so only drift and realized performance can trigger:
 "competitor" (a competitor opens at the start of month 3, `generate --increment --shock`),
-"recession" (a recession from the same day) and "control" (no shock: what the calendar
-alone does). `--runs recession` runs one of them; the combined files are rewritten from
+"recession" (a recession from the same day), "severe_recession" (`recession*3`: what
+size of shock the triggers see) and "control" (no shock: what the calendar alone does). `--runs recession` runs one of them; the combined files are rewritten from
 whatever runs' files exist. Per month: the label-free estimate of ROC AUC,
 the realized ROC AUC once the 90-day window has closed, the score PSI, the highest PSI of a
 top-10 feature, the trigger that fired and the gate's decision. For every as_of scored by a
