@@ -330,7 +330,7 @@ def draw_people(rng: np.random.Generator, t: Traits, ctx: Context) -> People:
         name=name,
         email=email,
         area=area,
-        phone_line=rng.integers(100, 10_000, n),
+        phone_line=rng.integers(2_000_000, 10_000_000, n),  # exchange 200-999, line
         street_no=pc.cast(pa.array(rng.integers(1, 9999, n)), pa.string()),
         street=v.take(v.STREETS, rng.integers(0, len(v.STREETS), n)),
         city=city,
@@ -1145,7 +1145,10 @@ def contact_rows(
     fmt = rng.integers(0, 5, m)
     phone = v.phone_formats(p["area"], p["phone_line"], fmt)
     mobile = v.null_where(
-        u[7] < 0.5, v.phone_formats(p["area"], (p["phone_line"] + 17) % 10_000, fmt)
+        u[7] < 0.5,
+        v.phone_formats(
+            p["area"], p["phone_line"] // 10_000 * 10_000 + (p["phone_line"] + 17) % 10_000, fmt
+        ),
     )
     cols = {
         "contactid": ids,

@@ -247,15 +247,18 @@ def record_ids(table_no: int, recid: np.ndarray) -> pa.Array:
     return join(f"{table_no:08x}-0000-4000-8000-", padded("", recid, 12))
 
 
-def phone_formats(area: pa.Array, line: np.ndarray, fmt: np.ndarray) -> pa.Array:
-    """Phone numbers 555-xxxx in one of five formats per row (the dirt contacts carry)."""
-    last4 = padded("", line, 4)
+def phone_formats(area: pa.Array, number: np.ndarray, fmt: np.ndarray) -> pa.Array:
+    """Phone numbers in `area`, `number` the seven digits after it (exchange and line), in
+    one of five formats per row (the dirt contacts carry). Seven digits, not a fixed
+    exchange: at a million persons four digits per area code left fewer numbers than
+    households, and the phone rule could not tell people apart."""
+    exchange, last4 = padded("", number // 10_000, 3), padded("", number % 10_000, 4)
     variants = [
-        join("(", area, ") 555-", last4),
-        join("+1 ", area, " 555 ", last4),
-        join(area, ".555.", last4),
-        join(area, "555", last4),
-        join(area, "-555-", last4),
+        join("(", area, ") ", exchange, "-", last4),
+        join("+1 ", area, " ", exchange, " ", last4),
+        join(area, ".", exchange, ".", last4),
+        join(area, exchange, last4),
+        join(area, "-", exchange, "-", last4),
     ]
     out = variants[0]
     for k in range(1, len(variants)):
