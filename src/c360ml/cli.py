@@ -468,29 +468,6 @@ def configure_logging(settings: Settings, verbose: bool, debug: bool) -> Path:
     return path
 
 
-ON_ENGINE = (cmd_build, cmd_train, cmd_retrain, cmd_refresh)  # what the engine setting runs
-
-
-def _local_only(settings: Settings, command: str) -> str:
-    return (
-        f"lake_root {settings.lake}: a lake on object storage is read and written by "
-        f"c360ml's storage layer, but {command} runs on a local folder only so far "
-        "(every other command runs on it with the DuckDB engine)"
-    )
-
-
-def _refuse_on_object_storage(args: argparse.Namespace, settings: Settings) -> None:
-    """One line, before any storage is contacted, for what needs a local lake folder (the
-    Spark engine's measures, training and refresh, not yet tested on a container; every
-    command runs on object storage with DuckDB, and the Spark engine's `build` of the
-    layers does, tested on Azurite with Sail: tests/storage/test_spark_azurite.py)."""
-    if not isinstance(settings.lake, str):
-        return
-    layers = args.func is cmd_build and args.layer != "measures"
-    if settings.engine == "spark" and args.func in ON_ENGINE and not layers:
-        raise ValueError(_local_only(settings, "the Spark engine (`--engine spark`)"))
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep output readable
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow logs to our log file
@@ -500,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         if getattr(args, "engine", None):
             settings = settings.model_copy(update={"engine": args.engine})
-        _refuse_on_object_storage(args, settings)
         log_path = configure_logging(settings, args.verbose, args.debug)
         progress.listen(_Bars())
         # What packages print to stderr themselves (MLflow's registration notes, say) goes

@@ -542,13 +542,13 @@ def export_cid_snapshot(settings: Settings, scores: Any, bundle: scoring.ModelBu
             with lake.store.open_output(part) as out:
                 pq.write_table(table, out)
             schema = table.schema
-        else:  # a Spark DataFrame, written by Spark (a local lake: Spark's paths)
+        else:  # a Spark DataFrame, written by Spark to the folder's URI (either store)
             from pyspark.sql.functions import lit
 
             from c360ml.spark import outputs
 
             frame = frame.withColumn("ContractVersion", lit(scoring.CONTRACT_VERSION))
-            schema = outputs.write_export(frame, str(lake.path(*root, folder, f"snapshot={stamp}")))
+            schema = outputs.write_export(frame, lake.uri(*root, folder, f"snapshot={stamp}"))
         lake.store.write_text(
             lake.key(*root, f"{entity}.cdm.json"),
             json.dumps(_entity_doc(entity, schema), indent=1),

@@ -1,8 +1,7 @@
 """`c360ml ingest` on an az:// lake as a user runs it: the lake root and Azurite's
 connection in environment variables, a landing generated on disk (with Synapse Link's
 absolute partition locations, `generate --absolute-locations`) and copied into the
-container. The commands not ported yet (train, build measures, ...) still refuse the
-lake in one line."""
+container (the Spark engine's commands on a container: tests/storage/test_spark_azurite.py)."""
 
 from __future__ import annotations
 
@@ -52,18 +51,3 @@ def test_ingest_command_on_an_az_lake(tmp_path, az_root, container):
     code, out = _run(tmp_path, remote, "ingest")  # nothing new
     assert code == 0, out
     assert {t: lake.version("bronze", *t) for t in lake.tables("bronze")} == versions
-    # what is not ported yet refuses the lake in one line saying what runs on it
-    for name, command in (
-        ("the Spark engine (`--engine spark`)", ("build", "measures", "--engine", "spark")),
-        (
-            "the Spark engine (`--engine spark`)",
-            ("train", "--as-of", "2024-06-01", "--engine", "spark"),
-        ),
-    ):
-        code, out = _run(tmp_path, remote, *command)
-        assert code == 2, out
-        out = " ".join(out.split())
-        assert f"lake_root {az_root}: a lake on object storage" in out, out
-        assert f"but {name} runs on a local folder only so far" in out, out
-        assert "(every other command runs on it with the DuckDB engine)" in out
-        assert "Traceback" not in out

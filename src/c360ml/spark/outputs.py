@@ -70,10 +70,11 @@ def score_counts(scores: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def write_export(frame: DataFrame, folder: str) -> pa.Schema:
-    """`frame` written by Spark as Parquet files into the new local folder `folder` (the
-    export's snapshot folder); its Arrow schema as the files hold it (the entity's CDM
-    attributes are made from it). Timestamps as microseconds (Spark's INT96 default would
-    read as nanoseconds without a zone), Snappy as pyarrow writes the other entities."""
+    """`frame` written by Spark as Parquet files into the new folder `folder` (the export's
+    snapshot folder, by its `Lake.uri`: a local folder or a container's prefix); its Arrow
+    schema as the files hold it (the entity's CDM attributes are made from it). Timestamps
+    as microseconds (Spark's INT96 default would read as nanoseconds without a zone),
+    Snappy as pyarrow writes the other entities."""
     from pyspark.sql.pandas.types import to_arrow_schema
 
     spark = frame.sparkSession
