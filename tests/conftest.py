@@ -149,6 +149,85 @@ def write_sync_folder(
     return folder
 
 
+# ---------------------------------------------------------------- two workers (pytest-xdist)
+# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: a module runs whole
+# on one worker (its module fixtures are built once), the modules that open Spark sessions
+# run together on one (`_spark_module`), and the long units are handed out first.
+
+# Units of a minute or more on a quiet 2-core machine, longest first, so that neither
+# worker is left alone with one at the end; the others follow in collection order. A
+# stale list only schedules worse.
+LONG_FIRST = (
+    "spark",
+    "tests/storage/test_jobs_azurite.py",
+    "tests/model/test_pipeline.py",
+    "tests/test_cli.py",
+    "tests/test_lifecycle.py",
+    "tests/storage/test_crash_azurite.py",
+    "tests/storage/test_build_azurite.py",
+    "tests/test_erasure.py",
+    "tests/test_crash.py",
+    "tests/test_refresh.py",
+    "tests/service/test_service.py",
+)
+_SPARK_SOURCE = ("SparkConnectServer", "SparkSession")
+_spark_modules: dict[str, bool] = {}
+
+
+def _spark_module(root: Path, module: str) -> bool:
+    """A module under tests/spark/, or one that starts Sail or opens a Spark session itself.
+    Spark Connect's `getOrCreate` returns the process's default session, and some modules
+    stop the session they got: these run in one process, in collection order, as without
+    workers."""
+    if module not in _spark_modules:
+        path = root / module
+        _spark_modules[module] = module.startswith("tests/spark/") or (
+            path.suffix == ".py" and any(w in path.read_text() for w in _SPARK_SOURCE)
+        )
+    return _spark_modules[module]
+
+
+def _unit(root: Path, nodeid: str) -> str:
+    """The work unit of a test: its module, or "spark"."""
+    module = nodeid.split("::", 1)[0]
+    return "spark" if _spark_module(root, module) else module
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the Spark modules as one unit."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Units(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(config.rootpath, nodeid)
+
+    return Units(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """Tell the workers (their own `dist` option reads "no") that `Units` schedules."""
+    node.workerinput["c360ml_units"] = node.config.getvalue("dist") == "loadfile"
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a worker of `--dist loadfile`: the tests of LONG_FIRST's units first (the order
+    of the collection is the order units are handed out in, with --no-loadscope-reorder);
+    within a unit, and without workers, the order is pytest's."""
+    if not getattr(config, "workerinput", {}).get("c360ml_units"):
+        return
+    last = len(LONG_FIRST)
+
+    def rank(item) -> int:
+        unit = _unit(config.rootpath, item.nodeid)
+        return LONG_FIRST.index(unit) if unit in LONG_FIRST else last
+
+    items.sort(key=rank)
+
+
 _exit_status = {"code": None}
 
 

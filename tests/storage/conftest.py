@@ -25,9 +25,7 @@ def azurite(tmp_path_factory) -> Iterator[Azurite]:
         server.stop()
 
 
-@pytest.fixture
-def emulator_env(azurite, monkeypatch) -> Azurite:
-    """The environment of a user on Azurite: no other Azure credential set."""
+def _on_emulator(monkeypatch: pytest.MonkeyPatch, azurite: Azurite) -> None:
     import os
 
     for name in list(os.environ):
@@ -35,6 +33,12 @@ def emulator_env(azurite, monkeypatch) -> Azurite:
             monkeypatch.delenv(name)
     monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
     monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azurite.url)
+
+
+@pytest.fixture
+def emulator_env(azurite, monkeypatch) -> Azurite:
+    """The environment of a user on Azurite: no other Azure credential set."""
+    _on_emulator(monkeypatch, azurite)
     return azurite
 
 
@@ -50,3 +54,14 @@ def container(emulator_env) -> str:
 def az_root(container) -> str:
     """An az:// lake root in the test's container (below a path, as a user's may be)."""
     return f"az://{container}/c360ml/lake"
+
+
+@pytest.fixture(scope="module")
+def module_az_root(azurite) -> Iterator[str]:
+    """An az:// lake root in a container the tests of one module share: a project its
+    tests continue in order (its fixtures run in the environment of `emulator_env`)."""
+    name = f"lake-{uuid.uuid4().hex[:12]}"
+    azurite.create_container(name)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _on_emulator(monkeypatch, azurite)
+        yield f"az://{name}/c360ml/lake"
