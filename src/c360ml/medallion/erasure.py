@@ -27,6 +27,14 @@ identifier are removed at once; every other file follows the normal retention
 read. A table whose log names a person loses its history before the erasure (a
 checkpoint of the purged version, then the older log entries), so time travel to
 before an erasure is deliberately impossible.
+
+Unify's value frequencies (`state/unify/frequencies`, what a rule's `common` test reads)
+hold a hash of each name and postal code with the records carrying it: a rare name's
+hash with count 1 links back to its person by a dictionary attack. The erased records'
+share (the hashes `state/unify/counted` kept of them when the frequencies were counted)
+is subtracted, rows reaching 0 go, and the table's older files holding such a value and
+its log go at once (the `frequencies` step); frequencies whose share cannot be told are
+dropped, to be counted again. Either way the next build unifies all records.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import hashlib
 import io
 import logging
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -46,7 +55,18 @@ import pyarrow.parquet as pq
 
 from c360ml.config import Settings
 from c360ml.medallion.silver import purge_accounting
-from c360ml.medallion.unify import STATE
+from c360ml.medallion.unify import (
+    COUNT_KEY,
+    COUNTED,
+    FREQUENCIES,
+    FREQUENCY_SCHEMA,
+    RECORDS_TOTAL,
+    STATE,
+    STATE_KEY,
+    frequency_sql,
+    mark_state_rewriting,
+)
+from c360ml.storage.inputs import last_record, stamp
 from c360ml.storage.lake import Lake
 from c360ml.storage.lease import writes_lake
 
@@ -65,7 +85,9 @@ TABLE_LAYERS = ("bronze", "silver", "gold", "state", "quarantine")
 PSEUDONYM = "concat('erased:', encode(sha256({0}), 'hex'))"  # Delta's SQL (DataFusion)
 ERASED_KEY = "CASE WHEN starts_with({0}, 'erased:') THEN {0} ELSE 'erased:' || sha256({0}) END"
 RAW = "_raw"  # quarantine's column of a source line that could not be parsed
-STEPS = ("rows", "exports", "quarantine", "files", "logs")
+STEPS = ("rows", "frequencies", "exports", "quarantine", "files", "logs")
+DROP = "drop"  # ErasureJob.count: the frequencies are dropped, not decremented
+ERASURE_KEY = "c360ml.erasure"  # a frequencies commit's job (`_subtract_frequencies`)
 JOB = ("state", "erasure", "job.json")  # the pending job's record, in the lake's store
 
 
@@ -91,6 +113,12 @@ class ErasureJob:
     identifiers: list[str]  # contact ids, account numbers, e-mails, phones as spelled
     deletes: list[Delete]
     done: list[str] = field(default_factory=list)
+    # The unify value frequencies' share of the erased records: (field, value hash, count)
+    # rows to subtract from the count `count` (COUNT_KEY) of `FREQUENCIES`; `count` DROP:
+    # the frequencies are dropped instead, "": left as they are (see `_frequency_decrement`).
+    frequencies: list[list] = field(default_factory=list)
+    count: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the frequencies commit's
 
     @property
     def unique(self) -> set[str]:
@@ -186,6 +214,9 @@ def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJo
         deletes.append(
             Delete(list(STATE), "source_key", erased["source_key"].tolist(), hidden_only=True)
         )
+    subtract, count = _frequency_decrement(lake, erased)  # read before COUNTED's rows go
+    if not erased.empty and lake.exists(*COUNTED):
+        deletes.append(Delete(list(COUNTED), "source_key", erased["source_key"].tolist()))
     if d365:
         deletes += _commerce_deletes(lake, d365)
     if contacts:  # the contact, and the support cases they raised (their correspondence)
@@ -196,7 +227,45 @@ def plan(lake: Lake, erased: pd.DataFrame, customer_ids: list[str]) -> ErasureJo
         source_keys=[list(k) for k in erased.itertuples(index=False, name=None)],
         identifiers=sorted(_identifiers(lake, d365, contacts)),
         deletes=deletes,
+        frequencies=subtract,
+        count=count,
     )
+
+
+def _count_of(lake: Lake, where: tuple[str, ...]) -> str | None:
+    """The count (COUNT_KEY) the table's newest write recording inputs is of: None for one
+    that records none (the Spark engine's count)."""
+    record = last_record(lake, where)
+    return None if record is None else record[1].get(COUNT_KEY)
+
+
+def _frequency_decrement(lake: Lake, erased: pd.DataFrame) -> tuple[list[list], str]:
+    """What the erased records added to the unify value frequencies (`FREQUENCIES`, which a
+    build without state counted and later builds keep): the hashes `COUNTED` kept of each
+    of them when they were counted, per (field, value), and their number (RECORDS_TOTAL);
+    with the count they are of. A record new since the count added nothing. Without a
+    `COUNTED` of the same count (a lake from before it was kept, frequencies the Spark
+    engine counted, a unify killed between the two writes), what the erased added cannot
+    be told: the frequencies are dropped (DROP), and the next build counts them again."""
+    if erased.empty or not lake.exists(*FREQUENCIES):
+        return [], ""
+    count = _count_of(lake, FREQUENCIES)
+    if count is None or _count_of(lake, COUNTED) != count:
+        log.info("erasure: the kept value frequencies cannot be decremented: dropped")
+        return [], DROP
+    fields = [n[2:] for n in lake.schema(*COUNTED).names if n.startswith("h_")]
+    con = duckdb.connect()
+    con.register("counted", lake.dataset(*COUNTED))
+    con.register("erased", pa.Table.from_pandas(erased[["source", "source_key"]]))
+    con.execute("""CREATE TEMP TABLE e AS
+                   SELECT * FROM counted SEMI JOIN erased USING (source, source_key)""")
+    rows = con.sql(  # counted as the frequencies were (`frequency_sql`)
+        f"SELECT * FROM ({frequency_sql('e', fields)}) q WHERE count > 0 ORDER BY ALL"
+    ).fetchall()
+    con.close()
+    if not rows:  # none of them was counted
+        return [], ""
+    return [[f, int(v), int(c)] for f, v, c in rows], count
 
 
 def pending(lake: Lake) -> ErasureJob | None:
@@ -273,6 +342,89 @@ def _delete_each(lake: Lake, deletes: list[Delete], result: ErasureResult) -> No
             _delete(
                 lake, tuple(d.where), d.column, d.values, result, d.keep_markers, d.pseudonymise
             )
+
+
+def _subtract_frequencies(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
+    """Take the erased records' share out of the unify value frequencies (rows reaching 0
+    go), or drop them (see `_frequency_decrement`); then remove at once the older files of
+    the table holding a value only the erased carried, and cut its log and COUNTED's
+    (whose file statistics may name one). The unify state is marked stale first: its
+    records' `common` flags were decided with the old counts, so the next build unifies
+    all records (with the new ones), as a whole unify would. Once per job: the commit
+    records the job, a rerun does not subtract again."""
+    if job.count == DROP:  # a rerun deletes again what a kill left of the folders
+        mark_state_rewriting(lake)
+        if lake.exists(*FREQUENCIES):
+            result.rows_deleted["/".join(FREQUENCIES)] = lake.count(*FREQUENCIES)
+        lake.delete_folder(*FREQUENCIES)
+        lake.delete_folder(*COUNTED)
+        return
+    if not job.count or _count_of(lake, FREQUENCIES) != job.count:  # none, or counted anew
+        return
+    mark_state_rewriting(lake)
+    subtract = pa.Table.from_pylist(
+        [dict(zip(FREQUENCY_SCHEMA.names, r, strict=True)) for r in job.frequencies],
+        FREQUENCY_SCHEMA,
+    )
+    done = any(m.get(ERASURE_KEY) == job.id for m in lake.commit_metadata(*FREQUENCIES))
+    if not done:
+        record = last_record(lake, FREQUENCIES)
+        inputs, meta = record if record is not None else ({}, {})
+        con = duckdb.connect()
+        before = lake.read(*FREQUENCIES)
+        counted = len(before)
+        con.register("kept", before)
+        con.register("gone", subtract)
+        left = con.sql(
+            """SELECT k.field, k.value, k.count - COALESCE(g.count, 0) AS count
+               FROM kept k LEFT JOIN gone g USING (field, value)
+               WHERE k.count - COALESCE(g.count, 0) > 0 ORDER BY k.field, k.value"""
+        ).to_arrow_table()
+        con.close()
+        carried = {k: meta[k] for k in (STATE_KEY, COUNT_KEY) if k in meta}
+        lake.write(
+            left.cast(FREQUENCY_SCHEMA),
+            *FREQUENCIES,
+            mode="overwrite",
+            metadata=stamp(inputs, **carried, **{ERASURE_KEY: job.id}),
+        )
+        result.rows_deleted["/".join(FREQUENCIES)] = counted - len(left)
+    # the values no record carries any more: in no file, no log
+    con = duckdb.connect()
+    con.register("kept", lake.read(*FREQUENCIES, columns=["field", "value"]))
+    con.register("subtracted", subtract)
+    gone = (
+        con.sql(
+            f"""SELECT value FROM subtracted ANTI JOIN kept USING (field, value)
+            WHERE field <> '{RECORDS_TOTAL}'"""
+        )
+        .to_arrow_table()["value"]
+        .combine_chunks()
+    )
+    con.close()
+    if not len(gone):
+        return
+    for key in lake.unreferenced_files(*FREQUENCIES):
+        if key.endswith(".parquet") and lake.store.exists(key) and _holds_value(lake, key, gone):
+            lake.store.delete(key)
+            result.files_removed += 1
+    # COUNTED lost their rows in the rows step; its older files go with the identifiers
+    # (`_remove_old_files`), but its log's statistics may hold such a value too
+    for where in (FREQUENCIES, COUNTED):
+        if lake.exists(*where):
+            lake.forget_history(*where)
+            result.histories_forgotten += 1
+
+
+def _holds_value(lake: Lake, key: str, values: pa.Array) -> bool:
+    """Whether an unreferenced frequencies file holds one of `values` (an unreadable one:
+    may hold anything)."""
+    try:
+        with lake.store.open_input(key) as file:
+            column = pq.read_table(file, columns=["value"])["value"]
+    except (pa.ArrowInvalid, OSError, KeyError):
+        return True
+    return bool(pc.any(pc.is_in(column, values.cast(column.type))).as_py())
 
 
 def _purge_exports(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
@@ -406,6 +558,7 @@ def _names(data: bytes, needles: list[bytes]) -> bool:
 
 _STEP = {
     "rows": _delete_rows,
+    "frequencies": _subtract_frequencies,
     "exports": _purge_exports,
     "quarantine": _purge_quarantine,
     "files": _remove_old_files,

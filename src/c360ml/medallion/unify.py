@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,14 @@ def value_frequencies(records: pd.DataFrame, fields: list[str]) -> pa.Table:
     return counted.cast(FREQUENCY_SCHEMA)
 
 
+def counted_hashes(records: pd.DataFrame, fields: list[str]) -> pa.Table:
+    """(source, source_key, `h_<field>` of each of `fields`) per record: the hashes a record
+    adds to `value_frequencies` (the kept `COUNTED`)."""
+    keys = {k: pa.array(records[k].to_numpy(), pa.string()) for k in ("source", "source_key")}
+    hashes = _hashed(records, fields).drop_columns(["i"])
+    return pa.table({**keys, **{n: hashes[n] for n in hashes.column_names}})
+
+
 def common_flags(records: pd.DataFrame, spec: CommonValues, freq: pa.Table) -> np.ndarray:
     """Per record, whether its value of `spec.field` is common among the records of its
     `spec.per` value (`common_sql`, run by DuckDB over the frequencies `freq`)."""
@@ -598,6 +607,13 @@ STATE = ("state", "unify", "records")
 # build without a state (first build, rules changed) and kept, so that every later build,
 # incremental or whole, decides with the same frequencies (and they stay equal).
 FREQUENCIES = ("state", "unify", "frequencies")
+# The records the kept frequencies were counted from, each with the hashes it added
+# (`counted_hashes`): what an erasure subtracts (c360ml.medallion.erasure), exactly what
+# an erased record added when it was counted, whatever it held since. Written with the
+# frequencies, both commits recording one COUNT_KEY; its rows of an erased record are
+# deleted with the record.
+COUNTED = ("state", "unify", "counted")
+COUNT_KEY = "c360ml.frequency_count"  # the count a FREQUENCIES and a COUNTED commit are of
 STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was made with
 # The Spark engine's state holds the records' keys only (its hashes are not DuckDB's):
 # current for a skip, never compared with by `unify_changes` (see `recorded_state`).
@@ -921,6 +937,7 @@ class Unified:
     state: pd.DataFrame
     report: pd.DataFrame
     frequencies: pa.Table | None = None  # the value counts the `common` tests read
+    counted: pa.Table | None = None  # counted by this unify: each record's hashes (COUNTED)
     # Only some clusters unified again: the previous ids whose map and profile rows these
     # replace, and the (source, source_key) whose state rows. None: all records unified.
     retired: pa.Table | None = None
@@ -955,8 +972,10 @@ def unify_all(
     """Match, cluster, give ids and merge every record (`read_records`); the `common`
     tests read `frequencies` (the kept ones), counted from these records when None."""
     records = prepare_records(_frame(table))
+    counted = None
     if frequencies is None and frequency_fields(rules):
         frequencies = value_frequencies(records, frequency_fields(rules))
+        counted = counted_hashes(records, frequency_fields(rules))
     pairs = _pairs(records, rules, frequencies=frequencies)
     labels = cluster(len(records), pairs)
     ids, redirects = assign_ids(records, labels, previous, today)
@@ -979,6 +998,7 @@ def unify_all(
         state=state,
         report=report_frame(totals, np.bincount(np.bincount(labels))),
         frequencies=frequencies,
+        counted=counted,
     )
 
 
@@ -1425,11 +1445,14 @@ def _write(
     lake.write(unified.report, "gold", "unify_report", mode="overwrite")
     meta = {**meta, STATE_KEY: digest}
     if new_frequencies and unified.frequencies is not None:  # before the state they go with
-        lake.write(unified.frequencies, *FREQUENCIES, mode="overwrite", metadata=meta)
+        count = {**meta, COUNT_KEY: uuid.uuid4().hex}
+        if unified.counted is not None:
+            lake.write(unified.counted, *COUNTED, mode="overwrite", metadata=count)
+        lake.write(unified.frequencies, *FREQUENCIES, mode="overwrite", metadata=count)
     if unified.retired is None:
         lake.write(state, *STATE, mode="overwrite", metadata=meta)
     else:
         replace_rows(lake, STATE, unified.keys, state, meta)
     for parts in lake.tables(*STATE[:2]):
-        if parts not in (STATE[1:], FREQUENCIES[1:]):  # an older unify's per-rule state
+        if parts not in (STATE[1:], FREQUENCIES[1:], COUNTED[1:]):  # an older unify's rule state
             lake.delete_folder("state", *parts)

@@ -1,0 +1,157 @@
+"""Erasure and unify's value frequencies (#32): an erased person's share of
+`state/unify/frequencies` is subtracted, and a value only they carried (a rare name's hash,
+which a dictionary attack links back to them) is left in no file and no log of the table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from c360ml.medallion import erasure
+from c360ml.medallion.build import build_silver, build_unify
+from c360ml.medallion.ingest import ingest_landing
+from c360ml.medallion.unify import (
+    COUNT_KEY,
+    COUNTED,
+    FREQUENCIES,
+    FREQUENCY_SCHEMA,
+    STATE,
+    STATE_KEY,
+    frequency_fields,
+    load_rules,
+    prepare_records,
+    read_records,
+    recorded_state,
+    state_digest,
+    value_frequencies,
+)
+from c360ml.refresh import erase
+from c360ml.storage.inputs import stamp
+from c360ml.storage.lake import Lake
+from c360ml.synth import generate_increment, generate_lake
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+H1, H2 = 8123456789012345671, -7123456789012345672  # two values' hashes
+
+
+def _common_on(tmp_path: Path):
+    rules = tmp_path / "unify.yaml"
+    text = (REPO / "pipelines" / "unify.yaml").read_text()
+    on = text.replace("# common: {", "common: {").replace("#          require_any", " require_any")
+    assert on != text
+    rules.write_text(on)
+    return make_settings(tmp_path).model_copy(update={"unify_rules": rules})
+
+
+def _rows(table: pa.Table) -> set[tuple]:
+    return set(zip(*(table[n].to_pylist() for n in FREQUENCY_SCHEMA.names), strict=True))
+
+
+def _files_naming(folder: Path, values: set[int]) -> list[str]:
+    """Files below `folder` (data files and the Delta log, checkpoints included) holding
+    one of `values`: Parquet read down to every value, any other file as bytes."""
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            text = json.dumps(pq.read_table(path).to_pylist(), default=str)
+        else:
+            text = path.read_bytes().decode(errors="replace")
+        if any(str(v) in text for v in values):
+            found.append(str(path.relative_to(folder)))
+    return found
+
+
+def test_an_erased_persons_frequencies_are_subtracted_and_their_rare_values_gone(tmp_path):
+    settings = _common_on(tmp_path)
+    rules = load_rules(settings.unify_rules)
+    fields = frequency_fields(rules)
+    generate_lake(settings, customers=400, seed=3)
+    for step in (ingest_landing, build_silver, build_unify):
+        step(settings)
+    lake = Lake(settings.lake)
+    previous_map = lake.read_pandas("gold", "customer_source_map")
+    counted_on = prepare_records(read_records(lake, settings).to_pandas())  # as counted
+    counted = lake.delta(*FREQUENCIES).version()
+    assert _rows(lake.read(*FREQUENCIES)) == _rows(value_frequencies(counted_on, fields))
+
+    generate_increment(settings)
+    for step in (ingest_landing, build_silver, build_unify):
+        step(settings)
+    assert lake.delta(*FREQUENCIES).version() == counted  # kept, not counted again
+    erased = erasure.erased_records(lake, previous_map)
+    assert len(erased), "the increment erases nobody"
+    job = erasure.plan(lake, erased, [])
+    assert job.count not in ("", erasure.DROP) and job.frequencies
+
+    result = erase(lake, previous_map)
+    assert result.rows > 0
+    # The kept counts less the erased records' share: a count of the records they were
+    # counted on without the erased ones (records changed since keep their counted values).
+    gone = counted_on.source.str.cat(counted_on.source_key, "/").isin(
+        erased.source.str.cat(erased.source_key, "/")
+    )
+    expected = value_frequencies(counted_on[~gone.to_numpy()].reset_index(drop=True), fields)
+    assert _rows(lake.read(*FREQUENCIES)) == _rows(expected)
+    assert not lake.read_pandas(*COUNTED).source_key.isin(erased.source_key).any()
+
+    # A value only erased records carried (a rare name, a postal code) is in no file and no
+    # log of the table; one other records carry too is still counted.
+    hashed = value_frequencies(counted_on[gone.to_numpy()].reset_index(drop=True), fields)
+    before = value_frequencies(counted_on, fields).to_pandas()
+    theirs = before.merge(hashed.to_pandas(), on=["field", "value"], suffixes=("", "_erased"))
+    theirs = theirs[theirs.field != "_records"]
+    only = set(theirs.value[theirs["count"] == theirs.count_erased])
+    shared = set(theirs.value[theirs["count"] > theirs.count_erased])
+    assert only, "no erased record has a value of its own"
+    assert _files_naming(lake.path(*FREQUENCIES), only) == []
+    assert _files_naming(lake.path(*COUNTED), only) == []  # the per-record hashes kept
+    assert shared <= set(lake.read_pandas(*FREQUENCIES).value)
+
+    # The state is stale (its `common` flags were decided with the old counts): the next
+    # build unifies all records with the decremented frequencies and keeps them.
+    assert recorded_state(lake, state_digest(rules)) is None
+    kept = _rows(lake.read(*FREQUENCIES))
+    summary = build_unify(settings)
+    assert summary.unified == summary.records
+    assert _rows(lake.read(*FREQUENCIES)) == kept
+
+
+def test_a_rerun_of_the_step_does_not_subtract_twice(tmp_path):
+    """A refresh killed after the frequencies were written, before the job recorded the
+    step done, runs it again: the commit records the job, nothing is subtracted twice."""
+    lake = Lake(tmp_path)
+    meta = stamp({}, **{COUNT_KEY: "c1", STATE_KEY: "rules"})
+    freq = pa.table(
+        {"field": ["_records", "full_name", "full_name"], "value": [0, H1, H2], "count": [5, 1, 4]}
+    ).cast(FREQUENCY_SCHEMA)
+    lake.write(freq, *FREQUENCIES, metadata=meta)
+    counted = pa.table(
+        {"source": ["dataverse", "dataverse"], "source_key": ["a1", "a2"], "h_full_name": [H1, H2]}
+    )
+    lake.write(counted, *COUNTED, metadata=meta)
+    lake.write(pa.table({"source": ["dataverse"], "source_key": ["a2"]}), *STATE)
+    erased = pd.DataFrame({"source": ["dataverse"], "source_key": ["a1"]})
+    job = erasure.plan(lake, erased, [])
+    assert job.count == "c1"
+    assert sorted(job.frequencies) == [["_records", 0, 1], ["full_name", H1, 1]]
+    for _ in range(2):
+        erasure._subtract_frequencies(lake, job, erasure.ErasureResult())
+    assert _rows(lake.read(*FREQUENCIES)) == {("_records", 0, 4), ("full_name", H2, 4)}
+    assert _files_naming(lake.path(*FREQUENCIES), {H1}) == []
+
+    # Frequencies of another count (the Spark engine's, a lake from before COUNTED) cannot
+    # be decremented: they are dropped, and counted again by the next build.
+    spark = stamp({}, **{STATE_KEY: "rules"})  # counted by the Spark engine: no count key
+    lake.write(freq, *FREQUENCIES, mode="overwrite", metadata=spark)
+    job = erasure.plan(lake, pd.DataFrame({"source": ["dataverse"], "source_key": ["a2"]}), [])
+    assert job.count == erasure.DROP
+    erasure.run(lake, job)
+    assert not lake.exists(*FREQUENCIES) and not lake.path(*FREQUENCIES).exists()
