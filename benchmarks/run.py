@@ -11,7 +11,9 @@ Figures are written to benchmarks/results/<stage>.json (serve: serve.json and se
 and tabulated in benchmarks/results/README.md with the date and the command.
 `--engine spark` (ENGINE=spark) changes the medallion stage: silver, unify and gold built by
 DuckDB and by Spark (Sail in local mode) side by side from the same bronze (bench_spark.py),
-to medallion_spark.json.
+to medallion_spark.json; and the features and refresh stages: training's frames and the
+whole refresh by both engines, interleaved, with the driver's memory and the engines'
+agreement (bench_spark_part2.py), to features_spark.json and refresh_spark.json.
 """
 
 from __future__ import annotations
@@ -612,6 +614,10 @@ def write_readme() -> None:
                 f"`{r.get('command', doc['command'])}` |"
             )
     lines += spark_section()
+    sys.path.insert(0, str(HERE))
+    import bench_spark_part2
+
+    lines += bench_spark_part2.section(RESULTS)
     lines += azurite_section()
     lines += compare_section()
     if (RESULTS / "real.md").exists():
@@ -746,20 +752,28 @@ SPARK_LONG = 1_000_000  # from this size a build is long: one of each engine, no
 
 
 def spark_medallion(sizes: list[int], repeats: int) -> None:
-    """The medallion layers by DuckDB and by Spark side by side (bench_spark.run), to medallion_spark.json;
-    sizes run before (another invocation) are kept unless run again now."""
+    """The medallion layers by DuckDB and by Spark side by side (bench_spark.run), to
+    medallion_spark.json."""
     sys.path.insert(0, str(HERE))
     import bench_spark
 
+    spark_side_by_side(SPARK_JSON, bench_spark.run, sizes, repeats)
+
+
+def spark_side_by_side(name: str, measure, sizes: list[int], repeats: int) -> None:
+    """`measure(size, repeats, warm_up)` of each size (both engines, interleaved: from
+    SPARK_LONG one run of each and no warm-up, else at least 3) into results/`name`; sizes
+    run before (another invocation) are kept unless run again now."""
     results = []
     for size in sizes:
         long = size >= SPARK_LONG
-        result = bench_spark.run(size, repeats if long else max(repeats, 3), warm_up=not long)
+        result = measure(size, repeats if long else max(repeats, 3), warm_up=not long)
         code = f"BENCH_CODE={os.environ['BENCH_CODE']} " if os.environ.get("BENCH_CODE") else ""
         result.update(date=time.strftime("%Y-%m-%d"), command=code + " ".join(sys.argv))
         results.append(result)
-        print(json.dumps({k: result[k] for k in ("size", "duckdb", "spark")}, indent=1))
-    path = RESULTS / SPARK_JSON
+        summary = {k: result[k] for k in ("size", "duckdb", "spark", "agreement") if k in result}
+        print(json.dumps(summary, indent=1))
+    path = RESULTS / name
     ran = {r["size"] for r in results}
     kept = []
     if path.exists():
@@ -837,6 +851,17 @@ def _spark_notes(r: dict) -> list[str]:
     return out
 
 
+def spark_part2(stage: str, sizes: list[int], repeats: int) -> None:
+    """features or refresh by DuckDB and by Spark side by side (bench_spark_part2.run), to
+    <stage>_spark.json."""
+    sys.path.insert(0, str(HERE))
+    from functools import partial
+
+    import bench_spark_part2
+
+    spark_side_by_side(f"{stage}_spark.json", partial(bench_spark_part2.run, stage), sizes, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", default="all")
@@ -846,7 +871,8 @@ def main() -> None:
         "--engine",
         choices=["duckdb", "spark"],
         default="duckdb",
-        help="medallion: spark builds the layers with DuckDB and Spark side by side (bench_spark.py)",
+        help="medallion, features, refresh: spark runs the stage with DuckDB and Spark side by "
+        "side (bench_spark.py, bench_spark_part2.py)",
     )
     parser.add_argument(
         "--lake",
@@ -882,6 +908,9 @@ def main() -> None:
             continue
         if stage == "medallion" and args.engine == "spark":
             spark_medallion([int(s) for s in args.sizes.split(",")], args.repeats)
+            continue
+        if stage in ("features", "refresh") and args.engine == "spark":
+            spark_part2(stage, [int(s) for s in args.sizes.split(",")], args.repeats)
             continue
         if stage in ("refresh", "train") and os.environ.get("BENCH_BASELINE"):
             # BENCH_BASELINE=<rev>: that revision's code against this one, interleaved
