@@ -525,6 +525,18 @@ def one(stage: str, size: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def results_name(stage: str) -> str:
+    """The figures' file of `stage`: unify with other rules than the project's
+    (BENCH_UNIFY_RULES=benchmarks/unify_common.yaml) keeps its own (unify_common.json)."""
+    rules = os.environ.get("BENCH_UNIFY_RULES")
+    return Path(rules).stem if stage == "unify" and rules else stage
+
+
+def _rules_env() -> list[str]:
+    rules = os.environ.get("BENCH_UNIFY_RULES")
+    return [f"BENCH_UNIFY_RULES={rules}"] if rules else []
+
+
 def _row(stage: str, r: dict) -> str:
     """One README line per (stage, size): the figures that stage is judged by."""
     run = r["runs"][0]
@@ -598,8 +610,9 @@ def write_readme() -> None:
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
     ]
-    for stage in (*TABLE_STAGES, "crash"):
-        path = RESULTS / f"{stage}.json"
+    files = [(s, RESULTS / f"{s}.json") for s in (*TABLE_STAGES, "crash")]
+    files += [("unify", p) for p in sorted(RESULTS.glob("unify_*.json"))]  # other rules
+    for stage, path in files:
         if not path.exists():
             continue
         doc = json.loads(path.read_text())
@@ -609,7 +622,7 @@ def write_readme() -> None:
             except (KeyError, IndexError, TypeError):
                 figures = ""
             lines.append(
-                f"| {stage} | {r['size']:,} | {r.get('date', doc['date'])} | "
+                f"| {path.stem} | {r['size']:,} | {r.get('date', doc['date'])} | "
                 f"{r['wall_s_median']} | {r['peak_rss_mb_max']} | {figures} | "
                 f"`{r.get('command', doc['command'])}` |"
             )
@@ -947,7 +960,7 @@ def main() -> None:
             results.append({"size": size, **median, "runs": runs})
             print(json.dumps(results[-1], indent=1))
         # Sizes run before (another invocation) are kept unless run again now.
-        path = RESULTS / f"{stage}.json"
+        path = RESULTS / f"{results_name(stage)}.json"
         kept = []
         if path.exists():
             try:
@@ -962,7 +975,7 @@ def main() -> None:
             json.dumps(
                 {
                     "date": time.strftime("%Y-%m-%d"),
-                    "command": " ".join(sys.argv),
+                    "command": " ".join([*_rules_env(), *sys.argv]),
                     "results": sorted(kept + results, key=lambda r: r["size"]),
                 },
                 indent=1,
