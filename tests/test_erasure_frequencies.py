@@ -27,8 +27,7 @@ from c360ml.medallion.unify import (
     load_rules,
     prepare_records,
     read_records,
-    recorded_state,
-    state_digest,
+    unify_all,
     value_frequencies,
 )
 from c360ml.refresh import erase
@@ -115,13 +114,24 @@ def test_an_erased_persons_frequencies_are_subtracted_and_their_rare_values_gone
     assert _files_naming(lake.path(*COUNTED), only) == []  # the per-record hashes kept
     assert shared <= set(lake.read_pandas(*FREQUENCIES).value)
 
-    # The state is stale (its `common` flags were decided with the old counts): the next
-    # build unifies all records with the decremented frequencies and keeps them.
-    assert recorded_state(lake, state_digest(rules)) is None
-    kept = _rows(lake.read(*FREQUENCIES))
+    # The next build with changes unifies again only the clusters the changes and the new
+    # counts reach (records whose `common` flag the counts flip count as changed), and
+    # clusters as a whole unify with the same kept frequencies does.
+    kept = lake.read(*FREQUENCIES)
+    generate_increment(settings)
+    ingest_landing(settings)
+    build_silver(settings)
     summary = build_unify(settings)
-    assert summary.unified == summary.records
-    assert _rows(lake.read(*FREQUENCIES)) == kept
+    assert 0 < summary.unified < summary.records
+    assert _rows(lake.read(*FREQUENCIES)) == _rows(kept)
+    whole = unify_all(read_records(lake, settings), rules, None, pd.Timestamp.now(tz="UTC"), kept)
+    assert _clusters(lake.read_pandas("gold", "customer_source_map")) == _clusters(whole.source_map)
+
+
+def _clusters(source_map: pd.DataFrame) -> set[frozenset[str]]:
+    """The records of each customer, whatever the customer's id."""
+    keys = source_map.source + ":" + source_map.source_key
+    return set(keys.groupby(source_map.customer_id).agg(frozenset))
 
 
 def test_a_rerun_of_the_step_does_not_subtract_twice(tmp_path):

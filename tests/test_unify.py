@@ -10,10 +10,12 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from rapidfuzz import fuzz
 
 from c360ml.medallion.unify import (
+    RECORDS_TOTAL,
     CommonValues,
     assign_ids,
     cluster,
@@ -515,14 +517,18 @@ def test_common_needs_a_fuzzy_rule(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "common", ["", "name", "name+phone"], ids=["rules", "common name", "and household phone"]
+    "common",
+    ["", "name", "name+phone", "name, counts changed"],
+    ids=["rules", "common name", "and household phone", "counts changed since the state"],
 )
 def test_unifying_the_changes_equals_unifying_everything(common):
     """unify_changes (the clusters changes can reach) gives the map, profiles, ids,
     redirects, state and report a whole unify gives, also where an e-mail becomes junk
     or stops being junk, a fuzzy block falls under the size limit, records are removed,
     added, moved to another block and renamed, and clusters merge and split; with a
-    `common` test, both decide with the frequencies the first build counted."""
+    `common` test, both decide with the frequencies the first build counted, or with kept
+    frequencies that changed since the state was written (an erasure subtracts the erased
+    records' share): records whose flag they flip count as changed."""
     rng = np.random.default_rng(5)
     firsts, lasts = ["Ann", "Anne", "Bob", "Rob", "Cy", "Dee"], ["Lee", "Leigh", "Ray", "Roy"]
     rules = RULES.model_copy(update={"max_block_size": 11})
@@ -589,6 +595,10 @@ def test_unifying_the_changes_equals_unifying_everything(common):
     table = _records_table(after)
     kept = before.frequencies
     assert (kept is not None) is bool(common)
+    if "changed" in common:  # counts that halve every name's and postal code's chance
+        total = pc.equal(kept["field"], RECORDS_TOTAL)
+        kept = kept.set_column(2, "count", pc.if_else(total, pc.multiply(kept["count"], 2),
+                                                      kept["count"]))  # fmt: skip
     expected = unify_all(table, rules, pa.Table.from_pandas(before.source_map), today, kept)
 
     con = duckdb.connect()
@@ -639,9 +649,13 @@ def test_unifying_the_changes_equals_unifying_everything(common):
         bands = report[
             report.section.eq("rule by value frequency") & report.name.eq("name_postal_code")
         ]
-        assert (bands["count"] > 0).all() and len(bands) == 2
+        assert len(bands) == 2 and ((bands["count"] > 0).all() or "changed" in common)
     else:
         assert ids["R3080"] == ids["R4200"]
+    if "changed" in common:  # unchanged records whose flag the new counts flip
+        flag = ["source", "source_key", "record_hash", "is_common_name_postal_code"]
+        both = before.state[flag].merge(expected.state[flag], on=flag[:3])
+        assert (both[f"{flag[3]}_x"] != both[f"{flag[3]}_y"]).sum() > 0
 
 
 @pytest.mark.slow

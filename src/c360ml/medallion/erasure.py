@@ -33,8 +33,9 @@ hold a hash of each name and postal code with the records carrying it: a rare na
 hash with count 1 links back to its person by a dictionary attack. The erased records'
 share (the hashes `state/unify/counted` kept of them when the frequencies were counted)
 is subtracted, rows reaching 0 go, and the table's older files holding such a value and
-its log go at once (the `frequencies` step); frequencies whose share cannot be told are
-dropped, to be counted again. Either way the next build unifies all records.
+its log go at once (the `frequencies` step); the next build unifies again the clusters
+whose `common` decisions the new counts flip. Frequencies whose share cannot be told are
+dropped, and the next build counts them again and unifies all records.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ from c360ml.medallion.unify import (
     STATE,
     STATE_KEY,
     frequency_sql,
-    mark_state_rewriting,
 )
 from c360ml.storage.inputs import last_record, stamp
 from c360ml.storage.lake import Lake
@@ -348,12 +348,10 @@ def _subtract_frequencies(lake: Lake, job: ErasureJob, result: ErasureResult) ->
     """Take the erased records' share out of the unify value frequencies (rows reaching 0
     go), or drop them (see `_frequency_decrement`); then remove at once the older files of
     the table holding a value only the erased carried, and cut its log and COUNTED's
-    (whose file statistics may name one). The unify state is marked stale first: its
-    records' `common` flags were decided with the old counts, so the next build unifies
-    all records (with the new ones), as a whole unify would. Once per job: the commit
-    records the job, a rerun does not subtract again."""
+    (whose file statistics may name one). The next build tells the records whose
+    `common` flag the new counts flip (`unify._flipped`). Once per job: the commit records
+    the job, a rerun does not subtract again."""
     if job.count == DROP:  # a rerun deletes again what a kill left of the folders
-        mark_state_rewriting(lake)
         if lake.exists(*FREQUENCIES):
             result.rows_deleted["/".join(FREQUENCIES)] = lake.count(*FREQUENCIES)
         lake.delete_folder(*FREQUENCIES)
@@ -361,7 +359,6 @@ def _subtract_frequencies(lake: Lake, job: ErasureJob, result: ErasureResult) ->
         return
     if not job.count or _count_of(lake, FREQUENCIES) != job.count:  # none, or counted anew
         return
-    mark_state_rewriting(lake)
     subtract = pa.Table.from_pylist(
         [dict(zip(FREQUENCY_SCHEMA.names, r, strict=True)) for r in job.frequencies],
         FREQUENCY_SCHEMA,

@@ -618,7 +618,7 @@ STATE_KEY = "c360ml.unify_state"  # the rules (and state format) the state was m
 # The Spark engine's state holds the records' keys only (its hashes are not DuckDB's):
 # current for a skip, never compared with by `unify_changes` (see `recorded_state`).
 KEYS_ONLY = ":keys"
-STATE_FORMAT = 5
+STATE_FORMAT = 6
 REUNIFY_MAX = 0.5  # past this share of the records, unifying all of them is cheaper
 
 
@@ -641,7 +641,8 @@ def record_state(
     """What the next build compares a record with: `record_hash` (the record as read),
     `block_<rule>` (its block key under each rule), `hash_<field>` (its value of each
     junk or veto field), `text_<field>` (of each fuzzy field) and `is_common_<rule>` (of
-    rules with `common`: its value is common, by `frequencies`)."""
+    rules with `common`: its value is common, by `frequencies`) with `h_<field>` (the
+    `value_hashes` those tests read)."""
     hashed, texts = _state_fields(rules)
     keys = {f"block_{r.name}": [f"m_{f}" for f in r.exact] for r in rules.rules}
     keys |= {f"hash_{name}": [f"m_{name}"] for name in hashed}
@@ -669,6 +670,8 @@ def record_state(
         out[f"text_{name}"] = records[f"m_{name}"].to_numpy()
     for rule in (r for r in rules.rules if r.common is not None):
         out[f"is_common_{rule.name}"] = common_flags(records, rule.common, frequencies)
+    for name in frequency_fields(rules):  # to tell whose flag changed frequencies flip
+        out[f"h_{name}"] = value_hashes(records[f"m_{name}"]).array
     return out
 
 
@@ -1053,8 +1056,9 @@ def unify_changes(
     of it: one to a changed record would have made its end a seed. The chosen records
     are matched as a whole unify matches them, given the junk values and fuzzy block
     sizes over all records, and keep their ids by `assign_ids`' rules. The `common` tests
-    read the kept `frequencies` (those of the build the state is from), so a record's
-    flag changes only with the record: a changed record is a seed.
+    read the kept `frequencies`; a record whose flag they now decide otherwise than the
+    state recorded (an erasure subtracted its share from them) counts as changed
+    (`_flipped`).
     """
     changed, junk_now = _seeds(con, table, rules, frequencies)
     redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
@@ -1113,10 +1117,13 @@ def _seeds(
             "i", pa.array(np.arange(len(table)))
         ),
     )
-    changed = con.sql(
-        """SELECT n.i FROM now_ n LEFT JOIN before_ b USING (source, source_key)
-           WHERE b.record_hash IS DISTINCT FROM n.record_hash"""
-    ).fetchnumpy()["i"]
+    changed = [
+        """SELECT n.i, source, source_key FROM now_ n LEFT JOIN before_ b
+           USING (source, source_key) WHERE b.record_hash IS DISTINCT FROM n.record_hash"""
+    ]
+    changed += _flipped(con, rules, frequencies)
+    con.execute(f"CREATE TEMP TABLE changed_ AS {' UNION '.join(changed)}")
+    changed = np.sort(con.sql("SELECT i FROM changed_").fetchnumpy()["i"])
     fresh = record_state(prepare_records(_frame(table.take(changed))), rules, frequencies)
     con.register("fresh_", pa.Table.from_pandas(fresh, preserve_index=False))
     fields, texts = _state_fields(rules)
@@ -1126,12 +1133,13 @@ def _seeds(
             *(f"hash_{f}" for f in fields),
             *(f"text_{f}" for f in texts),
             *(f"is_common_{r.name}" for r in rules.rules if r.common is not None),
+            *(f"h_{f}" for f in frequency_fields(rules)),
         ]
     )
     con.execute(
         f"""CREATE TEMP TABLE gone AS
-              SELECT b.* FROM before_ b LEFT JOIN now_ n USING (source, source_key)
-              WHERE n.record_hash IS DISTINCT FROM b.record_hash;
+              SELECT * FROM before_ ANTI JOIN (SELECT source, source_key FROM now_
+                ANTI JOIN changed_ USING (source, source_key)) u USING (source, source_key);
             CREATE TEMP TABLE cur AS
               SELECT source, source_key, {kept} FROM before_ ANTI JOIN gone USING (source, source_key)
               UNION ALL SELECT source, source_key, {kept} FROM fresh_"""
@@ -1184,6 +1192,38 @@ def _seeds(
             ) k USING (source, source_key)"""
     )
     return len(changed), junk_now
+
+
+def _flipped(
+    con: duckdb.DuckDBPyConnection, rules: UnifyRules, frequencies: pa.Table | None
+) -> list[str]:
+    """SQL of the records of `now_` (i, source, source_key) unchanged since the state whose
+    `common` flag the kept `frequencies` decide otherwise than the state recorded: an
+    erasure took the erased records' share out of them (a name's count, a postal code's,
+    the total). Their links may change as a changed record's do, so they count as changed,
+    and the clusters a flip can reach are unified again, not every record."""
+    specs = [r for r in rules.rules if r.common is not None]
+    if not specs or frequencies is None:
+        return []
+    con.register("freq_", frequencies)
+    kept = ", ".join(
+        [*(f"h_{f}" for f in frequency_fields(rules)), *(f"is_common_{r.name}" for r in specs)]
+    )
+    con.execute(
+        f"""CREATE TEMP TABLE flags_ AS SELECT row_number() OVER () AS k_, source, source_key,
+              record_hash, {kept} FROM before_"""
+    )
+    joins = "".join(
+        f" JOIN ({common_sql(r.common, 'flags_', 'freq_', 'k_')}) c{j} USING (k_)"
+        for j, r in enumerate(specs)
+    )
+    differs = " OR ".join(
+        f"c{j}.is_common IS DISTINCT FROM b.is_common_{r.name}" for j, r in enumerate(specs)
+    )
+    return [
+        f"""SELECT n.i, source, source_key FROM now_ n JOIN flags_ b USING (source, source_key)
+            {joins} WHERE n.record_hash = b.record_hash AND ({differs})"""
+    ]
 
 
 def _block_sizes(
