@@ -3,7 +3,7 @@
 `python benchmarks/bench_unify_common.py SIZE [--lake DIR --truth DIR] [--max-expected ...]`
 matches the records of the benchmark's silver work lake of SIZE (run.py's cache; or a lake
 and truth given, e.g. one made by an older generator) with the rules of pipelines/unify.yaml,
-then with the `common` test of benchmarks/unify_common.yaml at each max_expected, and writes
+then with the `common` test of pipelines/unify.yaml at each max_expected, and writes
 pair precision and recall against the generator's truth, and the name rule's pairs and
 their precision per value-frequency band, to benchmarks/results/unify_common.json.
 Frequencies are counted once from the records, as a first build counts them.
@@ -86,12 +86,14 @@ def main() -> None:
         settings = Settings(root=ROOT, lake_root=args.lake, truth_root=args.truth)
     else:
         settings = silver_settings(int(args.size))
-    base = load_rules(ROOT / "pipelines" / "unify.yaml")
-    common = load_rules(HERE / "unify_common.yaml")
+    base = load_rules(HERE / "unify_without_common.yaml")
+    common = load_rules(ROOT / "pipelines" / "unify.yaml")
     records = prepare_records(read_records(Lake(settings.lake), settings).to_pandas())
     truth = truth_labels(settings, records)
     frequencies = value_frequencies(records, frequency_fields(common))
-    runs = [{"rules": "pipelines/unify.yaml", **evaluate(records, truth, base, None)}]
+    runs = [
+        {"rules": "benchmarks/unify_without_common.yaml", **evaluate(records, truth, base, None)}
+    ]
     for max_expected in (float(x) for x in args.max_expected.split(",")):
         rules = with_threshold(common, max_expected)
         runs.append({"max_expected": max_expected, **evaluate(records, truth, rules, frequencies)})

@@ -37,6 +37,8 @@ CACHE = HERE / "cache"
 RESULTS = HERE / "results"
 STAGES = ("generate", "medallion", "unify", "splink", "features", "train", "refresh", "serve")
 TABLE_STAGES = STAGES[:-1]  # serve.json has its own format (see serve.md)
+RULES = ROOT / "pipelines" / "unify.yaml"
+OTHER_RULES = ("benchmarks/unify_without_common.yaml",)  # BENCH_UNIFY_RULES runs tabulated
 
 
 def settings_for(size: int):
@@ -45,7 +47,7 @@ def settings_for(size: int):
     return Settings(
         # a comparison's child runs another copy of the code: its SQL and specs (bench_compare)
         root=Path(os.environ.get("BENCH_ROOT", ROOT)),
-        # other match rules than the project's (benchmarks/unify_common.yaml)
+        # other match rules than the project's (benchmarks/unify_without_common.yaml)
         unify_rules=Path(os.environ.get("BENCH_UNIFY_RULES", "pipelines/unify.yaml")),
         lake_root=size_dir(size) / "lake",
         truth_root=size_dir(size) / "truth",
@@ -287,13 +289,13 @@ def labels_quality(labels: np.ndarray, truth: np.ndarray) -> dict:
 
 def name_band_flags(records, rules) -> np.ndarray:
     """Per record, whether its name is common by the name rule's `common` test, or by that
-    of benchmarks/unify_common.yaml when the rules have none (so that runs with and
+    of pipelines/unify.yaml when the rules have none (so that runs with and
     without the test are split into the same bands)."""
     from c360ml.medallion.unify import common_flags, load_rules, value_frequencies
 
     spec = next((r.common for r in rules.rules if r.common and r.common.per), None)
     if spec is None:
-        spec = next(r.common for r in load_rules(HERE / "unify_common.yaml").rules if r.common)
+        spec = next(r.common for r in load_rules(RULES).rules if r.common)
     frequencies = value_frequencies(records, [spec.field, spec.per])
     return common_flags(records, spec, frequencies)
 
@@ -527,7 +529,8 @@ def one(stage: str, size: int) -> None:
 
 def results_name(stage: str) -> str:
     """The figures' file of `stage`: unify with other rules than the project's
-    (BENCH_UNIFY_RULES=benchmarks/unify_common.yaml) keeps its own (unify_common.json)."""
+    (BENCH_UNIFY_RULES=benchmarks/unify_without_common.yaml) keeps its own
+    (unify_without_common.json)."""
     rules = os.environ.get("BENCH_UNIFY_RULES")
     return Path(rules).stem if stage == "unify" and rules else stage
 
@@ -611,7 +614,7 @@ def write_readme() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     files = [(s, RESULTS / f"{s}.json") for s in (*TABLE_STAGES, "crash")]
-    files += [("unify", p) for p in sorted(RESULTS.glob("unify_*.json"))]  # other rules
+    files += [("unify", RESULTS / f"{Path(r).stem}.json") for r in OTHER_RULES]
     for stage, path in files:
         if not path.exists():
             continue

@@ -119,10 +119,11 @@ def test_unify_of_the_changes_clusters_as_a_whole_unify(lake, tmp_path):
     Lake(lake.lake).write(pd.DataFrame({"left_key": ["K1"]}), *legacy)
     summary = build_unify(lake)
     assert 0 < summary.unified < summary.records / 2  # only the changes' clusters
-    assert Lake(lake.lake).tables("state", "unify") == [("unify", "records")]
+    kept = [("unify", t) for t in ("counted", "frequencies", "records")]  # `common`'s, and
+    assert sorted(Lake(lake.lake).tables("state", "unify")) == kept  # the records' state
     fresh = lake.model_copy(update={"lake_root": tmp_path / "lake"})
     shutil.copytree(lake.lake, fresh.lake)
-    shutil.rmtree(fresh.lake / "state" / "unify")
+    shutil.rmtree(fresh.lake / "state" / "unify" / "records")  # frequencies kept, as both use
     shutil.rmtree(fresh.lake / "gold" / "customer_source_map")  # so unify runs again
     assert build_unify(fresh).unified == summary.records
 

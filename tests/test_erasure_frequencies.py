@@ -37,17 +37,14 @@ from c360ml.synth import generate_increment, generate_lake
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 H1, H2 = 8123456789012345671, -7123456789012345672  # two values' hashes
 
 
 def _common_on(tmp_path: Path):
-    rules = tmp_path / "unify.yaml"
-    text = (REPO / "pipelines" / "unify.yaml").read_text()
-    on = text.replace("# common: {", "common: {").replace("#          require_any", " require_any")
-    assert on != text
-    rules.write_text(on)
-    return make_settings(tmp_path).model_copy(update={"unify_rules": rules})
+    """The project's settings, whose rules have the `common` test on (pipelines/unify.yaml)."""
+    settings = make_settings(tmp_path)
+    assert any(r.common for r in load_rules(settings.path(settings.unify_rules)).rules)
+    return settings
 
 
 def _rows(table: pa.Table) -> set[tuple]:
@@ -70,7 +67,7 @@ def _files_naming(folder: Path, values: set[int]) -> list[str]:
 
 def test_an_erased_persons_frequencies_are_subtracted_and_their_rare_values_gone(tmp_path):
     settings = _common_on(tmp_path)
-    rules = load_rules(settings.unify_rules)
+    rules = load_rules(settings.path(settings.unify_rules))
     fields = frequency_fields(rules)
     generate_lake(settings, customers=400, seed=3)
     for step in (ingest_landing, build_silver, build_unify):
