@@ -89,30 +89,28 @@ def test_an_erased_persons_frequencies_are_subtracted_and_their_rare_values_gone
 
     result = erase(lake, previous_map)
     assert result.rows > 0
-    # The kept counts less the erased records' share: a count of the records they were
-    # counted on without the erased ones (records changed since keep their counted values).
+    # The values only erased records carried (a rare name, a postal code) are gone, from
+    # the table and from every file and log of it; the others keep their counts (a value
+    # other records carry too, and the total), so no decision of the state changes.
     gone = counted_on.source.str.cat(counted_on.source_key, "/").isin(
         erased.source.str.cat(erased.source_key, "/")
     )
-    expected = value_frequencies(counted_on[~gone.to_numpy()].reset_index(drop=True), fields)
-    assert _rows(lake.read(*FREQUENCIES)) == _rows(expected)
-    assert not lake.read_pandas(*COUNTED).source_key.isin(erased.source_key).any()
-
-    # A value only erased records carried (a rare name, a postal code) is in no file and no
-    # log of the table; one other records carry too is still counted.
     hashed = value_frequencies(counted_on[gone.to_numpy()].reset_index(drop=True), fields)
-    before = value_frequencies(counted_on, fields).to_pandas()
-    theirs = before.merge(hashed.to_pandas(), on=["field", "value"], suffixes=("", "_erased"))
+    before = value_frequencies(counted_on, fields)
+    theirs = before.to_pandas().merge(
+        hashed.to_pandas(), on=["field", "value"], suffixes=("", "_erased")
+    )
     theirs = theirs[theirs.field != "_records"]
     only = set(theirs.value[theirs["count"] == theirs.count_erased])
-    shared = set(theirs.value[theirs["count"] > theirs.count_erased])
     assert only, "no erased record has a value of its own"
+    assert (theirs["count"] > theirs.count_erased).any(), "nor one shared with others"
+    assert _rows(lake.read(*FREQUENCIES)) == {r for r in _rows(before) if r[1] not in only}
+    assert not lake.read_pandas(*COUNTED).source_key.isin(erased.source_key).any()
     assert _files_naming(lake.path(*FREQUENCIES), only) == []
     assert _files_naming(lake.path(*COUNTED), only) == []  # the per-record hashes kept
-    assert shared <= set(lake.read_pandas(*FREQUENCIES).value)
+    assert erase(lake, previous_map).rows == 0  # a rerun: nothing more goes
 
-    # The next build with changes unifies again only the clusters the changes and the new
-    # counts reach (records whose `common` flag the counts flip count as changed), and
+    # The next build with changes unifies again only the clusters the changes reach, and
     # clusters as a whole unify with the same kept frequencies does.
     kept = lake.read(*FREQUENCIES)
     generate_increment(settings)
@@ -131,9 +129,10 @@ def _clusters(source_map: pd.DataFrame) -> set[frozenset[str]]:
     return set(keys.groupby(source_map.customer_id).agg(frozenset))
 
 
-def test_a_rerun_of_the_step_does_not_subtract_twice(tmp_path):
-    """A refresh killed after the frequencies were written, before the job recorded the
-    step done, runs it again: the commit records the job, nothing is subtracted twice."""
+def test_the_step_drops_the_erased_values_only_and_a_rerun_nothing_more(tmp_path):
+    """Erasing a1 (the only H1) and a3 (one of four H2): H1 goes, H2 and the total keep
+    their counts; a refresh killed after the frequencies were written runs the step again
+    and drops nothing more."""
     lake = Lake(tmp_path)
     meta = stamp({}, **{COUNT_KEY: "c1", STATE_KEY: "rules"})
     freq = pa.table(
@@ -141,17 +140,19 @@ def test_a_rerun_of_the_step_does_not_subtract_twice(tmp_path):
     ).cast(FREQUENCY_SCHEMA)
     lake.write(freq, *FREQUENCIES, metadata=meta)
     counted = pa.table(
-        {"source": ["dataverse", "dataverse"], "source_key": ["a1", "a2"], "h_full_name": [H1, H2]}
+        {"source": ["dataverse"] * 3, "source_key": ["a1", "a2", "a3"], "h_full_name": [H1, H2, H2]}
     )
     lake.write(counted, *COUNTED, metadata=meta)
     lake.write(pa.table({"source": ["dataverse"], "source_key": ["a2"]}), *STATE)
-    erased = pd.DataFrame({"source": ["dataverse"], "source_key": ["a1"]})
+    erased = pd.DataFrame({"source": ["dataverse"] * 2, "source_key": ["a1", "a3"]})
     job = erasure.plan(lake, erased, [])
     assert job.count == "c1"
-    assert sorted(job.frequencies) == [["_records", 0, 1], ["full_name", H1, 1]]
+    assert sorted(job.frequencies) == sorted(
+        [["_records", 0, 2], ["full_name", H1, 1], ["full_name", H2, 1]]
+    )
     for _ in range(2):
         erasure._subtract_frequencies(lake, job, erasure.ErasureResult())
-    assert _rows(lake.read(*FREQUENCIES)) == {("_records", 0, 4), ("full_name", H2, 4)}
+    assert _rows(lake.read(*FREQUENCIES)) == {("_records", 0, 5), ("full_name", H2, 4)}
     assert _files_naming(lake.path(*FREQUENCIES), {H1}) == []
 
     # Frequencies of another count (the Spark engine's, a lake from before COUNTED) cannot

@@ -30,11 +30,11 @@ before an erasure is deliberately impossible.
 
 Unify's value frequencies (`state/unify/frequencies`, what a rule's `common` test reads)
 hold a hash of each name and postal code with the records carrying it: a rare name's
-hash with count 1 links back to its person by a dictionary attack. The erased records'
-share (the hashes `state/unify/counted` kept of them when the frequencies were counted)
-is subtracted, rows reaching 0 go, and the table's older files holding such a value and
-its log go at once (the `frequencies` step); the next build unifies again the clusters
-whose `common` decisions the new counts flip. Frequencies whose share cannot be told are
+hash with count 1 links back to its person by a dictionary attack. The values only the
+erased records carried (told by the hashes `state/unify/counted` kept of them when the
+frequencies were counted) go, with the table's older files holding one and its log (the
+`frequencies` step). The counts of values others share stay as counted, so that no
+`common` decision of a record left changes. Frequencies whose share cannot be told are
 dropped, and the next build counts them again and unifies all records.
 """
 
@@ -44,7 +44,6 @@ import hashlib
 import io
 import logging
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -87,7 +86,6 @@ ERASED_KEY = "CASE WHEN starts_with({0}, 'erased:') THEN {0} ELSE 'erased:' || s
 RAW = "_raw"  # quarantine's column of a source line that could not be parsed
 STEPS = ("rows", "frequencies", "exports", "quarantine", "files", "logs")
 DROP = "drop"  # ErasureJob.count: the frequencies are dropped, not decremented
-ERASURE_KEY = "c360ml.erasure"  # a frequencies commit's job (`_subtract_frequencies`)
 JOB = ("state", "erasure", "job.json")  # the pending job's record, in the lake's store
 
 
@@ -114,11 +112,10 @@ class ErasureJob:
     deletes: list[Delete]
     done: list[str] = field(default_factory=list)
     # The unify value frequencies' share of the erased records: (field, value hash, count)
-    # rows to subtract from the count `count` (COUNT_KEY) of `FREQUENCIES`; `count` DROP:
+    # rows; a value whose count `count` (COUNT_KEY) of `FREQUENCIES` is theirs goes; DROP:
     # the frequencies are dropped instead, "": left as they are (see `_frequency_decrement`).
     frequencies: list[list] = field(default_factory=list)
     count: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the frequencies commit's
 
     @property
     def unique(self) -> set[str]:
@@ -345,12 +342,14 @@ def _delete_each(lake: Lake, deletes: list[Delete], result: ErasureResult) -> No
 
 
 def _subtract_frequencies(lake: Lake, job: ErasureJob, result: ErasureResult) -> None:
-    """Take the erased records' share out of the unify value frequencies (rows reaching 0
-    go), or drop them (see `_frequency_decrement`); then remove at once the older files of
-    the table holding a value only the erased carried, and cut its log and COUNTED's
-    (whose file statistics may name one). The next build tells the records whose
-    `common` flag the new counts flip (`unify._flipped`). Once per job: the commit records
-    the job, a rerun does not subtract again."""
+    """Drop from the unify value frequencies the values only the erased records carried
+    (their count is the erased records' share), or drop the frequencies (see
+    `_frequency_decrement`); then remove at once the older files of the table holding
+    such a value, and cut its log and COUNTED's (whose file statistics may name one).
+    The counts of values other records carry too, and the total, stay: no record left has
+    a dropped value, so no `common` decision of the unify state changes, and the lake
+    stays as a whole unify with these frequencies leaves it (a rerun drops nothing more).
+    """
     if job.count == DROP:  # a rerun deletes again what a kill left of the folders
         if lake.exists(*FREQUENCIES):
             result.rows_deleted["/".join(FREQUENCIES)] = lake.count(*FREQUENCIES)
@@ -363,29 +362,22 @@ def _subtract_frequencies(lake: Lake, job: ErasureJob, result: ErasureResult) ->
         [dict(zip(FREQUENCY_SCHEMA.names, r, strict=True)) for r in job.frequencies],
         FREQUENCY_SCHEMA,
     )
-    done = any(m.get(ERASURE_KEY) == job.id for m in lake.commit_metadata(*FREQUENCIES))
-    if not done:
-        record = last_record(lake, FREQUENCIES)
-        inputs, meta = record if record is not None else ({}, {})
-        con = duckdb.connect()
-        before = lake.read(*FREQUENCIES)
-        counted = len(before)
-        con.register("kept", before)
-        con.register("gone", subtract)
-        left = con.sql(
-            """SELECT k.field, k.value, k.count - COALESCE(g.count, 0) AS count
-               FROM kept k LEFT JOIN gone g USING (field, value)
-               WHERE k.count - COALESCE(g.count, 0) > 0 ORDER BY k.field, k.value"""
-        ).to_arrow_table()
-        con.close()
+    record = last_record(lake, FREQUENCIES)
+    inputs, meta = record if record is not None else ({}, {})
+    con = duckdb.connect()
+    before = lake.read(*FREQUENCIES)
+    con.register("kept", before)
+    con.register("gone", subtract)
+    left = con.sql(  # a rerun finds none to drop: those left count more than the erased
+        f"""SELECT k.* FROM kept k LEFT JOIN gone g USING (field, value)
+            WHERE k.field = '{RECORDS_TOTAL}' OR k.count > COALESCE(g.count, 0)
+            ORDER BY k.field, k.value"""
+    ).to_arrow_table()
+    con.close()
+    if len(left) < len(before):
         carried = {k: meta[k] for k in (STATE_KEY, COUNT_KEY) if k in meta}
-        lake.write(
-            left.cast(FREQUENCY_SCHEMA),
-            *FREQUENCIES,
-            mode="overwrite",
-            metadata=stamp(inputs, **carried, **{ERASURE_KEY: job.id}),
-        )
-        result.rows_deleted["/".join(FREQUENCIES)] = counted - len(left)
+        lake.write(left, *FREQUENCIES, mode="overwrite", metadata=stamp(inputs, **carried))
+        result.rows_deleted["/".join(FREQUENCIES)] = len(before) - len(left)
     # the values no record carries any more: in no file, no log
     con = duckdb.connect()
     con.register("kept", lake.read(*FREQUENCIES, columns=["field", "value"]))
@@ -514,6 +506,8 @@ def _holds(lake: Lake, key: str, unique: pa.Array, match: Delete | None) -> bool
         return True
     if match and match.column in data.column_names:
         column = data[match.column]
+        if _is_text(column.type):  # string_view too, which is_in has no kernel for
+            column = column.cast(pa.string())
         values = pa.array(match.values).cast(column.type)
         return bool(pc.any(pc.is_in(column, values)).as_py())
     return False
