@@ -76,7 +76,7 @@ def _run(home: Path, env: dict[str, str], *args: str) -> str:
 def _assert_same(ours: pd.DataFrame, theirs: pd.DataFrame, name: str, empty: bool = False) -> None:
     """Equal after sorting (and not empty, unless `empty`); floats to 1e-9, relative or
     absolute: DuckDB's parallel sums add in no fixed order, so a mean of amounts
-    cancelling out is 0.0 in one run and 2.2e-15 in the other (seen at 20,000 persons)."""
+    cancelling out can be 0.0 in one run and 2.2e-15 in the other."""
     assert empty or len(theirs), name
     pd.testing.assert_frame_equal(
         _sorted_frame(ours), _sorted_frame(theirs), check_exact=False, rtol=1e-9, atol=1e-9,

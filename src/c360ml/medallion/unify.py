@@ -608,8 +608,8 @@ STATE = ("state", "unify", "records")
 # incremental or whole, decides with the same frequencies (and they stay equal).
 FREQUENCIES = ("state", "unify", "frequencies")
 # The records the kept frequencies were counted from, each with the hashes it added
-# (`counted_hashes`): what an erasure subtracts (c360ml.medallion.erasure), exactly what
-# an erased record added when it was counted, whatever it held since. Written with the
+# (`counted_hashes`): how an erasure tells the values only the erased records carried
+# (c360ml.medallion.erasure), as they were counted, whatever the records held since. Written with the
 # frequencies, both commits recording one COUNT_KEY; its rows of an erased record are
 # deleted with the record.
 COUNTED = ("state", "unify", "counted")
@@ -1056,9 +1056,8 @@ def unify_changes(
     of it: one to a changed record would have made its end a seed. The chosen records
     are matched as a whole unify matches them, given the junk values and fuzzy block
     sizes over all records, and keep their ids by `assign_ids`' rules. The `common` tests
-    read the kept `frequencies`; a record whose flag they now decide otherwise than the
-    state recorded (an erasure subtracted its share from them) counts as changed
-    (`_flipped`).
+    read the kept `frequencies`; a record whose flag they decide otherwise than the state
+    recorded counts as changed (`_flipped`).
     """
     changed, junk_now = _seeds(con, table, rules, frequencies)
     redo = np.sort(con.sql("SELECT i FROM redo").fetchnumpy()["i"])
@@ -1133,7 +1132,6 @@ def _seeds(
             *(f"hash_{f}" for f in fields),
             *(f"text_{f}" for f in texts),
             *(f"is_common_{r.name}" for r in rules.rules if r.common is not None),
-            *(f"h_{f}" for f in frequency_fields(rules)),
         ]
     )
     con.execute(
@@ -1198,10 +1196,11 @@ def _flipped(
     con: duckdb.DuckDBPyConnection, rules: UnifyRules, frequencies: pa.Table | None
 ) -> list[str]:
     """SQL of the records of `now_` (i, source, source_key) unchanged since the state whose
-    `common` flag the kept `frequencies` decide otherwise than the state recorded: an
-    erasure took the erased records' share out of them (a name's count, a postal code's,
-    the total). Their links may change as a changed record's do, so they count as changed,
-    and the clusters a flip can reach are unified again, not every record."""
+    `common` flag the kept `frequencies` decide otherwise than the state recorded. Their
+    links may change as a changed record's do, so they count as changed, and only the
+    clusters a flip can reach are unified again. The lake's own writers never flip one
+    (an erasure drops only values no record left carries; a recount unifies every record):
+    this keeps an incremental unify equal to a whole one whatever the kept counts."""
     specs = [r for r in rules.rules if r.common is not None]
     if not specs or frequencies is None:
         return []
