@@ -30,10 +30,11 @@ COMPARED = ("gold", "quarantine", "state")  # the layers that must equal a run n
 # written (wall clock), and ingest's batch of it (one per run).
 RUN_COLUMNS = {"ScoredAt", "_ingested_at", "_batch_id", "ingested_at", "batch_id"}
 DECIMALS = 9  # floats compared rounded to 1e-9: a refresh's sums may differ in the last bit
-# Per record, the pairs of each rule it is the right end of (`unify.pair_counts`): a unify
-# killed half way is followed by a whole one, which orients some pairs the other way than
-# the incremental one. Their sums, in gold/unify_report, are compared.
-UNIFY_STATE, PAIR_COUNTS = "state/unify/records", ("within_", "across_")
+# Per record, the pairs of each rule it is the right end of (`unify.pair_counts`: within a
+# source, across sources, on a common value): a unify killed half way is followed by a
+# whole one, which orients some pairs the other way than the incremental one. Their sums,
+# in gold/unify_report, are compared.
+UNIFY_STATE, PAIR_COUNTS = "state/unify/records", ("within_", "across_", "common_")
 
 
 settings_of = make_settings  # a project folder: every output under it, the repo's specs
