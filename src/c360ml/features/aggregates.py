@@ -67,6 +67,12 @@ _SQL = {
     "percent_true": "AVG(CAST(COALESCE({c}, FALSE) AS DOUBLE)){f}",
 }
 PRIMITIVES = {*_SQL, "mode"}  # mode has a query of its own (`_mode_sql`)
+# The primitives that add doubles up: their last bits depend on the order of the additions
+# (DuckDB's sums are compensated, Spark's are not, pandas' are), and a residue such as
+# -4e-16 where another engine says 0 sends a customer down the other side of a tree's
+# split at 0. Their values are kept to 1e-6 (`rounded_sql`, `rounded`), by every engine.
+SUMMED = frozenset({"sum", "mean", "std"})
+SCALE = 1e6
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,21 @@ def _expression(a: Aggregate, value: str, kept: str | None, d: Dialect = DUCKDB)
     return sql
 
 
+def rounded_sql(value: str) -> str:
+    """`value` (a double) to 1e-6, half away from zero, as DuckDB and Spark both round a
+    double to a whole number (a ROUND to 6 places would round Spark's decimal text)."""
+    return f"ROUND({value} * {_literal(SCALE)}) / {_literal(SCALE)}"
+
+
+def rounded(values: pd.Series) -> pd.Series:
+    """`rounded_sql` in pandas (Featuretools' values), to the same bits: the fraction of
+    the scaled value is exact, so a half is told apart exactly."""
+    scaled = values.to_numpy(dtype=np.float64, na_value=np.nan) * SCALE
+    whole = np.trunc(scaled)
+    away = np.where(np.abs(scaled - whole) >= 0.5, np.sign(scaled), 0.0)
+    return pd.Series((whole + away) / SCALE, index=values.index, name=values.name)
+
+
 def _atoms(aggregates: list[Aggregate], t_ns: int, d: Dialect) -> dict[str, str]:
     """Each distinct row condition of the aggregates, named _c0, _c1, ..."""
     atoms: dict[str, str] = {}
@@ -218,10 +239,11 @@ def _table_sql(
     def kept(a: Aggregate) -> str | None:
         return " AND ".join(atoms[term] for term in _terms(a, t_ns, d)) or None
 
-    columns = [
-        f"{_expression(a, _value(a, t_ns, inner, d), kept(a), d)} AS {d.quote(a.name)}"
-        for a in aggregates
-    ]
+    columns = []
+    for a in aggregates:
+        value = _expression(a, _value(a, t_ns, inner, d), kept(a), d)
+        value = rounded_sql(value) if a.primitive in SUMMED else value
+        columns.append(f"{value} AS {d.quote(a.name)}")
     for i, a in enumerate(counted):
         only = "" if kept(a) is None else f" FILTER (WHERE {kept(a)})"
         columns.append(f"COUNT(*){only} AS _rows{i}")

@@ -57,10 +57,12 @@ from c360ml.features.aggregates import (
     IS_PURCHASE,
     LINE_ID,
     PRIMITIVES,
+    SUMMED,
     Aggregate,
     activity_frames,
     aggregate_view,
     compute_aggregates,
+    rounded,
 )
 from c360ml.features.asof import AsOfSql, LakeGold
 from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
@@ -426,6 +428,9 @@ def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list)
         matrix = ft.calculate_feature_matrix(
             features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
         )
+    for f in features:  # as the SQL engines keep them (`aggregates.SUMMED`)
+        if isinstance(f, AggregationFeature) and f.primitive.name in SUMMED:
+            matrix[f.get_name()] = rounded(matrix[f.get_name()])
     return matrix.reindex(ids)
 
 
