@@ -30,8 +30,10 @@ Agreement: the first run of each engine keeps its output beside the runs (after 
 peak is read): features, the sample, the labels of the sampled rows and the definitions
 compared exactly, RFM and the matrix by the largest relative difference (differences
 within 1e-9 count as none: sums that cancel leave residues of either sign), count-like
-features (count, num_unique) exactly; refresh, this as_of's churn_scores: the same customers and statuses, ChurnScore's
-largest absolute difference and the share of IsChurn and RiskLevel that agree.
+features (count, num_unique) exactly; refresh, this as_of's churn_scores: the same
+customers and statuses, ChurnScore's largest absolute difference, the customers whose
+ChurnScore differs by more than 1e-5 (the first 20 listed, with both scores and risk
+levels) and the share of IsChurn and RiskLevel that agree.
 """
 
 from __future__ import annotations
@@ -305,6 +307,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 ATOL, RTOL = 1e-9, 1e-6  # tests/spark's tolerance of a non-count feature
+SCORE_ATOL = 1e-5  # #28: ChurnScore within this of DuckDB's
+LISTED = 20  # customers listed whose ChurnScore differs by more
 
 
 def _relative(a, b):
@@ -384,6 +388,8 @@ def scores_agreement(duck_dir: Path, spark_dir: Path) -> dict:
         a, b = (matched[f"{column}_{e}"].astype(str).to_numpy() for e in ENGINES)
         return round(float((a == b).mean()), 6) if len(a) else 0.0
 
+    apart = matched[scored & (np.abs(a - b) > SCORE_ATOL)]
+    listed = ["CustomerId", *(f"{c}_{e}" for c in ("ChurnScore", "RiskLevel") for e in ENGINES)]
     return {
         "rows": {"duckdb": len(duck), "spark": len(spark), "both": len(matched)},
         "same_as_of": bool(duck["ScoredAsOf"].max() == spark["ScoredAsOf"].max()),
@@ -391,6 +397,10 @@ def scores_agreement(duck_dir: Path, spark_dir: Path) -> dict:
         if scored.any()
         else None,
         "churn_score_on_one_engine_only": int((np.isnan(a) ^ np.isnan(b)).sum()),
+        "churn_scores_beyond_atol": len(apart),
+        "churn_scores_beyond_atol_listed": json.loads(
+            apart[listed].head(LISTED).to_json(orient="records")
+        ),
         "score_status_agreement": share("ScoreStatus"),
         "is_churn_agreement": share("IsChurn"),
         "risk_level_agreement": share("RiskLevel"),
@@ -472,7 +482,8 @@ def _agreement(stage: str, a: dict) -> str:
         return (
             f"{a['rows']['both']:,} customers on both ({a['rows']['duckdb']:,} / "
             f"{a['rows']['spark']:,}); ChurnScore max abs diff "
-            f"{a['churn_score_max_abs_difference']:.2g}; IsChurn agree "
+            f"{a['churn_score_max_abs_difference']:.2g} ({a['churn_scores_beyond_atol']} "
+            f"beyond {SCORE_ATOL:g}); IsChurn agree "
             f"{a['is_churn_agreement']:.4%}, RiskLevel {a['risk_level_agreement']:.4%}"
         )
     same = [k.removeprefix("same_") for k, v in a.items() if k.startswith("same_") and v]
