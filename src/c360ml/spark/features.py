@@ -39,10 +39,12 @@ drift are Spark work too (`c360ml.spark.outputs`); in `c360ml build
 measures` (`snapshot_profiles`), the ids and the measures; in training, the labels, RFM
 and sampled matrix, which XGBoost is fitted on there.
 
-The values equal the DuckDB engine's to the last bits of a sum (Spark's sums are not
-compensated, DuckDB's are): tests/spark/test_features.py checks the features, the
-measures and the scores against the DuckDB refresh on the same lake,
-tests/spark/test_training.py training's frames against DuckDB's.
+The values equal the DuckDB engine's. Spark's sums are not compensated, DuckDB's are, but
+both engines round sums, means and deviations to a millionth, below which the order of
+the additions leaves its residue (a value halfway between two millionths may round
+apart). tests/spark/test_features.py checks the features, the measures and the scores
+against the DuckDB refresh on the same lake, tests/spark/test_training.py training's
+frames against DuckDB's.
 """
 
 from __future__ import annotations
