@@ -50,6 +50,7 @@ from c360ml.synth.params import (
     GeneratorConfig,
     LakeShape,
     channel_mapping,
+    process_profile,
 )
 from c360ml.synth.writer import (
     SYNC_TS_FORMAT,
@@ -79,6 +80,7 @@ class GenerateSummary(Summary[dict]):
     landing: str  # the lake's landing folder or URI
     truth: Path
     sync: str  # folder timestamp of the sync written
+    profile: str = "default"  # the lake's process profile (params.PROFILES)
 
 
 def _epoch(date: str) -> int:
@@ -94,10 +96,12 @@ def _iso(epoch: int) -> str:
 
 
 def _config(
-    settings: Settings, customers, seed, start, end, fmt, future_days=None
+    settings: Settings, customers, seed, start, end, fmt, future_days=None, profile="default"
 ) -> GeneratorConfig:
     demo = settings.demo
     cfg = GeneratorConfig(
+        profile=profile,
+        process=process_profile(profile),
         customers=int(customers if customers is not None else demo.customers),
         seed=int(seed if seed is not None else demo.seed),
         start=str(start or demo.start),
@@ -310,15 +314,19 @@ def generate_lake(
     fresh: bool = False,
     future_days: int | None = None,
     absolute_locations: str | None = None,
+    profile: str = "default",
 ) -> GenerateSummary:
     """Write the initial full export of every source and the truth; None = demo settings.
+    `profile`: the purchase/dropout process, a name in `params.PROFILES` ("sparse": shaped
+    like a real retail log); recorded in generator.json, which increments and the oracle
+    read it from.
     `future_days`: days simulated past `end` for increments (default LakeShape's 182; a
     simulated year of monthly increments needs more). `absolute_locations`: the lake
     root's https URL (`https://<account>.dfs.core.windows.net/<container>/<path>`); model.json
     then names each partition by its absolute location under it, as Synapse Link does
     (increments keep the form)."""
     url = check_locations_url(absolute_locations)
-    cfg = _config(settings, customers, seed, start, end, fmt, future_days)
+    cfg = _config(settings, customers, seed, start, end, fmt, future_days, profile)
     if fresh:
         _clear(settings)
     else:
@@ -343,7 +351,9 @@ def generate_lake(
     meta = _initial_meta(cfg, tl, stamp, counters, export)
     _write_meta(settings.truth, meta | ({"absolute_locations": url} if url else {}))
     log.info("generated %d persons into %s", tl.total, landing)
-    return _summary(landing, settings.truth, stamp, export.syncs, export.delta, export.generic)
+    return _summary(
+        landing, settings.truth, stamp, export.syncs, export.delta, export.generic, cfg.profile
+    )
 
 
 def _generate_blocks(
@@ -392,6 +402,7 @@ def _initial_meta(
         "start": cfg.start,
         "end": cfg.end,
         "format": cfg.fmt,
+        "profile": cfg.profile,
         "block_size": BLOCK,
         "start_epoch": tl.start_epoch,
         "n_days": tl.n_days,
@@ -426,8 +437,8 @@ def read_meta(truth: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _summary(landing, truth, stamp, syncs, delta, generic) -> GenerateSummary:
-    summary = GenerateSummary(landing=landing, truth=truth, sync=stamp)
+def _summary(landing, truth, stamp, syncs, delta, generic, profile) -> GenerateSummary:
+    summary = GenerateSummary(landing=landing, truth=truth, sync=stamp, profile=profile)
     for source, names in SOURCES.items():
         sync = syncs[source]
         for name in names:
@@ -557,7 +568,8 @@ def generate_increment(
     )
     _write_meta(truth_dir, meta)
     log.info("increment %d written to %s (%d persons erased)", k, stamp, erased.num_rows)
-    return _summary(landing, truth_dir, stamp, syncs, delta, None)
+    # The future was simulated with the lake's profile; lakes from before profiles: default.
+    return _summary(landing, truth_dir, stamp, syncs, delta, None, meta.get("profile", "default"))
 
 
 def _not_erased(rows: pa.Table, person_col: str, time_col: str, erased_ts: dict) -> np.ndarray:
