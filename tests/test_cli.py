@@ -7,6 +7,7 @@ build step), then the error paths: one line and exit code 2, a traceback only wi
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,11 @@ def user(tmp_path_factory):
     """A project folder with its c360ml.yaml, and a way to run `c360ml` in it."""
     home = tmp_path_factory.mktemp("cli")
     env = user_project(home)
+    return _runner(home, env), home, env
+
+
+def _runner(home: Path, env: dict):
+    """`c360ml ARGS` run in the project folder `home`: (exit code, stdout + stderr)."""
 
     def run(*args: str, extra: dict | None = None, timeout: float = 600):
         done = subprocess.run(
@@ -38,7 +44,7 @@ def user(tmp_path_factory):
         )
         return done.returncode, done.stdout + done.stderr
 
-    return run, home, env
+    return run
 
 
 def _quiet(out: str) -> None:
@@ -148,3 +154,26 @@ def test_errors_are_one_line_and_tracebacks_need_debug(user, tmp_path):
     assert code == 2 and "has no version 99" in out
     code, out = run("-v", "build", "measures", "--as-of", "2025-03-31")
     assert code == 0 and "INFO" in out, out
+
+
+def test_generate_profile_sparse_and_its_increment(tmp_path):
+    run = _runner(tmp_path, user_project(tmp_path))
+    code, out = run("generate", "--customers", "1500", "--seed", "3", "--profile", "sparse")
+    assert code == 0 and "profile sparse" in out, out
+    _quiet(out)
+    meta = json.loads((tmp_path / "data" / "truth" / "generator.json").read_text())
+    assert meta["profile"] == "sparse" and meta["params"]["lam_mean"] == 1 / 80
+
+    code, out = run("generate", "--increment")  # the lake's profile, not asked again
+    assert code == 0 and "profile sparse" in out, out
+
+    for args, message in (
+        (("--profile", "dense", "--fresh"), "unknown profile 'dense': expected one of default, "),
+        (("--increment", "--profile", "default"), "increments keep the lake's profile"),
+    ):
+        code, out = run("generate", *args)
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], out
+        assert "Traceback" not in out
+    meta = json.loads((tmp_path / "data" / "truth" / "generator.json").read_text())
+    assert meta["profile"] == "sparse" and len(meta["increments"]) == 1  # nothing was touched

@@ -54,6 +54,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
         raise ValueError(
             "--absolute-locations applies to the initial export; increments keep its form"
         )
+    if args.profile is not None and args.increment:
+        raise ValueError(
+            "--profile applies to the initial export; increments keep the lake's profile"
+        )
     if args.increment:
         summary = generate_increment(settings, seed=args.seed, shock=args.shock)
     else:
@@ -66,8 +70,10 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> None:
             fmt=args.format,
             fresh=args.fresh,
             absolute_locations=args.absolute_locations,
+            profile=args.profile or "default",
         )
     _print_rows("generated", summary.rows())
+    console.print(f"profile {summary.profile}", highlight=False)
     if args.shock is not None:
         from c360ml.synth.generate import read_meta
 
@@ -308,6 +314,13 @@ def _lake_commands(sub: argparse._SubParsersAction) -> None:
         metavar="DATE:KIND",
         help="with --increment: a regime change from DATE, e.g. 2026-03-01:competitor "
         "(kinds: competitor, recession; see c360ml.synth.params.SHOCKS); KIND*2 doubles it",
+    )
+    gen.add_argument(
+        "--profile",
+        default=None,
+        help="purchase/dropout process: default (the demo's) or sparse (shaped like a real "
+        "retail log: half the new customers buy once; see c360ml.synth.params.PROFILES); "
+        "increments keep the lake's",
     )
     gen.add_argument("--fresh", action="store_true", help="remove the existing lake first")
     gen.add_argument(
