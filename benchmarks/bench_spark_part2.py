@@ -482,8 +482,9 @@ def _agreement(stage: str, a: dict) -> str:
         return (
             f"{a['rows']['both']:,} customers on both ({a['rows']['duckdb']:,} / "
             f"{a['rows']['spark']:,}); ChurnScore max abs diff "
-            f"{a['churn_score_max_abs_difference']:.2g} ({a['churn_scores_beyond_atol']} "
-            f"beyond {SCORE_ATOL:g}); IsChurn agree "
+            f"{a['churn_score_max_abs_difference']:.2g} "
+            f"({a.get('churn_scores_beyond_atol', 'not counted')} beyond {SCORE_ATOL:g}); "
+            "IsChurn agree "
             f"{a['is_churn_agreement']:.4%}, RiskLevel {a['risk_level_agreement']:.4%}"
         )
     same = [k.removeprefix("same_") for k, v in a.items() if k.startswith("same_") and v]
