@@ -101,23 +101,15 @@ class ProcessParams:
 
 # Named process profiles (`generate --profile NAME`); generator.json records the name and
 # every parameter, so increments and the oracle continue the lake's own process.
-# The statistics quoted are `synth.cohort` measurements: new persons followed for their
-# first 18 months; purchases the valid ones, counted by distinct days.
 PROFILES: dict[str, ProcessParams] = {
-    # The demo's retailer: a new customer buys about every 8 days (median gap of
-    # consecutive purchase days 8), 28% buy once in 18 months, 10.8 purchase days each
-    # (generated lake of 40,000 customers, seed 42, 2023-01-01..2025-12-31).
+    # The demo's retailer: a new customer buys about every 8 days; a minority buy once.
     "default": ProcessParams(),
     # Shaped like a real retail log (CDNOW: a median of 34 days between purchases, 51%
     # one-time buyers): a purchase every 80 days on average while alive, a less skewed
-    # rate (more customers near the mean, so the median gap follows the rate), and a
-    # daily dropout hazard four times the default's with a heavier tail (many leave after
-    # the first order, a few stay long). Tuned by simulating 40,000 persons (process
-    # only, three seeds): one-time share 0.497-0.505, median gap 32 days, 3.14-3.22
-    # purchase days per person (targets 0.45-0.55, 25-40 days, 2.5-4); the generated lake
-    # of 40,000 customers (seed 42, as above): 0.502, 32 days, 3.18, over 15,918 new
-    # persons. Its oracle (cutoff 2024-12-31, 90 days, 6,000 persons active in the year
-    # before): ROC AUC 0.899, mean probability 0.275 for 0.278 observed buying.
+    # rate (the median gap follows the rate), and a daily dropout hazard four times the
+    # default's with a heavier tail (many leave after the first order, a few stay long).
+    # Tuned by simulation to issue #31's ranges as `synth.cohort` measures them: one-time
+    # share 0.45-0.55, median gap 25-40 days, 2.5-4 purchase days per person.
     "sparse": ProcessParams(lam_shape=1.3, lam_mean=1 / 80, h0_shape=0.7, h0_mean=0.0145),
 }
 
