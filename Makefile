@@ -22,6 +22,9 @@ ENGINE ?= duckdb
 # Azurite started from node_modules on 127.0.0.1 for the run (its blobs kept in data/azurite)
 LAKE ?= local
 AZURITE_CONTAINER ?= demo
+# bench PROFILE=sparse: lakes of that generator profile (c360ml.synth.params.PROFILES), cached
+# apart from the default's and their figures in benchmarks/results/<stage>_sparse.json
+PROFILE ?= default
 
 .PHONY: install demo demo-chain test test-fast docs lint bench clean serve bento mlflow-ui browser
 
@@ -102,7 +105,8 @@ test-fast: install lint
 
 bench: install
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[ml,dev,bench]'
-	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE) --lake $(LAKE)
+	$(BIN)/python benchmarks/run.py --stage $(STAGE) --sizes $(SIZES) --engine $(ENGINE) --lake $(LAKE) \
+		--profile $(PROFILE)
 
 clean:
 	rm -rf data/lake data/truth data/reports data/mlflow data/bentoml data/logs data/serve.log dist \

@@ -30,7 +30,10 @@ def train(settings, out_dir: Path, config=None) -> dict:
     """`c360ml train` into the cached lake's own MLflow store (the refresh stage uses it).
 
     `config` (a TrainConfig) overrides the defaults, e.g. a forced customer cap; the
-    default caps sample customers above 100k (training) / 200k (test cutoff)."""
+    default caps sample customers above 100k (training) / 200k (test cutoff). Model - RFM
+    ROC AUC and the headroom closed, (AUC_model - AUC_RFM) / (AUC_oracle - AUC_RFM), with
+    their 95% intervals are the training's own (evaluate.bootstrap_intervals on the test
+    cutoff, via the summary); the headroom is None on a lake without an oracle."""
     from c360ml.model.pipeline import run_training
 
     started = time.perf_counter()
@@ -46,10 +49,23 @@ def train(settings, out_dir: Path, config=None) -> dict:
         "roc_auc": round(summary.roc_auc, 4),
         "rfm_roc_auc": round(summary.rfm_roc_auc, 4),
         "oracle_roc_auc": summary.oracle_roc_auc and round(summary.oracle_roc_auc, 4),
+        "roc_auc_minus_rfm": round(summary.roc_auc_minus_rfm, 4),
+        "roc_auc_minus_rfm_ci": _rounded(summary.roc_auc_minus_rfm_ci),
+        "headroom_closed": _rounded(summary.headroom_closed),
+        "headroom_closed_ci": _rounded(summary.headroom_closed_ci),
         "grade": summary.grade,
         "gate": summary.gate_label,
         "gate_path": summary.gate_path,  # a repeated run retrains at the same as_of: recipe
     }
+
+
+def _rounded(value):
+    """A figure or an interval to 4 decimals (None stays None; an interval becomes a list)."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return [round(float(v), 4) for v in value]
+    return round(float(value), 4)
 
 
 def refresh(settings, out_dir: Path) -> dict:

@@ -9,6 +9,9 @@ generated once per size under benchmarks/cache/<size>-v<lake version>/ (lake_cac
 and reused by later stages.
 Figures are written to benchmarks/results/<stage>.json (serve: serve.json and serve.md)
 and tabulated in benchmarks/results/README.md with the date and the command.
+`--profile NAME` (PROFILE=sparse): the lakes of another generator profile
+(c360ml.synth.params.PROFILES), cached apart (<size>-v<lake version>-<profile>/) and
+their figures in <stage>_<profile>.json (results_name), e.g. train_sparse.json.
 `--engine spark` (ENGINE=spark) changes the medallion stage: silver, unify and gold built by
 DuckDB and by Spark (Sail in local mode) side by side from the same bronze (bench_spark.py),
 to medallion_spark.json; and the features and refresh stages: training's frames and the
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lake_cache import size_dir
+from lake_cache import DEFAULT_PROFILE, bench_profile, size_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -527,17 +530,37 @@ def one(stage: str, size: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def results_name(stage: str) -> str:
+def results_name(stage: str, rules: str | None = None, profile: str | None = None) -> str:
     """The figures' file of `stage`: unify with other rules than the project's
     (BENCH_UNIFY_RULES=benchmarks/unify_without_common.yaml) keeps its own
-    (unify_without_common.json)."""
-    rules = os.environ.get("BENCH_UNIFY_RULES")
-    return Path(rules).stem if stage == "unify" and rules else stage
+    (unify_without_common.json), and so does a lake of another generator profile than
+    the default (`--profile sparse`: train_sparse.json). `rules` and `profile` default to
+    this run's (BENCH_UNIFY_RULES, BENCH_PROFILE)."""
+    rules = rules if rules is not None else os.environ.get("BENCH_UNIFY_RULES")
+    name = Path(rules).stem if stage == "unify" and rules else stage
+    profile = profile or bench_profile()
+    return name if profile == DEFAULT_PROFILE else f"{name}_{profile}"
 
 
-def _rules_env() -> list[str]:
+def _refused_with_profile(stages: tuple[str, ...], engine: str) -> str | None:
+    """What a run of another profile than the default cannot do yet: the side-by-side
+    runs (Spark, BENCH_BASELINE) write one file whatever the profile."""
+    if bench_profile() == DEFAULT_PROFILE:
+        return None
+    if engine == "spark" and {"medallion", "features", "refresh"} & set(stages):
+        return "not with --engine spark"
+    if os.environ.get("BENCH_BASELINE") and {"refresh", "train"} & set(stages):
+        return "not with BENCH_BASELINE"
+    return None
+
+
+def _command_env() -> list[str]:
+    """The variables that changed what the command measured, as a shell prefix."""
     rules = os.environ.get("BENCH_UNIFY_RULES")
-    return [f"BENCH_UNIFY_RULES={rules}"] if rules else []
+    out = [f"BENCH_UNIFY_RULES={rules}"] if rules else []
+    if bench_profile() != DEFAULT_PROFILE and "--profile" not in sys.argv:
+        out.append(f"BENCH_PROFILE={bench_profile()}")
+    return out
 
 
 def _row(stage: str, r: dict) -> str:
@@ -592,8 +615,31 @@ def _row(stage: str, r: dict) -> str:
             for k, v in run.items()
             if not isinstance(v, (dict, list))
         }
-        return f"{len(runs)} run(s), medians: {json.dumps(scalars)}; steps: {steps}"
+        head = _headroom(runs) if stage == "train" else ""
+        return f"{head}{len(runs)} run(s), medians: {json.dumps(scalars)}; steps: {steps}"
     return json.dumps({k: v for k, v in run.items() if not isinstance(v, (dict, list))})
+
+
+def _headroom(runs: list[dict]) -> str:
+    """Issue #31's figures of training runs, each with its 95% interval: the headroom
+    closed, (AUC_model - AUC_RFM) / (AUC_oracle - AUC_RFM), and model - RFM logistic ROC
+    AUC (runs written before they were recorded: empty)."""
+
+    def ci(run: dict, key: str) -> str | None:
+        if run.get(key) is None:
+            return None
+        low, high = run.get(f"{key}_ci") or (None, None)
+        return f"{run[key]} [{low}, {high}]"
+
+    parts = []
+    for key, label in (
+        ("headroom_closed", "headroom closed"),
+        ("roc_auc_minus_rfm", "model − RFM ROC AUC"),
+    ):
+        values = [v for v in (ci(run, key) for run in runs) if v is not None]
+        if values:
+            parts.append(f"{label} {' / '.join(values)}")
+    return "; ".join(parts) + " (95% CI); " if parts else ""
 
 
 def write_readme() -> None:
@@ -613,8 +659,13 @@ def write_readme() -> None:
         "| stage | size | date | wall s (median) | peak RSS MB | figures | command |",
         "|---|---|---|---|---|---|---|",
     ]
-    files = [(s, RESULTS / f"{s}.json") for s in (*TABLE_STAGES, "crash")]
-    files += [("unify", RESULTS / f"{Path(r).stem}.json") for r in OTHER_RULES]
+    from c360ml.synth.params import PROFILES
+
+    files = []
+    for profile in PROFILES:  # the default's first, then each other profile's
+        names = [(s, results_name(s, rules="", profile=profile)) for s in (*TABLE_STAGES, "crash")]
+        names += [("unify", results_name("unify", rules=r, profile=profile)) for r in OTHER_RULES]
+        files += [(stage, RESULTS / f"{name}.json") for stage, name in names]
     for stage, path in files:
         if not path.exists():
             continue
@@ -896,10 +947,24 @@ def main() -> None:
         default="local",
         help="medallion: azurite builds the lake in a container on Azurite (medallion_azurite.json)",
     )
+    parser.add_argument(
+        "--profile",
+        help="the generator profile of the lakes measured (c360ml.synth.params.PROFILES; "
+        "default: BENCH_PROFILE or default): cached apart, figures in <stage>_<profile>.json",
+    )
     parser.add_argument("--one", nargs=2, metavar=("STAGE", "SIZE"))
     parser.add_argument("--silver", type=int, metavar="SIZE", help="internal: build silver")
     parser.add_argument("--build-ml", type=int, metavar="SIZE", help="internal: build ml lake")
     args = parser.parse_args()
+    if args.profile:  # the stages' child processes (bench_compare's, bench_spark's) inherit it
+        os.environ["BENCH_PROFILE"] = args.profile
+    if bench_profile() != DEFAULT_PROFILE:
+        from c360ml.synth.params import process_profile
+
+        try:
+            process_profile(bench_profile())
+        except ValueError as error:
+            raise SystemExit(f"--profile: {error}") from None
     if args.silver:
         build_silver_only(args.silver)
         return
@@ -910,6 +975,11 @@ def main() -> None:
         one(args.one[0], int(args.one[1]))
         return
     stages = STAGES if args.stage == "all" else tuple(args.stage.split(","))
+    refused = _refused_with_profile(stages, args.engine)
+    if refused:
+        raise SystemExit(
+            f"--profile {bench_profile()}: {refused} (their figures have no file per profile)"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         if stage == "lifecycle":  # only when named, not in "all": a simulated year on the
@@ -978,7 +1048,7 @@ def main() -> None:
             json.dumps(
                 {
                     "date": time.strftime("%Y-%m-%d"),
-                    "command": " ".join([*_rules_env(), *sys.argv]),
+                    "command": " ".join([*_command_env(), *sys.argv]),
                     "results": sorted(kept + results, key=lambda r: r["size"]),
                 },
                 indent=1,
