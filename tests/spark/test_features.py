@@ -3,10 +3,10 @@ the same lake (c360ml.spark.features, reached through the refresh's dispatch).
 
 The refresh's measures, feature snapshot and scores at the lake's last event, made by
 each engine on its copy of one generated lake with one small champion: features and
-measures equal to 1e-6 relative (counts exactly, zeros of sums exactly), ChurnScore to
-1e-5, IsChurn, RiskLevel and the influential factors identical for at least 99.9% of
-profiles, the differences listed in the message; the same commit records, so one engine
-keeps what the other wrote. Labels, populations and buyers at other cutoffs equal DuckDB's.
+measures equal to 1e-6 relative (counts and the features that are sums, means and
+deviations exactly), ChurnScore to 1e-5, IsChurn, RiskLevel and the influential factors
+identical for at least 99.9% of profiles, the differences listed in the message; the same
+commit records, so one engine keeps what the other wrote. Labels, populations and buyers at other cutoffs equal DuckDB's.
 A feature or a measure the SQL generator cannot express, and a user's SQL feature, are
 refused before anything is computed, in one line naming them.
 """
@@ -36,10 +36,8 @@ from c360ml.features import (
     derive_feature_set,
     lake_gold,
     load_churn_config,
-    load_measures,
 )
-from c360ml.features.aggregates import SUMMED
-from c360ml.features.dfs import _aggregate, _load
+from c360ml.features.dfs import _aggregate, _load, summed_names
 from c360ml.model import drift
 from c360ml.model.scoring import ModelBundle
 from c360ml.spark import outputs
@@ -141,18 +139,20 @@ def _at(settings: Settings, table: str, column: str, as_of: pd.Timestamp) -> pd.
     return frame.sort_values(frame.columns[0], ignore_index=True)
 
 
-def test_features_and_measures_equal_duckdbs(refreshed, lake, feature_set):
-    """Counts exactly; sums, means and deviations to 1e-6 relative with no absolute slack:
-    both engines keep them to a millionth (`aggregates.SUMMED`), so a zero one engine's
-    additions leave as a residue of 1e-16 is a zero on both (a value halfway between two
-    millionths may still round apart)."""
+def test_features_and_measures_equal_duckdbs(refreshed, feature_set):
+    """Counts exactly, and the features that are sums, means and deviations exactly too:
+    both engines encode them on a grid below which the order of the additions leaves its
+    residue (`aggregates.encoded`)."""
     duck, on_spark, as_of, steps = refreshed
     assert any("Spark" in s.note for s in steps), [s.note for s in steps]
-    plans = [(f.get_name(), _aggregate(f).primitive) for f in _load(feature_set)]
-    plans += [(m.name, m.primitive) for m in load_measures(lake.path(lake.measures))]
-    counts = {name for name, kind in plans if kind in ("count", "num_unique")}
-    summed = {name for name, kind in plans if kind in SUMMED}
-    assert len(counts) > 20 and len(summed) > 20
+    counts = {
+        f.get_name()
+        for f in _load(feature_set)
+        if _aggregate(f).primitive in ("count", "num_unique")
+    }
+    counts |= {"orders_365d", "support_cases_90d"}  # the measures that count
+    exact = counts | summed_names(feature_set.definitions_json)
+    assert len(exact) > len(counts) + 20
     for table in ("customer_features", "customer_measures"):
         mine, theirs = _at(on_spark, table, "as_of", as_of), _at(duck, table, "as_of", as_of)
         assert len(theirs) > 300, f"{table}: too few rows to compare"
@@ -164,12 +164,11 @@ def test_features_and_measures_equal_duckdbs(refreshed, lake, feature_set):
             if not pd.api.types.is_numeric_dtype(b):  # the mode of a category
                 same = (_text(a) == _text(b)).to_numpy()
             else:
-                exact = name in counts
                 same = np.isclose(
                     a.to_numpy(float),
                     b.to_numpy(float),
-                    rtol=0 if exact else 1e-6,
-                    atol=0 if exact or name in summed else 1e-9,
+                    rtol=0 if name in exact else 1e-6,
+                    atol=0 if name in exact else 1e-9,
                     equal_nan=True,
                 )
             both = pd.DataFrame({"customer_id": mine["customer_id"], "spark": a, "duckdb": b})
@@ -250,7 +249,7 @@ def test_build_measures_on_spark_equals_duckdb(lake, spark, sail_remote):
     )
     theirs = refresh.snapshot_profiles(lake, end, True, None)
     assert mine.features is None and "Spark" in mine.note
-    pd.testing.assert_frame_equal(mine.measures, theirs.measures, rtol=1e-6, atol=0)
+    pd.testing.assert_frame_equal(mine.measures, theirs.measures, rtol=1e-9)
     assert mine.profiles.tolist() == theirs.profiles.tolist()
 
 
@@ -265,7 +264,7 @@ def test_a_lake_without_support_cases(lake, spark, sail_remote, tmp_path):
     theirs = refresh.snapshot_profiles(
         copied.model_copy(update={"engine": "duckdb"}), end, True, None
     )
-    pd.testing.assert_frame_equal(mine, theirs.measures, rtol=1e-6, atol=0)
+    pd.testing.assert_frame_equal(mine, theirs.measures, rtol=1e-9)
     assert (mine["support_cases_90d"] == 0).all() and mine["orders_365d"].gt(0).any()
 
 

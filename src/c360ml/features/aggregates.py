@@ -70,9 +70,9 @@ PRIMITIVES = {*_SQL, "mode"}  # mode has a query of its own (`_mode_sql`)
 # The primitives that add doubles up: their last bits depend on the order of the additions
 # (DuckDB's sums are compensated, Spark's are not, pandas' are), and a residue such as
 # -4e-16 where another engine says 0 sends a customer down the other side of a tree's
-# split at 0. Their values are kept to 1e-6 (`rounded_sql`, `rounded`), by every engine.
+# split at 0. As model inputs they are kept to a grid (`encoded`).
 SUMMED = frozenset({"sum", "mean", "std"})
-SCALE = 1e6
+GRID = 2.0**-20  # binary: a mean of cents is never halfway between two of its points
 
 
 @dataclass(frozen=True)
@@ -196,19 +196,18 @@ def _expression(a: Aggregate, value: str, kept: str | None, d: Dialect = DUCKDB)
     return sql
 
 
-def rounded_sql(value: str) -> str:
-    """`value` (a double) to 1e-6, half away from zero, as DuckDB and Spark both round a
-    double to a whole number (a ROUND to 6 places would round Spark's decimal text)."""
-    return f"ROUND({value} * {_literal(SCALE)}) / {_literal(SCALE)}"
-
-
-def rounded(values: pd.Series) -> pd.Series:
-    """`rounded_sql` in pandas (Featuretools' values), to the same bits: the fraction of
-    the scaled value is exact, so a half is told apart exactly."""
-    scaled = values.to_numpy(dtype=np.float64, na_value=np.nan) * SCALE
-    whole = np.trunc(scaled)
-    away = np.where(np.abs(scaled - whole) >= 0.5, np.sign(scaled), 0.0)
-    return pd.Series((whole + away) / SCALE, index=values.index, name=values.name)
+def encoded(values: pd.Series, summed: bool) -> np.ndarray:
+    """A feature as the model reads it, whichever engine computed it: float32, and a sum,
+    mean or deviation (`summed`) first rounded to the nearest multiple of GRID, which
+    removes what the order of the additions leaves (scaling by a power of two is exact,
+    so every engine's value lands on the same point unless it lies within a residue of a
+    midpoint, which a mean of cents over fewer than 2^19 rows never does)."""
+    if isinstance(values.dtype, pd.CategoricalDtype) or values.dtype == object:
+        raise TypeError(f"feature {values.name} is not numeric ({values.dtype}); cannot encode")
+    x = values.astype("Float64").to_numpy(np.float64, na_value=np.nan)
+    if summed:
+        x = np.round(x / GRID) * GRID
+    return x.astype(np.float32)
 
 
 def _atoms(aggregates: list[Aggregate], t_ns: int, d: Dialect) -> dict[str, str]:
@@ -239,11 +238,10 @@ def _table_sql(
     def kept(a: Aggregate) -> str | None:
         return " AND ".join(atoms[term] for term in _terms(a, t_ns, d)) or None
 
-    columns = []
-    for a in aggregates:
-        value = _expression(a, _value(a, t_ns, inner, d), kept(a), d)
-        value = rounded_sql(value) if a.primitive in SUMMED else value
-        columns.append(f"{value} AS {d.quote(a.name)}")
+    columns = [
+        f"{_expression(a, _value(a, t_ns, inner, d), kept(a), d)} AS {d.quote(a.name)}"
+        for a in aggregates
+    ]
     for i, a in enumerate(counted):
         only = "" if kept(a) is None else f" FILTER (WHERE {kept(a)})"
         columns.append(f"COUNT(*){only} AS _rows{i}")

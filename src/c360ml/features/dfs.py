@@ -41,7 +41,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from c360ml.features.aggregates import (
     activity_frames,
     aggregate_view,
     compute_aggregates,
-    rounded,
+    encoded,
 )
 from c360ml.features.asof import AsOfSql, LakeGold
 from c360ml.features.featureset import TARGET_DATAFRAME, FeatureSet
@@ -428,9 +428,6 @@ def _ft_matrix(es: ft.EntitySet, ids: pd.Index, t: pd.Timestamp, features: list)
         matrix = ft.calculate_feature_matrix(
             features, entityset=es, cutoff_time=cutoff, n_jobs=1, verbose=False
         )
-    for f in features:  # as the SQL engines keep them (`aggregates.SUMMED`)
-        if isinstance(f, AggregationFeature) and f.primitive.name in SUMMED:
-            matrix[f.get_name()] = rounded(matrix[f.get_name()])
     return matrix.reindex(ids)
 
 
@@ -642,17 +639,26 @@ def _window_ns(use_previous) -> int | None | bool:
 
 
 def _feature_part(matrix: pd.DataFrame, ids: pd.Index, t: pd.Timestamp, fs: FeatureSet):
-    """customer_id, cutoff_time, then fs.names as float32, for one cutoff."""
-    part = pd.DataFrame({n: _to_float32(matrix[n]) for n in fs.names})
+    """customer_id, cutoff_time, then fs.names as the model reads them (`encoded`), for one
+    cutoff."""
+    summed = summed_names(fs.definitions_json)
+    part = pd.DataFrame({n: encoded(matrix[n], n in summed) for n in fs.names})
     part.insert(0, CUTOFF_TIME, t)
     part.insert(0, CUSTOMER_ID, ids.to_numpy())
     return part
 
 
-def _to_float32(col: pd.Series) -> np.ndarray:
-    if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
-        raise TypeError(f"feature {col.name} is not numeric ({col.dtype}); cannot encode")
-    return col.astype("Float64").to_numpy(dtype=np.float32, na_value=np.nan)
+@lru_cache(maxsize=8)
+def summed_names(definitions_json: str) -> frozenset[str]:
+    """The features of a feature set's Featuretools definitions that are sums, means or
+    deviations (`aggregates.SUMMED`), whose encoding rounds them."""
+    with _quiet():
+        loaded = ft.load_features(definitions_json)
+    return frozenset(
+        f.get_name()
+        for f in loaded
+        if isinstance(f, AggregationFeature) and f.primitive.name in SUMMED
+    )
 
 
 def _load(fs: FeatureSet) -> list:

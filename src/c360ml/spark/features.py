@@ -39,10 +39,10 @@ drift are Spark work too (`c360ml.spark.outputs`); in `c360ml build
 measures` (`snapshot_profiles`), the ids and the measures; in training, the labels, RFM
 and sampled matrix, which XGBoost is fitted on there.
 
-The values equal the DuckDB engine's. Spark's sums are not compensated, DuckDB's are, but
-both engines round sums, means and deviations to a millionth, below which the order of
-the additions leaves its residue (a value halfway between two millionths may round
-apart). tests/spark/test_features.py checks the features, the measures and the scores
+The values equal the DuckDB engine's. Spark's sums are not compensated, DuckDB's are: the
+measures differ in their last bits, the features not at all, since both engines encode
+sums, means and deviations on a grid the order of the additions does not reach
+(`c360ml.features.aggregates.encoded`). tests/spark/test_features.py checks the features, the measures and the scores
 against the DuckDB refresh on the same lake, tests/spark/test_training.py training's
 frames against DuckDB's.
 """
@@ -705,12 +705,17 @@ def _load_bundle(files: dict[str, bytes]) -> ModelBundle:
 
 
 def score_batches(
-    files: dict[str, bytes], names: list[str], explain: str, batches: Iterator[pd.DataFrame]
+    files: dict[str, bytes],
+    names: list[str],
+    summed: frozenset[str],
+    explain: str,
+    batches: Iterator[pd.DataFrame],
 ) -> Iterator[pd.DataFrame]:
     """The `mapInPandas` function: each batch of the feature snapshot (customer_id, the
-    features) with its features as float32 (what the booster reads, and the refresh
-    writes) and its `score` columns, InfluentialFactors as JSON text (what
-    gold/churn_scores stores)."""
+    features) with its features encoded as the DuckDB engine encodes them (`encoded`:
+    what the booster reads, and the refresh writes) and its `score` columns,
+    InfluentialFactors as JSON text (what gold/churn_scores stores)."""
+    from c360ml.features.aggregates import encoded
     from c360ml.model import scoring
 
     bundle = None
@@ -720,8 +725,8 @@ def score_batches(
         if bundle is None:
             bundle = _load_bundle(files)
         columns = {CUSTOMER_ID: batch[CUSTOMER_ID].astype(str).to_numpy()}
-        for name in names:  # as `c360ml.features.dfs` encodes a matrix
-            columns[name] = batch[name].astype("Float64").to_numpy(np.float32, na_value=np.nan)
+        for name in names:
+            columns[name] = encoded(batch[name], name in summed)
         features = pd.DataFrame(columns)
         request = features.rename(columns={CUSTOMER_ID: "CustomerId"})
         scored = scoring.score(bundle, request, explain, factors_as="json")
@@ -729,9 +734,9 @@ def score_batches(
 
 
 def score_frame(
-    features: DataFrame, names: list[str], bundle: ModelBundle, explain: str
+    features: DataFrame, fs: FeatureSet, bundle: ModelBundle, explain: str
 ) -> DataFrame:
-    """The feature snapshot (customer_id, `names`) scored on the workers: customer_id,
+    """The feature snapshot (customer_id, fs.names) scored on the workers: customer_id,
     the features (FLOAT), ChurnScore, IsChurn, RiskLevel, InfluentialFactors (JSON)."""
     from pyspark.sql.types import (
         BooleanType,
@@ -742,9 +747,11 @@ def score_frame(
         StructType,
     )
 
+    from c360ml.features.dfs import summed_names
+
     schema = StructType(
         [StructField(CUSTOMER_ID, StringType())]
-        + [StructField(n, FloatType()) for n in names]
+        + [StructField(n, FloatType()) for n in fs.names]
         + [
             StructField("ChurnScore", DoubleType()),
             StructField("IsChurn", BooleanType()),
@@ -752,7 +759,8 @@ def score_frame(
             StructField("InfluentialFactors", StringType()),
         ]
     )
-    job = partial(score_batches, bundle_files(bundle), list(names), explain)
+    summed = summed_names(fs.definitions_json)
+    job = partial(score_batches, bundle_files(bundle), list(fs.names), summed, explain)
     return features.mapInPandas(job, schema)
 
 
@@ -880,7 +888,7 @@ def measures_and_scores(
             steps.append(StepResult("features + scores", scores.count(), kept))
             return steps, scores
         started = time.perf_counter()
-        score_frame(snap.features, fs.names, bundle, explain).createOrReplaceTempView(SCORED)
+        score_frame(snap.features, fs, bundle, explain).createOrReplaceTempView(SCORED)
         _spark_step(lambda: snap.view.keep(SCORED), "features and scores")  # one scoring pass
         names = ", ".join(SPARK.quote(n) for n in fs.names)
         features = spark.sql(
