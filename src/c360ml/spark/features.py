@@ -42,9 +42,9 @@ and sampled matrix, which XGBoost is fitted on there.
 The values equal the DuckDB engine's. Spark's sums are not compensated, DuckDB's are: the
 measures differ in their last bits, the features not at all, since both engines encode
 sums, means and deviations on a grid the order of the additions does not reach
-(`c360ml.features.aggregates.encoded`). tests/spark/test_features.py checks the features, the measures and the scores
-against the DuckDB refresh on the same lake, tests/spark/test_training.py training's
-frames against DuckDB's.
+(`c360ml.features.aggregates.encoded`). tests/spark/test_features.py checks the
+features, the measures and the scores against the DuckDB refresh on the same lake,
+tests/spark/test_training.py training's frames against DuckDB's.
 """
 
 from __future__ import annotations
