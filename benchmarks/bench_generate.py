@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lake_cache import DEFAULT_PROFILE, bench_profile
+from lake_cache import bench_profile, profiled
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def run(sizes: list[int], out_dir: Path, cache_dir: Callable[[int], Path]) -> li
                 result["peak_rss_mb"],
             )
             results.append(result)
-    name = "generate" if profile == DEFAULT_PROFILE else f"generate_{profile}"
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"{profiled('generate', profile)}.json").write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -25,6 +25,13 @@ def bench_profile() -> str:
     return os.environ.get("BENCH_PROFILE") or DEFAULT_PROFILE
 
 
+def profiled(name: str, profile: str | None = None) -> str:
+    """The results file name `name` for `profile` (None: bench_profile()): the default's
+    unchanged, another's with `_<profile>` after it."""
+    profile = profile or bench_profile()
+    return name if profile == DEFAULT_PROFILE else f"{name}_{profile}"
+
+
 def size_dir(size: int, profile: str | None = None) -> Path:
     """The cache folder of `size` customers of `profile` (None: bench_profile()) for the
     generator of the code imported here."""

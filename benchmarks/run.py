@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from lake_cache import DEFAULT_PROFILE, bench_profile, size_dir
+from lake_cache import DEFAULT_PROFILE, bench_profile, profiled, size_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -537,9 +537,7 @@ def results_name(stage: str, rules: str | None = None, profile: str | None = Non
     the default (`--profile sparse`: train_sparse.json). `rules` and `profile` default to
     this run's (BENCH_UNIFY_RULES, BENCH_PROFILE)."""
     rules = rules if rules is not None else os.environ.get("BENCH_UNIFY_RULES")
-    name = Path(rules).stem if stage == "unify" and rules else stage
-    profile = profile or bench_profile()
-    return name if profile == DEFAULT_PROFILE else f"{name}_{profile}"
+    return profiled(Path(rules).stem if stage == "unify" and rules else stage, profile)
 
 
 def _refused_with_profile(stages: tuple[str, ...], engine: str) -> str | None:
